@@ -1,0 +1,1 @@
+"""pagemeter client: Python SDK (async and sync) and the `pagemeter` CLI."""

@@ -1,0 +1,1 @@
+"""pagemeter server: gRPC quota enforcement on Redis Lua scripts."""
