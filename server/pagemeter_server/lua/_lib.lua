@@ -1,0 +1,121 @@
+-- Shared helpers, prepended to every pagemeter script when it is loaded
+-- (Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
+-- and returns nothing.
+--
+-- Conventions of all scripts:
+-- * Every key of an organization carries its `{org_id}` hash tag, so a script
+--   only ever touches one cluster slot.
+-- * Units are integers well inside 2^53 (the server caps each amount at 10^9), so
+--   Lua's doubles hold them exactly. Numbers are turned into strings with
+--   string.format('%d') because tostring() would switch to exponent notation.
+-- * Money never appears in Lua: prices travel as the decimal strings the plan
+--   stores and the server multiplies them with Python's Decimal.
+-- * The clock is ARGV (now_ms), never the script's own, so tests control time.
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function int(v)
+  if v == false or v == nil or v == '' then
+    return 0
+  end
+  return tonumber(v)
+end
+
+local function opt(n)
+  if n == nil then
+    return ''
+  end
+  return fmt(n)
+end
+
+local function bool01(b)
+  if b then
+    return '1'
+  end
+  return '0'
+end
+
+-- Plan: a hash {json, version, updated_ms}; json is written only by the server.
+local function load_plan(plan_key)
+  local raw = redis.call('HGET', plan_key, 'json')
+  if not raw then
+    return nil
+  end
+  return cjson.decode(raw)
+end
+
+-- The timezone the scripts must agree on with the server: the plan's, or the
+-- service default when the organization has no plan.
+local function plan_timezone(plan, default_tz)
+  if plan and plan.tz and plan.tz ~= '' then
+    return plan.tz
+  end
+  return default_tz
+end
+
+-- Hold data: "metric:units:prepaid_units;..." per request_id.
+local function decode_hold(s)
+  local parts = {}
+  for metric, units, prepaid in string.gmatch(s, '([^:;]+):(%-?%d+):(%-?%d+)') do
+    parts[#parts + 1] = {metric, tonumber(units), tonumber(prepaid)}
+  end
+  return parts
+end
+
+local function encode_hold(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
+  end
+  return table.concat(out, ';')
+end
+
+-- Take one hold's units out of the running held totals and forget it.
+local function drop_hold(holds_key, holddata_key, held_key, request_id)
+  local data = redis.call('HGET', holddata_key, request_id)
+  redis.call('ZREM', holds_key, request_id)
+  if not data then
+    return nil
+  end
+  redis.call('HDEL', holddata_key, request_id)
+  local parts = decode_hold(data)
+  for _, p in ipairs(parts) do
+    local metric, units, prepaid = p[1], p[2], p[3]
+    if redis.call('HINCRBY', held_key, 'h:' .. metric, -units) <= 0 then
+      redis.call('HDEL', held_key, 'h:' .. metric)
+    end
+    if prepaid > 0 and redis.call('HINCRBY', held_key, 'hp:' .. metric, -prepaid) <= 0 then
+      redis.call('HDEL', held_key, 'hp:' .. metric)
+    end
+  end
+  return parts
+end
+
+-- A hold is expired when now >= its expiry. Expired holds stop counting here,
+-- lazily, at the start of every script that reads held totals.
+local function purge_expired_holds(holds_key, holddata_key, held_key, now)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+  for _, request_id in ipairs(expired) do
+    drop_hold(holds_key, holddata_key, held_key, request_id)
+  end
+  return #expired
+end
+
+-- Rows of figures for the server: fields joined by ',', rows by ';'.
+local function encode_rows(rows)
+  local out = {}
+  for i, row in ipairs(rows) do
+    out[i] = table.concat(row, ',')
+  end
+  return table.concat(out, ';')
+end
+
+-- The usage bucket of a metric: the month's hash, or the lifetime hash.
+local function bucket_for(limits, month_key, life_key)
+  if limits and limits.per == 'N' then
+    return life_key, 'N'
+  end
+  return month_key, 'M'
+end

@@ -1,0 +1,188 @@
+-- check.lua: CheckQuota. Decides all requested metrics together and, when every
+-- one admits its units and a hold is asked for, reserves them for request_id.
+--
+-- KEYS[1] plan      pm:{org}:plan       hash {json, version, updated_ms}
+-- KEYS[2] holds     pm:{org}:holds      zset request_id -> hold expiry (ms)
+-- KEYS[3] holddata  pm:{org}:holddata   hash request_id -> "metric:units:prepaid;..."
+-- KEYS[4] held      pm:{org}:held       hash h:<metric> held units, hp:<metric> held prepaid
+-- KEYS[5] credits   pm:{org}:credits    hash metric -> prepaid balance
+-- KEYS[6] month     pm:{org}:u:<YYYY-MM> hash c:<metric> committed, pp:<metric> prepaid used
+-- KEYS[7] life      pm:{org}:u:lifetime  hash c:<metric> for PERIOD_NONE metrics
+-- KEYS[8] rate      pm:{org}:rate       GCRA theoretical arrival time (ms)
+-- KEYS[9] record    pm:{org}:r:<request_id> hash (the job's record; touched only with a hold)
+--
+-- ARGV[1] now_ms
+-- ARGV[2] timezone the server assumed when it chose the month key
+-- ARGV[3] service default timezone (used when the org has no plan)
+-- ARGV[4] hold: '1' to reserve the units when allowed, '0' to only decide
+-- ARGV[5] hold expiry (ms)
+-- ARGV[6] request fingerprint (idempotency of holds)
+-- ARGV[7] record TTL after the hold's expiry (ms)
+-- ARGV[8] request_id ('' without a hold)
+-- ARGV[9] metric count N, then ARGV[10..] N pairs: metric, units
+--
+-- Returns one of:
+--   {'STALE_TZ', plan_timezone}         the server must recompute the month and retry
+--   {'NO_PLAN'}                          the organization has no plan (nothing changed)
+--   {'RATE_LIMITED', retry_after_ms}     over the org's CheckQuota rate (nothing changed)
+--   {'REUSED', status}                   request_id belongs to another job (nothing changed)
+--   {'OK', allowed, held, hold_expiry_ms, duplicate, rows}
+-- rows (see encode_rows): per metric, sorted by name: metric, allowed, reason,
+--   requested, committed, held, quota|'', hard_limit|'', overage_allowed,
+--   max_admissible|'', remaining|'', included, prepaid, overage,
+--   overage_price, prepaid_available, period ('M' or 'N').
+-- Reasons: 1 within quota, 2 prepaid, 3 overage, 4 quota exceeded,
+--   5 hard limit exceeded, 8 unknown metric.
+
+local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local credits_key, month_key, life_key, rate_key, record_key =
+  KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local now = tonumber(ARGV[1])
+local want_hold = ARGV[4] == '1'
+local hold_expiry = tonumber(ARGV[5])
+local fingerprint = ARGV[6]
+local record_ttl = tonumber(ARGV[7])
+local request_id = ARGV[8]
+local count = tonumber(ARGV[9])
+assert(#KEYS == 9 and #ARGV == 9 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+
+local plan = load_plan(plan_key)
+local tz = plan_timezone(plan, ARGV[3])
+if tz ~= ARGV[2] then
+  return {'STALE_TZ', tz}
+end
+if not plan then
+  return {'NO_PLAN'}
+end
+
+-- A retried CheckQuota of a job that already holds its units gets the first answer.
+if want_hold then
+  local existing = redis.call('HMGET', record_key, 'st', 'cfp', 'cres', 'exp')
+  if existing[1] then
+    local live = existing[1] == 'held' and tonumber(existing[4]) > now
+    if live and existing[2] == fingerprint then
+      return {'OK', '1', '1', existing[4], '1', existing[3]}
+    end
+    local status = existing[1]
+    if status == 'held' and not live then
+      status = 'expired'
+    end
+    return {'REUSED', status}
+  end
+end
+
+-- Rate limit (GCRA): one token per call, a burst of `burst` calls.
+local rate = tonumber(plan.rate or 0)
+if rate > 0 then
+  local burst = tonumber(plan.burst or 0)
+  if burst <= 0 then
+    burst = rate
+  end
+  local interval = 1000 / rate
+  local tat = tonumber(redis.call('GET', rate_key) or now)
+  if tat < now then
+    tat = now
+  end
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return {'RATE_LIMITED', fmt(math.ceil(allow_at - now))}
+  end
+  redis.call('SET', rate_key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+end
+
+purge_expired_holds(holds_key, holddata_key, held_key, now)
+
+local requests = {}
+for i = 1, count do
+  requests[i] = {ARGV[8 + 2 * i], tonumber(ARGV[9 + 2 * i])}
+end
+table.sort(requests, function(a, b) return a[1] < b[1] end)
+
+local rows, hold_parts = {}, {}
+local all_allowed = true
+for i, req in ipairs(requests) do
+  local metric, n = req[1], req[2]
+  local limits = plan.metrics[metric]
+  if not limits then
+    all_allowed = false
+    rows[i] = {metric, '0', '8', fmt(n), '0', '0', '', '', '0', '0', '0', '0', '0', '0', '0', '0', 'M'}
+  else
+    local bucket, period = bucket_for(limits, month_key, life_key)
+    local committed = int(redis.call('HGET', bucket, 'c:' .. metric))
+    local held = int(redis.call('HGET', held_key, 'h:' .. metric))
+    local held_prepaid = int(redis.call('HGET', held_key, 'hp:' .. metric))
+    local balance = int(redis.call('HGET', credits_key, metric))
+    local prepaid_available = math.max(0, balance - held_prepaid)
+    local used = committed + held
+    local quota, hard = limits.q, limits.h
+
+    -- The most units admissible now: the partial-admission hint.
+    local cap = nil
+    if hard then
+      cap = math.max(0, hard - used)
+    end
+    if quota and not limits.o then
+      local within = math.max(0, quota - used) + prepaid_available
+      if cap == nil or within < cap then
+        cap = within
+      end
+    end
+
+    -- Split: contract quota first, then prepaid credits, then overage.
+    local included = n
+    if quota then
+      included = math.min(n, math.max(0, quota - used))
+    end
+    local beyond = n - included
+    local prepaid = math.min(beyond, prepaid_available)
+    local overage = beyond - prepaid
+
+    local reason
+    if hard and used + n > hard then
+      reason = 5
+    elseif overage > 0 and not limits.o then
+      reason = 4
+    elseif overage > 0 then
+      reason = 3
+    elseif prepaid > 0 then
+      reason = 2
+    else
+      reason = 1
+    end
+    local allowed = reason <= 3
+    all_allowed = all_allowed and allowed
+
+    local remaining = cap
+    if cap and allowed then
+      remaining = cap - n
+    end
+    rows[i] = {
+      metric, bool01(allowed), fmt(reason), fmt(n), fmt(committed), fmt(held),
+      opt(quota), opt(hard), bool01(limits.o), opt(cap), opt(remaining),
+      fmt(included), fmt(prepaid), fmt(overage), limits.op or '0',
+      fmt(prepaid_available), period,
+    }
+    hold_parts[#hold_parts + 1] = {metric, n, prepaid}
+  end
+end
+
+local encoded = encode_rows(rows)
+if not (all_allowed and want_hold) then
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded}
+end
+
+for _, p in ipairs(hold_parts) do
+  if p[2] > 0 then
+    redis.call('HINCRBY', held_key, 'h:' .. p[1], p[2])
+  end
+  if p[3] > 0 then
+    redis.call('HINCRBY', held_key, 'hp:' .. p[1], p[3])
+  end
+end
+redis.call('HSET', holddata_key, request_id, encode_hold(hold_parts))
+redis.call('ZADD', holds_key, hold_expiry, request_id)
+redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded,
+  'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
+redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded}

@@ -1,0 +1,37 @@
+-- release.lua: ReleaseQuota. Frees the hold of a job that will not run.
+-- Idempotent: releasing again reports what happened the first time.
+--
+-- KEYS[1] holds     pm:{org}:holds
+-- KEYS[2] holddata  pm:{org}:holddata
+-- KEYS[3] held      pm:{org}:held
+-- KEYS[4] record    pm:{org}:r:<request_id>
+--
+-- ARGV[1] now_ms
+-- ARGV[2] request_id
+--
+-- Returns {outcome, released} where outcome is one of 'released',
+-- 'already_released', 'expired', 'already_recorded', 'not_found', and released
+-- is "metric:units:prepaid;..." of the freed hold ('' otherwise).
+
+local holds_key, holddata_key, held_key, record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+local request_id = ARGV[2]
+assert(#KEYS == 4 and #ARGV == 2, 'release.lua: wrong number of KEYS or ARGV')
+
+purge_expired_holds(holds_key, holddata_key, held_key, now)
+local status = redis.call('HGET', record_key, 'st')
+if not status then
+  return {'not_found', ''}
+end
+if status == 'completed' or status == 'failed' then
+  return {'already_recorded', ''}
+end
+if status == 'released' then
+  return {'already_released', ''}
+end
+local parts = drop_hold(holds_key, holddata_key, held_key, request_id)
+if not parts then
+  return {'expired', ''}
+end
+redis.call('HSET', record_key, 'st', 'released', 'relms', ARGV[1])
+return {'released', encode_hold(parts)}

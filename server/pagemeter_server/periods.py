@@ -1,0 +1,80 @@
+"""Calendar months in an organization's own IANA timezone.
+
+Lua inside Redis has no timezone database, so the server works out which month an
+instant belongs to and passes the answer (and the month's bounds) to the scripts.
+The scripts check that the plan's timezone is still the one the server assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+LIFETIME_PERIOD_ID = "lifetime"
+
+
+@dataclass(frozen=True)
+class Month:
+    """One calendar month in one timezone, with its bounds as epoch milliseconds."""
+
+    year: int
+    month: int
+    start_ms: int
+    end_ms: int
+
+    @property
+    def period_id(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    def previous(self, tz: ZoneInfo) -> Month:
+        year, month = (self.year, self.month - 1) if self.month > 1 else (self.year - 1, 12)
+        return month_of(year, month, tz)
+
+
+@lru_cache(maxsize=4096)
+def zone(name: str) -> ZoneInfo:
+    """Return the ZoneInfo for an IANA name; raise ValueError if there is none."""
+    if not name or name != name.strip():
+        raise ValueError(f"{name!r} is not an IANA timezone")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"{name!r} is not an IANA timezone") from exc
+
+
+def _first_instant_ms(year: int, month: int, tz: ZoneInfo) -> int:
+    """Epoch ms of the first instant whose local date falls in year-month.
+
+    Local midnight of the 1st with fold=0: when midnight does not exist (a DST
+    gap at midnight) zoneinfo uses the offset before the gap, which is exactly the
+    instant the clock jumps, i.e. the first instant of the new day. When midnight
+    happens twice, fold=0 is the earlier one.
+    """
+    local_midnight = datetime(year, month, 1, tzinfo=tz)
+    return int(local_midnight.timestamp() * 1000)
+
+
+def month_of(year: int, month: int, tz: ZoneInfo) -> Month:
+    next_year, next_month = (year, month + 1) if month < 12 else (year + 1, 1)
+    return Month(
+        year=year,
+        month=month,
+        start_ms=_first_instant_ms(year, month, tz),
+        end_ms=_first_instant_ms(next_year, next_month, tz),
+    )
+
+
+def month_at(instant_ms: int, tz: ZoneInfo) -> Month:
+    """The calendar month, in tz, that the instant falls in."""
+    local = to_datetime(instant_ms).astimezone(tz)
+    return month_of(local.year, local.month, tz)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_datetime(instant_ms: int) -> datetime:
+    """Exact conversion of epoch milliseconds (no float rounding at boundaries)."""
+    return _EPOCH + timedelta(milliseconds=instant_ms)

@@ -1,0 +1,145 @@
+"""Service configuration: command-line flags, each with an environment variable.
+
+A flag wins over its environment variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to know at start-up."""
+
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"
+    # Empty: start the embedded Redis server in data_dir.
+    redis_url: str = ""
+    data_dir: str = ".pagemeter/data"
+    default_timezone: str = "UTC"
+    hold_ttl_seconds: float = 900.0
+    max_hold_ttl_seconds: float = 86400.0
+    # How long a request_id is remembered for idempotency (and its record kept).
+    record_retention_days: int = 40
+    # How long monthly counters are kept after their month ends.
+    usage_retention_days: int = 400
+    # RecordUsage refuses completed_at older than this (it must stay below
+    # record_retention_days so that every accepted late retry is still deduplicated).
+    max_record_age_days: int = 35
+    redis_timeout_seconds: float = 2.0
+    grace_period_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    def validate(self) -> Settings:
+        """Raise ValueError with a readable message for inconsistent settings."""
+        try:
+            ZoneInfo(self.default_timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"default timezone {self.default_timezone!r} is not an IANA timezone"
+            ) from exc
+        if not 0 < self.hold_ttl_seconds <= self.max_hold_ttl_seconds:
+            raise ValueError("hold TTL must be positive and at most the maximum hold TTL")
+        if self.max_record_age_days >= self.record_retention_days:
+            raise ValueError(
+                "max record age must be shorter than record retention, or late retries "
+                "could be counted twice"
+            )
+        if self.usage_retention_days < 31:
+            raise ValueError("usage retention must be at least 31 days")
+        if self.redis_timeout_seconds <= 0:
+            raise ValueError("Redis timeout must be positive")
+        return self
+
+
+# flag name -> (settings field, environment variable, help)
+_OPTIONS: dict[str, tuple[str, str, str]] = {
+    "--listen": ("listen", "PAGEMETER_LISTEN", "gRPC host:port"),
+    "--metrics-listen": (
+        "metrics_listen",
+        "PAGEMETER_METRICS_LISTEN",
+        "Prometheus host:port; empty disables the exporter",
+    ),
+    "--redis-url": (
+        "redis_url",
+        "PAGEMETER_REDIS_URL",
+        "redis:// or rediss:// URL; empty starts the embedded Redis server",
+    ),
+    "--data-dir": ("data_dir", "PAGEMETER_DATA_DIR", "embedded Redis data directory"),
+    "--default-timezone": (
+        "default_timezone",
+        "PAGEMETER_DEFAULT_TIMEZONE",
+        "IANA timezone for plans that name none",
+    ),
+    "--hold-ttl": ("hold_ttl_seconds", "PAGEMETER_HOLD_TTL", "default hold TTL, seconds"),
+    "--max-hold-ttl": (
+        "max_hold_ttl_seconds",
+        "PAGEMETER_MAX_HOLD_TTL",
+        "longest hold TTL a caller may ask for, seconds",
+    ),
+    "--record-retention-days": (
+        "record_retention_days",
+        "PAGEMETER_RECORD_RETENTION_DAYS",
+        "days a request_id is remembered",
+    ),
+    "--usage-retention-days": (
+        "usage_retention_days",
+        "PAGEMETER_USAGE_RETENTION_DAYS",
+        "days monthly counters are kept after their month",
+    ),
+    "--max-record-age-days": (
+        "max_record_age_days",
+        "PAGEMETER_MAX_RECORD_AGE_DAYS",
+        "oldest completed_at RecordUsage accepts, days",
+    ),
+    "--redis-timeout": (
+        "redis_timeout_seconds",
+        "PAGEMETER_REDIS_TIMEOUT",
+        "timeout of each Redis call, seconds",
+    ),
+    "--grace-period": (
+        "grace_period_seconds",
+        "PAGEMETER_GRACE_PERIOD",
+        "seconds in-flight calls may finish after SIGTERM",
+    ),
+    "--log-level": ("log_level", "PAGEMETER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def _field_types() -> dict[str, type]:
+    defaults = Settings()
+    return {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(Settings)}
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build Settings from flags and environment variables."""
+    env = os.environ if environ is None else environ
+    types = _field_types()
+    parser = argparse.ArgumentParser(
+        prog="pagemeter-server", description="pagemeter quota enforcement service"
+    )
+    for flag, (field, var, help_text) in _OPTIONS.items():
+        parser.add_argument(flag, dest=field, type=types[field], help=f"{help_text} (env {var})")
+    args = parser.parse_args(argv)
+    values: dict[str, object] = {}
+    for field, var, _ in _OPTIONS.values():
+        flag_value = getattr(args, field)
+        if flag_value is not None:
+            values[field] = flag_value
+        elif var in env:
+            try:
+                values[field] = types[field](env[var])
+            except ValueError:
+                parser.error(f"{var}={env[var]!r} is not a valid {types[field].__name__}")
+    try:
+        return Settings(**values).validate()  # type: ignore[arg-type]
+    except ValueError as exc:
+        parser.error(str(exc))

@@ -1,0 +1,530 @@
+"""The Redis store: key layout, the Lua scripts, and typed results.
+
+Every key of an organization starts with `pm:{org_id}:` so that all of them hash
+to one Redis Cluster slot and each script call is atomic on one node. Scripts are
+loaded once per connection pool by redis-py's Script objects, which run EVALSHA
+and reload the script on NOSCRIPT (after a Redis restart, for example).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from pagemeter_server.periods import Month, month_at, month_of, zone
+
+DAY_MS = 86_400_000
+
+ScriptReply = list[Any]
+
+
+class StoreError(Exception):
+    """Base class of errors the store reports to the service."""
+
+
+class RequestIdReused(StoreError):
+    """The request_id (or grant_id) already belongs to a different payload."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class NegativeUnits(StoreError):
+    """Negative units were sent for a metric that is not a lifetime gauge."""
+
+    def __init__(self, metric: str) -> None:
+        super().__init__(metric)
+        self.metric = metric
+
+
+class PlanMissing(StoreError):
+    """The organization has no plan (or the plan lacks the metric)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class OrgKeys:
+    """The keys of one organization, all under its `{org_id}` hash tag."""
+
+    def __init__(self, org_id: str) -> None:
+        self.prefix = f"pm:{{{org_id}}}:"
+        self.plan = self.prefix + "plan"
+        self.holds = self.prefix + "holds"
+        self.holddata = self.prefix + "holddata"
+        self.held = self.prefix + "held"
+        self.credits = self.prefix + "credits"
+        self.lifetime = self.prefix + "u:lifetime"
+        self.rate = self.prefix + "rate"
+
+    def month(self, period_id: str) -> str:
+        return f"{self.prefix}u:{period_id}"
+
+    def record(self, request_id: str) -> str:
+        return f"{self.prefix}r:{request_id}"
+
+    def grant(self, grant_id: str) -> str:
+        return f"{self.prefix}g:{grant_id}"
+
+
+def _opt_int(text: str) -> int | None:
+    return int(text) if text != "" else None
+
+
+def _rows(encoded: str) -> list[list[str]]:
+    return [row.split(",") for row in encoded.split(";")] if encoded else []
+
+
+def fingerprint(*parts: object) -> str:
+    """A short, stable digest of a request's payload, for idempotency checks."""
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    metric: str
+    allowed: bool
+    reason: int
+    requested: int
+    committed: int
+    held: int
+    contract_quota: int | None
+    hard_limit: int | None
+    overage_allowed: bool
+    max_admissible: int | None
+    remaining: int | None
+    included: int
+    prepaid: int
+    overage: int
+    overage_price: str
+    prepaid_available: int
+    lifetime: bool
+
+    @classmethod
+    def from_row(cls, row: Sequence[str]) -> MetricCheck:
+        return cls(
+            metric=row[0],
+            allowed=row[1] == "1",
+            reason=int(row[2]),
+            requested=int(row[3]),
+            committed=int(row[4]),
+            held=int(row[5]),
+            contract_quota=_opt_int(row[6]),
+            hard_limit=_opt_int(row[7]),
+            overage_allowed=row[8] == "1",
+            max_admissible=_opt_int(row[9]),
+            remaining=_opt_int(row[10]),
+            included=int(row[11]),
+            prepaid=int(row[12]),
+            overage=int(row[13]),
+            overage_price=row[14],
+            prepaid_available=int(row[15]),
+            lifetime=row[16] == "N",
+        )
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    outcome: Literal["ok", "no_plan", "rate_limited"]
+    allowed: bool
+    held: bool
+    hold_expires_ms: int
+    duplicate: bool
+    retry_after_ms: int
+    month: Month
+    metrics: list[MetricCheck]
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    metric: str
+    units: int
+    included: int
+    prepaid: int
+    overage: int
+    committed: int
+    contract_quota: int | None
+    hard_limit: int | None
+    over_contract_quota: bool
+    over_hard_limit: bool
+    overage_not_allowed: bool
+    lifetime: bool
+    overage_price: str
+
+    @classmethod
+    def from_row(cls, row: Sequence[str]) -> MetricRecord:
+        return cls(
+            metric=row[0],
+            units=int(row[1]),
+            included=int(row[2]),
+            prepaid=int(row[3]),
+            overage=int(row[4]),
+            committed=int(row[5]),
+            contract_quota=_opt_int(row[6]),
+            hard_limit=_opt_int(row[7]),
+            over_contract_quota=row[8] == "1",
+            over_hard_limit=row[9] == "1",
+            overage_not_allowed=row[10] == "1",
+            lifetime=row[11] == "N",
+            overage_price=row[12],
+        )
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    duplicate: bool
+    status: Literal["completed", "failed"]
+    hold_released: bool
+    hold_expired: bool
+    over_limit: bool
+    month_id: str
+    completed_ms: int
+    metrics: list[MetricRecord]
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    outcome: Literal["released", "already_released", "expired", "already_recorded", "not_found"]
+    released: dict[str, int]
+
+
+@dataclass(frozen=True)
+class StoredPlan:
+    """A plan as stored: the server-built JSON document and its version."""
+
+    doc: dict[str, Any]
+    version: int
+    updated_ms: int
+
+
+@dataclass(frozen=True)
+class UsageSnapshot:
+    """One month of an organization, read atomically."""
+
+    plan: StoredPlan | None
+    timezone: str
+    month: Month
+    month_fields: dict[str, int]
+    lifetime_fields: dict[str, int]
+    held_fields: dict[str, int]
+    credits: dict[str, int]
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, int]:
+    return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _load_script_text(name: str) -> str:
+    folder = resources.files("pagemeter_server") / "lua"
+    lib = (folder / "_lib.lua").read_text(encoding="utf-8")
+    body = (folder / name).read_text(encoding="utf-8")
+    # The script's header comment stays first, so a script read back from Redis
+    # still says what it is; the shared helpers go between header and body.
+    lines = body.splitlines(keepends=True)
+    header_end = next(i for i, line in enumerate(lines) if not line.startswith("--"))
+    return "".join(lines[:header_end]) + lib + "".join(lines[header_end:])
+
+
+class Store:
+    """pagemeter's state in Redis, reached only through the Lua scripts."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        default_timezone: str,
+        record_retention_days: int,
+        usage_retention_days: int,
+        tz_cache_size: int = 100_000,
+    ) -> None:
+        self.client = client
+        self.default_timezone = default_timezone
+        self.record_ttl_ms = record_retention_days * DAY_MS
+        self.usage_retention_ms = usage_retention_days * DAY_MS
+        self._tz_cache: OrderedDict[str, str] = OrderedDict()
+        self._tz_cache_size = tz_cache_size
+        self.scripts: dict[str, AsyncScript] = {
+            name: client.register_script(_load_script_text(f"{name}.lua"))
+            for name in ("check", "record", "release", "usage", "set_plan", "grant")
+        }
+
+    # -- timezone cache ---------------------------------------------------------
+    # The month key depends on the plan's timezone, which lives in Redis. The
+    # server guesses it from this cache; each script checks the guess against the
+    # plan inside the same atomic call and answers STALE_TZ if it was wrong.
+
+    def _cached_timezone(self, org_id: str) -> str:
+        return self._tz_cache.get(org_id, self.default_timezone)
+
+    def _remember_timezone(self, org_id: str, tz: str) -> None:
+        self._tz_cache[org_id] = tz
+        self._tz_cache.move_to_end(org_id)
+        while len(self._tz_cache) > self._tz_cache_size:
+            self._tz_cache.popitem(last=False)
+
+    async def _run_with_timezone(
+        self, org_id: str, call: Callable[[str], Awaitable[ScriptReply]]
+    ) -> tuple[ScriptReply, str]:
+        tz = self._cached_timezone(org_id)
+        for _ in range(3):
+            reply = await call(tz)
+            if reply[0] != "STALE_TZ":
+                return reply, tz
+            tz = str(reply[1])
+            self._remember_timezone(org_id, tz)
+        raise StoreError(f"timezone of organization {org_id} keeps changing")
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[object]) -> ScriptReply:
+        reply: ScriptReply = await self.scripts[name](keys=list(keys), args=list(args))
+        return reply
+
+    # -- CheckQuota -------------------------------------------------------------
+
+    async def check(
+        self,
+        org_id: str,
+        units: Mapping[str, int],
+        *,
+        now_ms: int,
+        request_id: str = "",
+        hold: bool = False,
+        hold_ttl_ms: int = 0,
+    ) -> CheckResult:
+        keys = OrgKeys(org_id)
+        request_fp = fingerprint("check", sorted(units.items()), hold_ttl_ms)
+        hold_expiry = now_ms + hold_ttl_ms
+        flat_units = [item for pair in sorted(units.items()) for item in pair]
+        month_box: list[Month] = []
+
+        async def call(tz: str) -> ScriptReply:
+            month = month_at(now_ms, zone(tz))
+            month_box.append(month)
+            return await self._run(
+                "check",
+                [
+                    keys.plan,
+                    keys.holds,
+                    keys.holddata,
+                    keys.held,
+                    keys.credits,
+                    keys.month(month.period_id),
+                    keys.lifetime,
+                    keys.rate,
+                    keys.record(request_id),
+                ],
+                [
+                    now_ms,
+                    tz,
+                    self.default_timezone,
+                    "1" if hold else "0",
+                    hold_expiry,
+                    request_fp,
+                    self.record_ttl_ms,
+                    request_id,
+                    len(units),
+                    *flat_units,
+                ],
+            )
+
+        reply, _ = await self._run_with_timezone(org_id, call)
+        month = month_box[-1]
+        tag = reply[0]
+        if tag == "REUSED":
+            raise RequestIdReused(str(reply[1]))
+        if tag == "NO_PLAN":
+            return CheckResult("no_plan", False, False, 0, False, 0, month, [])
+        if tag == "RATE_LIMITED":
+            return CheckResult("rate_limited", False, False, 0, False, int(reply[1]), month, [])
+        _, allowed, held, expiry, duplicate, rows = reply
+        return CheckResult(
+            outcome="ok",
+            allowed=allowed == "1",
+            held=held == "1",
+            hold_expires_ms=int(expiry),
+            duplicate=duplicate == "1",
+            retry_after_ms=0,
+            month=month,
+            metrics=[MetricCheck.from_row(row) for row in _rows(rows)],
+        )
+
+    # -- RecordUsage ------------------------------------------------------------
+
+    async def record(
+        self,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        *,
+        now_ms: int,
+        completed_ms: int,
+        completed_given: bool,
+        success: bool,
+        requested_ms: int | None = None,
+        document_type: str = "",
+    ) -> RecordResult:
+        keys = OrgKeys(org_id)
+        # completed_at is part of the payload only when the caller chose it: a
+        # retry that lets the server default it again is the same job.
+        payload_fp = fingerprint(
+            "record",
+            sorted(units.items()),
+            success,
+            document_type,
+            completed_ms if completed_given else None,
+        )
+        flat_units = [item for pair in sorted(units.items()) for item in pair]
+
+        async def call(tz: str) -> ScriptReply:
+            month = month_at(completed_ms, zone(tz))
+            return await self._run(
+                "record",
+                [
+                    keys.plan,
+                    keys.holds,
+                    keys.holddata,
+                    keys.held,
+                    keys.credits,
+                    keys.month(month.period_id),
+                    keys.lifetime,
+                    keys.record(request_id),
+                ],
+                [
+                    now_ms,
+                    tz,
+                    self.default_timezone,
+                    month.period_id,
+                    month.end_ms + self.usage_retention_ms,
+                    self.record_ttl_ms,
+                    payload_fp,
+                    "1" if success else "0",
+                    completed_ms,
+                    "" if requested_ms is None else requested_ms,
+                    document_type,
+                    request_id,
+                    len(units),
+                    *flat_units,
+                ],
+            )
+
+        reply, _ = await self._run_with_timezone(org_id, call)
+        tag = reply[0]
+        if tag == "REUSED":
+            raise RequestIdReused(str(reply[1]))
+        if tag == "NEGATIVE":
+            raise NegativeUnits(str(reply[1]))
+        _, duplicate, status, released, expired, over_limit, month_id, cms, rows = reply
+        return RecordResult(
+            duplicate=duplicate == "1",
+            status=status,
+            hold_released=released == "1",
+            hold_expired=expired == "1",
+            over_limit=over_limit == "1",
+            month_id=month_id,
+            completed_ms=int(cms),
+            metrics=[MetricRecord.from_row(row) for row in _rows(rows)],
+        )
+
+    # -- ReleaseQuota -----------------------------------------------------------
+
+    async def release(self, org_id: str, request_id: str, *, now_ms: int) -> ReleaseResult:
+        keys = OrgKeys(org_id)
+        outcome, parts = await self._run(
+            "release",
+            [keys.holds, keys.holddata, keys.held, keys.record(request_id)],
+            [now_ms, request_id],
+        )
+        released = {}
+        for part in filter(None, str(parts).split(";")):
+            metric, held_units, _prepaid = part.split(":")
+            released[metric] = int(held_units)
+        return ReleaseResult(outcome=outcome, released=released)
+
+    # -- GetUsage ---------------------------------------------------------------
+
+    async def usage(
+        self, org_id: str, *, now_ms: int, year_month: tuple[int, int] | None = None
+    ) -> UsageSnapshot:
+        keys = OrgKeys(org_id)
+        month_box: list[Month] = []
+
+        async def call(tz: str) -> ScriptReply:
+            tzinfo = zone(tz)
+            month = month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
+            month_box.append(month)
+            return await self._run(
+                "usage",
+                [
+                    keys.plan,
+                    keys.holds,
+                    keys.holddata,
+                    keys.held,
+                    keys.credits,
+                    keys.month(month.period_id),
+                    keys.lifetime,
+                ],
+                [now_ms, tz, self.default_timezone],
+            )
+
+        reply, tz = await self._run_with_timezone(org_id, call)
+        _, plan_json, version, month_flat, life_flat, held_flat, credit_flat = reply
+        plan = StoredPlan(json.loads(plan_json), int(version), 0) if plan_json else None
+        return UsageSnapshot(
+            plan=plan,
+            timezone=tz,
+            month=month_box[-1],
+            month_fields=_pairs(month_flat),
+            lifetime_fields=_pairs(life_flat),
+            held_fields=_pairs(held_flat),
+            credits=_pairs(credit_flat),
+        )
+
+    # -- plans and credits ------------------------------------------------------
+
+    async def set_plan(self, org_id: str, doc: Mapping[str, Any], *, now_ms: int) -> StoredPlan:
+        keys = OrgKeys(org_id)
+        version, _previous = await self._run(
+            "set_plan", [keys.plan], [json.dumps(doc, separators=(",", ":")), now_ms]
+        )
+        self._remember_timezone(org_id, str(doc["tz"]))
+        return StoredPlan(dict(doc), int(version), now_ms)
+
+    async def get_plan(self, org_id: str) -> StoredPlan | None:
+        raw: dict[str, str] = await self.client.hgetall(OrgKeys(org_id).plan)  # type: ignore[misc]
+        if "json" not in raw:
+            return None
+        return StoredPlan(json.loads(raw["json"]), int(raw["version"]), int(raw["updated_ms"]))
+
+    async def grant_credits(
+        self, org_id: str, metric: str, units: int, grant_id: str, reason: str, *, now_ms: int
+    ) -> tuple[int, bool]:
+        keys = OrgKeys(org_id)
+        reply = await self._run(
+            "grant",
+            [keys.plan, keys.credits, keys.grant(grant_id)],
+            [
+                metric,
+                units,
+                fingerprint("grant", metric, units, reason),
+                self.usage_retention_ms,
+                now_ms,
+                reason,
+            ],
+        )
+        if reply[0] == "NO_PLAN":
+            raise PlanMissing("the organization has no plan")
+        if reply[0] == "UNKNOWN_METRIC":
+            raise PlanMissing(f"metric {metric!r} is not in the organization's plan")
+        if reply[0] == "REUSED":
+            raise RequestIdReused("granted")
+        return int(reply[1]), reply[2] == "1"
