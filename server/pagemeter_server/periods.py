@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 LIFETIME_PERIOD_ID = "lifetime"
 
 
@@ -78,3 +80,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def to_datetime(instant_ms: int) -> datetime:
     """Exact conversion of epoch milliseconds (no float rounding at boundaries)."""
     return _EPOCH + timedelta(milliseconds=instant_ms)
+
+
+def timestamp(instant_ms: int) -> Timestamp:
+    """Epoch milliseconds as a protobuf Timestamp."""
+    return Timestamp(seconds=instant_ms // 1000, nanos=(instant_ms % 1000) * 1_000_000)
+
+
+def timestamp_ms(value: Timestamp) -> int:
+    """A protobuf Timestamp as epoch milliseconds (sub-millisecond part dropped)."""
+    return value.seconds * 1000 + value.nanos // 1_000_000

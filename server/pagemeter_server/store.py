@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -24,6 +25,7 @@ from pagemeter_server.periods import Month, month_at, month_of, zone
 DAY_MS = 86_400_000
 
 ScriptReply = list[Any]
+ScriptArg = str | int | float
 
 
 class StoreError(Exception):
@@ -247,8 +249,10 @@ class Store:
         record_retention_days: int,
         usage_retention_days: int,
         tz_cache_size: int = 100_000,
+        observer: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         self.client = client
+        self._observe = observer
         self.default_timezone = default_timezone
         self.record_ttl_ms = record_retention_days * DAY_MS
         self.usage_retention_ms = usage_retention_days * DAY_MS
@@ -285,9 +289,16 @@ class Store:
             self._remember_timezone(org_id, tz)
         raise StoreError(f"timezone of organization {org_id} keeps changing")
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[object]) -> ScriptReply:
-        reply: ScriptReply = await self.scripts[name](keys=list(keys), args=list(args))
-        return reply
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> ScriptReply:
+        started = time.perf_counter()
+        ok = False
+        try:
+            reply: ScriptReply = await self.scripts[name](keys=list(keys), args=list(args))
+            ok = True
+            return reply
+        finally:
+            if self._observe is not None:
+                self._observe(name, time.perf_counter() - started, ok)
 
     # -- CheckQuota -------------------------------------------------------------
 
@@ -460,7 +471,9 @@ class Store:
 
         async def call(tz: str) -> ScriptReply:
             tzinfo = zone(tz)
-            month = month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
+            month = (
+                month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
+            )
             month_box.append(month)
             return await self._run(
                 "usage",
@@ -500,7 +513,7 @@ class Store:
         return StoredPlan(dict(doc), int(version), now_ms)
 
     async def get_plan(self, org_id: str) -> StoredPlan | None:
-        raw: dict[str, str] = await self.client.hgetall(OrgKeys(org_id).plan)  # type: ignore[misc]
+        raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).plan))
         if "json" not in raw:
             return None
         return StoredPlan(json.loads(raw["json"]), int(raw["version"]), int(raw["updated_ms"]))

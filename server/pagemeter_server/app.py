@@ -1,0 +1,191 @@
+"""Assembling and running the service.
+
+`create_server` builds a grpc.aio server on a given store (tests bind port 0 and
+get the real port back). `main` is the `pagemeter-server` command: it starts the
+embedded Redis server when no Redis URL is configured, serves gRPC and the
+Prometheus exporter, and shuts down gracefully on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
+from pagemeter_server.clock import Clock, SystemClock
+from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.service import AdminService, QuotaService
+from pagemeter_server.settings import Settings, parse_settings
+from pagemeter_server.store import Store
+
+log = logging.getLogger("pagemeter")
+
+SERVICE_NAMES = (
+    quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
+    """A pooled async Redis client with short timeouts, so a stalled Redis fails fast."""
+    return aioredis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        health_check_interval=30,
+    )
+
+
+def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetrics) -> Store:
+    return Store(
+        client,
+        default_timezone=settings.default_timezone,
+        record_retention_days=settings.record_retention_days,
+        usage_retention_days=settings.usage_retention_days,
+        observer=metrics.observe_script,
+    )
+
+
+@dataclass
+class ServerParts:
+    """What create_server built, for callers that need more than the server."""
+
+    health: AsyncHealthServicer
+    metrics: ServiceMetrics
+
+
+async def create_server(
+    settings: Settings,
+    client: aioredis.Redis,
+    *,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+    listen: str | None = None,
+) -> tuple[grpc.aio.Server, int, ServerParts]:
+    """Build (not start) a gRPC server on `client`; bind `listen` (port 0 allowed).
+
+    Returns the server, the bound port, and its health servicer and metrics.
+    """
+    metrics = ServiceMetrics(registry if registry is not None else CollectorRegistry())
+    store = build_store(client, settings, metrics)
+    clock = clock or SystemClock()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    quota_pb2_grpc.add_QuotaServiceServicer_to_server(
+        QuotaService(store, settings, clock, metrics), server
+    )
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, settings, clock), server)
+    health_servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(listen or settings.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen or settings.listen}")
+    return server, port, ServerParts(health=health_servicer, metrics=metrics)
+
+
+async def set_serving(parts: ServerParts, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", *SERVICE_NAMES):
+        await parts.health.set(name, status)
+
+
+@contextlib.asynccontextmanager
+async def redis_for(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """The configured Redis, or the embedded one started (and stopped) here."""
+    embedded: RedisProcess | None = None
+    url = settings.redis_url
+    if not url:
+        embedded = RedisProcess(settings.data_dir)
+        await asyncio.to_thread(embedded.start)
+        url = embedded.url
+        log.info("embedded Redis started (pid %s, data in %s)", embedded.pid, settings.data_dir)
+    client = connect_redis(url, settings)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+            log.info("embedded Redis stopped")
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain for the grace period and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    registry = CollectorRegistry()
+    async with redis_for(settings) as client:
+        server, port, parts = await create_server(settings, client, registry=registry)
+        http = None
+        if settings.metrics_listen:
+            host, metrics_port = _split_host_port(settings.metrics_listen)
+            http, _thread = start_http_server(metrics_port, addr=host, registry=registry)
+        await server.start()
+        await set_serving(parts, True)
+        log.info(
+            "pagemeter serving gRPC on %s (port %d), metrics on %s",
+            settings.listen,
+            port,
+            f"http://{settings.metrics_listen}/metrics" if settings.metrics_listen else "off",
+        )
+        await stop.wait()
+        log.info("shutting down: draining for up to %.1fs", settings.grace_period_seconds)
+        await set_serving(parts, False)
+        await server.stop(settings.grace_period_seconds)
+        if http is not None:
+            http.shutdown()
+    log.info("pagemeter stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is installed on Linux
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

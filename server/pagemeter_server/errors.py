@@ -1,0 +1,112 @@
+"""Turning failures into gRPC statuses with google.rpc details.
+
+Every RPC handler is wrapped so that no exception ever reaches grpc as UNKNOWN:
+bad input -> INVALID_ARGUMENT (with BadRequest field violations), a reused id ->
+ALREADY_EXISTS, a missing plan -> FAILED_PRECONDITION, Redis unreachable or slow
+-> UNAVAILABLE, anything else -> INTERNAL with no internals in the message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import redis.exceptions
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from pagemeter_server.store import NegativeUnits, PlanMissing, RequestIdReused
+from pagemeter_server.validation import InvalidArgument
+
+DOMAIN = "pagemeter"
+log = logging.getLogger("pagemeter.errors")
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
+
+
+def _status(
+    code: int, message: str, *details: error_details_pb2.BadRequest | error_details_pb2.ErrorInfo
+) -> grpc.Status:
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+
+
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+
+
+def status_for(exc: BaseException) -> grpc.Status:
+    """The gRPC status a failure is answered with."""
+    if isinstance(exc, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in exc.violations
+            ]
+        )
+        return _status(code_pb2.INVALID_ARGUMENT, str(exc), bad_request)
+    if isinstance(exc, NegativeUnits):
+        return _status(
+            code_pb2.INVALID_ARGUMENT,
+            f"units of {exc.metric!r} are negative, but only lifetime (PERIOD_NONE) metrics "
+            "can be lowered",
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=f"units[{exc.metric}]",
+                        description="negative units are allowed only for PERIOD_NONE metrics",
+                    )
+                ]
+            ),
+        )
+    if isinstance(exc, RequestIdReused):
+        return _status(
+            code_pb2.ALREADY_EXISTS,
+            f"this id is already used by another request (its status: {exc.status}); "
+            "send the original payload to get the original result, or use a new id",
+            _error_info("REQUEST_ID_REUSED", status=exc.status),
+        )
+    if isinstance(exc, PlanMissing):
+        return _status(
+            code_pb2.FAILED_PRECONDITION, exc.what, _error_info("PLAN_MISSING", detail=exc.what)
+        )
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return _status(
+            code_pb2.UNAVAILABLE,
+            "the quota store is unavailable; retry with the same request_id",
+            _error_info("STORE_UNAVAILABLE"),
+        )
+    return _status(code_pb2.INTERNAL, "internal error", _error_info("INTERNAL"))
+
+
+def grpc_errors(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Wrap an RPC handler so every failure leaves as a deliberate status."""
+
+    @functools.wraps(handler)
+    async def wrapped(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Response:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            status = status_for(exc)
+            if status.code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", handler.__name__)
+            await context.abort_with_status(status)  # type: ignore[attr-defined]
+            raise  # abort_with_status always raises; this line is never reached
+
+    return wrapped

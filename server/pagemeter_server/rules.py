@@ -1,0 +1,129 @@
+"""The Python half of the rules: money and the figures derived for reading.
+
+Decisions themselves are made in the Lua scripts (atomically, on integers). What
+is left here is arithmetic that needs no atomicity: prices times units with
+Decimal, and the read-side figures of GetUsage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from pagemeter_server.plans import format_money
+from pagemeter_server.store import MetricCheck, UsageSnapshot
+
+# DecisionReason codes shared with check.lua.
+WITHIN_QUOTA, PREPAID, OVERAGE = 1, 2, 3
+QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, RATE_LIMITED, NO_PLAN, UNKNOWN_METRIC = 4, 5, 6, 7, 8
+
+
+def cost(units: int, price: str) -> str:
+    """units x price as a decimal string (exact; never a float)."""
+    return format_money(Decimal(units) * Decimal(price or "0"))
+
+
+def call_reason(metrics: list[MetricCheck]) -> int:
+    """One reason for a whole CheckQuota call.
+
+    Denied: the first denying metric's reason. Allowed: the costliest pool any
+    metric used (within quota < prepaid < overage).
+    """
+    for decision in metrics:
+        if not decision.allowed:
+            return decision.reason
+    return max((decision.reason for decision in metrics), default=WITHIN_QUOTA)
+
+
+def headroom(
+    *,
+    used: int,
+    contract_quota: int | None,
+    hard_limit: int | None,
+    overage_allowed: bool,
+    prepaid_available: int,
+) -> int | None:
+    """Units admissible before the first limit that would deny; None = unlimited.
+
+    The same formula as check.lua's partial-admission hint.
+    """
+    cap = None if hard_limit is None else max(0, hard_limit - used)
+    if contract_quota is not None and not overage_allowed:
+        within = max(0, contract_quota - used) + prepaid_available
+        cap = within if cap is None else min(cap, within)
+    return cap
+
+
+@dataclass(frozen=True)
+class MetricUsageFigures:
+    metric: str
+    lifetime: bool
+    committed: int
+    held: int
+    contract_quota: int | None
+    hard_limit: int | None
+    overage_allowed: bool
+    overage_units: int
+    overage_cost: str
+    price_per_unit: str
+    overage_price_per_unit: str
+    prepaid_balance: int
+    prepaid_used: int
+    remaining: int | None
+    usage_percent: float | None
+
+
+def usage_figures(snapshot: UsageSnapshot, *, now_ms: int) -> list[MetricUsageFigures]:
+    """Per-metric figures of one month: the plan's metrics plus any with usage."""
+    plan_metrics: dict[str, dict[str, Any]] = snapshot.plan.doc["metrics"] if snapshot.plan else {}
+    recorded = {
+        name[2:]
+        for name in (*snapshot.month_fields, *snapshot.lifetime_fields)
+        if name.startswith("c:")
+    }
+    is_current = snapshot.month.start_ms <= now_ms < snapshot.month.end_ms
+    return [
+        _metric_figures(snapshot, metric, plan_metrics.get(metric, {}), is_current)
+        for metric in sorted(set(plan_metrics) | recorded)
+    ]
+
+
+def _metric_figures(
+    snapshot: UsageSnapshot, metric: str, limits: dict[str, Any], is_current: bool
+) -> MetricUsageFigures:
+    lifetime = limits.get("per") == "N"
+    fields = snapshot.lifetime_fields if lifetime else snapshot.month_fields
+    committed = fields.get(f"c:{metric}", 0)
+    prepaid_used = fields.get(f"pp:{metric}", 0)
+    # Holds are not tied to a month: they count against whatever month is current.
+    held = snapshot.held_fields.get(f"h:{metric}", 0) if (is_current or lifetime) else 0
+    held_prepaid = snapshot.held_fields.get(f"hp:{metric}", 0)
+    balance = snapshot.credits.get(metric, 0)
+    quota: int | None = limits.get("q")
+    hard: int | None = limits.get("h")
+    overage = 0 if quota is None else max(0, committed - quota - prepaid_used)
+    overage_price = limits.get("op", "0")
+    return MetricUsageFigures(
+        metric=metric,
+        lifetime=lifetime,
+        committed=committed,
+        held=held,
+        contract_quota=quota,
+        hard_limit=hard,
+        overage_allowed=bool(limits.get("o", False)),
+        overage_units=overage,
+        overage_cost=cost(overage, overage_price),
+        price_per_unit=limits.get("p", "0"),
+        overage_price_per_unit=overage_price,
+        prepaid_balance=balance,
+        prepaid_used=prepaid_used,
+        remaining=headroom(
+            used=committed + held,
+            contract_quota=quota,
+            hard_limit=hard,
+            overage_allowed=bool(limits.get("o", False)),
+            prepaid_available=max(0, balance - held_prepaid),
+        ),
+        usage_percent=(committed / quota * 100) if quota else None,
+    )

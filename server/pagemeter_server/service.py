@@ -1,0 +1,394 @@
+"""gRPC handlers: validate, call the store, shape the answer.
+
+No rule is decided here; the Lua scripts decide. Handlers only check input,
+read the clock, and translate between protobuf messages and store results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter_server import rules
+from pagemeter_server.clock import Clock
+from pagemeter_server.errors import grpc_errors
+from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms
+from pagemeter_server.plans import doc_to_plan, plan_to_doc
+from pagemeter_server.settings import Settings
+from pagemeter_server.store import MetricCheck, MetricRecord, Store
+from pagemeter_server.validation import (
+    DOCUMENT_TYPE,
+    MAX_LABEL,
+    MAX_REASON,
+    MAX_UNITS,
+    Violations,
+    check_year_month,
+    invalid,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# Future tolerance for completed_at: clocks of callers and servers drift a little.
+MAX_FUTURE_MS = 5 * 60 * 1000
+DAY_MS = 86_400_000
+
+_RECORD_STATUS = {
+    "completed": quota_pb2.RECORD_STATUS_COMPLETED,
+    "failed": quota_pb2.RECORD_STATUS_FAILED,
+}
+_RELEASE_OUTCOME = {
+    "released": quota_pb2.RELEASE_OUTCOME_RELEASED,
+    "already_released": quota_pb2.RELEASE_OUTCOME_ALREADY_RELEASED,
+    "expired": quota_pb2.RELEASE_OUTCOME_EXPIRED,
+    "already_recorded": quota_pb2.RELEASE_OUTCOME_ALREADY_RECORDED,
+    "not_found": quota_pb2.RELEASE_OUTCOME_NOT_FOUND,
+}
+_REASON_LABEL = {
+    value.number: value.name.removeprefix("DECISION_REASON_").lower()
+    for value in quota_pb2.DESCRIPTOR.enum_types_by_name["DecisionReason"].values
+}
+
+
+def _period_fields(lifetime: bool, month: Month) -> dict[str, Any]:
+    if lifetime:
+        return {"period": plan_pb2.PERIOD_NONE, "period_id": LIFETIME_PERIOD_ID}
+    return {
+        "period": plan_pb2.PERIOD_MONTHLY,
+        "period_id": month.period_id,
+        "period_end": timestamp(month.end_ms),
+    }
+
+
+class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
+    def __init__(
+        self, store: Store, settings: Settings, clock: Clock, metrics: ServiceMetrics
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+
+    # -- CheckQuota -------------------------------------------------------------
+
+    @grpc_errors
+    async def CheckQuota(
+        self, request: quota_pb2.CheckQuotaRequest, context: Context
+    ) -> quota_pb2.CheckQuotaResponse:
+        hold_ttl_ms = self._validate_check(request)
+        now_ms = self.clock.now_ms()
+        result = await self.store.check(
+            request.org_id,
+            dict(request.units),
+            now_ms=now_ms,
+            request_id=request.request_id,
+            hold=request.hold,
+            hold_ttl_ms=hold_ttl_ms,
+        )
+        response = quota_pb2.CheckQuotaResponse(request_id=request.request_id)
+        if result.outcome == "no_plan":
+            response.reason = quota_pb2.DECISION_REASON_NO_PLAN
+        elif result.outcome == "rate_limited":
+            response.reason = quota_pb2.DECISION_REASON_RATE_LIMITED
+            response.retry_after.FromMilliseconds(result.retry_after_ms)
+        else:
+            response.allowed = result.allowed
+            response.reason = rules.call_reason(result.metrics)  # type: ignore[assignment]
+            response.held = result.held
+            response.duplicate = result.duplicate
+            if result.held:
+                response.hold_expires_at.CopyFrom(timestamp(result.hold_expires_ms))
+            response.metrics.extend(self._decision(d, result.month) for d in result.metrics)
+        self._count_decisions(response, result.duplicate)
+        return response
+
+    def _validate_check(self, request: quota_pb2.CheckQuotaRequest) -> int:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_units(request.units)
+        if request.hold or request.request_id:
+            problems.check_request_id(request.request_id)
+        hold_ttl_ms = round(self.settings.hold_ttl_seconds * 1000)
+        if request.HasField("hold_ttl"):
+            hold_ttl_ms = request.hold_ttl.ToMilliseconds()
+            longest = round(self.settings.max_hold_ttl_seconds * 1000)
+            if not 1000 <= hold_ttl_ms <= longest:
+                problems.add(
+                    "hold_ttl",
+                    f"hold_ttl must be between 1 second and {longest // 1000} seconds",
+                )
+        problems.raise_if_any()
+        return hold_ttl_ms
+
+    def _decision(self, d: MetricCheck, month: Month) -> quota_pb2.MetricDecision:
+        decision = quota_pb2.MetricDecision(
+            metric=d.metric,
+            allowed=d.allowed,
+            reason=d.reason,  # type: ignore[arg-type]
+            requested=d.requested,
+            committed=d.committed,
+            held=d.held,
+            overage_allowed=d.overage_allowed,
+            included_units=d.included,
+            prepaid_units=d.prepaid,
+            overage_units=d.overage,
+            overage_cost=rules.cost(d.overage, d.overage_price),
+            overage_price_per_unit=d.overage_price,
+            prepaid_available=d.prepaid_available,
+            **_period_fields(d.lifetime, month),
+        )
+        for name in ("contract_quota", "hard_limit", "max_admissible", "remaining"):
+            value = getattr(d, name)
+            if value is not None:
+                setattr(decision, name, value)
+        return decision
+
+    def _count_decisions(self, response: quota_pb2.CheckQuotaResponse, duplicate: bool) -> None:
+        if duplicate:
+            return
+        if not response.metrics:
+            self.metrics.decisions.labels("", "denied", _REASON_LABEL[response.reason]).inc()
+        for d in response.metrics:
+            known = d.reason != quota_pb2.DECISION_REASON_UNKNOWN_METRIC
+            self.metrics.decisions.labels(
+                d.metric if known else "",
+                "allowed" if d.allowed else "denied",
+                _REASON_LABEL[d.reason],
+            ).inc()
+            if response.held:
+                self.metrics.units.labels(d.metric, "held").inc(d.requested)
+
+    # -- RecordUsage ------------------------------------------------------------
+
+    @grpc_errors
+    async def RecordUsage(
+        self, request: quota_pb2.RecordUsageRequest, context: Context
+    ) -> quota_pb2.RecordUsageResponse:
+        now_ms = self.clock.now_ms()
+        completed_ms = self._validate_record(request, now_ms)
+        result = await self.store.record(
+            request.org_id,
+            request.request_id,
+            dict(request.units),
+            now_ms=now_ms,
+            completed_ms=completed_ms,
+            completed_given=request.HasField("completed_at"),
+            success=request.success if request.HasField("success") else True,
+            requested_ms=(
+                timestamp_ms(request.requested_at) if request.HasField("requested_at") else None
+            ),
+            document_type=request.document_type,
+        )
+        response = quota_pb2.RecordUsageResponse(
+            duplicate=result.duplicate,
+            status=_RECORD_STATUS[result.status],
+            hold_released=result.hold_released,
+            hold_expired=result.hold_expired,
+            over_limit=result.over_limit,
+            request_id=request.request_id,
+            completed_at=timestamp(result.completed_ms),
+            metrics=[self._record_result(m, result.month_id) for m in result.metrics],
+        )
+        self.metrics.records.labels(result.status, str(result.duplicate).lower()).inc()
+        if not result.duplicate:
+            for m in result.metrics:
+                self.metrics.units.labels(m.metric, "committed").inc(max(0, m.units))
+        return response
+
+    def _validate_record(self, request: quota_pb2.RecordUsageRequest, now_ms: int) -> int:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_request_id(request.request_id)
+        problems.check_units(request.units, allow_negative=True)
+        if not DOCUMENT_TYPE.fullmatch(request.document_type):
+            problems.add(
+                "document_type",
+                f"document_type must be at most {MAX_LABEL} characters from letters, digits, "
+                "'.', '_' and '-'",
+            )
+        completed_ms = now_ms
+        if request.HasField("completed_at"):
+            completed_ms = timestamp_ms(request.completed_at)
+            oldest = now_ms - self.settings.max_record_age_days * DAY_MS
+            if completed_ms > now_ms + MAX_FUTURE_MS:
+                problems.add("completed_at", "completed_at is more than 5 minutes in the future")
+            elif completed_ms < oldest:
+                problems.add(
+                    "completed_at",
+                    f"completed_at is older than {self.settings.max_record_age_days} days, the "
+                    "late-record window; correct old usage with an adjustment instead",
+                )
+        if request.HasField("requested_at") and request.requested_at.seconds < 0:
+            problems.add("requested_at", "requested_at must be after 1970-01-01")
+        problems.raise_if_any()
+        return completed_ms
+
+    @staticmethod
+    def _record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricRecordResult:
+        result = quota_pb2.MetricRecordResult(
+            metric=m.metric,
+            units=m.units,
+            included_units=m.included,
+            prepaid_units=m.prepaid,
+            overage_units=m.overage,
+            overage_cost=rules.cost(m.overage, m.overage_price),
+            committed=m.committed,
+            over_contract_quota=m.over_contract_quota,
+            over_hard_limit=m.over_hard_limit,
+            overage_not_allowed=m.overage_not_allowed,
+            period_id=LIFETIME_PERIOD_ID if m.lifetime else month_id,
+        )
+        if m.contract_quota is not None:
+            result.contract_quota = m.contract_quota
+        if m.hard_limit is not None:
+            result.hard_limit = m.hard_limit
+        return result
+
+    # -- ReleaseQuota -----------------------------------------------------------
+
+    @grpc_errors
+    async def ReleaseQuota(
+        self, request: quota_pb2.ReleaseQuotaRequest, context: Context
+    ) -> quota_pb2.ReleaseQuotaResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_request_id(request.request_id)
+        problems.raise_if_any()
+        result = await self.store.release(
+            request.org_id, request.request_id, now_ms=self.clock.now_ms()
+        )
+        for metric, units in result.released.items():
+            self.metrics.units.labels(metric, "released").inc(units)
+        return quota_pb2.ReleaseQuotaResponse(
+            outcome=_RELEASE_OUTCOME[result.outcome], released_units=result.released
+        )
+
+    # -- GetUsage ---------------------------------------------------------------
+
+    @grpc_errors
+    async def GetUsage(
+        self, request: quota_pb2.GetUsageRequest, context: Context
+    ) -> quota_pb2.GetUsageResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.raise_if_any()
+        has_year, has_month = request.HasField("year"), request.HasField("month")
+        check_year_month(has_year, request.year, has_month, request.month)
+        now_ms = self.clock.now_ms()
+        snapshot = await self.store.usage(
+            request.org_id,
+            now_ms=now_ms,
+            year_month=(request.year, request.month) if has_year else None,
+        )
+        month = snapshot.month
+        response = quota_pb2.GetUsageResponse(
+            org_id=request.org_id,
+            year=month.year,
+            month=month.month,
+            period_id=month.period_id,
+            period_start=timestamp(month.start_ms),
+            period_end=timestamp(month.end_ms),
+            timezone=snapshot.timezone,
+            has_plan=snapshot.plan is not None,
+            jobs=quota_pb2.JobCounts(
+                succeeded=snapshot.month_fields.get("jobs_ok", 0),
+                failed=snapshot.month_fields.get("jobs_failed", 0),
+                total=snapshot.month_fields.get("jobs_ok", 0)
+                + snapshot.month_fields.get("jobs_failed", 0),
+            ),
+        )
+        if snapshot.plan is not None:
+            doc = snapshot.plan.doc
+            response.subscription.CopyFrom(
+                quota_pb2.Subscription(
+                    plan_name=doc["name"],
+                    api_rate_limit=doc["rate"],
+                    processing_priority=doc["prio"],
+                    support_level=doc["support"],
+                    currency=doc["currency"],
+                )
+            )
+        for figures in rules.usage_figures(snapshot, now_ms=now_ms):
+            response.metrics.append(_metric_usage(figures))
+        return response
+
+
+def _metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
+    usage = quota_pb2.MetricUsage(
+        metric=f.metric,
+        period=plan_pb2.PERIOD_NONE if f.lifetime else plan_pb2.PERIOD_MONTHLY,
+        committed=f.committed,
+        held=f.held,
+        overage_allowed=f.overage_allowed,
+        overage_units=f.overage_units,
+        overage_cost=f.overage_cost,
+        price_per_unit=f.price_per_unit,
+        overage_price_per_unit=f.overage_price_per_unit,
+        prepaid_balance=f.prepaid_balance,
+        prepaid_used=f.prepaid_used,
+    )
+    for name in ("contract_quota", "hard_limit", "remaining", "usage_percent"):
+        value = getattr(f, name)
+        if value is not None:
+            setattr(usage, name, value)
+    return usage
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, store: Store, settings: Settings, clock: Clock) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+
+    @grpc_errors
+    async def SetPlan(
+        self, request: admin_pb2.SetPlanRequest, context: Context
+    ) -> admin_pb2.SetPlanResponse:
+        if not request.HasField("plan"):
+            raise invalid("plan", "plan is required")
+        doc = plan_to_doc(request.plan, self.settings.default_timezone)
+        stored = await self.store.set_plan(request.plan.org_id, doc, now_ms=self.clock.now_ms())
+        return admin_pb2.SetPlanResponse(
+            plan=doc_to_plan(request.plan.org_id, stored.doc, stored.version, stored.updated_ms)
+        )
+
+    @grpc_errors
+    async def GetPlan(
+        self, request: admin_pb2.GetPlanRequest, context: Context
+    ) -> admin_pb2.GetPlanResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.raise_if_any()
+        stored = await self.store.get_plan(request.org_id)
+        if stored is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"organization {request.org_id!r} has no plan"
+            )
+            raise AssertionError("unreachable")
+        return admin_pb2.GetPlanResponse(
+            plan=doc_to_plan(request.org_id, stored.doc, stored.version, stored.updated_ms)
+        )
+
+    @grpc_errors
+    async def GrantCredits(
+        self, request: admin_pb2.GrantCreditsRequest, context: Context
+    ) -> admin_pb2.GrantCreditsResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_metric_name(request.metric, "metric")
+        problems.check_request_id(request.grant_id, "grant_id")
+        problems.check_length(request.reason, "reason", MAX_REASON)
+        if not 1 <= request.units <= MAX_UNITS:
+            problems.add("units", f"units must be between 1 and {MAX_UNITS} (got {request.units})")
+        problems.raise_if_any()
+        balance, duplicate = await self.store.grant_credits(
+            request.org_id,
+            request.metric,
+            request.units,
+            request.grant_id,
+            request.reason,
+            now_ms=self.clock.now_ms(),
+        )
+        return admin_pb2.GrantCreditsResponse(balance=balance, duplicate=duplicate)

@@ -1,0 +1,137 @@
+"""Input checks. A request that fails one is refused whole, before any store call.
+
+The limits keep every figure a Lua script sees an exact integer (Lua numbers are
+doubles: exact up to 2^53) and keep keys and memory per call bounded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ORG_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+METRIC = re.compile(r"[a-z][a-z0-9_]{0,31}")
+DOCUMENT_TYPE = re.compile(r"[A-Za-z0-9._-]{0,64}")
+PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
+CURRENCY = re.compile(r"[A-Z]{3}")
+
+MAX_UNITS = 1_000_000_000
+"""Largest amount of one metric in one call."""
+MAX_LIMIT = 1_000_000_000_000_000
+"""Largest contract quota or hard limit (10^15, well inside 2^53)."""
+MAX_METRICS = 32
+MAX_NAME = 128
+MAX_LABEL = 64
+MAX_REASON = 256
+
+
+@dataclass(frozen=True)
+class Violation:
+    field: str
+    description: str
+
+
+@dataclass
+class Violations:
+    """Collects every problem of a request, so one answer can name them all."""
+
+    items: list[Violation] = field(default_factory=list)
+
+    def add(self, field_path: str, description: str) -> None:
+        self.items.append(Violation(field_path, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+    def check_org_id(self, value: str, field_path: str = "org_id") -> None:
+        if not ORG_ID.fullmatch(value):
+            self.add(
+                field_path,
+                f"{field_path} must be 1 to 64 characters from letters, digits, '.', '_' "
+                f"and '-' (got {_show(value)})",
+            )
+
+    def check_request_id(self, value: str, field_path: str = "request_id") -> None:
+        if not REQUEST_ID.fullmatch(value):
+            self.add(
+                field_path,
+                f"{field_path} must be 1 to 128 characters from letters, digits and "
+                f"'.', ':', '_', '-' (got {_show(value)})",
+            )
+
+    def check_metric_name(self, value: str, field_path: str) -> bool:
+        if METRIC.fullmatch(value):
+            return True
+        self.add(
+            field_path,
+            f"metric name {_show(value)} must start with a lowercase letter and have at "
+            "most 32 lowercase letters, digits and '_'",
+        )
+        return False
+
+    def check_units(
+        self, units: Mapping[str, int], field_path: str = "units", *, allow_negative: bool = False
+    ) -> None:
+        if not units:
+            self.add(field_path, f"{field_path} must name at least one metric")
+        if len(units) > MAX_METRICS:
+            self.add(field_path, f"{field_path} may name at most {MAX_METRICS} metrics")
+        low = -MAX_UNITS if allow_negative else 0
+        for metric, amount in units.items():
+            if not self.check_metric_name(metric, f"{field_path}[{metric[:40]}]"):
+                continue
+            if not low <= amount <= MAX_UNITS:
+                self.add(
+                    f"{field_path}[{metric}]",
+                    f"units of {metric!r} must be between {low} and {MAX_UNITS} (got {amount})",
+                )
+
+    def check_length(self, value: str, field_path: str, limit: int) -> None:
+        if len(value) > limit:
+            self.add(field_path, f"{field_path} must be at most {limit} characters")
+
+    def check_price(self, value: str, field_path: str) -> None:
+        if value and not PRICE.fullmatch(value):
+            self.add(
+                field_path,
+                f'{field_path} must be a decimal number like "0.028" with at most 12 '
+                f"integer and 9 fractional digits (got {_show(value)})",
+            )
+
+    def check_limit(self, value: int, field_path: str) -> None:
+        if not 0 <= value <= MAX_LIMIT:
+            self.add(field_path, f"{field_path} must be between 0 and {MAX_LIMIT} (got {value})")
+
+
+class InvalidArgument(Exception):
+    """The request is malformed; nothing was changed."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        super().__init__("; ".join(v.description for v in violations))
+        self.violations = violations
+
+
+def invalid(field_path: str, description: str) -> InvalidArgument:
+    return InvalidArgument([Violation(field_path, description)])
+
+
+def _show(value: str) -> str:
+    """Quote a caller's value for an error message, cut short and printable."""
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    return repr(shown)
+
+
+def check_year_month(has_year: bool, year: int, has_month: bool, month: int) -> None:
+    """Validate an optional (year, month) pair with DocuTray's wording."""
+    if has_year != has_month:
+        raise invalid(
+            "year" if has_year else "month",
+            "year and month must be sent together (or both omitted for the current month)",
+        )
+    if has_year and not 2020 <= year <= 2100:
+        raise invalid("year", "Invalid year. Must be an integer between 2020 and 2100.")
+    if has_month and not 1 <= month <= 12:
+        raise invalid("month", "Invalid month. Must be an integer between 1 and 12.")

@@ -1,0 +1,161 @@
+"""Shared fixtures: a real Redis server and a real pagemeter gRPC server.
+
+The suite starts its own redis-server (the binary `make install` provides) on a
+free loopback port, never a shared one, and flushes it before each test. gRPC
+servers bind 127.0.0.1 port 0 and are reached over a real channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc
+from pagemeter_server.app import ServerParts, connect_redis, create_server
+from pagemeter_server.clock import ManualClock
+from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.settings import Settings
+from pagemeter_server.store import Store
+
+# 2026-03-15 12:00:00 UTC: mid-month, so tests move across month ends on purpose only.
+START_MS = int(datetime(2026, 3, 15, 12, 0, tzinfo=UTC).timestamp() * 1000)
+
+
+def ms(text: str) -> int:
+    """Epoch milliseconds of an ISO 8601 instant with offset, e.g. '2026-03-31T22:00:00+00:00'."""
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One real redis-server for the session, on a free loopback port."""
+    process = RedisProcess(tmp_path_factory.mktemp("redis"), appendonly=False)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def redis_sync(redis_server: RedisProcess) -> Iterator[redis.Redis]:
+    """A synchronous client on a freshly flushed database."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_server: RedisProcess) -> Settings:
+    return Settings(redis_url=redis_server.url, listen="127.0.0.1:0", metrics_listen="")
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START_MS)
+
+
+@pytest.fixture
+async def redis_client(
+    redis_server: RedisProcess, redis_sync: redis.Redis, settings: Settings
+) -> AsyncIterator[aioredis.Redis]:
+    client = connect_redis(redis_server.url, settings)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis, settings: Settings, registry: CollectorRegistry) -> Store:
+    """The store layer alone, for testing the Lua scripts directly."""
+    return Store(
+        redis_client,
+        default_timezone=settings.default_timezone,
+        record_retention_days=settings.record_retention_days,
+        usage_retention_days=settings.usage_retention_days,
+        observer=ServiceMetrics(registry).observe_script,
+    )
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    clock: ManualClock
+    parts: ServerParts
+    channel: grpc.aio.Channel
+    quota: quota_pb2_grpc.QuotaServiceStub
+    admin: admin_pb2_grpc.AdminServiceStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def pagemeter_server(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    clock: ManualClock,
+    registry: CollectorRegistry,
+) -> AsyncIterator[RunningServer]:
+    """A real pagemeter gRPC server on 127.0.0.1:<free port>, on a flushed Redis."""
+    server, port, parts = await create_server(
+        settings, redis_client, clock=clock, registry=registry
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield RunningServer(
+        server=server,
+        port=port,
+        clock=clock,
+        parts=parts,
+        channel=channel,
+        quota=quota_pb2_grpc.QuotaServiceStub(channel),
+        admin=admin_pb2_grpc.AdminServiceStub(channel),
+    )
+    await channel.close()
+    await server.stop(None)
+
+
+def metric_limits(metric: str, **fields: object) -> plan_pb2.MetricLimits:
+    return plan_pb2.MetricLimits(metric=metric, **fields)  # type: ignore[arg-type]
+
+
+def eagle_plan(org_id: str = "acme", **overrides: object) -> plan_pb2.Plan:
+    """Eagle Doc's example: 2000 pages included, overage at 0.028, hard limit 2500."""
+    fields: dict[str, object] = {
+        "org_id": org_id,
+        "name": "Business",
+        "timezone": "UTC",
+        "metrics": [
+            metric_limits(
+                "pages",
+                contract_quota=2000,
+                overage_allowed=True,
+                hard_limit=2500,
+                price_per_unit="0.03",
+                overage_price_per_unit="0.028",
+            ),
+            metric_limits("documents", contract_quota=500, overage_allowed=False),
+        ],
+    }
+    fields.update(overrides)
+    return plan_pb2.Plan(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
