@@ -14,7 +14,7 @@
 -- ARGV[2] timezone the server assumed when it chose the month key
 -- ARGV[3] service default timezone (used when the org has no plan)
 -- ARGV[4] month id ("YYYY-MM") of KEYS[6]
--- ARGV[5] absolute expiry of the month's counters (ms)
+-- ARGV[5] when the month's counters expire (ms on the now_ms clock)
 -- ARGV[6] record TTL (ms): how long the request_id is remembered
 -- ARGV[7] payload fingerprint
 -- ARGV[8] success: '1' or '0'
@@ -150,7 +150,9 @@ if success then
 else
   redis.call('HINCRBY', month_key, 'jobs_failed', 1)
 end
-redis.call('PEXPIREAT', month_key, month_expire_at)
+-- Relative to the call's clock, not Redis's, so the expiry follows the same time
+-- as the rules (tests drive that clock).
+redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
 
 local encoded = encode_rows(rows)
 redis.call('HSET', record_key, 'st', final_status, 'fp', fingerprint, 'res', encoded,
