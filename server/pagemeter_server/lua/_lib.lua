@@ -83,7 +83,8 @@ local function drop_hold(holds_key, holddata_key, held_key, request_id)
   local parts = decode_hold(data)
   for _, p in ipairs(parts) do
     local metric, units, prepaid = p[1], p[2], p[3]
-    if redis.call('HINCRBY', held_key, 'h:' .. metric, -units) <= 0 then
+    -- Zero-unit parts are skipped: Lua would send -0, which HINCRBY refuses.
+    if units > 0 and redis.call('HINCRBY', held_key, 'h:' .. metric, -units) <= 0 then
       redis.call('HDEL', held_key, 'h:' .. metric)
     end
     if prepaid > 0 and redis.call('HINCRBY', held_key, 'hp:' .. metric, -prepaid) <= 0 then
