@@ -379,7 +379,7 @@ async def test_reused_request_id_is_already_exists(pagemeter_server: RunningServ
             Q.RecordUsageRequest(org_id="acme", request_id="r1", units={"pages": 5})
         )
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    info = [d for d in details(caught.value) if isinstance(d, error_details_pb2.ErrorInfo)][0]
+    info = next(d for d in details(caught.value) if isinstance(d, error_details_pb2.ErrorInfo))
     assert (info.reason, info.domain, info.metadata["status"]) == (
         "REQUEST_ID_REUSED",
         "pagemeter",
