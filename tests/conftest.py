@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc
-from pagemeter_server.app import ServerParts, connect_redis, create_server
+from pagemeter_server.app import ServerParts, build_store, connect_redis, create_server
 from pagemeter_server.clock import ManualClock
 from pagemeter_server.embedded import RedisProcess
 from pagemeter_server.metrics import ServiceMetrics
@@ -80,13 +80,7 @@ def registry() -> CollectorRegistry:
 @pytest.fixture
 def store(redis_client: aioredis.Redis, settings: Settings, registry: CollectorRegistry) -> Store:
     """The store layer alone, for testing the Lua scripts directly."""
-    return Store(
-        redis_client,
-        default_timezone=settings.default_timezone,
-        record_retention_days=settings.record_retention_days,
-        usage_retention_days=settings.usage_retention_days,
-        observer=ServiceMetrics(registry).observe_script,
-    )
+    return build_store(redis_client, settings, ServiceMetrics(registry))
 
 
 @dataclasses.dataclass

@@ -55,6 +55,16 @@ local function plan_timezone(plan, default_tz)
   return default_tz
 end
 
+-- The month key a script was given is only right if the server assumed the
+-- plan's timezone; otherwise the script must answer this and write nothing.
+local function stale_timezone(plan, assumed_tz, default_tz)
+  local tz = plan_timezone(plan, default_tz)
+  if tz ~= assumed_tz then
+    return {'STALE_TZ', tz}
+  end
+  return nil
+end
+
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
 local function decode_hold(s)
   local parts = {}

@@ -47,9 +47,9 @@ local count = tonumber(ARGV[9])
 assert(#KEYS == 9 and #ARGV == 9 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
 
 local plan = load_plan(plan_key)
-local tz = plan_timezone(plan, ARGV[3])
-if tz ~= ARGV[2] then
-  return {'STALE_TZ', tz}
+local stale = stale_timezone(plan, ARGV[2], ARGV[3])
+if stale then
+  return stale
 end
 if not plan then
   return {'NO_PLAN'}

@@ -52,9 +52,9 @@ local count = tonumber(ARGV[13])
 assert(#KEYS == 8 and #ARGV == 13 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
 
 local plan = load_plan(plan_key)
-local tz = plan_timezone(plan, ARGV[3])
-if tz ~= ARGV[2] then
-  return {'STALE_TZ', tz}
+local stale = stale_timezone(plan, ARGV[2], ARGV[3])
+if stale then
+  return stale
 end
 local metrics = (plan and plan.metrics) or {}
 

@@ -27,9 +27,9 @@ local plan = nil
 if raw[1] then
   plan = cjson.decode(raw[1])
 end
-local tz = plan_timezone(plan, ARGV[3])
-if tz ~= ARGV[2] then
-  return {'STALE_TZ', tz}
+local stale = stale_timezone(plan, ARGV[2], ARGV[3])
+if stale then
+  return stale
 end
 purge_expired_holds(holds_key, holddata_key, held_key, now)
 return {
