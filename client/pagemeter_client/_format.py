@@ -1,0 +1,58 @@
+"""Plain-text rendering for the CLI: aligned tables and the words for unset figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+UNLIMITED = "unlimited"
+NONE = "none"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the first column left-aligned, the rest right.
+
+    Figures are right-aligned so digits line up; the first column names the row.
+    """
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [_line(headers, widths)] + [_line(row, widths) for row in rows]
+    return "\n".join(lines)
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    first, *rest = cells
+    padded = [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)]
+    return "  ".join(padded).rstrip()
+
+
+def fields(pairs: Sequence[tuple[str, str]]) -> str:
+    """`label: value` lines with the values aligned."""
+    width = max((len(label) for label, _ in pairs), default=0) + 1
+    return "\n".join(f"{(label + ':').ljust(width)} {value}" for label, value in pairs)
+
+
+def optional_int(message: Message, name: str, unset: str = UNLIMITED) -> str:
+    """A proto3 `optional int64` as text: its value, or `unset` when absent."""
+    return str(getattr(message, name)) if message.HasField(name) else unset
+
+
+def yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def money(amount: str, currency: str = "") -> str:
+    """A decimal string from the server (kept exact), with its currency when known."""
+    text = amount or "0"
+    return f"{text} {currency}" if currency else text
+
+
+def when(stamp: Timestamp) -> str:
+    """An ISO 8601 UTC time, or "-" for an unset timestamp."""
+    if stamp.seconds == 0 and stamp.nanos == 0:
+        return "-"
+    return stamp.ToDatetime(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

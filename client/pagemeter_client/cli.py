@@ -1,0 +1,650 @@
+"""The `pagemeter` command: plans, credits, checks, records and usage from a shell.
+
+Exit codes: 0 success; 1 the server answered with a gRPC error (printed as
+`error: CODE: message` on stderr, with any google.rpc details); 2 bad command
+line or input file (nothing was sent); 3 `check` was answered "denied" (the
+decision is still printed, on stdout); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from pagemeter.v1 import plan_pb2, quota_pb2
+from pagemeter_client import _format as fmt
+from pagemeter_client.sdk import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    PagemeterClient,
+    error_details,
+    reason_name,
+)
+
+EXIT_OK = 0
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DENIED = 3
+EXIT_INTERRUPTED = 130
+
+TARGET_ENV = "PAGEMETER_TARGET"
+# The server's own rules, repeated so a typo is caught before anything is sent.
+METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
+SPEC_HELP = (
+    "SPEC is NAME[:key=value,...] with keys quota, hard_limit, overage (yes/no), price, "
+    "overage_price, period (monthly/none); e.g. "
+    "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028"
+)
+
+Command = Callable[[PagemeterClient, argparse.Namespace], int]
+
+
+# -- argument types -----------------------------------------------------------------------
+
+
+def _whole_number(key: str, value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value):
+        raise argparse.ArgumentTypeError(f"{key} must be a whole number >= 0 (got {value!r})")
+    return int(value)
+
+
+def _yes_no(key: str, value: str) -> bool:
+    answers = {"yes": True, "true": True, "no": False, "false": False}
+    if value.lower() not in answers:
+        raise argparse.ArgumentTypeError(f"{key} must be yes, no, true or false (got {value!r})")
+    return answers[value.lower()]
+
+
+def _price(key: str, value: str) -> str:
+    # Kept as the exact text: prices are decimal strings, never floats.
+    if not PRICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{key} must be a decimal number such as 0.028, at most 12 digits before "
+            f"the point and 9 after (got {value!r})"
+        )
+    return value
+
+
+def _period(key: str, value: str) -> plan_pb2.Period.ValueType:
+    periods = {"monthly": plan_pb2.PERIOD_MONTHLY, "none": plan_pb2.PERIOD_NONE}
+    if value.lower() not in periods:
+        raise argparse.ArgumentTypeError(f"{key} must be monthly or none (got {value!r})")
+    return periods[value.lower()]
+
+
+def _set_spec_value(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
+    if key == "quota":
+        limits.contract_quota = _whole_number(key, value)
+    elif key == "hard_limit":
+        limits.hard_limit = _whole_number(key, value)
+    elif key == "overage":
+        limits.overage_allowed = _yes_no(key, value)
+    elif key == "price":
+        limits.price_per_unit = _price(key, value)
+    elif key == "overage_price":
+        limits.overage_price_per_unit = _price(key, value)
+    elif key == "period":
+        limits.period = _period(key, value)
+    else:
+        raise argparse.ArgumentTypeError(f"unknown key {key!r}")
+
+
+def metric_spec(text: str) -> plan_pb2.MetricLimits:
+    """Parse `pages:quota=2000,overage=yes,...` into MetricLimits (argparse type)."""
+    try:
+        return _parse_metric_spec(text)
+    except argparse.ArgumentTypeError as problem:
+        raise argparse.ArgumentTypeError(f"bad SPEC {text!r}: {problem}. {SPEC_HELP}") from None
+
+
+def _parse_metric_spec(text: str) -> plan_pb2.MetricLimits:
+    name, _, settings = text.partition(":")
+    if not METRIC_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"metric name {name!r} must start with a lowercase letter and have at most 32 "
+            "lowercase letters, digits and '_'"
+        )
+    limits = plan_pb2.MetricLimits(metric=name)
+    seen: set[str] = set()
+    for item in settings.split(",") if settings else []:
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or not key or not value:
+            raise argparse.ArgumentTypeError(f"{item!r} is not key=value")
+        if key in seen:
+            raise argparse.ArgumentTypeError(f"{key} is given twice")
+        seen.add(key)
+        _set_spec_value(limits, key, value)
+    return limits
+
+
+def unit_amount(text: str) -> tuple[str, int]:
+    """Parse `pages=10` into ("pages", 10) (argparse type); negative amounts are allowed."""
+    name, equals, amount = text.partition("=")
+    try:
+        if not equals or not name:
+            raise ValueError
+        return name, int(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not METRIC=UNITS (e.g. pages=10)") from None
+
+
+def instant(text: str) -> datetime:
+    """Parse an ISO 8601 time with its UTC offset (argparse type)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time such as 2026-03-15T11:00:00Z"
+        ) from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no UTC offset; add one, e.g. 2026-03-15T11:00:00Z"
+        )
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number >= 0 (argparse type)."""
+    return _whole_number("the value", text)
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def emit(args: argparse.Namespace, response: Message, render: Callable[[], str]) -> None:
+    """Print the response: protobuf JSON with --json, else the readable rendering."""
+    if args.json:
+        print(
+            json_format.MessageToJson(
+                response,
+                preserving_proto_field_name=True,
+                # Zeros and false are figures too: print them, not just what is non-default.
+                always_print_fields_with_no_presence=True,
+            )
+        )
+    else:
+        print(render())
+
+
+def print_rpc_error(error: grpc.RpcError) -> None:
+    """`error: CODE: message` on stderr, then the google.rpc details, one per line."""
+    first, *details = error_details(error).lines()
+    print(f"error: {first}", file=sys.stderr)
+    for line in details:
+        print(line, file=sys.stderr)
+
+
+def _enum_name(enum_prefix: str, name: str) -> str:
+    return name.removeprefix(enum_prefix)
+
+
+def _period_word(period: plan_pb2.Period.ValueType) -> str:
+    return "lifetime" if period == plan_pb2.PERIOD_NONE else "monthly"
+
+
+def render_plan(plan: plan_pb2.Plan) -> str:
+    header = fmt.fields(
+        [
+            ("organization", plan.org_id),
+            ("plan", plan.name),
+            ("version", str(plan.version)),
+            ("updated at", fmt.when(plan.updated_at)),
+            ("timezone", plan.timezone),
+            ("currency", plan.currency or "USD"),
+            ("api rate limit", f"{plan.api_rate_limit} req/s" if plan.api_rate_limit else "none"),
+            ("api burst", str(plan.api_burst or plan.api_rate_limit)),
+            ("processing priority", plan.processing_priority or "-"),
+            ("support level", plan.support_level or "-"),
+        ]
+    )
+    rows = [
+        [
+            m.metric,
+            _period_word(m.period),
+            fmt.optional_int(m, "contract_quota"),
+            fmt.optional_int(m, "hard_limit", fmt.NONE),
+            fmt.yes_no(m.overage_allowed),
+            fmt.money(m.price_per_unit),
+            fmt.money(m.overage_price_per_unit),
+        ]
+        for m in plan.metrics
+    ]
+    headers = ["metric", "period", "contract quota", "hard limit", "overage", "price"]
+    metrics = fmt.table([*headers, "overage price"], rows)
+    return f"{header}\n\n{metrics}"
+
+
+def render_check(response: quota_pb2.CheckQuotaResponse) -> str:
+    pairs = [
+        ("allowed", fmt.yes_no(response.allowed)),
+        ("reason", reason_name(response.reason)),
+        ("request_id", response.request_id or "-"),
+        ("held", _held_text(response)),
+        ("duplicate", fmt.yes_no(response.duplicate)),
+    ]
+    if response.HasField("retry_after"):
+        pairs.append(("retry after", f"{response.retry_after.ToTimedelta().total_seconds():g}s"))
+    header = fmt.fields(pairs)
+    if not response.metrics:
+        return header
+    columns = list(response.metrics)
+    rows = [
+        ["allowed", *(fmt.yes_no(d.allowed) for d in columns)],
+        ["reason", *(reason_name(d.reason) for d in columns)],
+        ["requested", *(str(d.requested) for d in columns)],
+        ["committed before", *(str(d.committed) for d in columns)],
+        ["held before", *(str(d.held) for d in columns)],
+        ["contract quota", *(fmt.optional_int(d, "contract_quota") for d in columns)],
+        ["hard limit", *(fmt.optional_int(d, "hard_limit", fmt.NONE) for d in columns)],
+        ["overage allowed", *(fmt.yes_no(d.overage_allowed) for d in columns)],
+        ["max admissible", *(fmt.optional_int(d, "max_admissible") for d in columns)],
+        ["remaining after", *(fmt.optional_int(d, "remaining") for d in columns)],
+        ["included units", *(str(d.included_units) for d in columns)],
+        ["prepaid units", *(str(d.prepaid_units) for d in columns)],
+        ["overage units", *(str(d.overage_units) for d in columns)],
+        ["overage cost", *(fmt.money(d.overage_cost) for d in columns)],
+        ["period", *(d.period_id for d in columns)],
+    ]
+    return f"{header}\n\n{fmt.table(['', *(d.metric for d in columns)], rows)}"
+
+
+def _held_text(response: quota_pb2.CheckQuotaResponse) -> str:
+    if not response.held:
+        return "no"
+    return f"yes, until {fmt.when(response.hold_expires_at)}"
+
+
+def render_record(response: quota_pb2.RecordUsageResponse) -> str:
+    status = quota_pb2.RecordStatus.Name(response.status)
+    header = fmt.fields(
+        [
+            ("request_id", response.request_id),
+            ("status", _enum_name("RECORD_STATUS_", status)),
+            ("duplicate", fmt.yes_no(response.duplicate)),
+            ("completed at", fmt.when(response.completed_at)),
+            ("hold released", fmt.yes_no(response.hold_released)),
+            ("hold expired", fmt.yes_no(response.hold_expired)),
+            ("over limit", fmt.yes_no(response.over_limit)),
+        ]
+    )
+    columns = list(response.metrics)
+    rows = [
+        ["units", *(str(m.units) for m in columns)],
+        ["included units", *(str(m.included_units) for m in columns)],
+        ["prepaid units", *(str(m.prepaid_units) for m in columns)],
+        ["overage units", *(str(m.overage_units) for m in columns)],
+        ["overage cost", *(fmt.money(m.overage_cost) for m in columns)],
+        ["committed (quotaUsed)", *(str(m.committed) for m in columns)],
+        ["contract quota", *(fmt.optional_int(m, "contract_quota") for m in columns)],
+        ["hard limit", *(fmt.optional_int(m, "hard_limit", fmt.NONE) for m in columns)],
+        ["over contract quota", *(fmt.yes_no(m.over_contract_quota) for m in columns)],
+        ["over hard limit", *(fmt.yes_no(m.over_hard_limit) for m in columns)],
+        ["overage not allowed", *(fmt.yes_no(m.overage_not_allowed) for m in columns)],
+        ["period", *(m.period_id for m in columns)],
+    ]
+    return f"{header}\n\n{fmt.table(['', *(m.metric for m in columns)], rows)}"
+
+
+def render_release(response: quota_pb2.ReleaseQuotaResponse) -> str:
+    outcome = quota_pb2.ReleaseOutcome.Name(response.outcome)
+    pairs = [("outcome", _enum_name("RELEASE_OUTCOME_", outcome))]
+    pairs += [(f"released {m}", str(n)) for m, n in sorted(response.released_units.items())]
+    return fmt.fields(pairs)
+
+
+def render_usage(response: quota_pb2.GetUsageResponse) -> str:
+    sub = response.subscription
+    currency = sub.currency
+    header = fmt.fields(
+        [
+            ("organization", response.org_id),
+            ("month", response.period_id),
+            ("period", f"{fmt.when(response.period_start)} .. {fmt.when(response.period_end)}"),
+            ("timezone", response.timezone),
+            ("plan", sub.plan_name if response.has_plan else "(no plan)"),
+            ("api rate limit", f"{sub.api_rate_limit} req/s" if sub.api_rate_limit else "none"),
+            ("processing priority", sub.processing_priority or "-"),
+            ("support level", sub.support_level or "-"),
+        ]
+    )
+    jobs = response.jobs
+    footer = f"jobs: {jobs.succeeded} succeeded, {jobs.failed} failed, {jobs.total} total"
+    if not response.metrics:
+        return f"{header}\n\n{footer}"
+    table = fmt.table(["", *(m.metric for m in response.metrics)], _usage_rows(response, currency))
+    return f"{header}\n\n{table}\n\n{footer}"
+
+
+def _usage_rows(response: quota_pb2.GetUsageResponse, currency: str) -> list[list[str]]:
+    # Eagle Doc's names in brackets: quotaUsed is committed, overUsage the overage units.
+    columns = list(response.metrics)
+    return [
+        ["period", *(_period_word(m.period) for m in columns)],
+        ["committed (quotaUsed)", *(str(m.committed) for m in columns)],
+        ["held", *(str(m.held) for m in columns)],
+        [
+            "contract quota (contractQuota)",
+            *(fmt.optional_int(m, "contract_quota") for m in columns),
+        ],
+        ["hard limit (hardLimit)", *(fmt.optional_int(m, "hard_limit", fmt.NONE) for m in columns)],
+        ["overage allowed (overUsageAllowed)", *(fmt.yes_no(m.overage_allowed) for m in columns)],
+        ["overage units (overUsage)", *(str(m.overage_units) for m in columns)],
+        ["overage price (pricePerPageOverUsage)", *(m.overage_price_per_unit for m in columns)],
+        ["overage cost (overUsageCost)", *(fmt.money(m.overage_cost, currency) for m in columns)],
+        ["price per unit", *(m.price_per_unit for m in columns)],
+        ["prepaid balance", *(str(m.prepaid_balance) for m in columns)],
+        ["prepaid used", *(str(m.prepaid_used) for m in columns)],
+        ["remaining", *(fmt.optional_int(m, "remaining") for m in columns)],
+        ["usage %", *(_percent(m) for m in columns)],
+    ]
+
+
+def _percent(usage: quota_pb2.MetricUsage) -> str:
+    return f"{usage.usage_percent:.1f}%" if usage.HasField("usage_percent") else "-"
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+class InputProblem(Exception):
+    """Bad input found after parsing (e.g. in a --from-json file): exit 2, nothing sent."""
+
+
+def _units(args: argparse.Namespace) -> dict[str, int]:
+    units: dict[str, int] = {}
+    for name, amount in args.units:
+        if name in units:
+            raise InputProblem(f"metric {name!r} is given twice")
+        units[name] = amount
+    return units
+
+
+def _load_plan(path: str) -> plan_pb2.Plan:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        return json_format.Parse(text, plan_pb2.Plan())
+    except (OSError, json_format.ParseError) as problem:
+        raise InputProblem(f"cannot read a Plan from {path}: {problem}") from None
+
+
+def plan_from_args(args: argparse.Namespace) -> plan_pb2.Plan:
+    """The plan to send: the --from-json file (if any) with the flags given on top."""
+    plan = _load_plan(args.from_json) if args.from_json else plan_pb2.Plan()
+    if plan.org_id and plan.org_id != args.org:
+        raise InputProblem(f"{args.from_json} is the plan of {plan.org_id!r}, not {args.org!r}")
+    plan.org_id = args.org
+    flags = {
+        "name": args.name,
+        "timezone": args.timezone,
+        "api_rate_limit": args.rate_limit,
+        "api_burst": args.burst,
+        "processing_priority": args.priority,
+        "support_level": args.support,
+        "currency": args.currency,
+    }
+    for name, value in flags.items():
+        if value is not None:
+            setattr(plan, name, value)
+    if args.metrics:
+        del plan.metrics[:]
+        plan.metrics.extend(args.metrics)
+    if not args.from_json and (args.name is None or not args.metrics):
+        raise InputProblem("plan set needs --name and at least one --metric (or --from-json)")
+    return plan
+
+
+def cmd_plan_set(client: PagemeterClient, args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    response = client.set_plan(plan)
+    emit(args, response, lambda: render_plan(response.plan))
+    return EXIT_OK
+
+
+def cmd_plan_get(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.get_plan(args.org)
+    emit(args, response, lambda: render_plan(response.plan))
+    return EXIT_OK
+
+
+def cmd_credits_grant(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.grant_credits(args.org, args.metric, args.units, args.grant_id, args.reason)
+    rows = [("balance", str(response.balance)), ("duplicate", fmt.yes_no(response.duplicate))]
+    emit(args, response, lambda: fmt.fields(rows))
+    return EXIT_OK
+
+
+def cmd_check(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.check_quota(
+        args.org,
+        _units(args),
+        request_id=args.request_id,
+        hold=args.hold,
+        hold_ttl=args.hold_ttl,
+    )
+    emit(args, response, lambda: render_check(response))
+    return EXIT_OK if response.allowed else EXIT_DENIED
+
+
+def cmd_record(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.record_usage(
+        args.org,
+        args.request_id,
+        _units(args),
+        success=not args.failed,
+        document_type=args.document_type,
+        requested_at=args.requested_at,
+        completed_at=args.completed_at,
+    )
+    emit(args, response, lambda: render_record(response))
+    return EXIT_OK
+
+
+def cmd_release(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.release_quota(args.org, args.request_id)
+    emit(args, response, lambda: render_release(response))
+    return EXIT_OK
+
+
+def cmd_usage(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.get_usage(args.org, year=args.year, month=args.month)
+    emit(args, response, lambda: render_usage(response))
+    return EXIT_OK
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def _global_options(*, with_defaults: bool) -> argparse.ArgumentParser:
+    """--target, --timeout and --json, for the top parser and (again) every subcommand.
+
+    Only the top parser's copy has defaults. The subcommands' copies default to
+    SUPPRESS, so an option given before the subcommand is not reset by the
+    subcommand's parser, and one given after it still counts. (Two separate
+    copies: parsers built with `parents=` share the option objects, defaults too.)
+    """
+
+    def default(value: object) -> object:
+        return value if with_defaults else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=default(os.environ.get(TARGET_ENV) or DEFAULT_TARGET),
+        help=f"server address (env {TARGET_ENV}; default {DEFAULT_TARGET})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=default(DEFAULT_TIMEOUT),
+        help=f"deadline of each call in seconds (default {DEFAULT_TIMEOUT:g})",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the response as protobuf JSON (field names as in the .proto)",
+    )
+    return common
+
+
+def _add_plan_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    plan = commands.add_parser("plan", help="set or read an organization's plan")
+    plan_commands = plan.add_subparsers(dest="plan_command", required=True, metavar="COMMAND")
+    set_ = plan_commands.add_parser(
+        "set", parents=[common], help="create or replace a plan", epilog=SPEC_HELP
+    )
+    set_.add_argument("org", metavar="ORG")
+    set_.add_argument("--name", help="plan name, e.g. Business")
+    set_.add_argument("--timezone", help="IANA timezone of the billing months")
+    set_.add_argument("--rate-limit", type=count, help="CheckQuota calls per second (0: none)")
+    set_.add_argument("--burst", type=count, help="calls allowed at once above the rate")
+    set_.add_argument("--priority", help="processing priority (display only)")
+    set_.add_argument("--support", help="support level (display only)")
+    set_.add_argument("--currency", help="ISO 4217 code of the prices (default USD)")
+    set_.add_argument(
+        "--metric",
+        dest="metrics",
+        action="append",
+        type=metric_spec,
+        metavar="SPEC",
+        help="one metric's limits; repeat for each metric",
+    )
+    set_.add_argument("--from-json", metavar="FILE", help="a Plan in protobuf JSON ('-': stdin)")
+    set_.set_defaults(run=cmd_plan_set)
+    get = plan_commands.add_parser("get", parents=[common], help="show a plan")
+    get.add_argument("org", metavar="ORG")
+    get.set_defaults(run=cmd_plan_get)
+
+
+def _add_credit_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    credits = commands.add_parser("credits", help="prepaid credits")
+    credit_commands = credits.add_subparsers(
+        dest="credits_command", required=True, metavar="COMMAND"
+    )
+    grant = credit_commands.add_parser(
+        "grant", parents=[common], help="add prepaid credits (once per --grant-id)"
+    )
+    grant.add_argument("org", metavar="ORG")
+    grant.add_argument("metric", metavar="METRIC")
+    grant.add_argument("units", metavar="UNITS", type=count)
+    grant.add_argument("--grant-id", required=True, help="idempotency key of this grant")
+    grant.add_argument("--reason", default="", help="why (purchase reference, goodwill, ...)")
+    grant.set_defaults(run=cmd_credits_grant)
+
+
+def _add_job_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    check = commands.add_parser(
+        "check", parents=[common], help="may these units be used now? (exit 3: denied)"
+    )
+    check.add_argument("org", metavar="ORG")
+    check.add_argument("units", metavar="METRIC=UNITS", nargs="+", type=unit_amount)
+    check.add_argument("--hold", action="store_true", help="reserve the units for the job")
+    check.add_argument("--request-id", help="the job's id (made up with --hold when omitted)")
+    check.add_argument(
+        "--hold-ttl",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="how long the hold lives (default: the server's)",
+    )
+    check.set_defaults(run=cmd_check)
+
+    record = commands.add_parser("record", parents=[common], help="record a finished job")
+    record.add_argument("org", metavar="ORG")
+    record.add_argument("request_id", metavar="REQUEST_ID")
+    record.add_argument("units", metavar="METRIC=UNITS", nargs="+", type=unit_amount)
+    record.add_argument(
+        "--failed", action="store_true", help="the job failed: count it, consume nothing"
+    )
+    record.add_argument("--document-type", default="", help="e.g. invoice")
+    record.add_argument(
+        "--completed-at",
+        type=instant,
+        metavar="ISO8601",
+        help="when the job finished (default: now)",
+    )
+    record.add_argument(
+        "--requested-at", type=instant, metavar="ISO8601", help="when the job was requested"
+    )
+    record.set_defaults(run=cmd_record)
+
+    release = commands.add_parser("release", parents=[common], help="drop a job's hold")
+    release.add_argument("org", metavar="ORG")
+    release.add_argument("request_id", metavar="REQUEST_ID")
+    release.set_defaults(run=cmd_release)
+
+    usage = commands.add_parser("usage", parents=[common], help="one month's usage")
+    usage.add_argument("org", metavar="ORG")
+    usage.add_argument("--year", type=int, help="2020-2100, with --month")
+    usage.add_argument("--month", type=int, help="1-12, with --year")
+    usage.set_defaults(run=cmd_usage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; reads PAGEMETER_TARGET for the default target."""
+    parser = argparse.ArgumentParser(
+        prog="pagemeter",
+        parents=[_global_options(with_defaults=True)],
+        description="Operate and query a pagemeter quota service.",
+        epilog="exit codes: 0 ok, 1 gRPC error, 2 bad usage, 3 check denied",
+    )
+    common = _global_options(with_defaults=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_plan_commands(commands, common)
+    _add_credit_commands(commands, common)
+    _add_job_commands(commands, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        # argparse exits on bad usage (2) and after --help (0); report, don't exit,
+        # so main() can be called from tests and other programs.
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Call the server for the parsed command and print the answer."""
+    command: Command = args.run
+    try:
+        with PagemeterClient(args.target, timeout=args.timeout) as client:
+            return command(client, args)
+    except InputProblem as problem:
+        print(f"pagemeter: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as error:
+        print_rpc_error(error)
+        return EXIT_RPC_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

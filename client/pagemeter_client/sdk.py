@@ -1,0 +1,862 @@
+"""Python SDK for pagemeter: an async client on `grpc.aio` and a sync client on `grpc`.
+
+Both clients send every call with a deadline and let gRPC itself retry calls that
+fail with UNAVAILABLE (the channel's `retryPolicy`). A retry re-sends the very same
+request message, so a job keeps its `request_id` across attempts and the server's
+idempotency makes the retry safe: a repeated RecordUsage is answered as a
+duplicate, never counted twice.
+
+Workers usually need only `reserve()`:
+
+    async with client.reserve("acme", {"pages": 12}) as job:
+        pages = await process(document)
+        await job.commit({"pages": pages})   # or leave the block: commits the held units
+"""
+
+# ASYNC109 would have `timeout` replaced by asyncio.timeout, but here it is the gRPC
+# deadline: it travels to the server (grpc-timeout) and bounds gRPC's retries too.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+import grpc.aio
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 5.0
+QUOTA_SERVICE = "pagemeter.v1.QuotaService"
+ADMIN_SERVICE = "pagemeter.v1.AdminService"
+# gRPC caps retryPolicy.maxAttempts at 5 whatever the config says.
+MAX_ATTEMPTS_LIMIT = 5
+
+Metadata = Sequence[tuple[str, str]]
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+# -- retries and channel options --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How gRPC retries UNAVAILABLE: attempts in all and the exponential backoff between them.
+
+    gRPC waits a random time between 0 and min(initial_backoff x multiplier^(n-1),
+    max_backoff) before attempt n+1, and never past the call's deadline.
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.2
+    max_backoff: float = 2.0
+    backoff_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValueError(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}")
+        if self.initial_backoff <= 0 or self.max_backoff <= 0 or self.backoff_multiplier <= 0:
+            raise ValueError("backoff times and multiplier must be positive")
+
+    def service_config(self) -> str:
+        """The channel's `grpc.service_config` JSON: this policy for both pagemeter services."""
+        method_config: dict[str, Any] = {
+            "name": [{"service": QUOTA_SERVICE}, {"service": ADMIN_SERVICE}],
+        }
+        # gRPC rejects a retryPolicy with fewer than 2 attempts: one attempt means no policy.
+        if self.max_attempts > 1:
+            method_config["retryPolicy"] = {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": _seconds(self.initial_backoff),
+                "maxBackoff": _seconds(self.max_backoff),
+                "backoffMultiplier": self.backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            }
+        return json.dumps({"methodConfig": [method_config]})
+
+
+def _seconds(value: float) -> str:
+    """A protobuf JSON duration ("0.2s"), the form service configs take."""
+    return f"{value:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def channel_options(retry: RetryPolicy, extra: ChannelOptions = ()) -> list[tuple[str, Any]]:
+    """Channel options that turn on gRPC's own retries with `retry`; `extra` come last."""
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", retry.service_config()),
+        *extra,
+    ]
+
+
+# -- building requests (shared by both clients) -----------------------------------------
+
+
+def new_request_id() -> str:
+    """A fresh job id (uuid4 hex): 32 characters, valid wherever a request_id is."""
+    return uuid.uuid4().hex
+
+
+def _timestamp(value: datetime, name: str) -> Timestamp:
+    # A naive datetime would be read as UTC by protobuf; a worker's local time
+    # would then land in the wrong hour or even the wrong month, so refuse it.
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (e.g. datetime.now(UTC))")
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _duration(value: float | timedelta) -> Duration:
+    span = Duration()
+    if isinstance(value, timedelta):
+        span.FromTimedelta(value)
+    else:
+        span.FromNanoseconds(round(value * 1e9))
+    return span
+
+
+def check_quota_request(
+    org_id: str,
+    units: Mapping[str, int],
+    *,
+    request_id: str | None = None,
+    hold: bool = False,
+    hold_ttl: float | timedelta | None = None,
+) -> quota_pb2.CheckQuotaRequest:
+    """A CheckQuotaRequest; with hold=True and no request_id, a new id is made here.
+
+    The id is made once, before the first attempt, so every retry of the message
+    carries it and the server holds the units only once.
+    """
+    if hold and not request_id:
+        request_id = new_request_id()
+    request = quota_pb2.CheckQuotaRequest(
+        org_id=org_id, units=dict(units), request_id=request_id or "", hold=hold
+    )
+    if hold_ttl is not None:
+        request.hold_ttl.CopyFrom(_duration(hold_ttl))
+    return request
+
+
+def record_usage_request(
+    org_id: str,
+    request_id: str,
+    units: Mapping[str, int],
+    *,
+    success: bool = True,
+    document_type: str = "",
+    requested_at: datetime | None = None,
+    completed_at: datetime | None = None,
+) -> quota_pb2.RecordUsageRequest:
+    """A RecordUsageRequest; times must be timezone-aware datetimes."""
+    request = quota_pb2.RecordUsageRequest(
+        org_id=org_id,
+        request_id=request_id,
+        units=dict(units),
+        success=success,
+        document_type=document_type,
+    )
+    if requested_at is not None:
+        request.requested_at.CopyFrom(_timestamp(requested_at, "requested_at"))
+    if completed_at is not None:
+        request.completed_at.CopyFrom(_timestamp(completed_at, "completed_at"))
+    return request
+
+
+def get_usage_request(
+    org_id: str, *, year: int | None = None, month: int | None = None
+) -> quota_pb2.GetUsageRequest:
+    """A GetUsageRequest. year and month go to the server as given: it says what is wrong."""
+    request = quota_pb2.GetUsageRequest(org_id=org_id)
+    if year is not None:
+        request.year = year
+    if month is not None:
+        request.month = month
+    return request
+
+
+# -- denials and errors -----------------------------------------------------------------
+
+
+def reason_name(reason: quota_pb2.DecisionReason.ValueType) -> str:
+    """HARD_LIMIT_EXCEEDED for DECISION_REASON_HARD_LIMIT_EXCEEDED (the enum's short name)."""
+    return quota_pb2.DecisionReason.Name(reason).removeprefix("DECISION_REASON_")
+
+
+def _metric_denial(decision: quota_pb2.MetricDecision) -> str:
+    most = str(decision.max_admissible) if decision.HasField("max_admissible") else "unlimited"
+    verdict = "ok" if decision.allowed else reason_name(decision.reason)
+    return f"{decision.metric}: {verdict}, requested {decision.requested}, max admissible {most}"
+
+
+def describe_denial(response: quota_pb2.CheckQuotaResponse) -> str:
+    """One line saying why a CheckQuota was denied, with max_admissible per metric."""
+    text = f"quota denied: {reason_name(response.reason)}"
+    if response.reason == quota_pb2.DECISION_REASON_RATE_LIMITED:
+        return f"{text}, retry after {response.retry_after.ToTimedelta().total_seconds():g}s"
+    if response.metrics:
+        text += " (" + "; ".join(_metric_denial(d) for d in response.metrics) + ")"
+    return text
+
+
+class QuotaDenied(Exception):
+    """CheckQuota answered "not allowed" where the caller needed the units (see `reserve`).
+
+    `response` is the whole CheckQuotaResponse: reason, and per metric
+    max_admissible, the partial-admission hint.
+    """
+
+    def __init__(self, response: quota_pb2.CheckQuotaResponse) -> None:
+        super().__init__(describe_denial(response))
+        self.response = response
+
+    @property
+    def reason(self) -> quota_pb2.DecisionReason.ValueType:
+        return self.response.reason
+
+    @property
+    def retry_after(self) -> timedelta | None:
+        """How long to wait before retrying, for a RATE_LIMITED denial."""
+        if self.response.HasField("retry_after"):
+            return self.response.retry_after.ToTimedelta()
+        return None
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a failed call said, including the google.rpc details in its trailers."""
+
+    code: grpc.StatusCode
+    message: str
+    field_violations: list[tuple[str, str]] = field(default_factory=list)
+    error_infos: list[error_details_pb2.ErrorInfo] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Readable lines: `CODE: message`, then one indented line per detail."""
+        out = [f"{self.code.name}: {self.message}"]
+        out.extend(f"  {name}: {description}" for name, description in self.field_violations)
+        for info in self.error_infos:
+            extra = "".join(f" {key}={value}" for key, value in sorted(info.metadata.items()))
+            out.append(f"  reason: {info.reason} (domain {info.domain}){extra}")
+        return out
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails:
+    """Decode a failed call (sync or async) into code, message and google.rpc details."""
+    call: Any = error  # both grpc.RpcError kinds raised by calls are also grpc.Call
+    details = ErrorDetails(code=call.code(), message=call.details() or "")
+    status = rpc_status.from_call(call)
+    for item in status.details if status is not None else ():
+        if item.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            item.Unpack(bad_request)
+            details.field_violations.extend(
+                (v.field, v.description) for v in bad_request.field_violations
+            )
+        elif item.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            item.Unpack(info)
+            details.error_infos.append(info)
+    return details
+
+
+# -- reservations -----------------------------------------------------------------------
+
+
+class _ReservationState:
+    """What both kinds of reservation know about their job."""
+
+    def __init__(
+        self,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        decision: quota_pb2.CheckQuotaResponse,
+    ) -> None:
+        self.org_id = org_id
+        self.request_id = request_id
+        self.units = dict(units)
+        self.decision = decision
+        # Set by the first commit/fail/release attempt, even one that raised: the
+        # context manager must not then settle the job a second, different way
+        # (that would be refused as a reused request_id, or record finished work
+        # as failed). Retrying the same call by hand is safe: it is idempotent.
+        self.settled = False
+
+
+class AsyncReservation(_ReservationState):
+    """Units held for one job by `AsyncPagemeterClient.reserve`."""
+
+    def __init__(
+        self,
+        client: AsyncPagemeterClient,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        decision: quota_pb2.CheckQuotaResponse,
+    ) -> None:
+        super().__init__(org_id, request_id, units, decision)
+        self._client = client
+
+    async def commit(
+        self,
+        units: Mapping[str, int] | None = None,
+        *,
+        document_type: str = "",
+        completed_at: datetime | None = None,
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record the job as done with `units` (default: the reserved units); frees the hold."""
+        self.settled = True
+        return await self._client.record_usage(
+            self.org_id,
+            self.request_id,
+            self.units if units is None else units,
+            document_type=document_type,
+            completed_at=completed_at,
+        )
+
+    async def fail(
+        self, *, document_type: str = "", completed_at: datetime | None = None
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record the job as failed: counted as a failed job, consumes nothing, frees the hold."""
+        self.settled = True
+        return await self._client.record_usage(
+            self.org_id,
+            self.request_id,
+            self.units,
+            success=False,
+            document_type=document_type,
+            completed_at=completed_at,
+        )
+
+    async def release(self) -> quota_pb2.ReleaseQuotaResponse:
+        """Drop the hold of a job that will not run; nothing is recorded."""
+        self.settled = True
+        return await self._client.release_quota(self.org_id, self.request_id)
+
+
+class Reservation(_ReservationState):
+    """Units held for one job by `PagemeterClient.reserve`."""
+
+    def __init__(
+        self,
+        client: PagemeterClient,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        decision: quota_pb2.CheckQuotaResponse,
+    ) -> None:
+        super().__init__(org_id, request_id, units, decision)
+        self._client = client
+
+    def commit(
+        self,
+        units: Mapping[str, int] | None = None,
+        *,
+        document_type: str = "",
+        completed_at: datetime | None = None,
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record the job as done with `units` (default: the reserved units); frees the hold."""
+        self.settled = True
+        return self._client.record_usage(
+            self.org_id,
+            self.request_id,
+            self.units if units is None else units,
+            document_type=document_type,
+            completed_at=completed_at,
+        )
+
+    def fail(
+        self, *, document_type: str = "", completed_at: datetime | None = None
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record the job as failed: counted as a failed job, consumes nothing, frees the hold."""
+        self.settled = True
+        return self._client.record_usage(
+            self.org_id,
+            self.request_id,
+            self.units,
+            success=False,
+            document_type=document_type,
+            completed_at=completed_at,
+        )
+
+    def release(self) -> quota_pb2.ReleaseQuotaResponse:
+        """Drop the hold of a job that will not run; nothing is recorded."""
+        self.settled = True
+        return self._client.release_quota(self.org_id, self.request_id)
+
+
+def _note_settle_failure(body_error: BaseException, settle_error: grpc.RpcError) -> None:
+    # The body's exception is what the caller must see; a failure to record the
+    # failed job is secondary (the hold still expires after its TTL).
+    details = error_details(settle_error)
+    body_error.add_note(
+        f"pagemeter: recording the failed job also failed ({details.code.name}: "
+        f"{details.message}); its hold expires after its TTL"
+    )
+
+
+# -- the clients ------------------------------------------------------------------------
+
+
+class _ClientConfig:
+    """Settings both clients share: deadline, metadata, and the channel's options."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float,
+        retry: RetryPolicy,
+        metadata: Metadata,
+        options: ChannelOptions,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive: every call needs a deadline")
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self.channel_options = channel_options(retry, options)
+
+    def deadline(self, timeout: float | None) -> float:
+        """Seconds the call may take: the per-call value, else the client's."""
+        return self.timeout if timeout is None else timeout
+
+
+@dataclass(frozen=True)
+class _AsyncChannel:
+    """An open grpc.aio channel with the stubs of both services on it."""
+
+    channel: grpc.aio.Channel
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub
+    admin: admin_pb2_grpc.AdminServiceAsyncStub
+
+    @classmethod
+    def create(
+        cls, config: _ClientConfig, credentials: grpc.ChannelCredentials | None
+    ) -> _AsyncChannel:
+        options = config.channel_options
+        channel = (
+            grpc.aio.insecure_channel(config.target, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(config.target, credentials, options=options)
+        )
+        return cls(
+            channel,
+            quota_pb2_grpc.QuotaServiceStub(channel),
+            admin_pb2_grpc.AdminServiceStub(channel),
+        )
+
+
+class AsyncPagemeterClient:
+    """pagemeter on `grpc.aio`. Use as `async with AsyncPagemeterClient(...) as client:`.
+
+    Every call has a deadline (`timeout` seconds, or the call's own `timeout`), and
+    UNAVAILABLE is retried by gRPC with the same request message, up to
+    `max_attempts` attempts in all. Failed calls raise `grpc.aio.AioRpcError`.
+    The channel opens on the first call, in that call's event loop: use one
+    client per event loop.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.2,
+        max_backoff: float = 2.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Metadata = (),
+        options: ChannelOptions = (),
+    ) -> None:
+        retry = RetryPolicy(max_attempts, initial_backoff, max_backoff)
+        self._config = _ClientConfig(target, timeout, retry, metadata, options)
+        self._credentials = credentials
+        self._open: _AsyncChannel | None = None
+
+    @property
+    def target(self) -> str:
+        return self._config.target
+
+    def _channel(self) -> _AsyncChannel:
+        # grpc.aio ties a channel to the event loop it is made in, and __init__ may
+        # run before any loop exists (or in another one): make it on first use.
+        if self._open is None:
+            self._open = _AsyncChannel.create(self._config, self._credentials)
+        return self._open
+
+    @property
+    def _quota(self) -> quota_pb2_grpc.QuotaServiceAsyncStub:
+        return self._channel().quota
+
+    @property
+    def _admin(self) -> admin_pb2_grpc.AdminServiceAsyncStub:
+        return self._channel().admin
+
+    async def close(self) -> None:
+        if self._open is not None:
+            channel, self._open = self._open.channel, None
+            await channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # QuotaService
+
+    async def check_quota(
+        self,
+        org_id: str,
+        units: Mapping[str, int],
+        *,
+        request_id: str | None = None,
+        hold: bool = False,
+        hold_ttl: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.CheckQuotaResponse:
+        """May `units` be used now? With hold=True, reserve them for request_id (made if None)."""
+        request = check_quota_request(
+            org_id, units, request_id=request_id, hold=hold, hold_ttl=hold_ttl
+        )
+        return await self._quota.CheckQuota(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def record_usage(
+        self,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        *,
+        success: bool = True,
+        document_type: str = "",
+        requested_at: datetime | None = None,
+        completed_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record a finished job (idempotent by request_id); frees its hold."""
+        request = record_usage_request(
+            org_id,
+            request_id,
+            units,
+            success=success,
+            document_type=document_type,
+            requested_at=requested_at,
+            completed_at=completed_at,
+        )
+        return await self._quota.RecordUsage(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def release_quota(
+        self, org_id: str, request_id: str, *, timeout: float | None = None
+    ) -> quota_pb2.ReleaseQuotaResponse:
+        """Free the hold of a job that will not run (idempotent)."""
+        request = quota_pb2.ReleaseQuotaRequest(org_id=org_id, request_id=request_id)
+        return await self._quota.ReleaseQuota(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def get_usage(
+        self,
+        org_id: str,
+        *,
+        year: int | None = None,
+        month: int | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.GetUsageResponse:
+        """One month's usage (default: the current month in the plan's timezone)."""
+        request = get_usage_request(org_id, year=year, month=month)
+        return await self._quota.GetUsage(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    # AdminService
+
+    async def set_plan(
+        self, plan: plan_pb2.Plan, *, timeout: float | None = None
+    ) -> admin_pb2.SetPlanResponse:
+        """Create or replace plan.org_id's whole plan."""
+        return await self._admin.SetPlan(
+            admin_pb2.SetPlanRequest(plan=plan),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    async def get_plan(
+        self, org_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.GetPlanResponse:
+        """Read an organization's plan (NOT_FOUND when it has none)."""
+        return await self._admin.GetPlan(
+            admin_pb2.GetPlanRequest(org_id=org_id),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    async def grant_credits(
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        grant_id: str,
+        reason: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> admin_pb2.GrantCreditsResponse:
+        """Add prepaid credits to one metric, once per grant_id."""
+        request = admin_pb2.GrantCreditsRequest(
+            org_id=org_id, metric=metric, units=units, grant_id=grant_id, reason=reason
+        )
+        return await self._admin.GrantCredits(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    # Worker convenience
+
+    @contextlib.asynccontextmanager
+    async def reserve(
+        self,
+        org_id: str,
+        units: Mapping[str, int],
+        *,
+        request_id: str | None = None,
+        hold_ttl: float | timedelta | None = None,
+    ) -> AsyncIterator[AsyncReservation]:
+        """Hold `units` for one job around the `async with` body.
+
+        Raises QuotaDenied (and skips the body) when the units are not admitted.
+        Leaving the body normally commits the reserved units unless the body called
+        commit(), fail() or release(); leaving it with an exception records the job
+        as failed (consuming nothing) and re-raises.
+        """
+        request_id = request_id or new_request_id()
+        decision = await self.check_quota(
+            org_id, units, request_id=request_id, hold=True, hold_ttl=hold_ttl
+        )
+        if not decision.allowed:
+            raise QuotaDenied(decision)
+        job = AsyncReservation(self, org_id, request_id, units, decision)
+        try:
+            yield job
+        except BaseException as body_error:
+            if not job.settled:
+                try:
+                    await job.fail()
+                except grpc.RpcError as settle_error:
+                    _note_settle_failure(body_error, settle_error)
+            raise
+        if not job.settled:
+            await job.commit()
+
+
+class PagemeterClient:
+    """pagemeter on synchronous `grpc`. Use as `with PagemeterClient(...) as client:`.
+
+    The same methods as AsyncPagemeterClient, blocking. Failed calls raise
+    `grpc.RpcError` (also a `grpc.Call`: `.code()`, `.details()`).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.2,
+        max_backoff: float = 2.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Metadata = (),
+        options: ChannelOptions = (),
+    ) -> None:
+        retry = RetryPolicy(max_attempts, initial_backoff, max_backoff)
+        self._config = _ClientConfig(target, timeout, retry, metadata, options)
+        opts = self._config.channel_options
+        self._channel = (
+            grpc.insecure_channel(target, options=opts)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=opts)
+        )
+        self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        return self._config.target
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # QuotaService
+
+    def check_quota(
+        self,
+        org_id: str,
+        units: Mapping[str, int],
+        *,
+        request_id: str | None = None,
+        hold: bool = False,
+        hold_ttl: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.CheckQuotaResponse:
+        """May `units` be used now? With hold=True, reserve them for request_id (made if None)."""
+        request = check_quota_request(
+            org_id, units, request_id=request_id, hold=hold, hold_ttl=hold_ttl
+        )
+        return self._quota.CheckQuota(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def record_usage(
+        self,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        *,
+        success: bool = True,
+        document_type: str = "",
+        requested_at: datetime | None = None,
+        completed_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record a finished job (idempotent by request_id); frees its hold."""
+        request = record_usage_request(
+            org_id,
+            request_id,
+            units,
+            success=success,
+            document_type=document_type,
+            requested_at=requested_at,
+            completed_at=completed_at,
+        )
+        return self._quota.RecordUsage(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def release_quota(
+        self, org_id: str, request_id: str, *, timeout: float | None = None
+    ) -> quota_pb2.ReleaseQuotaResponse:
+        """Free the hold of a job that will not run (idempotent)."""
+        request = quota_pb2.ReleaseQuotaRequest(org_id=org_id, request_id=request_id)
+        return self._quota.ReleaseQuota(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def get_usage(
+        self,
+        org_id: str,
+        *,
+        year: int | None = None,
+        month: int | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.GetUsageResponse:
+        """One month's usage (default: the current month in the plan's timezone)."""
+        request = get_usage_request(org_id, year=year, month=month)
+        return self._quota.GetUsage(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    # AdminService
+
+    def set_plan(
+        self, plan: plan_pb2.Plan, *, timeout: float | None = None
+    ) -> admin_pb2.SetPlanResponse:
+        """Create or replace plan.org_id's whole plan."""
+        return self._admin.SetPlan(
+            admin_pb2.SetPlanRequest(plan=plan),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    def get_plan(self, org_id: str, *, timeout: float | None = None) -> admin_pb2.GetPlanResponse:
+        """Read an organization's plan (NOT_FOUND when it has none)."""
+        return self._admin.GetPlan(
+            admin_pb2.GetPlanRequest(org_id=org_id),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    def grant_credits(
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        grant_id: str,
+        reason: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> admin_pb2.GrantCreditsResponse:
+        """Add prepaid credits to one metric, once per grant_id."""
+        request = admin_pb2.GrantCreditsRequest(
+            org_id=org_id, metric=metric, units=units, grant_id=grant_id, reason=reason
+        )
+        return self._admin.GrantCredits(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    # Worker convenience
+
+    @contextlib.contextmanager
+    def reserve(
+        self,
+        org_id: str,
+        units: Mapping[str, int],
+        *,
+        request_id: str | None = None,
+        hold_ttl: float | timedelta | None = None,
+    ) -> Iterator[Reservation]:
+        """Hold `units` for one job around the `with` body.
+
+        Raises QuotaDenied (and skips the body) when the units are not admitted.
+        Leaving the body normally commits the reserved units unless the body called
+        commit(), fail() or release(); leaving it with an exception records the job
+        as failed (consuming nothing) and re-raises.
+        """
+        request_id = request_id or new_request_id()
+        decision = self.check_quota(
+            org_id, units, request_id=request_id, hold=True, hold_ttl=hold_ttl
+        )
+        if not decision.allowed:
+            raise QuotaDenied(decision)
+        job = Reservation(self, org_id, request_id, units, decision)
+        try:
+            yield job
+        except BaseException as body_error:
+            if not job.settled:
+                try:
+                    job.fail()
+                except grpc.RpcError as settle_error:
+                    _note_settle_failure(body_error, settle_error)
+            raise
+        if not job.settled:
+            job.commit()
