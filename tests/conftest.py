@@ -90,8 +90,8 @@ class RunningServer:
     clock: ManualClock
     parts: ServerParts
     channel: grpc.aio.Channel
-    quota: quota_pb2_grpc.QuotaServiceStub
-    admin: admin_pb2_grpc.AdminServiceStub
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub
+    admin: admin_pb2_grpc.AdminServiceAsyncStub
 
     @property
     def target(self) -> str:

@@ -229,11 +229,6 @@ def test_unusable_override_is_a_clear_error(
         RedisProcess(tmp_path / "data").start()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embedded.find_redis_server checks only os.access(X_OK), which is true for a "
-    "directory; start() then fails with PermissionError instead of EmbeddedRedisError",
-)
 def test_directory_override_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -271,11 +266,6 @@ def test_start_on_a_taken_port_fails_fast(
     assert "Address already in use" in log and str(bound_port) in log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embedded.RedisProcess._wait_until_ready reports only redis-server's stderr, which is "
-    "empty because --logfile sends everything to redis.log; the message does not say why",
-)
 def test_failed_start_message_names_the_problem(
     bound_port: int, tmp_path: Path, processes: list[RedisProcess]
 ) -> None:
@@ -298,17 +288,10 @@ def test_server_that_never_answers_times_out(
     began = time.monotonic()
     with pytest.raises(EmbeddedRedisError, match=rf"did not answer on port {process.port} in 1"):
         process.start(timeout=1.0)
-    # Loose bound: each refused PING currently costs redis-py's retries (see the xfail below).
     assert time.monotonic() - began < 10
     assert process.pid is None, "the mute process was not stopped"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embedded.RedisProcess._wait_until_ready probes with a redis.Redis that keeps "
-    "redis-py's default retries (3, exponential backoff): one refused PING takes ~3.5s, so "
-    "start(timeout) overshoots by seconds",
-)
 def test_start_timeout_is_honoured(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, processes: list[RedisProcess]
 ) -> None:
@@ -322,11 +305,6 @@ def test_start_timeout_is_honoured(
     assert time.monotonic() - began < 1.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embedded.RedisProcess.stop returns early when the process has already exited and "
-    "never closes its stderr pipe (ResourceWarning when the Popen is collected)",
-)
 def test_stop_after_the_server_died_releases_its_pipe(tmp_path: Path) -> None:
     """stop() on a server that died on its own reaps it and closes the stderr pipe it opened."""
     process = RedisProcess(tmp_path)
@@ -353,12 +331,6 @@ def slow_redis_server(
     monkeypatch.setenv(REDIS_SERVER_ENV, str(wrapper))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embedded.RedisProcess._wait_until_ready: PING on a port held by a silent listener "
-    "blocks in redis-py reads and retries (~14s, past `timeout`) and then raises "
-    "redis.TimeoutError, which is not suppressed nor turned into EmbeddedRedisError",
-)
 @pytest.mark.usefixtures("slow_redis_server")
 def test_start_on_a_port_with_a_silent_listener_fails_fast(
     tmp_path: Path, processes: list[RedisProcess]
@@ -389,11 +361,6 @@ def test_start_on_a_port_with_a_silent_listener_fails_fast(
     assert outcome and isinstance(outcome[0], EmbeddedRedisError), outcome
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embedded.RedisProcess._wait_until_ready accepts any PONG on the port without "
-    "checking it comes from its own process, so start() succeeds while its server dies",
-)
 @pytest.mark.usefixtures("slow_redis_server")
 def test_start_on_a_port_served_by_another_redis_fails(
     tmp_path: Path, processes: list[RedisProcess]

@@ -206,7 +206,7 @@ async def test_usage_of_a_given_month(pagemeter_server: RunningServer) -> None:
 
 
 async def test_plan_round_trip(pagemeter_server: RunningServer) -> None:
-    """SetPlan stores the plan with a new version; GetPlan reads it back; unknown org is NOT_FOUND."""
+    """SetPlan stores the plan with a new version; GetPlan reads it back; unknown org is NOT_FOUND with ErrorInfo PLAN_NOT_FOUND."""
     first = await pagemeter_server.admin.SetPlan(
         admin_pb2.SetPlanRequest(plan=eagle_plan(timezone=""))
     )
@@ -227,6 +227,8 @@ async def test_plan_round_trip(pagemeter_server: RunningServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await pagemeter_server.admin.GetPlan(admin_pb2.GetPlanRequest(org_id="nobody"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    info = next(d for d in details(caught.value) if isinstance(d, error_details_pb2.ErrorInfo))
+    assert (info.reason, info.metadata["org_id"]) == ("PLAN_NOT_FOUND", "nobody")
 
 
 async def test_grant_credits_over_grpc(pagemeter_server: RunningServer) -> None:

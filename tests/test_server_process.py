@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -361,3 +362,30 @@ def test_recorded_usage_survives_restart(launch: Launch, tmp_path: Path) -> None
     )
     assert again.duplicate
     assert committed_pages(second, "proc-restart") == 750
+
+
+def test_metrics_port_in_use_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    """A metrics port already taken makes the server exit 1 with one readable line, no traceback, and its embedded Redis stopped."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                str(SERVER_COMMAND),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_DEADLINE_SECONDS,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")},
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "embedded Redis stopped" in result.stderr

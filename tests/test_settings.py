@@ -295,14 +295,6 @@ def test_valid_flag_rescues_invalid_environment_variable() -> None:
     assert parsed.hold_ttl_seconds == 30.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "settings.py accepts any string for log level and listen addresses; the server then "
-        "dies with a traceback at start-up (logging.basicConfig ValueError, int() ValueError "
-        "in app._split_host_port, gRPC RuntimeError) instead of an argparse error"
-    ),
-)
 @pytest.mark.parametrize(
     ("argv", "mentions"),
     [

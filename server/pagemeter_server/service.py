@@ -18,7 +18,7 @@ from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms
 from pagemeter_server.plans import doc_to_plan, plan_to_doc
 from pagemeter_server.settings import Settings
-from pagemeter_server.store import MetricCheck, MetricRecord, Store
+from pagemeter_server.store import MetricCheck, MetricRecord, PlanNotFound, Store
 from pagemeter_server.validation import (
     DOCUMENT_TYPE,
     MAX_LABEL,
@@ -363,10 +363,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         problems.raise_if_any()
         stored = await self.store.get_plan(request.org_id)
         if stored is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"organization {request.org_id!r} has no plan"
-            )
-            raise AssertionError("unreachable")
+            raise PlanNotFound(request.org_id)
         return admin_pb2.GetPlanResponse(
             plan=doc_to_plan(request.org_id, stored.doc, stored.version, stored.updated_ms)
         )

@@ -7,10 +7,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 hosts in brackets); ValueError names what is wrong.
+
+    An empty host means all interfaces, as gRPC and http.server read it.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{address!r} is not host:port (for example 127.0.0.1:50051)")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{address!r}: port must be between 0 and 65535")
+    return host.strip("[]") or "0.0.0.0", port
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,16 @@ class Settings:
             raise ValueError(
                 f"default timezone {self.default_timezone!r} is not an IANA timezone"
             ) from exc
+        for flag, address in (("--listen", self.listen), ("--metrics-listen", self.metrics_listen)):
+            if address or flag == "--listen":
+                try:
+                    split_host_port(address)
+                except ValueError as exc:
+                    raise ValueError(f"{flag}: {exc}") from exc
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"--log-level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+        if not math.isfinite(self.max_hold_ttl_seconds):
+            raise ValueError("the maximum hold TTL must be a finite number of seconds")
         if not 0 < self.hold_ttl_seconds <= self.max_hold_ttl_seconds:
             raise ValueError("hold TTL must be positive and at most the maximum hold TTL")
         if self.max_record_age_days >= self.record_retention_days:
@@ -53,8 +80,10 @@ class Settings:
             )
         if self.usage_retention_days < 31:
             raise ValueError("usage retention must be at least 31 days")
-        if self.redis_timeout_seconds <= 0:
-            raise ValueError("Redis timeout must be positive")
+        if not 0 < self.redis_timeout_seconds < math.inf:
+            raise ValueError("Redis timeout must be positive (seconds)")
+        if not 0 <= self.grace_period_seconds < math.inf:
+            raise ValueError("grace period must be zero or a positive number of seconds")
         return self
 
 

@@ -56,6 +56,14 @@ class PlanMissing(StoreError):
         self.what = what
 
 
+class PlanNotFound(StoreError):
+    """A read of an organization's plan found none."""
+
+    def __init__(self, org_id: str) -> None:
+        super().__init__(org_id)
+        self.org_id = org_id
+
+
 class OrgKeys:
     """The keys of one organization, all under its `{org_id}` hash tag."""
 
