@@ -259,7 +259,10 @@ class MetricDecision(_message.Message):
     placed). Unset means no limit applies.
     """
     included_units: _builtins.int
-    """How the requested units split: inside the contract quota..."""
+    """How the requested units split: inside the contract quota...
+    The split is reported for denied calls too, as what the call would have
+    cost: a QUOTA_EXCEEDED answer shows the overage the caller was refused.
+    """
     prepaid_units: _builtins.int
     """...drawn from prepaid credits..."""
     overage_units: _builtins.int
