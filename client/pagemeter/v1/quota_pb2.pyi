@@ -722,6 +722,8 @@ class MetricUsage(_message.Message):
     PREPAID_USED_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     USAGE_PERCENT_FIELD_NUMBER: _builtins.int
+    LIFETIME_COMMITTED_FIELD_NUMBER: _builtins.int
+    AVERAGE_PER_JOB_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     period: _plan_pb2.Period.ValueType
     committed: _builtins.int
@@ -753,6 +755,13 @@ class MetricUsage(_message.Message):
     """committed / contract_quota x 100, for display. Unset when there is no quota
     (or it is 0).
     """
+    lifetime_committed: _builtins.int
+    """All successful usage ever recorded for the metric, across months (the
+    same as committed for PERIOD_NONE metrics). Counted from the first
+    record; it does not expire with the monthly counters.
+    """
+    average_per_job: _builtins.float
+    """committed / successful jobs of the month (0 when there were none)."""
     def __init__(
         self,
         *,
@@ -771,10 +780,12 @@ class MetricUsage(_message.Message):
         prepaid_used: _builtins.int = ...,
         remaining: _builtins.int | None = ...,
         usage_percent: _builtins.float | None = ...,
+        lifetime_committed: _builtins.int = ...,
+        average_per_job: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_remaining", b"_remaining", "_usage_percent", b"_usage_percent", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "remaining", b"remaining", "usage_percent", b"usage_percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_remaining", b"_remaining", "_usage_percent", b"_usage_percent", "committed", b"committed", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "held", b"held", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_cost", b"overage_cost", "overage_price_per_unit", b"overage_price_per_unit", "overage_units", b"overage_units", "period", b"period", "prepaid_balance", b"prepaid_balance", "prepaid_used", b"prepaid_used", "price_per_unit", b"price_per_unit", "remaining", b"remaining", "usage_percent", b"usage_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_remaining", b"_remaining", "_usage_percent", b"_usage_percent", "average_per_job", b"average_per_job", "committed", b"committed", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "held", b"held", "lifetime_committed", b"lifetime_committed", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_cost", b"overage_cost", "overage_price_per_unit", b"overage_price_per_unit", "overage_units", b"overage_units", "period", b"period", "prepaid_balance", b"prepaid_balance", "prepaid_used", b"prepaid_used", "price_per_unit", b"price_per_unit", "remaining", b"remaining", "usage_percent", b"usage_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015
@@ -794,6 +805,77 @@ class MetricUsage(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__usage_percent) -> _WhichOneofReturnType__usage_percent | None: ...
 
 Global___MetricUsage: _TypeAlias = MetricUsage  # noqa: Y015
+
+@_typing.final
+class MetricTotal(_message.Message):
+    """One metric's totals in a month summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    PREPAID_USED_FIELD_NUMBER: _builtins.int
+    AVERAGE_PER_JOB_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    committed: _builtins.int
+    """Successful usage committed in the month."""
+    prepaid_used: _builtins.int
+    """Prepaid units drawn in the month."""
+    average_per_job: _builtins.float
+    """committed / successful jobs of the month (0 when there were none)."""
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        committed: _builtins.int = ...,
+        prepaid_used: _builtins.int = ...,
+        average_per_job: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_per_job", b"average_per_job", "committed", b"committed", "metric", b"metric", "prepaid_used", b"prepaid_used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricTotal: _TypeAlias = MetricTotal  # noqa: Y015
+
+@_typing.final
+class MonthSummary(_message.Message):
+    """The totals of one month: jobs and committed units per metric."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_ID_FIELD_NUMBER: _builtins.int
+    YEAR_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    period_id: _builtins.str
+    """"YYYY-MM"."""
+    year: _builtins.int
+    month: _builtins.int
+    @_builtins.property
+    def jobs(self) -> Global___JobCounts: ...
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricTotal]:
+        """Every metric with usage in the month, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        period_id: _builtins.str = ...,
+        year: _builtins.int = ...,
+        month: _builtins.int = ...,
+        jobs: Global___JobCounts | None = ...,
+        metrics: _abc.Iterable[Global___MetricTotal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "metrics", b"metrics", "month", b"month", "period_id", b"period_id", "year", b"year"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonthSummary: _TypeAlias = MonthSummary  # noqa: Y015
 
 @_typing.final
 class JobCounts(_message.Message):
@@ -870,6 +952,7 @@ class GetUsageResponse(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     JOBS_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_MONTH_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     year: _builtins.int
     month: _builtins.int
@@ -892,6 +975,10 @@ class GetUsageResponse(_message.Message):
     def jobs(self) -> Global___JobCounts: ...
     @_builtins.property
     def subscription(self) -> Global___Subscription: ...
+    @_builtins.property
+    def previous_month(self) -> Global___MonthSummary:
+        """The month before the one read (DataExtractorAI's previous_month)."""
+
     def __init__(
         self,
         *,
@@ -906,10 +993,11 @@ class GetUsageResponse(_message.Message):
         metrics: _abc.Iterable[Global___MetricUsage] | None = ...,
         jobs: Global___JobCounts | None = ...,
         subscription: Global___Subscription | None = ...,
+        previous_month: Global___MonthSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "period_end", b"period_end", "period_start", b"period_start", "subscription", b"subscription"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "period_end", b"period_end", "period_start", b"period_start", "previous_month", b"previous_month", "subscription", b"subscription"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_plan", b"has_plan", "jobs", b"jobs", "metrics", b"metrics", "month", b"month", "org_id", b"org_id", "period_end", b"period_end", "period_id", b"period_id", "period_start", b"period_start", "subscription", b"subscription", "timezone", b"timezone", "year", b"year"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_plan", b"has_plan", "jobs", b"jobs", "metrics", b"metrics", "month", b"month", "org_id", b"org_id", "period_end", b"period_end", "period_id", b"period_id", "period_start", b"period_start", "previous_month", b"previous_month", "subscription", b"subscription", "timezone", b"timezone", "year", b"year"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
