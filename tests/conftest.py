@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc
+from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc, reporting_pb2_grpc
 from pagemeter_server.app import ServerParts, build_store, connect_redis, create_server
 from pagemeter_server.clock import ManualClock
 from pagemeter_server.embedded import RedisProcess
@@ -92,6 +92,7 @@ class RunningServer:
     channel: grpc.aio.Channel
     quota: quota_pb2_grpc.QuotaServiceAsyncStub
     admin: admin_pb2_grpc.AdminServiceAsyncStub
+    reporting: reporting_pb2_grpc.ReportingServiceAsyncStub
 
     @property
     def target(self) -> str:
@@ -119,6 +120,7 @@ async def pagemeter_server(
         channel=channel,
         quota=quota_pb2_grpc.QuotaServiceStub(channel),
         admin=admin_pb2_grpc.AdminServiceStub(channel),
+        reporting=reporting_pb2_grpc.ReportingServiceStub(channel),
     )
     await channel.close()
     await server.stop(None)

@@ -101,6 +101,15 @@ OPTIONS = [
         0,
     ),
     Option(
+        "--max-records-per-org",
+        "PAGEMETER_MAX_RECORDS_PER_ORG",
+        "max_records_per_org",
+        "500",
+        500,
+        "20",
+        20,
+    ),
+    Option(
         "--redis-timeout", "PAGEMETER_REDIS_TIMEOUT", "redis_timeout_seconds", "0.5", 0.5, "5", 5.0
     ),
     Option("--grace-period", "PAGEMETER_GRACE_PERIOD", "grace_period_seconds", "3", 3.0, "0", 0.0),

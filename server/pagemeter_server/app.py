@@ -24,10 +24,19 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    quota_pb2,
+    quota_pb2_grpc,
+    reporting_pb2,
+    reporting_pb2_grpc,
+)
 from pagemeter_server.clock import Clock, SystemClock
 from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.report_store import ReportStore
+from pagemeter_server.reporting import ReportingService
 from pagemeter_server.service import AdminService, QuotaService
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store import Store
@@ -37,6 +46,7 @@ log = logging.getLogger("pagemeter")
 SERVICE_NAMES = (
     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -59,6 +69,7 @@ def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetr
         default_timezone=settings.default_timezone,
         record_retention_days=settings.record_retention_days,
         usage_retention_days=settings.usage_retention_days,
+        max_records_per_org=settings.max_records_per_org,
         observer=metrics.observe_script,
     )
 
@@ -97,6 +108,9 @@ async def create_server(
         QuotaService(store, settings, clock, metrics), server
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, settings, clock), server)
+    reporting_pb2_grpc.add_ReportingServiceServicer_to_server(
+        ReportingService(store, ReportStore(client), clock), server
+    )
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -57,6 +57,9 @@ def status_for(exc: BaseException) -> grpc.Status:
                 for v in exc.violations
             ]
         )
+        if exc.reason:
+            info = _error_info(exc.reason, field=exc.violations[0].field)
+            return _status(code_pb2.INVALID_ARGUMENT, str(exc), bad_request, info)
         return _status(code_pb2.INVALID_ARGUMENT, str(exc), bad_request)
     if isinstance(exc, NegativeUnits):
         return _status(

@@ -8,7 +8,7 @@ The scripts check that the plan's timezone is still the one the server assumed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -90,3 +90,18 @@ def timestamp(instant_ms: int) -> Timestamp:
 def timestamp_ms(value: Timestamp) -> int:
     """A protobuf Timestamp as epoch milliseconds (sub-millisecond part dropped)."""
     return value.seconds * 1000 + value.nanos // 1_000_000
+
+
+def local_date(instant_ms: int, tz: ZoneInfo) -> date:
+    """The calendar date, in tz, that the instant falls in."""
+    return to_datetime(instant_ms).astimezone(tz).date()
+
+
+def day_start_ms(day: date, tz: ZoneInfo) -> int:
+    """Epoch ms of the first instant of the local day (DST gaps as for months)."""
+    return int(datetime(day.year, day.month, day.day, tzinfo=tz).timestamp() * 1000)
+
+
+def day_end_ms(day: date, tz: ZoneInfo) -> int:
+    """Epoch ms of the first instant of the next local day."""
+    return day_start_ms(day + timedelta(days=1), tz)

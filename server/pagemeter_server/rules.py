@@ -72,6 +72,8 @@ class MetricUsageFigures:
     prepaid_used: int
     remaining: int | None
     usage_percent: float | None
+    lifetime_committed: int
+    average_per_job: float
 
 
 def usage_figures(snapshot: UsageSnapshot, *, now_ms: int) -> list[MetricUsageFigures]:
@@ -125,5 +127,46 @@ def _metric_figures(
             overage_allowed=bool(limits.get("o", False)),
             prepaid_available=max(0, balance - held_prepaid),
         ),
-        usage_percent=(committed / quota * 100) if quota else None,
+        usage_percent=_percent_of_limit(committed, quota, hard),
+        lifetime_committed=committed
+        if lifetime
+        else snapshot.lifetime_fields.get(f"a:{metric}", 0),
+        average_per_job=0.0 if lifetime else average_per_job(committed, snapshot.month_fields),
     )
+
+
+def _percent_of_limit(committed: int, quota: int | None, hard: int | None) -> float | None:
+    """committed as a percentage of the contract quota, else of the hard limit.
+
+    A lifetime gauge (applications, templates) usually has only a cap.
+    """
+    limit = quota if quota is not None else hard
+    return committed / limit * 100 if limit else None
+
+
+def average_per_job(committed: int, month_fields: dict[str, int]) -> float:
+    """Units per successful job of the month (failed jobs consume nothing)."""
+    jobs = month_fields.get("jobs_ok", 0)
+    return round(committed / jobs, 2) if jobs else 0.0
+
+
+@dataclass(frozen=True)
+class MetricTotal:
+    metric: str
+    committed: int
+    prepaid_used: int
+    average_per_job: float
+
+
+def metric_totals(month_fields: dict[str, int]) -> list[MetricTotal]:
+    """Every metric with usage in one month hash, by name."""
+    metrics = sorted(name[2:] for name in month_fields if name.startswith("c:"))
+    return [
+        MetricTotal(
+            metric=metric,
+            committed=month_fields[f"c:{metric}"],
+            prepaid_used=month_fields.get(f"pp:{metric}", 0),
+            average_per_job=average_per_job(month_fields[f"c:{metric}"], month_fields),
+        )
+        for metric in metrics
+    ]

@@ -15,7 +15,7 @@ from pagemeter_server import rules
 from pagemeter_server.clock import Clock
 from pagemeter_server.errors import grpc_errors
 from pagemeter_server.metrics import ServiceMetrics
-from pagemeter_server.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms
+from pagemeter_server.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms, zone
 from pagemeter_server.plans import doc_to_plan, plan_to_doc
 from pagemeter_server.settings import Settings
 from pagemeter_server.store import MetricCheck, MetricRecord, PlanNotFound, Store
@@ -292,11 +292,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             period_end=timestamp(month.end_ms),
             timezone=snapshot.timezone,
             has_plan=snapshot.plan is not None,
-            jobs=quota_pb2.JobCounts(
-                succeeded=snapshot.month_fields.get("jobs_ok", 0),
-                failed=snapshot.month_fields.get("jobs_failed", 0),
-                total=snapshot.month_fields.get("jobs_ok", 0)
-                + snapshot.month_fields.get("jobs_failed", 0),
+            jobs=job_counts(snapshot.month_fields),
+            previous_month=month_summary(
+                month.previous(zone(snapshot.timezone)), snapshot.previous_month_fields
             ),
         )
         if snapshot.plan is not None:
@@ -315,6 +313,29 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         return response
 
 
+def job_counts(month_fields: dict[str, int]) -> quota_pb2.JobCounts:
+    succeeded, failed = month_fields.get("jobs_ok", 0), month_fields.get("jobs_failed", 0)
+    return quota_pb2.JobCounts(succeeded=succeeded, failed=failed, total=succeeded + failed)
+
+
+def month_summary(month: Month, month_fields: dict[str, int]) -> quota_pb2.MonthSummary:
+    return quota_pb2.MonthSummary(
+        period_id=month.period_id,
+        year=month.year,
+        month=month.month,
+        jobs=job_counts(month_fields),
+        metrics=[
+            quota_pb2.MetricTotal(
+                metric=t.metric,
+                committed=t.committed,
+                prepaid_used=t.prepaid_used,
+                average_per_job=t.average_per_job,
+            )
+            for t in rules.metric_totals(month_fields)
+        ],
+    )
+
+
 def _metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
     usage = quota_pb2.MetricUsage(
         metric=f.metric,
@@ -328,6 +349,8 @@ def _metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
         overage_price_per_unit=f.overage_price_per_unit,
         prepaid_balance=f.prepaid_balance,
         prepaid_used=f.prepaid_used,
+        lifetime_committed=f.lifetime_committed,
+        average_per_job=f.average_per_job,
     )
     for name in ("contract_quota", "hard_limit", "remaining", "usage_percent"):
         value = getattr(f, name)

@@ -49,6 +49,9 @@ class Settings:
     # RecordUsage refuses completed_at older than this (it must stay below
     # record_retention_days so that every accepted late retry is still deduplicated).
     max_record_age_days: int = 35
+    # Most usage records one organization's records index lists (oldest leave
+    # first); bounds its memory whatever its traffic.
+    max_records_per_org: int = 100_000
     redis_timeout_seconds: float = 2.0
     grace_period_seconds: float = 10.0
     log_level: str = "INFO"
@@ -78,6 +81,8 @@ class Settings:
                 "max record age must be shorter than record retention, or late retries "
                 "could be counted twice"
             )
+        if self.max_records_per_org < 1:
+            raise ValueError("max records per organization must be at least 1")
         if self.usage_retention_days < 31:
             raise ValueError("usage retention must be at least 31 days")
         if not 0 < self.redis_timeout_seconds < math.inf:
@@ -126,6 +131,11 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "max_record_age_days",
         "PAGEMETER_MAX_RECORD_AGE_DAYS",
         "oldest completed_at RecordUsage accepts, days",
+    ),
+    "--max-records-per-org": (
+        "max_records_per_org",
+        "PAGEMETER_MAX_RECORDS_PER_ORG",
+        "most usage records listed per organization",
     ),
     "--redis-timeout": (
         "redis_timeout_seconds",

@@ -14,13 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from importlib import resources
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from pagemeter_server.periods import Month, month_at, month_of, zone
+from pagemeter_server.periods import Month, day_end_ms, local_date, month_at, month_of, zone
 
 DAY_MS = 86_400_000
 
@@ -76,9 +77,15 @@ class OrgKeys:
         self.credits = self.prefix + "credits"
         self.lifetime = self.prefix + "u:lifetime"
         self.rate = self.prefix + "rate"
+        self.records_index = self.prefix + "recs"
+        self.planlog = self.prefix + "planlog"
+        self.planver = self.prefix + "planver"
 
     def month(self, period_id: str) -> str:
         return f"{self.prefix}u:{period_id}"
+
+    def day(self, day: date) -> str:
+        return f"{self.prefix}d:{day.isoformat()}"
 
     def record(self, request_id: str) -> str:
         return f"{self.prefix}r:{request_id}"
@@ -229,6 +236,7 @@ class UsageSnapshot:
     lifetime_fields: dict[str, int]
     held_fields: dict[str, int]
     credits: dict[str, int]
+    previous_month_fields: dict[str, int]
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, int]:
@@ -256,6 +264,7 @@ class Store:
         default_timezone: str,
         record_retention_days: int,
         usage_retention_days: int,
+        max_records_per_org: int = 100_000,
         tz_cache_size: int = 100_000,
         observer: Callable[[str, float, bool], None] | None = None,
     ) -> None:
@@ -264,6 +273,7 @@ class Store:
         self.default_timezone = default_timezone
         self.record_ttl_ms = record_retention_days * DAY_MS
         self.usage_retention_ms = usage_retention_days * DAY_MS
+        self.max_records_per_org = max_records_per_org
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
         self._tz_cache_size = tz_cache_size
         self.scripts: dict[str, AsyncScript] = {
@@ -341,6 +351,7 @@ class Store:
                     keys.lifetime,
                     keys.rate,
                     keys.record(request_id),
+                    keys.records_index,
                 ],
                 [
                     now_ms,
@@ -351,6 +362,8 @@ class Store:
                     request_fp,
                     self.record_ttl_ms,
                     request_id,
+                    now_ms - self.record_ttl_ms,
+                    self.max_records_per_org,
                     len(units),
                     *flat_units,
                 ],
@@ -405,7 +418,9 @@ class Store:
         flat_units = [item for pair in sorted(units.items()) for item in pair]
 
         async def call(tz: str) -> ScriptReply:
-            month = month_at(completed_ms, zone(tz))
+            tzinfo = zone(tz)
+            month = month_at(completed_ms, tzinfo)
+            day = local_date(completed_ms, tzinfo)
             return await self._run(
                 "record",
                 [
@@ -417,6 +432,8 @@ class Store:
                     keys.month(month.period_id),
                     keys.lifetime,
                     keys.record(request_id),
+                    keys.day(day),
+                    keys.records_index,
                 ],
                 [
                     now_ms,
@@ -431,6 +448,9 @@ class Store:
                     "" if requested_ms is None else requested_ms,
                     document_type,
                     request_id,
+                    day_end_ms(day, tzinfo) + self.usage_retention_ms,
+                    now_ms - self.record_ttl_ms,
+                    self.max_records_per_org,
                     len(units),
                     *flat_units,
                 ],
@@ -493,12 +513,13 @@ class Store:
                     keys.credits,
                     keys.month(month.period_id),
                     keys.lifetime,
+                    keys.month(month.previous(tzinfo).period_id),
                 ],
                 [now_ms, tz, self.default_timezone],
             )
 
         reply, tz = await self._run_with_timezone(org_id, call)
-        _, plan_json, version, month_flat, life_flat, held_flat, credit_flat = reply
+        _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat = reply
         plan = StoredPlan(json.loads(plan_json), int(version), 0) if plan_json else None
         return UsageSnapshot(
             plan=plan,
@@ -508,6 +529,7 @@ class Store:
             lifetime_fields=_pairs(life_flat),
             held_fields=_pairs(held_flat),
             credits=_pairs(credit_flat),
+            previous_month_fields=_pairs(prev_flat),
         )
 
     # -- plans and credits ------------------------------------------------------
@@ -515,7 +537,9 @@ class Store:
     async def set_plan(self, org_id: str, doc: Mapping[str, Any], *, now_ms: int) -> StoredPlan:
         keys = OrgKeys(org_id)
         version, _previous = await self._run(
-            "set_plan", [keys.plan], [json.dumps(doc, separators=(",", ":")), now_ms]
+            "set_plan",
+            [keys.plan, keys.planlog, keys.planver],
+            [json.dumps(doc, separators=(",", ":")), now_ms, now_ms - self.usage_retention_ms],
         )
         self._remember_timezone(org_id, str(doc["tz"]))
         return StoredPlan(dict(doc), int(version), now_ms)

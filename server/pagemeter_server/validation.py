@@ -107,15 +107,20 @@ class Violations:
 
 
 class InvalidArgument(Exception):
-    """The request is malformed; nothing was changed."""
+    """The request is malformed; nothing was changed.
 
-    def __init__(self, violations: list[Violation]) -> None:
+    `reason`, when set, is a machine-readable code sent as a google.rpc.ErrorInfo
+    (the statistics errors use the codes of the DocuRift page).
+    """
+
+    def __init__(self, violations: list[Violation], reason: str = "") -> None:
         super().__init__("; ".join(v.description for v in violations))
         self.violations = violations
+        self.reason = reason
 
 
-def invalid(field_path: str, description: str) -> InvalidArgument:
-    return InvalidArgument([Violation(field_path, description)])
+def invalid(field_path: str, description: str, reason: str = "") -> InvalidArgument:
+    return InvalidArgument([Violation(field_path, description)], reason)
 
 
 def _show(value: str) -> str:

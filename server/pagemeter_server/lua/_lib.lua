@@ -130,3 +130,17 @@ local function bucket_for(limits, month_key, life_key)
   end
   return month_key, 'M'
 end
+
+-- The records index: a sorted set request_id -> requested-at (ms), newest last.
+-- Entries requested before `cutoff` leave it, and it never holds more than
+-- `cap` entries (the oldest leave first), so one organization's index is bounded
+-- whatever its traffic. A record's own hash keeps its TTL: trimming the index
+-- never forgets a request_id's idempotency.
+local function index_record(index_key, request_id, requested_ms, cutoff, cap)
+  redis.call('ZADD', index_key, 'NX', requested_ms, request_id)
+  redis.call('ZREMRANGEBYSCORE', index_key, '-inf', '(' .. fmt(cutoff))
+  local size = redis.call('ZCARD', index_key)
+  if size > cap then
+    redis.call('ZREMRANGEBYRANK', index_key, 0, size - cap - 1)
+  end
+end

@@ -10,6 +10,7 @@
 -- KEYS[7] life      pm:{org}:u:lifetime  hash c:<metric> for PERIOD_NONE metrics
 -- KEYS[8] rate      pm:{org}:rate       GCRA theoretical arrival time (ms)
 -- KEYS[9] record    pm:{org}:r:<request_id> hash (the job's record; touched only with a hold)
+-- KEYS[10] index    pm:{org}:recs       zset request_id -> requested-at (ms), with a hold
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -19,7 +20,9 @@
 -- ARGV[6] request fingerprint (idempotency of holds)
 -- ARGV[7] record TTL after the hold's expiry (ms)
 -- ARGV[8] request_id ('' without a hold)
--- ARGV[9] metric count N, then ARGV[10..] N pairs: metric, units
+-- ARGV[9] records index cutoff (ms): entries requested earlier leave the index
+-- ARGV[10] records index cap (entries)
+-- ARGV[11] metric count N, then ARGV[12..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}         the server must recompute the month and retry
@@ -35,16 +38,18 @@
 --   5 hard limit exceeded, 8 unknown metric.
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local credits_key, month_key, life_key, rate_key, record_key =
-  KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local credits_key, month_key, life_key, rate_key, record_key, index_key =
+  KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local now = tonumber(ARGV[1])
 local want_hold = ARGV[4] == '1'
 local hold_expiry = tonumber(ARGV[5])
 local fingerprint = ARGV[6]
 local record_ttl = tonumber(ARGV[7])
 local request_id = ARGV[8]
-local count = tonumber(ARGV[9])
-assert(#KEYS == 9 and #ARGV == 9 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local index_cutoff = tonumber(ARGV[9])
+local index_cap = tonumber(ARGV[10])
+local count = tonumber(ARGV[11])
+assert(#KEYS == 10 and #ARGV == 11 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -95,7 +100,7 @@ purge_expired_holds(holds_key, holddata_key, held_key, now)
 
 local requests = {}
 for i = 1, count do
-  requests[i] = {ARGV[8 + 2 * i], tonumber(ARGV[9 + 2 * i])}
+  requests[i] = {ARGV[10 + 2 * i], tonumber(ARGV[11 + 2 * i])}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
 
@@ -185,4 +190,5 @@ redis.call('ZADD', holds_key, hold_expiry, request_id)
 redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded,
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
+index_record(index_key, request_id, now, index_cutoff, index_cap)
 return {'OK', '1', '1', fmt(hold_expiry), '0', encoded}

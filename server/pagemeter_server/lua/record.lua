@@ -9,6 +9,8 @@
 -- KEYS[6] month     pm:{org}:u:<YYYY-MM>   the month of completed_at in the plan's timezone
 -- KEYS[7] life      pm:{org}:u:lifetime
 -- KEYS[8] record    pm:{org}:r:<request_id>
+-- KEYS[9] day       pm:{org}:d:<YYYY-MM-DD>  the day of completed_at in the plan's timezone
+-- KEYS[10] index    pm:{org}:recs            zset request_id -> requested-at (ms)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -22,7 +24,10 @@
 -- ARGV[10] requested_ms, '' for "the hold's creation time, else completed_ms"
 -- ARGV[11] document type ('' for none)
 -- ARGV[12] request_id
--- ARGV[13] metric count N, then ARGV[14..] N pairs: metric, units
+-- ARGV[13] when the day's counters expire (ms on the now_ms clock)
+-- ARGV[14] records index cutoff (ms): entries requested earlier leave the index
+-- ARGV[15] records index cap (entries)
+-- ARGV[16] metric count N, then ARGV[17..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
@@ -35,9 +40,19 @@
 --   over_quota, over_hard_limit, overage_not_allowed, period ('M'/'N'), overage_price.
 -- A metric that is not in the plan (or an org without a plan) is still recorded,
 -- as a monthly metric with no limits: work that was done is never dropped.
+--
+-- Besides the month, a new record also adds to (all in this one atomic step):
+--   the day's hash: c:<m> units, ok / failed jobs, and per document type
+--     tc:<type>:<m>, tok:<type>, tfail:<type> (monthly metrics only: lifetime
+--     gauges are not usage); at most MAX_DAY_TYPES types a day, later ones
+--     count as '_other';
+--   the lifetime hash: a:<m>, all successful units ever, for monthly metrics;
+--   the records index, by requested-at.
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local credits_key, month_key, life_key, record_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local day_key, index_key = KEYS[9], KEYS[10]
+local MAX_DAY_TYPES = 100
 local now = tonumber(ARGV[1])
 local month_id = ARGV[4]
 local month_expire_at = tonumber(ARGV[5])
@@ -48,8 +63,11 @@ local completed_ms = ARGV[9]
 local requested_ms = ARGV[10]
 local document_type = ARGV[11]
 local request_id = ARGV[12]
-local count = tonumber(ARGV[13])
-assert(#KEYS == 8 and #ARGV == 13 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local day_expire_at = tonumber(ARGV[13])
+local index_cutoff = tonumber(ARGV[14])
+local index_cap = tonumber(ARGV[15])
+local count = tonumber(ARGV[16])
+assert(#KEYS == 10 and #ARGV == 16 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -71,7 +89,7 @@ end
 
 local requests = {}
 for i = 1, count do
-  local metric, n = ARGV[12 + 2 * i], tonumber(ARGV[13 + 2 * i])
+  local metric, n = ARGV[15 + 2 * i], tonumber(ARGV[16 + 2 * i])
   if n < 0 and not (metrics[metric] and metrics[metric].per == 'N') then
     return {'NEGATIVE', metric}
   end
@@ -143,13 +161,37 @@ for i, req in ipairs(requests) do
   }
 end
 
+-- The day's counters, for statistics by date and by document type.
+local day_type = document_type
+if redis.call('HEXISTS', day_key, 'tok:' .. day_type) == 0
+    and redis.call('HEXISTS', day_key, 'tfail:' .. day_type) == 0 then
+  if int(redis.call('HGET', day_key, 'ntypes')) >= MAX_DAY_TYPES then
+    day_type = '_other'
+  else
+    redis.call('HINCRBY', day_key, 'ntypes', 1)
+  end
+end
+for _, row in ipairs(rows) do
+  local metric, n = row[1], tonumber(row[2])
+  if row[12] == 'M' and n > 0 then
+    redis.call('HINCRBY', day_key, 'c:' .. metric, n)
+    redis.call('HINCRBY', day_key, 'tc:' .. day_type .. ':' .. metric, n)
+    redis.call('HINCRBY', life_key, 'a:' .. metric, n)
+  end
+end
+
 local final_status = 'failed'
 if success then
   final_status = 'completed'
   redis.call('HINCRBY', month_key, 'jobs_ok', 1)
+  redis.call('HINCRBY', day_key, 'ok', 1)
+  redis.call('HINCRBY', day_key, 'tok:' .. day_type, 1)
 else
   redis.call('HINCRBY', month_key, 'jobs_failed', 1)
+  redis.call('HINCRBY', day_key, 'failed', 1)
+  redis.call('HINCRBY', day_key, 'tfail:' .. day_type, 1)
 end
+redis.call('PEXPIRE', day_key, math.max(1, day_expire_at - now))
 -- Relative to the call's clock, not Redis's, so the expiry follows the same time
 -- as the rules (tests drive that clock).
 redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
@@ -159,5 +201,6 @@ redis.call('HSET', record_key, 'st', final_status, 'fp', fingerprint, 'res', enc
   'hr', bool01(hold_released), 'he', bool01(hold_expired), 'ol', bool01(over_limit),
   'mid', month_id, 'cms', completed_ms, 'rms', requested_ms, 'dt', document_type)
 redis.call('PEXPIRE', record_key, record_ttl)
+index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_cap)
 return {'OK', '0', final_status, bool01(hold_released), bool01(hold_expired),
   bool01(over_limit), month_id, completed_ms, encoded}

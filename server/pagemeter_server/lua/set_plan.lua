@@ -1,14 +1,30 @@
--- set_plan.lua: SetPlan. Stores an organization's plan and bumps its version.
+-- set_plan.lua: SetPlan. Stores an organization's plan, bumps its version and
+-- keeps the version in the plan log, so that the usage history can show each
+-- month's terms as they were (changing a plan never rewrites history).
 --
--- KEYS[1] plan   pm:{org}:plan   hash {json, version, updated_ms}
+-- KEYS[1] plan      pm:{org}:plan      hash {json, version, updated_ms}
+-- KEYS[2] planlog   pm:{org}:planlog   zset version -> updated_ms
+-- KEYS[3] planver   pm:{org}:planver   hash version -> plan JSON
 --
 -- ARGV[1] plan JSON as built by the server (never re-encoded here)
 -- ARGV[2] now_ms
+-- ARGV[3] log cutoff (ms): versions replaced before this are no one's terms any
+--         more (their months have left the usage retention) and are dropped
 --
 -- Returns {version, previous_json|''}.
 
-assert(#KEYS == 1 and #ARGV == 2, 'set_plan.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 3 and #ARGV == 3, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'updated_ms', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[2], version)
+redis.call('HSET', KEYS[3], version, ARGV[1])
+
+-- Of the versions set before the cutoff, all but the newest were replaced
+-- before it; the newest may still be the terms of a month inside retention.
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
+for i = 1, #old - 1 do
+  redis.call('ZREM', KEYS[2], old[i])
+  redis.call('HDEL', KEYS[3], old[i])
+end
 return {version, previous}

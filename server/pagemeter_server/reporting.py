@@ -1,0 +1,315 @@
+"""gRPC handlers of ReportingService: usage history, statistics and records.
+
+Reads only: nothing here is quota-limited or counted as usage, and nothing here
+changes a counter.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import grpc
+
+from pagemeter.v1 import reporting_pb2, reporting_pb2_grpc
+from pagemeter_server import history, statistics
+from pagemeter_server.clock import Clock
+from pagemeter_server.errors import grpc_errors
+from pagemeter_server.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
+from pagemeter_server.report_store import BadPageToken, PlanVersion, RecordEntry, ReportStore
+from pagemeter_server.service import job_counts
+from pagemeter_server.store import Store
+from pagemeter_server.validation import Violations, invalid
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN = 512
+
+_POOLS = (
+    (reporting_pb2.PAYMENT_POOL_CONTRACT, "included_units"),
+    (reporting_pb2.PAYMENT_POOL_PREPAID, "prepaid_units"),
+    (reporting_pb2.PAYMENT_POOL_OVERAGE, "overage_units"),
+)
+
+
+class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
+    def __init__(self, store: Store, reports: ReportStore, clock: Clock) -> None:
+        self.store = store
+        self.reports = reports
+        self.clock = clock
+
+    async def _timezone_and_plans(self, org_id: str) -> tuple[ZoneInfo, list[PlanVersion]]:
+        """The plan's timezone (or the service default) and the plan log."""
+        plan = await self.store.get_plan(org_id)
+        tz_name = (plan.doc.get("tz") if plan else "") or self.store.default_timezone
+        versions = await self.reports.plan_versions(org_id) if plan else []
+        if plan and not versions:
+            # A plan stored before the plan log existed: its terms are all we know.
+            versions = [PlanVersion(plan.version, 0, plan.doc)]
+        return zone(tz_name), versions
+
+    # -- history ----------------------------------------------------------------
+
+    @grpc_errors
+    async def GetUsageHistory(
+        self, request: reporting_pb2.GetUsageHistoryRequest, context: Context
+    ) -> reporting_pb2.GetUsageHistoryResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        if not 0 <= request.months <= history.MAX_MONTHS:
+            problems.add("months", f"months must be between 1 and {history.MAX_MONTHS}")
+        problems.raise_if_any()
+        now_ms = self.clock.now_ms()
+        tz, versions = await self._timezone_and_plans(request.org_id)
+        months = history.last_months(now_ms, tz, request.months or history.DEFAULT_MONTHS)
+        fields = await self.reports.months(request.org_id, [m.period_id for m in months])
+        response = reporting_pb2.GetUsageHistoryResponse(org_id=request.org_id, timezone=tz.key)
+        for month, month_fields in zip(months, fields, strict=True):
+            plan = history.plan_in_effect(versions, min(month.end_ms, now_ms + 1))
+            figures = history.month_figures(month, month_fields, plan)
+            response.months.append(_history_month(figures, month_fields))
+        return response
+
+    # -- statistics -------------------------------------------------------------
+
+    @grpc_errors
+    async def GetUsageStatistics(
+        self, request: reporting_pb2.GetUsageStatisticsRequest, context: Context
+    ) -> reporting_pb2.GetUsageStatisticsResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.raise_if_any()
+        now_ms = self.clock.now_ms()
+        tz, _ = await self._timezone_and_plans(request.org_id)
+        query = statistics.parse_query(
+            period=request.period,
+            group_by=request.group_by,
+            start_date=request.start_date,
+            end_date=request.end_date,
+            today=local_date(now_ms, tz),
+            tz=tz,
+        )
+        days = query.days()
+        parsed = [statistics.parse_day(f) for f in await self.reports.days(request.org_id, days)]
+        return _statistics_response(request.org_id, tz, query, list(zip(days, parsed, strict=True)))
+
+    # -- records ----------------------------------------------------------------
+
+    @grpc_errors
+    async def ListUsageRecords(
+        self, request: reporting_pb2.ListUsageRecordsRequest, context: Context
+    ) -> reporting_pb2.ListUsageRecordsResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        if len(request.page_token) > MAX_PAGE_TOKEN:
+            problems.add("page_token", "page_token is not one this service issued")
+        problems.raise_if_any()
+        try:
+            page = await self.reports.records_page(
+                request.org_id, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
+            )
+        except BadPageToken:
+            raise invalid(
+                "page_token",
+                "page_token is not one this service issued; pass next_page_token unchanged",
+            ) from None
+        now_ms = self.clock.now_ms()
+        return reporting_pb2.ListUsageRecordsResponse(
+            records=[usage_record(entry, now_ms) for entry in page.records],
+            next_page_token=page.next_page_token,
+        )
+
+
+def _history_month(
+    figures: history.MonthFigures, month_fields: dict[str, int]
+) -> reporting_pb2.HistoryMonth:
+    month = figures.month
+    row = reporting_pb2.HistoryMonth(
+        period_id=month.period_id,
+        year=month.year,
+        month=month.month,
+        period_start=timestamp(month.start_ms),
+        period_end=timestamp(month.end_ms),
+        jobs=job_counts(month_fields),
+        plan_name=figures.plan.doc.get("name", "") if figures.plan else "",
+        plan_version=figures.plan.version if figures.plan else 0,
+    )
+    for m in figures.metrics:
+        metric = reporting_pb2.MetricMonth(
+            metric=m.metric,
+            committed=m.committed,
+            prepaid_used=m.prepaid_used,
+            overage_units=m.overage_units,
+            overage_cost=m.overage_cost,
+        )
+        if m.terms is not None:
+            metric.terms.CopyFrom(_terms(m.terms))
+        row.metrics.append(metric)
+    return row
+
+
+def _terms(doc: dict[str, Any]) -> reporting_pb2.MonthTerms:
+    terms = reporting_pb2.MonthTerms(
+        overage_allowed=bool(doc.get("o", False)),
+        price_per_unit=doc.get("p", "0"),
+        overage_price_per_unit=doc.get("op", "0"),
+    )
+    if doc.get("q") is not None:
+        terms.contract_quota = doc["q"]
+    if doc.get("h") is not None:
+        terms.hard_limit = doc["h"]
+    return terms
+
+
+def _totals(totals: statistics.Totals) -> reporting_pb2.UsageTotals:
+    return reporting_pb2.UsageTotals(
+        credits=totals.units.get("credits", 0),
+        pages=totals.units.get("pages", 0),
+        documents=totals.documents,
+        failed_documents=totals.failed_documents,
+        units={metric: units for metric, units in totals.units.items() if units},
+    )
+
+
+def _type_rows(
+    by_type: dict[str, statistics.Totals], whole: statistics.Totals, basis: str
+) -> list[reporting_pb2.DocumentTypeUsage]:
+    ordered = sorted(by_type.items(), key=lambda item: (-item[1].measure(basis), item[0]))
+    return [
+        reporting_pb2.DocumentTypeUsage(
+            document_type=document_type,
+            totals=_totals(totals),
+            percentage=statistics.share(totals, whole, basis),
+        )
+        for document_type, totals in ordered
+    ]
+
+
+def _statistics_response(
+    org_id: str,
+    tz: ZoneInfo,
+    query: statistics.StatisticsQuery,
+    days: list[tuple[date, statistics.DayUsage]],
+) -> reporting_pb2.GetUsageStatisticsResponse:
+    total = statistics.Totals()
+    by_type: dict[str, statistics.Totals] = {}
+    for _, usage in days:
+        total.add(usage.total)
+        for document_type, totals in usage.by_type.items():
+            by_type.setdefault(document_type, statistics.Totals()).add(totals)
+    basis = statistics.percentage_basis(total)
+    response = reporting_pb2.GetUsageStatisticsResponse(
+        org_id=org_id,
+        timezone=tz.key,
+        period=query.period,  # type: ignore[arg-type]
+        group_by=query.group_by,  # type: ignore[arg-type]
+        percentage_basis=basis,
+        summary=reporting_pb2.StatisticsSummary(
+            totals=_totals(total),
+            average_pages_per_document=statistics.average_pages_per_document(total),
+            period_start=timestamp(day_start_ms(query.start, tz)),
+            period_end=timestamp(day_end_ms(query.end, tz) - 1000),
+            start_date=query.start.isoformat(),
+            end_date=query.end.isoformat(),
+        ),
+    )
+    if query.group_by in (statistics.BY_DATE, statistics.BY_BOTH):
+        for row in statistics.period_rows(query, days):
+            period_row = reporting_pb2.PeriodUsage(
+                date=row.label,
+                start=timestamp(day_start_ms(row.first_day, tz)),
+                end=timestamp(day_end_ms(row.last_day, tz)),
+                totals=_totals(row.total),
+            )
+            if query.group_by == statistics.BY_BOTH:
+                period_row.by_document_type.extend(_type_rows(row.by_type, row.total, basis))
+            response.by_period.append(period_row)
+    if query.group_by in (statistics.BY_DOCUMENT_TYPE, statistics.BY_BOTH):
+        response.by_document_type.extend(_type_rows(by_type, total, basis))
+    return response
+
+
+# -- usage records ------------------------------------------------------------------
+
+_FINAL_STATUS = {
+    "completed": reporting_pb2.USAGE_RECORD_STATUS_COMPLETED,
+    "failed": reporting_pb2.USAGE_RECORD_STATUS_FAILED,
+    "released": reporting_pb2.USAGE_RECORD_STATUS_RELEASED,
+}
+
+
+def _record_status(
+    fields: dict[str, str], now_ms: int
+) -> reporting_pb2.UsageRecordStatus.ValueType:
+    status = fields.get("st", "")
+    if status == "held":
+        live = int(fields.get("exp", "0")) > now_ms
+        return (
+            reporting_pb2.USAGE_RECORD_STATUS_PENDING
+            if live
+            else reporting_pb2.USAGE_RECORD_STATUS_EXPIRED
+        )
+    return _FINAL_STATUS.get(status, reporting_pb2.USAGE_RECORD_STATUS_UNSPECIFIED)
+
+
+def _record_metrics(fields: dict[str, str]) -> list[reporting_pb2.RecordMetricUsage]:
+    """Units per metric: the recorded rows, or the hold's split while not recorded.
+
+    record.lua rows: metric, units, included, prepaid, overage, ...
+    check.lua rows: metric, allowed, reason, requested, ..., included (11),
+    prepaid (12), overage (13), ...
+    """
+    if fields.get("res") is not None and fields.get("st") in ("completed", "failed"):
+        return [
+            reporting_pb2.RecordMetricUsage(
+                metric=row[0],
+                units=int(row[1]),
+                included_units=int(row[2]),
+                prepaid_units=int(row[3]),
+                overage_units=int(row[4]),
+            )
+            for row in _rows(fields["res"])
+        ]
+    return [
+        reporting_pb2.RecordMetricUsage(
+            metric=row[0],
+            units=int(row[3]),
+            included_units=int(row[11]),
+            prepaid_units=int(row[12]),
+            overage_units=int(row[13]),
+        )
+        for row in _rows(fields.get("cres", ""))
+    ]
+
+
+def _rows(encoded: str) -> list[list[str]]:
+    return [row.split(",") for row in encoded.split(";")] if encoded else []
+
+
+def usage_record(entry: RecordEntry, now_ms: int) -> reporting_pb2.UsageRecord:
+    fields = entry.fields
+    status = _record_status(fields, now_ms)
+    metrics = _record_metrics(fields)
+    record = reporting_pb2.UsageRecord(
+        request_id=entry.request_id,
+        status=status,
+        success=status == reporting_pb2.USAGE_RECORD_STATUS_COMPLETED,
+        document_type=fields.get("dt", ""),
+        metrics=metrics,
+        paid_from=[pool for pool, name in _POOLS if any(getattr(m, name) > 0 for m in metrics)],
+        period_id=fields.get("mid", ""),
+    )
+    requested_ms = int(fields.get("rms") or entry.requested_ms)
+    record.requested_at.CopyFrom(timestamp(requested_ms))
+    if fields.get("cms"):
+        completed_ms = int(fields["cms"])
+        record.completed_at.CopyFrom(timestamp(completed_ms))
+        record.processing_time_ms = max(0, completed_ms - requested_ms)
+    if status == reporting_pb2.USAGE_RECORD_STATUS_PENDING:
+        record.hold_expires_at.CopyFrom(timestamp(int(fields["exp"])))
+    return record
