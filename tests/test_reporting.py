@@ -16,7 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from pagemeter.v1 import admin_pb2, quota_pb2, reporting_pb2
+from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
+from tests.conftest import START_MS as START
 from tests.conftest import RunningServer, eagle_plan, metric_limits, ms
 
 _ids = itertools.count(1)
@@ -509,3 +510,50 @@ async def test_bad_page_token_and_size(pagemeter_server: RunningServer) -> None:
             await pagemeter_server.reporting.ListUsageRecords(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in (caught.value.details() or "")
+
+
+# -- GetUsage's reporting fields ----------------------------------------------------------
+
+
+async def test_get_usage_previous_month_lifetime_totals_and_averages(
+    pagemeter_server: RunningServer,
+) -> None:
+    """GetUsage gives the previous month's jobs and units, all-time totals across months, and units per successful job."""
+    clock = pagemeter_server.clock
+    clock.set(ms("2026-02-20T12:00:00+00:00"))
+    await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=docurift_plan()))
+    await record(pagemeter_server, "2026-02-10T12:00:00+00:00", credits=10)
+    await record(pagemeter_server, "2026-02-11T12:00:00+00:00", credits=20)
+    await record(pagemeter_server, "2026-02-12T12:00:00+00:00", credits=5, success=False)
+    clock.set(START)
+    await record(pagemeter_server, "2026-03-02T12:00:00+00:00", credits=4)
+    reply = await pagemeter_server.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"))
+    credits = {m.metric: m for m in reply.metrics}["credits"]
+    assert (credits.committed, credits.lifetime_committed, credits.average_per_job) == (4, 34, 4.0)
+    previous = reply.previous_month
+    assert previous.period_id == "2026-02"
+    assert (previous.jobs.succeeded, previous.jobs.failed, previous.jobs.total) == (2, 1, 3)
+    (prev_credits,) = previous.metrics
+    assert (prev_credits.metric, prev_credits.committed, prev_credits.average_per_job) == (
+        "credits",
+        30,
+        15.0,
+    )
+
+
+async def test_lifetime_gauge_usage_percent_uses_its_cap(pagemeter_server: RunningServer) -> None:
+    """A lifetime gauge with only a hard limit (Docstron's templates: 2 of 2) reports 100 % and goes down when lowered."""
+    await pagemeter_server.admin.SetPlan(
+        admin_pb2.SetPlanRequest(
+            plan=eagle_plan(
+                metrics=[metric_limits("templates", hard_limit=2, period=plan_pb2.PERIOD_NONE)]
+            )
+        )
+    )
+    await record(pagemeter_server, "2026-03-15T10:00:00+00:00", templates=2)
+    reply = await pagemeter_server.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"))
+    (templates,) = reply.metrics
+    assert (templates.committed, templates.usage_percent) == (2, 100.0)
+    await record(pagemeter_server, "2026-03-15T11:00:00+00:00", templates=-1)
+    reply = await pagemeter_server.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"))
+    assert (reply.metrics[0].committed, reply.metrics[0].usage_percent) == (1, 50.0)
