@@ -557,3 +557,28 @@ async def test_lifetime_gauge_usage_percent_uses_its_cap(pagemeter_server: Runni
     await record(pagemeter_server, "2026-03-15T11:00:00+00:00", templates=-1)
     reply = await pagemeter_server.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"))
     assert (reply.metrics[0].committed, reply.metrics[0].usage_percent) == (1, 50.0)
+
+
+async def test_reports_are_never_limited_and_change_nothing(
+    pagemeter_server: RunningServer, redis_sync: redis.Redis
+) -> None:
+    """With a rate limit of 1 call/s, twenty rounds of every report all answer and leave every key byte for byte as it was."""
+    await pagemeter_server.admin.SetPlan(
+        admin_pb2.SetPlanRequest(plan=eagle_plan(api_rate_limit=1))
+    )
+    await record(pagemeter_server, "2026-03-15T10:00:00+00:00", pages=3, document_type="invoice")
+    before = {key: redis_sync.dump(key) for key in redis_sync.keys("*")}
+    reporting = pagemeter_server.reporting
+    for _ in range(20):
+        await reporting.GetUsageHistory(reporting_pb2.GetUsageHistoryRequest(org_id="acme"))
+        stats = await reporting.GetUsageStatistics(
+            reporting_pb2.GetUsageStatisticsRequest(
+                org_id="acme", group_by=reporting_pb2.STATISTICS_GROUPING_BOTH
+            )
+        )
+        assert stats.summary.totals.pages == 3
+        records = await reporting.ListUsageRecords(
+            reporting_pb2.ListUsageRecordsRequest(org_id="acme")
+        )
+        assert len(records.records) == 1
+    assert {key: redis_sync.dump(key) for key in redis_sync.keys("*")} == before
