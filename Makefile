@@ -29,7 +29,7 @@ proto: $(STAMP)
 
 ## run: serve on 127.0.0.1:50051 (metrics on 127.0.0.1:9464) with the embedded store
 run: $(STAMP)
-	$(BIN)/pagemeter-server
+	$(BIN)/pagemeter-server --dev-open-access
 
 ## lint: buf lint on the contract, ruff and mypy --strict on the code
 lint: $(STAMP)

@@ -55,7 +55,13 @@ def redis_sync(redis_server: RedisProcess) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(redis_server: RedisProcess) -> Settings:
-    return Settings(redis_url=redis_server.url, listen="127.0.0.1:0", metrics_listen="")
+    """Open access on loopback: the rule tests call as an admin without credentials.
+
+    Access control has its own tests (tests/test_access.py) with real credentials.
+    """
+    return Settings(
+        redis_url=redis_server.url, listen="127.0.0.1:0", metrics_listen="", dev_open_access=True
+    )
 
 
 @pytest.fixture

@@ -45,6 +45,8 @@ def snapshot(client: redis.Redis) -> dict[str, object]:
             dump[key] = client.hgetall(key)
         elif kind == "zset":
             dump[key] = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            dump[key] = client.xrange(key)
         else:
             dump[key] = client.get(key)
     return dump
@@ -391,7 +393,11 @@ async def test_reused_request_id_is_already_exists(pagemeter_server: RunningServ
 
 async def test_unreachable_store_is_unavailable_not_unknown(settings: Settings) -> None:
     """When Redis cannot be reached every RPC answers UNAVAILABLE, never UNKNOWN."""
-    dead = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_seconds=0.5)
+    dead = Settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        redis_timeout_seconds=0.5,
+        dev_open_access=True,
+    )
     client = connect_redis(dead.redis_url, dead)
     server, port, _ = await create_server(
         dead, client, registry=CollectorRegistry(), listen="127.0.0.1:0"

@@ -13,7 +13,7 @@ import redis
 
 from pagemeter.v1 import plan_pb2
 from pagemeter_server.plans import plan_to_doc
-from pagemeter_server.store import NegativeUnits, RequestIdReused, Store
+from pagemeter_server.store import SCRIPTS, NegativeUnits, RequestIdReused, Store
 from tests.conftest import START_MS, metric_limits
 
 NOW = START_MS
@@ -534,7 +534,7 @@ async def test_month_keys_expire_after_the_retention(store: Store, redis_sync: r
 def test_every_script_states_keys_argv_and_return() -> None:
     """Each .lua script opens with a comment naming its KEYS, ARGV and return value."""
     scripts = sorted(p for p in LUA_DIR.glob("*.lua") if not p.name.startswith("_"))
-    assert {p.stem for p in scripts} == {"check", "record", "release", "usage", "set_plan", "grant"}
+    assert {p.stem for p in scripts} == set(SCRIPTS)
     for path in scripts:
         lines = path.read_text().splitlines()
         header = []

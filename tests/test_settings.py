@@ -118,6 +118,47 @@ OPTIONS = [
     ),
 ]
 
+OPTIONS += [
+    Option(
+        "--admin-tokens-file",
+        "PAGEMETER_ADMIN_TOKENS_FILE",
+        "admin_tokens_file",
+        "/etc/pm/admin",
+        "/etc/pm/admin",
+        "a2",
+        "a2",
+    ),
+    Option(
+        "--service-tokens-file",
+        "PAGEMETER_SERVICE_TOKENS_FILE",
+        "service_tokens_file",
+        "/etc/pm/service",
+        "/etc/pm/service",
+        "s2",
+        "s2",
+    ),
+    Option("--read-rate-limit", "PAGEMETER_READ_RATE_LIMIT", "read_rate_limit", "5", 5.0, "0", 0.0),
+    Option("--read-burst", "PAGEMETER_READ_BURST", "read_burst", "3", 3, "0", 0),
+    Option(
+        "--audit-max-events",
+        "PAGEMETER_AUDIT_MAX_EVENTS",
+        "audit_max_events",
+        "500",
+        500,
+        "100",
+        100,
+    ),
+]
+
+# Options that cannot stand alone in the generic tests: a switch without a value,
+# and the TLS files, which only make sense together (tested below).
+SPECIAL = {
+    "--dev-open-access": ("dev_open_access", "PAGEMETER_DEV_OPEN_ACCESS"),
+    "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT"),
+    "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY"),
+    "--tls-client-ca": ("tls_client_ca_file", "PAGEMETER_TLS_CLIENT_CA"),
+}
+
 BY_FLAG = pytest.mark.parametrize("option", OPTIONS, ids=[o.flag for o in OPTIONS])
 
 
@@ -167,8 +208,59 @@ def test_process_environment_is_read_when_none_is_given(monkeypatch: pytest.Monk
 def test_table_covers_every_option_and_setting() -> None:
     """The table of this module names every flag of settings.py, its variable, and every Settings field."""
     declared = {flag: (field, var) for flag, (field, var, _) in settings_module._OPTIONS.items()}
-    assert declared == {o.flag: (o.field, o.env) for o in OPTIONS}
-    assert {o.field for o in OPTIONS} == {f.name for f in dataclasses.fields(Settings)}
+    assert declared == {o.flag: (o.field, o.env) for o in OPTIONS} | SPECIAL
+    assert {o.field for o in OPTIONS} | {field for field, _ in SPECIAL.values()} == {
+        f.name for f in dataclasses.fields(Settings)
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        ([], {}, False),
+        (["--dev-open-access"], {}, True),
+        ([], {"PAGEMETER_DEV_OPEN_ACCESS": "1"}, True),
+        ([], {"PAGEMETER_DEV_OPEN_ACCESS": "yes"}, True),
+        ([], {"PAGEMETER_DEV_OPEN_ACCESS": "false"}, False),
+        ([], {"PAGEMETER_DEV_OPEN_ACCESS": "0"}, False),
+    ],
+)
+def test_dev_open_access_switch(argv: list[str], environ: dict[str, str], expected: bool) -> None:
+    """--dev-open-access is a switch; its variable reads 1/true/yes as on and 0/false/no as off."""
+    assert parse_settings(argv, environ).dev_open_access is expected
+
+
+def test_dev_open_access_variable_must_be_a_boolean(capsys: pytest.CaptureFixture[str]) -> None:
+    """PAGEMETER_DEV_OPEN_ACCESS=maybe is refused, not read as on."""
+    err = parse_error(capsys, [], {"PAGEMETER_DEV_OPEN_ACCESS": "maybe"})
+    assert "PAGEMETER_DEV_OPEN_ACCESS='maybe'" in err
+
+
+def test_tls_files_by_flag_and_environment() -> None:
+    """--tls-cert, --tls-key and --tls-client-ca (and their variables) set the TLS files."""
+    parsed = parse_settings(
+        ["--tls-cert", "c.pem", "--tls-key", "k.pem"], {"PAGEMETER_TLS_CLIENT_CA": "ca.pem"}
+    )
+    assert (parsed.tls_cert_file, parsed.tls_key_file, parsed.tls_client_ca_file) == (
+        "c.pem",
+        "k.pem",
+        "ca.pem",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-key", "k.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert"),
+    ],
+)
+def test_incomplete_tls_settings_are_refused(
+    capsys: pytest.CaptureFixture[str], argv: list[str], mentions: str
+) -> None:
+    """A certificate without its key (or the reverse), or a client CA without a server certificate, is refused at start-up."""
+    assert mentions in parse_error(capsys, argv, {})
 
 
 @BY_FLAG

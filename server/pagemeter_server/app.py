@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,12 +34,21 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
+from pagemeter_server.admin import AdminService
+from pagemeter_server.admin_store import AdminStore
+from pagemeter_server.auth import (
+    Authenticator,
+    ConfigurationError,
+    Credentials,
+    check_open_access,
+    load_credentials,
+)
 from pagemeter_server.clock import Clock, SystemClock
 from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
-from pagemeter_server.service import AdminService, QuotaService
+from pagemeter_server.service import QuotaService
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store import Store
 
@@ -89,14 +100,28 @@ async def create_server(
     clock: Clock | None = None,
     registry: CollectorRegistry | None = None,
     listen: str | None = None,
+    credentials: Credentials | None = None,
 ) -> tuple[grpc.aio.Server, int, ServerParts]:
     """Build (not start) a gRPC server on `client`; bind `listen` (port 0 allowed).
 
     Returns the server, the bound port, and its health servicer and metrics.
+    Raises ConfigurationError when there are no credentials and open access is
+    not allowed (see auth.check_open_access).
     """
+    address = listen or settings.listen
+    credentials = credentials if credentials is not None else Credentials()
+    check_open_access(settings, credentials, address)
     metrics = ServiceMetrics(registry if registry is not None else CollectorRegistry())
     store = build_store(client, settings, metrics)
     clock = clock or SystemClock()
+    auth = Authenticator(
+        credentials,
+        AdminStore(store),
+        clock,
+        open_access=settings.dev_open_access,
+        read_rate=settings.read_rate_limit,
+        read_burst=settings.read_burst,
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -105,25 +130,47 @@ async def create_server(
         ]
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
-        QuotaService(store, settings, clock, metrics), server
+        QuotaService(store, settings, clock, metrics, auth), server
     )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, settings, clock), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminService(store, AdminStore(store), settings, clock, auth), server
+    )
     reporting_pb2_grpc.add_ReportingServiceServicer_to_server(
-        ReportingService(store, ReportStore(client), clock), server
+        ReportingService(store, ReportStore(client), clock, auth), server
     )
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = listen or settings.listen
     try:
-        port = server.add_insecure_port(address)
+        server_credentials = tls_server_credentials(settings)
+        if server_credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials)
     except RuntimeError as exc:  # grpcio reports a port in use this way
         raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     return server, port, ServerParts(health=health_servicer, metrics=metrics)
+
+
+def tls_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when a certificate is configured; mutual with a client CA."""
+    if not settings.tls_cert_file:
+        return None
+    try:
+        chain = Path(settings.tls_cert_file).read_bytes()
+        key = Path(settings.tls_key_file).read_bytes()
+        client_ca = (
+            Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+        )
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 async def set_serving(parts: ServerParts, serving: bool) -> None:
@@ -163,8 +210,20 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     registry = CollectorRegistry()
+    # Credentials are checked before anything starts: a server that would refuse
+    # to run must not leave an embedded Redis behind.
+    credentials = load_credentials(settings, os.environ)
+    check_open_access(settings, credentials, settings.listen)
+    if settings.dev_open_access:
+        log.warning(
+            "OPEN ACCESS: --dev-open-access is on, every caller without credentials is "
+            "served as an admin. For development on %s only; never in production.",
+            settings.listen,
+        )
     async with redis_for(settings) as client:
-        server, port, parts = await create_server(settings, client, registry=registry)
+        server, port, parts = await create_server(
+            settings, client, registry=registry, credentials=credentials
+        )
         http = None
         if settings.metrics_listen:
             host, metrics_port = split_host_port(settings.metrics_listen)
@@ -177,9 +236,10 @@ async def serve(settings: Settings) -> None:
         await server.start()
         await set_serving(parts, True)
         log.info(
-            "pagemeter serving gRPC on %s (port %d), metrics on %s",
+            "pagemeter serving gRPC on %s (port %d, %s), metrics on %s",
             settings.listen,
             port,
+            _transport(settings),
             f"http://{settings.metrics_listen}/metrics" if settings.metrics_listen else "off",
         )
         await stop.wait()
@@ -191,6 +251,12 @@ async def serve(settings: Settings) -> None:
     log.info("pagemeter stopped")
 
 
+def _transport(settings: Settings) -> str:
+    if not settings.tls_cert_file:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca_file else "TLS"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(
@@ -200,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         _run(serve(settings))
-    except (OSError, EmbeddedRedisError) as exc:
+    except (OSError, EmbeddedRedisError, ConfigurationError) as exc:
         # A start-up problem the operator can fix: one clear line, no traceback.
         log.error("pagemeter could not start: %s", exc)
         sys.exit(1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 import redis.exceptions
@@ -26,14 +26,46 @@ from pagemeter_server.validation import InvalidArgument
 DOMAIN = "pagemeter"
 log = logging.getLogger("pagemeter.errors")
 
+
+class AuthError(Exception):
+    """A refused caller; `reason` goes into a google.rpc.ErrorInfo."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Unauthenticated(AuthError):
+    """No credential, or one that is not valid."""
+
+
+class PermissionDenied(AuthError):
+    """A valid credential whose role may not make this call."""
+
+
+class NotFound(AuthError):
+    """The thing named by the request does not exist."""
+
+
+class ReadRateLimited(Exception):
+    """A tenant key over its read flood limit."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(retry_after_ms)
+        self.retry_after_ms = retry_after_ms
+
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
 
 
-def _status(
-    code: int, message: str, *details: error_details_pb2.BadRequest | error_details_pb2.ErrorInfo
-) -> grpc.Status:
+Detail: TypeAlias = (
+    error_details_pb2.BadRequest | error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo
+)
+
+
+def _status(code: int, message: str, *details: Detail) -> grpc.Status:
     packed = []
     for detail in details:
         holder = any_pb2.Any()
@@ -61,6 +93,21 @@ def status_for(exc: BaseException) -> grpc.Status:
             info = _error_info(exc.reason, field=exc.violations[0].field)
             return _status(code_pb2.INVALID_ARGUMENT, str(exc), bad_request, info)
         return _status(code_pb2.INVALID_ARGUMENT, str(exc), bad_request)
+    if isinstance(exc, Unauthenticated):
+        return _status(code_pb2.UNAUTHENTICATED, str(exc), _error_info(exc.reason))
+    if isinstance(exc, NotFound):
+        return _status(code_pb2.NOT_FOUND, str(exc), _error_info(exc.reason))
+    if isinstance(exc, PermissionDenied):
+        return _status(code_pb2.PERMISSION_DENIED, str(exc), _error_info(exc.reason))
+    if isinstance(exc, ReadRateLimited):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(exc.retry_after_ms)
+        return _status(
+            code_pb2.RESOURCE_EXHAUSTED,
+            f"too many reads with this API key; retry in {exc.retry_after_ms} ms",
+            _error_info("RATE_LIMIT_EXCEEDED"),
+            retry,
+        )
     if isinstance(exc, NegativeUnits):
         return _status(
             code_pb2.INVALID_ARGUMENT,

@@ -14,8 +14,8 @@ import grpc
 
 from pagemeter.v1 import reporting_pb2, reporting_pb2_grpc
 from pagemeter_server import history, statistics
+from pagemeter_server.auth import Access, Authenticator, authorized
 from pagemeter_server.clock import Clock
-from pagemeter_server.errors import grpc_errors
 from pagemeter_server.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
 from pagemeter_server.report_store import BadPageToken, PlanVersion, RecordEntry, ReportStore
 from pagemeter_server.service import job_counts
@@ -36,8 +36,11 @@ _POOLS = (
 
 
 class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
-    def __init__(self, store: Store, reports: ReportStore, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, reports: ReportStore, clock: Clock, auth: Authenticator
+    ) -> None:
         self.store = store
+        self.auth = auth
         self.reports = reports
         self.clock = clock
 
@@ -53,7 +56,7 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
 
     # -- history ----------------------------------------------------------------
 
-    @grpc_errors
+    @authorized(Access.READ)
     async def GetUsageHistory(
         self, request: reporting_pb2.GetUsageHistoryRequest, context: Context
     ) -> reporting_pb2.GetUsageHistoryResponse:
@@ -75,7 +78,7 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
 
     # -- statistics -------------------------------------------------------------
 
-    @grpc_errors
+    @authorized(Access.READ)
     async def GetUsageStatistics(
         self, request: reporting_pb2.GetUsageStatisticsRequest, context: Context
     ) -> reporting_pb2.GetUsageStatisticsResponse:
@@ -98,7 +101,7 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
 
     # -- records ----------------------------------------------------------------
 
-    @grpc_errors
+    @authorized(Access.READ)
     async def ListUsageRecords(
         self, request: reporting_pb2.ListUsageRecordsRequest, context: Context
     ) -> reporting_pb2.ListUsageRecordsResponse:

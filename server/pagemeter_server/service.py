@@ -10,23 +10,19 @@ from typing import Any
 
 import grpc
 
-from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server import rules
+from pagemeter_server.auth import Access, Authenticator, authorized
 from pagemeter_server.clock import Clock
-from pagemeter_server.errors import grpc_errors
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms, zone
-from pagemeter_server.plans import doc_to_plan, plan_to_doc
 from pagemeter_server.settings import Settings
-from pagemeter_server.store import MetricCheck, MetricRecord, PlanNotFound, Store
+from pagemeter_server.store import MetricCheck, MetricRecord, Store
 from pagemeter_server.validation import (
     DOCUMENT_TYPE,
     MAX_LABEL,
-    MAX_REASON,
-    MAX_UNITS,
     Violations,
     check_year_month,
-    invalid,
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -64,16 +60,22 @@ def _period_fields(lifetime: bool, month: Month) -> dict[str, Any]:
 
 class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     def __init__(
-        self, store: Store, settings: Settings, clock: Clock, metrics: ServiceMetrics
+        self,
+        store: Store,
+        settings: Settings,
+        clock: Clock,
+        metrics: ServiceMetrics,
+        auth: Authenticator,
     ) -> None:
         self.store = store
+        self.auth = auth
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
 
     # -- CheckQuota -------------------------------------------------------------
 
-    @grpc_errors
+    @authorized(Access.WRITE)
     async def CheckQuota(
         self, request: quota_pb2.CheckQuotaRequest, context: Context
     ) -> quota_pb2.CheckQuotaResponse:
@@ -162,7 +164,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
 
     # -- RecordUsage ------------------------------------------------------------
 
-    @grpc_errors
+    @authorized(Access.WRITE)
     async def RecordUsage(
         self, request: quota_pb2.RecordUsageRequest, context: Context
     ) -> quota_pb2.RecordUsageResponse:
@@ -248,7 +250,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
 
     # -- ReleaseQuota -----------------------------------------------------------
 
-    @grpc_errors
+    @authorized(Access.WRITE)
     async def ReleaseQuota(
         self, request: quota_pb2.ReleaseQuotaRequest, context: Context
     ) -> quota_pb2.ReleaseQuotaResponse:
@@ -267,7 +269,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
 
     # -- GetUsage ---------------------------------------------------------------
 
-    @grpc_errors
+    @authorized(Access.READ)
     async def GetUsage(
         self, request: quota_pb2.GetUsageRequest, context: Context
     ) -> quota_pb2.GetUsageResponse:
@@ -357,58 +359,3 @@ def _metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
         if value is not None:
             setattr(usage, name, value)
     return usage
-
-
-class AdminService(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, store: Store, settings: Settings, clock: Clock) -> None:
-        self.store = store
-        self.settings = settings
-        self.clock = clock
-
-    @grpc_errors
-    async def SetPlan(
-        self, request: admin_pb2.SetPlanRequest, context: Context
-    ) -> admin_pb2.SetPlanResponse:
-        if not request.HasField("plan"):
-            raise invalid("plan", "plan is required")
-        doc = plan_to_doc(request.plan, self.settings.default_timezone)
-        stored = await self.store.set_plan(request.plan.org_id, doc, now_ms=self.clock.now_ms())
-        return admin_pb2.SetPlanResponse(
-            plan=doc_to_plan(request.plan.org_id, stored.doc, stored.version, stored.updated_ms)
-        )
-
-    @grpc_errors
-    async def GetPlan(
-        self, request: admin_pb2.GetPlanRequest, context: Context
-    ) -> admin_pb2.GetPlanResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        problems.raise_if_any()
-        stored = await self.store.get_plan(request.org_id)
-        if stored is None:
-            raise PlanNotFound(request.org_id)
-        return admin_pb2.GetPlanResponse(
-            plan=doc_to_plan(request.org_id, stored.doc, stored.version, stored.updated_ms)
-        )
-
-    @grpc_errors
-    async def GrantCredits(
-        self, request: admin_pb2.GrantCreditsRequest, context: Context
-    ) -> admin_pb2.GrantCreditsResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        problems.check_metric_name(request.metric, "metric")
-        problems.check_request_id(request.grant_id, "grant_id")
-        problems.check_length(request.reason, "reason", MAX_REASON)
-        if not 1 <= request.units <= MAX_UNITS:
-            problems.add("units", f"units must be between 1 and {MAX_UNITS} (got {request.units})")
-        problems.raise_if_any()
-        balance, duplicate = await self.store.grant_credits(
-            request.org_id,
-            request.metric,
-            request.units,
-            request.grant_id,
-            request.reason,
-            now_ms=self.clock.now_ms(),
-        )
-        return admin_pb2.GrantCreditsResponse(balance=balance, duplicate=duplicate)

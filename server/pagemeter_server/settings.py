@@ -55,6 +55,23 @@ class Settings:
     redis_timeout_seconds: float = 2.0
     grace_period_seconds: float = 10.0
     log_level: str = "INFO"
+    # Credentials: files of "name=token" lines (tokens may also come from the
+    # PAGEMETER_ADMIN_TOKENS / PAGEMETER_SERVICE_TOKENS variables; never flags,
+    # which other users of the machine could read).
+    admin_tokens_file: str = ""
+    service_tokens_file: str = ""
+    # Serve callers without credentials as admins (loopback addresses only).
+    dev_open_access: bool = False
+    # Per tenant API key: reads per second and burst (0: no limit).
+    read_rate_limit: float = 20.0
+    read_burst: int = 40
+    # TLS for the gRPC port; with a client CA, callers must present a
+    # certificate it signed (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Audit trail entries kept per organization (about).
+    audit_max_events: int = 10_000
 
     def validate(self) -> Settings:
         """Raise ValueError with a readable message for inconsistent settings."""
@@ -81,6 +98,14 @@ class Settings:
                 "max record age must be shorter than record retention, or late retries "
                 "could be counted twice"
             )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if not 0 <= self.read_rate_limit < math.inf or self.read_burst < 0:
+            raise ValueError("read rate limit and burst must be zero or positive")
+        if self.audit_max_events < 100:
+            raise ValueError("the audit trail must keep at least 100 events")
         if self.max_records_per_org < 1:
             raise ValueError("max records per organization must be at least 1")
         if self.usage_retention_days < 31:
@@ -148,7 +173,51 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "seconds in-flight calls may finish after SIGTERM",
     ),
     "--log-level": ("log_level", "PAGEMETER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    "--admin-tokens-file": (
+        "admin_tokens_file",
+        "PAGEMETER_ADMIN_TOKENS_FILE",
+        "file of admin tokens, one 'name=token' a line",
+    ),
+    "--service-tokens-file": (
+        "service_tokens_file",
+        "PAGEMETER_SERVICE_TOKENS_FILE",
+        "file of service tokens, one 'name=token' a line",
+    ),
+    "--dev-open-access": (
+        "dev_open_access",
+        "PAGEMETER_DEV_OPEN_ACCESS",
+        "serve callers without credentials as admins; loopback only, for development",
+    ),
+    "--read-rate-limit": (
+        "read_rate_limit",
+        "PAGEMETER_READ_RATE_LIMIT",
+        "reads per second per tenant API key (0: no limit)",
+    ),
+    "--read-burst": ("read_burst", "PAGEMETER_READ_BURST", "burst of reads per tenant API key"),
+    "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT", "server certificate chain (PEM)"),
+    "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY", "server private key (PEM)"),
+    "--tls-client-ca": (
+        "tls_client_ca_file",
+        "PAGEMETER_TLS_CLIENT_CA",
+        "CA (PEM) that client certificates must be signed by: mutual TLS",
+    ),
+    "--audit-max-events": (
+        "audit_max_events",
+        "PAGEMETER_AUDIT_MAX_EVENTS",
+        "audit trail entries kept per organization",
+    ),
 }
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(text)
 
 
 def _field_types() -> dict[str, type]:
@@ -166,7 +235,14 @@ def parse_settings(
         prog="pagemeter-server", description="pagemeter quota enforcement service"
     )
     for flag, (field, var, help_text) in _OPTIONS.items():
-        parser.add_argument(flag, dest=field, type=types[field], help=f"{help_text} (env {var})")
+        if types[field] is bool:
+            parser.add_argument(
+                flag, dest=field, action="store_true", default=None, help=f"{help_text} (env {var})"
+            )
+        else:
+            parser.add_argument(
+                flag, dest=field, type=types[field], help=f"{help_text} (env {var})"
+            )
     args = parser.parse_args(argv)
     values: dict[str, object] = {}
     for field, var, _ in _OPTIONS.values():
@@ -174,8 +250,9 @@ def parse_settings(
         if flag_value is not None:
             values[field] = flag_value
         elif var in env:
+            convert = _parse_bool if types[field] is bool else types[field]
             try:
-                values[field] = types[field](env[var])
+                values[field] = convert(env[var])
             except ValueError:
                 parser.error(f"{var}={env[var]!r} is not a valid {types[field].__name__}")
     try:

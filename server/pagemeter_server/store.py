@@ -80,6 +80,8 @@ class OrgKeys:
         self.records_index = self.prefix + "recs"
         self.planlog = self.prefix + "planlog"
         self.planver = self.prefix + "planver"
+        self.audit = self.prefix + "audit"
+        self.api_keys = self.prefix + "keys"
 
     def month(self, period_id: str) -> str:
         return f"{self.prefix}u:{period_id}"
@@ -92,6 +94,15 @@ class OrgKeys:
 
     def grant(self, grant_id: str) -> str:
         return f"{self.prefix}g:{grant_id}"
+
+    def adjustment(self, adjustment_id: str) -> str:
+        return f"{self.prefix}adj:{adjustment_id}"
+
+    def api_key(self, key_id: str) -> str:
+        return f"{self.prefix}key:{key_id}"
+
+    def key_rate(self, key_id: str) -> str:
+        return f"{self.prefix}krate:{key_id}"
 
 
 def _opt_int(text: str) -> int | None:
@@ -254,6 +265,20 @@ def _load_script_text(name: str) -> str:
     return "".join(lines[:header_end]) + lib + "".join(lines[header_end:])
 
 
+SCRIPTS = (
+    "check",
+    "record",
+    "release",
+    "usage",
+    "set_plan",
+    "grant",
+    "adjust",
+    "key_create",
+    "key_revoke",
+    "key_auth",
+)
+
+
 class Store:
     """pagemeter's state in Redis, reached only through the Lua scripts."""
 
@@ -265,6 +290,7 @@ class Store:
         record_retention_days: int,
         usage_retention_days: int,
         max_records_per_org: int = 100_000,
+        audit_max_events: int = 10_000,
         tz_cache_size: int = 100_000,
         observer: Callable[[str, float, bool], None] | None = None,
     ) -> None:
@@ -276,9 +302,9 @@ class Store:
         self.max_records_per_org = max_records_per_org
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
         self._tz_cache_size = tz_cache_size
+        self.audit_max_events = audit_max_events
         self.scripts: dict[str, AsyncScript] = {
-            name: client.register_script(_load_script_text(f"{name}.lua"))
-            for name in ("check", "record", "release", "usage", "set_plan", "grant")
+            name: client.register_script(_load_script_text(f"{name}.lua")) for name in SCRIPTS
         }
 
     # -- timezone cache ---------------------------------------------------------
@@ -295,7 +321,7 @@ class Store:
         while len(self._tz_cache) > self._tz_cache_size:
             self._tz_cache.popitem(last=False)
 
-    async def _run_with_timezone(
+    async def run_with_timezone(
         self, org_id: str, call: Callable[[str], Awaitable[ScriptReply]]
     ) -> tuple[ScriptReply, str]:
         tz = self._cached_timezone(org_id)
@@ -307,7 +333,7 @@ class Store:
             self._remember_timezone(org_id, tz)
         raise StoreError(f"timezone of organization {org_id} keeps changing")
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> ScriptReply:
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> ScriptReply:
         started = time.perf_counter()
         ok = False
         try:
@@ -339,7 +365,7 @@ class Store:
         async def call(tz: str) -> ScriptReply:
             month = month_at(now_ms, zone(tz))
             month_box.append(month)
-            return await self._run(
+            return await self.run(
                 "check",
                 [
                     keys.plan,
@@ -369,7 +395,7 @@ class Store:
                 ],
             )
 
-        reply, _ = await self._run_with_timezone(org_id, call)
+        reply, _ = await self.run_with_timezone(org_id, call)
         month = month_box[-1]
         tag = reply[0]
         if tag == "REUSED":
@@ -421,7 +447,7 @@ class Store:
             tzinfo = zone(tz)
             month = month_at(completed_ms, tzinfo)
             day = local_date(completed_ms, tzinfo)
-            return await self._run(
+            return await self.run(
                 "record",
                 [
                     keys.plan,
@@ -456,7 +482,7 @@ class Store:
                 ],
             )
 
-        reply, _ = await self._run_with_timezone(org_id, call)
+        reply, _ = await self.run_with_timezone(org_id, call)
         tag = reply[0]
         if tag == "REUSED":
             raise RequestIdReused(str(reply[1]))
@@ -478,7 +504,7 @@ class Store:
 
     async def release(self, org_id: str, request_id: str, *, now_ms: int) -> ReleaseResult:
         keys = OrgKeys(org_id)
-        outcome, parts = await self._run(
+        outcome, parts = await self.run(
             "release",
             [keys.holds, keys.holddata, keys.held, keys.record(request_id)],
             [now_ms, request_id],
@@ -503,7 +529,7 @@ class Store:
                 month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
             )
             month_box.append(month)
-            return await self._run(
+            return await self.run(
                 "usage",
                 [
                     keys.plan,
@@ -518,7 +544,7 @@ class Store:
                 [now_ms, tz, self.default_timezone],
             )
 
-        reply, tz = await self._run_with_timezone(org_id, call)
+        reply, tz = await self.run_with_timezone(org_id, call)
         _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat = reply
         plan = StoredPlan(json.loads(plan_json), int(version), 0) if plan_json else None
         return UsageSnapshot(
@@ -534,12 +560,20 @@ class Store:
 
     # -- plans and credits ------------------------------------------------------
 
-    async def set_plan(self, org_id: str, doc: Mapping[str, Any], *, now_ms: int) -> StoredPlan:
+    async def set_plan(
+        self, org_id: str, doc: Mapping[str, Any], *, now_ms: int, actor: str = ""
+    ) -> StoredPlan:
         keys = OrgKeys(org_id)
-        version, _previous = await self._run(
+        version, _previous = await self.run(
             "set_plan",
-            [keys.plan, keys.planlog, keys.planver],
-            [json.dumps(doc, separators=(",", ":")), now_ms, now_ms - self.usage_retention_ms],
+            [keys.plan, keys.planlog, keys.planver, keys.audit],
+            [
+                json.dumps(doc, separators=(",", ":")),
+                now_ms,
+                now_ms - self.usage_retention_ms,
+                actor,
+                self.audit_max_events,
+            ],
         )
         self._remember_timezone(org_id, str(doc["tz"]))
         return StoredPlan(dict(doc), int(version), now_ms)
@@ -551,12 +585,20 @@ class Store:
         return StoredPlan(json.loads(raw["json"]), int(raw["version"]), int(raw["updated_ms"]))
 
     async def grant_credits(
-        self, org_id: str, metric: str, units: int, grant_id: str, reason: str, *, now_ms: int
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        grant_id: str,
+        reason: str,
+        *,
+        now_ms: int,
+        actor: str = "",
     ) -> tuple[int, bool]:
         keys = OrgKeys(org_id)
-        reply = await self._run(
+        reply = await self.run(
             "grant",
-            [keys.plan, keys.credits, keys.grant(grant_id)],
+            [keys.plan, keys.credits, keys.grant(grant_id), keys.audit],
             [
                 metric,
                 units,
@@ -564,6 +606,8 @@ class Store:
                 self.usage_retention_ms,
                 now_ms,
                 reason,
+                actor,
+                self.audit_max_events,
             ],
         )
         if reply[0] == "NO_PLAN":

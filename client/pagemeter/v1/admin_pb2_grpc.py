@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService is for operators: organizations' plans and prepaid credits.
+    """AdminService is for operators (the admin credential only): organizations'
+    plans, prepaid credits, tenant API keys, usage corrections and the audit
+    trail. Every change made here is written to the organization's audit trail
+    in the same atomic step as the change itself.
     """
 
     def __init__(self, channel):
@@ -50,10 +53,38 @@ class AdminServiceStub:
                 request_serializer=pagemeter_dot_v1_dot_admin__pb2.GrantCreditsRequest.SerializeToString,
                 response_deserializer=pagemeter_dot_v1_dot_admin__pb2.GrantCreditsResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/pagemeter.v1.AdminService/CreateApiKey',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/pagemeter.v1.AdminService/ListApiKeys',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/pagemeter.v1.AdminService/RevokeApiKey',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.AdjustUsage = channel.unary_unary(
+                '/pagemeter.v1.AdminService/AdjustUsage',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.AdjustUsageRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.AdjustUsageResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/pagemeter.v1.AdminService/ListAuditEvents',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """AdminService is for operators: organizations' plans and prepaid credits.
+    """AdminService is for operators (the admin credential only): organizations'
+    plans, prepaid credits, tenant API keys, usage corrections and the audit
+    trail. Every change made here is written to the organization's audit trail
+    in the same atomic step as the change itself.
     """
 
     def SetPlan(self, request, context):
@@ -80,6 +111,43 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """Creates a tenant API key for an organization. The secret is in this
+        response only; pagemeter keeps nothing but its SHA-256 digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists an organization's API keys (never their secrets), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes an API key; the next call made with it is refused. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdjustUsage(self, request, context):
+        """Corrects a month's committed usage of one metric (a refund or a missed
+        job), with a reason. Idempotent by adjustment_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Reads an organization's audit trail, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +166,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=pagemeter_dot_v1_dot_admin__pb2.GrantCreditsRequest.FromString,
                     response_serializer=pagemeter_dot_v1_dot_admin__pb2.GrantCreditsResponse.SerializeToString,
             ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'AdjustUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdjustUsage,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.AdjustUsageRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.AdjustUsageResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'pagemeter.v1.AdminService', rpc_method_handlers)
@@ -107,7 +200,10 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService is for operators: organizations' plans and prepaid credits.
+    """AdminService is for operators (the admin credential only): organizations'
+    plans, prepaid credits, tenant API keys, usage corrections and the audit
+    trail. Every change made here is written to the organization's audit trail
+    in the same atomic step as the change itself.
     """
 
     @staticmethod
@@ -181,6 +277,141 @@ class AdminService:
             '/pagemeter.v1.AdminService/GrantCredits',
             pagemeter_dot_v1_dot_admin__pb2.GrantCreditsRequest.SerializeToString,
             pagemeter_dot_v1_dot_admin__pb2.GrantCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/CreateApiKey',
+            pagemeter_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/ListApiKeys',
+            pagemeter_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/RevokeApiKey',
+            pagemeter_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdjustUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/AdjustUsage',
+            pagemeter_dot_v1_dot_admin__pb2.AdjustUsageRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.AdjustUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/ListAuditEvents',
+            pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """AdminService is for operators: organizations' plans and prepaid credits."""
+    """AdminService is for operators (the admin credential only): organizations'
+    plans, prepaid credits, tenant API keys, usage corrections and the audit
+    trail. Every change made here is written to the organization's audit trail
+    in the same atomic step as the change itself.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -44,10 +48,28 @@ class AdminServiceStub:
     grant_id. Prepaid credits never expire; they are drawn after the contract
     quota is used up and before overage.
     """
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]
+    """Creates a tenant API key for an organization. The secret is in this
+    response only; pagemeter keeps nothing but its SHA-256 digest.
+    """
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]
+    """Lists an organization's API keys (never their secrets), newest first."""
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.RevokeApiKeyResponse]
+    """Revokes an API key; the next call made with it is refused. Idempotent."""
+    AdjustUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AdjustUsageRequest, _admin_pb2.AdjustUsageResponse]
+    """Corrects a month's committed usage of one metric (a refund or a missed
+    job), with a reason. Idempotent by adjustment_id.
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]
+    """Reads an organization's audit trail, newest first."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """AdminService is for operators: organizations' plans and prepaid credits."""
+    """AdminService is for operators (the admin credential only): organizations'
+    plans, prepaid credits, tenant API keys, usage corrections and the audit
+    trail. Every change made here is written to the organization's audit trail
+    in the same atomic step as the change itself.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetPlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPlanRequest, _admin_pb2.SetPlanResponse]  # type: ignore[assignment]
@@ -61,9 +83,27 @@ class AdminServiceAsyncStub(AdminServiceStub):
     grant_id. Prepaid credits never expire; they are drawn after the contract
     quota is used up and before overage.
     """
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """Creates a tenant API key for an organization. The secret is in this
+    response only; pagemeter keeps nothing but its SHA-256 digest.
+    """
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """Lists an organization's API keys (never their secrets), newest first."""
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """Revokes an API key; the next call made with it is refused. Idempotent."""
+    AdjustUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.AdjustUsageRequest, _admin_pb2.AdjustUsageResponse]  # type: ignore[assignment]
+    """Corrects a month's committed usage of one metric (a refund or a missed
+    job), with a reason. Idempotent by adjustment_id.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Reads an organization's audit trail, newest first."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AdminService is for operators: organizations' plans and prepaid credits."""
+    """AdminService is for operators (the admin credential only): organizations'
+    plans, prepaid credits, tenant API keys, usage corrections and the audit
+    trail. Every change made here is written to the organization's audit trail
+    in the same atomic step as the change itself.
+    """
 
     @_abc_1.abstractmethod
     def SetPlan(
@@ -93,5 +133,49 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         grant_id. Prepaid credits never expire; they are drawn after the contract
         quota is used up and before overage.
         """
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _admin_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateApiKeyResponse, _abc.Awaitable[_admin_pb2.CreateApiKeyResponse]]:
+        """Creates a tenant API key for an organization. The secret is in this
+        response only; pagemeter keeps nothing but its SHA-256 digest.
+        """
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _admin_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListApiKeysResponse, _abc.Awaitable[_admin_pb2.ListApiKeysResponse]]:
+        """Lists an organization's API keys (never their secrets), newest first."""
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _admin_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeApiKeyResponse, _abc.Awaitable[_admin_pb2.RevokeApiKeyResponse]]:
+        """Revokes an API key; the next call made with it is refused. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def AdjustUsage(
+        self,
+        request: _admin_pb2.AdjustUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AdjustUsageResponse, _abc.Awaitable[_admin_pb2.AdjustUsageResponse]]:
+        """Corrects a month's committed usage of one metric (a refund or a missed
+        job), with a reason. Idempotent by adjustment_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_pb2.ListAuditEventsResponse]]:
+        """Reads an organization's audit trail, newest first."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -144,3 +144,12 @@ local function index_record(index_key, request_id, requested_ms, cutoff, cap)
     redis.call('ZREMRANGEBYRANK', index_key, 0, size - cap - 1)
   end
 end
+
+-- One entry of the organization's audit trail, written in the same atomic step
+-- as the change it describes. The stream keeps about `cap` entries (MAXLEN ~).
+-- Entry ids are Redis's own; `at` is the rules' clock.
+local function audit(audit_key, cap, now, actor, action, target, before, after, reason)
+  redis.call('XADD', audit_key, 'MAXLEN', '~', cap, '*',
+    'at', fmt(now), 'actor', actor, 'action', action, 'target', target,
+    'before', before, 'after', after, 'reason', reason)
+end

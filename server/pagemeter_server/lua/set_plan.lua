@@ -5,15 +5,18 @@
 -- KEYS[1] plan      pm:{org}:plan      hash {json, version, updated_ms}
 -- KEYS[2] planlog   pm:{org}:planlog   zset version -> updated_ms
 -- KEYS[3] planver   pm:{org}:planver   hash version -> plan JSON
+-- KEYS[4] audit     pm:{org}:audit     stream (the audit trail)
 --
 -- ARGV[1] plan JSON as built by the server (never re-encoded here)
 -- ARGV[2] now_ms
 -- ARGV[3] log cutoff (ms): versions replaced before this are no one's terms any
 --         more (their months have left the usage retention) and are dropped
+-- ARGV[4] actor (who made the change, for the audit trail)
+-- ARGV[5] audit trail length (entries kept, about)
 --
 -- Returns {version, previous_json|''}.
 
-assert(#KEYS == 3 and #ARGV == 3, 'set_plan.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 4 and #ARGV == 5, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'updated_ms', ARGV[2])
@@ -27,4 +30,5 @@ for i = 1, #old - 1 do
   redis.call('ZREM', KEYS[2], old[i])
   redis.call('HDEL', KEYS[3], old[i])
 end
+audit(KEYS[4], ARGV[5], tonumber(ARGV[2]), ARGV[4], 'plan.set', fmt(version), previous, ARGV[1], '')
 return {version, previous}

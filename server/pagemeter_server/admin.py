@@ -1,0 +1,252 @@
+"""gRPC handlers of AdminService: plans, credits, API keys, corrections, audit.
+
+Admin credentials only. Each change is written to the organization's audit
+trail by the same script that makes it, with the caller as its actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc
+from pagemeter_server.admin_store import AdminStore, StoredKey, audit_json
+from pagemeter_server.auth import Access, Authenticator, authorized, current_principal, new_api_key
+from pagemeter_server.clock import Clock
+from pagemeter_server.errors import NotFound
+from pagemeter_server.periods import timestamp
+from pagemeter_server.plans import doc_to_plan, plan_to_doc
+from pagemeter_server.report_store import BadPageToken
+from pagemeter_server.settings import Settings
+from pagemeter_server.store import PlanNotFound, Store
+from pagemeter_server.validation import (
+    MAX_NAME,
+    MAX_REASON,
+    MAX_UNITS,
+    Violations,
+    check_year_month,
+    invalid,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(
+        self,
+        store: Store,
+        admin_store: AdminStore,
+        settings: Settings,
+        clock: Clock,
+        auth: Authenticator,
+    ) -> None:
+        self.store = store
+        self.admin_store = admin_store
+        self.settings = settings
+        self.clock = clock
+        self.auth = auth
+
+    # -- plans and credits ----------------------------------------------------------
+
+    @authorized(Access.ADMIN)
+    async def SetPlan(
+        self, request: admin_pb2.SetPlanRequest, context: Context
+    ) -> admin_pb2.SetPlanResponse:
+        if not request.HasField("plan"):
+            raise invalid("plan", "plan is required")
+        doc = plan_to_doc(request.plan, self.settings.default_timezone)
+        stored = await self.store.set_plan(
+            request.plan.org_id, doc, now_ms=self.clock.now_ms(), actor=current_principal().actor
+        )
+        return admin_pb2.SetPlanResponse(
+            plan=doc_to_plan(request.plan.org_id, stored.doc, stored.version, stored.updated_ms)
+        )
+
+    @authorized(Access.ADMIN)
+    async def GetPlan(
+        self, request: admin_pb2.GetPlanRequest, context: Context
+    ) -> admin_pb2.GetPlanResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.raise_if_any()
+        stored = await self.store.get_plan(request.org_id)
+        if stored is None:
+            raise PlanNotFound(request.org_id)
+        return admin_pb2.GetPlanResponse(
+            plan=doc_to_plan(request.org_id, stored.doc, stored.version, stored.updated_ms)
+        )
+
+    @authorized(Access.ADMIN)
+    async def GrantCredits(
+        self, request: admin_pb2.GrantCreditsRequest, context: Context
+    ) -> admin_pb2.GrantCreditsResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_metric_name(request.metric, "metric")
+        problems.check_request_id(request.grant_id, "grant_id")
+        problems.check_length(request.reason, "reason", MAX_REASON)
+        if not 1 <= request.units <= MAX_UNITS:
+            problems.add("units", f"units must be between 1 and {MAX_UNITS} (got {request.units})")
+        problems.raise_if_any()
+        balance, duplicate = await self.store.grant_credits(
+            request.org_id,
+            request.metric,
+            request.units,
+            request.grant_id,
+            request.reason,
+            now_ms=self.clock.now_ms(),
+            actor=current_principal().actor,
+        )
+        return admin_pb2.GrantCreditsResponse(balance=balance, duplicate=duplicate)
+
+    # -- API keys ---------------------------------------------------------------------
+
+    @authorized(Access.ADMIN)
+    async def CreateApiKey(
+        self, request: admin_pb2.CreateApiKeyRequest, context: Context
+    ) -> admin_pb2.CreateApiKeyResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_length(request.name, "name", MAX_NAME)
+        problems.raise_if_any()
+        now_ms = self.clock.now_ms()
+        while True:  # a 64-bit key id collides about never; if it does, draw again
+            key = new_api_key(request.org_id)
+            created = await self.admin_store.create_key(
+                request.org_id,
+                key.key_id,
+                key.digest,
+                request.name,
+                now_ms=now_ms,
+                actor=current_principal().actor,
+            )
+            if created:
+                break
+        stored = StoredKey(key.key_id, request.org_id, request.name, now_ms, 0, False, 0)
+        return admin_pb2.CreateApiKeyResponse(key=_api_key(stored), secret=key.secret)
+
+    @authorized(Access.ADMIN)
+    async def ListApiKeys(
+        self, request: admin_pb2.ListApiKeysRequest, context: Context
+    ) -> admin_pb2.ListApiKeysResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.raise_if_any()
+        keys = await self.admin_store.list_keys(request.org_id)
+        return admin_pb2.ListApiKeysResponse(keys=[_api_key(k) for k in keys])
+
+    @authorized(Access.ADMIN)
+    async def RevokeApiKey(
+        self, request: admin_pb2.RevokeApiKeyRequest, context: Context
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        if not (request.key_id.isalnum() and len(request.key_id) <= 64):
+            problems.add("key_id", "key_id must be the key id shown by CreateApiKey/ListApiKeys")
+        problems.raise_if_any()
+        already = await self.admin_store.revoke_key(
+            request.org_id,
+            request.key_id,
+            now_ms=self.clock.now_ms(),
+            actor=current_principal().actor,
+        )
+        stored = await self.admin_store.get_key(request.org_id, request.key_id)
+        if already is None or stored is None:
+            raise NotFound(
+                f"organization {request.org_id!r} has no API key {request.key_id!r}",
+                "API_KEY_NOT_FOUND",
+            )
+        return admin_pb2.RevokeApiKeyResponse(key=_api_key(stored), already_revoked=already)
+
+    # -- usage corrections and the audit trail ----------------------------------------
+
+    @authorized(Access.ADMIN)
+    async def AdjustUsage(
+        self, request: admin_pb2.AdjustUsageRequest, context: Context
+    ) -> admin_pb2.AdjustUsageResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_metric_name(request.metric, "metric")
+        problems.check_request_id(request.adjustment_id, "adjustment_id")
+        if not request.reason.strip():
+            problems.add("reason", "reason is required: say why the usage is corrected")
+        problems.check_length(request.reason, "reason", MAX_REASON)
+        if request.units == 0 or abs(request.units) > MAX_UNITS:
+            problems.add(
+                "units",
+                f"units must be between -{MAX_UNITS} and {MAX_UNITS}, not 0 (got {request.units})",
+            )
+        problems.raise_if_any()
+        has_year, has_month = request.HasField("year"), request.HasField("month")
+        check_year_month(has_year, request.year, has_month, request.month)
+        result = await self.admin_store.adjust_usage(
+            request.org_id,
+            request.metric,
+            request.units,
+            year_month=(request.year, request.month) if has_year else None,
+            reason=request.reason,
+            adjustment_id=request.adjustment_id,
+            now_ms=self.clock.now_ms(),
+            actor=current_principal().actor,
+        )
+        return admin_pb2.AdjustUsageResponse(
+            period_id=result.period_id,
+            committed_before=result.before,
+            committed_after=result.after,
+            duplicate=result.duplicate,
+        )
+
+    @authorized(Access.ADMIN)
+    async def ListAuditEvents(
+        self, request: admin_pb2.ListAuditEventsRequest, context: Context
+    ) -> admin_pb2.ListAuditEventsResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        problems.raise_if_any()
+        try:
+            entries, next_token = await self.admin_store.audit_page(
+                request.org_id, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
+            )
+        except BadPageToken:
+            raise invalid(
+                "page_token",
+                "page_token is not one this service issued; pass next_page_token unchanged",
+            ) from None
+        events = [
+            admin_pb2.AuditEvent(
+                event_id=entry.event_id,
+                at=timestamp(int(entry.fields.get("at", "0"))),
+                actor=entry.fields.get("actor", ""),
+                action=entry.fields.get("action", ""),
+                org_id=request.org_id,
+                target=entry.fields.get("target", ""),
+                before=audit_json(entry.fields.get("before", "")),
+                after=audit_json(entry.fields.get("after", "")),
+                reason=entry.fields.get("reason", ""),
+            )
+            for entry in entries
+        ]
+        return admin_pb2.ListAuditEventsResponse(events=events, next_page_token=next_token)
+
+
+def _optional_time(ms: int) -> Timestamp | None:
+    return timestamp(ms) if ms else None
+
+
+def _api_key(key: StoredKey) -> admin_pb2.ApiKey:
+    return admin_pb2.ApiKey(
+        key_id=key.key_id,
+        org_id=key.org_id,
+        name=key.name,
+        created_at=timestamp(key.created_ms),
+        last_used_at=_optional_time(key.last_used_ms),
+        revoked=key.revoked,
+        revoked_at=_optional_time(key.revoked_ms),
+    )

@@ -1,0 +1,217 @@
+"""The store side of operator work: tenant API keys, usage corrections, audit trail.
+
+Every change runs in a Lua script that writes the organization's audit trail in
+the same atomic step; reads are plain pipelined commands.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal, cast
+
+from pagemeter_server.periods import Month, month_at, month_of, zone
+from pagemeter_server.report_store import BadPageToken
+from pagemeter_server.store import (
+    OrgKeys,
+    PlanMissing,
+    RequestIdReused,
+    ScriptReply,
+    Store,
+    fingerprint,
+)
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    key_id: str
+    org_id: str
+    name: str
+    created_ms: int
+    last_used_ms: int
+    revoked: bool
+    revoked_ms: int
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    period_id: str
+    before: int
+    after: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    event_id: str
+    fields: dict[str, str]
+
+
+KeyCheck = Literal["ok", "invalid", "revoked", "rate_limited"]
+
+
+class AdminStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.client = store.client
+
+    # -- API keys ----------------------------------------------------------------
+
+    async def create_key(
+        self, org_id: str, key_id: str, digest: str, name: str, *, now_ms: int, actor: str
+    ) -> bool:
+        """Store a key's digest; False when key_id is already taken (nothing changed)."""
+        keys = OrgKeys(org_id)
+        reply = await self.store.run(
+            "key_create",
+            [keys.api_key(key_id), keys.api_keys, keys.audit],
+            [now_ms, key_id, digest, name, actor, self.store.audit_max_events],
+        )
+        return bool(reply[0] == "OK")
+
+    async def revoke_key(self, org_id: str, key_id: str, *, now_ms: int, actor: str) -> bool | None:
+        """Revoke a key: None when unknown, else whether it had been revoked already."""
+        keys = OrgKeys(org_id)
+        reply = await self.store.run(
+            "key_revoke",
+            [keys.api_key(key_id), keys.audit],
+            [now_ms, key_id, actor, self.store.audit_max_events],
+        )
+        if reply[0] == "NOT_FOUND":
+            return None
+        return bool(reply[1] == "1")
+
+    async def get_key(self, org_id: str, key_id: str) -> StoredKey | None:
+        raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).api_key(key_id)))
+        return _stored_key(org_id, key_id, raw) if raw else None
+
+    async def list_keys(self, org_id: str) -> list[StoredKey]:
+        keys = OrgKeys(org_id)
+        key_ids = cast(list[str], await self.client.zrevrange(keys.api_keys, 0, -1))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                pipe.hgetall(keys.api_key(key_id))
+            rows = cast(list[dict[str, str]], await pipe.execute())
+        return [
+            _stored_key(org_id, key_id, raw)
+            for key_id, raw in zip(key_ids, rows, strict=True)
+            if raw
+        ]
+
+    async def check_key(
+        self,
+        org_id: str,
+        key_id: str,
+        digest: str,
+        *,
+        now_ms: int,
+        rate: float,
+        burst: int,
+        touch_ms: int = 60_000,
+    ) -> tuple[KeyCheck, int]:
+        """Authenticate a tenant key and count the call against its flood limit."""
+        keys = OrgKeys(org_id)
+        reply = await self.store.run(
+            "key_auth",
+            [keys.api_key(key_id), keys.key_rate(key_id)],
+            [now_ms, digest, touch_ms, repr(float(rate)), burst],
+        )
+        outcome = cast(KeyCheck, str(reply[0]).lower())
+        retry_after_ms = int(reply[1]) if outcome == "rate_limited" else 0
+        return outcome, retry_after_ms
+
+    # -- usage corrections -------------------------------------------------------
+
+    async def adjust_usage(
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        *,
+        year_month: tuple[int, int] | None,
+        reason: str,
+        adjustment_id: str,
+        now_ms: int,
+        actor: str,
+    ) -> Adjustment:
+        keys = OrgKeys(org_id)
+        payload_fp = fingerprint("adjust", metric, units, year_month, reason)
+
+        async def call(tz: str) -> ScriptReply:
+            tzinfo = zone(tz)
+            month: Month = (
+                month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
+            )
+            return await self.store.run(
+                "adjust",
+                [
+                    keys.plan,
+                    keys.month(month.period_id),
+                    keys.lifetime,
+                    keys.adjustment(adjustment_id),
+                    keys.audit,
+                ],
+                [
+                    now_ms,
+                    tz,
+                    self.store.default_timezone,
+                    metric,
+                    units,
+                    payload_fp,
+                    self.store.usage_retention_ms,
+                    month.period_id,
+                    month.end_ms + self.store.usage_retention_ms,
+                    actor,
+                    reason,
+                    self.store.audit_max_events,
+                ],
+            )
+
+        reply, _ = await self.store.run_with_timezone(org_id, call)
+        if reply[0] == "NO_PLAN":
+            raise PlanMissing("the organization has no plan")
+        if reply[0] == "UNKNOWN_METRIC":
+            raise PlanMissing(f"metric {metric!r} is not in the organization's plan")
+        if reply[0] == "REUSED":
+            raise RequestIdReused("adjusted")
+        _, period_id, before, after, duplicate = reply
+        return Adjustment(str(period_id), int(before), int(after), duplicate == "1")
+
+    # -- audit trail ---------------------------------------------------------------
+
+    async def audit_page(
+        self, org_id: str, page_size: int, page_token: str
+    ) -> tuple[list[AuditEntry], str]:
+        """Newest first; the token is the last event id shown."""
+        if page_token and not _looks_like_stream_id(page_token):
+            raise BadPageToken(page_token)
+        top = f"({page_token}" if page_token else "+"
+        rows = cast(
+            list[tuple[str, dict[str, str]]],
+            await self.client.xrevrange(OrgKeys(org_id).audit, top, "-", count=page_size + 1),
+        )
+        entries = [AuditEntry(event_id, fields) for event_id, fields in rows[:page_size]]
+        next_token = entries[-1].event_id if len(rows) > page_size else ""
+        return entries, next_token
+
+
+def _looks_like_stream_id(text: str) -> bool:
+    first, sep, second = text.partition("-")
+    return bool(sep) and first.isdigit() and second.isdigit() and len(text) <= 40
+
+
+def _stored_key(org_id: str, key_id: str, raw: dict[str, str]) -> StoredKey:
+    return StoredKey(
+        key_id=key_id,
+        org_id=org_id,
+        name=raw.get("name", ""),
+        created_ms=int(raw.get("created_ms", "0")),
+        last_used_ms=int(raw.get("last_used_ms", "0")),
+        revoked=raw.get("revoked") == "1",
+        revoked_ms=int(raw.get("revoked_ms", "0")),
+    )
+
+
+def audit_json(text: str) -> str:
+    """Audit before/after values are JSON written by the scripts; pass them on as is."""
+    return text if not text else json.dumps(json.loads(text), sort_keys=True)

@@ -1,0 +1,68 @@
+-- adjust.lua: AdjustUsage. Corrects one metric's committed usage of a month (or
+-- of the lifetime total for PERIOD_NONE metrics), once per adjustment_id, and
+-- writes the correction to the audit trail in the same step.
+--
+-- KEYS[1] plan        pm:{org}:plan
+-- KEYS[2] month       pm:{org}:u:<YYYY-MM>   the month to correct (plan's timezone)
+-- KEYS[3] life        pm:{org}:u:lifetime
+-- KEYS[4] adjustment  pm:{org}:adj:<adjustment_id>  hash {fp, res}
+-- KEYS[5] audit       pm:{org}:audit         stream (the audit trail)
+--
+-- ARGV[1] now_ms
+-- ARGV[2] timezone the server assumed when it chose the month key
+-- ARGV[3] service default timezone
+-- ARGV[4] metric
+-- ARGV[5] units (signed, not 0)
+-- ARGV[6] payload fingerprint
+-- ARGV[7] adjustment id TTL (ms)
+-- ARGV[8] month id ("YYYY-MM") of KEYS[2]
+-- ARGV[9] when the month's counters expire (ms on the now_ms clock)
+-- ARGV[10] actor
+-- ARGV[11] reason
+-- ARGV[12] audit trail length (entries kept, about)
+--
+-- Returns {'STALE_TZ', tz}, {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, or
+--   {'OK', period_id, before, after, duplicate}.
+
+assert(#KEYS == 5 and #ARGV == 12, 'adjust.lua: wrong number of KEYS or ARGV')
+local now = tonumber(ARGV[1])
+local metric, units = ARGV[4], tonumber(ARGV[5])
+local plan = load_plan(KEYS[1])
+local stale = stale_timezone(plan, ARGV[2], ARGV[3])
+if stale then
+  return stale
+end
+if not plan then
+  return {'NO_PLAN'}
+end
+local limits = plan.metrics[metric]
+if not limits then
+  return {'UNKNOWN_METRIC'}
+end
+local previous = redis.call('HMGET', KEYS[4], 'fp', 'res')
+if previous[1] then
+  if previous[1] ~= ARGV[6] then
+    return {'REUSED'}
+  end
+  local res = cjson.decode(previous[2])
+  return {'OK', res[1], res[2], res[3], '1'}
+end
+
+local bucket, period = bucket_for(limits, KEYS[2], KEYS[3])
+local period_id = ARGV[8]
+if period == 'N' then
+  period_id = 'lifetime'
+end
+local before = int(redis.call('HGET', bucket, 'c:' .. metric))
+local after = math.max(0, before + units)
+redis.call('HSET', bucket, 'c:' .. metric, fmt(after))
+if period == 'M' then
+  redis.call('PEXPIRE', bucket, math.max(1, tonumber(ARGV[9]) - now))
+end
+redis.call('HSET', KEYS[4], 'fp', ARGV[6],
+  'res', cjson.encode({period_id, fmt(before), fmt(after)}))
+redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]))
+audit(KEYS[5], ARGV[12], now, ARGV[10], 'usage.adjust', metric,
+  cjson.encode({period = period_id, committed = fmt(before)}),
+  cjson.encode({period = period_id, committed = fmt(after)}), ARGV[11])
+return {'OK', period_id, fmt(before), fmt(after), '0'}
