@@ -208,12 +208,13 @@ def test_naive_times_are_refused_before_sending() -> None:
 
 
 def test_retry_policy_is_gRPC_service_config() -> None:
-    """The retry policy becomes a service config retrying only UNAVAILABLE on both services."""
+    """The retry policy becomes a service config retrying only UNAVAILABLE on every pagemeter service."""
     config = json.loads(RetryPolicy(max_attempts=4, initial_backoff=0.05).service_config())
     (method,) = config["methodConfig"]
     assert {n["service"] for n in method["name"]} == {
         "pagemeter.v1.QuotaService",
         "pagemeter.v1.AdminService",
+        "pagemeter.v1.ReportingService",
     }
     assert method["retryPolicy"] == {
         "maxAttempts": 4,

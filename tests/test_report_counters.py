@@ -92,15 +92,22 @@ async def test_document_types_per_day_are_capped(store: Store, redis_sync: redis
     assert day["c:pages"] == "103"
 
 
-async def test_lifetime_gauges_stay_out_of_daily_usage(
-    store: Store, redis_sync: redis.Redis
-) -> None:
-    """Raising a PERIOD_NONE gauge (applications) is not usage: no daily units, no lifetime total."""
-    await set_plan(store, metric_limits("applications", hard_limit=3, period=plan_pb2.PERIOD_NONE))
+async def test_lifetime_gauge_changes_are_not_jobs(store: Store, redis_sync: redis.Redis) -> None:
+    """Moving a PERIOD_NONE gauge (applications) is not a document job: no day counters, no job counted, no lifetime total; a job with pages is."""
+    await set_plan(
+        store,
+        metric_limits("applications", hard_limit=3, period=plan_pb2.PERIOD_NONE),
+        metric_limits("pages"),
+    )
     await record(store, "j1", {"applications": 1})
-    day = redis_sync.hgetall("pm:{acme}:d:2026-03-15")
-    assert "c:applications" not in day and day["ok"] == "1"
+    await record(store, "j2", {"applications": -1})
+    assert not redis_sync.exists("pm:{acme}:d:2026-03-15")
+    assert redis_sync.hget(KEYS.month("2026-03"), "jobs_ok") is None
     assert redis_sync.hget(KEYS.lifetime, "a:applications") is None
+    assert redis_sync.hget(KEYS.lifetime, "c:applications") == "0"
+    await record(store, "j3", {"pages": 2, "applications": 1})
+    assert redis_sync.hget("pm:{acme}:d:2026-03-15", "ok") == "1"
+    assert redis_sync.hget(KEYS.month("2026-03"), "jobs_ok") == "1"
 
 
 async def test_records_index_is_capped_but_ids_stay_deduplicated(

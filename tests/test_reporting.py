@@ -495,6 +495,13 @@ async def test_record_fields_status_pools_and_times(pagemeter_server: RunningSer
     broken = by_id["broken"]
     assert broken.status == reporting_pb2.USAGE_RECORD_STATUS_FAILED and not broken.success
     assert list(broken.paid_from) == [] and broken.processing_time_ms == 0
+    (tried,) = broken.metrics  # what the failed job reported, though it consumed nothing
+    assert (tried.metric, tried.units, tried.included_units, tried.overage_units) == (
+        "pages",
+        9,
+        0,
+        0,
+    )
 
 
 async def test_bad_page_token_and_size(pagemeter_server: RunningServer) -> None:

@@ -19,6 +19,8 @@ from pagemeter_client.sdk import (
     QuotaDenied,
     Reservation,
     RetryPolicy,
+    StatisticsGroupingName,
+    StatisticsPeriodName,
     error_details,
     new_request_id,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "QuotaDenied",
     "Reservation",
     "RetryPolicy",
+    "StatisticsGroupingName",
+    "StatisticsPeriodName",
     "error_details",
     "new_request_id",
 ]

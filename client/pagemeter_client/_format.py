@@ -12,21 +12,24 @@ UNLIMITED = "unlimited"
 NONE = "none"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell; the first column left-aligned, the rest right.
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, left: int = 1) -> str:
+    """Columns padded to their widest cell; the first `left` columns left-aligned, the rest right.
 
-    Figures are right-aligned so digits line up; the first column names the row.
+    Figures are right-aligned so digits line up; the first column names the row
+    (more columns may be text, such as ids and names: `left`).
     """
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    lines = [_line(headers, widths)] + [_line(row, widths) for row in rows]
+    lines = [_line(headers, widths, left)] + [_line(row, widths, left) for row in rows]
     return "\n".join(lines)
 
 
-def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
-    first, *rest = cells
-    padded = [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)]
+def _line(cells: Sequence[str], widths: Sequence[int], left: int) -> str:
+    padded = [
+        cell.ljust(width) if column < left else cell.rjust(width)
+        for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
+    ]
     return "  ".join(padded).rstrip()
 
 
@@ -56,3 +59,18 @@ def when(stamp: Timestamp) -> str:
     if stamp.seconds == 0 and stamp.nanos == 0:
         return "-"
     return stamp.ToDatetime(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def percent(value: float) -> str:
+    """A share in percent with one decimal, e.g. 85.7%."""
+    return f"{value:.1f}%"
+
+
+def number(value: float) -> str:
+    """A ratio for display: at most two decimals, no trailing zeros (11.67, 1150, 0)."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def pairs(items: Sequence[tuple[str, int]]) -> str:
+    """`name=value` items joined with commas (one table cell), or "-" when there are none."""
+    return ",".join(f"{name}={value}" for name, value in items) or "-"

@@ -1,4 +1,4 @@
-"""The `pagemeter` command: plans, credits, checks, records and usage from a shell.
+"""The `pagemeter` command: plans, credits, checks, records, usage and reports from a shell.
 
 Exit codes: 0 success; 1 the server answered with a gRPC error (printed as
 `error: CODE: message` on stderr, with any google.rpc details); 2 bad command
@@ -13,18 +13,20 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from pagemeter.v1 import plan_pb2, quota_pb2
+from pagemeter.v1 import plan_pb2, quota_pb2, reporting_pb2
 from pagemeter_client import _format as fmt
 from pagemeter_client.sdk import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
+    STATISTICS_GROUPINGS,
+    STATISTICS_PERIODS,
     PagemeterClient,
     error_details,
     reason_name,
@@ -151,6 +153,18 @@ def instant(text: str) -> datetime:
             f"{text!r} has no UTC offset; add one, e.g. 2026-03-15T11:00:00Z"
         )
     return value
+
+
+def calendar_date(text: str) -> date:
+    """Parse a YYYY-MM-DD date (argparse type)."""
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date in the form YYYY-MM-DD (e.g. 2026-03-01)"
+        ) from None
 
 
 def positive_seconds(text: str) -> float:
@@ -328,12 +342,28 @@ def render_usage(response: quota_pb2.GetUsageResponse) -> str:
             ("support level", sub.support_level or "-"),
         ]
     )
-    jobs = response.jobs
-    footer = f"jobs: {jobs.succeeded} succeeded, {jobs.failed} failed, {jobs.total} total"
+    footer = f"jobs: {_jobs_text(response.jobs)}"
+    if response.HasField("previous_month"):
+        footer += "\n" + _previous_month_text(response.previous_month)
     if not response.metrics:
         return f"{header}\n\n{footer}"
     table = fmt.table(["", *(m.metric for m in response.metrics)], _usage_rows(response, currency))
     return f"{header}\n\n{table}\n\n{footer}"
+
+
+def _jobs_text(jobs: quota_pb2.JobCounts) -> str:
+    return f"{jobs.succeeded} succeeded, {jobs.failed} failed, {jobs.total} total"
+
+
+def _previous_month_text(summary: quota_pb2.MonthSummary) -> str:
+    """`previous month 2026-02: jobs ...; committed: pages 1150 (1150 per job), ...`."""
+    text = f"previous month {summary.period_id}: jobs {_jobs_text(summary.jobs)}"
+    if summary.metrics:
+        text += "; committed: " + ", ".join(
+            f"{m.metric} {m.committed} ({fmt.number(m.average_per_job)} per job)"
+            for m in summary.metrics
+        )
+    return text
 
 
 def _usage_rows(response: quota_pb2.GetUsageResponse, currency: str) -> list[list[str]]:
@@ -357,11 +387,180 @@ def _usage_rows(response: quota_pb2.GetUsageResponse, currency: str) -> list[lis
         ["prepaid used", *(str(m.prepaid_used) for m in columns)],
         ["remaining", *(fmt.optional_int(m, "remaining") for m in columns)],
         ["usage %", *(_percent(m) for m in columns)],
+        ["average per job", *(fmt.number(m.average_per_job) for m in columns)],
+        ["lifetime committed", *(str(m.lifetime_committed) for m in columns)],
     ]
 
 
 def _percent(usage: quota_pb2.MetricUsage) -> str:
     return f"{usage.usage_percent:.1f}%" if usage.HasField("usage_percent") else "-"
+
+
+# -- reports ------------------------------------------------------------------------------
+
+
+def render_history(response: reporting_pb2.GetUsageHistoryResponse) -> str:
+    header = fmt.fields(
+        [
+            ("organization", response.org_id),
+            ("timezone", response.timezone),
+            ("months", f"{len(response.months)}, newest first"),
+        ]
+    )
+    return "\n\n".join([header, *(_history_month(month) for month in response.months)])
+
+
+def _history_month(month: reporting_pb2.HistoryMonth) -> str:
+    plan = f"{month.plan_name} (version {month.plan_version})" if month.plan_name else "(no plan)"
+    lines = [
+        f"{month.period_id}  {fmt.when(month.period_start)} .. {fmt.when(month.period_end)}",
+        f"plan: {plan}",
+        f"jobs: {_jobs_text(month.jobs)}",
+    ]
+    if month.metrics:
+        columns = list(month.metrics)
+        lines.append(fmt.table(["", *(m.metric for m in columns)], _history_rows(columns)))
+    return "\n".join(lines)
+
+
+def _history_rows(columns: Sequence[reporting_pb2.MetricMonth]) -> list[list[str]]:
+    # Eagle Doc's names in brackets, as on its history page: quotaUsed, and the
+    # additionalInfo of the month's terms (ContractQuota, PricePerPage, ...).
+    # "-" where the month had no plan with the metric.
+    def term(text: Callable[[reporting_pb2.MonthTerms], str]) -> list[str]:
+        return [text(m.terms) if m.HasField("terms") else "-" for m in columns]
+
+    return [
+        ["committed (quotaUsed)", *(str(m.committed) for m in columns)],
+        ["prepaid used", *(str(m.prepaid_used) for m in columns)],
+        ["overage units (overUsage)", *(str(m.overage_units) for m in columns)],
+        ["overage cost (overUsageCost)", *(fmt.money(m.overage_cost) for m in columns)],
+        ["contract quota (ContractQuota)", *term(lambda t: fmt.optional_int(t, "contract_quota"))],
+        ["hard limit", *term(lambda t: fmt.optional_int(t, "hard_limit", fmt.NONE))],
+        ["overage allowed", *term(lambda t: fmt.yes_no(t.overage_allowed))],
+        ["price per unit (PricePerPage)", *term(lambda t: fmt.money(t.price_per_unit))],
+        [
+            "overage price (PricePerPageOverUsage)",
+            *term(lambda t: fmt.money(t.overage_price_per_unit)),
+        ],
+    ]
+
+
+def _statistics_word(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix).lower()
+
+
+def _totals_cells(totals: reporting_pb2.UsageTotals) -> list[str]:
+    return [
+        str(totals.documents),
+        str(totals.failed_documents),
+        str(totals.pages),
+        str(totals.credits),
+        fmt.pairs(sorted(totals.units.items())),
+    ]
+
+
+TOTALS_HEADERS = ["documents", "failed", "pages", "credits", "units"]
+
+
+def _document_type(name: str) -> str:
+    return name or "(none)"
+
+
+def render_statistics(response: reporting_pb2.GetUsageStatisticsResponse) -> str:
+    summary = response.summary
+    totals = summary.totals
+    period = reporting_pb2.StatisticsPeriod.Name(response.period)
+    grouping = reporting_pb2.StatisticsGrouping.Name(response.group_by)
+    span = f"{fmt.when(summary.period_start)} .. {fmt.when(summary.period_end)}"
+    parts = [
+        fmt.fields(
+            [
+                ("organization", response.org_id),
+                ("timezone", response.timezone),
+                ("dates", f"{summary.start_date} .. {summary.end_date} ({span})"),
+                ("period", _statistics_word(period, "STATISTICS_PERIOD_")),
+                ("group by", _statistics_word(grouping, "STATISTICS_GROUPING_")),
+                ("documents", str(totals.documents)),
+                ("failed documents", str(totals.failed_documents)),
+                ("pages", str(totals.pages)),
+                ("credits", str(totals.credits)),
+                ("units", fmt.pairs(sorted(totals.units.items()))),
+                ("average pages per document", fmt.number(summary.average_pages_per_document)),
+                ("percentages of", response.percentage_basis or "-"),
+            ]
+        )
+    ]
+    if response.by_period:
+        parts.append("by period\n" + _by_period_table(response.by_period))
+    if response.by_document_type:
+        rows = [
+            [_document_type(t.document_type), *_totals_cells(t.totals), fmt.percent(t.percentage)]
+            for t in response.by_document_type
+        ]
+        headers = ["document type", *TOTALS_HEADERS, "share"]
+        parts.append("by document type\n" + fmt.table(headers, rows))
+    return "\n\n".join(parts)
+
+
+def _by_period_table(periods: Sequence[reporting_pb2.PeriodUsage]) -> str:
+    # With group_by both, each period's split by document type follows it,
+    # indented, with its share of that period.
+    rows: list[list[str]] = []
+    for period in periods:
+        rows.append([period.date, *_totals_cells(period.totals), ""])
+        rows.extend(
+            [
+                f"  {_document_type(t.document_type)}",
+                *_totals_cells(t.totals),
+                fmt.percent(t.percentage),
+            ]
+            for t in period.by_document_type
+        )
+    return fmt.table(["date", *TOTALS_HEADERS, "share"], rows)
+
+
+POOL_WORDS = {
+    reporting_pb2.PAYMENT_POOL_CONTRACT: "contract",
+    reporting_pb2.PAYMENT_POOL_PREPAID: "prepaid",
+    reporting_pb2.PAYMENT_POOL_OVERAGE: "overage",
+}
+
+
+def render_records(response: reporting_pb2.ListUsageRecordsResponse) -> str:
+    if not response.records:
+        text = "no usage records"
+    else:
+        rows = [_record_row(record) for record in response.records]
+        headers = [
+            "request id",
+            "status",
+            "document type",
+            "units",
+            "pools paid",
+            "requested at",
+            "completed at",
+            "processing ms",
+        ]
+        text = fmt.table(headers, rows, left=7)
+    if response.next_page_token:
+        text += f"\n\nnext page token: {response.next_page_token}"
+    return text
+
+
+def _record_row(record: reporting_pb2.UsageRecord) -> list[str]:
+    status = reporting_pb2.UsageRecordStatus.Name(record.status)
+    pools = "+".join(POOL_WORDS.get(pool, str(pool)) for pool in record.paid_from)
+    return [
+        record.request_id,
+        _enum_name("USAGE_RECORD_STATUS_", status),
+        record.document_type or "-",
+        fmt.pairs([(m.metric, m.units) for m in record.metrics]),
+        pools or "-",
+        fmt.when(record.requested_at),
+        fmt.when(record.completed_at),
+        fmt.optional_int(record, "processing_time_ms", "-"),
+    ]
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -469,6 +668,37 @@ def cmd_release(client: PagemeterClient, args: argparse.Namespace) -> int:
 def cmd_usage(client: PagemeterClient, args: argparse.Namespace) -> int:
     response = client.get_usage(args.org, year=args.year, month=args.month)
     emit(args, response, lambda: render_usage(response))
+    return EXIT_OK
+
+
+def cmd_history(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.get_usage_history(args.org, months=args.months)
+    emit(args, response, lambda: render_history(response))
+    return EXIT_OK
+
+
+def cmd_stats(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.get_usage_statistics(
+        args.org,
+        period=args.period,
+        start_date=args.start,
+        end_date=args.end,
+        group_by=args.group_by,
+    )
+    emit(args, response, lambda: render_statistics(response))
+    return EXIT_OK
+
+
+def cmd_records(client: PagemeterClient, args: argparse.Namespace) -> int:
+    if args.all:
+        # Every page, printed as one answer (with --json: one ListUsageRecordsResponse).
+        records = client.iter_usage_records(args.org, page_size=args.page_size)
+        response = reporting_pb2.ListUsageRecordsResponse(records=list(records))
+    else:
+        response = client.list_usage_records(
+            args.org, page_size=args.page_size, page_token=args.page_token
+        )
+    emit(args, response, lambda: render_records(response))
     return EXIT_OK
 
 
@@ -606,6 +836,59 @@ def _add_job_commands(
     usage.set_defaults(run=cmd_usage)
 
 
+def _add_report_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    history = commands.add_parser(
+        "history", parents=[common], help="usage and contract terms month by month"
+    )
+    history.add_argument("org", metavar="ORG")
+    history.add_argument(
+        "--months", type=count, default=0, help="how many months, 1-24 (default 12)"
+    )
+    history.set_defaults(run=cmd_history)
+
+    stats = commands.add_parser(
+        "stats", parents=[common], help="usage by day, week or month and by document type"
+    )
+    stats.add_argument("org", metavar="ORG")
+    stats.add_argument(
+        "--period", choices=list(STATISTICS_PERIODS), help="length of the rows (default monthly)"
+    )
+    stats.add_argument(
+        "--start",
+        type=calendar_date,
+        metavar="YYYY-MM-DD",
+        help="first day (default: 30 days before --end)",
+    )
+    stats.add_argument(
+        "--end",
+        type=calendar_date,
+        metavar="YYYY-MM-DD",
+        help="last day, included (default: today in the plan's timezone)",
+    )
+    stats.add_argument(
+        "--group-by",
+        choices=list(STATISTICS_GROUPINGS),
+        help="date rows, document type rows, or both (default date)",
+    )
+    stats.set_defaults(run=cmd_stats)
+
+    records = commands.add_parser(
+        "records", parents=[common], help="usage records (jobs), newest first"
+    )
+    records.add_argument("org", metavar="ORG")
+    records.add_argument(
+        "--page-size", type=count, default=0, help="records per page, 1-1000 (default 50)"
+    )
+    pages = records.add_mutually_exclusive_group()
+    pages.add_argument(
+        "--page-token", default="", help="the next page token printed by the previous page"
+    )
+    pages.add_argument("--all", action="store_true", help="follow the pages to the last one")
+    records.set_defaults(run=cmd_records)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; reads PAGEMETER_TARGET for the default target."""
     parser = argparse.ArgumentParser(
@@ -619,6 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_commands(commands, common)
     _add_credit_commands(commands, common)
     _add_job_commands(commands, common)
+    _add_report_commands(commands, common)
     return parser
 
 

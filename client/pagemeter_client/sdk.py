@@ -6,6 +6,9 @@ request message, so a job keeps its `request_id` across attempts and the server'
 idempotency makes the retry safe: a repeated RecordUsage is answered as a
 duplicate, never counted twice.
 
+The reporting reads (history, statistics, usage records) are plain calls too;
+`iter_usage_records` follows the pages of ListUsageRecords.
+
 Workers usually need only `reserve()`:
 
     async with client.reserve("acme", {"pages": 12}) as job:
@@ -24,9 +27,9 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import grpc
 import grpc.aio
@@ -35,17 +38,40 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    plan_pb2,
+    quota_pb2,
+    quota_pb2_grpc,
+    reporting_pb2,
+    reporting_pb2_grpc,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 QUOTA_SERVICE = "pagemeter.v1.QuotaService"
 ADMIN_SERVICE = "pagemeter.v1.AdminService"
+REPORTING_SERVICE = "pagemeter.v1.ReportingService"
 # gRPC caps retryPolicy.maxAttempts at 5 whatever the config says.
 MAX_ATTEMPTS_LIMIT = 5
 
 Metadata = Sequence[tuple[str, str]]
 ChannelOptions = Sequence[tuple[str, Any]]
+# The rows of a GetUsageStatistics answer, and the breakdowns it carries.
+StatisticsPeriodName = Literal["daily", "weekly", "monthly"]
+StatisticsGroupingName = Literal["date", "document_type", "both"]
+
+STATISTICS_PERIODS: dict[str, reporting_pb2.StatisticsPeriod.ValueType] = {
+    "daily": reporting_pb2.STATISTICS_PERIOD_DAILY,
+    "weekly": reporting_pb2.STATISTICS_PERIOD_WEEKLY,
+    "monthly": reporting_pb2.STATISTICS_PERIOD_MONTHLY,
+}
+STATISTICS_GROUPINGS: dict[str, reporting_pb2.StatisticsGrouping.ValueType] = {
+    "date": reporting_pb2.STATISTICS_GROUPING_DATE,
+    "document_type": reporting_pb2.STATISTICS_GROUPING_DOCUMENT_TYPE,
+    "both": reporting_pb2.STATISTICS_GROUPING_BOTH,
+}
 
 
 # -- retries and channel options --------------------------------------------------------
@@ -71,9 +97,13 @@ class RetryPolicy:
             raise ValueError("backoff times and multiplier must be positive")
 
     def service_config(self) -> str:
-        """The channel's `grpc.service_config` JSON: this policy for both pagemeter services."""
+        """The channel's `grpc.service_config` JSON: this policy for every pagemeter service."""
         method_config: dict[str, Any] = {
-            "name": [{"service": QUOTA_SERVICE}, {"service": ADMIN_SERVICE}],
+            "name": [
+                {"service": QUOTA_SERVICE},
+                {"service": ADMIN_SERVICE},
+                {"service": REPORTING_SERVICE},
+            ],
         }
         # gRPC rejects a retryPolicy with fewer than 2 attempts: one attempt means no policy.
         if self.max_attempts > 1:
@@ -186,6 +216,83 @@ def get_usage_request(
     if month is not None:
         request.month = month
     return request
+
+
+def get_usage_history_request(
+    org_id: str, *, months: int = 0
+) -> reporting_pb2.GetUsageHistoryRequest:
+    """A GetUsageHistoryRequest; months=0 means the server's default (12)."""
+    return reporting_pb2.GetUsageHistoryRequest(org_id=org_id, months=months)
+
+
+def _date_text(value: str | date | None, name: str) -> str:
+    # A string goes as given (the server says what is wrong with it); a date as
+    # YYYY-MM-DD; a datetime as ISO 8601 with its offset, whose date the server
+    # takes in the plan's timezone, so a naive one is refused as for timestamps.
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"{name} must be a date or a timezone-aware datetime")
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def get_usage_statistics_request(
+    org_id: str,
+    *,
+    period: StatisticsPeriodName | None = None,
+    start_date: str | date | None = None,
+    end_date: str | date | None = None,
+    group_by: StatisticsGroupingName | None = None,
+) -> reporting_pb2.GetUsageStatisticsRequest:
+    """A GetUsageStatisticsRequest; None leaves a field to the server's default.
+
+    period is "daily", "weekly" or "monthly" (default monthly); group_by is "date",
+    "document_type" or "both" (default date); the dates are strings, dates or
+    timezone-aware datetimes (defaults: the 30 days up to today in the plan's
+    timezone). An unknown period or group_by raises ValueError before sending.
+    """
+    request = reporting_pb2.GetUsageStatisticsRequest(
+        org_id=org_id,
+        start_date=_date_text(start_date, "start_date"),
+        end_date=_date_text(end_date, "end_date"),
+    )
+    if period is not None:
+        if period not in STATISTICS_PERIODS:
+            raise ValueError(f"period must be one of {', '.join(STATISTICS_PERIODS)}")
+        request.period = STATISTICS_PERIODS[period]
+    if group_by is not None:
+        if group_by not in STATISTICS_GROUPINGS:
+            raise ValueError(f"group_by must be one of {', '.join(STATISTICS_GROUPINGS)}")
+        request.group_by = STATISTICS_GROUPINGS[group_by]
+    return request
+
+
+def list_usage_records_request(
+    org_id: str, *, page_size: int = 0, page_token: str = ""
+) -> reporting_pb2.ListUsageRecordsRequest:
+    """A ListUsageRecordsRequest; page_size=0 means the server's default (50)."""
+    return reporting_pb2.ListUsageRecordsRequest(
+        org_id=org_id, page_size=page_size, page_token=page_token
+    )
+
+
+def _next_token(response: reporting_pb2.ListUsageRecordsResponse, seen: set[str]) -> str:
+    """The page token to ask for next ("" when done); a token seen before is refused.
+
+    A server that handed out the same token twice would otherwise keep the
+    iterator going round for ever.
+    """
+    token = response.next_page_token
+    if not token:
+        return ""
+    if token in seen:
+        raise RuntimeError(f"ListUsageRecords returned page token {token!r} a second time")
+    seen.add(token)
+    return token
 
 
 # -- denials and errors -----------------------------------------------------------------
@@ -437,11 +544,12 @@ class _ClientConfig:
 
 @dataclass(frozen=True)
 class _AsyncChannel:
-    """An open grpc.aio channel with the stubs of both services on it."""
+    """An open grpc.aio channel with the stubs of the pagemeter services on it."""
 
     channel: grpc.aio.Channel
     quota: quota_pb2_grpc.QuotaServiceAsyncStub
     admin: admin_pb2_grpc.AdminServiceAsyncStub
+    reporting: reporting_pb2_grpc.ReportingServiceAsyncStub
 
     @classmethod
     def create(
@@ -457,6 +565,7 @@ class _AsyncChannel:
             channel,
             quota_pb2_grpc.QuotaServiceStub(channel),
             admin_pb2_grpc.AdminServiceStub(channel),
+            reporting_pb2_grpc.ReportingServiceStub(channel),
         )
 
 
@@ -505,6 +614,10 @@ class AsyncPagemeterClient:
     @property
     def _admin(self) -> admin_pb2_grpc.AdminServiceAsyncStub:
         return self._channel().admin
+
+    @property
+    def _reporting(self) -> reporting_pb2_grpc.ReportingServiceAsyncStub:
+        return self._channel().reporting
 
     async def close(self) -> None:
         if self._open is not None:
@@ -631,6 +744,65 @@ class AsyncPagemeterClient:
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
 
+    # ReportingService
+
+    async def get_usage_history(
+        self, org_id: str, *, months: int = 0, timeout: float | None = None
+    ) -> reporting_pb2.GetUsageHistoryResponse:
+        """The last `months` months (0: the server's 12), newest first, with each month's terms."""
+        request = get_usage_history_request(org_id, months=months)
+        return await self._reporting.GetUsageHistory(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def get_usage_statistics(
+        self,
+        org_id: str,
+        *,
+        period: StatisticsPeriodName | None = None,
+        start_date: str | date | None = None,
+        end_date: str | date | None = None,
+        group_by: StatisticsGroupingName | None = None,
+        timeout: float | None = None,
+    ) -> reporting_pb2.GetUsageStatisticsResponse:
+        """Usage between two dates of the plan's timezone, by period and/or by document type."""
+        request = get_usage_statistics_request(
+            org_id, period=period, start_date=start_date, end_date=end_date, group_by=group_by
+        )
+        return await self._reporting.GetUsageStatistics(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def list_usage_records(
+        self,
+        org_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> reporting_pb2.ListUsageRecordsResponse:
+        """One page of usage records, newest first; pass next_page_token on for the next."""
+        request = list_usage_records_request(org_id, page_size=page_size, page_token=page_token)
+        return await self._reporting.ListUsageRecords(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def iter_usage_records(
+        self, org_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[reporting_pb2.UsageRecord]:
+        """Every usage record, newest first, fetching page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = await self.list_usage_records(
+                org_id, page_size=page_size, page_token=token, timeout=timeout
+            )
+            for record in page.records:
+                yield record
+            token = _next_token(page, seen)
+            if not token:
+                return
+
     # Worker convenience
 
     @contextlib.asynccontextmanager
@@ -698,6 +870,7 @@ class PagemeterClient:
         )
         self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._reporting = reporting_pb2_grpc.ReportingServiceStub(self._channel)
 
     @property
     def target(self) -> str:
@@ -823,6 +996,64 @@ class PagemeterClient:
         return self._admin.GrantCredits(
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
+
+    # ReportingService
+
+    def get_usage_history(
+        self, org_id: str, *, months: int = 0, timeout: float | None = None
+    ) -> reporting_pb2.GetUsageHistoryResponse:
+        """The last `months` months (0: the server's 12), newest first, with each month's terms."""
+        request = get_usage_history_request(org_id, months=months)
+        return self._reporting.GetUsageHistory(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def get_usage_statistics(
+        self,
+        org_id: str,
+        *,
+        period: StatisticsPeriodName | None = None,
+        start_date: str | date | None = None,
+        end_date: str | date | None = None,
+        group_by: StatisticsGroupingName | None = None,
+        timeout: float | None = None,
+    ) -> reporting_pb2.GetUsageStatisticsResponse:
+        """Usage between two dates of the plan's timezone, by period and/or by document type."""
+        request = get_usage_statistics_request(
+            org_id, period=period, start_date=start_date, end_date=end_date, group_by=group_by
+        )
+        return self._reporting.GetUsageStatistics(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def list_usage_records(
+        self,
+        org_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> reporting_pb2.ListUsageRecordsResponse:
+        """One page of usage records, newest first; pass next_page_token on for the next."""
+        request = list_usage_records_request(org_id, page_size=page_size, page_token=page_token)
+        return self._reporting.ListUsageRecords(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def iter_usage_records(
+        self, org_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[reporting_pb2.UsageRecord]:
+        """Every usage record, newest first, fetching page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = self.list_usage_records(
+                org_id, page_size=page_size, page_token=token, timeout=timeout
+            )
+            yield from page.records
+            token = _next_token(page, seen)
+            if not token:
+                return
 
     # Worker convenience
 

@@ -73,13 +73,17 @@ class RedisProcess:
         host: str = "127.0.0.1",
         port: int = 0,
         appendonly: bool = True,
+        password: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
         self.appendonly = appendonly
+        self.password = password
         self.extra_args = list(extra_args)
+        if password:
+            self.extra_args += ["--requirepass", password]
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -161,6 +165,7 @@ class RedisProcess:
             socket_timeout=probe_timeout,
             socket_connect_timeout=probe_timeout,
             retry=Retry(NoBackoff(), 0),
+            password=self.password,
         )
         try:
             server_pid = int(client.info("server")["process_id"])

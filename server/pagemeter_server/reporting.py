@@ -260,13 +260,22 @@ def _record_status(
     return _FINAL_STATUS.get(status, reporting_pb2.USAGE_RECORD_STATUS_UNSPECIFIED)
 
 
-def _record_metrics(fields: dict[str, str]) -> list[reporting_pb2.RecordMetricUsage]:
-    """Units per metric: the recorded rows, or the hold's split while not recorded.
+def _record_metrics(fields: dict[str, str], pending: bool) -> list[reporting_pb2.RecordMetricUsage]:
+    """Units per metric with the pools that paid (or, while pending, that the hold reserves).
+
+    A released or expired hold, and a failed job, consumed nothing: their units
+    are shown with no split.
 
     record.lua rows: metric, units, included, prepaid, overage, ...
     check.lua rows: metric, allowed, reason, requested, ..., included (11),
     prepaid (12), overage (13), ...
     """
+    if fields.get("st") == "failed" and fields.get("att"):
+        # A failed job consumed nothing; its log shows the units it reported.
+        return [
+            reporting_pb2.RecordMetricUsage(metric=metric, units=int(units))
+            for metric, units, _ in (part.split(":") for part in fields["att"].split(";"))
+        ]
     if fields.get("res") is not None and fields.get("st") in ("completed", "failed"):
         return [
             reporting_pb2.RecordMetricUsage(
@@ -282,9 +291,9 @@ def _record_metrics(fields: dict[str, str]) -> list[reporting_pb2.RecordMetricUs
         reporting_pb2.RecordMetricUsage(
             metric=row[0],
             units=int(row[3]),
-            included_units=int(row[11]),
-            prepaid_units=int(row[12]),
-            overage_units=int(row[13]),
+            included_units=int(row[11]) if pending else 0,
+            prepaid_units=int(row[12]) if pending else 0,
+            overage_units=int(row[13]) if pending else 0,
         )
         for row in _rows(fields.get("cres", ""))
     ]
@@ -297,7 +306,7 @@ def _rows(encoded: str) -> list[list[str]]:
 def usage_record(entry: RecordEntry, now_ms: int) -> reporting_pb2.UsageRecord:
     fields = entry.fields
     status = _record_status(fields, now_ms)
-    metrics = _record_metrics(fields)
+    metrics = _record_metrics(fields, status == reporting_pb2.USAGE_RECORD_STATUS_PENDING)
     record = reporting_pb2.UsageRecord(
         request_id=entry.request_id,
         status=status,

@@ -619,7 +619,10 @@ class RecordMetricUsage(_message.Message):
     OVERAGE_UNITS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     units: _builtins.int
-    """Units recorded (held units while pending)."""
+    """Units recorded; held units while pending (split as the hold reserves
+    them); for a failed job the units it reported, and for a released or
+    expired hold the units it held (both consumed nothing: the splits are 0).
+    """
     included_units: _builtins.int
     prepaid_units: _builtins.int
     overage_units: _builtins.int
@@ -670,8 +673,9 @@ class UsageRecord(_message.Message):
 
     @_builtins.property
     def paid_from(self) -> _containers.RepeatedScalarFieldContainer[Global___PaymentPool.ValueType]:
-        """The pools that paid for the record's units, cheapest first (empty when
-        nothing was consumed).
+        """The pools that paid for the record's units, cheapest first; while pending,
+        the pools its hold reserves from. Empty when nothing was consumed (a failed
+        job, a released or expired hold).
         """
 
     @_builtins.property

@@ -48,6 +48,9 @@
 --     count as '_other';
 --   the lifetime hash: a:<m>, all successful units ever, for monthly metrics;
 --   the records index, by requested-at.
+-- A record that only moves PERIOD_NONE gauges is not a job: it adds to no job
+-- or day counter. The record keeps the units the job reported ('att'), so the
+-- log of a failed job shows what it tried.
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local credits_key, month_key, life_key, record_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -96,6 +99,12 @@ for i = 1, count do
   requests[i] = {metric, n}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
+-- The units the job reported, kept with its record even when it failed (a
+-- failed job consumes nothing, but its log shows what it tried).
+local requests_as_parts = {}
+for i, req in ipairs(requests) do
+  requests_as_parts[i] = {req[1], req[2], 0}
+end
 
 -- Free this job's hold before pricing the units, so its own prepaid
 -- reservation is available to it.
@@ -161,37 +170,50 @@ for i, req in ipairs(requests) do
   }
 end
 
--- The day's counters, for statistics by date and by document type.
-local day_type = document_type
-if redis.call('HEXISTS', day_key, 'tok:' .. day_type) == 0
-    and redis.call('HEXISTS', day_key, 'tfail:' .. day_type) == 0 then
-  if int(redis.call('HGET', day_key, 'ntypes')) >= MAX_DAY_TYPES then
-    day_type = '_other'
-  else
-    redis.call('HINCRBY', day_key, 'ntypes', 1)
-  end
-end
+-- A job is work on a monthly metric. A record that only moves lifetime gauges
+-- (an application created, a template deleted) is not a document job: it is
+-- kept as a record but counts in no job or day counter.
+local is_job = false
 for _, row in ipairs(rows) do
-  local metric, n = row[1], tonumber(row[2])
-  if row[12] == 'M' and n > 0 then
-    redis.call('HINCRBY', day_key, 'c:' .. metric, n)
-    redis.call('HINCRBY', day_key, 'tc:' .. day_type .. ':' .. metric, n)
-    redis.call('HINCRBY', life_key, 'a:' .. metric, n)
+  if row[12] == 'M' then
+    is_job = true
   end
 end
 
 local final_status = 'failed'
 if success then
   final_status = 'completed'
-  redis.call('HINCRBY', month_key, 'jobs_ok', 1)
-  redis.call('HINCRBY', day_key, 'ok', 1)
-  redis.call('HINCRBY', day_key, 'tok:' .. day_type, 1)
-else
-  redis.call('HINCRBY', month_key, 'jobs_failed', 1)
-  redis.call('HINCRBY', day_key, 'failed', 1)
-  redis.call('HINCRBY', day_key, 'tfail:' .. day_type, 1)
 end
-redis.call('PEXPIRE', day_key, math.max(1, day_expire_at - now))
+if is_job then
+  -- The day's counters, for statistics by date and by document type.
+  local day_type = document_type
+  if redis.call('HEXISTS', day_key, 'tok:' .. day_type) == 0
+      and redis.call('HEXISTS', day_key, 'tfail:' .. day_type) == 0 then
+    if int(redis.call('HGET', day_key, 'ntypes')) >= MAX_DAY_TYPES then
+      day_type = '_other'
+    else
+      redis.call('HINCRBY', day_key, 'ntypes', 1)
+    end
+  end
+  for _, row in ipairs(rows) do
+    local metric, n = row[1], tonumber(row[2])
+    if row[12] == 'M' and n > 0 then
+      redis.call('HINCRBY', day_key, 'c:' .. metric, n)
+      redis.call('HINCRBY', day_key, 'tc:' .. day_type .. ':' .. metric, n)
+      redis.call('HINCRBY', life_key, 'a:' .. metric, n)
+    end
+  end
+  if success then
+    redis.call('HINCRBY', month_key, 'jobs_ok', 1)
+    redis.call('HINCRBY', day_key, 'ok', 1)
+    redis.call('HINCRBY', day_key, 'tok:' .. day_type, 1)
+  else
+    redis.call('HINCRBY', month_key, 'jobs_failed', 1)
+    redis.call('HINCRBY', day_key, 'failed', 1)
+    redis.call('HINCRBY', day_key, 'tfail:' .. day_type, 1)
+  end
+  redis.call('PEXPIRE', day_key, math.max(1, day_expire_at - now))
+end
 -- Relative to the call's clock, not Redis's, so the expiry follows the same time
 -- as the rules (tests drive that clock).
 redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
@@ -199,7 +221,8 @@ redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
 local encoded = encode_rows(rows)
 redis.call('HSET', record_key, 'st', final_status, 'fp', fingerprint, 'res', encoded,
   'hr', bool01(hold_released), 'he', bool01(hold_expired), 'ol', bool01(over_limit),
-  'mid', month_id, 'cms', completed_ms, 'rms', requested_ms, 'dt', document_type)
+  'mid', month_id, 'cms', completed_ms, 'rms', requested_ms, 'dt', document_type,
+  'att', encode_hold(requests_as_parts))
 redis.call('PEXPIRE', record_key, record_ttl)
 index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_cap)
 return {'OK', '0', final_status, bool01(hold_released), bool01(hold_expired),
