@@ -644,3 +644,125 @@ def test_unreadable_tokens_file_is_a_clear_error(tmp_path: Any) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(ConfigurationError, match="nope"):
         load_credentials(Settings(admin_tokens_file=str(missing)), {})
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificates(tmp_path: Any) -> dict[str, Any]:
+    """A throwaway CA, a server certificate for localhost and a client certificate."""
+    import trustme
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    client_cert = ca.issue_cert("worker.example")
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "cert": tmp_path / "server.pem",
+        "key": tmp_path / "server.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.private_key_pem.write_to_path(str(files["key"]))
+    for blob in server_cert.cert_chain_pems:
+        blob.write_to_path(str(files["cert"]), append=True)
+    return {
+        **files,
+        "ca_pem": ca.cert_pem.bytes(),
+        "client_cert": b"".join(b.bytes() for b in client_cert.cert_chain_pems),
+        "client_key": client_cert.private_key_pem.bytes(),
+        "stranger": trustme.CA().issue_cert("intruder.example"),
+    }
+
+
+async def tls_server(
+    settings: Settings, redis_client: aioredis.Redis, certificates: dict[str, Any], mutual: bool
+) -> tuple[Any, int]:
+    secured_settings = Settings(
+        redis_url=settings.redis_url,
+        listen="127.0.0.1:0",
+        tls_cert_file=str(certificates["cert"]),
+        tls_key_file=str(certificates["key"]),
+        tls_client_ca_file=str(certificates["ca"]) if mutual else "",
+    )
+    server, port, _ = await create_server(
+        secured_settings, redis_client, registry=CollectorRegistry(), credentials=credentials()
+    )
+    await server.start()
+    return server, port
+
+
+async def usage_over(channel: grpc.aio.Channel) -> quota_pb2.GetUsageResponse:
+    stub = quota_pb2_grpc.QuotaServiceStub(channel)
+    reply: quota_pb2.GetUsageResponse = await stub.GetUsage(
+        quota_pb2.GetUsageRequest(org_id="acme"),
+        metadata=(("authorization", f"Bearer {SERVICE_TOKEN}"),),
+        timeout=5,
+    )
+    return reply
+
+
+LOCALHOST = (("grpc.ssl_target_name_override", "localhost"),)
+
+
+async def test_tls_serves_only_tls_clients(
+    settings: Settings, redis_client: aioredis.Redis, certificates: dict[str, Any]
+) -> None:
+    """With a certificate configured, a client trusting the CA is served; a plaintext client is not."""
+    server, port = await tls_server(settings, redis_client, certificates, mutual=False)
+    try:
+        trusted = grpc.ssl_channel_credentials(root_certificates=certificates["ca_pem"])
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", trusted, options=LOCALHOST) as ch:
+            assert (await usage_over(ch)).org_id == "acme"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+            error = await refused(usage_over(plain))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(None)
+
+
+async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
+    settings: Settings, redis_client: aioredis.Redis, certificates: dict[str, Any]
+) -> None:
+    """With a client CA configured, only a client presenting a certificate that CA signed gets an answer."""
+    server, port = await tls_server(settings, redis_client, certificates, mutual=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        with_cert = grpc.ssl_channel_credentials(
+            root_certificates=certificates["ca_pem"],
+            private_key=certificates["client_key"],
+            certificate_chain=certificates["client_cert"],
+        )
+        async with grpc.aio.secure_channel(target, with_cert, options=LOCALHOST) as ch:
+            assert (await usage_over(ch)).org_id == "acme"
+        without_cert = grpc.ssl_channel_credentials(root_certificates=certificates["ca_pem"])
+        async with grpc.aio.secure_channel(target, without_cert, options=LOCALHOST) as ch:
+            error = await refused(usage_over(ch))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+        stranger = certificates["stranger"]
+        foreign = grpc.ssl_channel_credentials(
+            root_certificates=certificates["ca_pem"],
+            private_key=stranger.private_key_pem.bytes(),
+            certificate_chain=b"".join(b.bytes() for b in stranger.cert_chain_pems),
+        )
+        async with grpc.aio.secure_channel(target, foreign, options=LOCALHOST) as ch:
+            error = await refused(usage_over(ch))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(None)
+
+
+async def test_unreadable_certificate_is_a_configuration_error(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Any
+) -> None:
+    """A TLS certificate file that cannot be read stops create_server with the file's name."""
+    broken = Settings(
+        redis_url=settings.redis_url,
+        listen="127.0.0.1:0",
+        tls_cert_file=str(tmp_path / "missing.pem"),
+        tls_key_file=str(tmp_path / "missing.key"),
+    )
+    with pytest.raises(ConfigurationError, match=r"missing\.pem"):
+        await create_server(
+            broken, redis_client, registry=CollectorRegistry(), credentials=credentials()
+        )

@@ -143,8 +143,8 @@ async def create_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    server_credentials = tls_server_credentials(settings)
     try:
-        server_credentials = tls_server_credentials(settings)
         if server_credentials is None:
             port = server.add_insecure_port(address)
         else:
