@@ -766,3 +766,29 @@ async def test_unreadable_certificate_is_a_configuration_error(
         await create_server(
             broken, redis_client, registry=CollectorRegistry(), credentials=credentials()
         )
+
+
+@pytest.mark.parametrize(("year", "month"), [(2026, 4), (2024, 12)], ids=["future", "expired"])
+async def test_correction_of_a_month_outside_the_counters_is_refused(
+    secured: Secured, redis_sync: redis.Redis, year: int, month: int
+) -> None:
+    """A correction for a month that has not begun, or whose counters are past the usage retention, is INVALID_ARGUMENT and writes nothing."""
+    await secured.call(
+        secured.admin, "SetPlan", admin_pb2.SetPlanRequest(plan=eagle_plan()), ADMIN_TOKEN
+    )
+    keys_before = sorted(redis_sync.keys("*"))
+    audit_before = redis_sync.xlen("pm:{acme}:audit")
+    request = admin_pb2.AdjustUsageRequest(
+        org_id="acme",
+        metric="pages",
+        units=5,
+        reason="late fix",
+        adjustment_id="a1",
+        year=year,
+        month=month,
+    )
+    error = await refused(secured.call(secured.admin, "AdjustUsage", request, ADMIN_TOKEN))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "month" in (error.details() or "")
+    assert sorted(redis_sync.keys("*")) == keys_before
+    assert redis_sync.xlen("pm:{acme}:audit") == audit_before

@@ -20,6 +20,7 @@ from pagemeter_server.store import (
     Store,
     fingerprint,
 )
+from pagemeter_server.validation import invalid
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,15 @@ class AdminStore:
             month: Month = (
                 month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
             )
+            if month.start_ms > now_ms:
+                raise invalid(
+                    "month", f"month {month.period_id} has not begun; correct a past month"
+                )
+            if month.end_ms + self.store.usage_retention_ms <= now_ms:
+                raise invalid(
+                    "month",
+                    f"month {month.period_id} is past the usage retention; its counters are gone",
+                )
             return await self.store.run(
                 "adjust",
                 [
