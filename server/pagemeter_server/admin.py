@@ -26,14 +26,14 @@ from pagemeter_server.validation import (
     MAX_REASON,
     MAX_UNITS,
     Violations,
+    bad_page_token,
     check_year_month,
     invalid,
+    page_request,
+    require_org_id,
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
@@ -71,9 +71,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def GetPlan(
         self, request: admin_pb2.GetPlanRequest, context: Context
     ) -> admin_pb2.GetPlanResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        problems.raise_if_any()
+        require_org_id(request.org_id)
         stored = await self.store.get_plan(request.org_id)
         if stored is None:
             raise PlanNotFound(request.org_id)
@@ -134,9 +132,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Context
     ) -> admin_pb2.ListApiKeysResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        problems.raise_if_any()
+        require_org_id(request.org_id)
         keys = await self.admin_store.list_keys(request.org_id)
         return admin_pb2.ListApiKeysResponse(keys=[_api_key(k) for k in keys])
 
@@ -205,20 +201,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: Context
     ) -> admin_pb2.ListAuditEventsResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-        problems.raise_if_any()
+        page_size = page_request(request.org_id, request.page_size, request.page_token)
         try:
             entries, next_token = await self.admin_store.audit_page(
-                request.org_id, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
+                request.org_id, page_size, request.page_token
             )
         except BadPageToken:
-            raise invalid(
-                "page_token",
-                "page_token is not one this service issued; pass next_page_token unchanged",
-            ) from None
+            raise bad_page_token() from None
         events = [
             admin_pb2.AuditEvent(
                 event_id=entry.event_id,

@@ -20,13 +20,15 @@ from pagemeter_server.periods import day_end_ms, day_start_ms, local_date, times
 from pagemeter_server.report_store import BadPageToken, PlanVersion, RecordEntry, ReportStore
 from pagemeter_server.service import job_counts
 from pagemeter_server.store import Store
-from pagemeter_server.validation import Violations, invalid
+from pagemeter_server.validation import (
+    Violations,
+    bad_page_token,
+    page_request,
+    require_org_id,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-MAX_PAGE_TOKEN = 512
 
 _POOLS = (
     (reporting_pb2.PAYMENT_POOL_CONTRACT, "included_units"),
@@ -82,9 +84,7 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
     async def GetUsageStatistics(
         self, request: reporting_pb2.GetUsageStatisticsRequest, context: Context
     ) -> reporting_pb2.GetUsageStatisticsResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        problems.raise_if_any()
+        require_org_id(request.org_id)
         now_ms = self.clock.now_ms()
         tz, _ = await self._timezone_and_plans(request.org_id)
         query = statistics.parse_query(
@@ -105,22 +105,11 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
     async def ListUsageRecords(
         self, request: reporting_pb2.ListUsageRecordsRequest, context: Context
     ) -> reporting_pb2.ListUsageRecordsResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-        if len(request.page_token) > MAX_PAGE_TOKEN:
-            problems.add("page_token", "page_token is not one this service issued")
-        problems.raise_if_any()
+        page_size = page_request(request.org_id, request.page_size, request.page_token)
         try:
-            page = await self.reports.records_page(
-                request.org_id, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
-            )
+            page = await self.reports.records_page(request.org_id, page_size, request.page_token)
         except BadPageToken:
-            raise invalid(
-                "page_token",
-                "page_token is not one this service issued; pass next_page_token unchanged",
-            ) from None
+            raise bad_page_token() from None
         now_ms = self.clock.now_ms()
         return reporting_pb2.ListUsageRecordsResponse(
             records=[usage_record(entry, now_ms) for entry in page.records],

@@ -23,6 +23,7 @@ from pagemeter_server.validation import (
     MAX_LABEL,
     Violations,
     check_year_month,
+    require_org_id,
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -273,9 +274,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def GetUsage(
         self, request: quota_pb2.GetUsageRequest, context: Context
     ) -> quota_pb2.GetUsageResponse:
-        problems = Violations()
-        problems.check_org_id(request.org_id)
-        problems.raise_if_any()
+        require_org_id(request.org_id)
         has_year, has_month = request.HasField("year"), request.HasField("month")
         check_year_month(has_year, request.year, has_month, request.month)
         now_ms = self.clock.now_ms()

@@ -119,6 +119,36 @@ class InvalidArgument(Exception):
         self.reason = reason
 
 
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN = 512
+
+
+def require_org_id(org_id: str) -> None:
+    """Refuse a request whose only field to check is its organization."""
+    problems = Violations()
+    problems.check_org_id(org_id)
+    problems.raise_if_any()
+
+
+def page_request(org_id: str, page_size: int, page_token: str) -> int:
+    """Check a paginated request; return the page size to use."""
+    problems = Violations()
+    problems.check_org_id(org_id)
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+    if len(page_token) > MAX_PAGE_TOKEN:
+        problems.add("page_token", "page_token is not one this service issued")
+    problems.raise_if_any()
+    return page_size or DEFAULT_PAGE_SIZE
+
+
+def bad_page_token() -> InvalidArgument:
+    return invalid(
+        "page_token", "page_token is not one this service issued; pass next_page_token unchanged"
+    )
+
+
 def invalid(field_path: str, description: str, reason: str = "") -> InvalidArgument:
     return InvalidArgument([Violation(field_path, description)], reason)
 
