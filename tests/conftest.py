@@ -158,6 +158,19 @@ def eagle_plan(org_id: str = "acme", **overrides: object) -> plan_pb2.Plan:
     return plan_pb2.Plan(**fields)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True)
+def no_caller_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's exported PAGEMETER_TOKEN, PAGEMETER_TLS_CA, ... must not reach the tests.
+
+    Only the choice of redis-server binary is kept.
+    """
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PAGEMETER_") and name != "PAGEMETER_REDIS_SERVER":
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent

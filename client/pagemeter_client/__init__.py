@@ -22,6 +22,7 @@ from pagemeter_client.sdk import (
     StatisticsGroupingName,
     StatisticsPeriodName,
     error_details,
+    is_tenant_key,
     new_request_id,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "StatisticsGroupingName",
     "StatisticsPeriodName",
     "error_details",
+    "is_tenant_key",
     "new_request_id",
 ]

@@ -1,9 +1,14 @@
-"""The `pagemeter` command: plans, credits, checks, records, usage and reports from a shell.
+"""The `pagemeter` command: plans, credits, keys, checks, records, usage and reports.
 
 Exit codes: 0 success; 1 the server answered with a gRPC error (printed as
-`error: CODE: message` on stderr, with any google.rpc details); 2 bad command
-line or input file (nothing was sent); 3 `check` was answered "denied" (the
-decision is still printed, on stdout); 130 interrupted.
+`error: CODE: message` on stderr, with any google.rpc details; one line for
+UNAUTHENTICATED, PERMISSION_DENIED and RESOURCE_EXHAUSTED); 2 bad command line
+or input file (nothing was sent); 3 `check` was answered "denied" (the decision
+is still printed, on stdout); 130 interrupted.
+
+Credentials come from $PAGEMETER_TOKEN (or --token, which other users of the
+machine can see in the process list); TLS from --tls and the --tls-* options or
+their environment variables. The token is never printed.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from pagemeter.v1 import plan_pb2, quota_pb2, reporting_pb2
+from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
 from pagemeter_client import _format as fmt
 from pagemeter_client.sdk import (
     DEFAULT_TARGET,
@@ -29,6 +35,7 @@ from pagemeter_client.sdk import (
     STATISTICS_PERIODS,
     PagemeterClient,
     error_details,
+    is_tenant_key,
     reason_name,
 )
 
@@ -39,6 +46,24 @@ EXIT_DENIED = 3
 EXIT_INTERRUPTED = 130
 
 TARGET_ENV = "PAGEMETER_TARGET"
+TOKEN_ENV = "PAGEMETER_TOKEN"  # noqa: S105 (the name of a variable, not a token)
+TLS_ENV = "PAGEMETER_TLS"
+TLS_CA_ENV = "PAGEMETER_TLS_CA"
+# Not PAGEMETER_TLS_CERT/KEY: those name the server's own certificate and key
+# (pagemeter-server reads them), and a shell may have both set.
+TLS_CERT_ENV = "PAGEMETER_TLS_CLIENT_CERT"
+TLS_KEY_ENV = "PAGEMETER_TLS_CLIENT_KEY"
+TLS_SERVER_NAME_ENV = "PAGEMETER_TLS_SERVER_NAME"
+# What a call that never reached the server ends with.
+UNREACHED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Errors about the caller's credentials: one line each, without the details.
+ACCESS_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 # The server's own rules, repeated so a typo is caught before anything is sent.
 METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
@@ -201,12 +226,35 @@ def emit(args: argparse.Namespace, response: Message, render: Callable[[], str])
         print(render())
 
 
-def print_rpc_error(error: grpc.RpcError) -> None:
-    """`error: CODE: message` on stderr, then the google.rpc details, one per line."""
-    first, *details = error_details(error).lines()
+def print_rpc_error(error: grpc.RpcError, target: str = "") -> None:
+    """`error: CODE: message` on stderr, then the google.rpc details, one per line.
+
+    Refusals of the caller's credentials (UNAUTHENTICATED, PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED) are one line, with a hint where it helps. A call that
+    never reached the server (UNAVAILABLE or DEADLINE_EXCEEDED without a detail
+    from it) gets a hint line: a TLS mismatch looks just like that.
+    """
+    details = error_details(error)
+    if details.code in ACCESS_ERRORS:
+        print(f"error: {_access_error_line(details.code, details.message)}", file=sys.stderr)
+        return
+    first, *more = details.lines()
     print(f"error: {first}", file=sys.stderr)
-    for line in details:
+    for line in more:
         print(line, file=sys.stderr)
+    if details.code in UNREACHED and not details.error_infos:
+        print(
+            f"  hint: is the server at {target or 'the target'} reachable, and do --tls and "
+            "--tls-* match how it serves (plaintext, TLS or mutual TLS)?",
+            file=sys.stderr,
+        )
+
+
+def _access_error_line(code: grpc.StatusCode, message: str) -> str:
+    text = f"{code.name}: {' '.join(message.split())}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        text += f" (set {TOKEN_ENV}, or --token, to a valid token or API key)"
+    return text
 
 
 def _enum_name(enum_prefix: str, name: str) -> str:
@@ -563,6 +611,71 @@ def _record_row(record: reporting_pb2.UsageRecord) -> list[str]:
     ]
 
 
+# -- keys, corrections and the audit trail ------------------------------------------------
+
+SHOWN_ONCE = "This secret is shown once: pagemeter keeps only its digest and cannot show it again."
+
+
+def _revoked_text(key: admin_pb2.ApiKey) -> str:
+    return f"yes, at {fmt.when(key.revoked_at)}" if key.revoked else "no"
+
+
+def api_key_fields(key: admin_pb2.ApiKey) -> list[tuple[str, str]]:
+    return [
+        ("key id", key.key_id),
+        ("organization", key.org_id),
+        ("name", key.name or "-"),
+        ("created at", fmt.when(key.created_at)),
+        ("last used at", fmt.when(key.last_used_at)),
+        ("revoked", _revoked_text(key)),
+    ]
+
+
+def render_api_keys(response: admin_pb2.ListApiKeysResponse) -> str:
+    if not response.keys:
+        return "no API keys"
+    rows = [
+        [
+            key.key_id,
+            key.name or "-",
+            fmt.when(key.created_at),
+            fmt.when(key.last_used_at),
+            fmt.when(key.revoked_at) if key.revoked else "-",
+        ]
+        for key in response.keys
+    ]
+    headers = ["key id", "name", "created at", "last used at", "revoked at"]
+    return fmt.table(headers, rows, left=len(headers))
+
+
+def render_adjustment(args: argparse.Namespace, response: admin_pb2.AdjustUsageResponse) -> str:
+    return fmt.fields(
+        [
+            ("organization", args.org),
+            ("metric", args.metric),
+            ("period", response.period_id),
+            ("committed before", str(response.committed_before)),
+            ("committed after", str(response.committed_after)),
+            ("duplicate", fmt.yes_no(response.duplicate)),
+        ]
+    )
+
+
+def render_audit(response: admin_pb2.ListAuditEventsResponse) -> str:
+    if not response.events:
+        text = "no audit events"
+    else:
+        rows = [
+            [fmt.when(e.at), e.actor, e.action, e.target or "-", e.reason or "-", e.event_id]
+            for e in response.events
+        ]
+        headers = ["at", "actor", "action", "target", "reason", "event id"]
+        text = fmt.table(headers, rows, left=len(headers))
+    if response.next_page_token:
+        text += f"\n\nnext page token: {response.next_page_token}"
+    return text
+
+
 # -- commands -----------------------------------------------------------------------------
 
 
@@ -665,21 +778,40 @@ def cmd_release(client: PagemeterClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def read_org(args: argparse.Namespace) -> str:
+    """The org_id of a read: ORG, or "" with a tenant API key (pagemeter takes it from the key)."""
+    tenant = is_tenant_key(args.token)
+    if not args.org:
+        if not tenant:
+            raise InputProblem(
+                "ORG is required; it may be left out only with a tenant API key (pmk_...), "
+                "whose organization pagemeter takes from the key"
+            )
+        return ""
+    if tenant:
+        raise InputProblem(
+            "a tenant API key reads only its own organization, which pagemeter takes from "
+            "the key: leave ORG out"
+        )
+    org: str = args.org
+    return org
+
+
 def cmd_usage(client: PagemeterClient, args: argparse.Namespace) -> int:
-    response = client.get_usage(args.org, year=args.year, month=args.month)
+    response = client.get_usage(read_org(args), year=args.year, month=args.month)
     emit(args, response, lambda: render_usage(response))
     return EXIT_OK
 
 
 def cmd_history(client: PagemeterClient, args: argparse.Namespace) -> int:
-    response = client.get_usage_history(args.org, months=args.months)
+    response = client.get_usage_history(read_org(args), months=args.months)
     emit(args, response, lambda: render_history(response))
     return EXIT_OK
 
 
 def cmd_stats(client: PagemeterClient, args: argparse.Namespace) -> int:
     response = client.get_usage_statistics(
-        args.org,
+        read_org(args),
         period=args.period,
         start_date=args.start,
         end_date=args.end,
@@ -690,15 +822,66 @@ def cmd_stats(client: PagemeterClient, args: argparse.Namespace) -> int:
 
 
 def cmd_records(client: PagemeterClient, args: argparse.Namespace) -> int:
+    org_id = read_org(args)
     if args.all:
         # Every page, printed as one answer (with --json: one ListUsageRecordsResponse).
-        records = client.iter_usage_records(args.org, page_size=args.page_size)
+        records = client.iter_usage_records(org_id, page_size=args.page_size)
         response = reporting_pb2.ListUsageRecordsResponse(records=list(records))
     else:
         response = client.list_usage_records(
-            args.org, page_size=args.page_size, page_token=args.page_token
+            org_id, page_size=args.page_size, page_token=args.page_token
         )
     emit(args, response, lambda: render_records(response))
+    return EXIT_OK
+
+
+def cmd_keys_create(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.create_api_key(args.org, args.name)
+    pairs = [*api_key_fields(response.key), ("secret", response.secret)]
+    emit(args, response, lambda: fmt.fields(pairs) + "\n")
+    # With --json on stderr, so that stdout stays one JSON document.
+    print(SHOWN_ONCE, file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+def cmd_keys_list(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.list_api_keys(args.org)
+    emit(args, response, lambda: render_api_keys(response))
+    return EXIT_OK
+
+
+def cmd_keys_revoke(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.revoke_api_key(args.org, args.key_id)
+    pairs = [
+        *api_key_fields(response.key),
+        ("already revoked", fmt.yes_no(response.already_revoked)),
+    ]
+    emit(args, response, lambda: fmt.fields(pairs))
+    return EXIT_OK
+
+
+def cmd_adjust(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.adjust_usage(
+        args.org,
+        args.metric,
+        args.units,
+        reason=args.reason,
+        adjustment_id=args.adjustment_id,
+        year=args.year,
+        month=args.month,
+    )
+    emit(args, response, lambda: render_adjustment(args, response))
+    return EXIT_OK
+
+
+def cmd_audit(client: PagemeterClient, args: argparse.Namespace) -> int:
+    if args.all:
+        # Every page, printed as one answer (with --json: one ListAuditEventsResponse).
+        events = client.iter_audit_events(args.org, page_size=args.page_size)
+        response = admin_pb2.ListAuditEventsResponse(events=list(events))
+    else:
+        response = client.list_audit_events(args.org, args.page_size, args.page_token)
+    emit(args, response, lambda: render_audit(response))
     return EXIT_OK
 
 
@@ -706,7 +889,9 @@ def cmd_records(client: PagemeterClient, args: argparse.Namespace) -> int:
 
 
 def _global_options(*, with_defaults: bool) -> argparse.ArgumentParser:
-    """--target, --timeout and --json, for the top parser and (again) every subcommand.
+    """The options every command takes, for the top parser and (again) every subcommand.
+
+    --target, --timeout, --json, the credential (--token) and TLS (--tls, --tls-*).
 
     Only the top parser's copy has defaults. The subcommands' copies default to
     SUPPRESS, so an option given before the subcommand is not reset by the
@@ -735,7 +920,53 @@ def _global_options(*, with_defaults: bool) -> argparse.ArgumentParser:
         default=default(False),
         help="print the response as protobuf JSON (field names as in the .proto)",
     )
+    common.add_argument(
+        "--token",
+        default=default(os.environ.get(TOKEN_ENV) or None),
+        help=(
+            "admin or service token, or tenant API key, sent as 'authorization: Bearer'. "
+            f"Prefer the environment variable {TOKEN_ENV} (the default): command-line "
+            "arguments are visible to other users of the machine"
+        ),
+    )
+    common.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(_env_flag(TLS_ENV)),
+        help=f"connect with TLS, checking the server against the system's CAs (env {TLS_ENV}=1); "
+        "implied by the other --tls-* options",
+    )
+    common.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=default(os.environ.get(TLS_CA_ENV) or None),
+        help=f"PEM file of the CA that signed the server's certificate (env {TLS_CA_ENV})",
+    )
+    common.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=default(os.environ.get(TLS_CERT_ENV) or None),
+        help=f"client certificate (PEM) for mutual TLS, with --tls-key (env {TLS_CERT_ENV})",
+    )
+    common.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=default(os.environ.get(TLS_KEY_ENV) or None),
+        help=f"client private key (PEM) for mutual TLS, with --tls-cert (env {TLS_KEY_ENV})",
+    )
+    common.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=default(os.environ.get(TLS_SERVER_NAME_ENV) or None),
+        help="check the server's certificate for NAME instead of the --target host "
+        f"(env {TLS_SERVER_NAME_ENV})",
+    )
     return common
+
+
+def _env_flag(name: str) -> bool:
+    """An on/off environment variable: 1, true, yes or on (any case) is on."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _add_plan_commands(
@@ -830,10 +1061,72 @@ def _add_job_commands(
     release.set_defaults(run=cmd_release)
 
     usage = commands.add_parser("usage", parents=[common], help="one month's usage")
-    usage.add_argument("org", metavar="ORG")
+    _add_read_org(usage)
     usage.add_argument("--year", type=int, help="2020-2100, with --month")
     usage.add_argument("--month", type=int, help="1-12, with --year")
     usage.set_defaults(run=cmd_usage)
+
+
+def _add_read_org(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "org",
+        metavar="ORG",
+        nargs="?",
+        default="",
+        help="the organization; leave it out with a tenant API key, which names its own",
+    )
+
+
+def _add_admin_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    keys = commands.add_parser("keys", help="tenant API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = key_commands.add_parser(
+        "create", parents=[common], help="make an API key (its secret is shown once)"
+    )
+    create.add_argument("org", metavar="ORG")
+    create.add_argument("--name", default="", help="a label, e.g. 'billing page'")
+    create.set_defaults(run=cmd_keys_create)
+    list_ = key_commands.add_parser("list", parents=[common], help="an organization's keys")
+    list_.add_argument("org", metavar="ORG")
+    list_.set_defaults(run=cmd_keys_list)
+    revoke = key_commands.add_parser(
+        "revoke", parents=[common], help="revoke a key (its next call is refused)"
+    )
+    revoke.add_argument("org", metavar="ORG")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(run=cmd_keys_revoke)
+
+    adjust = commands.add_parser(
+        "adjust", parents=[common], help="correct a month's committed units (once per --id)"
+    )
+    adjust.add_argument("org", metavar="ORG")
+    adjust.add_argument("metric", metavar="METRIC")
+    adjust.add_argument(
+        "units", metavar="UNITS", type=int, help="units to add, or to remove when negative"
+    )
+    adjust.add_argument("--reason", required=True, help="why (ticket, refund reference, ...)")
+    adjust.add_argument(
+        "--id", dest="adjustment_id", required=True, help="idempotency key of this correction"
+    )
+    adjust.add_argument("--year", type=int, help="2020-2100, with --month (default: this month)")
+    adjust.add_argument("--month", type=int, help="1-12, with --year")
+    adjust.set_defaults(run=cmd_adjust)
+
+    audit = commands.add_parser(
+        "audit", parents=[common], help="an organization's audit trail, newest first"
+    )
+    audit.add_argument("org", metavar="ORG")
+    audit.add_argument(
+        "--page-size", type=count, default=0, help="events per page, 1-1000 (default 50)"
+    )
+    pages = audit.add_mutually_exclusive_group()
+    pages.add_argument(
+        "--page-token", default="", help="the next page token printed by the previous page"
+    )
+    pages.add_argument("--all", action="store_true", help="follow the pages to the last one")
+    audit.set_defaults(run=cmd_audit)
 
 
 def _add_report_commands(
@@ -842,7 +1135,7 @@ def _add_report_commands(
     history = commands.add_parser(
         "history", parents=[common], help="usage and contract terms month by month"
     )
-    history.add_argument("org", metavar="ORG")
+    _add_read_org(history)
     history.add_argument(
         "--months", type=count, default=0, help="how many months, 1-24 (default 12)"
     )
@@ -851,7 +1144,7 @@ def _add_report_commands(
     stats = commands.add_parser(
         "stats", parents=[common], help="usage by day, week or month and by document type"
     )
-    stats.add_argument("org", metavar="ORG")
+    _add_read_org(stats)
     stats.add_argument(
         "--period", choices=list(STATISTICS_PERIODS), help="length of the rows (default monthly)"
     )
@@ -877,7 +1170,7 @@ def _add_report_commands(
     records = commands.add_parser(
         "records", parents=[common], help="usage records (jobs), newest first"
     )
-    records.add_argument("org", metavar="ORG")
+    _add_read_org(records)
     records.add_argument(
         "--page-size", type=count, default=0, help="records per page, 1-1000 (default 50)"
     )
@@ -890,7 +1183,7 @@ def _add_report_commands(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line; reads PAGEMETER_TARGET for the default target."""
+    """The whole command line; defaults come from PAGEMETER_TARGET, PAGEMETER_TOKEN, ..."""
     parser = argparse.ArgumentParser(
         prog="pagemeter",
         parents=[_global_options(with_defaults=True)],
@@ -901,6 +1194,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_plan_commands(commands, common)
     _add_credit_commands(commands, common)
+    _add_admin_commands(commands, common)
     _add_job_commands(commands, common)
     _add_report_commands(commands, common)
     return parser
@@ -918,17 +1212,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
+def _read_pem(option: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as problem:
+        raise InputProblem(f"cannot read the {option} file {path}: {problem.strerror}") from None
+
+
+def make_client(args: argparse.Namespace) -> PagemeterClient:
+    """The client for the parsed options: target, deadline, token and TLS."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputProblem("--tls-cert and --tls-key go together (mutual TLS needs both)")
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    options: dict[str, Any] = {
+        "timeout": args.timeout,
+        "token": args.token or None,
+        "tls": bool(args.tls or any(tls_files)),
+        "root_certificates": _read_pem("--tls-ca", args.tls_ca),
+        "client_certificate": _read_pem("--tls-cert", args.tls_cert),
+        "client_key": _read_pem("--tls-key", args.tls_key),
+        "tls_server_name": args.tls_server_name or None,
+    }
+    try:
+        return PagemeterClient(args.target, **options)
+    except ValueError as problem:  # the SDK's messages never contain the token
+        raise InputProblem(str(problem)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Call the server for the parsed command and print the answer."""
     command: Command = args.run
     try:
-        with PagemeterClient(args.target, timeout=args.timeout) as client:
+        with make_client(args) as client:
             return command(client, args)
     except InputProblem as problem:
         print(f"pagemeter: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except grpc.RpcError as error:
-        print_rpc_error(error)
+        print_rpc_error(error, args.target)
         return EXIT_RPC_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -9,6 +9,13 @@ duplicate, never counted twice.
 The reporting reads (history, statistics, usage records) are plain calls too;
 `iter_usage_records` follows the pages of ListUsageRecords.
 
+Credentials: `token=` is sent as `authorization: Bearer <token>` on every call
+(an admin or service token, or a tenant API key). With a tenant key the reads
+take `org_id=""` (their default): pagemeter takes the organization from the key.
+TLS: `tls=True`, with `root_certificates` (PEM CA; None: the system's roots),
+`client_certificate` and `client_key` for mutual TLS, and `tls_server_name`.
+The token never appears in repr() or in the SDK's own exception messages.
+
 Workers usually need only `reserve()`:
 
     async with client.reserve("acme", {"pages": 12}) as job:
@@ -29,7 +36,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import grpc
 import grpc.aio
@@ -55,6 +62,13 @@ ADMIN_SERVICE = "pagemeter.v1.AdminService"
 REPORTING_SERVICE = "pagemeter.v1.ReportingService"
 # gRPC caps retryPolicy.maxAttempts at 5 whatever the config says.
 MAX_ATTEMPTS_LIMIT = 5
+# Calls gRPC must not retry: they are not idempotent. A CreateApiKey whose answer
+# was lost has made a key; a retry would make a second one (see docs/client.md).
+NOT_RETRIED = ((ADMIN_SERVICE, "CreateApiKey"),)
+# Tenant API keys start with this; pagemeter takes their organization from the key.
+TENANT_KEY_PREFIX = "pmk_"
+# The metadata that carries a credential; the server accepts one of them per call.
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 
 Metadata = Sequence[tuple[str, str]]
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -123,12 +137,85 @@ def _seconds(value: float) -> str:
 
 
 def channel_options(retry: RetryPolicy, extra: ChannelOptions = ()) -> list[tuple[str, Any]]:
-    """Channel options that turn on gRPC's own retries with `retry`; `extra` come last."""
+    """Channel options that turn on gRPC's own retries with `retry`; `extra` come last.
+
+    The service config is `retry.service_config()` plus a method config without a
+    retry policy for each NOT_RETRIED method (a method's own entry wins over its
+    service's), so a lost CreateApiKey answer is reported, not retried.
+    """
+    config = json.loads(retry.service_config())
+    config["methodConfig"].append(
+        {"name": [{"service": service, "method": method} for service, method in NOT_RETRIED]}
+    )
     return [
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", retry.service_config()),
+        ("grpc.service_config", json.dumps(config)),
         *extra,
     ]
+
+
+# -- credentials and TLS ----------------------------------------------------------------
+
+
+def is_tenant_key(token: str | None) -> bool:
+    """Whether `token` is a tenant API key (pmk_...), whose reads leave org_id empty."""
+    return token is not None and token.startswith(TENANT_KEY_PREFIX)
+
+
+def _call_metadata(metadata: Metadata, token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata of every call: `metadata`, then the token as a Bearer credential.
+
+    The messages of the errors raised here never contain the token.
+    """
+    pairs = tuple(metadata)
+    if token is None:
+        return pairs
+    # Printable ASCII without spaces: what a metadata value and a Bearer token may be.
+    if not token or not all("!" <= char <= "~" for char in token):
+        raise ValueError(
+            "token must be a non-empty string of printable ASCII characters without spaces"
+        )
+    if any(name.lower() in CREDENTIAL_HEADERS for name, _ in pairs):
+        raise ValueError(
+            "give the credential either as token= or as authorization/x-api-key metadata, not both"
+        )
+    return (*pairs, ("authorization", f"Bearer {token}"))
+
+
+def _channel_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    *,
+    tls: bool,
+    root_certificates: bytes | None,
+    client_certificate: bytes | None,
+    client_key: bytes | None,
+    tls_server_name: str | None,
+) -> grpc.ChannelCredentials | None:
+    """The channel's credentials: `credentials` as given, TLS built from the options, or None."""
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("client_certificate and client_key go together (mutual TLS needs both)")
+    if tls and credentials is not None:
+        raise ValueError("give either credentials= or tls=True with its options, not both")
+    if not tls:
+        given = [
+            name
+            for name, value in (
+                ("root_certificates", root_certificates),
+                ("client_certificate", client_certificate),
+                ("client_key", client_key),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} need tls=True")
+        if tls_server_name is not None and credentials is None:
+            raise ValueError("tls_server_name needs TLS (tls=True or credentials=)")
+        return credentials
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates,
+        private_key=client_key,
+        certificate_chain=client_certificate,
+    )
 
 
 # -- building requests (shared by both clients) -----------------------------------------
@@ -207,7 +294,7 @@ def record_usage_request(
 
 
 def get_usage_request(
-    org_id: str, *, year: int | None = None, month: int | None = None
+    org_id: str = "", *, year: int | None = None, month: int | None = None
 ) -> quota_pb2.GetUsageRequest:
     """A GetUsageRequest. year and month go to the server as given: it says what is wrong."""
     request = quota_pb2.GetUsageRequest(org_id=org_id)
@@ -219,7 +306,7 @@ def get_usage_request(
 
 
 def get_usage_history_request(
-    org_id: str, *, months: int = 0
+    org_id: str = "", *, months: int = 0
 ) -> reporting_pb2.GetUsageHistoryRequest:
     """A GetUsageHistoryRequest; months=0 means the server's default (12)."""
     return reporting_pb2.GetUsageHistoryRequest(org_id=org_id, months=months)
@@ -241,7 +328,7 @@ def _date_text(value: str | date | None, name: str) -> str:
 
 
 def get_usage_statistics_request(
-    org_id: str,
+    org_id: str = "",
     *,
     period: StatisticsPeriodName | None = None,
     start_date: str | date | None = None,
@@ -272,7 +359,7 @@ def get_usage_statistics_request(
 
 
 def list_usage_records_request(
-    org_id: str, *, page_size: int = 0, page_token: str = ""
+    org_id: str = "", *, page_size: int = 0, page_token: str = ""
 ) -> reporting_pb2.ListUsageRecordsRequest:
     """A ListUsageRecordsRequest; page_size=0 means the server's default (50)."""
     return reporting_pb2.ListUsageRecordsRequest(
@@ -280,7 +367,33 @@ def list_usage_records_request(
     )
 
 
-def _next_token(response: reporting_pb2.ListUsageRecordsResponse, seen: set[str]) -> str:
+def adjust_usage_request(
+    org_id: str,
+    metric: str,
+    units: int,
+    *,
+    reason: str,
+    adjustment_id: str,
+    year: int | None = None,
+    month: int | None = None,
+) -> admin_pb2.AdjustUsageRequest:
+    """An AdjustUsageRequest; year and month go as given (unset: the current month)."""
+    request = admin_pb2.AdjustUsageRequest(
+        org_id=org_id, metric=metric, units=units, reason=reason, adjustment_id=adjustment_id
+    )
+    if year is not None:
+        request.year = year
+    if month is not None:
+        request.month = month
+    return request
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+def _next_token(response: _Page, seen: set[str], rpc: str = "ListUsageRecords") -> str:
     """The page token to ask for next ("" when done); a token seen before is refused.
 
     A server that handed out the same token twice would otherwise keep the
@@ -290,7 +403,7 @@ def _next_token(response: reporting_pb2.ListUsageRecordsResponse, seen: set[str]
     if not token:
         return ""
     if token in seen:
-        raise RuntimeError(f"ListUsageRecords returned page token {token!r} a second time")
+        raise RuntimeError(f"{rpc} returned page token {token!r} a second time")
     seen.add(token)
     return token
 
@@ -350,6 +463,9 @@ class ErrorDetails:
     message: str
     field_violations: list[tuple[str, str]] = field(default_factory=list)
     error_infos: list[error_details_pb2.ErrorInfo] = field(default_factory=list)
+    # From a google.rpc.RetryInfo: how long to wait before trying again
+    # (RESOURCE_EXHAUSTED for a tenant key over its read limit).
+    retry_after: timedelta | None = None
 
     def lines(self) -> list[str]:
         """Readable lines: `CODE: message`, then one indented line per detail."""
@@ -358,15 +474,24 @@ class ErrorDetails:
         for info in self.error_infos:
             extra = "".join(f" {key}={value}" for key, value in sorted(info.metadata.items()))
             out.append(f"  reason: {info.reason} (domain {info.domain}){extra}")
+        if self.retry_after is not None:
+            out.append(f"  retry after: {self.retry_after.total_seconds():g}s")
         return out
 
 
 def error_details(error: grpc.RpcError) -> ErrorDetails:
     """Decode a failed call (sync or async) into code, message and google.rpc details."""
     call: Any = error  # both grpc.RpcError kinds raised by calls are also grpc.Call
-    details = ErrorDetails(code=call.code(), message=call.details() or "")
     status = rpc_status.from_call(call)
-    for item in status.details if status is not None else ():
+    items = list(status.details) if status is not None else []
+    retry_after = None
+    for item in items:
+        if item.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            item.Unpack(retry)
+            retry_after = retry.retry_delay.ToTimedelta()
+    details = ErrorDetails(code=call.code(), message=call.details() or "", retry_after=retry_after)
+    for item in items:
         if item.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
             item.Unpack(bad_request)
@@ -520,26 +645,63 @@ def _note_settle_failure(body_error: BaseException, settle_error: grpc.RpcError)
 
 
 class _ClientConfig:
-    """Settings both clients share: deadline, metadata, and the channel's options."""
+    """Settings both clients share: deadline, metadata, credentials and the channel's options.
+
+    The token lives only in `metadata` (as `authorization: Bearer ...`); repr()
+    says whether there is one, never what it is.
+    """
 
     def __init__(
         self,
         target: str,
+        *,
         timeout: float,
-        retry: RetryPolicy,
+        max_attempts: int,
+        initial_backoff: float,
+        max_backoff: float,
+        credentials: grpc.ChannelCredentials | None,
         metadata: Metadata,
         options: ChannelOptions,
+        token: str | None,
+        tls: bool,
+        root_certificates: bytes | None,
+        client_certificate: bytes | None,
+        client_key: bytes | None,
+        tls_server_name: str | None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive: every call needs a deadline")
+        retry = RetryPolicy(max_attempts, initial_backoff, max_backoff)
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self.channel_options = channel_options(retry, options)
+        self.metadata = _call_metadata(metadata, token)
+        self.has_token = token is not None
+        self.credentials = _channel_credentials(
+            credentials,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+        )
+        extra = list(options)
+        if tls_server_name is not None:
+            # The name the server's certificate must carry, instead of the target's host.
+            extra.append(("grpc.ssl_target_name_override", tls_server_name))
+        self.channel_options = channel_options(retry, extra)
 
     def deadline(self, timeout: float | None) -> float:
         """Seconds the call may take: the per-call value, else the client's."""
         return self.timeout if timeout is None else timeout
+
+    def describe(self, kind: str) -> str:
+        """`Kind(target=..., tls=..., token=...)` with the token hidden."""
+        token = "<hidden>" if self.has_token else "None"
+        tls = self.credentials is not None
+        return f"{kind}(target={self.target!r}, tls={tls}, token={token})"
+
+    def __repr__(self) -> str:
+        return self.describe(type(self).__name__)
 
 
 @dataclass(frozen=True)
@@ -552,10 +714,8 @@ class _AsyncChannel:
     reporting: reporting_pb2_grpc.ReportingServiceAsyncStub
 
     @classmethod
-    def create(
-        cls, config: _ClientConfig, credentials: grpc.ChannelCredentials | None
-    ) -> _AsyncChannel:
-        options = config.channel_options
+    def create(cls, config: _ClientConfig) -> _AsyncChannel:
+        options, credentials = config.channel_options, config.credentials
         channel = (
             grpc.aio.insecure_channel(config.target, options=options)
             if credentials is None
@@ -577,6 +737,13 @@ class AsyncPagemeterClient:
     `max_attempts` attempts in all. Failed calls raise `grpc.aio.AioRpcError`.
     The channel opens on the first call, in that call's event loop: use one
     client per event loop.
+
+    `token` is sent as `authorization: Bearer <token>` with every call (admin or
+    service token, or tenant API key; with a tenant key, call the reads with
+    org_id "", their default). `tls=True` turns on TLS: `root_certificates` is the
+    PEM CA (None: the system's roots), `client_certificate` and `client_key` (both
+    or neither) a client certificate for mutual TLS, `tls_server_name` the name the
+    server's certificate is checked against instead of the target's host.
     """
 
     def __init__(
@@ -590,11 +757,33 @@ class AsyncPagemeterClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata = (),
         options: ChannelOptions = (),
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
-        retry = RetryPolicy(max_attempts, initial_backoff, max_backoff)
-        self._config = _ClientConfig(target, timeout, retry, metadata, options)
-        self._credentials = credentials
+        self._config = _ClientConfig(
+            target,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            credentials=credentials,
+            metadata=metadata,
+            options=options,
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+        )
         self._open: _AsyncChannel | None = None
+
+    def __repr__(self) -> str:
+        return self._config.describe(type(self).__name__)
 
     @property
     def target(self) -> str:
@@ -604,7 +793,7 @@ class AsyncPagemeterClient:
         # grpc.aio ties a channel to the event loop it is made in, and __init__ may
         # run before any loop exists (or in another one): make it on first use.
         if self._open is None:
-            self._open = _AsyncChannel.create(self._config, self._credentials)
+            self._open = _AsyncChannel.create(self._config)
         return self._open
 
     @property
@@ -692,7 +881,7 @@ class AsyncPagemeterClient:
 
     async def get_usage(
         self,
-        org_id: str,
+        org_id: str = "",
         *,
         year: int | None = None,
         month: int | None = None,
@@ -744,10 +933,96 @@ class AsyncPagemeterClient:
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
 
+    async def create_api_key(
+        self, org_id: str, name: str = "", *, timeout: float | None = None
+    ) -> admin_pb2.CreateApiKeyResponse:
+        """Make a tenant API key; its `secret` is in this answer only. Never retried."""
+        return await self._admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(org_id=org_id, name=name),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    async def list_api_keys(
+        self, org_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.ListApiKeysResponse:
+        """An organization's API keys, newest first (ids, names and times; never secrets)."""
+        return await self._admin.ListApiKeys(
+            admin_pb2.ListApiKeysRequest(org_id=org_id),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    async def revoke_api_key(
+        self, org_id: str, key_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        """Revoke an API key: its next call is refused (idempotent)."""
+        return await self._admin.RevokeApiKey(
+            admin_pb2.RevokeApiKeyRequest(org_id=org_id, key_id=key_id),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    async def adjust_usage(
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        *,
+        reason: str,
+        adjustment_id: str,
+        year: int | None = None,
+        month: int | None = None,
+        timeout: float | None = None,
+    ) -> admin_pb2.AdjustUsageResponse:
+        """Correct a month's committed units (negative: remove), once per adjustment_id."""
+        request = adjust_usage_request(
+            org_id,
+            metric,
+            units,
+            reason=reason,
+            adjustment_id=adjustment_id,
+            year=year,
+            month=month,
+        )
+        return await self._admin.AdjustUsage(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def list_audit_events(
+        self,
+        org_id: str,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> admin_pb2.ListAuditEventsResponse:
+        """One page of the audit trail, newest first; pass next_page_token on for the next."""
+        request = admin_pb2.ListAuditEventsRequest(
+            org_id=org_id, page_size=page_size, page_token=page_token
+        )
+        return await self._admin.ListAuditEvents(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def iter_audit_events(
+        self, org_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[admin_pb2.AuditEvent]:
+        """Every audit event, newest first, fetching page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = await self.list_audit_events(org_id, page_size, token, timeout=timeout)
+            for event in page.events:
+                yield event
+            token = _next_token(page, seen, "ListAuditEvents")
+            if not token:
+                return
+
     # ReportingService
 
     async def get_usage_history(
-        self, org_id: str, *, months: int = 0, timeout: float | None = None
+        self, org_id: str = "", *, months: int = 0, timeout: float | None = None
     ) -> reporting_pb2.GetUsageHistoryResponse:
         """The last `months` months (0: the server's 12), newest first, with each month's terms."""
         request = get_usage_history_request(org_id, months=months)
@@ -757,7 +1032,7 @@ class AsyncPagemeterClient:
 
     async def get_usage_statistics(
         self,
-        org_id: str,
+        org_id: str = "",
         *,
         period: StatisticsPeriodName | None = None,
         start_date: str | date | None = None,
@@ -775,7 +1050,7 @@ class AsyncPagemeterClient:
 
     async def list_usage_records(
         self,
-        org_id: str,
+        org_id: str = "",
         *,
         page_size: int = 0,
         page_token: str = "",
@@ -788,7 +1063,7 @@ class AsyncPagemeterClient:
         )
 
     async def iter_usage_records(
-        self, org_id: str, *, page_size: int = 0, timeout: float | None = None
+        self, org_id: str = "", *, page_size: int = 0, timeout: float | None = None
     ) -> AsyncIterator[reporting_pb2.UsageRecord]:
         """Every usage record, newest first, fetching page after page (timeout: per page)."""
         token = ""
@@ -844,8 +1119,8 @@ class AsyncPagemeterClient:
 class PagemeterClient:
     """pagemeter on synchronous `grpc`. Use as `with PagemeterClient(...) as client:`.
 
-    The same methods as AsyncPagemeterClient, blocking. Failed calls raise
-    `grpc.RpcError` (also a `grpc.Call`: `.code()`, `.details()`).
+    The same methods and options (token, TLS) as AsyncPagemeterClient, blocking.
+    Failed calls raise `grpc.RpcError` (also a `grpc.Call`: `.code()`, `.details()`).
     """
 
     def __init__(
@@ -859,10 +1134,30 @@ class PagemeterClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata = (),
         options: ChannelOptions = (),
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
-        retry = RetryPolicy(max_attempts, initial_backoff, max_backoff)
-        self._config = _ClientConfig(target, timeout, retry, metadata, options)
-        opts = self._config.channel_options
+        self._config = _ClientConfig(
+            target,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            credentials=credentials,
+            metadata=metadata,
+            options=options,
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+        )
+        opts, credentials = self._config.channel_options, self._config.credentials
         self._channel = (
             grpc.insecure_channel(target, options=opts)
             if credentials is None
@@ -871,6 +1166,9 @@ class PagemeterClient:
         self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._reporting = reporting_pb2_grpc.ReportingServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return self._config.describe(type(self).__name__)
 
     @property
     def target(self) -> str:
@@ -947,7 +1245,7 @@ class PagemeterClient:
 
     def get_usage(
         self,
-        org_id: str,
+        org_id: str = "",
         *,
         year: int | None = None,
         month: int | None = None,
@@ -997,10 +1295,95 @@ class PagemeterClient:
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
 
+    def create_api_key(
+        self, org_id: str, name: str = "", *, timeout: float | None = None
+    ) -> admin_pb2.CreateApiKeyResponse:
+        """Make a tenant API key; its `secret` is in this answer only. Never retried."""
+        return self._admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(org_id=org_id, name=name),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    def list_api_keys(
+        self, org_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.ListApiKeysResponse:
+        """An organization's API keys, newest first (ids, names and times; never secrets)."""
+        return self._admin.ListApiKeys(
+            admin_pb2.ListApiKeysRequest(org_id=org_id),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    def revoke_api_key(
+        self, org_id: str, key_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        """Revoke an API key: its next call is refused (idempotent)."""
+        return self._admin.RevokeApiKey(
+            admin_pb2.RevokeApiKeyRequest(org_id=org_id, key_id=key_id),
+            timeout=self._config.deadline(timeout),
+            metadata=self._config.metadata,
+        )
+
+    def adjust_usage(
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        *,
+        reason: str,
+        adjustment_id: str,
+        year: int | None = None,
+        month: int | None = None,
+        timeout: float | None = None,
+    ) -> admin_pb2.AdjustUsageResponse:
+        """Correct a month's committed units (negative: remove), once per adjustment_id."""
+        request = adjust_usage_request(
+            org_id,
+            metric,
+            units,
+            reason=reason,
+            adjustment_id=adjustment_id,
+            year=year,
+            month=month,
+        )
+        return self._admin.AdjustUsage(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def list_audit_events(
+        self,
+        org_id: str,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> admin_pb2.ListAuditEventsResponse:
+        """One page of the audit trail, newest first; pass next_page_token on for the next."""
+        request = admin_pb2.ListAuditEventsRequest(
+            org_id=org_id, page_size=page_size, page_token=page_token
+        )
+        return self._admin.ListAuditEvents(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def iter_audit_events(
+        self, org_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[admin_pb2.AuditEvent]:
+        """Every audit event, newest first, fetching page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = self.list_audit_events(org_id, page_size, token, timeout=timeout)
+            yield from page.events
+            token = _next_token(page, seen, "ListAuditEvents")
+            if not token:
+                return
+
     # ReportingService
 
     def get_usage_history(
-        self, org_id: str, *, months: int = 0, timeout: float | None = None
+        self, org_id: str = "", *, months: int = 0, timeout: float | None = None
     ) -> reporting_pb2.GetUsageHistoryResponse:
         """The last `months` months (0: the server's 12), newest first, with each month's terms."""
         request = get_usage_history_request(org_id, months=months)
@@ -1010,7 +1393,7 @@ class PagemeterClient:
 
     def get_usage_statistics(
         self,
-        org_id: str,
+        org_id: str = "",
         *,
         period: StatisticsPeriodName | None = None,
         start_date: str | date | None = None,
@@ -1028,7 +1411,7 @@ class PagemeterClient:
 
     def list_usage_records(
         self,
-        org_id: str,
+        org_id: str = "",
         *,
         page_size: int = 0,
         page_token: str = "",
@@ -1041,7 +1424,7 @@ class PagemeterClient:
         )
 
     def iter_usage_records(
-        self, org_id: str, *, page_size: int = 0, timeout: float | None = None
+        self, org_id: str = "", *, page_size: int = 0, timeout: float | None = None
     ) -> Iterator[reporting_pb2.UsageRecord]:
         """Every usage record, newest first, fetching page after page (timeout: per page)."""
         token = ""

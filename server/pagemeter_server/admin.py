@@ -22,6 +22,7 @@ from pagemeter_server.report_store import BadPageToken
 from pagemeter_server.settings import Settings
 from pagemeter_server.store import PlanNotFound, Store
 from pagemeter_server.validation import (
+    KEY_ID,
     MAX_NAME,
     MAX_REASON,
     MAX_UNITS,
@@ -142,7 +143,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.RevokeApiKeyResponse:
         problems = Violations()
         problems.check_org_id(request.org_id)
-        if not (request.key_id.isalnum() and len(request.key_id) <= 64):
+        if not KEY_ID.fullmatch(request.key_id):
             problems.add("key_id", "key_id must be the key id shown by CreateApiKey/ListApiKeys")
         problems.raise_if_any()
         already = await self.admin_store.revoke_key(

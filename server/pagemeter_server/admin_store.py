@@ -192,10 +192,13 @@ class AdminStore:
     async def audit_page(
         self, org_id: str, page_size: int, page_token: str
     ) -> tuple[list[AuditEntry], str]:
-        """Newest first; the token is the last event id shown."""
-        if page_token and not _looks_like_stream_id(page_token):
-            raise BadPageToken(page_token)
-        top = f"({page_token}" if page_token else "+"
+        """Newest first; the token is the last event id shown (BadPageToken otherwise)."""
+        top = "+"
+        if page_token:
+            position = _stream_position(page_token)
+            if position == (0, 0):
+                return [], ""  # nothing comes before the first possible entry
+            top = f"({position[0]}-{position[1]}"
         rows = cast(
             list[tuple[str, dict[str, str]]],
             await self.client.xrevrange(OrgKeys(org_id).audit, top, "-", count=page_size + 1),
@@ -205,9 +208,19 @@ class AdminStore:
         return entries, next_token
 
 
-def _looks_like_stream_id(text: str) -> bool:
-    first, sep, second = text.partition("-")
-    return bool(sep) and first.isdigit() and second.isdigit() and len(text) <= 40
+_UINT64_MAX = 2**64 - 1
+
+
+def _stream_position(token: str) -> tuple[int, int]:
+    """A page token is the last event id shown: "<ms>-<seq>", unsigned 64-bit each."""
+    first, sep, second = token.partition("-")
+    parts = (first, second)
+    if not sep or len(token) > 41 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise BadPageToken(token)
+    ms, seq = int(first), int(second)
+    if ms > _UINT64_MAX or seq > _UINT64_MAX:
+        raise BadPageToken(token)
+    return ms, seq
 
 
 def _stored_key(org_id: str, key_id: str, raw: dict[str, str]) -> StoredKey:

@@ -45,6 +45,7 @@ from pagemeter_server.auth import (
 )
 from pagemeter_server.clock import Clock, SystemClock
 from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
+from pagemeter_server.interceptors import RefuseUndecodableRequests
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
@@ -123,11 +124,12 @@ async def create_server(
         read_burst=settings.read_burst,
     )
     server = grpc.aio.server(
+        interceptors=[RefuseUndecodableRequests()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
         QuotaService(store, settings, clock, metrics, auth), server

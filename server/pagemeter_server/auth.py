@@ -43,6 +43,7 @@ from pagemeter_server.errors import (
     grpc_errors,
 )
 from pagemeter_server.settings import Settings, split_host_port
+from pagemeter_server.validation import KEY_ID, ORG_ID
 
 API_KEY_PREFIX = "pmk_"
 MIN_TOKEN_LENGTH = 16
@@ -220,7 +221,7 @@ def parse_api_key(secret: str) -> tuple[str, str] | None:
         org_id = base64.urlsafe_b64decode(org_b64 + "=" * (-len(org_b64) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
-    if not org_id or not key_id.isalnum():
+    if not ORG_ID.fullmatch(org_id) or not KEY_ID.fullmatch(key_id):
         return None
     return org_id, key_id
 

@@ -81,18 +81,7 @@ def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
 def status_for(exc: BaseException) -> grpc.Status:
     """The gRPC status a failure is answered with."""
     if isinstance(exc, InvalidArgument):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in exc.violations
-            ]
-        )
-        if exc.reason:
-            info = _error_info(exc.reason, field=exc.violations[0].field)
-            return _status(code_pb2.INVALID_ARGUMENT, str(exc), bad_request, info)
-        return _status(code_pb2.INVALID_ARGUMENT, str(exc), bad_request)
+        return _invalid_argument(exc)
     if isinstance(exc, Unauthenticated):
         return _status(code_pb2.UNAUTHENTICATED, str(exc), _error_info(exc.reason))
     if isinstance(exc, NotFound):
@@ -146,6 +135,31 @@ def status_for(exc: BaseException) -> grpc.Status:
             _error_info("STORE_UNAVAILABLE"),
         )
     return _status(code_pb2.INTERNAL, "internal error", _error_info("INTERNAL"))
+
+
+# A request can break many rules at once (a hundred bad metric names). The
+# answer names the first few in its message and a bounded number in its
+# BadRequest, so that its trailers stay well under gRPC's 8 KiB metadata limit;
+# otherwise the caller would get RESOURCE_EXHAUSTED instead of the reasons.
+MESSAGE_VIOLATIONS = 5
+DETAIL_VIOLATIONS = 20
+
+
+def _invalid_argument(exc: InvalidArgument) -> grpc.Status:
+    violations = exc.violations
+    shown = "; ".join(v.description for v in violations[:MESSAGE_VIOLATIONS])
+    if len(violations) > MESSAGE_VIOLATIONS:
+        shown += f"; and {len(violations) - MESSAGE_VIOLATIONS} more problems"
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations[:DETAIL_VIOLATIONS]
+        ]
+    )
+    if exc.reason:
+        info = _error_info(exc.reason, field=violations[0].field)
+        return _status(code_pb2.INVALID_ARGUMENT, shown, bad_request, info)
+    return _status(code_pb2.INVALID_ARGUMENT, shown, bad_request)
 
 
 def grpc_errors(handler: Handler[Request, Response]) -> Handler[Request, Response]:

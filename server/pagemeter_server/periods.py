@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 LIFETIME_PERIOD_ID = "lifetime"
+# The longest IANA name is about 32 characters; anything much longer is no zone.
+MAX_TIMEZONE_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,12 @@ class Month:
 @lru_cache(maxsize=4096)
 def zone(name: str) -> ZoneInfo:
     """Return the ZoneInfo for an IANA name; raise ValueError if there is none."""
-    if not name or name != name.strip():
-        raise ValueError(f"{name!r} is not an IANA timezone")
+    if not name or name != name.strip() or len(name) > MAX_TIMEZONE_NAME:
+        raise ValueError(f"{name[:64]!r} is not an IANA timezone")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # OSError: a folder of the zone database ("America") or an unusable path.
         raise ValueError(f"{name!r} is not an IANA timezone") from exc
 
 

@@ -56,7 +56,9 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> dict[str, Any]:
     try:
         zone(timezone)
     except ValueError:
-        problems.add("plan.timezone", f"{timezone!r} is not an IANA timezone (e.g. Europe/Berlin)")
+        problems.add(
+            "plan.timezone", f"{timezone[:64]!r} is not an IANA timezone (e.g. Europe/Berlin)"
+        )
     if plan.currency and not CURRENCY.fullmatch(plan.currency):
         problems.add("plan.currency", "plan.currency must be an ISO 4217 code such as USD or EUR")
     if len(plan.metrics) > MAX_METRICS:

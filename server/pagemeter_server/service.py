@@ -212,7 +212,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                 "'.', '_' and '-'",
             )
         completed_ms = now_ms
-        if request.HasField("completed_at"):
+        if request.HasField("completed_at") and problems.check_timestamp(
+            request.completed_at, "completed_at"
+        ):
             completed_ms = timestamp_ms(request.completed_at)
             oldest = now_ms - self.settings.max_record_age_days * DAY_MS
             if completed_ms > now_ms + MAX_FUTURE_MS:
@@ -223,8 +225,11 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                     f"completed_at is older than {self.settings.max_record_age_days} days, the "
                     "late-record window; correct old usage with an adjustment instead",
                 )
-        if request.HasField("requested_at") and request.requested_at.seconds < 0:
-            problems.add("requested_at", "requested_at must be after 1970-01-01")
+        requested_ok = request.HasField("requested_at") and problems.check_timestamp(
+            request.requested_at, "requested_at"
+        )
+        if requested_ok and timestamp_ms(request.requested_at) > completed_ms + MAX_FUTURE_MS:
+            problems.add("requested_at", "requested_at must not be after completed_at")
         problems.raise_if_any()
         return completed_ms
 

@@ -87,7 +87,10 @@ def _parse_date(name: str, text: str, tz: ZoneInfo) -> date:
 
 def _date_of(text: str, tz: ZoneInfo) -> date:
     moment = datetime.fromisoformat(text)
-    return moment.astimezone(tz).date() if moment.tzinfo else moment.date()
+    try:
+        return moment.astimezone(tz).date() if moment.tzinfo else moment.date()
+    except OverflowError:  # an offset that pushes the date past year 1 or 9999
+        raise ValueError(text) from None
 
 
 @dataclass

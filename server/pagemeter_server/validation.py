@@ -10,13 +10,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 ORG_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 METRIC = re.compile(r"[a-z][a-z0-9_]{0,31}")
 DOCUMENT_TYPE = re.compile(r"[A-Za-z0-9._-]{0,64}")
-PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
+# API key ids are 16 hex digits when pagemeter makes them; any ASCII letters and
+# digits are accepted so that a mistyped id reads as unknown, not as malformed.
+KEY_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+PRICE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 CURRENCY = re.compile(r"[A-Z]{3}")
 
+MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, protobuf's upper bound
 MAX_UNITS = 1_000_000_000
 """Largest amount of one metric in one call."""
 MAX_LIMIT = 1_000_000_000_000_000
@@ -88,6 +94,13 @@ class Violations:
                     f"{field_path}[{metric}]",
                     f"units of {metric!r} must be between {low} and {MAX_UNITS} (got {amount})",
                 )
+
+    def check_timestamp(self, value: Timestamp, field_path: str) -> bool:
+        """A Timestamp between 1970 and 9999 with valid nanos; True when it is one."""
+        if 0 <= value.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= value.nanos < 1_000_000_000:
+            return True
+        self.add(field_path, f"{field_path} must be a valid time between 1970 and 9999")
+        return False
 
     def check_length(self, value: str, field_path: str, limit: int) -> None:
         if len(value) > limit:
