@@ -13,7 +13,7 @@ import redis
 
 from pagemeter.v1 import plan_pb2
 from pagemeter_server.plans import plan_to_doc
-from pagemeter_server.store import SCRIPTS, NegativeUnits, RequestIdReused, Store
+from pagemeter_server.store import ORGS_KEY, SCRIPTS, NegativeUnits, RequestIdReused, Store
 from tests.conftest import START_MS, metric_limits
 
 NOW = START_MS
@@ -489,7 +489,7 @@ async def test_scripts_reload_after_the_script_cache_is_flushed(
 async def test_every_key_of_an_org_carries_its_hash_tag(
     store: Store, redis_sync: redis.Redis
 ) -> None:
-    """Every key the scripts write for an organization is under its {org_id} hash tag."""
+    """Every key the scripts write for an organization is under its {org_id} hash tag; the only other key is the registry of organizations with a plan."""
     await set_plan(
         store,
         metric_limits("pages", contract_quota=5),
@@ -504,7 +504,9 @@ async def test_every_key_of_an_org_carries_its_hash_tag(
     await store.check(
         "acme", {"pages": 1}, now_ms=NOW, request_id="j2", hold=True, hold_ttl_ms=MINUTE
     )
-    keys = redis_sync.keys("*")
+    keys = set(redis_sync.keys("*"))
+    assert ORGS_KEY in keys and redis_sync.zrange(ORGS_KEY, 0, -1) == ["acme"]
+    keys.discard(ORGS_KEY)
     assert len(keys) >= 6
     assert all(key.startswith("pm:{acme}:") for key in keys), keys
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -45,7 +45,10 @@ from pagemeter_server.auth import (
 )
 from pagemeter_server.clock import Clock, SystemClock
 from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
-from pagemeter_server.interceptors import RefuseUndecodableRequests
+from pagemeter_server.exporter import register_org_exporter
+from pagemeter_server.health import HealthReporter, watching
+from pagemeter_server.interceptors import ObservedRpcs
+from pagemeter_server.logs import setup_logging
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
@@ -92,6 +95,7 @@ class ServerParts:
 
     health: AsyncHealthServicer
     metrics: ServiceMetrics
+    reporter: HealthReporter
 
 
 async def create_server(
@@ -124,7 +128,7 @@ async def create_server(
         read_burst=settings.read_burst,
     )
     server = grpc.aio.server(
-        interceptors=[RefuseUndecodableRequests()],
+        interceptors=[ObservedRpcs(metrics)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -155,7 +159,12 @@ async def create_server(
         raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
-    return server, port, ServerParts(health=health_servicer, metrics=metrics)
+    reporter = HealthReporter(health_servicer, metrics, SERVICE_NAMES)
+    # Optimistic until the first probe: serve() probes Redis before it starts.
+    await reporter.set(True)
+    if settings.org_exporter_max_orgs > 0 and registry is not None:
+        register_org_exporter(registry, settings, clock, client)
+    return server, port, ServerParts(health=health_servicer, metrics=metrics, reporter=reporter)
 
 
 def tls_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -176,13 +185,7 @@ def tls_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def set_serving(parts: ServerParts, serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in ("", *SERVICE_NAMES):
-        await parts.health.set(name, status)
+    await parts.reporter.set(serving)
 
 
 @contextlib.asynccontextmanager
@@ -235,8 +238,8 @@ async def serve(settings: Settings) -> None:
                 raise OSError(
                     f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"
                 ) from exc
+        await parts.reporter.check(client)
         await server.start()
-        await set_serving(parts, True)
         log.info(
             "pagemeter serving gRPC on %s (port %d, %s), metrics on %s",
             settings.listen,
@@ -244,10 +247,11 @@ async def serve(settings: Settings) -> None:
             _transport(settings),
             f"http://{settings.metrics_listen}/metrics" if settings.metrics_listen else "off",
         )
-        await stop.wait()
-        log.info("shutting down: draining for up to %.1fs", settings.grace_period_seconds)
-        await set_serving(parts, False)
-        await server.stop(settings.grace_period_seconds)
+        async with watching(parts.reporter, client, settings.health_interval_seconds):
+            await stop.wait()
+            log.info("shutting down: draining for up to %.1fs", settings.grace_period_seconds)
+            await parts.reporter.drain()
+            await server.stop(settings.grace_period_seconds)
         if http is not None:
             http.shutdown()
     log.info("pagemeter stopped")
@@ -261,11 +265,7 @@ def _transport(settings: Settings) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(settings.log_level, settings.log_format)
     try:
         _run(serve(settings))
     except (OSError, EmbeddedRedisError, ConfigurationError) as exc:

@@ -1,19 +1,36 @@
-"""Server interceptors: what must happen around every RPC, before any handler.
+"""The server interceptor: what happens around every unary RPC, before any handler.
 
-Request bytes that do not decode (a corrupt message, invalid UTF-8 in a string)
-fail inside gRPC's own deserializer, before a handler or its error mapping
-runs, and grpc.aio would answer UNKNOWN with the parser's internals in the
-message. This interceptor turns them into a plain INVALID_ARGUMENT instead.
+- gRPC server metrics with go-grpc-prometheus's names (started, handled by
+  code, handling seconds, messages received and sent);
+- one structured access-log line per call (RPC, org, request id, decision,
+  code, latency), never with metadata, so no credential can reach the log;
+- request bytes that do not decode (a corrupt message, invalid UTF-8 in a
+  string) fail inside gRPC's own deserializer, before a handler or its error
+  mapping runs, and grpc.aio would answer UNKNOWN with the parser's internals;
+  they are answered INVALID_ARGUMENT instead.
+
+Streaming RPCs (health Watch, reflection) pass through untouched.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from pagemeter_server.metrics import ServiceMetrics
+
+access_log = logging.getLogger("pagemeter.access")
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
 class _Undecodable:
@@ -37,13 +54,45 @@ def _undecodable_status(method: str) -> grpc.Status:
     return rpc_status.to_status(packed)
 
 
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor
+def _split_method(full: str) -> tuple[str, str]:
+    """'/pagemeter.v1.QuotaService/CheckQuota' -> ('pagemeter.v1.QuotaService', 'CheckQuota')."""
+    service, _, method = full.lstrip("/").rpartition("/")
+    return service, method
 
 
-class RefuseUndecodableRequests(_ServerInterceptor):
+def _org_of(request: Any) -> str:
+    org = getattr(request, "org_id", None)
+    if org is None and hasattr(request, "plan"):
+        org = request.plan.org_id
+    return str(org or "")
+
+
+def _decision_of(response: Any) -> dict[str, Any]:
+    """The outcome worth a log field: CheckQuota's decision, RecordUsage's status."""
+    fields: dict[str, Any] = {}
+    if response is None:
+        return fields
+    descriptor = response.DESCRIPTOR
+    if "allowed" in descriptor.fields_by_name and "reason" in descriptor.fields_by_name:
+        fields["allowed"] = response.allowed
+        fields["reason"] = (
+            descriptor.fields_by_name["reason"]
+            .enum_type.values_by_number[response.reason]
+            .name.removeprefix("DECISION_REASON_")
+        )
+    if "duplicate" in descriptor.fields_by_name:
+        fields["duplicate"] = response.duplicate
+    if "status" in descriptor.fields_by_name and descriptor.fields_by_name["status"].enum_type:
+        fields["status"] = (
+            descriptor.fields_by_name["status"].enum_type.values_by_number[response.status].name
+        )
+    return fields
+
+
+class ObservedRpcs(_ServerInterceptor):
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -57,7 +106,10 @@ class RefuseUndecodableRequests(_ServerInterceptor):
         deserialize = handler.request_deserializer
         # grpc.aio handlers are coroutine functions; the stubs type them as plain ones.
         behavior: Any = handler.unary_unary
-        method = handler_call_details.method
+        full_method = handler_call_details.method
+        service, method = _split_method(full_method)
+        labels = ("UNARY", service, method)
+        metrics = self.metrics
 
         def tolerant_deserialize(data: bytes) -> Any:
             try:
@@ -65,13 +117,51 @@ class RefuseUndecodableRequests(_ServerInterceptor):
             except Exception:
                 return _Undecodable()
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, _Undecodable):
-                await context.abort_with_status(_undecodable_status(method))  # type: ignore[attr-defined]
-            return await behavior(request, context)
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            metrics.grpc_started.labels(*labels).inc()
+            metrics.grpc_received.labels(*labels).inc()
+            response = None
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                if isinstance(request, _Undecodable):
+                    await context.abort_with_status(_undecodable_status(full_method))  # type: ignore[attr-defined]
+                response = await behavior(request, context)
+                code = grpc.StatusCode.OK
+                metrics.grpc_sent.labels(*labels).inc()
+                return response
+            except grpc.aio.AbortError:
+                # None would mean grpc set no code; never seen, but a log must not fail.
+                code = cast(grpc.StatusCode | None, context.code()) or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                metrics.grpc_handled.labels(*labels, code.name).inc()
+                metrics.grpc_seconds.labels(*labels).observe(elapsed)
+                if access_log.isEnabledFor(logging.INFO):
+                    _log_call(method, request, response, code, elapsed)
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded,
+            observed,
             request_deserializer=tolerant_deserialize,
             response_serializer=handler.response_serializer,
         )
+
+
+def _log_call(
+    method: str, request: Any, response: Any, code: grpc.StatusCode, elapsed: float
+) -> None:
+    fields: dict[str, Any] = {"rpc": method, "code": code.name}
+    if not isinstance(request, _Undecodable):
+        org = _org_of(request)
+        if org:
+            fields["org_id"] = org
+        request_id = getattr(request, "request_id", "")
+        if request_id:
+            fields["request_id"] = request_id
+    fields.update(_decision_of(response))
+    fields["latency_ms"] = round(elapsed * 1000, 3)
+    access_log.info("%s %s", method, code.name, extra={"fields": fields})

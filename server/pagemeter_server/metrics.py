@@ -1,48 +1,107 @@
 """Prometheus metrics of the service, on a registry the caller owns.
 
 Labels stay low-cardinality: metric names come only from plans, never org ids,
-request ids or keys.
+request ids or keys. (The per-organization gauges are a separate collector,
+exporter.py, labelled by org on purpose and switchable per replica.)
+
+The gRPC metrics use the names go-grpc-prometheus and py-grpc-prometheus made
+familiar, so existing dashboards and alerts work unchanged.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from pagemeter_server import __version__
+
+GRPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # -- gRPC, as go-grpc-prometheus names them -------------------------------------
+        self.grpc_started = Counter(
+            "grpc_server_started",
+            "Total number of RPCs started on the server.",
+            GRPC_LABELS,
+            registry=registry,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            [*GRPC_LABELS, "grpc_code"],
+            registry=registry,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level "
+            "handled by the server.",
+            GRPC_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.grpc_received = Counter(
+            "grpc_server_msg_received",
+            "Total number of RPC stream messages received on the server.",
+            GRPC_LABELS,
+            registry=registry,
+        )
+        self.grpc_sent = Counter(
+            "grpc_server_msg_sent",
+            "Total number of gRPC stream messages sent by the server.",
+            GRPC_LABELS,
+            registry=registry,
+        )
+        # -- the rules ----------------------------------------------------------------------
         self.decisions = Counter(
             "pagemeter_check_decisions",
-            "CheckQuota decisions per metric.",
+            "CheckQuota decisions per metric, by decision (allowed/denied) and reason.",
             ["metric", "decision", "reason"],
             registry=registry,
         )
         self.units = Counter(
             "pagemeter_units",
-            "Units by what happened to them: held, committed, released.",
+            "Units by what happened to them: admitted (allowed by CheckQuota), held, "
+            "committed, released, expired (holds that ran out).",
             ["metric", "kind"],
+            registry=registry,
+        )
+        self.overage_units = Counter(
+            "pagemeter_overage_units",
+            "Units committed beyond contract quota and prepaid credits (billed as overage).",
+            ["metric"],
             registry=registry,
         )
         self.records = Counter(
             "pagemeter_records",
-            "RecordUsage results.",
+            "RecordUsage results by status (completed/failed) and whether a duplicate.",
             ["status", "duplicate"],
             registry=registry,
         )
+        # -- the store ----------------------------------------------------------------------
         self.script_seconds = Histogram(
             "pagemeter_redis_script_seconds",
             "Latency of Redis Lua script calls.",
             ["script"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.script_errors = Counter(
             "pagemeter_redis_script_errors",
             "Redis Lua script calls that failed.",
             ["script"],
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "pagemeter_redis_up",
+            "1 when the last health probe of Redis succeeded, else 0.",
+            registry=registry,
+        )
+        self.serving = Gauge(
+            "pagemeter_serving",
+            "1 while grpc.health.v1 reports SERVING, 0 while NOT_SERVING (Redis down or draining).",
             registry=registry,
         )
         Info("pagemeter_build", "pagemeter build information.", registry=registry).info(
@@ -53,3 +112,8 @@ class ServiceMetrics:
         self.script_seconds.labels(script).observe(seconds)
         if not ok:
             self.script_errors.labels(script).inc()
+
+    def count_units(self, kind: str, units: dict[str, int]) -> None:
+        for metric, amount in units.items():
+            if amount > 0:
+                self.units.labels(metric, kind).inc(amount)

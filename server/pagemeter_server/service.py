@@ -105,6 +105,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                 response.hold_expires_at.CopyFrom(timestamp(result.hold_expires_ms))
             response.metrics.extend(self._decision(d, result.month) for d in result.metrics)
         self._count_decisions(response, result.duplicate)
+        self.metrics.count_units("expired", result.expired)
         return response
 
     def _validate_check(self, request: quota_pb2.CheckQuotaRequest) -> int:
@@ -160,8 +161,10 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                 "allowed" if d.allowed else "denied",
                 _REASON_LABEL[d.reason],
             ).inc()
-            if response.held:
-                self.metrics.units.labels(d.metric, "held").inc(d.requested)
+            if d.allowed and response.allowed:
+                self.metrics.units.labels(d.metric, "admitted").inc(d.requested)
+                if response.held:
+                    self.metrics.units.labels(d.metric, "held").inc(d.requested)
 
     # -- RecordUsage ------------------------------------------------------------
 
@@ -198,6 +201,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         if not result.duplicate:
             for m in result.metrics:
                 self.metrics.units.labels(m.metric, "committed").inc(max(0, m.units))
+                if m.overage > 0:
+                    self.metrics.overage_units.labels(m.metric).inc(m.overage)
+        self.metrics.count_units("expired", result.expired)
         return response
 
     def _validate_record(self, request: quota_pb2.RecordUsageRequest, now_ms: int) -> int:
@@ -267,8 +273,8 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         result = await self.store.release(
             request.org_id, request.request_id, now_ms=self.clock.now_ms()
         )
-        for metric, units in result.released.items():
-            self.metrics.units.labels(metric, "released").inc(units)
+        self.metrics.count_units("released", result.released)
+        self.metrics.count_units("expired", result.expired)
         return quota_pb2.ReleaseQuotaResponse(
             outcome=_RELEASE_OUTCOME[result.outcome], released_units=result.released
         )
@@ -288,6 +294,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             now_ms=now_ms,
             year_month=(request.year, request.month) if has_year else None,
         )
+        self.metrics.count_units("expired", snapshot.expired)
         month = snapshot.month
         response = quota_pb2.GetUsageResponse(
             org_id=request.org_id,

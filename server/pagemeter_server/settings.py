@@ -72,6 +72,13 @@ class Settings:
     tls_client_ca_file: str = ""
     # Audit trail entries kept per organization (about).
     audit_max_events: int = 10_000
+    # "json" (one object per line) or "text".
+    log_format: str = "json"
+    # Seconds between health probes of Redis (grpc.health.v1 follows them).
+    health_interval_seconds: float = 1.0
+    # The per-organization usage exporter: most organizations per scrape;
+    # 0 switches it off on this replica.
+    org_exporter_max_orgs: int = 10_000
 
     def validate(self) -> Settings:
         """Raise ValueError with a readable message for inconsistent settings."""
@@ -104,6 +111,12 @@ class Settings:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if not 0 <= self.read_rate_limit < math.inf or self.read_burst < 0:
             raise ValueError("read rate limit and burst must be zero or positive")
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"--log-format {self.log_format!r}: use json or text")
+        if not 0 < self.health_interval_seconds <= 60:
+            raise ValueError("the health interval must be between 0 and 60 seconds")
+        if self.org_exporter_max_orgs < 0:
+            raise ValueError("--org-exporter-max-orgs must be 0 (off) or more")
         if self.audit_max_events < 100:
             raise ValueError("the audit trail must keep at least 100 events")
         if self.max_records_per_org < 1:
@@ -200,6 +213,17 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "tls_client_ca_file",
         "PAGEMETER_TLS_CLIENT_CA",
         "CA (PEM) that client certificates must be signed by: mutual TLS",
+    ),
+    "--log-format": ("log_format", "PAGEMETER_LOG_FORMAT", "json (one object a line) or text"),
+    "--health-interval": (
+        "health_interval_seconds",
+        "PAGEMETER_HEALTH_INTERVAL",
+        "seconds between health probes of Redis",
+    ),
+    "--org-exporter-max-orgs": (
+        "org_exporter_max_orgs",
+        "PAGEMETER_ORG_EXPORTER_MAX_ORGS",
+        "organizations per scrape of the per-org usage gauges; 0 turns them off here",
     ),
     "--audit-max-events": (
         "audit_max_events",

@@ -13,7 +13,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from importlib import resources
 from typing import Any, Literal, cast
@@ -26,6 +26,10 @@ from pagemeter_server.periods import Month, day_end_ms, local_date, month_at, mo
 DAY_MS = 86_400_000
 
 ScriptReply = list[Any]
+# The organizations that have a plan: the per-organization exporter's list, so
+# that it never scans the keyspace. Written after SetPlan's script (it is not
+# under the org's hash tag, so it cannot be in the same script).
+ORGS_KEY = "pm:orgs"
 ScriptArg = str | int | float
 
 
@@ -172,6 +176,8 @@ class CheckResult:
     retry_after_ms: int
     month: Month
     metrics: list[MetricCheck]
+    # Units of holds this call found expired, per metric.
+    expired: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -219,12 +225,14 @@ class RecordResult:
     month_id: str
     completed_ms: int
     metrics: list[MetricRecord]
+    expired: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ReleaseResult:
     outcome: Literal["released", "already_released", "expired", "already_recorded", "not_found"]
     released: dict[str, int]
+    expired: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,16 @@ class UsageSnapshot:
     held_fields: dict[str, int]
     credits: dict[str, int]
     previous_month_fields: dict[str, int]
+    expired: dict[str, int] = field(default_factory=dict)
+
+
+def held_units(encoded: str) -> dict[str, int]:
+    """Units per metric of a hold encoding "metric:units:prepaid;..." (see _lib.lua)."""
+    units: dict[str, int] = {}
+    for part in filter(None, str(encoded).split(";")):
+        metric, amount, _prepaid = part.split(":")
+        units[metric] = units.get(metric, 0) + int(amount)
+    return units
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, int]:
@@ -404,7 +422,7 @@ class Store:
             return CheckResult("no_plan", False, False, 0, False, 0, month, [])
         if tag == "RATE_LIMITED":
             return CheckResult("rate_limited", False, False, 0, False, int(reply[1]), month, [])
-        _, allowed, held, expiry, duplicate, rows = reply
+        _, allowed, held, expiry, duplicate, rows, expired = reply
         return CheckResult(
             outcome="ok",
             allowed=allowed == "1",
@@ -414,6 +432,7 @@ class Store:
             retry_after_ms=0,
             month=month,
             metrics=[MetricCheck.from_row(row) for row in _rows(rows)],
+            expired=held_units(expired),
         )
 
     # -- RecordUsage ------------------------------------------------------------
@@ -488,32 +507,31 @@ class Store:
             raise RequestIdReused(str(reply[1]))
         if tag == "NEGATIVE":
             raise NegativeUnits(str(reply[1]))
-        _, duplicate, status, released, expired, over_limit, month_id, cms, rows = reply
+        _, duplicate, status, released, hold_expired, over_limit, month_id, cms, rows, gone = reply
         return RecordResult(
             duplicate=duplicate == "1",
             status=status,
             hold_released=released == "1",
-            hold_expired=expired == "1",
+            hold_expired=hold_expired == "1",
             over_limit=over_limit == "1",
             month_id=month_id,
             completed_ms=int(cms),
             metrics=[MetricRecord.from_row(row) for row in _rows(rows)],
+            expired=held_units(gone),
         )
 
     # -- ReleaseQuota -----------------------------------------------------------
 
     async def release(self, org_id: str, request_id: str, *, now_ms: int) -> ReleaseResult:
         keys = OrgKeys(org_id)
-        outcome, parts = await self.run(
+        outcome, parts, expired = await self.run(
             "release",
             [keys.holds, keys.holddata, keys.held, keys.record(request_id)],
             [now_ms, request_id],
         )
-        released = {}
-        for part in filter(None, str(parts).split(";")):
-            metric, held_units, _prepaid = part.split(":")
-            released[metric] = int(held_units)
-        return ReleaseResult(outcome=outcome, released=released)
+        return ReleaseResult(
+            outcome=outcome, released=held_units(parts), expired=held_units(expired)
+        )
 
     # -- GetUsage ---------------------------------------------------------------
 
@@ -545,7 +563,9 @@ class Store:
             )
 
         reply, tz = await self.run_with_timezone(org_id, call)
-        _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat = reply
+        _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat, gone = (
+            reply
+        )
         plan = StoredPlan(json.loads(plan_json), int(version), 0) if plan_json else None
         return UsageSnapshot(
             plan=plan,
@@ -556,6 +576,7 @@ class Store:
             held_fields=_pairs(held_flat),
             credits=_pairs(credit_flat),
             previous_month_fields=_pairs(prev_flat),
+            expired=held_units(gone),
         )
 
     # -- plans and credits ------------------------------------------------------
@@ -576,6 +597,7 @@ class Store:
             ],
         )
         self._remember_timezone(org_id, str(doc["tz"]))
+        await self.client.zadd(ORGS_KEY, {org_id: 0})
         return StoredPlan(dict(doc), int(version), now_ms)
 
     async def get_plan(self, org_id: str) -> StoredPlan | None:

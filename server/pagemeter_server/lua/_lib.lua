@@ -105,13 +105,26 @@ local function drop_hold(holds_key, holddata_key, held_key, request_id)
 end
 
 -- A hold is expired when now >= its expiry. Expired holds stop counting here,
--- lazily, at the start of every script that reads held totals.
+-- lazily, at the start of every script that reads held totals. Returns the
+-- units that expired, per metric, as "metric:units:0;..." ('' for none), which
+-- the scripts hand back so that the server can count them.
 local function purge_expired_holds(holds_key, holddata_key, held_key, now)
   local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+  local totals, order = {}, {}
   for _, request_id in ipairs(expired) do
-    drop_hold(holds_key, holddata_key, held_key, request_id)
+    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+      if not totals[p[1]] then
+        totals[p[1]] = 0
+        order[#order + 1] = p[1]
+      end
+      totals[p[1]] = totals[p[1]] + p[2]
+    end
   end
-  return #expired
+  local parts = {}
+  for i, metric in ipairs(order) do
+    parts[i] = {metric, totals[metric], 0}
+  end
+  return encode_hold(parts)
 end
 
 -- Rows of figures for the server: fields joined by ',', rows by ';'.

@@ -29,11 +29,12 @@
 --   {'NO_PLAN'}                          the organization has no plan (nothing changed)
 --   {'RATE_LIMITED', retry_after_ms}     over the org's CheckQuota rate (nothing changed)
 --   {'REUSED', status}                   request_id belongs to another job (nothing changed)
---   {'OK', allowed, held, hold_expiry_ms, duplicate, rows}
+--   {'OK', allowed, held, hold_expiry_ms, duplicate, rows, expired}
 -- rows (see encode_rows): per metric, sorted by name: metric, allowed, reason,
 --   requested, committed, held, quota|'', hard_limit|'', overage_allowed,
 --   max_admissible|'', remaining|'', included, prepaid, overage,
 --   overage_price, prepaid_available, period ('M' or 'N').
+-- expired: units of other jobs' holds found expired by this call, "metric:units:0;...".
 -- Reasons: 1 within quota, 2 prepaid, 3 overage, 4 quota exceeded,
 --   5 hard limit exceeded, 8 unknown metric.
 
@@ -66,7 +67,7 @@ if want_hold then
   if existing[1] then
     local live = existing[1] == 'held' and tonumber(existing[4]) > now
     if live and existing[2] == fingerprint then
-      return {'OK', '1', '1', existing[4], '1', existing[3]}
+      return {'OK', '1', '1', existing[4], '1', existing[3], ''}
     end
     local status = existing[1]
     if status == 'held' and not live then
@@ -96,7 +97,7 @@ if rate > 0 then
   redis.call('SET', rate_key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
 end
 
-purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
 
 local requests = {}
 for i = 1, count do
@@ -174,7 +175,7 @@ end
 
 local encoded = encode_rows(rows)
 if not (all_allowed and want_hold) then
-  return {'OK', bool01(all_allowed), '0', '0', '0', encoded}
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired}
 end
 
 for _, p in ipairs(hold_parts) do
@@ -191,4 +192,4 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap)
-return {'OK', '1', '1', fmt(hold_expiry), '0', encoded}
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired}

@@ -34,7 +34,8 @@
 --   {'REUSED', status}            request_id was recorded with another payload (nothing changed)
 --   {'NEGATIVE', metric}          negative units for a metric that is not PERIOD_NONE (nothing changed)
 --   {'OK', duplicate, status, hold_released, hold_expired, over_limit, month_id,
---    completed_ms, rows}
+--    completed_ms, rows, expired}
+-- expired: units of holds found expired by this call, "metric:units:0;...".
 -- status is 'completed' or 'failed'. rows, per metric sorted by name: metric,
 --   units, included, prepaid, overage, committed_after, quota|'', hard_limit|'',
 --   over_quota, over_hard_limit, overage_not_allowed, period ('M'/'N'), overage_price.
@@ -87,7 +88,7 @@ if status == 'completed' or status == 'failed' then
     return {'REUSED', status}
   end
   return {'OK', '1', status, existing[3], existing[4], existing[5], existing[6], existing[7],
-    existing[8]}
+    existing[8], ''}
 end
 
 local requests = {}
@@ -108,7 +109,7 @@ end
 
 -- Free this job's hold before pricing the units, so its own prepaid
 -- reservation is available to it.
-purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
 local hold_released, hold_expired = false, false
 if status == 'held' then
   if drop_hold(holds_key, holddata_key, held_key, request_id) then
@@ -226,4 +227,4 @@ redis.call('HSET', record_key, 'st', final_status, 'fp', fingerprint, 'res', enc
 redis.call('PEXPIRE', record_key, record_ttl)
 index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_cap)
 return {'OK', '0', final_status, bool01(hold_released), bool01(hold_expired),
-  bool01(over_limit), month_id, completed_ms, encoded}
+  bool01(over_limit), month_id, completed_ms, encoded, expired}

@@ -9,29 +9,30 @@
 -- ARGV[1] now_ms
 -- ARGV[2] request_id
 --
--- Returns {outcome, released} where outcome is one of 'released',
--- 'already_released', 'expired', 'already_recorded', 'not_found', and released
--- is "metric:units:prepaid;..." of the freed hold ('' otherwise).
+-- Returns {outcome, released, expired} where outcome is one of 'released',
+-- 'already_released', 'expired', 'already_recorded', 'not_found', released
+-- is "metric:units:prepaid;..." of the freed hold ('' otherwise), and expired
+-- the units of holds found expired by this call.
 
 local holds_key, holddata_key, held_key, record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local request_id = ARGV[2]
 assert(#KEYS == 4 and #ARGV == 2, 'release.lua: wrong number of KEYS or ARGV')
 
-purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
 local status = redis.call('HGET', record_key, 'st')
 if not status then
-  return {'not_found', ''}
+  return {'not_found', '', expired}
 end
 if status == 'completed' or status == 'failed' then
-  return {'already_recorded', ''}
+  return {'already_recorded', '', expired}
 end
 if status == 'released' then
-  return {'already_released', ''}
+  return {'already_released', '', expired}
 end
 local parts = drop_hold(holds_key, holddata_key, held_key, request_id)
 if not parts then
-  return {'expired', ''}
+  return {'expired', '', expired}
 end
 redis.call('HSET', record_key, 'st', 'released', 'relms', ARGV[1])
-return {'released', encode_hold(parts)}
+return {'released', encode_hold(parts), expired}

@@ -17,7 +17,8 @@
 --
 -- Returns {'STALE_TZ', plan_timezone} or
 --   {'OK', plan_json|'', plan_version, month_fields, life_fields, held_fields, credit_fields,
---    previous_month_fields}
+--    previous_month_fields, expired}
+-- expired: units of holds found expired by this call, "metric:units:0;...".
 -- where each *_fields is a flat HGETALL array.
 
 assert(#KEYS == 8 and #ARGV == 3, 'usage.lua: wrong number of KEYS or ARGV')
@@ -33,10 +34,10 @@ local stale = stale_timezone(plan, ARGV[2], ARGV[3])
 if stale then
   return stale
 end
-purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
 return {
   'OK', raw[1] or '', raw[2] or '0',
   redis.call('HGETALL', KEYS[6]), redis.call('HGETALL', KEYS[7]),
   redis.call('HGETALL', held_key), redis.call('HGETALL', KEYS[5]),
-  redis.call('HGETALL', KEYS[8]),
+  redis.call('HGETALL', KEYS[8]), expired,
 }

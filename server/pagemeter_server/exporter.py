@@ -1,0 +1,225 @@
+"""The per-organization usage exporter: Prometheus gauges read from Redis at scrape time.
+
+For each organization with a plan (the `pm:orgs` registry that SetPlan keeps,
+so no KEYS or SCAN over the keyspace), the current month's figures in the
+plan's timezone: committed, held, contract quota, hard limit, overage units and
+cost, prepaid balance, labelled by org and metric.
+
+It stays cheap at scale: the reads are pipelined in chunks, at most
+--org-exporter-max-orgs organizations are read per scrape (the rest are counted
+in pagemeter_org_exporter_skipped_orgs), and --org-exporter-max-orgs 0 switches
+it off, so that only one replica of many publishes it.
+
+Scrapes run in prometheus-client's HTTP thread, so the exporter has its own
+synchronous Redis client rather than the server's asyncio one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, cast
+
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pagemeter_server import rules
+from pagemeter_server.clock import Clock
+from pagemeter_server.periods import month_at, zone
+from pagemeter_server.settings import Settings
+from pagemeter_server.store import ORGS_KEY, OrgKeys, StoredPlan, UsageSnapshot
+
+log = logging.getLogger("pagemeter.exporter")
+CHUNK = 500
+
+_GAUGES = {
+    "committed": ("pagemeter_org_committed_units", "Units committed this period (quotaUsed)."),
+    "held": ("pagemeter_org_held_units", "Units held by live holds."),
+    "quota": ("pagemeter_org_contract_quota_units", "Contract quota of the period."),
+    "hard": ("pagemeter_org_hard_limit_units", "Hard limit of the period."),
+    "overage": ("pagemeter_org_overage_units", "Units beyond quota and prepaid credits."),
+    "prepaid": ("pagemeter_org_prepaid_balance_units", "Prepaid credits left."),
+}
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class OrgUsageCollector(Collector):
+    def __init__(self, client: redis.Redis, default_timezone: str, max_orgs: int, clock: Clock):
+        self.client = client
+        self.default_timezone = default_timezone
+        self.max_orgs = max_orgs
+        self.clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no Redis reads when the collector is registered
+
+    def collect(self) -> Iterable[Metric]:
+        started = time.perf_counter()
+        labels = ["org", "metric"]
+        families = {
+            name: GaugeMetricFamily(metric, doc, labels=labels)
+            for name, (metric, doc) in _GAUGES.items()
+        }
+        cost = GaugeMetricFamily(
+            "pagemeter_org_overage_cost",
+            "Overage units times the overage price, in the plan's currency.",
+            labels=[*labels, "currency"],
+        )
+        exported = skipped = 0
+        up = 1
+        try:
+            total = int(self.client.zcard(ORGS_KEY))
+            orgs = cast(list[str], self.client.zrange(ORGS_KEY, 0, self.max_orgs - 1))
+            skipped = max(0, total - len(orgs))
+            now_ms = self.clock.now_ms()
+            for chunk in _chunks(orgs, CHUNK):
+                for snapshot, org in self._read(chunk, now_ms):
+                    exported += 1
+                    self._add(families, cost, org, snapshot, now_ms)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("per-organization exporter could not read Redis: %s", exc)
+            up = 0
+        yield from families.values()
+        yield cost
+        yield GaugeMetricFamily(
+            "pagemeter_org_exporter_orgs", "Organizations exported by this scrape.", value=exported
+        )
+        yield GaugeMetricFamily(
+            "pagemeter_org_exporter_skipped_orgs",
+            "Organizations with a plan left out of this scrape (over the per-scrape cap).",
+            value=skipped,
+        )
+        yield GaugeMetricFamily(
+            "pagemeter_org_exporter_scrape_seconds",
+            "Time this scrape spent reading organizations.",
+            value=time.perf_counter() - started,
+        )
+        yield GaugeMetricFamily(
+            "pagemeter_org_exporter_up", "1 when the exporter could read Redis.", value=up
+        )
+
+    def _read(self, orgs: Sequence[str], now_ms: int) -> list[tuple[UsageSnapshot, str]]:
+        """Two pipelined round trips for a chunk: plans and holds, then the months."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for org in orgs:
+                keys = OrgKeys(org)
+                pipe.hmget(keys.plan, "json", "version")
+                pipe.hgetall(keys.held)
+                pipe.hgetall(keys.credits)
+                pipe.hgetall(keys.lifetime)
+                pipe.zrangebyscore(keys.holds, "-inf", now_ms)
+            first: list[Any] = pipe.execute()
+        plans, months = [], []
+        with self.client.pipeline(transaction=False) as pipe:
+            for i, org in enumerate(orgs):
+                (plan_json, version), held, credits, lifetime, expired = first[5 * i : 5 * i + 5]
+                doc = json.loads(plan_json) if plan_json else None
+                tz = (doc or {}).get("tz") or self.default_timezone
+                month = month_at(now_ms, zone(tz))
+                keys = OrgKeys(org)
+                pipe.hgetall(keys.month(month.period_id))
+                if expired:
+                    pipe.hmget(keys.holddata, expired)
+                else:
+                    pipe.echo("")  # keeps two replies per organization
+                plans.append((doc, int(version or 0), tz, month, held, credits, lifetime))
+            second: list[Any] = pipe.execute()
+        for i, org in enumerate(orgs):
+            doc, version, tz, month, held, credits, lifetime = plans[i]
+            if doc is None:
+                continue  # the plan was removed since the org was registered
+            month_fields, expired_holds = second[2 * i], second[2 * i + 1]
+            held_fields = _without_expired(held, expired_holds)
+            months.append(
+                (
+                    UsageSnapshot(
+                        plan=StoredPlan(doc, version, 0),
+                        timezone=tz,
+                        month=month,
+                        month_fields=_ints(month_fields),
+                        lifetime_fields=_ints(lifetime),
+                        held_fields=held_fields,
+                        credits=_ints(credits),
+                        previous_month_fields={},
+                    ),
+                    org,
+                )
+            )
+        return months
+
+    @staticmethod
+    def _add(
+        families: dict[str, GaugeMetricFamily],
+        cost: GaugeMetricFamily,
+        org: str,
+        snapshot: UsageSnapshot,
+        now_ms: int,
+    ) -> None:
+        currency = str(snapshot.plan.doc.get("currency", "")) if snapshot.plan else ""
+        for f in rules.usage_figures(snapshot, now_ms=now_ms):
+            labels = [org, f.metric]
+            families["committed"].add_metric(labels, f.committed)
+            families["held"].add_metric(labels, f.held)
+            if f.contract_quota is not None:
+                families["quota"].add_metric(labels, f.contract_quota)
+            if f.hard_limit is not None:
+                families["hard"].add_metric(labels, f.hard_limit)
+            families["overage"].add_metric(labels, f.overage_units)
+            families["prepaid"].add_metric(labels, f.prepaid_balance)
+            cost.add_metric([*labels, currency], float(f.overage_cost))
+
+
+def _ints(raw: dict[str, str]) -> dict[str, int]:
+    return {name: int(value) for name, value in raw.items()}
+
+
+def _without_expired(held: dict[str, str], expired_holds: Any) -> dict[str, int]:
+    """Held totals minus holds that expired but no script has purged yet."""
+    fields = _ints(held)
+    for encoded in expired_holds if isinstance(expired_holds, list) else []:
+        for part in filter(None, str(encoded or "").split(";")):
+            metric, units, prepaid = part.split(":")
+            fields[f"h:{metric}"] = max(0, fields.get(f"h:{metric}", 0) - int(units))
+            fields[f"hp:{metric}"] = max(0, fields.get(f"hp:{metric}", 0) - int(prepaid))
+    return fields
+
+
+def sync_client_like(client: aioredis.Redis) -> redis.Redis:
+    """A synchronous client to the same Redis, with the same timeouts and credentials."""
+    kwargs = dict(client.connection_pool.connection_kwargs)
+    allowed = {
+        "host",
+        "port",
+        "db",
+        "username",
+        "password",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_cert_reqs",
+    }
+    params = {k: v for k, v in kwargs.items() if k in allowed}
+    if "ssl" in client.connection_pool.connection_class.__name__.lower():
+        params["ssl"] = True
+    return redis.Redis(decode_responses=True, **params)
+
+
+def register_org_exporter(
+    registry: CollectorRegistry, settings: Settings, clock: Clock, client: aioredis.Redis
+) -> OrgUsageCollector:
+    collector = OrgUsageCollector(
+        sync_client_like(client), settings.default_timezone, settings.org_exporter_max_orgs, clock
+    )
+    registry.register(collector)
+    return collector
