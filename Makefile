@@ -6,8 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/pagemeter/v1/*.proto)
 GEN_DIR := client
+# Tools that are not Python packages, fetched into .tools/ (gitignored).
+TOOLS := .tools
+PROMETHEUS_DIR := $(TOOLS)/prometheus
+PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
 
-.PHONY: install run test lint proto proto-check clean
+.PHONY: install run test lint proto proto-check tools clean
 
 install: $(STAMP)
 
@@ -38,9 +42,30 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check server client tests
 	$(BIN)/mypy
 
+## tools: promtool and prometheus for the monitoring tests (tests/test_prometheus_*.py)
+tools: $(PROMTOOL)
+
+# Debian's prometheus package carries static binaries: download it (no root
+# needed while apt's package lists exist; as root, and only then, the lists are
+# fetched first if the download fails) and unpack it into .tools/prometheus.
+# Without apt this only warns: `make test` still runs, and the tests that need
+# the binaries are skipped with the reason. PAGEMETER_PROMETHEUS_BIN_DIR points
+# the tests at binaries elsewhere instead.
+$(PROMTOOL):
+	@rm -rf $(TOOLS)/download $(PROMETHEUS_DIR).tmp && mkdir -p $(TOOLS)/download
+	@if ( cd $(TOOLS)/download && { apt-get download prometheus || \
+			{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download prometheus; }; } ) && \
+		dpkg-deb -x $(TOOLS)/download/prometheus_*.deb $(PROMETHEUS_DIR).tmp && \
+		rm -rf $(PROMETHEUS_DIR) && mv $(PROMETHEUS_DIR).tmp $(PROMETHEUS_DIR) && \
+		$(PROMTOOL) --version; then :; else \
+		rm -rf $(PROMETHEUS_DIR).tmp; \
+		echo "warning: could not get promtool and prometheus (apt-get download prometheus); the tests that need them will be skipped"; \
+	fi
+	@rm -rf $(TOOLS)/download
+
 ## test: lint, then the whole test suite against real Redis and gRPC servers
-test: lint
+test: lint tools
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) .pagemeter .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pagemeter .pytest_cache .mypy_cache .ruff_cache
