@@ -141,6 +141,16 @@ OPTIONS += [
     Option("--read-burst", "PAGEMETER_READ_BURST", "read_burst", "3", 3, "0", 0),
     Option("--log-format", "PAGEMETER_LOG_FORMAT", "log_format", "text", "text", "json", "json"),
     Option(
+        "--store-failure-policy",
+        "PAGEMETER_STORE_FAILURE_POLICY",
+        "store_failure_policy",
+        "open",
+        "open",
+        "closed",
+        "closed",
+    ),
+    Option("--clock", "PAGEMETER_CLOCK", "clock", "system", "system", "redis", "redis"),
+    Option(
         "--health-interval",
         "PAGEMETER_HEALTH_INTERVAL",
         "health_interval_seconds",

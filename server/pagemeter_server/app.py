@@ -21,10 +21,13 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+import redis.exceptions
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from pagemeter.v1 import (
     admin_pb2,
@@ -43,7 +46,7 @@ from pagemeter_server.auth import (
     check_open_access,
     load_credentials,
 )
-from pagemeter_server.clock import Clock, SystemClock
+from pagemeter_server.clock import Clock, RedisClock, SystemClock
 from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.exporter import register_org_exporter
 from pagemeter_server.health import HealthReporter, watching
@@ -75,6 +78,10 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
         socket_timeout=settings.redis_timeout_seconds,
         socket_connect_timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
+        # One quick retry, for a pooled connection that died with a Redis
+        # restart; a timeout is never retried (a stalled Redis must fail fast,
+        # and callers retry with their idempotency keys).
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
     )
 
 
@@ -118,7 +125,14 @@ async def create_server(
     check_open_access(settings, credentials, address)
     metrics = ServiceMetrics(registry if registry is not None else CollectorRegistry())
     store = build_store(client, settings, metrics)
-    clock = clock or SystemClock()
+    clock = clock or (RedisClock() if settings.clock == "redis" else SystemClock())
+    health_servicer = AsyncHealthServicer()
+    reporter = HealthReporter(
+        health_servicer,
+        metrics,
+        SERVICE_NAMES,
+        clock=clock if isinstance(clock, RedisClock) else None,
+    )
     auth = Authenticator(
         credentials,
         AdminStore(store),
@@ -136,7 +150,8 @@ async def create_server(
         ],
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
-        QuotaService(store, settings, clock, metrics, auth), server
+        QuotaService(store, settings, clock, metrics, auth, store_up=lambda: reporter.redis_ok),
+        server,
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminService(store, AdminStore(store), settings, clock, auth), server
@@ -144,7 +159,6 @@ async def create_server(
     reporting_pb2_grpc.add_ReportingServiceServicer_to_server(
         ReportingService(store, ReportStore(client), clock, auth), server
     )
-    health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -159,7 +173,6 @@ async def create_server(
         raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
-    reporter = HealthReporter(health_servicer, metrics, SERVICE_NAMES)
     # Optimistic until the first probe: serve() probes Redis before it starts.
     await reporter.set(True)
     if settings.org_exporter_max_orgs > 0 and registry is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
@@ -19,6 +20,7 @@ import redis.exceptions
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 
+from pagemeter_server.clock import RedisClock
 from pagemeter_server.metrics import ServiceMetrics
 
 log = logging.getLogger("pagemeter.health")
@@ -26,8 +28,14 @@ log = logging.getLogger("pagemeter.health")
 
 class HealthReporter:
     def __init__(
-        self, servicer: AsyncHealthServicer, metrics: ServiceMetrics, services: Sequence[str]
+        self,
+        servicer: AsyncHealthServicer,
+        metrics: ServiceMetrics,
+        services: Sequence[str],
+        clock: RedisClock | None = None,
     ) -> None:
+        self.clock = clock
+        self._redis_ok = True
         self.servicer = servicer
         self.metrics = metrics
         self.services = ("", *services)
@@ -47,12 +55,22 @@ class HealthReporter:
             log.warning("health is now %s", "SERVING" if serving else "NOT_SERVING")
         self.serving = serving
 
+    @property
+    def redis_ok(self) -> bool:
+        """Whether the last probe found Redis answering (True before any probe)."""
+        return self._redis_ok
+
     async def probe(self, client: aioredis.Redis) -> bool:
-        """One PING; the client's own timeouts bound it."""
+        """One TIME call (it also sets the Redis clock); the client's timeouts bound it."""
         try:
-            ok = bool(await client.ping())
+            sent = time.time_ns()
+            seconds, micros = await client.time()
+            if self.clock is not None:
+                self.clock.sync(int(seconds), int(micros), sent, time.time_ns())
+            ok = True
         except (redis.exceptions.RedisError, OSError):
             ok = False
+        self._redis_ok = ok
         self.metrics.redis_up.set(1 if ok else 0)
         return ok
 

@@ -14,6 +14,7 @@ Streaming RPCs (health Watch, reflection) pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -133,6 +134,9 @@ class ObservedRpcs(_ServerInterceptor):
             except grpc.aio.AbortError:
                 # None would mean grpc set no code; never seen, but a log must not fail.
                 code = cast(grpc.StatusCode | None, context.code()) or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # the caller went away (deadline, cancel)
                 raise
             except BaseException:
                 code = grpc.StatusCode.UNKNOWN

@@ -74,6 +74,13 @@ class ServiceMetrics:
             ["metric"],
             registry=registry,
         )
+        self.fail_open = Counter(
+            "pagemeter_fail_open_decisions",
+            "CheckQuota calls admitted without a check because Redis was unreachable and the "
+            "store failure policy is open.",
+            ["metric"],
+            registry=registry,
+        )
         self.records = Counter(
             "pagemeter_records",
             "RecordUsage results by status (completed/failed) and whether a duplicate.",

@@ -45,6 +45,13 @@ def format_money(amount: Decimal) -> str:
     return text or "0"
 
 
+_FAILURE_POLICY_CODES = {
+    plan_pb2.STORE_FAILURE_POLICY_CLOSED: "closed",
+    plan_pb2.STORE_FAILURE_POLICY_OPEN: "open",
+}
+_FAILURE_POLICIES = {code: value for value, code in _FAILURE_POLICY_CODES.items()}
+
+
 def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> dict[str, Any]:
     """Validate a Plan message and turn it into the stored document."""
     problems = Violations()
@@ -58,6 +65,10 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> dict[str, Any]:
     except ValueError:
         problems.add(
             "plan.timezone", f"{timezone[:64]!r} is not an IANA timezone (e.g. Europe/Berlin)"
+        )
+    if plan.store_failure_policy not in (0, *_FAILURE_POLICY_CODES):
+        problems.add(
+            "plan.store_failure_policy", f"unknown store failure policy {plan.store_failure_policy}"
         )
     if plan.currency and not CURRENCY.fullmatch(plan.currency):
         problems.add("plan.currency", "plan.currency must be an ISO 4217 code such as USD or EUR")
@@ -82,6 +93,7 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> dict[str, Any]:
         "support": plan.support_level,
         "currency": plan.currency or "USD",
         "metrics": metrics,
+        "sfp": _FAILURE_POLICY_CODES.get(plan.store_failure_policy, ""),
     }
 
 
@@ -120,6 +132,9 @@ def doc_to_plan(org_id: str, doc: dict[str, Any], version: int, updated_ms: int)
         support_level=doc["support"],
         currency=doc["currency"],
         version=version,
+        store_failure_policy=_FAILURE_POLICIES.get(
+            doc.get("sfp", ""), plan_pb2.STORE_FAILURE_POLICY_UNSPECIFIED
+        ),
     )
     if updated_ms:
         plan.updated_at.CopyFrom(timestamp(updated_ms))

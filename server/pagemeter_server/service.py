@@ -6,9 +6,11 @@ read the clock, and translate between protobuf messages and store results.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+import redis.exceptions
 
 from pagemeter.v1 import plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server import rules
@@ -67,9 +69,15 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         clock: Clock,
         metrics: ServiceMetrics,
         auth: Authenticator,
+        *,
+        store_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.auth = auth
+        # Whether the health probe last found Redis answering: while it does
+        # not, CheckQuota answers by the failure policy at once instead of
+        # waiting for a Redis timeout on every call.
+        self.store_up = store_up
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
@@ -82,14 +90,21 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     ) -> quota_pb2.CheckQuotaResponse:
         hold_ttl_ms = self._validate_check(request)
         now_ms = self.clock.now_ms()
-        result = await self.store.check(
-            request.org_id,
-            dict(request.units),
-            now_ms=now_ms,
-            request_id=request.request_id,
-            hold=request.hold,
-            hold_ttl_ms=hold_ttl_ms,
-        )
+        try:
+            if not self.store_up():
+                raise redis.exceptions.ConnectionError("the last health probe found Redis down")
+            result = await self.store.check(
+                request.org_id,
+                dict(request.units),
+                now_ms=now_ms,
+                request_id=request.request_id,
+                hold=request.hold,
+                hold_ttl_ms=hold_ttl_ms,
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if self._failure_policy(request.org_id) != "open":
+                raise  # answered UNAVAILABLE: fail closed
+            return self._fail_open(request)
         response = quota_pb2.CheckQuotaResponse(request_id=request.request_id)
         if result.outcome == "no_plan":
             response.reason = quota_pb2.DECISION_REASON_NO_PLAN
@@ -106,6 +121,28 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             response.metrics.extend(self._decision(d, result.month) for d in result.metrics)
         self._count_decisions(response, result.duplicate)
         self.metrics.count_units("expired", result.expired)
+        return response
+
+    def _failure_policy(self, org_id: str) -> str:
+        return self.store.failure_policy(org_id) or self.settings.store_failure_policy
+
+    def _fail_open(self, request: quota_pb2.CheckQuotaRequest) -> quota_pb2.CheckQuotaResponse:
+        """Admit unchecked: the store is unreachable and the policy is open."""
+        response = quota_pb2.CheckQuotaResponse(
+            request_id=request.request_id,
+            allowed=True,
+            reason=quota_pb2.DECISION_REASON_FAIL_OPEN,
+        )
+        for metric, units in sorted(request.units.items()):
+            response.metrics.append(
+                quota_pb2.MetricDecision(
+                    metric=metric,
+                    allowed=True,
+                    reason=quota_pb2.DECISION_REASON_FAIL_OPEN,
+                    requested=units,
+                )
+            )
+            self.metrics.fail_open.labels(metric).inc()
         return response
 
     def _validate_check(self, request: quota_pb2.CheckQuotaRequest) -> int:

@@ -76,6 +76,12 @@ class Settings:
     log_format: str = "json"
     # Seconds between health probes of Redis (grpc.health.v1 follows them).
     health_interval_seconds: float = 1.0
+    # CheckQuota while Redis is unreachable: "closed" (UNAVAILABLE) or "open"
+    # (admit, reason FAIL_OPEN); a plan may override it.
+    store_failure_policy: str = "closed"
+    # Where time comes from: "redis" (Redis TIME, one clock for every replica)
+    # or "system" (this machine's clock).
+    clock: str = "redis"
     # The per-organization usage exporter: most organizations per scrape;
     # 0 switches it off on this replica.
     org_exporter_max_orgs: int = 10_000
@@ -111,6 +117,10 @@ class Settings:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if not 0 <= self.read_rate_limit < math.inf or self.read_burst < 0:
             raise ValueError("read rate limit and burst must be zero or positive")
+        if self.store_failure_policy not in ("closed", "open"):
+            raise ValueError("--store-failure-policy: use closed or open")
+        if self.clock not in ("redis", "system"):
+            raise ValueError("--clock: use redis or system")
         if self.log_format not in ("json", "text"):
             raise ValueError(f"--log-format {self.log_format!r}: use json or text")
         if not 0 < self.health_interval_seconds <= 60:
@@ -213,6 +223,16 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "tls_client_ca_file",
         "PAGEMETER_TLS_CLIENT_CA",
         "CA (PEM) that client certificates must be signed by: mutual TLS",
+    ),
+    "--store-failure-policy": (
+        "store_failure_policy",
+        "PAGEMETER_STORE_FAILURE_POLICY",
+        "CheckQuota while Redis is unreachable: closed (UNAVAILABLE) or open (admit)",
+    ),
+    "--clock": (
+        "clock",
+        "PAGEMETER_CLOCK",
+        "redis (Redis TIME, shared by all replicas) or system",
     ),
     "--log-format": ("log_format", "PAGEMETER_LOG_FORMAT", "json (one object a line) or text"),
     "--health-interval": (

@@ -319,6 +319,7 @@ class Store:
         self.usage_retention_ms = usage_retention_days * DAY_MS
         self.max_records_per_org = max_records_per_org
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
+        self._policy_cache: OrderedDict[str, str] = OrderedDict()
         self._tz_cache_size = tz_cache_size
         self.audit_max_events = audit_max_events
         self.scripts: dict[str, AsyncScript] = {
@@ -329,6 +330,20 @@ class Store:
     # The month key depends on the plan's timezone, which lives in Redis. The
     # server guesses it from this cache; each script checks the guess against the
     # plan inside the same atomic call and answers STALE_TZ if it was wrong.
+
+    # -- store failure policy cache -------------------------------------------------
+    # While Redis is unreachable the plan cannot be read, so CheckQuota's
+    # fail-open/closed answer uses the policy this replica last saw for the org.
+
+    def failure_policy(self, org_id: str) -> str:
+        """'open', 'closed' or '' (the service default) as last seen for the org."""
+        return self._policy_cache.get(org_id, "")
+
+    def _remember_policy(self, org_id: str, policy: str) -> None:
+        self._policy_cache[org_id] = policy
+        self._policy_cache.move_to_end(org_id)
+        while len(self._policy_cache) > self._tz_cache_size:
+            self._policy_cache.popitem(last=False)
 
     def _cached_timezone(self, org_id: str) -> str:
         return self._tz_cache.get(org_id, self.default_timezone)
@@ -422,7 +437,8 @@ class Store:
             return CheckResult("no_plan", False, False, 0, False, 0, month, [])
         if tag == "RATE_LIMITED":
             return CheckResult("rate_limited", False, False, 0, False, int(reply[1]), month, [])
-        _, allowed, held, expiry, duplicate, rows, expired = reply
+        _, allowed, held, expiry, duplicate, rows, expired, policy = reply
+        self._remember_policy(org_id, str(policy))
         return CheckResult(
             outcome="ok",
             allowed=allowed == "1",
@@ -597,6 +613,7 @@ class Store:
             ],
         )
         self._remember_timezone(org_id, str(doc["tz"]))
+        self._remember_policy(org_id, str(doc.get("sfp", "")))
         await self.client.zadd(ORGS_KEY, {org_id: 0})
         return StoredPlan(dict(doc), int(version), now_ms)
 

@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pagemeter/v1/plan.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x01\n\x0cMetricLimits\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x1b\n\x0e\x63ontract_quota\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0foverage_allowed\x18\x03 \x01(\x08\x12\x17\n\nhard_limit\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0eprice_per_unit\x18\x05 \x01(\t\x12\x1e\n\x16overage_price_per_unit\x18\x06 \x01(\t\x12$\n\x06period\x18\x07 \x01(\x0e\x32\x14.pagemeter.v1.PeriodB\x11\n\x0f_contract_quotaB\r\n\x0b_hard_limit\"\x95\x02\n\x04Plan\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12+\n\x07metrics\x18\x04 \x03(\x0b\x32\x1a.pagemeter.v1.MetricLimits\x12\x16\n\x0e\x61pi_rate_limit\x18\x05 \x01(\r\x12\x11\n\tapi_burst\x18\x06 \x01(\r\x12\x1b\n\x13processing_priority\x18\x07 \x01(\t\x12\x15\n\rsupport_level\x18\x08 \x01(\t\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\x03\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*E\n\x06Period\x12\x16\n\x12PERIOD_UNSPECIFIED\x10\x00\x12\x12\n\x0ePERIOD_MONTHLY\x10\x01\x12\x0f\n\x0bPERIOD_NONE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pagemeter/v1/plan.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x01\n\x0cMetricLimits\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x1b\n\x0e\x63ontract_quota\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0foverage_allowed\x18\x03 \x01(\x08\x12\x17\n\nhard_limit\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0eprice_per_unit\x18\x05 \x01(\t\x12\x1e\n\x16overage_price_per_unit\x18\x06 \x01(\t\x12$\n\x06period\x18\x07 \x01(\x0e\x32\x14.pagemeter.v1.PeriodB\x11\n\x0f_contract_quotaB\r\n\x0b_hard_limit\"\xd5\x02\n\x04Plan\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12+\n\x07metrics\x18\x04 \x03(\x0b\x32\x1a.pagemeter.v1.MetricLimits\x12\x16\n\x0e\x61pi_rate_limit\x18\x05 \x01(\r\x12\x11\n\tapi_burst\x18\x06 \x01(\r\x12\x1b\n\x13processing_priority\x18\x07 \x01(\t\x12\x15\n\rsupport_level\x18\x08 \x01(\t\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\x03\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x14store_failure_policy\x18\x0c \x01(\x0e\x32 .pagemeter.v1.StoreFailurePolicy*E\n\x06Period\x12\x16\n\x12PERIOD_UNSPECIFIED\x10\x00\x12\x12\n\x0ePERIOD_MONTHLY\x10\x01\x12\x0f\n\x0bPERIOD_NONE\x10\x02*z\n\x12StoreFailurePolicy\x12$\n STORE_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSTORE_FAILURE_POLICY_CLOSED\x10\x01\x12\x1d\n\x19STORE_FAILURE_POLICY_OPEN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagemeter.v1.plan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PERIOD']._serialized_start=594
-  _globals['_PERIOD']._serialized_end=663
+  _globals['_PERIOD']._serialized_start=658
+  _globals['_PERIOD']._serialized_end=727
+  _globals['_STOREFAILUREPOLICY']._serialized_start=729
+  _globals['_STOREFAILUREPOLICY']._serialized_end=851
   _globals['_METRICLIMITS']._serialized_start=75
   _globals['_METRICLIMITS']._serialized_end=312
   _globals['_PLAN']._serialized_start=315
-  _globals['_PLAN']._serialized_end=592
+  _globals['_PLAN']._serialized_end=656
 # @@protoc_insertion_point(module_scope)

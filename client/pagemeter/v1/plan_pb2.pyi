@@ -54,6 +54,38 @@ with negative units.
 """
 Global___Period: _TypeAlias = Period  # noqa: Y015
 
+class _StoreFailurePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StoreFailurePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StoreFailurePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STORE_FAILURE_POLICY_UNSPECIFIED: _StoreFailurePolicy.ValueType  # 0
+    """The service's default (--store-failure-policy; closed unless configured)."""
+    STORE_FAILURE_POLICY_CLOSED: _StoreFailurePolicy.ValueType  # 1
+    """Fail closed: CheckQuota answers UNAVAILABLE; no work is admitted unchecked."""
+    STORE_FAILURE_POLICY_OPEN: _StoreFailurePolicy.ValueType  # 2
+    """Fail open: CheckQuota admits with reason DECISION_REASON_FAIL_OPEN (no hold
+    is placed) and counts it in pagemeter_fail_open_decisions_total. Record the
+    work afterwards as usual: RecordUsage never pretends to succeed.
+    """
+
+class StoreFailurePolicy(_StoreFailurePolicy, metaclass=_StoreFailurePolicyEnumTypeWrapper):
+    """An organization's plan: the rules CheckQuota and RecordUsage apply.
+    What CheckQuota answers for an organization when the store cannot be reached.
+    """
+
+STORE_FAILURE_POLICY_UNSPECIFIED: StoreFailurePolicy.ValueType  # 0
+"""The service's default (--store-failure-policy; closed unless configured)."""
+STORE_FAILURE_POLICY_CLOSED: StoreFailurePolicy.ValueType  # 1
+"""Fail closed: CheckQuota answers UNAVAILABLE; no work is admitted unchecked."""
+STORE_FAILURE_POLICY_OPEN: StoreFailurePolicy.ValueType  # 2
+"""Fail open: CheckQuota admits with reason DECISION_REASON_FAIL_OPEN (no hold
+is placed) and counts it in pagemeter_fail_open_decisions_total. Record the
+work afterwards as usual: RecordUsage never pretends to succeed.
+"""
+Global___StoreFailurePolicy: _TypeAlias = StoreFailurePolicy  # noqa: Y015
+
 @_typing.final
 class MetricLimits(_message.Message):
     """The limits and prices of one metric (pages, documents, credits, ...) in a plan."""
@@ -119,8 +151,6 @@ Global___MetricLimits: _TypeAlias = MetricLimits  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):
-    """An organization's plan: the rules CheckQuota and RecordUsage apply."""
-
     DESCRIPTOR: _descriptor.Descriptor
 
     ORG_ID_FIELD_NUMBER: _builtins.int
@@ -134,6 +164,7 @@ class Plan(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    STORE_FAILURE_POLICY_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     """The organization (tenant) this plan belongs to: 1 to 64 characters from
     letters, digits, '.', '_' and '-'.
@@ -158,6 +189,11 @@ class Plan(_message.Message):
     """ISO 4217 code of the currency prices are in. Empty means "USD"."""
     version: _builtins.int
     """Output only: incremented by every SetPlan of this organization."""
+    store_failure_policy: Global___StoreFailurePolicy.ValueType
+    """What CheckQuota answers while the store is unreachable. A replica knows an
+    organization's policy from its last successful CheckQuota (or SetPlan) for
+    it; organizations it has not seen yet get the service's default.
+    """
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricLimits]:
         """Per-metric limits and prices. At most 32 metrics, names unique."""
@@ -180,10 +216,11 @@ class Plan(_message.Message):
         currency: _builtins.str = ...,
         version: _builtins.int = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        store_failure_policy: Global___StoreFailurePolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_burst", b"api_burst", "api_rate_limit", b"api_rate_limit", "currency", b"currency", "metrics", b"metrics", "name", b"name", "org_id", b"org_id", "processing_priority", b"processing_priority", "support_level", b"support_level", "timezone", b"timezone", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_burst", b"api_burst", "api_rate_limit", b"api_rate_limit", "currency", b"currency", "metrics", b"metrics", "name", b"name", "org_id", b"org_id", "processing_priority", b"processing_priority", "store_failure_policy", b"store_failure_policy", "support_level", b"support_level", "timezone", b"timezone", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

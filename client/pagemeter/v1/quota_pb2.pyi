@@ -47,6 +47,10 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """Denied: the organization has no plan."""
     DECISION_REASON_UNKNOWN_METRIC: _DecisionReason.ValueType  # 8
     """Denied: the metric is not in the organization's plan."""
+    DECISION_REASON_FAIL_OPEN: _DecisionReason.ValueType  # 9
+    """Admitted without a check: the store was unreachable and the organization's
+    store failure policy is OPEN. Nothing was held; record the work as usual.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """Why a decision came out as it did. Reasons 1-3 admit; the others deny."""
@@ -70,6 +74,10 @@ DECISION_REASON_NO_PLAN: DecisionReason.ValueType  # 7
 """Denied: the organization has no plan."""
 DECISION_REASON_UNKNOWN_METRIC: DecisionReason.ValueType  # 8
 """Denied: the metric is not in the organization's plan."""
+DECISION_REASON_FAIL_OPEN: DecisionReason.ValueType  # 9
+"""Admitted without a check: the store was unreachable and the organization's
+store failure policy is OPEN. Nothing was held; record the work as usual.
+"""
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
 class _RecordStatus:

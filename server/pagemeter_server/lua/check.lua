@@ -29,12 +29,14 @@
 --   {'NO_PLAN'}                          the organization has no plan (nothing changed)
 --   {'RATE_LIMITED', retry_after_ms}     over the org's CheckQuota rate (nothing changed)
 --   {'REUSED', status}                   request_id belongs to another job (nothing changed)
---   {'OK', allowed, held, hold_expiry_ms, duplicate, rows, expired}
+--   {'OK', allowed, held, hold_expiry_ms, duplicate, rows, expired, failure_policy}
 -- rows (see encode_rows): per metric, sorted by name: metric, allowed, reason,
 --   requested, committed, held, quota|'', hard_limit|'', overage_allowed,
 --   max_admissible|'', remaining|'', included, prepaid, overage,
 --   overage_price, prepaid_available, period ('M' or 'N').
 -- expired: units of other jobs' holds found expired by this call, "metric:units:0;...".
+-- failure_policy: the plan's store failure policy ('open', 'closed' or '' for the
+--   service default), which the server remembers for when Redis is unreachable.
 -- Reasons: 1 within quota, 2 prepaid, 3 overage, 4 quota exceeded,
 --   5 hard limit exceeded, 8 unknown metric.
 
@@ -67,7 +69,7 @@ if want_hold then
   if existing[1] then
     local live = existing[1] == 'held' and tonumber(existing[4]) > now
     if live and existing[2] == fingerprint then
-      return {'OK', '1', '1', existing[4], '1', existing[3], ''}
+      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.sfp or ''}
     end
     local status = existing[1]
     if status == 'held' and not live then
@@ -175,7 +177,7 @@ end
 
 local encoded = encode_rows(rows)
 if not (all_allowed and want_hold) then
-  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired}
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.sfp or ''}
 end
 
 for _, p in ipairs(hold_parts) do
@@ -192,4 +194,4 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap)
-return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired}
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.sfp or ''}
