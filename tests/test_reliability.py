@@ -1,0 +1,249 @@
+"""Reliability under Redis trouble: stalls, outages, restarts, fail-open and fail-closed.
+
+Each test runs its own real Redis process, so that it can pause (SIGSTOP),
+stop, kill and restart it without touching the other tests' server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter_server.app import connect_redis, create_server
+from pagemeter_server.clock import RedisClock
+from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.health import watching
+from pagemeter_server.settings import Settings
+from tests.conftest import eagle_plan
+
+TIMEOUT = 0.3
+
+
+@dataclass
+class Rig:
+    redis: RedisProcess
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub
+    admin: admin_pb2_grpc.AdminServiceAsyncStub
+    health: health_pb2_grpc.HealthAsyncStub
+    registry: CollectorRegistry
+    clock: RedisClock
+
+    async def status(self) -> int:
+        reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return reply.status
+
+    async def wait_for(self, status: int, seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await self.status() == status:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"health never became {status}")
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def start_rig(tmp_path: Path, **overrides: object) -> tuple[Rig, object]:
+    process = RedisProcess(tmp_path / "redis")
+    process.start()
+    fields: dict[str, object] = {
+        "redis_url": process.url,
+        "listen": "127.0.0.1:0",
+        "metrics_listen": "",
+        "dev_open_access": True,
+        "redis_timeout_seconds": TIMEOUT,
+        "health_interval_seconds": 0.05,
+    }
+    fields.update(overrides)
+    settings = Settings(**fields)  # type: ignore[arg-type]
+    client = connect_redis(process.url, settings)
+    registry = CollectorRegistry()
+    clock = RedisClock()
+    server, port, parts = await create_server(settings, client, registry=registry, clock=clock)
+    await parts.reporter.check(client)  # as pagemeter-server does before it serves
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    watcher = watching(parts.reporter, client, settings.health_interval_seconds)
+    await watcher.__aenter__()
+    rig = Rig(
+        process,
+        quota_pb2_grpc.QuotaServiceStub(channel),  # type: ignore[arg-type]
+        admin_pb2_grpc.AdminServiceStub(channel),  # type: ignore[arg-type]
+        health_pb2_grpc.HealthStub(channel),  # type: ignore[arg-type]
+        registry,
+        clock,
+    )
+
+    async def stop() -> None:
+        await watcher.__aexit__(None, None, None)
+        await channel.close()
+        await server.stop(None)
+        await client.aclose()
+        if process.pid is not None:
+            os.kill(process.pid, signal.SIGCONT)
+        process.stop()
+
+    return rig, stop
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    made, stop = await start_rig(tmp_path)
+    yield made
+    await stop()  # type: ignore[operator]
+
+
+async def check(rig: Rig, org_id: str = "acme") -> quota_pb2.CheckQuotaResponse:
+    reply: quota_pb2.CheckQuotaResponse = await rig.quota.CheckQuota(
+        quota_pb2.CheckQuotaRequest(org_id=org_id, units={"pages": 3}), timeout=10
+    )
+    return reply
+
+
+async def refused_code(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value.code()
+
+
+def pause(process: RedisProcess) -> None:
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGSTOP)
+
+
+def resume(process: RedisProcess) -> None:
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGCONT)
+
+
+async def test_stalled_redis_fails_fast_with_unavailable(rig: Rig) -> None:
+    """With Redis paused (SIGSTOP), CheckQuota and RecordUsage answer UNAVAILABLE within a second, health turns NOT_SERVING, and all recover when Redis resumes."""
+    await rig.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+    assert (await check(rig)).allowed
+    pause(rig.redis)
+    try:
+        began = time.monotonic()
+        assert await refused_code(check(rig)) == grpc.StatusCode.UNAVAILABLE
+        record = quota_pb2.RecordUsageRequest(org_id="acme", request_id="j1", units={"pages": 1})
+        assert await refused_code(rig.quota.RecordUsage(record, timeout=10)) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+        assert time.monotonic() - began < 2.0  # two calls, each bounded by the 0.3 s timeout
+        await rig.wait_for(NOT_SERVING)
+    finally:
+        resume(rig.redis)
+    await rig.wait_for(SERVING)
+    assert (await check(rig)).allowed
+
+
+async def test_scripts_load_again_after_a_redis_restart(rig: Rig) -> None:
+    """After Redis is killed and restarted (an empty script cache, same data), the next calls work and the data is still there."""
+    await rig.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+    await rig.quota.RecordUsage(
+        quota_pb2.RecordUsageRequest(org_id="acme", request_id="j1", units={"pages": 5})
+    )
+    time.sleep(1.2)  # appendfsync everysec: let the append-only file reach the disk
+    rig.redis.kill()
+    rig.redis.start()
+    await rig.wait_for(SERVING)
+    usage = await rig.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"), timeout=10)
+    assert {m.metric: m.committed for m in usage.metrics}["pages"] == 5
+    assert (await check(rig)).allowed
+
+
+async def set_policy(rig: Rig, org_id: str, policy: int) -> None:
+    await rig.admin.SetPlan(
+        admin_pb2.SetPlanRequest(plan=eagle_plan(org_id=org_id, store_failure_policy=policy))
+    )
+
+
+async def test_fail_closed_by_default(rig: Rig) -> None:
+    """With the default policy, CheckQuota answers UNAVAILABLE while Redis is down, immediately once health has noticed."""
+    await set_policy(rig, "acme", plan_pb2.STORE_FAILURE_POLICY_UNSPECIFIED)
+    await check(rig)
+    rig.redis.stop()
+    await rig.wait_for(NOT_SERVING)
+    began = time.monotonic()
+    assert await refused_code(check(rig)) == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - began < TIMEOUT  # no Redis timeout waited for
+    fail_open = rig.registry.get_sample_value(
+        "pagemeter_fail_open_decisions_total", {"metric": "pages"}
+    )
+    assert fail_open is None
+
+
+async def test_fail_open_per_plan_admits_and_is_counted(rig: Rig) -> None:
+    """An org whose plan says OPEN is admitted with reason FAIL_OPEN while Redis is down (nothing held, counted in metrics); another org still fails closed; RecordUsage never pretends."""
+    await set_policy(rig, "open-org", plan_pb2.STORE_FAILURE_POLICY_OPEN)
+    await set_policy(rig, "closed-org", plan_pb2.STORE_FAILURE_POLICY_CLOSED)
+    rig.redis.stop()
+    await rig.wait_for(NOT_SERVING)
+    answer = await check(rig, "open-org")
+    assert answer.allowed and answer.reason == quota_pb2.DECISION_REASON_FAIL_OPEN
+    assert not answer.held
+    assert [(m.metric, m.requested, m.reason) for m in answer.metrics] == [
+        ("pages", 3, quota_pb2.DECISION_REASON_FAIL_OPEN)
+    ]
+    assert await refused_code(check(rig, "closed-org")) == grpc.StatusCode.UNAVAILABLE
+    record = quota_pb2.RecordUsageRequest(org_id="open-org", request_id="j1", units={"pages": 3})
+    assert await refused_code(rig.quota.RecordUsage(record, timeout=10)) == (
+        grpc.StatusCode.UNAVAILABLE
+    )
+    assert (
+        rig.registry.get_sample_value("pagemeter_fail_open_decisions_total", {"metric": "pages"})
+        == 1
+    )
+
+
+async def test_service_default_open_is_overridden_by_a_closed_plan(tmp_path: Path) -> None:
+    """With --store-failure-policy open, an org without its own policy is admitted and an org whose plan says CLOSED is not."""
+    rig, stop = await start_rig(tmp_path, store_failure_policy="open")
+    try:
+        await set_policy(rig, "default-org", plan_pb2.STORE_FAILURE_POLICY_UNSPECIFIED)
+        await set_policy(rig, "closed-org", plan_pb2.STORE_FAILURE_POLICY_CLOSED)
+        rig.redis.stop()
+        await rig.wait_for(NOT_SERVING)
+        assert (await check(rig, "default-org")).reason == quota_pb2.DECISION_REASON_FAIL_OPEN
+        assert (await check(rig, "never-seen")).reason == quota_pb2.DECISION_REASON_FAIL_OPEN
+        assert await refused_code(check(rig, "closed-org")) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await stop()  # type: ignore[operator]
+
+
+async def test_clock_follows_redis_time(rig: Rig) -> None:
+    """The server's clock is Redis's TIME, read on each health probe, within a few milliseconds."""
+    await rig.wait_for(SERVING)
+    assert rig.clock.synced
+    client = redis.Redis(host="127.0.0.1", port=rig.redis.port)
+    try:
+        seconds, micros = client.time()
+    finally:
+        client.close()
+    redis_ms = seconds * 1000 + micros // 1000
+    assert abs(rig.clock.now_ms() - redis_ms) < 50
+
+
+def test_redis_clock_takes_the_middle_of_the_round_trip() -> None:
+    """A TIME answered during a 10 ms round trip sets the clock to Redis's time at the round trip's middle."""
+    clock = RedisClock()
+    sent = time.time_ns()
+    # Redis claims to be one hour ahead of this machine, at the middle of the trip.
+    middle_ms = (sent + 5_000_000) // 1_000_000
+    ahead = middle_ms + 3_600_000
+    clock.sync(ahead // 1000, (ahead % 1000) * 1000, sent, sent + 10_000_000)
+    assert abs(clock.now_ms() - (time.time_ns() // 1_000_000 + 3_600_000)) < 20
+    assert clock.synced
