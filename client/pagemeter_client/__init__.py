@@ -6,9 +6,21 @@
         with client.reserve("acme", {"pages": 12}) as job:
             ...  # the work; leaving the block commits the held units
 
+With `outbox=Outbox("/var/lib/worker/pagemeter-outbox.db")` RecordUsage calls are
+stored before they are sent and delivered later if pagemeter cannot take them
+now (`UsageQueued`).
+
 See docs/client.md.
 """
 
+from pagemeter_client.outbox import (
+    FlushOutcome,
+    FlushResult,
+    Outbox,
+    OutboxEntry,
+    OutboxError,
+    OutboxSummary,
+)
 from pagemeter_client.sdk import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -21,6 +33,7 @@ from pagemeter_client.sdk import (
     RetryPolicy,
     StatisticsGroupingName,
     StatisticsPeriodName,
+    UsageQueued,
     error_details,
     is_tenant_key,
     new_request_id,
@@ -32,12 +45,19 @@ __all__ = [
     "AsyncPagemeterClient",
     "AsyncReservation",
     "ErrorDetails",
+    "FlushOutcome",
+    "FlushResult",
+    "Outbox",
+    "OutboxEntry",
+    "OutboxError",
+    "OutboxSummary",
     "PagemeterClient",
     "QuotaDenied",
     "Reservation",
     "RetryPolicy",
     "StatisticsGroupingName",
     "StatisticsPeriodName",
+    "UsageQueued",
     "error_details",
     "is_tenant_key",
     "new_request_id",

@@ -2,9 +2,13 @@
 
 Exit codes: 0 success; 1 the server answered with a gRPC error (printed as
 `error: CODE: message` on stderr, with any google.rpc details; one line for
-UNAUTHENTICATED, PERMISSION_DENIED and RESOURCE_EXHAUSTED); 2 bad command line
-or input file (nothing was sent); 3 `check` was answered "denied" (the decision
-is still printed, on stdout); 130 interrupted.
+UNAUTHENTICATED, PERMISSION_DENIED and RESOURCE_EXHAUSTED), or `outbox flush`
+left records undelivered; 2 bad command line or input file (nothing was sent);
+3 `check` was answered "denied" (the decision is still printed, on stdout);
+130 interrupted.
+
+`pagemeter outbox status|flush|requeue|discard FILE` work on a client outbox
+file (see pagemeter_client.outbox); only `flush` talks to the server.
 
 Credentials come from $PAGEMETER_TOKEN (or --token, which other users of the
 machine can see in the process list); TLS from --tls and the --tls-* options or
@@ -14,11 +18,12 @@ their environment variables. The token is never printed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from google.protobuf.message import Message
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
 from pagemeter_client import _format as fmt
+from pagemeter_client.outbox import FlushResult, Outbox, OutboxEntry, OutboxError, OutboxSummary
 from pagemeter_client.sdk import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -74,6 +80,10 @@ SPEC_HELP = (
 )
 
 Command = Callable[[PagemeterClient, argparse.Namespace], int]
+# The outbox commands open the file themselves (and `flush` its client).
+OutboxCommand = Callable[[argparse.Namespace], int]
+# Characters of an outbox record's last error shown in the status table (--json: all).
+ERROR_WIDTH = 60
 
 
 # -- argument types -----------------------------------------------------------------------
@@ -885,6 +895,175 @@ def cmd_audit(client: PagemeterClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- the outbox ---------------------------------------------------------------------------
+
+
+def _instant_text(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _clip(text: str, width: int = ERROR_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _open_outbox(args: argparse.Namespace) -> Outbox:
+    try:
+        return Outbox(args.file, create=False)
+    except OutboxError as problem:
+        raise InputProblem(str(problem)) from None
+
+
+def _entry_state(entry: OutboxEntry, now: datetime) -> str:
+    return "sending" if entry.state == "pending" and entry.in_flight(now) else entry.state
+
+
+def render_outbox_status(
+    path: str, summary: OutboxSummary, entries: Sequence[OutboxEntry], now: datetime
+) -> str:
+    sending = f" ({summary.in_flight} being sent)" if summary.in_flight else ""
+    header = fmt.fields(
+        [
+            ("outbox", path),
+            ("pending", f"{summary.pending}{sending}"),
+            ("dead letters", str(summary.dead)),
+            ("oldest pending", _instant_text(summary.oldest_pending)),
+            ("next attempt", _instant_text(summary.next_attempt_at)),
+        ]
+    )
+    if not entries:
+        return f"{header}\n\nno records"
+    rows = [
+        [
+            str(entry.id),
+            _entry_state(entry, now),
+            entry.org_id,
+            entry.request_id,
+            fmt.pairs(sorted(entry.units.items())),
+            fmt.yes_no(entry.success),
+            entry.document_type or "-",
+            _instant_text(entry.completed_at),
+            str(entry.attempts),
+            _instant_text(entry.next_attempt_at),
+            _clip(f"{entry.last_code}: {entry.last_error}") if entry.last_code else "-",
+        ]
+        for entry in entries
+    ]
+    headers = [
+        "id",
+        "state",
+        "organization",
+        "request id",
+        "units",
+        "success",
+        "document type",
+        "completed at",
+        "attempts",
+        "next attempt",
+        "last error",
+    ]
+    table = fmt.table(headers, rows, left=len(headers))
+    shown = len(entries)
+    total = summary.pending + summary.dead
+    if shown < total:
+        table += f"\n\n{total - shown} more (--limit 0 shows all)"
+    return f"{header}\n\n{table}"
+
+
+def render_flush(result: FlushResult) -> str:
+    header = fmt.fields(
+        [
+            ("delivered", f"{result.delivered} ({result.count('duplicate')} already recorded)"),
+            ("deferred", str(result.count("deferred"))),
+            ("rejected", str(result.count("rejected"))),
+            ("pending now", str(result.pending)),
+            ("dead letters", str(result.dead)),
+        ]
+    )
+    if not result.outcomes:
+        return f"{header}\n\nnothing to send"
+    rows = [
+        [
+            str(o.entry_id),
+            o.org_id,
+            o.request_id,
+            "already recorded" if o.outcome == "duplicate" else o.outcome,
+            _clip(f"{o.code}: {o.message}") if o.code else "-",
+        ]
+        for o in result.outcomes
+    ]
+    headers = ["id", "organization", "request id", "result", "error"]
+    return f"{header}\n\n{fmt.table(headers, rows, left=len(headers))}"
+
+
+def cmd_outbox_status(args: argparse.Namespace) -> int:
+    with _open_outbox(args) as outbox:
+        summary = outbox.summary()
+        entries = outbox.entries(limit=args.limit or None)
+        now = outbox.now()
+    if args.json:
+        document = {
+            "outbox": args.file,
+            "pending": summary.pending,
+            "dead": summary.dead,
+            "in_flight": summary.in_flight,
+            "oldest_pending": _json_time(summary.oldest_pending),
+            "next_attempt_at": _json_time(summary.next_attempt_at),
+            "records": [entry.as_dict() for entry in entries],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(render_outbox_status(args.file, summary, entries, now))
+    return EXIT_OK
+
+
+def _json_time(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def cmd_outbox_flush(args: argparse.Namespace) -> int:
+    with (
+        _open_outbox(args) as outbox,
+        make_client(args, outbox=outbox, flush_outbox_on_close=False) as client,
+    ):
+        result = client.flush_outbox(force=True, limit=args.limit or None)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(render_flush(result))
+    if result.stopped is not None:
+        print(f"error: {result.stopped}", file=sys.stderr)
+        print(
+            f"  hint: is the server at {args.target} reachable, and do --tls and --tls-* match "
+            "how it serves? The records stay in the outbox.",
+            file=sys.stderr,
+        )
+    rejected = result.count("rejected")
+    if rejected:
+        print(
+            f"error: pagemeter refused {rejected} record(s); kept as dead letters, never re-sent "
+            f"unless requeued (pagemeter outbox status {args.file})",
+            file=sys.stderr,
+        )
+    return EXIT_OK if result.ok else EXIT_RPC_ERROR
+
+
+def cmd_outbox_requeue(args: argparse.Namespace) -> int:
+    with _open_outbox(args) as outbox:
+        count = outbox.requeue(args.ids or None)
+    print(json.dumps({"requeued": count}) if args.json else f"requeued: {count}")
+    return EXIT_OK
+
+
+def cmd_outbox_discard(args: argparse.Namespace) -> int:
+    with _open_outbox(args) as outbox:
+        count = outbox.discard(args.ids)
+    print(json.dumps({"discarded": count}) if args.json else f"discarded: {count}")
+    return EXIT_OK
+
+
 # -- the parser ---------------------------------------------------------------------------
 
 
@@ -1182,13 +1361,51 @@ def _add_report_commands(
     records.set_defaults(run=cmd_records)
 
 
+def _add_outbox_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    outbox = commands.add_parser(
+        "outbox", help="a client outbox file: RecordUsage calls waiting for delivery"
+    )
+    outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True, metavar="COMMAND")
+    status = outbox_commands.add_parser(
+        "status", parents=[common], help="count and list the records (no server needed)"
+    )
+    status.add_argument("file", metavar="FILE")
+    status.add_argument(
+        "--limit", type=count, default=50, help="records listed, oldest first (0: all; default 50)"
+    )
+    status.set_defaults(outbox_run=cmd_outbox_status)
+    flush = outbox_commands.add_parser(
+        "flush",
+        parents=[common],
+        help="send the pending records now (exit 1 if some stay undelivered)",
+    )
+    flush.add_argument("file", metavar="FILE")
+    flush.add_argument("--limit", type=count, default=0, help="records tried at most (0: all)")
+    flush.set_defaults(outbox_run=cmd_outbox_flush)
+    requeue = outbox_commands.add_parser(
+        "requeue", parents=[common], help="make dead letters pending again (all, or these ids)"
+    )
+    requeue.add_argument("file", metavar="FILE")
+    requeue.add_argument("ids", metavar="ID", nargs="*", type=count)
+    requeue.set_defaults(outbox_run=cmd_outbox_requeue)
+    discard = outbox_commands.add_parser(
+        "discard", parents=[common], help="delete these records for good"
+    )
+    discard.add_argument("file", metavar="FILE")
+    discard.add_argument("ids", metavar="ID", nargs="+", type=count)
+    discard.set_defaults(outbox_run=cmd_outbox_discard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; defaults come from PAGEMETER_TARGET, PAGEMETER_TOKEN, ..."""
     parser = argparse.ArgumentParser(
         prog="pagemeter",
         parents=[_global_options(with_defaults=True)],
         description="Operate and query a pagemeter quota service.",
-        epilog="exit codes: 0 ok, 1 gRPC error, 2 bad usage, 3 check denied",
+        epilog="exit codes: 0 ok, 1 gRPC error (or records left in the outbox), 2 bad usage, "
+        "3 check denied",
     )
     common = _global_options(with_defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1197,6 +1414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_commands(commands, common)
     _add_job_commands(commands, common)
     _add_report_commands(commands, common)
+    _add_outbox_commands(commands, common)
     return parser
 
 
@@ -1221,8 +1439,8 @@ def _read_pem(option: str, path: str | None) -> bytes | None:
         raise InputProblem(f"cannot read the {option} file {path}: {problem.strerror}") from None
 
 
-def make_client(args: argparse.Namespace) -> PagemeterClient:
-    """The client for the parsed options: target, deadline, token and TLS."""
+def make_client(args: argparse.Namespace, **extra: Any) -> PagemeterClient:
+    """The client for the parsed options: target, deadline, token and TLS (and `extra`)."""
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InputProblem("--tls-cert and --tls-key go together (mutual TLS needs both)")
     tls_files = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
@@ -1234,6 +1452,7 @@ def make_client(args: argparse.Namespace) -> PagemeterClient:
         "client_certificate": _read_pem("--tls-cert", args.tls_cert),
         "client_key": _read_pem("--tls-key", args.tls_key),
         "tls_server_name": args.tls_server_name or None,
+        **extra,
     }
     try:
         return PagemeterClient(args.target, **options)
@@ -1243,8 +1462,11 @@ def make_client(args: argparse.Namespace) -> PagemeterClient:
 
 def run(args: argparse.Namespace) -> int:
     """Call the server for the parsed command and print the answer."""
-    command: Command = args.run
+    outbox_command: OutboxCommand | None = getattr(args, "outbox_run", None)
     try:
+        if outbox_command is not None:
+            return outbox_command(args)
+        command: Command = args.run
         with make_client(args) as client:
             return command(client, args)
     except InputProblem as problem:

@@ -21,6 +21,12 @@ Workers usually need only `reserve()`:
     async with client.reserve("acme", {"pages": 12}) as job:
         pages = await process(document)
         await job.commit({"pages": pages})   # or leave the block: commits the held units
+
+With `outbox=Outbox(path)` a client writes every RecordUsage to a SQLite file
+before sending it; a record pagemeter could not take now (unreachable, a
+deadline, ...) stays there and `record_usage` raises `UsageQueued`, and
+`flush_outbox()` or the background flusher delivers it later with its original
+request_id (see pagemeter_client.outbox).
 """
 
 # ASYNC109 would have `timeout` replaced by asyncio.timeout, but here it is the gRPC
@@ -29,10 +35,14 @@ Workers usually need only `reserve()`:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
+import sqlite3
+import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from types import TracebackType
@@ -54,6 +64,16 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
+from pagemeter_client.outbox import (
+    DeliveryPass,
+    FlushResult,
+    Outbox,
+    OutboxEntry,
+    OutboxError,
+    is_transient,
+)
+
+log = logging.getLogger("pagemeter_client")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
@@ -69,6 +89,8 @@ NOT_RETRIED = ((ADMIN_SERVICE, "CreateApiKey"),)
 TENANT_KEY_PREFIX = "pmk_"
 # The metadata that carries a credential; the server accepts one of them per call.
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+# Seconds between the background flusher's delivery passes, by default.
+DEFAULT_FLUSH_INTERVAL = 15.0
 
 Metadata = Sequence[tuple[str, str]]
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -505,6 +527,93 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     return details
 
 
+# -- the outbox -------------------------------------------------------------------------
+
+
+class UsageQueued(Exception):
+    """RecordUsage failed for now, and the record is safe in the client's outbox.
+
+    Raised by `record_usage` (and `reserve()`'s commit and fail) of a client with
+    an outbox when pagemeter could not take the record (UNAVAILABLE,
+    DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, ...) after the client's own
+    retries. Nothing is lost: a delivery pass sends the stored request later,
+    with the same request_id and completed_at. Treat the job as recorded; do not
+    record it again under another request_id.
+
+    `entry` is the stored record (`entry.id`, `entry.completed_at`, ...),
+    `details` the error of the last attempt.
+    """
+
+    def __init__(self, entry: OutboxEntry, outbox_path: str, details: ErrorDetails) -> None:
+        super().__init__(
+            f"pagemeter: usage of {entry.request_id!r} ({entry.org_id}) is queued in the outbox "
+            f"{outbox_path} as record {entry.id} after {details.code.name}: {details.message}; "
+            "a delivery pass sends it later"
+        )
+        self.entry = entry
+        self.details = details
+
+    @property
+    def request_id(self) -> str:
+        return self.entry.request_id
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.details.code
+
+
+def _retry_seconds(details: ErrorDetails) -> float | None:
+    return None if details.retry_after is None else details.retry_after.total_seconds()
+
+
+def _settle_first_attempt(
+    outbox: Outbox, entry: OutboxEntry, error: grpc.RpcError
+) -> UsageQueued | None:
+    """Note a failed first attempt: UsageQueued if the record stays pending.
+
+    None when pagemeter refused it: it is then a dead letter, and a note on
+    `error` says so (the caller re-raises `error`).
+    """
+    details = error_details(error)
+    try:
+        stored = outbox._failed(entry.id, details.code, details.message, _retry_seconds(details))
+    except (sqlite3.Error, OutboxError) as problem:
+        # The row is still there, pending and held: once its lease runs out a
+        # delivery pass sends it.
+        log.warning(
+            "outbox %s: cannot note the failure of record %s: %s", outbox, entry.id, problem
+        )
+        stored = entry if is_transient(details.code) else None
+    if stored is None:
+        return None
+    if stored.state == "pending":
+        return UsageQueued(stored, str(outbox.path), details)
+    error.add_note(
+        f"pagemeter: kept in the outbox {outbox.path} as dead letter {stored.id}; "
+        "it is not re-sent unless requeued (pagemeter outbox requeue)"
+    )
+    return None
+
+
+def _forget_delivered(outbox: Outbox, entry_id: int) -> None:
+    try:
+        outbox._delivered(entry_id)
+    except (sqlite3.Error, OutboxError) as problem:
+        # pagemeter has the record: a row left behind is redelivered as a duplicate.
+        log.warning("outbox %s: cannot delete delivered record %s: %s", outbox, entry_id, problem)
+
+
+def _release_quietly(outbox: Outbox, entry_id: int) -> None:
+    # An interrupted first attempt: make the record deliverable at once rather
+    # than after its lease. If even that fails, the lease runs out anyway.
+    with contextlib.suppress(sqlite3.Error, OutboxError):
+        outbox._release([entry_id])
+
+
+def _note_outbox_unusable(error: grpc.RpcError, outbox: Outbox, problem: Exception) -> None:
+    error.add_note(f"pagemeter: the outbox {outbox.path} could not store this record: {problem}")
+
+
 # -- reservations -----------------------------------------------------------------------
 
 
@@ -550,7 +659,10 @@ class AsyncReservation(_ReservationState):
         document_type: str = "",
         completed_at: datetime | None = None,
     ) -> quota_pb2.RecordUsageResponse:
-        """Record the job as done with `units` (default: the reserved units); frees the hold."""
+        """Record the job as done with `units` (default: the reserved units); frees the hold.
+
+        With the client's outbox, raises UsageQueued when the record is stored for later.
+        """
         self.settled = True
         return await self._client.record_usage(
             self.org_id,
@@ -563,7 +675,10 @@ class AsyncReservation(_ReservationState):
     async def fail(
         self, *, document_type: str = "", completed_at: datetime | None = None
     ) -> quota_pb2.RecordUsageResponse:
-        """Record the job as failed: counted as a failed job, consumes nothing, frees the hold."""
+        """Record the job as failed: counted as a failed job, consumes nothing, frees the hold.
+
+        With the client's outbox, raises UsageQueued when the record is stored for later.
+        """
         self.settled = True
         return await self._client.record_usage(
             self.org_id,
@@ -601,7 +716,10 @@ class Reservation(_ReservationState):
         document_type: str = "",
         completed_at: datetime | None = None,
     ) -> quota_pb2.RecordUsageResponse:
-        """Record the job as done with `units` (default: the reserved units); frees the hold."""
+        """Record the job as done with `units` (default: the reserved units); frees the hold.
+
+        With the client's outbox, raises UsageQueued when the record is stored for later.
+        """
         self.settled = True
         return self._client.record_usage(
             self.org_id,
@@ -614,7 +732,10 @@ class Reservation(_ReservationState):
     def fail(
         self, *, document_type: str = "", completed_at: datetime | None = None
     ) -> quota_pb2.RecordUsageResponse:
-        """Record the job as failed: counted as a failed job, consumes nothing, frees the hold."""
+        """Record the job as failed: counted as a failed job, consumes nothing, frees the hold.
+
+        With the client's outbox, raises UsageQueued when the record is stored for later.
+        """
         self.settled = True
         return self._client.record_usage(
             self.org_id,
@@ -638,6 +759,13 @@ def _note_settle_failure(body_error: BaseException, settle_error: grpc.RpcError)
     body_error.add_note(
         f"pagemeter: recording the failed job also failed ({details.code.name}: "
         f"{details.message}); its hold expires after its TTL"
+    )
+
+
+def _note_settle_queued(body_error: BaseException, queued: UsageQueued) -> None:
+    body_error.add_note(
+        f"pagemeter: the failed job could not be recorded now ({queued.code.name}); it is "
+        f"queued in the outbox as record {queued.entry.id} and will be delivered later"
     )
 
 
@@ -744,6 +872,10 @@ class AsyncPagemeterClient:
     PEM CA (None: the system's roots), `client_certificate` and `client_key` (both
     or neither) a client certificate for mutual TLS, `tls_server_name` the name the
     server's certificate is checked against instead of the target's host.
+
+    `outbox` (an Outbox) makes RecordUsage durable: see `record_usage`,
+    `flush_outbox` and `start_outbox_flusher`; close() delivers its due records
+    unless flush_outbox_on_close=False. The client does not close the outbox.
     """
 
     def __init__(
@@ -763,7 +895,11 @@ class AsyncPagemeterClient:
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
         tls_server_name: str | None = None,
+        outbox: Outbox | None = None,
+        flush_outbox_on_close: bool = True,
     ) -> None:
+        self._outbox = outbox
+        self._flush_outbox_on_close = flush_outbox_on_close
         self._config = _ClientConfig(
             target,
             timeout=timeout,
@@ -781,6 +917,7 @@ class AsyncPagemeterClient:
             tls_server_name=tls_server_name,
         )
         self._open: _AsyncChannel | None = None
+        self._flusher: tuple[asyncio.Task[None], asyncio.Event] | None = None
 
     def __repr__(self) -> str:
         return self._config.describe(type(self).__name__)
@@ -809,9 +946,22 @@ class AsyncPagemeterClient:
         return self._channel().reporting
 
     async def close(self) -> None:
-        if self._open is not None:
-            channel, self._open = self._open.channel, None
-            await channel.close(None)
+        """Stop the outbox flusher, deliver the outbox's due records, close the channel.
+
+        The delivery pass runs only with an outbox and flush_outbox_on_close
+        (the default); it stops at the first sign that pagemeter is unreachable.
+        """
+        try:
+            await self.stop_outbox_flusher()
+            if self._outbox is not None and self._flush_outbox_on_close:
+                try:
+                    await self._flush(self._outbox, force=False, limit=None, timeout=None)
+                except (sqlite3.Error, OutboxError) as problem:
+                    log.warning("outbox %s: delivery on close failed: %s", self._outbox, problem)
+        finally:
+            if self._open is not None:
+                channel, self._open = self._open.channel, None
+                await channel.close(None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -856,7 +1006,13 @@ class AsyncPagemeterClient:
         completed_at: datetime | None = None,
         timeout: float | None = None,
     ) -> quota_pb2.RecordUsageResponse:
-        """Record a finished job (idempotent by request_id); frees its hold."""
+        """Record a finished job (idempotent by request_id); frees its hold.
+
+        With an outbox the request is stored before it is sent, with completed_at
+        fixed (the caller's, else that of the job's first attempt); a transient
+        failure leaves it stored and raises UsageQueued, a refusal leaves it as a
+        dead letter and raises the error.
+        """
         request = record_usage_request(
             org_id,
             request_id,
@@ -866,9 +1022,45 @@ class AsyncPagemeterClient:
             requested_at=requested_at,
             completed_at=completed_at,
         )
+        if self._outbox is not None:
+            return await self._record_durably(self._outbox, request, self._config.deadline(timeout))
         return await self._quota.RecordUsage(
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
+
+    async def _record_durably(
+        self, outbox: Outbox, request: quota_pb2.RecordUsageRequest, deadline: float
+    ) -> quota_pb2.RecordUsageResponse:
+        # Stored (on disk) before it is sent, held for the call: a crash at any
+        # point leaves it delivered, or in the outbox, or both (then the
+        # redelivery is a duplicate, counted once).
+        try:
+            entry = await asyncio.to_thread(
+                outbox._store, request, claim_for=deadline + outbox.lease_margin
+            )
+        except (sqlite3.Error, OutboxError) as problem:
+            log.warning("outbox %s: cannot store a record, sending it without: %s", outbox, problem)
+            try:
+                return await self._quota.RecordUsage(
+                    request, timeout=deadline, metadata=self._config.metadata
+                )
+            except grpc.RpcError as error:
+                _note_outbox_unusable(error, outbox, problem)
+                raise
+        try:
+            response = await self._quota.RecordUsage(
+                entry.request, timeout=deadline, metadata=self._config.metadata
+            )
+        except grpc.RpcError as error:
+            queued = await asyncio.to_thread(_settle_first_attempt, outbox, entry, error)
+            if queued is None:
+                raise
+            raise queued from error
+        except BaseException:
+            _release_quietly(outbox, entry.id)
+            raise
+        await asyncio.to_thread(_forget_delivered, outbox, entry.id)
+        return response
 
     async def release_quota(
         self, org_id: str, request_id: str, *, timeout: float | None = None
@@ -1078,6 +1270,106 @@ class AsyncPagemeterClient:
             if not token:
                 return
 
+    # The outbox
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The client's outbox (None: RecordUsage failures are only raised)."""
+        return self._outbox
+
+    def _require_outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("this client has no outbox (construct it with outbox=Outbox(path))")
+        return self._outbox
+
+    async def flush_outbox(
+        self, *, force: bool = False, limit: int | None = None, timeout: float | None = None
+    ) -> FlushResult:
+        """One delivery pass: re-send the outbox's pending records, oldest first.
+
+        Each record goes with its original request (request_id, completed_at, ...);
+        a first answer or a duplicate deletes it. A transient failure keeps it
+        pending with backoff, a refusal makes it a dead letter. The pass stops at
+        the first failure saying pagemeter is unreachable. Only records whose
+        backoff has passed are sent, all pending ones with force=True (never
+        those another pass or a first attempt holds). `limit` caps the records
+        tried; `timeout` is each call's deadline.
+        """
+        return await self._flush(self._require_outbox(), force=force, limit=limit, timeout=timeout)
+
+    async def _flush(
+        self,
+        outbox: Outbox,
+        *,
+        force: bool,
+        limit: int | None,
+        timeout: float | None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> FlushResult:
+        deadline = self._config.deadline(timeout)
+        run = DeliveryPass(outbox, lease=deadline + outbox.lease_margin, force=force, limit=limit)
+        while not run.finished and not should_stop():
+            batch = await asyncio.to_thread(run.claim)
+            if not batch:
+                break
+            for index, entry in enumerate(batch):
+                if run.finished or should_stop():
+                    await asyncio.to_thread(run.abandon, batch[index:])
+                    break
+                try:
+                    response = await self._quota.RecordUsage(
+                        entry.request, timeout=deadline, metadata=self._config.metadata
+                    )
+                except grpc.RpcError as error:
+                    details = error_details(error)
+                    await asyncio.to_thread(
+                        run.failed, entry, details.code, details.message, _retry_seconds(details)
+                    )
+                except BaseException:
+                    run.abandon(batch[index:])
+                    raise
+                else:
+                    await asyncio.to_thread(run.delivered, entry, response)
+        return await asyncio.to_thread(run.result)
+
+    def start_outbox_flusher(self, interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
+        """Run a delivery pass now and every `interval` seconds, in a task of the running loop.
+
+        Stop it with `await stop_outbox_flusher()` (close() does). A pass that
+        fails on the outbox file is logged (logger "pagemeter_client") and the
+        next one runs as planned.
+        """
+        self._require_outbox()
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        if self._flusher is not None and not self._flusher[0].done():
+            raise RuntimeError("the outbox flusher is already running")
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(
+            self._flush_every(interval, stop), name="pagemeter-outbox-flusher"
+        )
+        self._flusher = (task, stop)
+
+    async def _flush_every(self, interval: float, stop: asyncio.Event) -> None:
+        outbox = self._require_outbox()
+        while not stop.is_set():
+            try:
+                await self._flush(
+                    outbox, force=False, limit=None, timeout=None, should_stop=stop.is_set
+                )
+            except Exception:
+                log.exception("outbox %s: delivery pass failed", outbox)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def stop_outbox_flusher(self) -> None:
+        """Stop the background flusher after the record it is sending (if it runs)."""
+        if self._flusher is None:
+            return
+        (task, stop), self._flusher = self._flusher, None
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+
     # Worker convenience
 
     @contextlib.asynccontextmanager
@@ -1111,6 +1403,8 @@ class AsyncPagemeterClient:
                     await job.fail()
                 except grpc.RpcError as settle_error:
                     _note_settle_failure(body_error, settle_error)
+                except UsageQueued as queued:
+                    _note_settle_queued(body_error, queued)
             raise
         if not job.settled:
             await job.commit()
@@ -1119,8 +1413,9 @@ class AsyncPagemeterClient:
 class PagemeterClient:
     """pagemeter on synchronous `grpc`. Use as `with PagemeterClient(...) as client:`.
 
-    The same methods and options (token, TLS) as AsyncPagemeterClient, blocking.
-    Failed calls raise `grpc.RpcError` (also a `grpc.Call`: `.code()`, `.details()`).
+    The same methods and options (token, TLS, outbox) as AsyncPagemeterClient,
+    blocking; the outbox flusher is a thread. Failed calls raise `grpc.RpcError`
+    (also a `grpc.Call`: `.code()`, `.details()`).
     """
 
     def __init__(
@@ -1140,7 +1435,11 @@ class PagemeterClient:
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
         tls_server_name: str | None = None,
+        outbox: Outbox | None = None,
+        flush_outbox_on_close: bool = True,
     ) -> None:
+        self._outbox = outbox
+        self._flush_outbox_on_close = flush_outbox_on_close
         self._config = _ClientConfig(
             target,
             timeout=timeout,
@@ -1166,6 +1465,8 @@ class PagemeterClient:
         self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._reporting = reporting_pb2_grpc.ReportingServiceStub(self._channel)
+        self._flusher: tuple[threading.Thread, threading.Event] | None = None
+        self._flusher_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return self._config.describe(type(self).__name__)
@@ -1175,7 +1476,20 @@ class PagemeterClient:
         return self._config.target
 
     def close(self) -> None:
-        self._channel.close()
+        """Stop the outbox flusher, deliver the outbox's due records, close the channel.
+
+        The delivery pass runs only with an outbox and flush_outbox_on_close
+        (the default); it stops at the first sign that pagemeter is unreachable.
+        """
+        try:
+            self.stop_outbox_flusher()
+            if self._outbox is not None and self._flush_outbox_on_close:
+                try:
+                    self._flush(self._outbox, force=False, limit=None, timeout=None)
+                except (sqlite3.Error, OutboxError) as problem:
+                    log.warning("outbox %s: delivery on close failed: %s", self._outbox, problem)
+        finally:
+            self._channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -1220,7 +1534,13 @@ class PagemeterClient:
         completed_at: datetime | None = None,
         timeout: float | None = None,
     ) -> quota_pb2.RecordUsageResponse:
-        """Record a finished job (idempotent by request_id); frees its hold."""
+        """Record a finished job (idempotent by request_id); frees its hold.
+
+        With an outbox the request is stored before it is sent, with completed_at
+        fixed (the caller's, else that of the job's first attempt); a transient
+        failure leaves it stored and raises UsageQueued, a refusal leaves it as a
+        dead letter and raises the error.
+        """
         request = record_usage_request(
             org_id,
             request_id,
@@ -1230,9 +1550,43 @@ class PagemeterClient:
             requested_at=requested_at,
             completed_at=completed_at,
         )
+        if self._outbox is not None:
+            return self._record_durably(self._outbox, request, self._config.deadline(timeout))
         return self._quota.RecordUsage(
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
+
+    def _record_durably(
+        self, outbox: Outbox, request: quota_pb2.RecordUsageRequest, deadline: float
+    ) -> quota_pb2.RecordUsageResponse:
+        # Stored (on disk) before it is sent, held for the call: a crash at any
+        # point leaves it delivered, or in the outbox, or both (then the
+        # redelivery is a duplicate, counted once).
+        try:
+            entry = outbox._store(request, claim_for=deadline + outbox.lease_margin)
+        except (sqlite3.Error, OutboxError) as problem:
+            log.warning("outbox %s: cannot store a record, sending it without: %s", outbox, problem)
+            try:
+                return self._quota.RecordUsage(
+                    request, timeout=deadline, metadata=self._config.metadata
+                )
+            except grpc.RpcError as error:
+                _note_outbox_unusable(error, outbox, problem)
+                raise
+        try:
+            response = self._quota.RecordUsage(
+                entry.request, timeout=deadline, metadata=self._config.metadata
+            )
+        except grpc.RpcError as error:
+            queued = _settle_first_attempt(outbox, entry, error)
+            if queued is None:
+                raise
+            raise queued from error
+        except BaseException:
+            _release_quietly(outbox, entry.id)
+            raise
+        _forget_delivered(outbox, entry.id)
+        return response
 
     def release_quota(
         self, org_id: str, request_id: str, *, timeout: float | None = None
@@ -1438,6 +1792,108 @@ class PagemeterClient:
             if not token:
                 return
 
+    # The outbox
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The client's outbox (None: RecordUsage failures are only raised)."""
+        return self._outbox
+
+    def _require_outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("this client has no outbox (construct it with outbox=Outbox(path))")
+        return self._outbox
+
+    def flush_outbox(
+        self, *, force: bool = False, limit: int | None = None, timeout: float | None = None
+    ) -> FlushResult:
+        """One delivery pass: re-send the outbox's pending records, oldest first.
+
+        Each record goes with its original request (request_id, completed_at, ...);
+        a first answer or a duplicate deletes it. A transient failure keeps it
+        pending with backoff, a refusal makes it a dead letter. The pass stops at
+        the first failure saying pagemeter is unreachable. Only records whose
+        backoff has passed are sent, all pending ones with force=True (never
+        those another pass or a first attempt holds). `limit` caps the records
+        tried; `timeout` is each call's deadline.
+        """
+        return self._flush(self._require_outbox(), force=force, limit=limit, timeout=timeout)
+
+    def _flush(
+        self,
+        outbox: Outbox,
+        *,
+        force: bool,
+        limit: int | None,
+        timeout: float | None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> FlushResult:
+        deadline = self._config.deadline(timeout)
+        run = DeliveryPass(outbox, lease=deadline + outbox.lease_margin, force=force, limit=limit)
+        while not run.finished and not should_stop():
+            batch = run.claim()
+            if not batch:
+                break
+            for index, entry in enumerate(batch):
+                if run.finished or should_stop():
+                    run.abandon(batch[index:])
+                    break
+                try:
+                    response = self._quota.RecordUsage(
+                        entry.request, timeout=deadline, metadata=self._config.metadata
+                    )
+                except grpc.RpcError as error:
+                    details = error_details(error)
+                    run.failed(entry, details.code, details.message, _retry_seconds(details))
+                except BaseException:
+                    run.abandon(batch[index:])
+                    raise
+                else:
+                    run.delivered(entry, response)
+        return run.result()
+
+    def start_outbox_flusher(self, interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
+        """Run a delivery pass now and every `interval` seconds, in a daemon thread.
+
+        Stop it with stop_outbox_flusher() (close() does). A pass that fails on
+        the outbox file is logged (logger "pagemeter_client") and the next one
+        runs as planned.
+        """
+        outbox = self._require_outbox()
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        with self._flusher_lock:
+            if self._flusher is not None and self._flusher[0].is_alive():
+                raise RuntimeError("the outbox flusher is already running")
+            stop = threading.Event()
+            thread = threading.Thread(
+                target=self._flush_every,
+                args=(outbox, interval, stop),
+                name="pagemeter-outbox-flusher",
+                daemon=True,
+            )
+            self._flusher = (thread, stop)
+            thread.start()
+
+    def _flush_every(self, outbox: Outbox, interval: float, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self._flush(outbox, force=False, limit=None, timeout=None, should_stop=stop.is_set)
+            except Exception:
+                log.exception("outbox %s: delivery pass failed", outbox)
+            if stop.wait(interval):
+                return
+
+    def stop_outbox_flusher(self) -> None:
+        """Stop the background flusher after the record it is sending (if it runs)."""
+        with self._flusher_lock:
+            if self._flusher is None:
+                return
+            (thread, stop), self._flusher = self._flusher, None
+        stop.set()
+        if thread is not threading.current_thread():
+            thread.join()
+
     # Worker convenience
 
     @contextlib.contextmanager
@@ -1471,6 +1927,8 @@ class PagemeterClient:
                     job.fail()
                 except grpc.RpcError as settle_error:
                     _note_settle_failure(body_error, settle_error)
+                except UsageQueued as queued:
+                    _note_settle_queued(body_error, queued)
             raise
         if not job.settled:
             job.commit()
