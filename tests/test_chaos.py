@@ -236,3 +236,40 @@ def test_kills_and_restarts_lose_and_double_nothing(
     assert committed == sum(ledger.acked.values()), "lost or doubled units"
     assert usage.jobs.succeeded == len(ledger.acked), "lost or doubled jobs"
     assert sorted(listed) == sorted(ledger.acked), "each record listed exactly once"
+
+
+def test_server_starts_without_redis_and_recovers_by_itself(tmp_path: Path) -> None:
+    """pagemeter-server started while its Redis is down keeps running NOT_SERVING (no crash loop), answers UNAVAILABLE, and serves by itself once Redis comes up."""
+    redis_port = free_port()
+    redis_process = RedisProcess(tmp_path / "redis", port=redis_port)
+    server = Server(free_port(), redis_process.url, tmp_path / "server.log")
+    server.start()
+    target = f"127.0.0.1:{server.port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 20
+            status = None
+            while time.monotonic() < deadline:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
+                    quota_pb2.GetUsageRequest(org_id="acme"), timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            time.sleep(1.0)
+            assert server.process is not None and server.process.poll() is None, "it exited"
+            redis_process.start()
+            server.wait_until_serving(channel)
+            usage = quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
+                quota_pb2.GetUsageRequest(org_id="acme"), timeout=5
+            )
+            assert usage.org_id == "acme"
+    finally:
+        server.kill()
+        redis_process.stop()
