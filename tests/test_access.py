@@ -113,6 +113,20 @@ WRITE_RPCS = [
         quota_pb2.RecordUsageRequest(org_id="acme", request_id="r1", units={"pages": 1}),
     ),
     ("quota", "ReleaseQuota", quota_pb2.ReleaseQuotaRequest(org_id="acme", request_id="r1")),
+    (
+        "quota",
+        "CheckQuotaBatch",
+        quota_pb2.CheckQuotaBatchRequest(
+            items=[quota_pb2.CheckQuotaRequest(org_id="acme", units={"pages": 1})]
+        ),
+    ),
+    (
+        "quota",
+        "RecordUsageBatch",
+        quota_pb2.RecordUsageBatchRequest(
+            items=[quota_pb2.RecordUsageRequest(org_id="acme", request_id="b1", units={"pages": 1})]
+        ),
+    ),
 ]
 READ_RPCS = [
     ("quota", "GetUsage", quota_pb2.GetUsageRequest(org_id="acme")),

@@ -68,6 +68,8 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
     "CheckQuota": frozenset({OK, INVALID, EXISTS}),
     "RecordUsage": frozenset({OK, INVALID, EXISTS}),
     "ReleaseQuota": frozenset({OK, INVALID}),
+    "CheckQuotaBatch": frozenset({OK, INVALID}),
+    "RecordUsageBatch": frozenset({OK, INVALID}),
     "GetUsage": frozenset({OK, INVALID}),
     "SetPlan": frozenset({OK, INVALID}),
     "GetPlan": frozenset({OK, INVALID, NOT_FOUND}),
@@ -85,6 +87,8 @@ SERVICE_OF = {
     "CheckQuota": "QuotaService",
     "RecordUsage": "QuotaService",
     "ReleaseQuota": "QuotaService",
+    "CheckQuotaBatch": "QuotaService",
+    "RecordUsageBatch": "QuotaService",
     "GetUsage": "QuotaService",
     "SetPlan": "AdminService",
     "GetPlan": "AdminService",
@@ -702,6 +706,53 @@ async def test_check_quota_refuses_malformed_input_and_decides_the_rest(
     verdict = worst(case["org_id"][1], case["units"][1], id_verdict, case["hold_ttl"][1])
     accepted = (OK, EXISTS) if hold else (OK,)
     await hostile.send("CheckQuota", request, expect(verdict, *accepted))
+    await hostile.assert_still_serving()
+
+
+@hostile_settings(60)
+@given(
+    cases=st.lists(
+        st.tuples(
+            requests(
+                {
+                    "org_id": ORG_IDS,
+                    "units": CHECK_UNITS,
+                    "request_id": REQUEST_IDS,
+                    "hold_ttl": HOLD_TTLS,
+                }
+            ),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+async def test_check_quota_batch_answers_each_item_on_its_own(
+    hostile: Hostile, cases: list[tuple[dict[str, Tagged], bool]]
+) -> None:
+    """A batch of malformed and valid checks is answered item by item: each malformed item with INVALID_ARGUMENT and its violations, each valid one with a decision (or ALREADY_EXISTS for a reused hold id), never UNKNOWN or INTERNAL."""
+    items, verdicts = [], []
+    for case, hold in cases:
+        request_id, id_verdict = case["request_id"]
+        if not request_id:
+            id_verdict = BAD if hold else VALID
+        request = quota_pb2.CheckQuotaRequest(
+            org_id=case["org_id"][0], units=case["units"][0], hold=hold, request_id=request_id
+        )
+        if case["hold_ttl"][0] is not None:
+            request.hold_ttl.CopyFrom(case["hold_ttl"][0])
+        items.append(request)
+        verdicts.append(worst(case["org_id"][1], case["units"][1], id_verdict, case["hold_ttl"][1]))
+    answer = await hostile.send(
+        "CheckQuotaBatch", quota_pb2.CheckQuotaBatchRequest(items=items), {OK}
+    )
+    for item, verdict in zip(answer.response.items, verdicts, strict=True):
+        code = item.error.code if item.WhichOneof("result") == "error" else "OK"
+        assert code in {"OK", "INVALID_ARGUMENT", "ALREADY_EXISTS"}, item
+        if verdict == BAD:
+            assert code == "INVALID_ARGUMENT" and item.error.field_violations, item
+        elif verdict == VALID:
+            assert code != "INVALID_ARGUMENT", item
     await hostile.assert_still_serving()
 
 

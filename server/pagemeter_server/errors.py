@@ -20,6 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from pagemeter.v1 import quota_pb2
 from pagemeter_server.store import NegativeUnits, PlanMissing, PlanNotFound, RequestIdReused
 from pagemeter_server.validation import InvalidArgument
 
@@ -160,6 +161,26 @@ def _invalid_argument(exc: InvalidArgument) -> grpc.Status:
         info = _error_info(exc.reason, field=violations[0].field)
         return _status(code_pb2.INVALID_ARGUMENT, shown, bad_request, info)
     return _status(code_pb2.INVALID_ARGUMENT, shown, bad_request)
+
+
+def batch_item_error(exc: BaseException) -> quota_pb2.BatchItemError:
+    """What one batch item's failure would have been answered on its own."""
+    status = status_for(exc)
+    error = quota_pb2.BatchItemError(code=status.code.name, message=status.details)
+    for key, value in status.trailing_metadata:
+        if key != "grpc-status-details-bin":
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            info = error_details_pb2.ErrorInfo()
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                error.reason = info.reason
+            elif detail.Unpack(bad_request):
+                error.field_violations.extend(
+                    quota_pb2.FieldProblem(field=v.field, description=v.description)
+                    for v in bad_request.field_violations
+                )
+    return error
 
 
 def grpc_errors(handler: Handler[Request, Response]) -> Handler[Request, Response]:

@@ -6,7 +6,8 @@ read the clock, and translate between protobuf messages and store results.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -16,14 +17,26 @@ from pagemeter.v1 import plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server import rules
 from pagemeter_server.auth import Access, Authenticator, authorized
 from pagemeter_server.clock import Clock
+from pagemeter_server.errors import batch_item_error
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms, zone
 from pagemeter_server.settings import Settings
-from pagemeter_server.store import MetricCheck, MetricRecord, Store
+from pagemeter_server.store import (
+    CheckCall,
+    CheckResult,
+    MetricCheck,
+    MetricRecord,
+    RecordCall,
+    RecordResult,
+    Store,
+    StoreError,
+)
 from pagemeter_server.validation import (
     DOCUMENT_TYPE,
     MAX_LABEL,
+    InvalidArgument,
     Violations,
+    check_batch_size,
     check_year_month,
     require_org_id,
 )
@@ -105,6 +118,11 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             if self._failure_policy(request.org_id) != "open":
                 raise  # answered UNAVAILABLE: fail closed
             return self._fail_open(request)
+        return self._check_response(request, result)
+
+    def _check_response(
+        self, request: quota_pb2.CheckQuotaRequest, result: CheckResult
+    ) -> quota_pb2.CheckQuotaResponse:
         response = quota_pb2.CheckQuotaResponse(request_id=request.request_id)
         if result.outcome == "no_plan":
             response.reason = quota_pb2.DECISION_REASON_NO_PLAN
@@ -210,12 +228,26 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.RecordUsageRequest, context: Context
     ) -> quota_pb2.RecordUsageResponse:
         now_ms = self.clock.now_ms()
-        completed_ms = self._validate_record(request, now_ms)
+        call = self._record_call(request, now_ms)
         result = await self.store.record(
             request.org_id,
-            request.request_id,
-            dict(request.units),
+            call.request_id,
+            call.units,
             now_ms=now_ms,
+            completed_ms=call.completed_ms,
+            completed_given=call.completed_given,
+            success=call.success,
+            requested_ms=call.requested_ms,
+            document_type=call.document_type,
+        )
+        return self._record_response(request, result)
+
+    def _record_call(self, request: quota_pb2.RecordUsageRequest, now_ms: int) -> RecordCall:
+        """Validate a RecordUsage request and turn it into the store's call."""
+        completed_ms = self._validate_record(request, now_ms)
+        return RecordCall(
+            request_id=request.request_id,
+            units=dict(request.units),
             completed_ms=completed_ms,
             completed_given=request.HasField("completed_at"),
             success=request.success if request.HasField("success") else True,
@@ -224,6 +256,10 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             ),
             document_type=request.document_type,
         )
+
+    def _record_response(
+        self, request: quota_pb2.RecordUsageRequest, result: RecordResult
+    ) -> quota_pb2.RecordUsageResponse:
         response = quota_pb2.RecordUsageResponse(
             duplicate=result.duplicate,
             status=_RECORD_STATUS[result.status],
@@ -296,6 +332,99 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         if m.hard_limit is not None:
             result.hard_limit = m.hard_limit
         return result
+
+    # -- batches --------------------------------------------------------------------
+
+    @authorized(Access.WRITE)
+    async def CheckQuotaBatch(
+        self, request: quota_pb2.CheckQuotaBatchRequest, context: Context
+    ) -> quota_pb2.CheckQuotaBatchResponse:
+        check_batch_size(len(request.items))
+        now_ms = self.clock.now_ms()
+        answers: list[quota_pb2.CheckQuotaBatchItem] = [
+            quota_pb2.CheckQuotaBatchItem() for _ in request.items
+        ]
+        groups: dict[str, list[tuple[int, CheckCall]]] = {}
+        for index, item in enumerate(request.items):
+            try:
+                hold_ttl_ms = self._validate_check(item)
+            except InvalidArgument as exc:
+                answers[index].error.CopyFrom(batch_item_error(exc))
+                continue
+            call = CheckCall(dict(item.units), item.request_id, item.hold, hold_ttl_ms)
+            groups.setdefault(item.org_id, []).append((index, call))
+        await asyncio.gather(
+            *(
+                self._check_group(org_id, members, request.items, answers, now_ms)
+                for org_id, members in groups.items()
+            )
+        )
+        return quota_pb2.CheckQuotaBatchResponse(items=answers)
+
+    async def _check_group(
+        self,
+        org_id: str,
+        members: list[tuple[int, CheckCall]],
+        items: Sequence[quota_pb2.CheckQuotaRequest],
+        answers: list[quota_pb2.CheckQuotaBatchItem],
+        now_ms: int,
+    ) -> None:
+        try:
+            if not self.store_up():
+                raise redis.exceptions.ConnectionError("the last health probe found Redis down")
+            outcomes = await self.store.check_batch(
+                org_id, [call for _, call in members], now_ms=now_ms
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            fail_open = self._failure_policy(org_id) == "open"
+            for index, _ in members:
+                if fail_open:
+                    answers[index].response.CopyFrom(self._fail_open(items[index]))
+                else:
+                    answers[index].error.CopyFrom(batch_item_error(exc))
+            return
+        for (index, _), outcome in zip(members, outcomes, strict=True):
+            if isinstance(outcome, StoreError):
+                answers[index].error.CopyFrom(batch_item_error(outcome))
+            else:
+                answers[index].response.CopyFrom(self._check_response(items[index], outcome))
+
+    @authorized(Access.WRITE)
+    async def RecordUsageBatch(
+        self, request: quota_pb2.RecordUsageBatchRequest, context: Context
+    ) -> quota_pb2.RecordUsageBatchResponse:
+        check_batch_size(len(request.items))
+        now_ms = self.clock.now_ms()
+        answers: list[quota_pb2.RecordUsageBatchItem] = [
+            quota_pb2.RecordUsageBatchItem() for _ in request.items
+        ]
+        groups: dict[str, list[tuple[int, RecordCall]]] = {}
+        for index, item in enumerate(request.items):
+            try:
+                call = self._record_call(item, now_ms)
+            except InvalidArgument as exc:
+                answers[index].error.CopyFrom(batch_item_error(exc))
+                continue
+            groups.setdefault(item.org_id, []).append((index, call))
+
+        async def record_group(org_id: str, members: list[tuple[int, RecordCall]]) -> None:
+            try:
+                outcomes = await self.store.record_batch(
+                    org_id, [call for _, call in members], now_ms=now_ms
+                )
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                for index, _ in members:  # never pretend: each item is UNAVAILABLE
+                    answers[index].error.CopyFrom(batch_item_error(exc))
+                return
+            for (index, _), outcome in zip(members, outcomes, strict=True):
+                if isinstance(outcome, StoreError):
+                    answers[index].error.CopyFrom(batch_item_error(outcome))
+                else:
+                    item = request.items[index]
+                    answers[index].response.CopyFrom(self._record_response(item, outcome))
+
+        await asyncio.gather(*(record_group(org, members) for org, members in groups.items()))
+        return quota_pb2.RecordUsageBatchResponse(items=answers)
 
     # -- ReleaseQuota -----------------------------------------------------------
 

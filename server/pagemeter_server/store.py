@@ -8,6 +8,7 @@ and reload the script on NOSCRIPT (after a Redis restart, for example).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from importlib import resources
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -259,6 +260,39 @@ class UsageSnapshot:
     expired: dict[str, int] = field(default_factory=dict)
 
 
+def _record_result(reply: ScriptReply) -> RecordResult:
+    tag = reply[0]
+    if tag == "ERR":
+        raise ItemFailed(str(reply[1]))
+    if tag == "REUSED":
+        raise RequestIdReused(str(reply[1]))
+    if tag == "NEGATIVE":
+        raise NegativeUnits(str(reply[1]))
+    _, duplicate, status, released, hold_expired, over_limit, month_id, cms, rows, gone = reply
+    return RecordResult(
+        duplicate=duplicate == "1",
+        status=status,
+        hold_released=released == "1",
+        hold_expired=hold_expired == "1",
+        over_limit=over_limit == "1",
+        month_id=month_id,
+        completed_ms=int(cms),
+        metrics=[MetricRecord.from_row(row) for row in _rows(rows)],
+        expired=held_units(gone),
+    )
+
+
+Outcome = TypeVar("Outcome")
+
+
+def _item_outcome(parse: Callable[[], Outcome]) -> Outcome | StoreError:
+    """A batch item's result, or the store error it ended in (the others go on)."""
+    try:
+        return parse()
+    except StoreError as exc:
+        return exc
+
+
 def held_units(encoded: str) -> dict[str, int]:
     """Units per metric of a hold encoding "metric:units:prepaid;..." (see _lib.lua)."""
     units: dict[str, int] = {}
@@ -272,15 +306,102 @@ def _pairs(flat: Sequence[str]) -> dict[str, int]:
     return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def _load_script_text(name: str) -> str:
+def _script_parts(name: str) -> tuple[str, str, str]:
+    """(header comment, shared helpers, body) of a script file."""
     folder = resources.files("pagemeter_server") / "lua"
     lib = (folder / "_lib.lua").read_text(encoding="utf-8")
-    body = (folder / name).read_text(encoding="utf-8")
+    lines = (folder / name).read_text(encoding="utf-8").splitlines(keepends=True)
+    header_end = next(i for i, line in enumerate(lines) if not line.startswith("--"))
+    return "".join(lines[:header_end]), lib, "".join(lines[header_end:])
+
+
+def _load_script_text(name: str) -> str:
     # The script's header comment stays first, so a script read back from Redis
     # still says what it is; the shared helpers go between header and body.
-    lines = body.splitlines(keepends=True)
-    header_end = next(i for i, line in enumerate(lines) if not line.startswith("--"))
-    return "".join(lines[:header_end]) + lib + "".join(lines[header_end:])
+    header, lib, body = _script_parts(name)
+    return header + lib + body
+
+
+_BATCH_TEMPLATE = """\
+-- {name}_batch: {name}.lua applied to several calls of ONE organization in one
+-- atomic script call, in order (a later item sees what an earlier one did).
+-- Generated from {name}.lua when the store loads its scripts.
+--
+-- KEYS    the keys of every item, one item after the other (all under the
+--         organization's hash tag, so the call stays on one cluster slot)
+-- ARGV[1] item count N; ARGV[2 .. 1+2N] per item: its key count, its ARGV count;
+--         then the ARGV of every item, one item after the other
+--
+-- Returns one reply per item, each what {name}.lua returns for it, or
+-- {{'ERR', message}} for an item whose script raised an error (the other items
+-- are not affected by it).
+{lib}
+local function one(KEYS, ARGV)
+{body}
+end
+
+local count = tonumber(ARGV[1])
+local replies = {{}}
+local next_key, next_arg = 1, 2 + 2 * count
+for i = 1, count do
+  local nkeys, nargs = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local item_keys, item_args = {{}}, {{}}
+  for k = 1, nkeys do
+    item_keys[k] = KEYS[next_key + k - 1]
+  end
+  for a = 1, nargs do
+    item_args[a] = ARGV[next_arg + a - 1]
+  end
+  next_key, next_arg = next_key + nkeys, next_arg + nargs
+  local ok, reply = pcall(one, item_keys, item_args)
+  if ok then
+    replies[i] = reply
+  else
+    replies[i] = {{'ERR', tostring(reply)}}
+  end
+end
+return replies
+"""
+
+
+def _load_batch_script_text(name: str) -> str:
+    _, lib, body = _script_parts(f"{name}.lua")
+    return _BATCH_TEMPLATE.format(name=name, lib=lib, body=body)
+
+
+@dataclass(frozen=True)
+class CheckCall:
+    """One CheckQuota's inputs, as the store needs them."""
+
+    units: Mapping[str, int]
+    request_id: str = ""
+    hold: bool = False
+    hold_ttl_ms: int = 0
+
+
+@dataclass(frozen=True)
+class RecordCall:
+    """One RecordUsage's inputs, as the store needs them."""
+
+    request_id: str
+    units: Mapping[str, int]
+    completed_ms: int
+    completed_given: bool
+    success: bool
+    requested_ms: int | None = None
+    document_type: str = ""
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """One script call's keys and arguments, for a given timezone guess."""
+
+    keys: list[str]
+    args: list[ScriptArg]
+
+
+class ItemFailed(StoreError):
+    """A batch item whose script raised an error; the other items are unaffected."""
 
 
 SCRIPTS = (
@@ -295,6 +416,8 @@ SCRIPTS = (
     "key_revoke",
     "key_auth",
 )
+# Scripts that also run as batches of one organization's calls (see _BATCH_TEMPLATE).
+BATCH_SCRIPTS = ("check", "record")
 
 
 class Store:
@@ -325,6 +448,8 @@ class Store:
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(_load_script_text(f"{name}.lua")) for name in SCRIPTS
         }
+        for name in BATCH_SCRIPTS:
+            self.scripts[f"{name}_batch"] = client.register_script(_load_batch_script_text(name))
 
     # -- timezone cache ---------------------------------------------------------
     # The month key depends on the plan's timezone, which lives in Redis. The
@@ -389,48 +514,69 @@ class Store:
         hold: bool = False,
         hold_ttl_ms: int = 0,
     ) -> CheckResult:
+        call = CheckCall(units, request_id, hold, hold_ttl_ms)
+        months: list[Month] = []
+
+        async def run(tz: str) -> ScriptReply:
+            prepared, month = self._prepare_check(org_id, call, now_ms, tz)
+            months.append(month)
+            return await self.run("check", prepared.keys, prepared.args)
+
+        reply, _ = await self.run_with_timezone(org_id, run)
+        return self._check_result(org_id, reply, months[-1])
+
+    async def check_batch(
+        self, org_id: str, calls: Sequence[CheckCall], *, now_ms: int
+    ) -> list[CheckResult | StoreError]:
+        """Several checks of one organization in one atomic script call, in order."""
+        replies = await self._run_batch(
+            org_id, "check", calls, lambda call, tz: self._prepare_check(org_id, call, now_ms, tz)
+        )
+        return [
+            _item_outcome(functools.partial(self._check_result, org_id, reply, month))
+            for reply, month in replies
+        ]
+
+    def _prepare_check(
+        self, org_id: str, call: CheckCall, now_ms: int, tz: str
+    ) -> tuple[PreparedCall, Month]:
         keys = OrgKeys(org_id)
-        request_fp = fingerprint("check", sorted(units.items()), hold_ttl_ms)
-        hold_expiry = now_ms + hold_ttl_ms
-        flat_units = [item for pair in sorted(units.items()) for item in pair]
-        month_box: list[Month] = []
+        month = month_at(now_ms, zone(tz))
+        flat_units = [item for pair in sorted(call.units.items()) for item in pair]
+        prepared = PreparedCall(
+            [
+                keys.plan,
+                keys.holds,
+                keys.holddata,
+                keys.held,
+                keys.credits,
+                keys.month(month.period_id),
+                keys.lifetime,
+                keys.rate,
+                keys.record(call.request_id),
+                keys.records_index,
+            ],
+            [
+                now_ms,
+                tz,
+                self.default_timezone,
+                "1" if call.hold else "0",
+                now_ms + call.hold_ttl_ms,
+                fingerprint("check", sorted(call.units.items()), call.hold_ttl_ms),
+                self.record_ttl_ms,
+                call.request_id,
+                now_ms - self.record_ttl_ms,
+                self.max_records_per_org,
+                len(call.units),
+                *flat_units,
+            ],
+        )
+        return prepared, month
 
-        async def call(tz: str) -> ScriptReply:
-            month = month_at(now_ms, zone(tz))
-            month_box.append(month)
-            return await self.run(
-                "check",
-                [
-                    keys.plan,
-                    keys.holds,
-                    keys.holddata,
-                    keys.held,
-                    keys.credits,
-                    keys.month(month.period_id),
-                    keys.lifetime,
-                    keys.rate,
-                    keys.record(request_id),
-                    keys.records_index,
-                ],
-                [
-                    now_ms,
-                    tz,
-                    self.default_timezone,
-                    "1" if hold else "0",
-                    hold_expiry,
-                    request_fp,
-                    self.record_ttl_ms,
-                    request_id,
-                    now_ms - self.record_ttl_ms,
-                    self.max_records_per_org,
-                    len(units),
-                    *flat_units,
-                ],
-            )
-
-        reply, _ = await self.run_with_timezone(org_id, call)
-        month = month_box[-1]
+    def _check_result(self, org_id: str, reply: ScriptReply, month: Month) -> CheckResult:
         tag = reply[0]
+        if tag == "ERR":
+            raise ItemFailed(str(reply[1]))
         if tag == "REUSED":
             raise RequestIdReused(str(reply[1]))
         if tag == "NO_PLAN":
@@ -466,75 +612,114 @@ class Store:
         requested_ms: int | None = None,
         document_type: str = "",
     ) -> RecordResult:
+        call = RecordCall(
+            request_id, units, completed_ms, completed_given, success, requested_ms, document_type
+        )
+
+        async def run(tz: str) -> ScriptReply:
+            prepared = self._prepare_record(org_id, call, now_ms, tz)
+            return await self.run("record", prepared.keys, prepared.args)
+
+        reply, _ = await self.run_with_timezone(org_id, run)
+        return _record_result(reply)
+
+    async def record_batch(
+        self, org_id: str, calls: Sequence[RecordCall], *, now_ms: int
+    ) -> list[RecordResult | StoreError]:
+        """Several records of one organization in one atomic script call, in order."""
+        replies = await self._run_batch(
+            org_id,
+            "record",
+            calls,
+            lambda call, tz: (self._prepare_record(org_id, call, now_ms, tz), None),
+        )
+        return [_item_outcome(functools.partial(_record_result, reply)) for reply, _ in replies]
+
+    def _prepare_record(self, org_id: str, call: RecordCall, now_ms: int, tz: str) -> PreparedCall:
         keys = OrgKeys(org_id)
         # completed_at is part of the payload only when the caller chose it: a
         # retry that lets the server default it again is the same job.
         payload_fp = fingerprint(
             "record",
-            sorted(units.items()),
-            success,
-            document_type,
-            completed_ms if completed_given else None,
+            sorted(call.units.items()),
+            call.success,
+            call.document_type,
+            call.completed_ms if call.completed_given else None,
         )
-        flat_units = [item for pair in sorted(units.items()) for item in pair]
-
-        async def call(tz: str) -> ScriptReply:
-            tzinfo = zone(tz)
-            month = month_at(completed_ms, tzinfo)
-            day = local_date(completed_ms, tzinfo)
-            return await self.run(
-                "record",
-                [
-                    keys.plan,
-                    keys.holds,
-                    keys.holddata,
-                    keys.held,
-                    keys.credits,
-                    keys.month(month.period_id),
-                    keys.lifetime,
-                    keys.record(request_id),
-                    keys.day(day),
-                    keys.records_index,
-                ],
-                [
-                    now_ms,
-                    tz,
-                    self.default_timezone,
-                    month.period_id,
-                    month.end_ms + self.usage_retention_ms,
-                    self.record_ttl_ms,
-                    payload_fp,
-                    "1" if success else "0",
-                    completed_ms,
-                    "" if requested_ms is None else requested_ms,
-                    document_type,
-                    request_id,
-                    day_end_ms(day, tzinfo) + self.usage_retention_ms,
-                    now_ms - self.record_ttl_ms,
-                    self.max_records_per_org,
-                    len(units),
-                    *flat_units,
-                ],
-            )
-
-        reply, _ = await self.run_with_timezone(org_id, call)
-        tag = reply[0]
-        if tag == "REUSED":
-            raise RequestIdReused(str(reply[1]))
-        if tag == "NEGATIVE":
-            raise NegativeUnits(str(reply[1]))
-        _, duplicate, status, released, hold_expired, over_limit, month_id, cms, rows, gone = reply
-        return RecordResult(
-            duplicate=duplicate == "1",
-            status=status,
-            hold_released=released == "1",
-            hold_expired=hold_expired == "1",
-            over_limit=over_limit == "1",
-            month_id=month_id,
-            completed_ms=int(cms),
-            metrics=[MetricRecord.from_row(row) for row in _rows(rows)],
-            expired=held_units(gone),
+        flat_units = [item for pair in sorted(call.units.items()) for item in pair]
+        tzinfo = zone(tz)
+        month = month_at(call.completed_ms, tzinfo)
+        day = local_date(call.completed_ms, tzinfo)
+        return PreparedCall(
+            [
+                keys.plan,
+                keys.holds,
+                keys.holddata,
+                keys.held,
+                keys.credits,
+                keys.month(month.period_id),
+                keys.lifetime,
+                keys.record(call.request_id),
+                keys.day(day),
+                keys.records_index,
+            ],
+            [
+                now_ms,
+                tz,
+                self.default_timezone,
+                month.period_id,
+                month.end_ms + self.usage_retention_ms,
+                self.record_ttl_ms,
+                payload_fp,
+                "1" if call.success else "0",
+                call.completed_ms,
+                "" if call.requested_ms is None else call.requested_ms,
+                call.document_type,
+                call.request_id,
+                day_end_ms(day, tzinfo) + self.usage_retention_ms,
+                now_ms - self.record_ttl_ms,
+                self.max_records_per_org,
+                len(call.units),
+                *flat_units,
+            ],
         )
+
+    # -- batches -----------------------------------------------------------------
+
+    async def _run_batch(
+        self,
+        org_id: str,
+        name: str,
+        items: Sequence[Any],
+        prepare: Callable[[Any, str], tuple[PreparedCall, Any]],
+    ) -> list[tuple[ScriptReply, Any]]:
+        """Run items of one org as one batch script call; re-run those whose timezone
+        guess was stale (a stale item changed nothing, so running it again is safe)."""
+        tz = self._cached_timezone(org_id)
+        done: dict[int, tuple[ScriptReply, Any]] = {}
+        pending = list(range(len(items)))
+        for _ in range(3):
+            prepared = [prepare(items[i], tz) for i in pending]
+            keys: list[str] = []
+            counts: list[ScriptArg] = []
+            args: list[ScriptArg] = []
+            for call, _context in prepared:
+                keys += call.keys
+                counts += [len(call.keys), len(call.args)]
+                args += call.args
+            replies = await self.run(f"{name}_batch", keys, [len(prepared), *counts, *args])
+            stale = []
+            for index, (_call, context), reply in zip(pending, prepared, replies, strict=True):
+                if reply[0] == "STALE_TZ":
+                    tz = str(reply[1])
+                    self._remember_timezone(org_id, tz)
+                    stale.append(index)
+                else:
+                    done[index] = (reply, context)
+            pending = stale
+            if not pending:
+                return [done[i] for i in range(len(items))]
+        raise StoreError(f"timezone of organization {org_id} keeps changing")
 
     # -- ReleaseQuota -----------------------------------------------------------
 

@@ -137,6 +137,14 @@ MAX_PAGE_SIZE = 1000
 MAX_PAGE_TOKEN = 512
 
 
+MAX_BATCH_ITEMS = 1000
+
+
+def check_batch_size(count: int) -> None:
+    if not 1 <= count <= MAX_BATCH_ITEMS:
+        raise invalid("items", f"a batch holds 1 to {MAX_BATCH_ITEMS} items (got {count})")
+
+
 def require_org_id(org_id: str) -> None:
     """Refuse a request whose only field to check is its organization."""
     problems = Violations()

@@ -53,6 +53,16 @@ class QuotaServiceStub:
                 request_serializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageRequest.SerializeToString,
                 response_deserializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
+        self.CheckQuotaBatch = channel.unary_unary(
+                '/pagemeter.v1.QuotaService/CheckQuotaBatch',
+                request_serializer=pagemeter_dot_v1_dot_quota__pb2.CheckQuotaBatchRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_quota__pb2.CheckQuotaBatchResponse.FromString,
+                _registered_method=True)
+        self.RecordUsageBatch = channel.unary_unary(
+                '/pagemeter.v1.QuotaService/RecordUsageBatch',
+                request_serializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageBatchRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageBatchResponse.FromString,
+                _registered_method=True)
         self.ReleaseQuota = channel.unary_unary(
                 '/pagemeter.v1.QuotaService/ReleaseQuota',
                 request_serializer=pagemeter_dot_v1_dot_quota__pb2.ReleaseQuotaRequest.SerializeToString,
@@ -96,6 +106,26 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckQuotaBatch(self, request, context):
+        """Up to 1,000 CheckQuota calls in one, for workers that process batches of
+        documents; answered item by item, in order. The items of one organization
+        are decided together in one atomic step, in the order given (a later item
+        sees the holds of an earlier one). An item that would be refused on its own
+        (bad input, a reused request_id) is answered with its error and does not
+        stop the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordUsageBatch(self, request, context):
+        """Up to 1,000 RecordUsage calls in one, answered item by item, in order; the
+        items of one organization are recorded in one atomic step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseQuota(self, request, context):
         """Frees the hold of a job that will not run. Idempotent.
         """
@@ -123,6 +153,16 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.RecordUsage,
                     request_deserializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageRequest.FromString,
                     response_serializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageResponse.SerializeToString,
+            ),
+            'CheckQuotaBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckQuotaBatch,
+                    request_deserializer=pagemeter_dot_v1_dot_quota__pb2.CheckQuotaBatchRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_quota__pb2.CheckQuotaBatchResponse.SerializeToString,
+            ),
+            'RecordUsageBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsageBatch,
+                    request_deserializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageBatchRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_quota__pb2.RecordUsageBatchResponse.SerializeToString,
             ),
             'ReleaseQuota': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseQuota,
@@ -198,6 +238,60 @@ class QuotaService:
             '/pagemeter.v1.QuotaService/RecordUsage',
             pagemeter_dot_v1_dot_quota__pb2.RecordUsageRequest.SerializeToString,
             pagemeter_dot_v1_dot_quota__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckQuotaBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.QuotaService/CheckQuotaBatch',
+            pagemeter_dot_v1_dot_quota__pb2.CheckQuotaBatchRequest.SerializeToString,
+            pagemeter_dot_v1_dot_quota__pb2.CheckQuotaBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordUsageBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.QuotaService/RecordUsageBatch',
+            pagemeter_dot_v1_dot_quota__pb2.RecordUsageBatchRequest.SerializeToString,
+            pagemeter_dot_v1_dot_quota__pb2.RecordUsageBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

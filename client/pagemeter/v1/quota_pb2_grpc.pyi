@@ -53,6 +53,18 @@ class QuotaServiceStub:
     recorded even if it ends over a limit (the response says so). A failed job
     consumes nothing. Any hold of the same request_id is freed.
     """
+    CheckQuotaBatch: _grpc.UnaryUnaryMultiCallable[_quota_pb2.CheckQuotaBatchRequest, _quota_pb2.CheckQuotaBatchResponse]
+    """Up to 1,000 CheckQuota calls in one, for workers that process batches of
+    documents; answered item by item, in order. The items of one organization
+    are decided together in one atomic step, in the order given (a later item
+    sees the holds of an earlier one). An item that would be refused on its own
+    (bad input, a reused request_id) is answered with its error and does not
+    stop the others.
+    """
+    RecordUsageBatch: _grpc.UnaryUnaryMultiCallable[_quota_pb2.RecordUsageBatchRequest, _quota_pb2.RecordUsageBatchResponse]
+    """Up to 1,000 RecordUsage calls in one, answered item by item, in order; the
+    items of one organization are recorded in one atomic step.
+    """
     ReleaseQuota: _grpc.UnaryUnaryMultiCallable[_quota_pb2.ReleaseQuotaRequest, _quota_pb2.ReleaseQuotaResponse]
     """Frees the hold of a job that will not run. Idempotent."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]
@@ -84,6 +96,18 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
     """Records a finished job. Idempotent by request_id. Work that was done is
     recorded even if it ends over a limit (the response says so). A failed job
     consumes nothing. Any hold of the same request_id is freed.
+    """
+    CheckQuotaBatch: _aio.UnaryUnaryMultiCallable[_quota_pb2.CheckQuotaBatchRequest, _quota_pb2.CheckQuotaBatchResponse]  # type: ignore[assignment]
+    """Up to 1,000 CheckQuota calls in one, for workers that process batches of
+    documents; answered item by item, in order. The items of one organization
+    are decided together in one atomic step, in the order given (a later item
+    sees the holds of an earlier one). An item that would be refused on its own
+    (bad input, a reused request_id) is answered with its error and does not
+    stop the others.
+    """
+    RecordUsageBatch: _aio.UnaryUnaryMultiCallable[_quota_pb2.RecordUsageBatchRequest, _quota_pb2.RecordUsageBatchResponse]  # type: ignore[assignment]
+    """Up to 1,000 RecordUsage calls in one, answered item by item, in order; the
+    items of one organization are recorded in one atomic step.
     """
     ReleaseQuota: _aio.UnaryUnaryMultiCallable[_quota_pb2.ReleaseQuotaRequest, _quota_pb2.ReleaseQuotaResponse]  # type: ignore[assignment]
     """Frees the hold of a job that will not run. Idempotent."""
@@ -125,6 +149,30 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         """Records a finished job. Idempotent by request_id. Work that was done is
         recorded even if it ends over a limit (the response says so). A failed job
         consumes nothing. Any hold of the same request_id is freed.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckQuotaBatch(
+        self,
+        request: _quota_pb2.CheckQuotaBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_pb2.CheckQuotaBatchResponse, _abc.Awaitable[_quota_pb2.CheckQuotaBatchResponse]]:
+        """Up to 1,000 CheckQuota calls in one, for workers that process batches of
+        documents; answered item by item, in order. The items of one organization
+        are decided together in one atomic step, in the order given (a later item
+        sees the holds of an earlier one). An item that would be refused on its own
+        (bad input, a reused request_id) is answered with its error and does not
+        stop the others.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordUsageBatch(
+        self,
+        request: _quota_pb2.RecordUsageBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_pb2.RecordUsageBatchResponse, _abc.Awaitable[_quota_pb2.RecordUsageBatchResponse]]:
+        """Up to 1,000 RecordUsage calls in one, answered item by item, in order; the
+        items of one organization are recorded in one atomic step.
         """
 
     @_abc_1.abstractmethod
