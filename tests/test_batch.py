@@ -161,3 +161,24 @@ async def test_concurrent_batches_never_over_admit(pagemeter_server: RunningServ
 
     admitted = await asyncio.gather(*(batch(n) for n in range(10)), *(single(n) for n in range(20)))
     assert sum(admitted) == 50
+
+
+async def test_sdk_sends_batches(pagemeter_server: RunningServer) -> None:
+    """The SDK's check_quota_batch and record_usage_batch send request builders' items and return the per-item answers."""
+    from pagemeter_client import AsyncPagemeterClient
+    from pagemeter_client.sdk import check_quota_request, record_usage_request
+
+    await set_plan(pagemeter_server, "acme")
+    async with AsyncPagemeterClient(pagemeter_server.target) as client:
+        checks = await client.check_quota_batch(
+            [
+                check_quota_request("acme", {"pages": 2}, request_id=f"j{i}", hold=True)
+                for i in range(3)
+            ]
+        )
+        assert all(item.response.held for item in checks.items)
+        records = await client.record_usage_batch(
+            [record_usage_request("acme", f"j{i}", {"pages": 2}) for i in range(3)]
+        )
+        assert all(item.response.hold_released for item in records.items)
+    assert await committed(pagemeter_server, "acme") == 6

@@ -1071,6 +1071,26 @@ class AsyncPagemeterClient:
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
 
+    async def check_quota_batch(
+        self, items: Sequence[quota_pb2.CheckQuotaRequest], *, timeout: float | None = None
+    ) -> quota_pb2.CheckQuotaBatchResponse:
+        """Up to 1,000 checks in one call, answered item by item (build items with
+        check_quota_request). Retrying the call is safe for holds with request ids."""
+        request = quota_pb2.CheckQuotaBatchRequest(items=list(items))
+        return await self._quota.CheckQuotaBatch(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    async def record_usage_batch(
+        self, items: Sequence[quota_pb2.RecordUsageRequest], *, timeout: float | None = None
+    ) -> quota_pb2.RecordUsageBatchResponse:
+        """Up to 1,000 records in one call, answered item by item (build items with
+        record_usage_request); retrying the call counts nothing twice."""
+        request = quota_pb2.RecordUsageBatchRequest(items=list(items))
+        return await self._quota.RecordUsageBatch(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
     async def get_usage(
         self,
         org_id: str = "",
@@ -1594,6 +1614,26 @@ class PagemeterClient:
         """Free the hold of a job that will not run (idempotent)."""
         request = quota_pb2.ReleaseQuotaRequest(org_id=org_id, request_id=request_id)
         return self._quota.ReleaseQuota(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def check_quota_batch(
+        self, items: Sequence[quota_pb2.CheckQuotaRequest], *, timeout: float | None = None
+    ) -> quota_pb2.CheckQuotaBatchResponse:
+        """Up to 1,000 checks in one call, answered item by item (build items with
+        check_quota_request). Retrying the call is safe for holds with request ids."""
+        request = quota_pb2.CheckQuotaBatchRequest(items=list(items))
+        return self._quota.CheckQuotaBatch(
+            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
+
+    def record_usage_batch(
+        self, items: Sequence[quota_pb2.RecordUsageRequest], *, timeout: float | None = None
+    ) -> quota_pb2.RecordUsageBatchResponse:
+        """Up to 1,000 records in one call, answered item by item (build items with
+        record_usage_request); retrying the call counts nothing twice."""
+        request = quota_pb2.RecordUsageBatchRequest(items=list(items))
+        return self._quota.RecordUsageBatch(
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
 
