@@ -150,6 +150,7 @@ OPTIONS += [
         "closed",
     ),
     Option("--clock", "PAGEMETER_CLOCK", "clock", "system", "system", "redis", "redis"),
+    Option("--workers", "PAGEMETER_WORKERS", "workers", "4", 4, "1", 1),
     Option(
         "--health-interval",
         "PAGEMETER_HEALTH_INTERVAL",
@@ -183,6 +184,7 @@ OPTIONS += [
 # and the TLS files, which only make sense together (tested below).
 SPECIAL = {
     "--dev-open-access": ("dev_open_access", "PAGEMETER_DEV_OPEN_ACCESS"),
+    "--reuse-port": ("reuse_port", "PAGEMETER_REUSE_PORT"),
     "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT"),
     "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY"),
     "--tls-client-ca": ("tls_client_ca_file", "PAGEMETER_TLS_CLIENT_CA"),

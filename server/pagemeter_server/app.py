@@ -58,6 +58,7 @@ from pagemeter_server.reporting import ReportingService
 from pagemeter_server.service import QuotaService
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store import Store
+from pagemeter_server.workers import supervise
 
 log = logging.getLogger("pagemeter")
 
@@ -146,7 +147,7 @@ async def create_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
@@ -278,6 +279,18 @@ def _transport(settings: Settings) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
+    if settings.workers > 1:
+        setup_logging(settings.log_level, settings.log_format)
+        try:
+            sys.exit(supervise(settings))
+        except (OSError, EmbeddedRedisError, ConfigurationError) as exc:
+            log.error("pagemeter could not start: %s", exc)
+            sys.exit(1)
+    main_with_settings(settings)
+
+
+def main_with_settings(settings: Settings) -> None:
+    """One server process (also each worker of --workers N)."""
     setup_logging(settings.log_level, settings.log_format)
     try:
         _run(serve(settings))

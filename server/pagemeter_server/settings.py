@@ -82,6 +82,11 @@ class Settings:
     # Where time comes from: "redis" (Redis TIME, one clock for every replica)
     # or "system" (this machine's clock).
     clock: str = "redis"
+    # Server processes on the one gRPC port (SO_REUSEPORT), sharing one Redis.
+    workers: int = 1
+    # Bind the gRPC port with SO_REUSEPORT (set for the workers of --workers N;
+    # also for several servers on one port under another process manager).
+    reuse_port: bool = False
     # The per-organization usage exporter: most organizations per scrape;
     # 0 switches it off on this replica.
     org_exporter_max_orgs: int = 10_000
@@ -117,6 +122,8 @@ class Settings:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if not 0 <= self.read_rate_limit < math.inf or self.read_burst < 0:
             raise ValueError("read rate limit and burst must be zero or positive")
+        if not 1 <= self.workers <= 64:
+            raise ValueError("--workers must be between 1 and 64")
         if self.store_failure_policy not in ("closed", "open"):
             raise ValueError("--store-failure-policy: use closed or open")
         if self.clock not in ("redis", "system"):
@@ -223,6 +230,16 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "tls_client_ca_file",
         "PAGEMETER_TLS_CLIENT_CA",
         "CA (PEM) that client certificates must be signed by: mutual TLS",
+    ),
+    "--workers": (
+        "workers",
+        "PAGEMETER_WORKERS",
+        "server processes on the one gRPC port (SO_REUSEPORT); metrics on port + i",
+    ),
+    "--reuse-port": (
+        "reuse_port",
+        "PAGEMETER_REUSE_PORT",
+        "bind the gRPC port with SO_REUSEPORT, so that several servers can share it",
     ),
     "--store-failure-policy": (
         "store_failure_policy",
