@@ -185,6 +185,7 @@ OPTIONS += [
 SPECIAL = {
     "--dev-open-access": ("dev_open_access", "PAGEMETER_DEV_OPEN_ACCESS"),
     "--reuse-port": ("reuse_port", "PAGEMETER_REUSE_PORT"),
+    "--redis-pipelining": ("redis_pipelining", "PAGEMETER_REDIS_PIPELINING"),
     "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT"),
     "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY"),
     "--tls-client-ca": ("tls_client_ca_file", "PAGEMETER_TLS_CLIENT_CA"),

@@ -84,6 +84,8 @@ class Settings:
     clock: str = "redis"
     # Server processes on the one gRPC port (SO_REUSEPORT), sharing one Redis.
     workers: int = 1
+    # Send the script calls of one event-loop turn to Redis as one pipeline.
+    redis_pipelining: bool = False
     # Bind the gRPC port with SO_REUSEPORT (set for the workers of --workers N;
     # also for several servers on one port under another process manager).
     reuse_port: bool = False
@@ -235,6 +237,11 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "workers",
         "PAGEMETER_WORKERS",
         "server processes on the one gRPC port (SO_REUSEPORT); metrics on port + i",
+    ),
+    "--redis-pipelining": (
+        "redis_pipelining",
+        "PAGEMETER_REDIS_PIPELINING",
+        "send concurrent script calls to Redis as one pipeline (each stays atomic)",
     ),
     "--reuse-port": (
         "reuse_port",

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from pagemeter_server.coalesce import Coalescer
 from pagemeter_server.periods import Month, day_end_ms, local_date, month_at, month_of, zone
 
 DAY_MS = 86_400_000
@@ -432,6 +433,7 @@ class Store:
         usage_retention_days: int,
         max_records_per_org: int = 100_000,
         audit_max_events: int = 10_000,
+        coalesce: bool = False,
         tz_cache_size: int = 100_000,
         observer: Callable[[str, float, bool], None] | None = None,
     ) -> None:
@@ -445,6 +447,7 @@ class Store:
         self._policy_cache: OrderedDict[str, str] = OrderedDict()
         self._tz_cache_size = tz_cache_size
         self.audit_max_events = audit_max_events
+        self._coalescer = Coalescer(client) if coalesce else None
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(_load_script_text(f"{name}.lua")) for name in SCRIPTS
         }
@@ -495,7 +498,10 @@ class Store:
         started = time.perf_counter()
         ok = False
         try:
-            reply: ScriptReply = await self.scripts[name](keys=list(keys), args=list(args))
+            if self._coalescer is not None:
+                reply: ScriptReply = await self._coalescer.call(self.scripts[name], keys, args)
+            else:
+                reply = await self.scripts[name](keys=list(keys), args=list(args))
             ok = True
             return reply
         finally:
