@@ -217,3 +217,18 @@ async def test_day_counters_reconcile_with_month_counters(
             assert sum(v for k, v in d.items() if k.startswith("tok:")) == d.get("ok", 0)
     expected = sum(p for _, p, ok, _, _ in jobs if ok)
     assert int(redis_sync.hget(KEYS.lifetime, "a:pages") or 0) == expected
+
+
+async def test_usage_records_stay_compact(store: Store, redis_sync: redis.Redis) -> None:
+    """A recorded job with two metrics is stored in Redis's compact hash encoding, not as a hash table (a third of the memory)."""
+    await set_plan(store, metric_limits("pages"), metric_limits("documents"))
+    await store.check(
+        "acme",
+        {"pages": 12, "documents": 1},
+        now_ms=START_MS,
+        request_id="j1",
+        hold=True,
+        hold_ttl_ms=60_000,
+    )
+    await record(store, "j1", {"pages": 12, "documents": 1}, document_type="invoice")
+    assert redis_sync.object("encoding", "pm:{acme}:r:j1") in ("ziplist", "listpack")
