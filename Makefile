@@ -10,8 +10,13 @@ GEN_DIR := client
 TOOLS := .tools
 PROMETHEUS_DIR := $(TOOLS)/prometheus
 PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
+# Load generators for `make bench` (Debian's nghttp2-client and redis-tools with
+# the shared libraries they need), unpacked into .tools/bench.
+BENCH_TOOLS_DIR := $(TOOLS)/bench
+H2LOAD := $(BENCH_TOOLS_DIR)/usr/bin/h2load
+BENCH_DEBS := nghttp2-client libnghttp2-14 libev4 libjemalloc2 redis-tools liblzf1
 
-.PHONY: install run test lint proto proto-check tools clean
+.PHONY: install run test lint proto proto-check tools bench clean
 
 install: $(STAMP)
 
@@ -63,9 +68,44 @@ $(PROMTOOL):
 	fi
 	@rm -rf $(TOOLS)/download
 
+# h2load and redis-benchmark without root, as for prometheus above: download
+# the packages and the libraries they link that a bare machine may lack, unpack
+# them all into .tools/bench, and check with ldd (LD_LIBRARY_PATH pointing at the
+# unpacked libraries, as bench/run.py runs them) that nothing is missing.
+$(H2LOAD):
+	@rm -rf $(TOOLS)/download-bench $(BENCH_TOOLS_DIR).tmp && mkdir -p $(TOOLS)/download-bench
+	@( cd $(TOOLS)/download-bench && { apt-get download $(BENCH_DEBS) || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download $(BENCH_DEBS); }; } ) || \
+		{ rm -rf $(TOOLS)/download-bench; echo "error: apt-get download $(BENCH_DEBS) failed"; exit 1; }
+	@for deb in $(TOOLS)/download-bench/*.deb; do dpkg-deb -x $$deb $(BENCH_TOOLS_DIR).tmp || exit 1; done
+	@libs=$$(find $(CURDIR)/$(BENCH_TOOLS_DIR).tmp -name '*.so*' -printf '%h\n' | sort -u | paste -sd:); \
+		for tool in h2load redis-benchmark; do \
+			if LD_LIBRARY_PATH=$$libs ldd $(BENCH_TOOLS_DIR).tmp/usr/bin/$$tool | grep 'not found'; then \
+				echo "error: $$tool lacks the libraries above"; exit 1; fi; \
+		done; \
+		LD_LIBRARY_PATH=$$libs $(BENCH_TOOLS_DIR).tmp/usr/bin/h2load --version && \
+		LD_LIBRARY_PATH=$$libs $(BENCH_TOOLS_DIR).tmp/usr/bin/redis-benchmark --version
+	@rm -rf $(BENCH_TOOLS_DIR) && mv $(BENCH_TOOLS_DIR).tmp $(BENCH_TOOLS_DIR) && rm -rf $(TOOLS)/download-bench
+
+## bench: throughput, latency, Redis ceiling, memory (docs/performance.md); not part of `make test`
+# BENCH_ARGS passes options to bench/run.py (--help), e.g. BENCH_ARGS="--duration 20 --profile no".
+bench: $(STAMP) $(H2LOAD)
+	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet py-spy || \
+		echo "warning: could not install py-spy; the profiles are left out"
+	$(BIN)/python bench/run.py --tools $(BENCH_TOOLS_DIR) $(BENCH_ARGS)
+
 ## test: lint, then the whole test suite against real Redis and gRPC servers
 test: lint tools
 	$(BIN)/python -m pytest
+
+## soak: a bounded soak test, not part of `make test`: a real Redis and pagemeter-server,
+## steady mixed load for SOAK_MINUTES (default 3), memory sampled every 10 s; fails when
+## the server's RSS keeps growing (tools/soak.py --help; results in docs/soak-results.md)
+SOAK_MINUTES ?= 3
+SOAK_ARGS ?=
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python tools/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pagemeter .pytest_cache .mypy_cache .ruff_cache
