@@ -445,6 +445,7 @@ class Store:
         self.max_records_per_org = max_records_per_org
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
         self._policy_cache: OrderedDict[str, str] = OrderedDict()
+        self._month_cache: dict[str, Month] = {}
         self._tz_cache_size = tz_cache_size
         self.audit_max_events = audit_max_events
         self._coalescer = Coalescer(client) if coalesce else None
@@ -458,6 +459,17 @@ class Store:
     # The month key depends on the plan's timezone, which lives in Redis. The
     # server guesses it from this cache; each script checks the guess against the
     # plan inside the same atomic call and answers STALE_TZ if it was wrong.
+
+    def _month_at(self, instant_ms: int, tz: str) -> Month:
+        """month_at, remembered per timezone: most calls fall in the month of the last."""
+        cached = self._month_cache.get(tz)
+        if cached is not None and cached.start_ms <= instant_ms < cached.end_ms:
+            return cached
+        month = month_at(instant_ms, zone(tz))
+        if len(self._month_cache) > 1024:
+            self._month_cache.clear()
+        self._month_cache[tz] = month
+        return month
 
     # -- store failure policy cache -------------------------------------------------
     # While Redis is unreachable the plan cannot be read, so CheckQuota's
@@ -547,7 +559,7 @@ class Store:
         self, org_id: str, call: CheckCall, now_ms: int, tz: str
     ) -> tuple[PreparedCall, Month]:
         keys = OrgKeys(org_id)
-        month = month_at(now_ms, zone(tz))
+        month = self._month_at(now_ms, tz)
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
         prepared = PreparedCall(
             [
@@ -568,7 +580,12 @@ class Store:
                 self.default_timezone,
                 "1" if call.hold else "0",
                 now_ms + call.hold_ttl_ms,
-                fingerprint("check", sorted(call.units.items()), call.hold_ttl_ms),
+                # Only a hold is remembered (and so compared on a retry).
+                (
+                    fingerprint("check", sorted(call.units.items()), call.hold_ttl_ms)
+                    if call.hold
+                    else ""
+                ),
                 self.record_ttl_ms,
                 call.request_id,
                 now_ms - self.record_ttl_ms,
@@ -654,7 +671,7 @@ class Store:
         )
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
         tzinfo = zone(tz)
-        month = month_at(call.completed_ms, tzinfo)
+        month = self._month_at(call.completed_ms, tz)
         day = local_date(call.completed_ms, tzinfo)
         return PreparedCall(
             [
