@@ -187,6 +187,8 @@ SPECIAL = {
     "--reuse-port": ("reuse_port", "PAGEMETER_REUSE_PORT"),
     "--redis-pipelining": ("redis_pipelining", "PAGEMETER_REDIS_PIPELINING"),
     "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT"),
+    # cluster mode needs a --redis-url: tested with one below
+    "--redis-mode": ("redis_mode", "PAGEMETER_REDIS_MODE"),
     "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY"),
     "--tls-client-ca": ("tls_client_ca_file", "PAGEMETER_TLS_CLIENT_CA"),
 }
@@ -444,3 +446,11 @@ def test_unusable_log_level_or_address_is_an_argparse_error(
     """An unknown log level or a listen address without a valid port is refused at parse time, not by a start-up traceback."""
     err = parse_error(capsys, argv, {})
     assert mentions in err or argv[1] in err, err
+
+
+def test_cluster_mode_needs_a_node_url(capsys: pytest.CaptureFixture[str]) -> None:
+    """--redis-mode cluster takes --redis-url as one node of the cluster, and refuses to start without one."""
+    parsed = parse_settings(["--redis-mode", "cluster", "--redis-url", "redis://n1:7000/0"], {})
+    assert (parsed.redis_mode, parsed.redis_url) == ("cluster", "redis://n1:7000/0")
+    assert "needs --redis-url" in parse_error(capsys, [], {"PAGEMETER_REDIS_MODE": "cluster"})
+    assert "single or cluster" in parse_error(capsys, ["--redis-mode", "sentinel"], {})

@@ -17,7 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -72,17 +73,28 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
-    """A pooled async Redis client with short timeouts, so a stalled Redis fails fast."""
+    """A pooled async Redis client with short timeouts, so a stalled Redis fails fast.
+
+    In cluster mode it is a RedisCluster client: it learns the slots from the node
+    in the URL, sends each script to the primary of its organization's slot and
+    follows MOVED/ASK redirections and failovers itself.
+    """
+    timeouts: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+    }
+    if settings.redis_mode == "cluster":
+        cluster: Any = RedisCluster.from_url(url, **timeouts)
+        return cast(aioredis.Redis, cluster)
     return aioredis.from_url(
         url,
-        decode_responses=True,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
         # One quick retry, for a pooled connection that died with a Redis
         # restart; a timeout is never retried (a stalled Redis must fail fast,
         # and callers retry with their idempotency keys).
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        **timeouts,
     )
 
 

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from pagemeter_server import rules
 from pagemeter_server.clock import Clock
@@ -127,10 +128,9 @@ class OrgUsageCollector(Collector):
                 month = month_at(now_ms, zone(tz))
                 keys = OrgKeys(org)
                 pipe.hgetall(keys.month(month.period_id))
-                if expired:
-                    pipe.hmget(keys.holddata, expired)
-                else:
-                    pipe.echo("")  # keeps two replies per organization
+                # Always one reply (keyed, so that a cluster pipeline can route
+                # it): the data of the holds found expired, or of none.
+                pipe.hmget(keys.holddata, expired or ["-"])
                 plans.append((doc, int(version or 0), tz, month, held, credits, lifetime))
             second: list[Any] = pipe.execute()
         for i, org in enumerate(orgs):
@@ -195,6 +195,19 @@ def _without_expired(held: dict[str, str], expired_holds: Any) -> dict[str, int]
 
 def sync_client_like(client: aioredis.Redis) -> redis.Redis:
     """A synchronous client to the same Redis, with the same timeouts and credentials."""
+    any_client: Any = client  # connect_redis hands a RedisCluster over as a Redis
+    if isinstance(any_client, AsyncRedisCluster):
+        node = any_client.get_default_node()
+        cluster = redis.RedisCluster(
+            host=node.host,
+            port=int(node.port),
+            decode_responses=True,
+            socket_timeout=node.connection_kwargs.get("socket_timeout"),
+            socket_connect_timeout=node.connection_kwargs.get("socket_connect_timeout"),
+            password=node.connection_kwargs.get("password"),
+            username=node.connection_kwargs.get("username"),
+        )
+        return cast(redis.Redis, cluster)
     kwargs = dict(client.connection_pool.connection_kwargs)
     allowed = {
         "host",

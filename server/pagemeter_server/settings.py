@@ -38,6 +38,9 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9464"
     # Empty: start the embedded Redis server in data_dir.
     redis_url: str = ""
+    # "single" (one Redis, --redis-url) or "cluster" (Redis Cluster; --redis-url
+    # names any node: the client discovers the others and follows redirections).
+    redis_mode: str = "single"
     data_dir: str = ".pagemeter/data"
     default_timezone: str = "UTC"
     hold_ttl_seconds: float = 900.0
@@ -124,6 +127,10 @@ class Settings:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if not 0 <= self.read_rate_limit < math.inf or self.read_burst < 0:
             raise ValueError("read rate limit and burst must be zero or positive")
+        if self.redis_mode not in ("single", "cluster"):
+            raise ValueError("--redis-mode: use single or cluster")
+        if self.redis_mode == "cluster" and not self.redis_url:
+            raise ValueError("--redis-mode cluster needs --redis-url naming a cluster node")
         if not 1 <= self.workers <= 64:
             raise ValueError("--workers must be between 1 and 64")
         if self.store_failure_policy not in ("closed", "open"):
@@ -161,6 +168,11 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "redis_url",
         "PAGEMETER_REDIS_URL",
         "redis:// or rediss:// URL; empty starts the embedded Redis server",
+    ),
+    "--redis-mode": (
+        "redis_mode",
+        "PAGEMETER_REDIS_MODE",
+        "single, or cluster (Redis Cluster; --redis-url names any node)",
     ),
     "--data-dir": ("data_dir", "PAGEMETER_DATA_DIR", "embedded Redis data directory"),
     "--default-timezone": (

@@ -1,0 +1,234 @@
+"""pagemeter on a real Redis Cluster: three primaries on loopback, started by the suite.
+
+The cluster is made from the same redis-server binary the project installs,
+joined with its redis-cli (`--cluster create`). Organizations land on different
+primaries; every script touches one organization's slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from pagemeter.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    quota_pb2,
+    quota_pb2_grpc,
+    reporting_pb2,
+    reporting_pb2_grpc,
+)
+from pagemeter_server.app import connect_redis, create_server
+from pagemeter_server.clock import ManualClock
+from pagemeter_server.embedded import RedisProcess, find_redis_server
+from pagemeter_server.settings import Settings
+from tests.conftest import START_MS, eagle_plan, metric_limits
+
+ORGS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
+
+
+def cluster_port() -> int:
+    """A free port p <= 55535 whose cluster bus port p + 10000 is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 55535)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisProcess]]:
+    base = tmp_path_factory.mktemp("cluster")
+    nodes = [
+        RedisProcess(
+            base / f"node{i}",
+            port=cluster_port(),
+            extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+        )
+        for i in range(3)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        yield from _joined(nodes)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _joined(nodes: list[RedisProcess]) -> Iterator[list[RedisProcess]]:
+    cli = Path(find_redis_server()).parent / "redis-cli"
+    created = subprocess.run(
+        [
+            str(cli),
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{node.port}" for node in nodes),
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    probe = redis.Redis(host="127.0.0.1", port=nodes[0].port)
+    try:
+        for _ in range(100):
+            if probe.cluster("info").get("cluster_state") == "ok":
+                break
+            time.sleep(0.1)
+    finally:
+        probe.close()
+    yield nodes
+
+
+@pytest.fixture
+async def cluster_server(
+    cluster: list[RedisProcess],
+) -> AsyncIterator[tuple[quota_pb2_grpc.QuotaServiceStub, object, object, CollectorRegistry]]:
+    settings = Settings(
+        redis_url=cluster[1].url,
+        redis_mode="cluster",
+        listen="127.0.0.1:0",
+        metrics_listen="",
+        dev_open_access=True,
+    )
+    client = connect_redis(settings.redis_url, settings)
+    await client.flushall()  # type: ignore[misc]  # every primary, in cluster mode
+    registry = CollectorRegistry()
+    clock = ManualClock(START_MS)
+    server, port, _ = await create_server(settings, client, clock=clock, registry=registry)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield (
+        quota_pb2_grpc.QuotaServiceStub(channel),
+        admin_pb2_grpc.AdminServiceStub(channel),
+        reporting_pb2_grpc.ReportingServiceStub(channel),
+        registry,
+    )
+    await channel.close()
+    await server.stop(None)
+    await client.aclose()
+
+
+def slot_owners(cluster: list[RedisProcess]) -> set[int]:
+    """The ports of the primaries that hold the ORGS' keys."""
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
+    try:
+        return {int(client.get_node_from_key(f"pm:{{{org}}}:plan").port) for org in ORGS}
+    finally:
+        client.close()
+
+
+async def test_the_organizations_spread_over_the_primaries(cluster: list[RedisProcess]) -> None:
+    """The test organizations' hash tags land on all three primaries, so the tests below cross nodes."""
+    assert slot_owners(cluster) == {node.port for node in cluster}
+
+
+async def test_rules_and_reads_work_on_every_primary(cluster_server: tuple) -> None:  # type: ignore[type-arg]
+    """Plans, holds, records, batches, usage, history, statistics, records lists, audit and the per-org exporter work for orgs on every primary."""
+    quota, admin, reporting, registry = cluster_server
+    for n, org in enumerate(ORGS):
+        await admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan(org_id=org)))
+        held = await quota.CheckQuota(
+            quota_pb2.CheckQuotaRequest(
+                org_id=org, units={"pages": 10 + n}, request_id="j1", hold=True
+            )
+        )
+        assert held.allowed and held.held
+        recorded = await quota.RecordUsage(
+            quota_pb2.RecordUsageRequest(
+                org_id=org, request_id="j1", units={"pages": 10 + n}, document_type="invoice"
+            )
+        )
+        assert recorded.hold_released and not recorded.duplicate
+        batch = await quota.RecordUsageBatch(
+            quota_pb2.RecordUsageBatchRequest(
+                items=[
+                    quota_pb2.RecordUsageRequest(org_id=org, request_id=f"b{i}", units={"pages": 1})
+                    for i in range(5)
+                ]
+            )
+        )
+        assert all(item.WhichOneof("result") == "response" for item in batch.items)
+    for n, org in enumerate(ORGS):
+        usage = await quota.GetUsage(quota_pb2.GetUsageRequest(org_id=org))
+        assert {m.metric: m.committed for m in usage.metrics}["pages"] == 10 + n + 5
+        history = await reporting.GetUsageHistory(
+            reporting_pb2.GetUsageHistoryRequest(org_id=org, months=2)
+        )
+        assert history.months[0].metrics[1].committed == 10 + n + 5
+        stats = await reporting.GetUsageStatistics(
+            reporting_pb2.GetUsageStatisticsRequest(org_id=org, start_date="2026-03-15")
+        )
+        assert stats.summary.totals.pages == 10 + n + 5
+        records = await reporting.ListUsageRecords(
+            reporting_pb2.ListUsageRecordsRequest(org_id=org, page_size=100)
+        )
+        assert len(records.records) == 6
+        audit = await admin.ListAuditEvents(admin_pb2.ListAuditEventsRequest(org_id=org))
+        assert [e.action for e in audit.events] == ["plan.set"]
+    for n, org in enumerate(ORGS):
+        value = registry.get_sample_value(
+            "pagemeter_org_committed_units", {"org": org, "metric": "pages"}
+        )
+        assert value == 10 + n + 5
+    assert registry.get_sample_value("pagemeter_org_exporter_orgs") == len(ORGS)
+
+
+async def test_concurrent_callers_never_over_admit_on_a_cluster(cluster_server: tuple) -> None:  # type: ignore[type-arg]
+    """60 concurrent holds of 1 unit race for 40 units of each of three orgs on different primaries; exactly 40 each are admitted, and retried records count once."""
+    quota, admin, _, _ = cluster_server
+    orgs = ORGS[:3]
+    for org in orgs:
+        await admin.SetPlan(
+            admin_pb2.SetPlanRequest(
+                plan=eagle_plan(
+                    org_id=org,
+                    metrics=[metric_limits("pages", contract_quota=40, overage_allowed=False)],
+                )
+            )
+        )
+
+    async def hold(org: str, i: int) -> bool:
+        reply = await quota.CheckQuota(
+            quota_pb2.CheckQuotaRequest(
+                org_id=org, units={"pages": 1}, request_id=f"h{i}", hold=True
+            )
+        )
+        return bool(reply.allowed)
+
+    admitted = await asyncio.gather(*(hold(org, i) for org in orgs for i in range(60)))
+    for k in range(len(orgs)):
+        assert sum(admitted[k * 60 : (k + 1) * 60]) == 40
+
+    async def record(org: str, i: int) -> None:
+        await quota.RecordUsage(
+            quota_pb2.RecordUsageRequest(org_id=org, request_id=f"h{i}", units={"pages": 1})
+        )
+
+    winners = [(org, i) for k, org in enumerate(orgs) for i in range(60) if admitted[k * 60 + i]]
+    await asyncio.gather(*(record(org, i) for org, i in winners))
+    await asyncio.gather(*(record(org, i) for org, i in winners))  # every record retried
+    for org in orgs:
+        usage = await quota.GetUsage(quota_pb2.GetUsageRequest(org_id=org))
+        assert {m.metric: m.committed for m in usage.metrics}["pages"] == 40
+        assert usage.jobs.succeeded == 40
