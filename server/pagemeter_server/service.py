@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import redis.exceptions
@@ -344,15 +344,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         answers: list[quota_pb2.CheckQuotaBatchItem] = [
             quota_pb2.CheckQuotaBatchItem() for _ in request.items
         ]
-        groups: dict[str, list[tuple[int, CheckCall]]] = {}
-        for index, item in enumerate(request.items):
-            try:
-                hold_ttl_ms = self._validate_check(item)
-            except InvalidArgument as exc:
-                answers[index].error.CopyFrom(batch_item_error(exc))
-                continue
-            call = CheckCall(dict(item.units), item.request_id, item.hold, hold_ttl_ms)
-            groups.setdefault(item.org_id, []).append((index, call))
+        groups = group_by_org(request.items, self._check_call, answers)
         await asyncio.gather(
             *(
                 self._check_group(org_id, members, request.items, answers, now_ms)
@@ -360,6 +352,11 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             )
         )
         return quota_pb2.CheckQuotaBatchResponse(items=answers)
+
+    def _check_call(self, request: quota_pb2.CheckQuotaRequest) -> CheckCall:
+        """Validate a CheckQuota request and turn it into the store's call."""
+        hold_ttl_ms = self._validate_check(request)
+        return CheckCall(dict(request.units), request.request_id, request.hold, hold_ttl_ms)
 
     async def _check_group(
         self,
@@ -398,14 +395,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         answers: list[quota_pb2.RecordUsageBatchItem] = [
             quota_pb2.RecordUsageBatchItem() for _ in request.items
         ]
-        groups: dict[str, list[tuple[int, RecordCall]]] = {}
-        for index, item in enumerate(request.items):
-            try:
-                call = self._record_call(item, now_ms)
-            except InvalidArgument as exc:
-                answers[index].error.CopyFrom(batch_item_error(exc))
-                continue
-            groups.setdefault(item.org_id, []).append((index, call))
+        groups = group_by_org(request.items, lambda item: self._record_call(item, now_ms), answers)
 
         async def record_group(org_id: str, members: list[tuple[int, RecordCall]]) -> None:
             try:
@@ -490,6 +480,24 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         for figures in rules.usage_figures(snapshot, now_ms=now_ms):
             response.metrics.append(_metric_usage(figures))
         return response
+
+
+Call = TypeVar("Call")
+
+
+def group_by_org(
+    items: Sequence[Any], prepare: Callable[[Any], Call], answers: Sequence[Any]
+) -> dict[str, list[tuple[int, Call]]]:
+    """A batch's valid items by organization, in order; invalid ones answered at once."""
+    groups: dict[str, list[tuple[int, Call]]] = {}
+    for index, item in enumerate(items):
+        try:
+            call = prepare(item)
+        except InvalidArgument as exc:
+            answers[index].error.CopyFrom(batch_item_error(exc))
+            continue
+        groups.setdefault(item.org_id, []).append((index, call))
+    return groups
 
 
 def job_counts(month_fields: dict[str, int]) -> quota_pb2.JobCounts:
