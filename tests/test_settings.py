@@ -152,6 +152,15 @@ OPTIONS += [
     Option("--clock", "PAGEMETER_CLOCK", "clock", "system", "system", "redis", "redis"),
     Option("--workers", "PAGEMETER_WORKERS", "workers", "4", 4, "1", 1),
     Option(
+        "--sentinel-master",
+        "PAGEMETER_SENTINEL_MASTER",
+        "sentinel_master",
+        "billing",
+        "billing",
+        "pm2",
+        "pm2",
+    ),
+    Option(
         "--health-interval",
         "PAGEMETER_HEALTH_INTERVAL",
         "health_interval_seconds",
@@ -189,6 +198,7 @@ SPECIAL = {
     "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT"),
     # cluster mode needs a --redis-url: tested with one below
     "--redis-mode": ("redis_mode", "PAGEMETER_REDIS_MODE"),
+    "--sentinels": ("sentinels", "PAGEMETER_SENTINELS"),
     "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY"),
     "--tls-client-ca": ("tls_client_ca_file", "PAGEMETER_TLS_CLIENT_CA"),
 }
@@ -453,4 +463,15 @@ def test_cluster_mode_needs_a_node_url(capsys: pytest.CaptureFixture[str]) -> No
     parsed = parse_settings(["--redis-mode", "cluster", "--redis-url", "redis://n1:7000/0"], {})
     assert (parsed.redis_mode, parsed.redis_url) == ("cluster", "redis://n1:7000/0")
     assert "needs --redis-url" in parse_error(capsys, [], {"PAGEMETER_REDIS_MODE": "cluster"})
-    assert "single or cluster" in parse_error(capsys, ["--redis-mode", "sentinel"], {})
+    assert "single, cluster or sentinel" in parse_error(capsys, ["--redis-mode", "ha"], {})
+
+
+def test_sentinel_mode_needs_sentinel_addresses(capsys: pytest.CaptureFixture[str]) -> None:
+    """--redis-mode sentinel takes the sentinels as host:port,... and refuses to start without a valid list."""
+    parsed = parse_settings(
+        ["--redis-mode", "sentinel", "--sentinels", "10.0.0.1:26379, 10.0.0.2:26379"], {}
+    )
+    assert parsed.sentinels == "10.0.0.1:26379, 10.0.0.2:26379"
+    assert "needs --sentinels" in parse_error(capsys, ["--redis-mode", "sentinel"], {})
+    err = parse_error(capsys, ["--redis-mode", "sentinel", "--sentinels", "nohost"], {})
+    assert "--sentinels" in err

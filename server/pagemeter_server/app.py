@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
 
 from pagemeter.v1 import (
@@ -57,7 +58,12 @@ from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
 from pagemeter_server.service import QuotaService
-from pagemeter_server.settings import Settings, parse_settings, split_host_port
+from pagemeter_server.settings import (
+    Settings,
+    parse_settings,
+    sentinel_addresses,
+    split_host_port,
+)
 from pagemeter_server.store import Store
 from pagemeter_server.workers import supervise
 
@@ -87,6 +93,16 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     if settings.redis_mode == "cluster":
         cluster: Any = RedisCluster.from_url(url, **timeouts)
         return cast(aioredis.Redis, cluster)
+    if settings.redis_mode == "sentinel":
+        # The sentinels name the primary; after a failover the pool's next
+        # connection goes to the promoted replica.
+        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
+            sentinel_addresses(settings),
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+        )
+        primary: aioredis.Redis = sentinel.master_for(settings.sentinel_master, **timeouts)
+        return primary
     return aioredis.from_url(
         url,
         health_check_interval=30,
@@ -96,6 +112,14 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         **timeouts,
     )
+
+
+async def close_redis(client: aioredis.Redis) -> None:
+    """Close a client from connect_redis, with the sentinel connections it made."""
+    await client.aclose()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
 
 
 def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetrics) -> Store:
@@ -221,7 +245,7 @@ async def redis_for(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     """The configured Redis, or the embedded one started (and stopped) here."""
     embedded: RedisProcess | None = None
     url = settings.redis_url
-    if not url:
+    if not url and settings.redis_mode == "single":
         embedded = RedisProcess(settings.data_dir)
         await asyncio.to_thread(embedded.start)
         url = embedded.url
@@ -230,7 +254,7 @@ async def redis_for(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     try:
         yield client
     finally:
-        await client.aclose()
+        await close_redis(client)
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
             log.info("embedded Redis stopped")

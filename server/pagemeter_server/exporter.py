@@ -28,11 +28,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.sentinel import Sentinel
 
 from pagemeter_server import rules
 from pagemeter_server.clock import Clock
 from pagemeter_server.periods import month_at, zone
-from pagemeter_server.settings import Settings
+from pagemeter_server.settings import Settings, sentinel_addresses
 from pagemeter_server.store import ORGS_KEY, OrgKeys, StoredPlan, UsageSnapshot
 
 log = logging.getLogger("pagemeter.exporter")
@@ -193,8 +194,21 @@ def _without_expired(held: dict[str, str], expired_holds: Any) -> dict[str, int]
     return fields
 
 
-def sync_client_like(client: aioredis.Redis) -> redis.Redis:
+def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
     """A synchronous client to the same Redis, with the same timeouts and credentials."""
+    if settings.redis_mode == "sentinel":
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
+            sentinel_addresses(settings),
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+        )
+        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            settings.sentinel_master,
+            decode_responses=True,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+        )
+        return primary
     any_client: Any = client  # connect_redis hands a RedisCluster over as a Redis
     if isinstance(any_client, AsyncRedisCluster):
         node = any_client.get_default_node()
@@ -232,7 +246,10 @@ def register_org_exporter(
     registry: CollectorRegistry, settings: Settings, clock: Clock, client: aioredis.Redis
 ) -> OrgUsageCollector:
     collector = OrgUsageCollector(
-        sync_client_like(client), settings.default_timezone, settings.org_exporter_max_orgs, clock
+        sync_client_like(client, settings),
+        settings.default_timezone,
+        settings.org_exporter_max_orgs,
+        clock,
     )
     registry.register(collector)
     return collector

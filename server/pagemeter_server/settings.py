@@ -30,6 +30,11 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", port
 
 
+def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
+    """The --sentinels list as (host, port) pairs."""
+    return [split_host_port(address.strip()) for address in settings.sentinels.split(",")]
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know at start-up."""
@@ -38,9 +43,13 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9464"
     # Empty: start the embedded Redis server in data_dir.
     redis_url: str = ""
-    # "single" (one Redis, --redis-url) or "cluster" (Redis Cluster; --redis-url
-    # names any node: the client discovers the others and follows redirections).
+    # "single" (one Redis, --redis-url), "cluster" (Redis Cluster; --redis-url
+    # names any node: the client discovers the others and follows redirections)
+    # or "sentinel" (the primary that the sentinels name, followed on failover).
     redis_mode: str = "single"
+    # Sentinel mode: the monitored primary's name and the sentinels' host:port list.
+    sentinel_master: str = "pagemeter"
+    sentinels: str = ""
     data_dir: str = ".pagemeter/data"
     default_timezone: str = "UTC"
     hold_ttl_seconds: float = 900.0
@@ -127,8 +136,16 @@ class Settings:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if not 0 <= self.read_rate_limit < math.inf or self.read_burst < 0:
             raise ValueError("read rate limit and burst must be zero or positive")
-        if self.redis_mode not in ("single", "cluster"):
-            raise ValueError("--redis-mode: use single or cluster")
+        if self.redis_mode not in ("single", "cluster", "sentinel"):
+            raise ValueError("--redis-mode: use single, cluster or sentinel")
+        if self.redis_mode == "sentinel":
+            if not self.sentinels:
+                raise ValueError("--redis-mode sentinel needs --sentinels host:port,...")
+            for address in self.sentinels.split(","):
+                try:
+                    split_host_port(address.strip())
+                except ValueError as exc:
+                    raise ValueError(f"--sentinels: {exc}") from exc
         if self.redis_mode == "cluster" and not self.redis_url:
             raise ValueError("--redis-mode cluster needs --redis-url naming a cluster node")
         if not 1 <= self.workers <= 64:
@@ -172,7 +189,17 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
     "--redis-mode": (
         "redis_mode",
         "PAGEMETER_REDIS_MODE",
-        "single, or cluster (Redis Cluster; --redis-url names any node)",
+        "single; cluster (Redis Cluster; --redis-url names any node); or sentinel",
+    ),
+    "--sentinel-master": (
+        "sentinel_master",
+        "PAGEMETER_SENTINEL_MASTER",
+        "sentinel mode: the name the sentinels monitor the primary under",
+    ),
+    "--sentinels": (
+        "sentinels",
+        "PAGEMETER_SENTINELS",
+        "sentinel mode: the sentinels, host:port separated by commas",
     ),
     "--data-dir": ("data_dir", "PAGEMETER_DATA_DIR", "embedded Redis data directory"),
     "--default-timezone": (

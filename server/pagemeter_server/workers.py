@@ -58,7 +58,7 @@ def supervise(settings: Settings) -> int:
     check_open_access(settings, load_credentials(settings, os.environ), settings.listen)
     embedded: RedisProcess | None = None
     redis_url = settings.redis_url
-    if not redis_url:
+    if not redis_url and settings.redis_mode == "single":
         embedded = RedisProcess(settings.data_dir)
         embedded.start()
         redis_url = embedded.url
