@@ -211,7 +211,10 @@ def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
         return primary
     any_client: Any = client  # connect_redis hands a RedisCluster over as a Redis
     if isinstance(any_client, AsyncRedisCluster):
-        node = any_client.get_default_node()
+        # Before its first command the async client knows only its startup nodes.
+        node = any_client.get_default_node() or next(
+            iter(any_client.nodes_manager.startup_nodes.values())
+        )
         cluster = redis.RedisCluster(
             host=node.host,
             port=int(node.port),
