@@ -172,9 +172,10 @@ async def create_server(
         SERVICE_NAMES,
         clock=clock if isinstance(clock, RedisClock) else None,
     )
+    admin_store = AdminStore(store)
     auth = Authenticator(
         credentials,
-        AdminStore(store),
+        admin_store,
         clock,
         open_access=settings.dev_open_access,
         read_rate=settings.read_rate_limit,
@@ -193,7 +194,7 @@ async def create_server(
         server,
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(store, AdminStore(store), settings, clock, auth), server
+        AdminService(store, admin_store, settings, clock, auth), server
     )
     reporting_pb2_grpc.add_ReportingServiceServicer_to_server(
         ReportingService(store, ReportStore(client), clock, auth), server
