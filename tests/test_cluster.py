@@ -1,19 +1,15 @@
-"""pagemeter on a real Redis Cluster: three primaries on loopback, started by the suite.
+"""pagemeter on a real Redis Cluster on loopback, started by the suite.
 
 The cluster is made from the same redis-server binary the project installs,
-joined with its redis-cli (`--cluster create`). Organizations land on different
-primaries; every script touches one organization's slot.
+joined with its redis-cli (`--cluster create`): three primaries, each with a
+replica. Organizations land on different primaries; every script touches one
+organization's slot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,74 +26,23 @@ from pagemeter.v1 import (
 )
 from pagemeter_server.app import connect_redis, create_server
 from pagemeter_server.clock import ManualClock
-from pagemeter_server.embedded import RedisProcess, find_redis_server
+from pagemeter_server.embedded import RedisProcess
 from pagemeter_server.settings import Settings
+from tests.cluster_topology import Cluster
 from tests.conftest import START_MS, eagle_plan, metric_limits
 
 ORGS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
 
 
-def cluster_port() -> int:
-    """A free port p <= 55535 whose cluster bus port p + 10000 is free too."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randint(20000, 55535)
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port pair for a cluster node")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisProcess]]:
-    base = tmp_path_factory.mktemp("cluster")
-    nodes = [
-        RedisProcess(
-            base / f"node{i}",
-            port=cluster_port(),
-            extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
-        )
-        for i in range(3)
-    ]
+    """Three primaries with one replica each; the fixture yields the primaries."""
+    topology = Cluster(tmp_path_factory.mktemp("cluster"), primaries=3, replicas=1)
     try:
-        for node in nodes:
-            node.start()
-        yield from _joined(nodes)
+        topology.start()
+        yield topology.primary_nodes()
     finally:
-        for node in nodes:
-            node.stop()
-
-
-def _joined(nodes: list[RedisProcess]) -> Iterator[list[RedisProcess]]:
-    cli = Path(find_redis_server()).parent / "redis-cli"
-    created = subprocess.run(
-        [
-            str(cli),
-            "--cluster",
-            "create",
-            *(f"127.0.0.1:{node.port}" for node in nodes),
-            "--cluster-replicas",
-            "0",
-            "--cluster-yes",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert created.returncode == 0, created.stdout + created.stderr
-    probe = redis.Redis(host="127.0.0.1", port=nodes[0].port)
-    try:
-        for _ in range(100):
-            if probe.cluster("info").get("cluster_state") == "ok":
-                break
-            time.sleep(0.1)
-    finally:
-        probe.close()
-    yield nodes
+        topology.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,170 @@
+"""Real Redis Cluster topologies on loopback, for the cluster test modules.
+
+The nodes are redis-server processes from the binary the project installs,
+joined with its redis-cli (`--cluster create`). `redis-cli` returns as soon as
+the slots are assigned, before every replica has synchronised with its primary
+and before every node agrees on the roles; `Cluster.start` waits for both, so a
+test never sees a half-made cluster.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from pagemeter_server.embedded import RedisProcess, find_redis_server
+
+SETTLE_SECONDS = 30.0
+
+
+def cluster_port() -> int:
+    """A free port p <= 55535 whose cluster bus port p + 10000 is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 55535)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+@dataclass
+class Cluster:
+    """A cluster of `primaries` primaries, each with `replicas` replicas."""
+
+    base: Path
+    primaries: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = 15000
+    nodes: list[RedisProcess] = field(default_factory=list)
+
+    def start(self) -> None:
+        for i in range(self.primaries * (1 + self.replicas)):
+            node = RedisProcess(
+                self.base / f"node{i}",
+                port=cluster_port(),
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(self.node_timeout_ms),
+                ],
+            )
+            self.nodes.append(node)
+            node.start()
+        self._create()
+        self._wait_until_settled()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def _create(self) -> None:
+        cli = Path(find_redis_server()).parent / "redis-cli"
+        created = subprocess.run(
+            [
+                str(cli),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+
+    def _wait_until_settled(self) -> None:
+        """Wait until every node says the cluster is ok and every replica's link is up."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not self._settled():
+            assert time.monotonic() < deadline, f"cluster not settled: {self.describe()}"
+            time.sleep(0.1)
+
+    def _settled(self) -> bool:
+        roles = []
+        for node in self.alive():
+            with _probe(node) as client:
+                try:
+                    info = client.cluster("info")
+                    replication = client.info("replication")
+                except redis.RedisError:
+                    return False
+            if info.get("cluster_state") != "ok":
+                return False
+            if int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                return False
+            if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                return False
+            roles.append(replication["role"])
+        expected_replicas = self.primaries * self.replicas - self.dead_count()
+        return roles.count("master") == self.primaries and roles.count("slave") == max(
+            expected_replicas, 0
+        )
+
+    def alive(self) -> list[RedisProcess]:
+        return [node for node in self.nodes if node.pid is not None]
+
+    def dead_count(self) -> int:
+        return len(self.nodes) - len(self.alive())
+
+    def role(self, node: RedisProcess) -> dict[str, object]:
+        with _probe(node) as client:
+            replication: dict[str, object] = client.info("replication")
+        return replication
+
+    def primary_nodes(self) -> list[RedisProcess]:
+        return [node for node in self.alive() if self.role(node)["role"] == "master"]
+
+    def replica_of(self, primary: RedisProcess) -> RedisProcess:
+        """The (first) live replica that follows `primary`."""
+        for node in self.alive():
+            role = self.role(node)
+            if role["role"] == "slave" and int(str(role["master_port"])) == primary.port:
+                return node
+        raise AssertionError(f"no replica follows port {primary.port}")
+
+    def owner_of(self, key: str) -> RedisProcess:
+        """The live primary that serves `key`'s slot, as the cluster says now."""
+        with _probe(self.alive()[0]) as client:
+            slot = int(client.cluster("keyslot", key))
+            for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    port = int(primary[1])
+                    return next(node for node in self.nodes if node.port == port)
+        raise AssertionError(f"no node serves {key}")
+
+    def describe(self) -> str:
+        parts = []
+        for node in self.alive():
+            try:
+                role = self.role(node)
+                parts.append(f"{node.port}:{role['role']}")
+            except redis.RedisError as error:
+                parts.append(f"{node.port}:{error}")
+        return ", ".join(parts)
+
+
+def _probe(node: RedisProcess) -> redis.Redis:
+    return redis.Redis(
+        host="127.0.0.1",
+        port=node.port,
+        decode_responses=True,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
