@@ -103,6 +103,7 @@ class Cluster:
                 try:
                     info = client.cluster("info")
                     replication = client.info("replication")
+                    persistence = client.info("persistence")
                 except redis.RedisError:
                     return False
             if info.get("cluster_state") != "ok":
@@ -110,6 +111,9 @@ class Cluster:
             if int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
                 return False
             if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                return False
+            # A replica refuses SIGTERM until its first append-only file is written.
+            if persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"]:
                 return False
             roles.append(replication["role"])
         expected_replicas = self.primaries * self.replicas - self.dead_count()

@@ -13,6 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+
+# Imported here, while only one thread runs: Hypothesis's pytest plugin would
+# otherwise import (and pytest rewrite) it at the end of a run that never used
+# it, after gRPC's threads have run, and CPython 3.11.7's ast.parse can then fail
+# with "AST constructor recursion depth mismatch" (fixed in 3.11.8).
+import hypothesis  # noqa: F401
 import pytest
 import redis
 import redis.asyncio as aioredis

@@ -4,7 +4,9 @@ promoted, and pagemeter carries on by itself.
 The topology runs on loopback from the binary the project installs: a primary, a
 replica, and three sentinels (quorum 2). Redis replicates asynchronously, so a
 failover can lose the writes the old primary acknowledged but had not yet sent
-to the replica; the test measures how many and prints the figure.
+to the replica; the test measures how many under concurrent writers, prints
+the figure, and shows that a replay of the acknowledged request ids restores
+exactly those records.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel as RedisPySentinel
+from redis.backoff import NoBackoff
 from redis.sentinel import Sentinel
 
-from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2_grpc
 from pagemeter_server.app import close_redis, connect_redis, create_server
 from pagemeter_server.embedded import RedisProcess, find_redis_server, free_port
+from pagemeter_server.sentinel import SteadySentinel
 from pagemeter_server.settings import Settings
+from tests.failover_load import Ledger, committed_pages, record, until, worker
 
 MASTER = "pagemeter"
 
@@ -49,6 +57,20 @@ class Topology:
         finally:
             for connection in sentinel.sentinels:
                 connection.close()
+
+
+def synchronised(replica: RedisProcess) -> bool:
+    """The replica's link is up and its first append-only file is written.
+
+    Until then redis-server refuses SIGTERM ("Writing initial AOF, can't exit").
+    """
+    with redis.Redis(host="127.0.0.1", port=replica.port, decode_responses=True) as client:
+        info = client.info()
+    return bool(
+        info["master_link_status"] == "up"
+        and not info["aof_rewrite_in_progress"]
+        and not info["aof_rewrite_scheduled"]
+    )
 
 
 @pytest.fixture
@@ -83,6 +105,7 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
         while True:
             try:
                 assert topology.current_primary_port() == primary.port
+                assert synchronised(replica)
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -97,8 +120,11 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
         primary.stop()
 
 
+WORKERS = 4
+
+
 async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> None:
-    """Records flow through a SIGKILL of the primary: after the replica's promotion they are accepted again without any restart, and the acknowledged records the failover lost are counted (asynchronous replication)."""
+    """Concurrent workers record through a SIGKILL of the primary: after the replica's promotion records are accepted again without any restart, nothing is counted twice, and the acknowledged records the failover lost (asynchronous replication) are counted and restored by a replay of their ids."""
     settings = Settings(
         redis_mode="sentinel",
         sentinels=topology.addresses,
@@ -112,8 +138,7 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
     client = connect_redis("", settings)
     server, port, _ = await create_server(settings, client, registry=CollectorRegistry())
     await server.start()
-    acked: dict[str, int] = {}
-    refused = 0
+    ledger = Ledger("acme")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await admin_pb2_grpc.AdminServiceStub(channel).SetPlan(
@@ -127,47 +152,75 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
                 )
             )
             quota = quota_pb2_grpc.QuotaServiceStub(channel)
-            killed_at = None
-            promoted_at = None
-            n = 0
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                n += 1
-                request_id = f"job-{n}"
-                try:
-                    await quota.RecordUsage(
-                        quota_pb2.RecordUsageRequest(
-                            org_id="acme", request_id=request_id, units={"pages": 1}
-                        ),
-                        timeout=2,
-                    )
-                    acked[request_id] = 1
-                    if promoted_at is None and killed_at is not None:
-                        promoted_at = time.monotonic()
-                except grpc.aio.AioRpcError as error:
-                    retryable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                    if error.code() not in retryable:
-                        raise AssertionError(f"{request_id}: {error}") from error
-                    refused += 1
-                    await asyncio.sleep(0.05)
-                if n == 200 and killed_at is None:
-                    topology.primary.kill()  # SIGKILL, mid-load
-                    killed_at = time.monotonic()
-                if promoted_at is not None and len(acked) >= 400:
-                    break
-            assert killed_at is not None
-            assert promoted_at is not None, "no record was accepted after the failover"
+            stop = asyncio.Event()
+            workers = [
+                asyncio.create_task(worker(quota, ledger, number, stop))
+                for number in range(WORKERS)
+            ]
+            try:
+                await until(lambda: len(ledger.acked) >= 200, "load before the kill")
+                topology.primary.kill()  # SIGKILL, mid-load
+                killed_at = time.monotonic()
+                ledger.acked_before_kill = len(ledger.acked)
+                await until(
+                    lambda: len(ledger.acked) >= ledger.acked_before_kill + 200, "after failover"
+                )
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
             assert topology.current_primary_port() == topology.replica.port
-            usage = await quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"))
-            committed = {m.metric: m.committed for m in usage.metrics}["pages"]
+            kept = await committed_pages(quota, "acme")
+            replayed_as_new = [
+                request_id
+                for request_id in sorted(ledger.acked)
+                if await record(quota, "acme", request_id)
+            ]
+            restored = await committed_pages(quota, "acme")
     finally:
         await server.stop(None)
         await close_redis(client)
-    lost = len(acked) - committed
+    lost = len(ledger.acked) - kept
+    outage = (ledger.last_refusal or killed_at) - killed_at
     print(
-        f"\nsentinel failover: {len(acked)} records acknowledged, {refused} calls refused "
-        f"during {promoted_at - killed_at:.1f} s without a primary, {lost} acknowledged "
-        "records lost by the asynchronous replica"
+        f"\nports primary {topology.primary.port} replica {topology.replica.port}"
+        f"\nsentinel failover: {len(ledger.acked)} records acknowledged by {WORKERS} workers, "
+        f"{ledger.refused} calls refused over {outage:.1f} s without a primary, {lost} "
+        "acknowledged records lost by the asynchronous replica (restored by replay)"
     )
-    assert 0 <= lost <= 200, "more lost than were written before the kill"
-    assert committed <= len(acked), "a record was counted twice"
+    assert 0 <= lost <= ledger.acked_before_kill, "lost more than the old primary acknowledged"
+    assert len(replayed_as_new) == lost, "each lost record, and only those, counted again"
+    assert restored == len(ledger.acked), "after the replay every acknowledged record counts once"
+
+
+async def discovery_keeps_every_sentinel(
+    sentinel_class: type[RedisPySentinel], addresses: list[tuple[str, int]]
+) -> bool:
+    """Fifty discoveries at once on a fresh Sentinel; True if its list still names each sentinel once."""
+    no_retries = {"socket_connect_timeout": 0.5, "retry": Retry(NoBackoff(), 0)}
+    manager = sentinel_class(addresses, sentinel_kwargs=no_retries)
+    configured = list(manager.sentinels)
+    try:
+        await asyncio.gather(*(manager.discover_master(MASTER) for _ in range(50)))
+    finally:
+        for sentinel in configured:
+            await sentinel.aclose()
+    return sorted(map(id, manager.sentinels)) == sorted(map(id, configured))
+
+
+@pytest.mark.parametrize(
+    ("sentinel_class", "keeps_every_sentinel"),
+    [(SteadySentinel, True), (RedisPySentinel, False)],
+    ids=["pagemeter", "redis-py"],
+)
+async def test_concurrent_discoveries_keep_every_sentinel(
+    topology: Topology, sentinel_class: type[RedisPySentinel], keeps_every_sentinel: bool
+) -> None:
+    """Fifty discoveries at once (as when every in-flight RPC reconnects after a failover), an unreachable sentinel listed first, thirty times: pagemeter's Sentinel always keeps each configured sentinel exactly once; redis-py's own loses one at least once, shown here so that the workaround goes when redis-py is fixed."""
+    unreachable = ("127.0.0.1", free_port())
+    addresses = [unreachable] + [("127.0.0.1", port) for _, port in topology.sentinels]
+    outcomes = set()
+    for _ in range(30):
+        outcomes.add(await discovery_keeps_every_sentinel(sentinel_class, addresses))
+        if not keeps_every_sentinel and False in outcomes:
+            break
+    assert outcomes == {keeps_every_sentinel}

@@ -28,7 +28,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
 
 from pagemeter.v1 import (
@@ -57,6 +56,7 @@ from pagemeter_server.logs import setup_logging
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
+from pagemeter_server.sentinel import SteadySentinel
 from pagemeter_server.service import QuotaService
 from pagemeter_server.settings import (
     Settings,
@@ -95,23 +95,33 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
         return cast(aioredis.Redis, cluster)
     if settings.redis_mode == "sentinel":
         # The sentinels name the primary; after a failover the pool's next
-        # connection goes to the promoted replica.
-        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
+        # connection goes to the promoted replica. SteadySentinel: see sentinel.py.
+        # A dead sentinel is passed over at once (no retries with backoff: the
+        # next sentinel in the list is the retry).
+        sentinel = SteadySentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
             sentinel_addresses(settings),
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
+            sentinel_kwargs={
+                "socket_timeout": settings.redis_timeout_seconds,
+                "socket_connect_timeout": settings.redis_timeout_seconds,
+                "retry": Retry(NoBackoff(), 0),
+            },
         )
-        primary: aioredis.Redis = sentinel.master_for(settings.sentinel_master, **timeouts)
+        primary: aioredis.Redis = sentinel.master_for(
+            settings.sentinel_master, retry=one_quick_retry(), **timeouts
+        )
         return primary
-    return aioredis.from_url(
-        url,
-        health_check_interval=30,
-        # One quick retry, for a pooled connection that died with a Redis
-        # restart; a timeout is never retried (a stalled Redis must fail fast,
-        # and callers retry with their idempotency keys).
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-        **timeouts,
-    )
+    return aioredis.from_url(url, health_check_interval=30, retry=one_quick_retry(), **timeouts)
+
+
+def one_quick_retry() -> Retry:
+    """One immediate retry on a broken connection, none on a timeout.
+
+    The retry is for a pooled connection that died with a Redis restart or a
+    failover (the retry reconnects, to the new primary behind Sentinel). A
+    timeout is never retried: a stalled Redis must fail fast, and callers retry
+    with their idempotency keys.
+    """
+    return Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
 async def close_redis(client: aioredis.Redis) -> None:
