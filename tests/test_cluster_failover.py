@@ -26,7 +26,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2_grpc
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.app import connect_redis, create_server
 from pagemeter_server.embedded import RedisProcess
 from pagemeter_server.settings import Settings
@@ -36,6 +36,7 @@ from tests.failover_load import RETRYABLE, Ledger, committed_pages, record, unti
 VICTIM = "acme"  # its primary is killed
 BYSTANDER = "hooli"  # slot 4703: on another primary than acme (11304)
 WORKERS = 6
+STALL_TIMEOUT = 0.3  # seconds; far below the 1 s node timeout
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ async def quota(cluster: Cluster) -> AsyncIterator[quota_pb2_grpc.QuotaServiceSt
         listen="127.0.0.1:0",
         metrics_listen="",
         dev_open_access=True,
-        redis_timeout_seconds=0.5,
+        redis_timeout_seconds=STALL_TIMEOUT,
         org_exporter_max_orgs=0,
     )
     client = connect_redis(settings.redis_url, settings)
@@ -189,3 +190,24 @@ async def test_records_a_lagging_replica_never_received_are_lost_until_replayed(
     ]
     assert replayed_as_new == unseen
     assert await kept() == len(seen) + len(unseen)
+
+
+async def test_a_stalled_primary_fails_a_call_fast(
+    cluster: Cluster, quota: quota_pb2_grpc.QuotaServiceStub
+) -> None:
+    """A primary that stops answering (SIGSTOP, shorter than the node timeout, so no failover) costs a call one Redis timeout, not one per retry: UNAVAILABLE in well under the four timeouts redis-py's cluster client would wait by default, and the next call after it resumes succeeds."""
+    primary = cluster.owner_of(f"pm:{{{VICTIM}}}:plan")
+    assert primary.pid is not None
+    request = quota_pb2.CheckQuotaRequest(org_id=VICTIM, units={"pages": 1})
+    assert (await quota.CheckQuota(request, timeout=5)).allowed
+    os.kill(primary.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await quota.CheckQuota(request, timeout=5)
+        waited = time.monotonic() - began
+    finally:
+        os.kill(primary.pid, signal.SIGCONT)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert waited < 2 * STALL_TIMEOUT, f"waited {waited:.2f} s for a {STALL_TIMEOUT} s timeout"
+    assert (await quota.CheckQuota(request, timeout=5)).allowed

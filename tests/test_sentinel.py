@@ -133,10 +133,10 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
         metrics_listen="",
         dev_open_access=True,
         redis_timeout_seconds=0.5,
-        org_exporter_max_orgs=0,
     )
     client = connect_redis("", settings)
-    server, port, _ = await create_server(settings, client, registry=CollectorRegistry())
+    registry = CollectorRegistry()
+    server, port, _ = await create_server(settings, client, registry=registry)
     await server.start()
     ledger = Ledger("acme")
     try:
@@ -176,6 +176,12 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
                 if await record(quota, "acme", request_id)
             ]
             restored = await committed_pages(quota, "acme")
+            # The per-org exporter (a synchronous client of its own) follows the failover too.
+            exported = await asyncio.to_thread(
+                registry.get_sample_value,
+                "pagemeter_org_committed_units",
+                {"org": "acme", "metric": "pages"},
+            )
     finally:
         await server.stop(None)
         await close_redis(client)
@@ -190,6 +196,7 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
     assert 0 <= lost <= ledger.acked_before_kill, "lost more than the old primary acknowledged"
     assert len(replayed_as_new) == lost, "each lost record, and only those, counted again"
     assert restored == len(ledger.acked), "after the replay every acknowledged record counts once"
+    assert exported == restored
 
 
 async def discovery_keeps_every_sentinel(

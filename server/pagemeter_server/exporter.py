@@ -24,10 +24,13 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry as SyncRetry
 from redis.sentinel import Sentinel
 
 from pagemeter_server import rules
@@ -194,16 +197,32 @@ def _without_expired(held: dict[str, str], expired_holds: Any) -> dict[str, int]
     return fields
 
 
+class FailFastSyncCluster(redis.RedisCluster):
+    """The synchronous cluster client; a timed-out command is not retried (app.FailFastCluster)."""
+
+    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]  # a narrower tuple on purpose
+        redis.exceptions.ConnectionError,
+        redis.exceptions.ClusterDownError,
+        redis.exceptions.SlotNotCoveredError,
+    )
+
+
 def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
     """A synchronous client to the same Redis, with the same timeouts and credentials."""
     if settings.redis_mode == "sentinel":
+        # As the service's own client (app.connect_redis): a dead sentinel is
+        # passed over at once, a broken connection to the primary retried once.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
             sentinel_addresses(settings),
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
+            sentinel_kwargs={
+                "socket_timeout": settings.redis_timeout_seconds,
+                "socket_connect_timeout": settings.redis_timeout_seconds,
+                "retry": SyncRetry(NoBackoff(), 0),
+            },
         )
         primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             settings.sentinel_master,
+            retry=SyncRetry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             decode_responses=True,
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
@@ -215,7 +234,7 @@ def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
         node = any_client.get_default_node() or next(
             iter(any_client.nodes_manager.startup_nodes.values())
         )
-        cluster = redis.RedisCluster(
+        cluster = FailFastSyncCluster(
             host=node.host,
             port=int(node.port),
             decode_responses=True,
