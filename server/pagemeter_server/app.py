@@ -26,7 +26,6 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -48,6 +47,7 @@ from pagemeter_server.auth import (
     load_credentials,
 )
 from pagemeter_server.clock import Clock, RedisClock, SystemClock
+from pagemeter_server.cluster import FailFastCluster
 from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.exporter import register_org_exporter
 from pagemeter_server.health import HealthReporter, watching
@@ -76,24 +76,6 @@ SERVICE_NAMES = (
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-class FailFastCluster(RedisCluster):
-    """redis-py's cluster client, without retrying a command that timed out.
-
-    By default it retries a timed-out command three more times, so a stalled
-    primary held each RPC for four Redis timeouts. A timeout now fails the
-    call at once (UNAVAILABLE; callers retry with their idempotency keys),
-    while the client still re-reads the slot map before its next command, so a
-    failover is followed as before. Broken connections and CLUSTERDOWN are
-    still retried: those answers come fast.
-    """
-
-    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]  # a narrower tuple on purpose
-        redis.exceptions.ConnectionError,
-        redis.exceptions.ClusterDownError,
-        redis.exceptions.SlotNotCoveredError,
-    )
 
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:

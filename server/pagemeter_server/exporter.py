@@ -35,6 +35,7 @@ from redis.sentinel import Sentinel
 
 from pagemeter_server import rules
 from pagemeter_server.clock import Clock
+from pagemeter_server.cluster import FailFastSyncCluster
 from pagemeter_server.periods import month_at, zone
 from pagemeter_server.settings import Settings, sentinel_addresses
 from pagemeter_server.store import ORGS_KEY, OrgKeys, StoredPlan, UsageSnapshot
@@ -195,16 +196,6 @@ def _without_expired(held: dict[str, str], expired_holds: Any) -> dict[str, int]
             fields[f"h:{metric}"] = max(0, fields.get(f"h:{metric}", 0) - int(units))
             fields[f"hp:{metric}"] = max(0, fields.get(f"hp:{metric}", 0) - int(prepaid))
     return fields
-
-
-class FailFastSyncCluster(redis.RedisCluster):
-    """The synchronous cluster client; a timed-out command is not retried (app.FailFastCluster)."""
-
-    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]  # a narrower tuple on purpose
-        redis.exceptions.ConnectionError,
-        redis.exceptions.ClusterDownError,
-        redis.exceptions.SlotNotCoveredError,
-    )
 
 
 def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
