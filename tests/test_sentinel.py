@@ -12,6 +12,7 @@ exactly those records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from pagemeter_server.app import close_redis, connect_redis, create_server
 from pagemeter_server.embedded import RedisProcess, find_redis_server, free_port
 from pagemeter_server.sentinel import SteadySentinel
 from pagemeter_server.settings import Settings
+from tests.conftest import eagle_plan
 from tests.failover_load import Ledger, committed_pages, record, until, worker
 
 MASTER = "pagemeter"
@@ -64,7 +66,9 @@ def synchronised(replica: RedisProcess) -> bool:
 
     Until then redis-server refuses SIGTERM ("Writing initial AOF, can't exit").
     """
-    with redis.Redis(host="127.0.0.1", port=replica.port, decode_responses=True) as client:
+    with redis.Redis(
+        host="127.0.0.1", port=replica.port, password=replica.password, decode_responses=True
+    ) as client:
         info = client.info()
     return bool(
         info["master_link_status"] == "up"
@@ -73,26 +77,31 @@ def synchronised(replica: RedisProcess) -> bool:
     )
 
 
-@pytest.fixture
-def topology(tmp_path: Path) -> Iterator[Topology]:
-    primary = RedisProcess(tmp_path / "primary")
+@contextlib.contextmanager
+def running_topology(folder: Path, password: str | None = None) -> Iterator[Topology]:
+    """A primary, its replica and three sentinels (quorum 2); with a password on the data nodes."""
+    auth = ["--masterauth", password] if password else []
+    primary = RedisProcess(folder / "primary", password=password, extra_args=auth)
     primary.start()
     replica = RedisProcess(
-        tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1", str(primary.port)]
+        folder / "replica",
+        password=password,
+        extra_args=["--replicaof", "127.0.0.1", str(primary.port), *auth],
     )
     replica.start()
     sentinels: list[tuple[subprocess.Popen[bytes], int]] = []
     try:
         for i in range(3):
             port = free_port()
-            folder = tmp_path / f"sentinel{i}"
-            folder.mkdir()
-            conf = folder / "sentinel.conf"
+            home = folder / f"sentinel{i}"
+            home.mkdir()
+            conf = home / "sentinel.conf"
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                f"port {port}\nbind 127.0.0.1\ndir {home}\n"
                 f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} 1000\n"
                 f"sentinel failover-timeout {MASTER} 3000\n"
+                + (f"sentinel auth-pass {MASTER} {password}\n" if password else "")
             )
             process = subprocess.Popen(
                 [find_redis_server(), str(conf), "--sentinel"],
@@ -118,6 +127,12 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
             process.wait()
         replica.stop()
         primary.stop()
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[Topology]:
+    with running_topology(tmp_path) as running:
+        yield running
 
 
 WORKERS = 4
@@ -231,3 +246,47 @@ async def test_concurrent_discoveries_keep_every_sentinel(
         if not keeps_every_sentinel and False in outcomes:
             break
     assert outcomes == {keeps_every_sentinel}
+
+
+async def test_a_password_protected_primary_is_reached_with_the_url_credentials(
+    tmp_path: Path,
+) -> None:
+    """With --redis-mode sentinel, --redis-url supplies the primary's password (its host is not used): records and the exporter work with it; without it the store refuses pagemeter."""
+    with running_topology(tmp_path, password="s3cret") as topology:
+        for url, works in (("redis://:s3cret@sentinel-named/0", True), ("", False)):
+            settings = Settings(
+                redis_mode="sentinel",
+                redis_url=url,
+                sentinels=topology.addresses,
+                sentinel_master=MASTER,
+                listen="127.0.0.1:0",
+                metrics_listen="",
+                dev_open_access=True,
+            )
+            client = connect_redis(settings.redis_url, settings)
+            try:
+                if not works:
+                    with pytest.raises(redis.exceptions.AuthenticationError):
+                        await client.ping()  # type: ignore[misc]
+                    continue
+                registry = CollectorRegistry()
+                server, port, _ = await create_server(settings, client, registry=registry)
+                await server.start()
+                try:
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                        await admin_pb2_grpc.AdminServiceStub(channel).SetPlan(
+                            admin_pb2.SetPlanRequest(plan=eagle_plan())
+                        )
+                        quota = quota_pb2_grpc.QuotaServiceStub(channel)
+                        assert await record(quota, "acme", "job-1")
+                        assert await committed_pages(quota, "acme") == 1
+                    exported = await asyncio.to_thread(
+                        registry.get_sample_value,
+                        "pagemeter_org_committed_units",
+                        {"org": "acme", "metric": "pages"},
+                    )
+                    assert exported == 1
+                finally:
+                    await server.stop(None)
+            finally:
+                await close_redis(client)

@@ -56,7 +56,7 @@ from pagemeter_server.logs import setup_logging
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
-from pagemeter_server.sentinel import SteadySentinel
+from pagemeter_server.sentinel import SteadySentinel, primary_options
 from pagemeter_server.service import QuotaService
 from pagemeter_server.settings import (
     Settings,
@@ -107,7 +107,7 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
             },
         )
         primary: aioredis.Redis = sentinel.master_for(
-            settings.sentinel_master, retry=one_quick_retry(), **timeouts
+            settings.sentinel_master, retry=one_quick_retry(), **timeouts, **primary_options(url)
         )
         return primary
     return aioredis.from_url(url, health_check_interval=30, retry=one_quick_retry(), **timeouts)

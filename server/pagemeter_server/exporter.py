@@ -37,6 +37,7 @@ from pagemeter_server import rules
 from pagemeter_server.clock import Clock
 from pagemeter_server.cluster import FailFastSyncCluster
 from pagemeter_server.periods import month_at, zone
+from pagemeter_server.sentinel import primary_options
 from pagemeter_server.settings import Settings, sentinel_addresses
 from pagemeter_server.store import ORGS_KEY, OrgKeys, StoredPlan, UsageSnapshot
 
@@ -217,6 +218,7 @@ def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
             decode_responses=True,
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
+            **primary_options(settings.redis_url),
         )
         return primary
     any_client: Any = client  # connect_redis hands a RedisCluster over as a Redis

@@ -17,6 +17,7 @@ from typing import Any
 
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError, TimeoutError
 
 
@@ -44,3 +45,21 @@ class SteadySentinel(AsyncSentinel):
         """Move `sentinel` to the front; no await in here, so no other call interleaves."""
         self.sentinels.remove(sentinel)
         self.sentinels.insert(0, sentinel)
+
+
+def primary_options(url: str) -> dict[str, Any]:
+    """Connection options for the primary the sentinels name, from --redis-url.
+
+    In sentinel mode the URL's host and port are not used (the sentinels name
+    the primary); its username, password, database and scheme are: `rediss://`
+    turns TLS on, with redis-py's query parameters such as `ssl_ca_certs`.
+    An empty URL means no password, database 0, no TLS.
+    """
+    if not url:
+        return {}
+    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    options.pop("host", None)
+    options.pop("port", None)
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return options

@@ -184,7 +184,8 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
     "--redis-url": (
         "redis_url",
         "PAGEMETER_REDIS_URL",
-        "redis:// or rediss:// URL; empty starts the embedded Redis server",
+        "redis:// or rediss:// URL; empty starts the embedded Redis server (sentinel mode: only "
+        "its credentials, database and scheme are used)",
     ),
     "--redis-mode": (
         "redis_mode",
