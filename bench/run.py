@@ -292,17 +292,31 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
 
 
 class Metrics:
-    def __init__(self, url: str) -> None:
-        self.url = url
+    """The server's metrics, summed over its workers (worker i serves on the port + i)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        with urllib.request.urlopen(self.url, timeout=10) as response:  # noqa: S310
-            text = response.read().decode()
         values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        for url in self.urls:
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+                text = response.read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    values[key] = values.get(key, 0.0) + sample.value
         return values
+
+
+def worker_count(server_args: list[str]) -> int:
+    """The --workers value among the extra server arguments (1 when absent)."""
+    for i, arg in enumerate(server_args):
+        if arg.startswith("--workers="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--workers" and i + 1 < len(server_args):
+            return int(server_args[i + 1])
+    return 1
 
 
 def delta(
@@ -464,7 +478,12 @@ class Bench:
         self.target = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.target)
         self.quota = quota_pb2_grpc.QuotaServiceStub(self.channel)
-        self.metrics = Metrics(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        self.metrics = Metrics(
+            [
+                f"http://127.0.0.1:{self.metrics_port + i}/metrics"
+                for i in range(worker_count(self.args.server_arg))
+            ]
+        )
         self.set_plan(ORG)
 
     def stop(self) -> None:
