@@ -7,6 +7,7 @@ servers bind 127.0.0.1 port 0 and are reached over a real channel.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -180,3 +181,14 @@ def no_caller_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+async def exported_committed(
+    registry: CollectorRegistry, org: str, metric: str = "pages"
+) -> float | None:
+    """The per-org exporter's committed units, read as a scrape would (its client is blocking)."""
+    return await asyncio.to_thread(
+        registry.get_sample_value,
+        "pagemeter_org_committed_units",
+        {"org": org, "metric": metric},
+    )

@@ -24,7 +24,7 @@ from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from pagemeter_server.app import close_redis, connect_redis, create_server
 from pagemeter_server.embedded import RedisProcess
 from pagemeter_server.settings import Settings
-from tests.conftest import eagle_plan
+from tests.conftest import eagle_plan, exported_committed
 
 
 class TlsTerminator:
@@ -120,11 +120,7 @@ async def test_rules_run_over_a_tls_connection_to_redis(
             )
             usage = await quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"))
             assert {m.metric: m.committed for m in usage.metrics}["pages"] == 7
-        exported = await asyncio.to_thread(
-            registry.get_sample_value,
-            "pagemeter_org_committed_units",
-            {"org": "acme", "metric": "pages"},
-        )
+        exported = await exported_committed(registry, "acme")
         assert exported == 7, "the exporter's own client connects over TLS too"
     finally:
         await server.stop(None)

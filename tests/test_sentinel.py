@@ -33,7 +33,7 @@ from pagemeter_server.app import close_redis, connect_redis, create_server
 from pagemeter_server.embedded import RedisProcess, find_redis_server, free_port
 from pagemeter_server.sentinel import SteadySentinel
 from pagemeter_server.settings import Settings
-from tests.conftest import eagle_plan
+from tests.conftest import eagle_plan, exported_committed
 from tests.failover_load import Ledger, committed_pages, record, until, worker
 
 MASTER = "pagemeter"
@@ -192,11 +192,7 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
             ]
             restored = await committed_pages(quota, "acme")
             # The per-org exporter (a synchronous client of its own) follows the failover too.
-            exported = await asyncio.to_thread(
-                registry.get_sample_value,
-                "pagemeter_org_committed_units",
-                {"org": "acme", "metric": "pages"},
-            )
+            exported = await exported_committed(registry, "acme")
     finally:
         await server.stop(None)
         await close_redis(client)
@@ -280,11 +276,7 @@ async def test_a_password_protected_primary_is_reached_with_the_url_credentials(
                         quota = quota_pb2_grpc.QuotaServiceStub(channel)
                         assert await record(quota, "acme", "job-1")
                         assert await committed_pages(quota, "acme") == 1
-                    exported = await asyncio.to_thread(
-                        registry.get_sample_value,
-                        "pagemeter_org_committed_units",
-                        {"org": "acme", "metric": "pages"},
-                    )
+                    exported = await exported_committed(registry, "acme")
                     assert exported == 1
                 finally:
                     await server.stop(None)
