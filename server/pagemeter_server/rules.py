@@ -8,7 +8,7 @@ Decimal, and the read-side figures of GetUsage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any
 
 from pagemeter_server.plans import format_money
@@ -19,9 +19,16 @@ WITHIN_QUOTA, PREPAID, OVERAGE = 1, 2, 3
 QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, RATE_LIMITED, NO_PLAN, UNKNOWN_METRIC = 4, 5, 6, 7, 8
 
 
+# Decimal's default context keeps 28 significant digits, fewer than a unit
+# count (up to 2^53, 16 digits) times a price (up to 21 digits) can have. This
+# context holds 60, and traps Inexact so that a product that would ever need
+# rounding fails loudly instead of billing a rounded figure.
+_EXACT = Context(prec=60, traps=[Inexact, InvalidOperation, Overflow])
+
+
 def cost(units: int, price: str) -> str:
-    """units x price as a decimal string (exact; never a float)."""
-    return format_money(Decimal(units) * Decimal(price or "0"))
+    """units x price as a decimal string, exact to the last digit (never a float)."""
+    return format_money(_EXACT.multiply(Decimal(units), Decimal(price or "0")))
 
 
 def call_reason(metrics: list[MetricCheck]) -> int:
