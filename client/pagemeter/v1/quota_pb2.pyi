@@ -765,7 +765,8 @@ class MetricUsage(_message.Message):
     """
     lifetime_committed: _builtins.int
     """All successful usage ever recorded for the metric, across months (the
-    same as committed for PERIOD_NONE metrics). Counted from the first
+    same as committed for PERIOD_NONE metrics), with usage corrections
+    (AdjustUsage) applied as they moved each month. Counted from the first
     record; it does not expire with the monthly counters.
     """
     average_per_job: _builtins.float

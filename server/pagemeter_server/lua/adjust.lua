@@ -58,6 +58,15 @@ local after = math.max(0, before + units)
 redis.call('HSET', bucket, 'c:' .. metric, fmt(after))
 if period == 'M' then
   redis.call('PEXPIRE', bucket, math.max(1, tonumber(ARGV[9]) - now))
+  -- The month moved by after - before (the floor at zero may have cut the
+  -- correction short); the all-time total moves by exactly that, never below 0.
+  local moved = after - before
+  if moved ~= 0 then
+    local total = redis.call('HINCRBY', KEYS[3], 'a:' .. metric, fmt(moved))
+    if total < 0 then
+      redis.call('HSET', KEYS[3], 'a:' .. metric, '0')
+    end
+  end
 end
 redis.call('HSET', KEYS[4], 'fp', ARGV[6],
   'res', cjson.encode({period_id, fmt(before), fmt(after)}))
