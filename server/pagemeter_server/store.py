@@ -248,7 +248,11 @@ class StoredPlan:
 
 @dataclass(frozen=True)
 class UsageSnapshot:
-    """One month of an organization, read atomically."""
+    """One month of an organization, read atomically.
+
+    `plan` is the plan version whose terms applied to the month (for a past
+    month the one in effect at its end; None when there was none yet).
+    """
 
     plan: StoredPlan | None
     timezone: str
@@ -782,8 +786,11 @@ class Store:
                     keys.month(month.period_id),
                     keys.lifetime,
                     keys.month(month.previous(tzinfo).period_id),
+                    keys.planlog,
+                    keys.planver,
                 ],
-                [now_ms, tz, self.default_timezone],
+                # A month's terms are the plan's at its end (now for the current one).
+                [now_ms, tz, self.default_timezone, min(month.end_ms, now_ms + 1)],
             )
 
         reply, tz = await self.run_with_timezone(org_id, call)

@@ -969,7 +969,11 @@ class GetUsageResponse(_message.Message):
     """"YYYY-MM"."""
     timezone: _builtins.str
     has_plan: _builtins.bool
-    """False when the organization has no plan; the figures are then zeros."""
+    """False when the organization had no plan in the month read; the limits
+    and prices are then unset or zero. A month is read with the terms of the
+    plan version in effect at its end (for the current month: now), as
+    GetUsageHistory shows it; the subscription is that version's too.
+    """
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """Start and end of the month in the plan's timezone."""
