@@ -202,7 +202,9 @@ async def test_usage_of_a_given_month(pagemeter_server: RunningServer) -> None:
         Q.GetUsageRequest(org_id="acme", year=2026, month=2)
     )
     assert past.period_id == "2026-02"
-    assert {m.metric: m.held for m in past.metrics}["pages"] == 0
+    # February ended before the plan was set: no terms, and no held units.
+    assert not past.has_plan
+    assert all(m.held == 0 for m in past.metrics)
     now = await pagemeter_server.quota.GetUsage(Q.GetUsageRequest(org_id="acme"))
     assert {m.metric: m.held for m in now.metrics}["pages"] == 5
 
