@@ -452,6 +452,46 @@ async def test_read_flood_of_one_key_is_limited(
         await server.stop(None)
 
 
+async def test_a_key_over_its_read_limit_is_refused_writes_for_its_role(
+    settings: Settings, redis_client: aioredis.Redis, clock: ManualClock
+) -> None:
+    """A tenant key over its read limit gets PERMISSION_DENIED (not RESOURCE_EXHAUSTED) from every write and admin RPC, and those refusals spend none of its reads."""
+    limited = Settings(
+        redis_url=settings.redis_url, listen="127.0.0.1:0", read_rate_limit=1, read_burst=2
+    )
+    server, port, _ = await create_server(
+        limited, redis_client, clock=clock, registry=CollectorRegistry(), credentials=credentials()
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stubs = {
+                "quota": quota_pb2_grpc.QuotaServiceStub(channel),
+                "admin": admin_pb2_grpc.AdminServiceStub(channel),
+            }
+            key = await stubs["admin"].CreateApiKey(
+                admin_pb2.CreateApiKeyRequest(org_id="acme"),
+                metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),
+            )
+            tenant = (("x-api-key", key.secret),)
+            # Writes first: they must not spend the key's two reads.
+            for service, rpc, request in WRITE_RPCS + ADMIN_RPCS:
+                error = await refused(getattr(stubs[service], rpc)(request, metadata=tenant))
+                assert error.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
+            for _ in range(2):
+                await stubs["quota"].GetUsage(quota_pb2.GetUsageRequest(), metadata=tenant)
+            # Now over the read limit: writes are still refused for the role.
+            for service, rpc, request in WRITE_RPCS + ADMIN_RPCS:
+                error = await refused(getattr(stubs[service], rpc)(request, metadata=tenant))
+                assert error.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
+            error = await refused(
+                stubs["quota"].GetUsage(quota_pb2.GetUsageRequest(), metadata=tenant)
+            )
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await server.stop(None)
+
+
 # -- audit trail and usage corrections ----------------------------------------------------------
 
 

@@ -272,7 +272,12 @@ class Authenticator:
         self.read_rate = read_rate
         self.read_burst = read_burst
 
-    async def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal:
+    async def authenticate(
+        self, metadata: Sequence[tuple[str, Any]] | None, *, counts_as_read: bool = True
+    ) -> Principal:
+        """Who is calling. A tenant key spends a read of its flood limit only when
+        `counts_as_read` (the RPC is one a tenant may call): a key sent to a write
+        or admin RPC is refused for its role, not for its read rate."""
         token = presented_token(metadata)
         if token is None:
             if self.open_access:
@@ -282,13 +287,13 @@ class Authenticator:
                 "UNAUTHORIZED",
             )
         if token.startswith(API_KEY_PREFIX):
-            return await self._tenant(token)
+            return await self._tenant(token, counts_as_read)
         principal = self.credentials.match(token)
         if principal is None:
             raise Unauthenticated("the credential is not valid", "INVALID_API_KEY")
         return principal
 
-    async def _tenant(self, token: str) -> Principal:
+    async def _tenant(self, token: str, counts_as_read: bool) -> Principal:
         parsed = parse_api_key(token)
         if parsed is None:
             raise Unauthenticated("the API key is malformed", "INVALID_API_KEY")
@@ -298,7 +303,8 @@ class Authenticator:
             key_id,
             key_digest(token),
             now_ms=self.clock.now_ms(),
-            rate=self.read_rate,
+            # Rate 0 checks the key without spending (or needing) a read.
+            rate=self.read_rate if counts_as_read else 0.0,
             burst=self.read_burst,
         )
         if outcome == "rate_limited":
@@ -326,7 +332,9 @@ def authorized(
         async def wrapped(
             self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Response:
-            principal = await self.auth.authenticate(context.invocation_metadata())
+            principal = await self.auth.authenticate(
+                context.invocation_metadata(), counts_as_read=Role.TENANT in access.value
+            )
             if principal.role not in access.value:
                 raise PermissionDenied(
                     f"{principal.role.value} credentials may not call {handler.__name__}",
