@@ -377,6 +377,12 @@ HOLD_TTLS = Rule(
                 duration_pb2.Duration(seconds=0, nanos=999_999_999),
                 duration_pb2.Duration(seconds=86_400, nanos=1_000_000),
                 duration_pb2.Duration(seconds=-1, nanos=-999_999_999),
+                # Not Durations at all, though they read as lengths in range.
+                duration_pb2.Duration(seconds=0, nanos=2**31 - 1),
+                duration_pb2.Duration(seconds=2, nanos=2**31 - 1),
+                duration_pb2.Duration(seconds=60, nanos=-1),
+                duration_pb2.Duration(seconds=3, nanos=-500_000_000),
+                duration_pb2.Duration(seconds=100, nanos=1_000_000_000),
             ]
         ),
     ),

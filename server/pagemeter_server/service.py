@@ -170,7 +170,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         if request.hold or request.request_id:
             problems.check_request_id(request.request_id)
         hold_ttl_ms = round(self.settings.hold_ttl_seconds * 1000)
-        if request.HasField("hold_ttl"):
+        if request.HasField("hold_ttl") and problems.check_duration(request.hold_ttl, "hold_ttl"):
             hold_ttl_ms = request.hold_ttl.ToMilliseconds()
             longest = round(self.settings.max_hold_ttl_seconds * 1000)
             if not 1000 <= hold_ttl_ms <= longest:

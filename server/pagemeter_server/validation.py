@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 ORG_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -23,6 +24,7 @@ PRICE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 CURRENCY = re.compile(r"[A-Z]{3}")
 
 MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, protobuf's upper bound
+MAX_DURATION_SECONDS = 315_576_000_000  # about 10,000 years, protobuf's bound
 MAX_UNITS = 1_000_000_000
 """Largest amount of one metric in one call."""
 MAX_LIMIT = 1_000_000_000_000_000
@@ -100,6 +102,27 @@ class Violations:
         if 0 <= value.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= value.nanos < 1_000_000_000:
             return True
         self.add(field_path, f"{field_path} must be a valid time between 1970 and 9999")
+        return False
+
+    def check_duration(self, value: Duration, field_path: str) -> bool:
+        """A Duration as protobuf defines it; True when it is one.
+
+        seconds within +-10,000 years, |nanos| below one second, and both of one
+        sign: otherwise ToMilliseconds() quietly adds up to 2.1 s of nanos, or
+        mixes a positive and a negative part into some other length.
+        """
+        seconds, nanos = value.seconds, value.nanos
+        if (
+            abs(seconds) <= MAX_DURATION_SECONDS
+            and abs(nanos) < 1_000_000_000
+            and not (seconds > 0 > nanos or seconds < 0 < nanos)
+        ):
+            return True
+        self.add(
+            field_path,
+            f"{field_path} is not a valid Duration: seconds and nanos must have the same sign "
+            "and nanos must be between -999,999,999 and 999,999,999",
+        )
         return False
 
     def check_length(self, value: str, field_path: str, limit: int) -> None:
