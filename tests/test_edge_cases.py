@@ -3,12 +3,17 @@ boundary nobody here chose."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import grpc
 import pytest
 import redis
 from google.protobuf.duration_pb2 import Duration
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagemeter.v1 import admin_pb2, quota_pb2
+from pagemeter_server.rules import percent_of_limit
 from tests.conftest import RunningServer, eagle_plan
 from tests.test_quota_service import snapshot
 
@@ -40,3 +45,32 @@ async def test_a_hold_ttl_that_is_not_a_duration_is_refused(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hold_ttl" in (caught.value.details() or "")
     assert snapshot(redis_sync) == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    committed=st.integers(min_value=0, max_value=10**15),
+    limit=st.integers(min_value=1, max_value=10**15),
+)
+def test_usage_percent_is_clean_and_never_rounded_up(committed: int, limit: int) -> None:
+    """usage_percent has at most two decimals, no float noise, and never exceeds the exact share."""
+    percent = percent_of_limit(committed, limit, None)
+    assert percent is not None
+    text = repr(percent)
+    assert "e" not in text and len(text.partition(".")[2]) <= 2, text
+    exact = Fraction(committed * 100, limit)
+    assert Fraction(text) <= exact < Fraction(text) + Fraction(1, 100)
+
+
+async def test_the_reviewed_usage_percent_reads_13_75(pagemeter_server: RunningServer) -> None:
+    """1,100 of 8,000 pages is 13.75 percent, not 13.750000000000002."""
+    plan = eagle_plan()
+    plan.metrics[0].contract_quota = 8000
+    plan.metrics[0].hard_limit = 9000
+    await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=plan))
+    await pagemeter_server.quota.RecordUsage(
+        Q.RecordUsageRequest(org_id="acme", request_id="j", units={"pages": 1100})
+    )
+    usage = await pagemeter_server.quota.GetUsage(Q.GetUsageRequest(org_id="acme"))
+    pages = {m.metric: m for m in usage.metrics}["pages"]
+    assert repr(pages.usage_percent) == "13.75"

@@ -134,7 +134,7 @@ def _metric_figures(
             overage_allowed=bool(limits.get("o", False)),
             prepaid_available=max(0, balance - held_prepaid),
         ),
-        usage_percent=_percent_of_limit(committed, quota, hard),
+        usage_percent=percent_of_limit(committed, quota, hard),
         lifetime_committed=committed
         if lifetime
         else snapshot.lifetime_fields.get(f"a:{metric}", 0),
@@ -142,13 +142,18 @@ def _metric_figures(
     )
 
 
-def _percent_of_limit(committed: int, quota: int | None, hard: int | None) -> float | None:
+def percent_of_limit(committed: int, quota: int | None, hard: int | None) -> float | None:
     """committed as a percentage of the contract quota, else of the hard limit.
 
     A lifetime gauge (applications, templates) usually has only a cap.
     """
     limit = quota if quota is not None else hard
-    return committed / limit * 100 if limit else None
+    if not limit:
+        return None
+    # Exact, then cut to two decimals: committed / limit * 100 in floats shows
+    # noise (13.750000000000002), and rounding up could show 100 before it is.
+    hundredths = committed * 10_000 // limit
+    return float(Decimal(hundredths).scaleb(-2))
 
 
 def average_per_job(committed: int, month_fields: dict[str, int]) -> float:

@@ -760,8 +760,10 @@ class MetricUsage(_message.Message):
     Unset means unlimited.
     """
     usage_percent: _builtins.float
-    """committed / contract_quota x 100, for display. Unset when there is no quota
-    (or it is 0).
+    """committed / contract_quota x 100 (of the hard limit when there is no
+    quota), for display: cut (not rounded) to two decimals, so it reads 100
+    only once the limit is reached. Unset without a quota or hard limit (or
+    when it is 0).
     """
     lifetime_committed: _builtins.int
     """All successful usage ever recorded for the metric, across months (the
