@@ -12,7 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagemeter.v1 import admin_pb2, quota_pb2
+from pagemeter.v1 import admin_pb2, quota_pb2, reporting_pb2
 from pagemeter_server.rules import percent_of_limit
 from tests.conftest import RunningServer, eagle_plan
 from tests.test_quota_service import snapshot
@@ -74,3 +74,50 @@ async def test_the_reviewed_usage_percent_reads_13_75(pagemeter_server: RunningS
     usage = await pagemeter_server.quota.GetUsage(Q.GetUsageRequest(org_id="acme"))
     pages = {m.metric: m for m in usage.metrics}["pages"]
     assert repr(pages.usage_percent) == "13.75"
+
+
+async def test_a_page_token_pages_only_the_list_and_org_it_was_issued_for(
+    pagemeter_server: RunningServer,
+) -> None:
+    """A records or audit page token of one organization is INVALID_ARGUMENT for another organization or the other list."""
+    for org in ("alpha", "beta"):
+        await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan(org)))
+        await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan(org)))
+        for index in range(3):
+            await pagemeter_server.quota.RecordUsage(
+                Q.RecordUsageRequest(org_id=org, request_id=f"j{index}", units={"pages": 1})
+            )
+    records = await pagemeter_server.reporting.ListUsageRecords(
+        reporting_pb2.ListUsageRecordsRequest(org_id="alpha", page_size=1)
+    )
+    audit = await pagemeter_server.admin.ListAuditEvents(
+        admin_pb2.ListAuditEventsRequest(org_id="alpha", page_size=1)
+    )
+    assert records.next_page_token and audit.next_page_token
+    # The tokens work for their own list and organization...
+    await pagemeter_server.reporting.ListUsageRecords(
+        reporting_pb2.ListUsageRecordsRequest(org_id="alpha", page_token=records.next_page_token)
+    )
+    await pagemeter_server.admin.ListAuditEvents(
+        admin_pb2.ListAuditEventsRequest(org_id="alpha", page_token=audit.next_page_token)
+    )
+    # ...and nowhere else.
+    misuses = [
+        pagemeter_server.reporting.ListUsageRecords(
+            reporting_pb2.ListUsageRecordsRequest(org_id="beta", page_token=records.next_page_token)
+        ),
+        pagemeter_server.admin.ListAuditEvents(
+            admin_pb2.ListAuditEventsRequest(org_id="beta", page_token=audit.next_page_token)
+        ),
+        pagemeter_server.reporting.ListUsageRecords(
+            reporting_pb2.ListUsageRecordsRequest(org_id="alpha", page_token=audit.next_page_token)
+        ),
+        pagemeter_server.admin.ListAuditEvents(
+            admin_pb2.ListAuditEventsRequest(org_id="alpha", page_token=records.next_page_token)
+        ),
+    ]
+    for misuse in misuses:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await misuse
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in (caught.value.details() or "")

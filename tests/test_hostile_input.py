@@ -1286,14 +1286,17 @@ PAGE_SIZES = Rule(
 async def test_list_usage_records_refuses_malformed_pages(
     hostile: Hostile, case: dict[str, Tagged]
 ) -> None:
-    """ListUsageRecords answers a malformed organization id or a page size outside 0-1000 with INVALID_ARGUMENT, a page token it did not issue with INVALID_ARGUMENT or a page, and valid requests with a page."""
+    """ListUsageRecords answers a malformed organization id or a page size outside 0-1000 with INVALID_ARGUMENT, a page token it did not issue (or issued for another organization) with INVALID_ARGUMENT, and valid requests with a page."""
     token = case["page_token"][0]
     request = reporting_pb2.ListUsageRecordsRequest(
         org_id=case["org_id"][0],
         page_size=case["page_size"][0],
         page_token=hostile.page_token if token == "REAL" else token,
     )
-    await hostile.send("ListUsageRecords", request, expect(verdict_of(case), OK))
+    verdict = verdict_of(case)
+    if token == "REAL" and case["org_id"][0] != ORG:
+        verdict = BAD  # the token pages ORG's records, and only those
+    await hostile.send("ListUsageRecords", request, expect(verdict, OK))
     await hostile.assert_still_serving()
 
 

@@ -16,9 +16,9 @@ from pagemeter_server.admin_store import AdminStore, StoredKey, audit_json
 from pagemeter_server.auth import Access, Authenticator, authorized, current_principal, new_api_key
 from pagemeter_server.clock import Clock
 from pagemeter_server.errors import NotFound
+from pagemeter_server.page_tokens import BadPageToken
 from pagemeter_server.periods import timestamp
 from pagemeter_server.plans import doc_to_plan, plan_to_doc
-from pagemeter_server.report_store import BadPageToken
 from pagemeter_server.settings import Settings
 from pagemeter_server.store import PlanNotFound, Store
 from pagemeter_server.validation import (

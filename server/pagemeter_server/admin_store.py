@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from pagemeter_server.page_tokens import BadPageToken, decode_page_token, encode_page_token
 from pagemeter_server.periods import Month, month_at, month_of, zone
-from pagemeter_server.report_store import BadPageToken
 from pagemeter_server.store import (
     OrgKeys,
     PlanMissing,
@@ -192,10 +192,10 @@ class AdminStore:
     async def audit_page(
         self, org_id: str, page_size: int, page_token: str
     ) -> tuple[list[AuditEntry], str]:
-        """Newest first; the token is the last event id shown (BadPageToken otherwise)."""
+        """Newest first; the token carries the last event id shown (BadPageToken otherwise)."""
         top = "+"
         if page_token:
-            position = _stream_position(page_token)
+            position = _stream_position(decode_page_token(page_token, AUDIT, org_id))
             if position == (0, 0):
                 return [], ""  # nothing comes before the first possible entry
             top = f"({position[0]}-{position[1]}"
@@ -204,10 +204,13 @@ class AdminStore:
             await self.client.xrevrange(OrgKeys(org_id).audit, top, "-", count=page_size + 1),
         )
         entries = [AuditEntry(event_id, fields) for event_id, fields in rows[:page_size]]
-        next_token = entries[-1].event_id if len(rows) > page_size else ""
+        next_token = (
+            encode_page_token(AUDIT, org_id, entries[-1].event_id) if len(rows) > page_size else ""
+        )
         return entries, next_token
 
 
+AUDIT = "audit"
 _UINT64_MAX = 2**64 - 1
 
 

@@ -8,8 +8,6 @@ page size, never with the number of jobs an organization has recorded.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,11 +16,8 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from pagemeter_server.page_tokens import BadPageToken, decode_page_token, encode_page_token
 from pagemeter_server.store import OrgKeys
-
-
-class BadPageToken(ValueError):
-    """A page token this server did not issue."""
 
 
 @dataclass(frozen=True)
@@ -51,19 +46,19 @@ def _ints(raw: dict[str, str]) -> dict[str, int]:
     return {name: int(value) for name, value in raw.items()}
 
 
-def encode_page_token(requested_ms: int, request_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{requested_ms}:{request_id}".encode()).decode()
+RECORDS = "records"
 
 
-def decode_page_token(token: str) -> tuple[int, str]:
-    try:
-        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
-        score, _, request_id = text.partition(":")
-        if not request_id:
-            raise ValueError(token)
-        return int(score), request_id
-    except (ValueError, UnicodeError, binascii.Error) as exc:
-        raise BadPageToken(token) from exc
+def encode_records_position(org_id: str, requested_ms: int, request_id: str) -> str:
+    return encode_page_token(RECORDS, org_id, f"{requested_ms}:{request_id}")
+
+
+def decode_records_position(org_id: str, token: str) -> tuple[int, str]:
+    position = decode_page_token(token, RECORDS, org_id)
+    score, _, request_id = position.partition(":")
+    if not request_id or not score.isascii() or not score.lstrip("-").isdigit():
+        raise BadPageToken(token)
+    return int(score), request_id
 
 
 class ReportStore:
@@ -111,7 +106,7 @@ class ReportStore:
         are ordered by request_id.
         """
         keys = OrgKeys(org_id)
-        cursor = decode_page_token(page_token) if page_token else None
+        cursor = decode_records_position(org_id, page_token) if page_token else None
         entries = await self._index_after(keys.records_index, cursor, page_size + 1)
         async with self.client.pipeline(transaction=False) as pipe:
             for request_id, _ in entries[:page_size]:
@@ -125,7 +120,7 @@ class ReportStore:
         next_token = ""
         if len(entries) > page_size:
             last_id, last_score = entries[page_size - 1]
-            next_token = encode_page_token(last_score, last_id)
+            next_token = encode_records_position(org_id, last_score, last_id)
         return RecordsPage(records, next_token)
 
     async def _index_after(

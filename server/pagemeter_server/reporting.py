@@ -16,8 +16,9 @@ from pagemeter.v1 import reporting_pb2, reporting_pb2_grpc
 from pagemeter_server import history, statistics
 from pagemeter_server.auth import Access, Authenticator, authorized
 from pagemeter_server.clock import Clock
+from pagemeter_server.page_tokens import BadPageToken
 from pagemeter_server.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
-from pagemeter_server.report_store import BadPageToken, PlanVersion, RecordEntry, ReportStore
+from pagemeter_server.report_store import PlanVersion, RecordEntry, ReportStore
 from pagemeter_server.service import job_counts
 from pagemeter_server.store import Store
 from pagemeter_server.validation import (
