@@ -121,3 +121,28 @@ async def test_a_page_token_pages_only_the_list_and_org_it_was_issued_for(
             await misuse
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    "period",
+    [
+        reporting_pb2.STATISTICS_PERIOD_DAILY,
+        reporting_pb2.STATISTICS_PERIOD_WEEKLY,
+        reporting_pb2.STATISTICS_PERIOD_MONTHLY,
+    ],
+)
+async def test_statistics_spans_end_one_way(pagemeter_server: RunningServer, period: int) -> None:
+    """Every period row ends on the last second of its last day, as the summary does, and the rows tile the summary's span without gaps."""
+    plan = eagle_plan(timezone="America/New_York")  # a DST change inside the range
+    await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=plan))
+    reply = await pagemeter_server.reporting.GetUsageStatistics(
+        reporting_pb2.GetUsageStatisticsRequest(
+            org_id="acme", period=period, start_date="2026-02-20", end_date="2026-03-15"
+        )
+    )
+    rows = sorted(reply.by_period, key=lambda row: row.start.seconds)
+    assert rows[0].start == reply.summary.period_start
+    assert rows[-1].end == reply.summary.period_end
+    for earlier, later in zip(rows, rows[1:], strict=False):
+        assert later.start.seconds == earlier.end.seconds + 1
+    assert reply.summary.period_end.ToJsonString() == "2026-03-16T03:59:59Z"  # 23:59:59 EDT

@@ -179,7 +179,7 @@ async def test_weekly_rows_cross_month_and_year(pagemeter_server: RunningServer)
     ]
     oldest = reply.by_period[-1]
     assert oldest.start.ToJsonString() == "2025-12-25T00:00:00Z"  # clipped to start_date
-    assert oldest.end.ToJsonString() == "2025-12-29T00:00:00Z"
+    assert oldest.end.ToJsonString() == "2025-12-28T23:59:59Z"  # the week's last second
 
 
 async def test_monthly_rows_and_both_groupings(pagemeter_server: RunningServer) -> None:

@@ -118,6 +118,15 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
         )
 
 
+def last_second_of(day: date, tz: ZoneInfo) -> int:
+    """The last second of a day in the plan's timezone (DocuRift's "…T23:59:59Z").
+
+    The summary and every period row end this way, so that one answer never
+    uses two conventions for the end of a span.
+    """
+    return day_end_ms(day, tz) - 1000
+
+
 def _history_month(
     figures: history.MonthFigures, month_fields: dict[str, int]
 ) -> reporting_pb2.HistoryMonth:
@@ -206,7 +215,7 @@ def _statistics_response(
             totals=_totals(total),
             average_pages_per_document=statistics.average_pages_per_document(total),
             period_start=timestamp(day_start_ms(query.start, tz)),
-            period_end=timestamp(day_end_ms(query.end, tz) - 1000),
+            period_end=timestamp(last_second_of(query.end, tz)),
             start_date=query.start.isoformat(),
             end_date=query.end.isoformat(),
         ),
@@ -216,7 +225,7 @@ def _statistics_response(
             period_row = reporting_pb2.PeriodUsage(
                 date=row.label,
                 start=timestamp(day_start_ms(row.first_day, tz)),
-                end=timestamp(day_end_ms(row.last_day, tz)),
+                end=timestamp(last_second_of(row.last_day, tz)),
                 totals=_totals(row.total),
             )
             if query.group_by == statistics.BY_BOTH:

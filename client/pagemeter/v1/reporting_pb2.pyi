@@ -459,7 +459,10 @@ class PeriodUsage(_message.Message):
     """"YYYY-MM-DD" of the day or of the week's Monday, or "YYYY-MM"."""
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
-        """Where the row's span starts and ends (clipped to the requested range)."""
+        """Where the row's span starts (its first day's midnight) and ends (the last
+        second of its last day, as StatisticsSummary.period_end), in the plan's
+        timezone, clipped to the requested range.
+        """
 
     @_builtins.property
     def end(self) -> _timestamp_pb2.Timestamp: ...
