@@ -146,3 +146,36 @@ async def test_statistics_spans_end_one_way(pagemeter_server: RunningServer, per
     for earlier, later in zip(rows, rows[1:], strict=False):
         assert later.start.seconds == earlier.end.seconds + 1
     assert reply.summary.period_end.ToJsonString() == "2026-03-16T03:59:59Z"  # 23:59:59 EDT
+
+
+async def test_a_released_job_that_ran_anyway_is_recorded(
+    pagemeter_server: RunningServer,
+) -> None:
+    """RecordUsage after ReleaseQuota of the same id records the work (once), a hold with that id is refused, and a release after the record says it was recorded."""
+    await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+    quota = pagemeter_server.quota
+    held = await quota.CheckQuota(
+        Q.CheckQuotaRequest(org_id="acme", units={"pages": 10}, request_id="job", hold=True)
+    )
+    assert held.held
+    released = await quota.ReleaseQuota(Q.ReleaseQuotaRequest(org_id="acme", request_id="job"))
+    assert released.outcome == Q.RELEASE_OUTCOME_RELEASED
+    # The id's hold is spent: a new hold under it is ALREADY_EXISTS, not a second hold.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await quota.CheckQuota(
+            Q.CheckQuotaRequest(org_id="acme", units={"pages": 10}, request_id="job", hold=True)
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # The work ran anyway: work done is never dropped, and it is counted once.
+    for attempt in range(2):
+        record = await quota.RecordUsage(
+            Q.RecordUsageRequest(org_id="acme", request_id="job", units={"pages": 7})
+        )
+        assert record.status == Q.RECORD_STATUS_COMPLETED
+        assert record.duplicate == (attempt == 1)
+        assert not record.hold_released and not record.hold_expired
+    usage = await quota.GetUsage(Q.GetUsageRequest(org_id="acme"))
+    pages = {m.metric: m for m in usage.metrics}["pages"]
+    assert (pages.committed, pages.held) == (7, 0)
+    again = await quota.ReleaseQuota(Q.ReleaseQuotaRequest(org_id="acme", request_id="job"))
+    assert again.outcome == Q.RELEASE_OUTCOME_ALREADY_RECORDED
