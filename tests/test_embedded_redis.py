@@ -6,9 +6,13 @@ temporary data directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -373,3 +377,164 @@ def test_start_on_a_port_served_by_another_redis_fails(
     processes.append(process)
     with pytest.raises(EmbeddedRedisError):
         process.start(timeout=5.0)
+
+
+# -- lifecycle: no child outlives its owner, one store per data dir ----------------------
+
+
+def test_interrupted_readiness_wait_leaves_no_child(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, processes: list[RedisProcess]
+) -> None:
+    """An exception raised into start() while it waits for readiness (KeyboardInterrupt from a signal here) stops the child before it propagates."""
+    monkeypatch.setenv(REDIS_SERVER_ENV, str(write_script(tmp_path / "mute", "exec sleep 37\n")))
+    process = RedisProcess(tmp_path / "data")
+    processes.append(process)
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            process.start(timeout=20)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    mute = [c for c in psutil.Process().children() if c.cmdline() == ["sleep", "37"]]
+    assert not mute, "the interrupted start left its child running"
+    assert process.pid is None
+    # The data dir is free again: a real server can start there.
+    monkeypatch.delenv(REDIS_SERVER_ENV)
+    again = RedisProcess(tmp_path / "data")
+    processes.append(again)
+    again.start()
+
+
+def test_second_server_on_a_live_data_dir_is_refused(
+    tmp_path: Path, processes: list[RedisProcess]
+) -> None:
+    """A second RedisProcess on the data dir of a running one raises at once, naming the holder's pid, and starts no second server there."""
+    first = RedisProcess(tmp_path / "data")
+    processes.append(first)
+    first.start()
+    second = RedisProcess(tmp_path / "data")
+    processes.append(second)
+    began = time.monotonic()
+    with pytest.raises(EmbeddedRedisError) as raised:
+        second.start()
+    assert time.monotonic() - began < 1.0
+    message = str(raised.value)
+    assert f"data dir {tmp_path / 'data'} is in use by pagemeter pid {os.getpid()}" in message
+    assert "\n" not in message
+    assert second.pid is None
+    client = client_for(first)
+    try:
+        assert client.ping()
+    finally:
+        client.close()
+
+
+HOLD_LOCK = """
+import os, subprocess, sys
+from pagemeter_server.lifecycle import DataDirLock
+lock = DataDirLock(sys.argv[1])
+lock.acquire()
+child = subprocess.Popen(
+    ["sleep", sys.argv[2]],
+    pass_fds=[lock.fd],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+)
+lock.record_child(child.pid)
+print(child.pid, flush=True)
+os._exit(0)  # the owner is gone; its child still holds the lock, as a flushing Redis would
+"""
+
+
+def hold_lock_in_an_orphan(data_dir: Path, seconds: float) -> int:
+    """Lock data_dir from a process that exits at once, leaving a child that holds the lock."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-c", HOLD_LOCK, str(data_dir), str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    return int(done.stdout.strip())
+
+
+def test_lock_left_by_an_exited_owner_is_taken_over_once_its_child_exits(
+    tmp_path: Path, processes: list[RedisProcess]
+) -> None:
+    """When the lock's owner has exited but its child still holds the lock (a dying Redis flushing), start() waits for the child to exit and then starts."""
+    holder = hold_lock_in_an_orphan(tmp_path / "data", 1.5)
+    began = time.monotonic()
+    process = RedisProcess(tmp_path / "data")
+    processes.append(process)
+    process.start()
+    assert time.monotonic() - began >= 1.0, "started while the lock was still held"
+    assert not psutil.pid_exists(holder) or psutil.Process(holder).status() == "zombie"
+
+
+def test_lock_held_too_long_by_an_exited_owners_child_fails_in_one_line(
+    tmp_path: Path, processes: list[RedisProcess]
+) -> None:
+    """When an exited owner's child keeps the lock past the bounded wait, start() fails with one line naming that child's pid."""
+    holder = hold_lock_in_an_orphan(tmp_path / "data", 30)
+    try:
+        process = RedisProcess(tmp_path / "data", lock_wait=1.0)
+        processes.append(process)
+        began = time.monotonic()
+        with pytest.raises(EmbeddedRedisError) as raised:
+            process.start()
+        assert 1.0 <= time.monotonic() - began < 5.0
+        message = str(raised.value)
+        assert f"pid {holder}" in message and "\n" not in message, message
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(holder).kill()
+
+
+STARTED_FROM_A_THREAD = """
+import sys, threading, time
+from pagemeter_server.embedded import RedisProcess
+process = RedisProcess(sys.argv[1])
+starter = threading.Thread(target=process.start)
+starter.start()
+starter.join()
+print(process.pid, process.port, flush=True)
+time.sleep(60)
+"""
+
+
+def test_redis_ends_with_its_owner_even_when_a_finished_thread_started_it(
+    tmp_path: Path,
+) -> None:
+    """A Redis started from a thread that has since ended keeps serving, and a SIGKILL of the process that started it ends that Redis within seconds."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", STARTED_FROM_A_THREAD, str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = 0
+    try:
+        assert owner.stdout is not None
+        pid, port = (int(word) for word in owner.stdout.readline().split())
+        time.sleep(0.5)  # the starting thread is gone by now
+        with redis.Redis(port=port, socket_timeout=2) as client:
+            assert client.ping()
+        owner.kill()
+        owner.wait(5)
+        _, alive = psutil.wait_procs([psutil.Process(pid)], timeout=5)
+        assert not alive, "the embedded Redis outlived the process that started it"
+    finally:
+        owner.kill()
+        owner.wait(5)
+        if owner.stdout is not None:
+            owner.stdout.close()
+        if pid:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

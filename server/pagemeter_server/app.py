@@ -52,6 +52,7 @@ from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.exporter import register_org_exporter
 from pagemeter_server.health import HealthReporter, watching
 from pagemeter_server.interceptors import ObservedRpcs
+from pagemeter_server.lifecycle import InUse, Phase
 from pagemeter_server.logs import setup_logging
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
@@ -258,7 +259,9 @@ async def redis_for(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     url = settings.redis_url
     if not url and settings.redis_mode == "single":
         embedded = RedisProcess(settings.data_dir)
-        await asyncio.to_thread(embedded.start)
+        # Started on the event loop's (main) thread and blocking it: nothing else
+        # runs yet, and no cancelled await can leave a half-started Redis behind.
+        embedded.start()
         url = embedded.url
         log.info("embedded Redis started (pid %s, data in %s)", embedded.pid, settings.data_dir)
     client = connect_redis(url, settings)
@@ -271,8 +274,13 @@ async def redis_for(settings: Settings) -> AsyncIterator[aioredis.Redis]:
             log.info("embedded Redis stopped")
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain for the grace period and stop."""
+async def serve(settings: Settings, phase: Phase | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain for the grace period and stop.
+
+    `phase` follows the run (starting, serving, stopping), so that an error can
+    be reported for what it interrupted.
+    """
+    phase = phase if phase is not None else Phase()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -303,6 +311,7 @@ async def serve(settings: Settings) -> None:
                 ) from exc
         await parts.reporter.check(client)
         await server.start()
+        phase.now = "serving"
         log.info(
             "pagemeter serving gRPC on %s (port %d, %s), metrics on %s",
             settings.listen,
@@ -312,6 +321,7 @@ async def serve(settings: Settings) -> None:
         )
         async with watching(parts.reporter, client, settings.health_interval_seconds):
             await stop.wait()
+            phase.now = "stopping"
             log.info("shutting down: draining for up to %.1fs", settings.grace_period_seconds)
             await parts.reporter.drain()
             await server.stop(settings.grace_period_seconds)
@@ -326,14 +336,19 @@ def _transport(settings: Settings) -> str:
     return "mutual TLS" if settings.tls_client_ca_file else "TLS"
 
 
+# Errors with a message an operator can act on: logged as one line, no traceback.
+OPERATOR_ERRORS = (OSError, EmbeddedRedisError, ConfigurationError, InUse)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     if settings.workers > 1:
         setup_logging(settings.log_level, settings.log_format)
+        phase = Phase()
         try:
-            sys.exit(supervise(settings))
-        except (OSError, EmbeddedRedisError, ConfigurationError) as exc:
-            log.error("pagemeter could not start: %s", exc)
+            sys.exit(supervise(settings, phase))
+        except OPERATOR_ERRORS as exc:
+            log.error("%s", phase.failure(exc))
             sys.exit(1)
     main_with_settings(settings)
 
@@ -341,11 +356,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 def main_with_settings(settings: Settings) -> None:
     """One server process (also each worker of --workers N)."""
     setup_logging(settings.log_level, settings.log_format)
+    phase = Phase()
     try:
-        _run(serve(settings))
-    except (OSError, EmbeddedRedisError, ConfigurationError) as exc:
-        # A start-up problem the operator can fix: one clear line, no traceback.
-        log.error("pagemeter could not start: %s", exc)
+        _run(serve(settings, phase))
+    except OPERATOR_ERRORS as exc:
+        # Start-up problems are one clear line; so is a failure after the server
+        # served, which must not read as a failed start (and still exits 1).
+        log.error("%s", phase.failure(exc))
         sys.exit(1)
 
 

@@ -21,6 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pagemeter_server.lifecycle import TAKEOVER_SECONDS, DataDirLock, InUse, spawn
+
 REDIS_SERVER_ENV = "PAGEMETER_REDIS_SERVER"
 
 
@@ -58,12 +60,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+class DataDirInUse(EmbeddedRedisError):
+    """Another embedded store holds the data dir (its lock names the holder)."""
+
+
 class RedisProcess:
     """One redis-server child process listening on a loopback port.
 
     Persistence is an append-only file fsynced every second (`appendfsync
     everysec`): a crash of the Redis process alone loses nothing that reached
     the kernel; a machine crash loses at most about one second of writes.
+
+    The child never outlives its owner (a parent-death SIGTERM, so it still
+    flushes the append-only file), and it shares the owner's exclusive lock on
+    the data dir, so no second server can open the same files while either runs
+    (see pagemeter_server.lifecycle).
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class RedisProcess:
         appendonly: bool = True,
         password: str | None = None,
         extra_args: Sequence[str] = (),
+        lock_wait: float = TAKEOVER_SECONDS,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -85,6 +97,7 @@ class RedisProcess:
         if password:
             self.extra_args += ["--requirepass", password]
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock = DataDirLock(self.data_dir, wait=lock_wait)
 
     @property
     def url(self) -> str:
@@ -124,15 +137,33 @@ class RedisProcess:
         ]
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING."""
+        """Lock the data dir, start the server and wait until it answers PING.
+
+        Whatever goes wrong after the child exists (it exits, it never answers,
+        the probe fails, a KeyboardInterrupt arrives), the child is stopped and
+        the lock released before the error propagates.
+        """
+        command = self._command()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self._wait_until_ready(timeout)
+        try:
+            self._lock.acquire()
+        except InUse as exc:
+            raise DataDirInUse(str(exc)) from None
+        try:
+            self._process = spawn(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                # The child shares the lock, so it lasts until Redis has exited too.
+                pass_fds=(self._lock.fd,),
+            )
+            self._lock.record_child(self._process.pid, Path(command[0]).name)
+            self._wait_until_ready(timeout)
+        except BaseException:
+            self.stop(timeout=5.0)
+            self._lock.release()
+            raise
 
     def _wait_until_ready(self, timeout: float) -> None:
         """Poll until *our* process answers PING, it dies, or the deadline passes.
@@ -159,7 +190,6 @@ class RedisProcess:
             if self._answers_as(process.pid, min(remaining, 0.5)):
                 return
             time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-        self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port} in {timeout}s")
 
     def _answers_as(self, pid: int, probe_timeout: float) -> bool:
@@ -189,25 +219,31 @@ class RedisProcess:
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
     def _forget_process(self, process: subprocess.Popen[bytes]) -> None:
-        """Reap a finished process and release the pipe we opened for it."""
-        if self._process is process:
-            self._process = None
+        """Reap a finished process, release the pipe we opened for it and the lock."""
         process.wait()
         if process.stderr:
             process.stderr.close()
+        if self._process is process:
+            self._process = None
+            self._lock.release()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, so the append-only file is flushed)."""
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        self._forget_process(process)
+        try:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        finally:
+            # Even when interrupted: a Redis that keeps running must keep the lock.
+            if process.poll() is not None:
+                self._forget_process(process)
 
     def kill(self) -> None:
         """Kill the server with SIGKILL, as a crash would."""

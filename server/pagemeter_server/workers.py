@@ -10,10 +10,17 @@ be the same on every worker). SIGTERM or SIGINT to the supervisor is passed on
 to every worker, which drains as a single server does; the supervisor then stops
 the embedded Redis. A worker that dies is not restarted: the supervisor stops
 the others and exits non-zero, so that the service manager sees the failure.
+
+Nothing outlives the supervisor: each worker and the embedded Redis get SIGTERM
+from the kernel when it dies, even by SIGKILL (a worker then drains as on any
+SIGTERM). Unless --reuse-port is given, the supervisor claims the gRPC port for
+itself first (lifecycle.PortClaim), so a second `--workers N` cannot join the
+first one's SO_REUSEPORT group and split its traffic over two stores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -26,6 +33,7 @@ from types import FrameType
 
 from pagemeter_server.auth import check_open_access, load_credentials
 from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.lifecycle import Phase, PortClaim, die_with_parent
 from pagemeter_server.settings import Settings, split_host_port
 
 log = logging.getLogger("pagemeter.workers")
@@ -47,22 +55,50 @@ def worker_settings(settings: Settings, index: int, redis_url: str) -> Settings:
     )
 
 
-def _worker_main(settings: Settings) -> None:
+def _worker_main(settings: Settings, supervisor_pid: int) -> None:
+    # First: a worker must not serve on after its supervisor died (SIGTERM: drain).
+    die_with_parent(supervisor_pid)
     from pagemeter_server.app import main_with_settings
 
     main_with_settings(settings)
 
 
-def supervise(settings: Settings) -> int:
+def supervise(settings: Settings, phase: Phase | None = None) -> int:
     """Run settings.workers worker processes until a signal or a worker's death."""
+    phase = phase if phase is not None else Phase()
     check_open_access(settings, load_credentials(settings, os.environ), settings.listen)
-    embedded: RedisProcess | None = None
-    redis_url = settings.redis_url
-    if not redis_url and settings.redis_mode == "single":
-        embedded = RedisProcess(settings.data_dir)
-        embedded.start()
-        redis_url = embedded.url
-        log.info("embedded Redis started (pid %s, data in %s)", embedded.pid, settings.data_dir)
+    with contextlib.ExitStack() as owned:
+        _, port = split_host_port(settings.listen)
+        if not settings.reuse_port and port:
+            claim = PortClaim(port)
+            claim.acquire()
+            owned.callback(claim.release)
+        else:
+            claim = None
+        redis_url = settings.redis_url
+        if not redis_url and settings.redis_mode == "single":
+            embedded = RedisProcess(settings.data_dir)
+            embedded.start()
+            owned.callback(_stop_embedded, embedded)
+            redis_url = embedded.url
+            log.info("embedded Redis started (pid %s, data in %s)", embedded.pid, settings.data_dir)
+        code = _run_workers(settings, redis_url, claim, phase, owned)
+    return code
+
+
+def _stop_embedded(embedded: RedisProcess) -> None:
+    embedded.stop()
+    log.info("embedded Redis stopped")
+    sys.stdout.flush()
+
+
+def _run_workers(
+    settings: Settings,
+    redis_url: str,
+    claim: PortClaim | None,
+    phase: Phase,
+    owned: contextlib.ExitStack,
+) -> int:
     context = multiprocessing.get_context("spawn")
     workers: list[BaseProcess] = []
     stopping = False
@@ -70,37 +106,45 @@ def supervise(settings: Settings) -> int:
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        phase.now = "stopping"
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    try:
-        for index in range(settings.workers):
-            process = context.Process(
-                target=_worker_main,
-                args=(worker_settings(settings, index, redis_url),),
-                name=f"pagemeter-worker-{index}",
-            )
-            process.start()
-            workers.append(process)
-        log.info("pagemeter supervising %d workers on %s", len(workers), settings.listen)
-        while not stopping and all(worker.is_alive() for worker in workers):
-            time.sleep(0.2)
-        if not stopping:
-            log.error("a worker exited; stopping the others")
-            forward(signal.SIGTERM, None)
+    def reap() -> None:
+        # Also on an error: no worker is left behind (they would get the
+        # parent-death SIGTERM anyway, but only once this process has exited).
         deadline = time.monotonic() + settings.grace_period_seconds + 5
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
         for worker in workers:
             worker.join(max(0.1, deadline - time.monotonic()))
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-        failed = any(worker.exitcode not in (0, -signal.SIGTERM) for worker in workers)
-        return 1 if failed and not stopping else 0
-    finally:
-        if embedded is not None:
-            embedded.stop()
-            log.info("embedded Redis stopped")
-        sys.stdout.flush()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    owned.callback(reap)
+    for index in range(settings.workers):
+        process = context.Process(
+            target=_worker_main,
+            args=(worker_settings(settings, index, redis_url), os.getpid()),
+            name=f"pagemeter-worker-{index}",
+        )
+        process.start()
+        workers.append(process)
+    phase.now = "serving"
+    log.info("pagemeter supervising %d workers on %s", len(workers), settings.listen)
+    while not stopping and all(worker.is_alive() for worker in workers):
+        if claim is not None:
+            claim.tend()
+        time.sleep(0.2)
+    if not stopping:
+        log.error("a worker exited; stopping the others")
+        forward(signal.SIGTERM, None)
+    reap()
+    failed = any(worker.exitcode not in (0, -signal.SIGTERM) for worker in workers)
+    return 1 if failed and not stopping else 0
