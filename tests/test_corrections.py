@@ -77,7 +77,9 @@ async def test_lifetime_equals_the_month_for_generated_corrections(
             request_id = f"r{round_index}-{step_index}"
             if units > 0 and step_index % 2 == 0:
                 await pagemeter_server.quota.RecordUsage(
-                    Q.RecordUsageRequest(org_id="acme", request_id=request_id, units={"pages": units})
+                    Q.RecordUsageRequest(
+                        org_id="acme", request_id=request_id, units={"pages": units}
+                    )
                 )
             else:
                 await adjust(pagemeter_server, units, request_id)

@@ -3,6 +3,7 @@ boundary nobody here chose."""
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import grpc
@@ -143,7 +144,7 @@ async def test_statistics_spans_end_one_way(pagemeter_server: RunningServer, per
     rows = sorted(reply.by_period, key=lambda row: row.start.seconds)
     assert rows[0].start == reply.summary.period_start
     assert rows[-1].end == reply.summary.period_end
-    for earlier, later in zip(rows, rows[1:], strict=False):
+    for earlier, later in itertools.pairwise(rows):
         assert later.start.seconds == earlier.end.seconds + 1
     assert reply.summary.period_end.ToJsonString() == "2026-03-16T03:59:59Z"  # 23:59:59 EDT
 

@@ -36,7 +36,6 @@ async def test_record_writes_day_type_and_lifetime_counters(
         "tok:invoice": "1",
         "failed": "1",
         "tfail:invoice": "1",
-        "ntypes": "1",
     }
     assert redis_sync.hget(KEYS.lifetime, "a:pages") == "7"
 
@@ -78,18 +77,51 @@ async def test_day_counters_expire_after_the_usage_retention(
     assert expected - 5_000 <= ttl_ms <= expected
 
 
-async def test_document_types_per_day_are_capped(store: Store, redis_sync: redis.Redis) -> None:
-    """After 100 distinct document types in one day, new types count as '_other' so a day's hash stays bounded."""
+async def test_document_types_per_organization_are_capped(
+    store: Store, redis_sync: redis.Redis
+) -> None:
+    """Past the org's 100 document types, new types count as '_other' in the day counters on every later day, while known types keep their own rows and the record keeps its type."""
     await set_plan(store, metric_limits("pages"))
-    for i in range(102):
+    for i in range(100):
         await record(store, f"j{i}", {"pages": 1}, document_type=f"type{i}")
-    await record(store, "again", {"pages": 1}, document_type="type0")
-    day = redis_sync.hgetall("pm:{acme}:d:2026-03-15")
-    assert day["ntypes"] == "100"
+    next_day = START_MS + DAY_MS
+    for request_id, document_type in (("new1", "type100"), ("new2", "type101"), ("old", "type0")):
+        await record(
+            store,
+            request_id,
+            {"pages": 1},
+            document_type=document_type,
+            completed_ms=next_day,
+            completed_given=True,
+            now_ms=next_day,
+        )
+    day = redis_sync.hgetall("pm:{acme}:d:2026-03-16")
     assert day["tok:_other"] == "2"
-    assert day["tok:type0"] == "2"
-    assert "tok:type101" not in day
-    assert day["c:pages"] == "103"
+    assert day["tok:type0"] == "1"
+    assert "tok:type100" not in day and "tok:type101" not in day
+    assert day["c:pages"] == "3"
+    assert redis_sync.hget(KEYS.record("new1"), "dt") == "type100"
+    assert redis_sync.zcard(KEYS.doctypes) == 100
+
+
+async def test_a_document_type_unused_for_the_retention_frees_its_place(
+    store: Store, redis_sync: redis.Redis
+) -> None:
+    """A document type last recorded longer ago than the usage retention (plus a month) leaves the org's registry, and a new type takes its place."""
+    await set_plan(store, metric_limits("pages"))
+    for i in range(100):
+        await record(store, f"j{i}", {"pages": 1}, document_type=f"type{i}")
+    later = START_MS + store.usage_retention_ms + 32 * DAY_MS
+    await record(
+        store,
+        "late",
+        {"pages": 1},
+        document_type="fresh",
+        completed_ms=later,
+        completed_given=True,
+        now_ms=later,
+    )
+    assert redis_sync.zrange(KEYS.doctypes, 0, -1) == ["fresh"]
 
 
 async def test_lifetime_gauge_changes_are_not_jobs(store: Store, redis_sync: redis.Redis) -> None:

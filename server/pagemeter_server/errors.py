@@ -21,7 +21,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pagemeter.v1 import quota_pb2
-from pagemeter_server.store import NegativeUnits, PlanMissing, PlanNotFound, RequestIdReused
+from pagemeter_server.store import (
+    NegativeUnits,
+    PlanMissing,
+    PlanNotFound,
+    RequestIdReused,
+    TooManyMetrics,
+)
 from pagemeter_server.validation import InvalidArgument
 
 DOMAIN = "pagemeter"
@@ -118,6 +124,14 @@ def status_for(exc: BaseException) -> grpc.Status:
             f"this id is already used by another request (its status: {exc.status}); "
             "send the original payload to get the original result, or use a new id",
             _error_info("REQUEST_ID_REUSED", status=exc.status),
+        )
+    if isinstance(exc, TooManyMetrics):
+        return _status(
+            code_pb2.FAILED_PRECONDITION,
+            f"metric {exc.metric!r} is not in the organization's plan, and the organization "
+            f"already records the most metrics outside its plan ({exc.cap}); add the metric "
+            "to the plan (its usage is then accepted) or record it under a planned metric",
+            _error_info("TOO_MANY_UNPLANNED_METRICS", metric=exc.metric, limit=str(exc.cap)),
         )
     if isinstance(exc, PlanMissing):
         return _status(

@@ -1,8 +1,9 @@
 """Prometheus metrics of the service, on a registry the caller owns.
 
-Labels stay low-cardinality: metric names come only from plans, never org ids,
-request ids or keys. (The per-organization gauges are a separate collector,
-exporter.py, labelled by org on purpose and switchable per replica.)
+Labels stay low-cardinality: metric names come only from plans (a bounded set,
+see ServiceMetrics.metric_label), never org ids, request ids or keys. (The
+per-organization gauges are a separate collector, exporter.py, labelled by org
+on purpose, capped per scrape and switchable per replica.)
 
 The gRPC metrics use the names go-grpc-prometheus and py-grpc-prometheus made
 familiar, so existing dashboards and alerts work unchanged.
@@ -18,9 +19,17 @@ GRPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+# Series per metric name are bounded: plan metric names up to this many (across
+# all organizations), then "_other"; names outside a plan are "_unplanned".
+MAX_METRIC_LABELS = 1000
+UNPLANNED_LABEL = "_unplanned"
+OTHER_LABEL = "_other"
+
+
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._metric_labels: set[str] = set()
         # -- gRPC, as go-grpc-prometheus names them -------------------------------------
         self.grpc_started = Counter(
             "grpc_server_started",
@@ -81,6 +90,18 @@ class ServiceMetrics:
             ["metric"],
             registry=registry,
         )
+        self.unplanned_refusals = Counter(
+            "pagemeter_unplanned_metric_refusals",
+            "RecordUsage calls refused because they named a metric outside the plan and the "
+            "organization already records --max-unplanned-metrics of them.",
+            registry=registry,
+        )
+        self.folded_document_types = Counter(
+            "pagemeter_document_types_folded",
+            "Jobs whose document type counted as '_other' in the statistics (the organization "
+            "uses --max-document-types types).",
+            registry=registry,
+        )
         self.records = Counter(
             "pagemeter_records",
             "RecordUsage results by status (completed/failed) and whether a duplicate.",
@@ -115,12 +136,34 @@ class ServiceMetrics:
             {"version": __version__}
         )
 
+    def metric_label(self, metric: str, planned: bool = True) -> str:
+        """The `metric` label for a metric name, from a bounded set.
+
+        Names come from callers as well as plans: a metric outside its
+        organization's plan is labelled "_unplanned", and past the first
+        MAX_METRIC_LABELS plan metric names seen, "_other". So no caller can
+        grow a series per name they invent.
+        """
+        if not planned:
+            return UNPLANNED_LABEL
+        if metric in self._metric_labels:
+            return metric
+        if len(self._metric_labels) < MAX_METRIC_LABELS:
+            self._metric_labels.add(metric)
+            return metric
+        return OTHER_LABEL
+
+    def known_metric_label(self, metric: str) -> str:
+        """The label of a name whose plan is unknown (the store is down): known names only."""
+        return metric if metric in self._metric_labels else UNPLANNED_LABEL
+
     def observe_script(self, script: str, seconds: float, ok: bool) -> None:
         self.script_seconds.labels(script).observe(seconds)
         if not ok:
             self.script_errors.labels(script).inc()
 
     def count_units(self, kind: str, units: dict[str, int]) -> None:
+        """Units of holds (held, released, expired): holds exist only for plan metrics."""
         for metric, amount in units.items():
             if amount > 0:
-                self.units.labels(metric, kind).inc(amount)
+                self.units.labels(self.metric_label(metric), kind).inc(amount)

@@ -30,6 +30,7 @@ from pagemeter_server.store import (
     RecordResult,
     Store,
     StoreError,
+    TooManyMetrics,
 )
 from pagemeter_server.validation import (
     DOCUMENT_TYPE,
@@ -160,7 +161,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                     requested=units,
                 )
             )
-            self.metrics.fail_open.labels(metric).inc()
+            self.metrics.fail_open.labels(self.metrics.known_metric_label(metric)).inc()
         return response
 
     def _validate_check(self, request: quota_pb2.CheckQuotaRequest) -> int:
@@ -211,15 +212,14 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             self.metrics.decisions.labels("", "denied", _REASON_LABEL[response.reason]).inc()
         for d in response.metrics:
             known = d.reason != quota_pb2.DECISION_REASON_UNKNOWN_METRIC
+            label = self.metrics.metric_label(d.metric) if known else ""
             self.metrics.decisions.labels(
-                d.metric if known else "",
-                "allowed" if d.allowed else "denied",
-                _REASON_LABEL[d.reason],
+                label, "allowed" if d.allowed else "denied", _REASON_LABEL[d.reason]
             ).inc()
             if d.allowed and response.allowed:
-                self.metrics.units.labels(d.metric, "admitted").inc(d.requested)
+                self.metrics.units.labels(label, "admitted").inc(d.requested)
                 if response.held:
-                    self.metrics.units.labels(d.metric, "held").inc(d.requested)
+                    self.metrics.units.labels(label, "held").inc(d.requested)
 
     # -- RecordUsage ------------------------------------------------------------
 
@@ -229,17 +229,21 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     ) -> quota_pb2.RecordUsageResponse:
         now_ms = self.clock.now_ms()
         call = self._record_call(request, now_ms)
-        result = await self.store.record(
-            request.org_id,
-            call.request_id,
-            call.units,
-            now_ms=now_ms,
-            completed_ms=call.completed_ms,
-            completed_given=call.completed_given,
-            success=call.success,
-            requested_ms=call.requested_ms,
-            document_type=call.document_type,
-        )
+        try:
+            result = await self.store.record(
+                request.org_id,
+                call.request_id,
+                call.units,
+                now_ms=now_ms,
+                completed_ms=call.completed_ms,
+                completed_given=call.completed_given,
+                success=call.success,
+                requested_ms=call.requested_ms,
+                document_type=call.document_type,
+            )
+        except TooManyMetrics:
+            self.metrics.unplanned_refusals.inc()
+            raise
         return self._record_response(request, result)
 
     def _record_call(self, request: quota_pb2.RecordUsageRequest, now_ms: int) -> RecordCall:
@@ -273,9 +277,12 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         self.metrics.records.labels(result.status, str(result.duplicate).lower()).inc()
         if not result.duplicate:
             for m in result.metrics:
-                self.metrics.units.labels(m.metric, "committed").inc(max(0, m.units))
+                label = self.metrics.metric_label(m.metric, m.planned)
+                self.metrics.units.labels(label, "committed").inc(max(0, m.units))
                 if m.overage > 0:
-                    self.metrics.overage_units.labels(m.metric).inc(m.overage)
+                    self.metrics.overage_units.labels(label).inc(m.overage)
+            if result.document_type_folded:
+                self.metrics.folded_document_types.inc()
         self.metrics.count_units("expired", result.expired)
         return response
 
@@ -408,6 +415,8 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                 return
             for (index, _), outcome in zip(members, outcomes, strict=True):
                 if isinstance(outcome, StoreError):
+                    if isinstance(outcome, TooManyMetrics):
+                        self.metrics.unplanned_refusals.inc()
                     answers[index].error.CopyFrom(batch_item_error(outcome))
                 else:
                     item = request.items[index]

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Upper bounds of the name caps: the answers that list an organization's metrics
+# and document types are sized for them (tests/test_answer_sizes.py).
+MAX_UNPLANNED_METRICS = 32
+MAX_DOCUMENT_TYPES = 200
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -64,6 +68,13 @@ class Settings:
     # Most usage records one organization's records index lists (oldest leave
     # first); bounds its memory whatever its traffic.
     max_records_per_org: int = 100_000
+    # Metrics not in its plan an organization may record within the usage
+    # retention (work done is never dropped, but every name costs a counter
+    # field and an answer row); RecordUsage refuses a new one past this.
+    max_unplanned_metrics: int = 16
+    # Document types an organization's statistics tell apart within the usage
+    # retention; later ones are counted as "_other" (the record keeps its own).
+    max_document_types: int = 100
     redis_timeout_seconds: float = 2.0
     grace_period_seconds: float = 10.0
     log_level: str = "INFO"
@@ -104,6 +115,18 @@ class Settings:
     # The per-organization usage exporter: most organizations per scrape;
     # 0 switches it off on this replica.
     org_exporter_max_orgs: int = 10_000
+    # Connection and stream limits of this process (docs/security.md): HTTP/2
+    # streams per connection (advertised in SETTINGS), connections, RPCs in
+    # progress (beyond: RESOURCE_EXHAUSTED), health Watch streams; idle
+    # connections and connections older than the age (plus its grace) are
+    # closed (0: never).
+    max_concurrent_streams: int = 100
+    max_connections: int = 1000
+    max_concurrent_rpcs: int = 1000
+    max_health_watchers: int = 100
+    max_connection_idle_seconds: float = 300.0
+    max_connection_age_seconds: float = 1800.0
+    max_connection_age_grace_seconds: float = 60.0
 
     def validate(self) -> Settings:
         """Raise ValueError with a readable message for inconsistent settings."""
@@ -164,13 +187,42 @@ class Settings:
             raise ValueError("the audit trail must keep at least 100 events")
         if self.max_records_per_org < 1:
             raise ValueError("max records per organization must be at least 1")
+        if not 0 <= self.max_unplanned_metrics <= MAX_UNPLANNED_METRICS:
+            raise ValueError(
+                f"--max-unplanned-metrics must be between 0 and {MAX_UNPLANNED_METRICS}"
+            )
+        if not 1 <= self.max_document_types <= MAX_DOCUMENT_TYPES:
+            raise ValueError(f"--max-document-types must be between 1 and {MAX_DOCUMENT_TYPES}")
         if self.usage_retention_days < 31:
             raise ValueError("usage retention must be at least 31 days")
         if not 0 < self.redis_timeout_seconds < math.inf:
             raise ValueError("Redis timeout must be positive (seconds)")
         if not 0 <= self.grace_period_seconds < math.inf:
             raise ValueError("grace period must be zero or a positive number of seconds")
+        self._validate_connection_limits()
         return self
+
+    def _validate_connection_limits(self) -> None:
+        for flag, value in (
+            ("--max-concurrent-streams", self.max_concurrent_streams),
+            ("--max-connections", self.max_connections),
+            ("--max-concurrent-rpcs", self.max_concurrent_rpcs),
+            ("--max-health-watchers", self.max_health_watchers),
+        ):
+            if not 1 <= value <= 2**31 - 1:
+                raise ValueError(f"{flag} must be at least 1")
+        if self.max_health_watchers >= self.max_concurrent_rpcs:
+            raise ValueError(
+                "--max-health-watchers must be below --max-concurrent-rpcs, or Watch streams "
+                "could take every RPC slot (health Check among them)"
+            )
+        for flag, seconds in (
+            ("--max-connection-idle", self.max_connection_idle_seconds),
+            ("--max-connection-age", self.max_connection_age_seconds),
+            ("--max-connection-age-grace", self.max_connection_age_grace_seconds),
+        ):
+            if not 0 <= seconds <= 2**31 / 1000:
+                raise ValueError(f"{flag} must be 0 (never) or a positive number of seconds")
 
 
 # flag name -> (settings field, environment variable, help)
@@ -309,10 +361,55 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "PAGEMETER_ORG_EXPORTER_MAX_ORGS",
         "organizations per scrape of the per-org usage gauges; 0 turns them off here",
     ),
+    "--max-unplanned-metrics": (
+        "max_unplanned_metrics",
+        "PAGEMETER_MAX_UNPLANNED_METRICS",
+        "metrics not in its plan one organization may record (0: none)",
+    ),
+    "--max-document-types": (
+        "max_document_types",
+        "PAGEMETER_MAX_DOCUMENT_TYPES",
+        "document types one organization's statistics tell apart; later ones count as _other",
+    ),
     "--audit-max-events": (
         "audit_max_events",
         "PAGEMETER_AUDIT_MAX_EVENTS",
         "audit trail entries kept per organization",
+    ),
+    "--max-concurrent-streams": (
+        "max_concurrent_streams",
+        "PAGEMETER_MAX_CONCURRENT_STREAMS",
+        "HTTP/2 streams per connection (advertised; extra streams are refused)",
+    ),
+    "--max-connections": (
+        "max_connections",
+        "PAGEMETER_MAX_CONNECTIONS",
+        "gRPC connections this process accepts at once (extra ones are closed)",
+    ),
+    "--max-concurrent-rpcs": (
+        "max_concurrent_rpcs",
+        "PAGEMETER_MAX_CONCURRENT_RPCS",
+        "RPCs in progress in this process; beyond, RESOURCE_EXHAUSTED",
+    ),
+    "--max-health-watchers": (
+        "max_health_watchers",
+        "PAGEMETER_MAX_HEALTH_WATCHERS",
+        "grpc.health.v1 Watch streams at once; beyond, RESOURCE_EXHAUSTED",
+    ),
+    "--max-connection-idle": (
+        "max_connection_idle_seconds",
+        "PAGEMETER_MAX_CONNECTION_IDLE",
+        "seconds a connection without calls stays open (0: for ever)",
+    ),
+    "--max-connection-age": (
+        "max_connection_age_seconds",
+        "PAGEMETER_MAX_CONNECTION_AGE",
+        "seconds before a connection is asked to close (GOAWAY; 0: never)",
+    ),
+    "--max-connection-age-grace": (
+        "max_connection_age_grace_seconds",
+        "PAGEMETER_MAX_CONNECTION_AGE_GRACE",
+        "seconds calls may go on after that GOAWAY before the connection is closed",
     ),
 }
 

@@ -26,6 +26,9 @@ from pagemeter_server.coalesce import Coalescer
 from pagemeter_server.periods import Month, day_end_ms, local_date, month_at, month_of, zone
 
 DAY_MS = 86_400_000
+# A record counts in the month of its completion, which ends at most 31 days
+# after the record was made: its counters outlive it by the retention plus that.
+NAMES_GRACE_MS = 31 * DAY_MS
 
 ScriptReply = list[Any]
 # The organizations that have a plan: the per-organization exporter's list, so
@@ -53,6 +56,15 @@ class NegativeUnits(StoreError):
     def __init__(self, metric: str) -> None:
         super().__init__(metric)
         self.metric = metric
+
+
+class TooManyMetrics(StoreError):
+    """A record names a metric not in the plan, and the org already uses the most allowed."""
+
+    def __init__(self, metric: str, cap: int) -> None:
+        super().__init__(metric)
+        self.metric = metric
+        self.cap = cap
 
 
 class PlanMissing(StoreError):
@@ -88,6 +100,8 @@ class OrgKeys:
         self.planver = self.prefix + "planver"
         self.audit = self.prefix + "audit"
         self.api_keys = self.prefix + "keys"
+        self.unplanned = self.prefix + "unplanned"
+        self.doctypes = self.prefix + "doctypes"
 
     def month(self, period_id: str) -> str:
         return f"{self.prefix}u:{period_id}"
@@ -197,6 +211,9 @@ class MetricRecord:
     overage_not_allowed: bool
     lifetime: bool
     overage_price: str
+    # In the plan when it was recorded (results stored before this column
+    # existed read as planned).
+    planned: bool = True
 
     @classmethod
     def from_row(cls, row: Sequence[str]) -> MetricRecord:
@@ -214,6 +231,7 @@ class MetricRecord:
             overage_not_allowed=row[10] == "1",
             lifetime=row[11] == "N",
             overage_price=row[12],
+            planned=len(row) < 14 or row[13] == "1",
         )
 
 
@@ -228,6 +246,9 @@ class RecordResult:
     completed_ms: int
     metrics: list[MetricRecord]
     expired: dict[str, int] = field(default_factory=dict)
+    # The job's document type counted as '_other' in the statistics (the org
+    # uses the most document types allowed).
+    document_type_folded: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,7 +294,11 @@ def _record_result(reply: ScriptReply) -> RecordResult:
         raise RequestIdReused(str(reply[1]))
     if tag == "NEGATIVE":
         raise NegativeUnits(str(reply[1]))
-    _, duplicate, status, released, hold_expired, over_limit, month_id, cms, rows, gone = reply
+    if tag == "TOO_MANY_METRICS":
+        raise TooManyMetrics(str(reply[1]), int(reply[2]))
+    _, duplicate, status, released, hold_expired, over_limit, month_id, cms, rows, gone, folded = (
+        reply
+    )
     return RecordResult(
         duplicate=duplicate == "1",
         status=status,
@@ -284,6 +309,7 @@ def _record_result(reply: ScriptReply) -> RecordResult:
         completed_ms=int(cms),
         metrics=[MetricRecord.from_row(row) for row in _rows(rows)],
         expired=held_units(gone),
+        document_type_folded=folded == "1",
     )
 
 
@@ -436,6 +462,8 @@ class Store:
         record_retention_days: int,
         usage_retention_days: int,
         max_records_per_org: int = 100_000,
+        max_unplanned_metrics: int = 16,
+        max_document_types: int = 100,
         audit_max_events: int = 10_000,
         coalesce: bool = False,
         tz_cache_size: int = 100_000,
@@ -447,6 +475,8 @@ class Store:
         self.record_ttl_ms = record_retention_days * DAY_MS
         self.usage_retention_ms = usage_retention_days * DAY_MS
         self.max_records_per_org = max_records_per_org
+        self.max_unplanned_metrics = max_unplanned_metrics
+        self.max_document_types = max_document_types
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
         self._policy_cache: OrderedDict[str, str] = OrderedDict()
         self._month_cache: dict[str, Month] = {}
@@ -689,6 +719,8 @@ class Store:
                 keys.record(call.request_id),
                 keys.day(day),
                 keys.records_index,
+                keys.unplanned,
+                keys.doctypes,
             ],
             [
                 now_ms,
@@ -706,6 +738,11 @@ class Store:
                 day_end_ms(day, tzinfo) + self.usage_retention_ms,
                 now_ms - self.record_ttl_ms,
                 self.max_records_per_org,
+                self.max_unplanned_metrics,
+                self.max_document_types,
+                # A name last recorded before this has no counter left: its
+                # month ended more than the usage retention ago.
+                now_ms - self.usage_retention_ms - NAMES_GRACE_MS,
                 len(call.units),
                 *flat_units,
             ],
@@ -818,7 +855,7 @@ class Store:
         keys = OrgKeys(org_id)
         version, _previous = await self.run(
             "set_plan",
-            [keys.plan, keys.planlog, keys.planver, keys.audit],
+            [keys.plan, keys.planlog, keys.planver, keys.audit, keys.unplanned, keys.lifetime],
             [
                 json.dumps(doc, separators=(",", ":")),
                 now_ms,

@@ -148,13 +148,18 @@ end
 -- Entries requested before `cutoff` leave it, and it never holds more than
 -- `cap` entries (the oldest leave first), so one organization's index is bounded
 -- whatever its traffic. A record's own hash keeps its TTL: trimming the index
--- never forgets a request_id's idempotency.
-local function index_record(index_key, request_id, requested_ms, cutoff, cap)
+-- never forgets a request_id's idempotency. The index itself lives as long as
+-- its longest-lived record (`ttl_ms`), so an organization that stops recording
+-- leaves no index behind.
+local function index_record(index_key, request_id, requested_ms, cutoff, cap, ttl_ms)
   redis.call('ZADD', index_key, 'NX', requested_ms, request_id)
   redis.call('ZREMRANGEBYSCORE', index_key, '-inf', '(' .. fmt(cutoff))
   local size = redis.call('ZCARD', index_key)
   if size > cap then
     redis.call('ZREMRANGEBYRANK', index_key, 0, size - cap - 1)
+  end
+  if redis.call('PTTL', index_key) < ttl_ms then
+    redis.call('PEXPIRE', index_key, ttl_ms)
   end
 end
 

@@ -193,5 +193,5 @@ redis.call('ZADD', holds_key, hold_expiry, request_id)
 redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded,
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
-index_record(index_key, request_id, now, index_cutoff, index_cap)
+index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
 return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.sfp or ''}

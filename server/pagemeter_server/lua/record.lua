@@ -11,6 +11,8 @@
 -- KEYS[8] record    pm:{org}:r:<request_id>
 -- KEYS[9] day       pm:{org}:d:<YYYY-MM-DD>  the day of completed_at in the plan's timezone
 -- KEYS[10] index    pm:{org}:recs            zset request_id -> requested-at (ms)
+-- KEYS[11] unplanned pm:{org}:unplanned     zset metric not in the plan -> last recorded (ms)
+-- KEYS[12] doctypes pm:{org}:doctypes       zset document type -> last recorded (ms)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -27,26 +29,38 @@
 -- ARGV[13] when the day's counters expire (ms on the now_ms clock)
 -- ARGV[14] records index cutoff (ms): entries requested earlier leave the index
 -- ARGV[15] records index cap (entries)
--- ARGV[16] metric count N, then ARGV[17..] N pairs: metric, units
+-- ARGV[16] most metrics not in the plan the org may use within the retention
+-- ARGV[17] most document types the org's statistics tell apart within the retention
+-- ARGV[18] name registry cutoff (ms): names last recorded before it are forgotten
+--          (the counters that named them have expired by then)
+-- ARGV[19] metric count N, then ARGV[20..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
 --   {'REUSED', status}            request_id was recorded with another payload (nothing changed)
 --   {'NEGATIVE', metric}          negative units for a metric that is not PERIOD_NONE (nothing changed)
+--   {'TOO_MANY_METRICS', metric, cap}  the record names a metric not in the plan and the
+--                                 org already uses `cap` such metrics (nothing changed)
 --   {'OK', duplicate, status, hold_released, hold_expired, over_limit, month_id,
---    completed_ms, rows, expired}
+--    completed_ms, rows, expired, folded}
 -- expired: units of holds found expired by this call, "metric:units:0;...".
+-- folded: '1' when the job's document type counted as '_other' (a duplicate: '0').
 -- status is 'completed' or 'failed'. rows, per metric sorted by name: metric,
 --   units, included, prepaid, overage, committed_after, quota|'', hard_limit|'',
---   over_quota, over_hard_limit, overage_not_allowed, period ('M'/'N'), overage_price.
+--   over_quota, over_hard_limit, overage_not_allowed, period ('M'/'N'), overage_price,
+--   planned ('1' when the metric is in the plan).
 -- A metric that is not in the plan (or an org without a plan) is still recorded,
--- as a monthly metric with no limits: work that was done is never dropped.
+-- as a monthly metric with no limits: work that was done is never dropped. But
+-- the names are the caller's, so an organization may use at most ARGV[16] of
+-- them within the retention (KEYS[11] remembers which): each name costs a field
+-- in every month, day and lifetime hash and a row in every usage answer.
 --
 -- Besides the month, a new record also adds to (all in this one atomic step):
 --   the day's hash: c:<m> units, ok / failed jobs, and per document type
 --     tc:<type>:<m>, tok:<type>, tfail:<type> (monthly metrics only: lifetime
---     gauges are not usage); at most MAX_DAY_TYPES types a day, later ones
---     count as '_other';
+--     gauges are not usage); the org's statistics tell apart at most ARGV[17]
+--     document types within the retention (KEYS[12]), later ones count as
+--     '_other' there (the record keeps its own type);
 --   the lifetime hash: a:<m>, all successful units ever, for monthly metrics;
 --   the records index, by requested-at.
 -- A record that only moves PERIOD_NONE gauges is not a job: it adds to no job
@@ -55,8 +69,7 @@
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local credits_key, month_key, life_key, record_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local day_key, index_key = KEYS[9], KEYS[10]
-local MAX_DAY_TYPES = 100
+local day_key, index_key, unplanned_key, doctypes_key = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local now = tonumber(ARGV[1])
 local month_id = ARGV[4]
 local month_expire_at = tonumber(ARGV[5])
@@ -70,8 +83,11 @@ local request_id = ARGV[12]
 local day_expire_at = tonumber(ARGV[13])
 local index_cutoff = tonumber(ARGV[14])
 local index_cap = tonumber(ARGV[15])
-local count = tonumber(ARGV[16])
-assert(#KEYS == 10 and #ARGV == 16 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local unplanned_cap = tonumber(ARGV[16])
+local doctypes_cap = tonumber(ARGV[17])
+local names_cutoff = tonumber(ARGV[18])
+local count = tonumber(ARGV[19])
+assert(#KEYS == 12 and #ARGV == 19 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -88,18 +104,53 @@ if status == 'completed' or status == 'failed' then
     return {'REUSED', status}
   end
   return {'OK', '1', status, existing[3], existing[4], existing[5], existing[6], existing[7],
-    existing[8], ''}
+    existing[8], '', '0'}
 end
 
 local requests = {}
 for i = 1, count do
-  local metric, n = ARGV[15 + 2 * i], tonumber(ARGV[16 + 2 * i])
+  local metric, n = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
   if n < 0 and not (metrics[metric] and metrics[metric].per == 'N') then
     return {'NEGATIVE', metric}
   end
   requests[i] = {metric, n}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
+
+-- A name is live in a registry when it was recorded since the cutoff.
+local function live_in(registry, name)
+  local score = redis.call('ZSCORE', registry, name)
+  return score and tonumber(score) >= names_cutoff
+end
+
+-- Metrics not in the plan: decided before anything is written.
+local unplanned = {}
+local newcomers = 0
+for _, req in ipairs(requests) do
+  if not metrics[req[1]] then
+    unplanned[#unplanned + 1] = req[1]
+    if not live_in(unplanned_key, req[1]) then
+      newcomers = newcomers + 1
+      if redis.call('ZCOUNT', unplanned_key, names_cutoff, '+inf') + newcomers > unplanned_cap then
+        return {'TOO_MANY_METRICS', req[1], fmt(unplanned_cap)}
+      end
+    end
+  end
+end
+
+-- Names whose counters have all expired leave the registries (with the
+-- all-time total of an unplanned metric, which nothing else would ever drop).
+local forgotten = redis.call('ZRANGEBYSCORE', unplanned_key, '-inf', '(' .. fmt(names_cutoff))
+for _, metric in ipairs(forgotten) do
+  if not metrics[metric] then
+    redis.call('HDEL', life_key, 'a:' .. metric)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', unplanned_key, '-inf', '(' .. fmt(names_cutoff))
+redis.call('ZREMRANGEBYSCORE', doctypes_key, '-inf', '(' .. fmt(names_cutoff))
+for _, metric in ipairs(unplanned) do
+  redis.call('ZADD', unplanned_key, now, metric)
+end
 -- The units the job reported, kept with its record even when it failed (a
 -- failed job consumes nothing, but its log shows what it tried).
 local requests_as_parts = {}
@@ -167,7 +218,7 @@ for i, req in ipairs(requests) do
   rows[i] = {
     metric, fmt(n), fmt(included), fmt(prepaid), fmt(overage), fmt(committed),
     opt(quota), opt(hard), bool01(over_quota), bool01(over_hard),
-    bool01(overage_not_allowed), period, limits.op or '0',
+    bool01(overage_not_allowed), period, limits.op or '0', bool01(metrics[metric] ~= nil),
   }
 end
 
@@ -185,16 +236,15 @@ local final_status = 'failed'
 if success then
   final_status = 'completed'
 end
+local day_type = document_type
 if is_job then
-  -- The day's counters, for statistics by date and by document type.
-  local day_type = document_type
-  if redis.call('HEXISTS', day_key, 'tok:' .. day_type) == 0
-      and redis.call('HEXISTS', day_key, 'tfail:' .. day_type) == 0 then
-    if int(redis.call('HGET', day_key, 'ntypes')) >= MAX_DAY_TYPES then
-      day_type = '_other'
-    else
-      redis.call('HINCRBY', day_key, 'ntypes', 1)
-    end
+  -- The day's counters, for statistics by date and by document type. The
+  -- types are the caller's names: past the org's cap they count as '_other'.
+  if live_in(doctypes_key, day_type)
+      or redis.call('ZCOUNT', doctypes_key, names_cutoff, '+inf') < doctypes_cap then
+    redis.call('ZADD', doctypes_key, now, day_type)
+  else
+    day_type = '_other'
   end
   for _, row in ipairs(rows) do
     local metric, n = row[1], tonumber(row[2])
@@ -220,11 +270,21 @@ end
 redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
 
 local encoded = encode_rows(rows)
+local folded = bool01(is_job and day_type ~= document_type)
 redis.call('HSET', record_key, 'st', final_status, 'fp', fingerprint, 'res', encoded,
   'hr', bool01(hold_released), 'he', bool01(hold_expired), 'ol', bool01(over_limit),
   'mid', month_id, 'cms', completed_ms, 'rms', requested_ms, 'dt', document_type,
   'att', encode_hold(requests_as_parts))
 redis.call('PEXPIRE', record_key, record_ttl)
-index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_cap)
+index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_cap, record_ttl)
+-- The name registries live as long as the counters they name. Without a plan
+-- the lifetime totals are only unplanned metrics' totals: they go too, so that
+-- an organization id nobody configured leaves nothing behind for good.
+local names_ttl = now - names_cutoff
+redis.call('PEXPIRE', unplanned_key, names_ttl)
+redis.call('PEXPIRE', doctypes_key, names_ttl)
+if not plan then
+  redis.call('PEXPIRE', life_key, names_ttl)
+end
 return {'OK', '0', final_status, bool01(hold_released), bool01(hold_expired),
-  bool01(over_limit), month_id, completed_ms, encoded, expired}
+  bool01(over_limit), month_id, completed_ms, encoded, expired, folded}

@@ -6,6 +6,10 @@
 -- KEYS[2] planlog   pm:{org}:planlog   zset version -> updated_ms
 -- KEYS[3] planver   pm:{org}:planver   hash version -> plan JSON
 -- KEYS[4] audit     pm:{org}:audit     stream (the audit trail)
+-- KEYS[5] unplanned pm:{org}:unplanned zset metrics recorded outside the plan
+--         (the plan's metrics leave it: they no longer count against its cap)
+-- KEYS[6] life      pm:{org}:u:lifetime  kept for good once the org has a plan
+--         (record.lua lets it expire while there is none)
 --
 -- ARGV[1] plan JSON as built by the server (never re-encoded here)
 -- ARGV[2] now_ms
@@ -16,12 +20,16 @@
 --
 -- Returns {version, previous_json|''}.
 
-assert(#KEYS == 4 and #ARGV == 5, 'set_plan.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 6 and #ARGV == 5, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'updated_ms', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], version)
 redis.call('HSET', KEYS[3], version, ARGV[1])
+for metric, _ in pairs(cjson.decode(ARGV[1]).metrics) do
+  redis.call('ZREM', KEYS[5], metric)
+end
+redis.call('PERSIST', KEYS[6])
 
 -- Of the versions set before the cutoff, all but the newest were replaced
 -- before it; the newest may still be the terms of a month inside retention.
