@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import REDIS_SERVER_ENV, free_port
+from pagemeter_server.lifecycle import bind_to_this_process
 
 SERVER_COMMAND = Path(sys.executable).parent / "pagemeter-server"
 STARTUP_DEADLINE_SECONDS = 20.0
@@ -89,9 +90,10 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                # Own process group: teardown can kill the server and its Redis child
-                # together, and no terminal signal reaches them by accident.
+                # Own process group: teardown can kill the server, and no terminal
+                # signal reaches it by accident; a killed test run takes it along.
                 start_new_session=True,
+                preexec_fn=bind_to_this_process(),
             )
         self._wait_until_serving()
         self.redis_pids |= {child.pid for child in self.redis_children()}

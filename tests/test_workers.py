@@ -18,6 +18,7 @@ import pytest
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import free_port
+from pagemeter_server.lifecycle import bind_to_this_process
 from tests.conftest import eagle_plan
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
@@ -65,6 +66,7 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=bind_to_this_process(),  # a killed test run takes it along
         )
     try:
         deadline = time.monotonic() + 30

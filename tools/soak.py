@@ -89,6 +89,7 @@ from pagemeter.v1 import (
     reporting_pb2_grpc,
 )
 from pagemeter_server.embedded import RedisProcess, free_port
+from pagemeter_server.lifecycle import bind_to_this_process
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
 
@@ -361,7 +362,12 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [str(SERVER), *self.args], stdout=out, stderr=subprocess.STDOUT, env=env
+                [str(SERVER), *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # A soak killed mid-run must not leave its server running.
+                preexec_fn=bind_to_this_process(),
             )
 
     @property

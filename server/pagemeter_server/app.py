@@ -264,11 +264,14 @@ async def redis_for(settings: Settings) -> AsyncIterator[aioredis.Redis]:
         embedded.start()
         url = embedded.url
         log.info("embedded Redis started (pid %s, data in %s)", embedded.pid, settings.data_dir)
-    client = connect_redis(url, settings)
     try:
-        yield client
+        client = connect_redis(url, settings)
+        try:
+            yield client
+        finally:
+            await close_redis(client)
     finally:
-        await close_redis(client)
+        # Also when connecting or closing the client failed: never leave it running.
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
             log.info("embedded Redis stopped")
