@@ -16,7 +16,7 @@ from pagemeter_server.admin_store import AdminStore, StoredKey, audit_json
 from pagemeter_server.auth import Access, Authenticator, authorized, current_principal, new_api_key
 from pagemeter_server.clock import Clock
 from pagemeter_server.errors import NotFound
-from pagemeter_server.page_tokens import BadPageToken
+from pagemeter_server.page_tokens import BadPageToken, items_that_fit
 from pagemeter_server.periods import timestamp
 from pagemeter_server.plans import doc_to_plan, plan_to_doc
 from pagemeter_server.settings import Settings
@@ -223,6 +223,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             )
             for entry in entries
         ]
+        # A plan change carries two plan documents: a full page of them could pass
+        # the message limit, so the page ends early and the token continues it.
+        shown = items_that_fit(event.ByteSize() for event in events)
+        if shown < len(events):
+            events = events[:shown]
+            next_token = self.admin_store.audit_token(request.org_id, events[-1].event_id)
         return admin_pb2.ListAuditEventsResponse(events=events, next_page_token=next_token)
 
 

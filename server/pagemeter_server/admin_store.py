@@ -13,6 +13,7 @@ from typing import Literal, cast
 from pagemeter_server.page_tokens import BadPageToken, decode_page_token, encode_page_token
 from pagemeter_server.periods import Month, month_at, month_of, zone
 from pagemeter_server.store import (
+    LimitReached,
     OrgKeys,
     PlanMissing,
     RequestIdReused,
@@ -61,13 +62,22 @@ class AdminStore:
     async def create_key(
         self, org_id: str, key_id: str, digest: str, name: str, *, now_ms: int, actor: str
     ) -> bool:
-        """Store a key's digest; False when key_id is already taken (nothing changed)."""
+        """Store a key's digest; False when key_id is already taken (nothing changed).
+
+        Raises LimitReached when the organization has MAX_KEYS_PER_ORG keys.
+        """
         keys = OrgKeys(org_id)
         reply = await self.store.run(
             "key_create",
             [keys.api_key(key_id), keys.api_keys, keys.audit],
-            [now_ms, key_id, digest, name, actor, self.store.audit_max_events],
+            [now_ms, key_id, digest, name, actor, self.store.audit_max_events, MAX_KEYS_PER_ORG],
         )
+        if reply[0] == "TOO_MANY":
+            raise LimitReached(
+                f"organization {org_id!r} has {MAX_KEYS_PER_ORG} API keys, revoked ones "
+                "included: the most it may have",
+                "TOO_MANY_API_KEYS",
+            )
         return bool(reply[0] == "OK")
 
     async def revoke_key(self, org_id: str, key_id: str, *, now_ms: int, actor: str) -> bool | None:
@@ -204,13 +214,19 @@ class AdminStore:
             await self.client.xrevrange(OrgKeys(org_id).audit, top, "-", count=page_size + 1),
         )
         entries = [AuditEntry(event_id, fields) for event_id, fields in rows[:page_size]]
-        next_token = (
-            encode_page_token(AUDIT, org_id, entries[-1].event_id) if len(rows) > page_size else ""
-        )
+        next_token = self.audit_token(org_id, entries[-1].event_id) if len(rows) > page_size else ""
         return entries, next_token
+
+    @staticmethod
+    def audit_token(org_id: str, event_id: str) -> str:
+        """The token of the audit page after event_id."""
+        return encode_page_token(AUDIT, org_id, event_id)
 
 
 AUDIT = "audit"
+# API keys per organization, revoked ones included: ListApiKeys lists them all
+# in one answer, which must fit the message size limit (about 300 bytes a key).
+MAX_KEYS_PER_ORG = 1000
 _UINT64_MAX = 2**64 - 1
 
 

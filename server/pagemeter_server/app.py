@@ -140,6 +140,8 @@ def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetr
         record_retention_days=settings.record_retention_days,
         usage_retention_days=settings.usage_retention_days,
         max_records_per_org=settings.max_records_per_org,
+        max_unplanned_metrics=settings.max_unplanned_metrics,
+        max_document_types=settings.max_document_types,
         audit_max_events=settings.audit_max_events,
         coalesce=settings.redis_pipelining,
         observer=metrics.observe_script,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -22,6 +23,7 @@ from grpc_status import rpc_status
 
 from pagemeter.v1 import quota_pb2
 from pagemeter_server.store import (
+    LimitReached,
     NegativeUnits,
     PlanMissing,
     PlanNotFound,
@@ -72,13 +74,27 @@ Detail: TypeAlias = (
 )
 
 
-def _status(code: int, message: str, *details: Detail) -> grpc.Status:
-    packed = []
-    for detail in details:
-        holder = any_pb2.Any()
-        holder.Pack(detail)
-        packed.append(holder)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+@dataclass(frozen=True)
+class Failure:
+    """How a failure is answered: a google.rpc code, a message, and details."""
+
+    code: int
+    message: str
+    details: tuple[Detail, ...] = ()
+
+    def status(self) -> grpc.Status:
+        packed = []
+        for detail in self.details:
+            holder = any_pb2.Any()
+            holder.Pack(detail)
+            packed.append(holder)
+        return rpc_status.to_status(
+            status_pb2.Status(code=self.code, message=self.message, details=packed)
+        )
+
+
+def _status(code: int, message: str, *details: Detail) -> Failure:
+    return Failure(code, message, details)
 
 
 def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
@@ -87,6 +103,11 @@ def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
 
 def status_for(exc: BaseException) -> grpc.Status:
     """The gRPC status a failure is answered with."""
+    return failure_for(exc).status()
+
+
+def failure_for(exc: BaseException) -> Failure:
+    """What a failure is answered with, before it is packed into a gRPC status."""
     if isinstance(exc, InvalidArgument):
         return _invalid_argument(exc)
     if isinstance(exc, Unauthenticated):
@@ -133,6 +154,8 @@ def status_for(exc: BaseException) -> grpc.Status:
             "to the plan (its usage is then accepted) or record it under a planned metric",
             _error_info("TOO_MANY_UNPLANNED_METRICS", metric=exc.metric, limit=str(exc.cap)),
         )
+    if isinstance(exc, LimitReached):
+        return _status(code_pb2.FAILED_PRECONDITION, str(exc), _error_info(exc.reason))
     if isinstance(exc, PlanMissing):
         return _status(
             code_pb2.FAILED_PRECONDITION, exc.what, _error_info("PLAN_MISSING", detail=exc.what)
@@ -160,7 +183,7 @@ MESSAGE_VIOLATIONS = 5
 DETAIL_VIOLATIONS = 20
 
 
-def _invalid_argument(exc: InvalidArgument) -> grpc.Status:
+def _invalid_argument(exc: InvalidArgument) -> Failure:
     violations = exc.violations
     shown = "; ".join(v.description for v in violations[:MESSAGE_VIOLATIONS])
     if len(violations) > MESSAGE_VIOLATIONS:
@@ -177,23 +200,28 @@ def _invalid_argument(exc: InvalidArgument) -> grpc.Status:
     return _status(code_pb2.INVALID_ARGUMENT, shown, bad_request)
 
 
+# A batch answers up to 1,000 items, each possibly refused: an item's error names
+# at most this many problems and its message is cut to this length, so that a
+# batch of refused items fits the answer size limit (tests/test_answer_sizes.py).
+BATCH_ITEM_VIOLATIONS = 5
+BATCH_ITEM_MESSAGE = 400
+
+
 def batch_item_error(exc: BaseException) -> quota_pb2.BatchItemError:
-    """What one batch item's failure would have been answered on its own."""
-    status = status_for(exc)
-    error = quota_pb2.BatchItemError(code=status.code.name, message=status.details)
-    for key, value in status.trailing_metadata:
-        if key != "grpc-status-details-bin":
-            continue
-        for detail in status_pb2.Status.FromString(value).details:
-            info = error_details_pb2.ErrorInfo()
-            bad_request = error_details_pb2.BadRequest()
-            if detail.Unpack(info):
-                error.reason = info.reason
-            elif detail.Unpack(bad_request):
-                error.field_violations.extend(
-                    quota_pb2.FieldProblem(field=v.field, description=v.description)
-                    for v in bad_request.field_violations
-                )
+    """What one batch item's failure would have been answered on its own, in brief."""
+    failure = failure_for(exc)
+    message = failure.message
+    if len(message) > BATCH_ITEM_MESSAGE:
+        message = message[: BATCH_ITEM_MESSAGE - 3] + "..."
+    error = quota_pb2.BatchItemError(code=code_pb2.Code.Name(failure.code), message=message)
+    for detail in failure.details:
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            error.reason = detail.reason
+        elif isinstance(detail, error_details_pb2.BadRequest):
+            error.field_violations.extend(
+                quota_pb2.FieldProblem(field=v.field, description=v.description)
+                for v in detail.field_violations[:BATCH_ITEM_VIOLATIONS]
+            )
     return error
 
 

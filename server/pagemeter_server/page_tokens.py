@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 
 
 class BadPageToken(ValueError):
@@ -36,3 +37,24 @@ def decode_page_token(token: str, kind: str, org_id: str) -> str:
     if len(parts) != 4 or parts[:3] != [_VERSION, kind, org_id] or not parts[3]:
         raise BadPageToken(token)
     return parts[3]
+
+
+# Every answer must fit gRPC's 4 MiB message limit (the server's send limit and
+# every default client's receive limit). A page is cut at this many bytes, which
+# leaves room for the fields around the listed items.
+ANSWER_BUDGET = 3 * 1024 * 1024
+
+
+def items_that_fit(sizes: Iterable[int], budget: int = ANSWER_BUDGET) -> int:
+    """How many of the items, in order, fit in `budget` bytes (always at least one).
+
+    `sizes` are the items' encoded sizes; each also costs a few bytes of tag and
+    length prefix in the repeated field.
+    """
+    used, count = 0, 0
+    for size in sizes:
+        used += size + 6
+        if used > budget and count > 0:
+            break
+        count += 1
+    return count

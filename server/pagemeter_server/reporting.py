@@ -16,7 +16,13 @@ from pagemeter.v1 import reporting_pb2, reporting_pb2_grpc
 from pagemeter_server import history, statistics
 from pagemeter_server.auth import Access, Authenticator, authorized
 from pagemeter_server.clock import Clock
-from pagemeter_server.page_tokens import BadPageToken
+from pagemeter_server.page_tokens import (
+    ANSWER_BUDGET,
+    BadPageToken,
+    decode_page_token,
+    encode_page_token,
+    items_that_fit,
+)
 from pagemeter_server.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
 from pagemeter_server.report_store import PlanVersion, RecordEntry, ReportStore
 from pagemeter_server.service import job_counts
@@ -24,6 +30,7 @@ from pagemeter_server.store import Store
 from pagemeter_server.validation import (
     Violations,
     bad_page_token,
+    invalid,
     page_request,
     require_org_id,
 )
@@ -86,6 +93,12 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
         self, request: reporting_pb2.GetUsageStatisticsRequest, context: Context
     ) -> reporting_pb2.GetUsageStatisticsResponse:
         require_org_id(request.org_id)
+        if not 0 <= request.page_size <= statistics.MAX_SPAN_DAYS:
+            raise invalid(
+                "page_size",
+                f"page_size must be between 1 and {statistics.MAX_SPAN_DAYS} (0: as many as fit)",
+                statistics.INVALID_PARAMETER,
+            )
         now_ms = self.clock.now_ms()
         tz, _ = await self._timezone_and_plans(request.org_id)
         query = statistics.parse_query(
@@ -96,9 +109,13 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
             today=local_date(now_ms, tz),
             tz=tz,
         )
+        offset = _statistics_offset(request.org_id, query, request.page_token)
         days = query.days()
         parsed = [statistics.parse_day(f) for f in await self.reports.days(request.org_id, days)]
-        return _statistics_response(request.org_id, tz, query, list(zip(days, parsed, strict=True)))
+        response = _statistics_response(
+            request.org_id, tz, query, list(zip(days, parsed, strict=True))
+        )
+        return _statistics_page(request.org_id, query, response, offset, request.page_size)
 
     # -- records ----------------------------------------------------------------
 
@@ -116,6 +133,66 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
             records=[usage_record(entry, now_ms) for entry in page.records],
             next_page_token=page.next_page_token,
         )
+
+
+STATISTICS = "statistics"
+
+
+def _query_key(query: statistics.StatisticsQuery) -> str:
+    """What a statistics page token is valid for: the same range, period and grouping."""
+    return f"{query.start}/{query.end}/{query.period}/{query.group_by}"
+
+
+def _statistics_offset(org_id: str, query: statistics.StatisticsQuery, token: str) -> int:
+    """The first by_period row of the page a token asks for (0 without a token)."""
+    if not token:
+        return 0
+    try:
+        position = decode_page_token(token, STATISTICS, org_id)
+    except BadPageToken:
+        raise bad_page_token() from None
+    offset, _, key = position.partition("@")
+    if key != _query_key(query) or not offset.isdigit():
+        raise invalid(
+            "page_token",
+            "page_token belongs to another range, period or grouping: send the same "
+            "parameters as for the first page, or no token to start again",
+            statistics.INVALID_PARAMETER,
+        )
+    return int(offset)
+
+
+def _statistics_page(
+    org_id: str,
+    query: statistics.StatisticsQuery,
+    response: reporting_pb2.GetUsageStatisticsResponse,
+    offset: int,
+    page_size: int,
+) -> reporting_pb2.GetUsageStatisticsResponse:
+    """Keep the rows of one page: at most page_size, and only as many as fit the answer.
+
+    The summary and the document types cover the whole range on every page; they
+    are bounded by the organization's metric and document type caps.
+    """
+    every_row = list(response.by_period)
+    candidates = every_row[offset : offset + page_size] if page_size else every_row[offset:]
+    del response.by_period[:]
+    budget = ANSWER_BUDGET - response.ByteSize()
+    if budget <= 0:
+        raise invalid(
+            "end_date",
+            "the answer for this range would pass the 4 MiB message limit even without "
+            "rows; ask for a shorter range",
+            statistics.DATE_RANGE_TOO_LARGE,
+        )
+    shown = items_that_fit((row.ByteSize() for row in candidates), budget) if candidates else 0
+    response.by_period.extend(candidates[:shown])
+    following = offset + shown
+    if following < len(every_row):
+        response.next_page_token = encode_page_token(
+            STATISTICS, org_id, f"{following}@{_query_key(query)}"
+        )
+    return response
 
 
 def last_second_of(day: date, tz: ZoneInfo) -> int:

@@ -346,7 +346,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def CheckQuotaBatch(
         self, request: quota_pb2.CheckQuotaBatchRequest, context: Context
     ) -> quota_pb2.CheckQuotaBatchResponse:
-        check_batch_size(len(request.items))
+        check_batch_size(request.items)
         now_ms = self.clock.now_ms()
         answers: list[quota_pb2.CheckQuotaBatchItem] = [
             quota_pb2.CheckQuotaBatchItem() for _ in request.items
@@ -397,7 +397,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def RecordUsageBatch(
         self, request: quota_pb2.RecordUsageBatchRequest, context: Context
     ) -> quota_pb2.RecordUsageBatchResponse:
-        check_batch_size(len(request.items))
+        check_batch_size(request.items)
         now_ms = self.clock.now_ms()
         answers: list[quota_pb2.RecordUsageBatchItem] = [
             quota_pb2.RecordUsageBatchItem() for _ in request.items

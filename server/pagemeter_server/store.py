@@ -67,6 +67,14 @@ class TooManyMetrics(StoreError):
         self.cap = cap
 
 
+class LimitReached(StoreError):
+    """An organization has the most of something it may have; `reason` names what."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class PlanMissing(StoreError):
     """The organization has no plan (or the plan lacks the metric)."""
 

@@ -7,8 +7,9 @@ doubles: exact up to 2^53) and keep keys and memory per call bounded.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -161,11 +162,25 @@ MAX_PAGE_TOKEN = 512
 
 
 MAX_BATCH_ITEMS = 1000
+# Metric entries (units map entries) over all items of a batch. The answer
+# carries a decision per entry (about 220 bytes at most), and it must fit gRPC's
+# 4 MiB message limit with every item at its largest: 1,000 items with 8 metrics
+# each, or 256 with 32 (tests/test_answer_sizes.py builds the largest answers).
+MAX_BATCH_ENTRIES = 8192
 
 
-def check_batch_size(count: int) -> None:
+def check_batch_size(items: Sequence[Any]) -> None:
+    """Refuse a batch whose answer could not fit, before any item is applied."""
+    count = len(items)
     if not 1 <= count <= MAX_BATCH_ITEMS:
         raise invalid("items", f"a batch holds 1 to {MAX_BATCH_ITEMS} items (got {count})")
+    entries = sum(len(item.units) for item in items)
+    if entries > MAX_BATCH_ENTRIES:
+        raise invalid(
+            "items",
+            f"a batch names at most {MAX_BATCH_ENTRIES} metric amounts over all its items "
+            f"(got {entries}); split it into smaller batches",
+        )
 
 
 def require_org_id(org_id: str) -> None:

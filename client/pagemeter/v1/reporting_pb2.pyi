@@ -330,6 +330,8 @@ class GetUsageStatisticsRequest(_message.Message):
     START_DATE_FIELD_NUMBER: _builtins.int
     END_DATE_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     period: Global___StatisticsPeriod.ValueType
     start_date: _builtins.str
@@ -339,6 +341,16 @@ class GetUsageStatisticsRequest(_message.Message):
     end_date: _builtins.str
     """Last day, included. Unset: today in the plan's timezone."""
     group_by: Global___StatisticsGrouping.ValueType
+    page_size: _builtins.int
+    """Most by_period rows in one answer, 1 to 366; unset or 0: as many as fit.
+    However it is set, an answer holds only as many rows as fit in about
+    3 MiB (daily rows split by many document types can need several answers):
+    follow next_page_token until it is empty.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous answer, with the other fields unchanged;
+    empty for the first page.
+    """
     def __init__(
         self,
         *,
@@ -347,10 +359,12 @@ class GetUsageStatisticsRequest(_message.Message):
         start_date: _builtins.str = ...,
         end_date: _builtins.str = ...,
         group_by: Global___StatisticsGrouping.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "group_by", b"group_by", "org_id", b"org_id", "period", b"period", "start_date", b"start_date"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "group_by", b"group_by", "org_id", b"org_id", "page_size", b"page_size", "page_token", b"page_token", "period", b"period", "start_date", b"start_date"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +558,7 @@ class GetUsageStatisticsResponse(_message.Message):
     BY_PERIOD_FIELD_NUMBER: _builtins.int
     BY_DOCUMENT_TYPE_FIELD_NUMBER: _builtins.int
     PERCENTAGE_BASIS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     timezone: _builtins.str
     period: Global___StatisticsPeriod.ValueType
@@ -551,6 +566,10 @@ class GetUsageStatisticsResponse(_message.Message):
     percentage_basis: _builtins.str
     """What the percentages are shares of: "credits" if any were used in the
     range, else "pages" if any, else "documents".
+    """
+    next_page_token: _builtins.str
+    """Set when by_period continues in another answer: pass it as page_token.
+    The summary and by_document_type are the whole range's on every page.
     """
     @_builtins.property
     def summary(self) -> Global___StatisticsSummary: ...
@@ -575,10 +594,11 @@ class GetUsageStatisticsResponse(_message.Message):
         by_period: _abc.Iterable[Global___PeriodUsage] | None = ...,
         by_document_type: _abc.Iterable[Global___DocumentTypeUsage] | None = ...,
         percentage_basis: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_document_type", b"by_document_type", "by_period", b"by_period", "group_by", b"group_by", "org_id", b"org_id", "percentage_basis", b"percentage_basis", "period", b"period", "summary", b"summary", "timezone", b"timezone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_document_type", b"by_document_type", "by_period", b"by_period", "group_by", b"group_by", "next_page_token", b"next_page_token", "org_id", b"org_id", "percentage_basis", b"percentage_basis", "period", b"period", "summary", b"summary", "timezone", b"timezone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,12 +11,18 @@
 -- ARGV[4] name
 -- ARGV[5] actor
 -- ARGV[6] audit trail length (entries kept, about)
+-- ARGV[7] most keys an organization may have, revoked ones included (its
+--         ListApiKeys answer lists them all, so their number is bounded)
 --
--- Returns {'EXISTS'} if key_id is taken (nothing changed), else {'OK'}.
+-- Returns {'EXISTS'} if key_id is taken, {'TOO_MANY', cap} if the organization
+-- has the most keys allowed (nothing changed in either case), else {'OK'}.
 
-assert(#KEYS == 3 and #ARGV == 6, 'key_create.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 3 and #ARGV == 7, 'key_create.lua: wrong number of KEYS or ARGV')
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'EXISTS'}
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then
+  return {'TOO_MANY', ARGV[7]}
 end
 redis.call('HSET', KEYS[1], 'digest', ARGV[3], 'name', ARGV[4], 'created_ms', ARGV[1],
   'last_used_ms', '0', 'revoked', '0', 'revoked_ms', '0')
