@@ -380,6 +380,16 @@ def get_usage_statistics_request(
     return request
 
 
+def joined_statistics(
+    first: reporting_pb2.GetUsageStatisticsResponse,
+    page: reporting_pb2.GetUsageStatisticsResponse,
+) -> reporting_pb2.GetUsageStatisticsResponse:
+    """A statistics answer with the rows of its next page added (the rest is the same)."""
+    first.by_period.extend(page.by_period)
+    first.next_page_token = page.next_page_token
+    return first
+
+
 def list_usage_records_request(
     org_id: str = "", *, page_size: int = 0, page_token: str = ""
 ) -> reporting_pb2.ListUsageRecordsRequest:
@@ -1252,13 +1262,24 @@ class AsyncPagemeterClient:
         group_by: StatisticsGroupingName | None = None,
         timeout: float | None = None,
     ) -> reporting_pb2.GetUsageStatisticsResponse:
-        """Usage between two dates of the plan's timezone, by period and/or by document type."""
+        """Usage between two dates of the plan's timezone, by period and/or by document type.
+
+        A large answer (daily rows split by many document types) comes from the
+        server in pages; they are fetched here and returned as one answer.
+        """
         request = get_usage_statistics_request(
             org_id, period=period, start_date=start_date, end_date=end_date, group_by=group_by
         )
-        return await self._reporting.GetUsageStatistics(
+        answer: reporting_pb2.GetUsageStatisticsResponse = await self._reporting.GetUsageStatistics(
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
+        while answer.next_page_token:
+            request.page_token = answer.next_page_token
+            page = await self._reporting.GetUsageStatistics(
+                request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+            )
+            answer = joined_statistics(answer, page)
+        return answer
 
     async def list_usage_records(
         self,
@@ -1795,13 +1816,24 @@ class PagemeterClient:
         group_by: StatisticsGroupingName | None = None,
         timeout: float | None = None,
     ) -> reporting_pb2.GetUsageStatisticsResponse:
-        """Usage between two dates of the plan's timezone, by period and/or by document type."""
+        """Usage between two dates of the plan's timezone, by period and/or by document type.
+
+        A large answer (daily rows split by many document types) comes from the
+        server in pages; they are fetched here and returned as one answer.
+        """
         request = get_usage_statistics_request(
             org_id, period=period, start_date=start_date, end_date=end_date, group_by=group_by
         )
-        return self._reporting.GetUsageStatistics(
+        answer: reporting_pb2.GetUsageStatisticsResponse = self._reporting.GetUsageStatistics(
             request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
         )
+        while answer.next_page_token:
+            request.page_token = answer.next_page_token
+            page = self._reporting.GetUsageStatistics(
+                request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+            )
+            answer = joined_statistics(answer, page)
+        return answer
 
     def list_usage_records(
         self,

@@ -6,8 +6,9 @@ changes a counter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
-from typing import Any
+from typing import Any, overload
 from zoneinfo import ZoneInfo
 
 import grpc
@@ -21,7 +22,6 @@ from pagemeter_server.page_tokens import (
     BadPageToken,
     decode_page_token,
     encode_page_token,
-    items_that_fit,
 )
 from pagemeter_server.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
 from pagemeter_server.report_store import PlanVersion, RecordEntry, ReportStore
@@ -112,10 +112,10 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
         offset = _statistics_offset(request.org_id, query, request.page_token)
         days = query.days()
         parsed = [statistics.parse_day(f) for f in await self.reports.days(request.org_id, days)]
-        response = _statistics_response(
+        response, rows = _statistics_response(
             request.org_id, tz, query, list(zip(days, parsed, strict=True))
         )
-        return _statistics_page(request.org_id, query, response, offset, request.page_size)
+        return _statistics_page(request.org_id, query, response, rows, offset, request.page_size)
 
     # -- records ----------------------------------------------------------------
 
@@ -166,17 +166,15 @@ def _statistics_page(
     org_id: str,
     query: statistics.StatisticsQuery,
     response: reporting_pb2.GetUsageStatisticsResponse,
+    rows: Sequence[reporting_pb2.PeriodUsage],
     offset: int,
     page_size: int,
 ) -> reporting_pb2.GetUsageStatisticsResponse:
-    """Keep the rows of one page: at most page_size, and only as many as fit the answer.
+    """Add the rows of one page: at most page_size, and only as many as fit the answer.
 
     The summary and the document types cover the whole range on every page; they
     are bounded by the organization's metric and document type caps.
     """
-    every_row = list(response.by_period)
-    candidates = every_row[offset : offset + page_size] if page_size else every_row[offset:]
-    del response.by_period[:]
     budget = ANSWER_BUDGET - response.ByteSize()
     if budget <= 0:
         raise invalid(
@@ -185,12 +183,19 @@ def _statistics_page(
             "rows; ask for a shorter range",
             statistics.DATE_RANGE_TOO_LARGE,
         )
-    shown = items_that_fit((row.ByteSize() for row in candidates), budget) if candidates else 0
-    response.by_period.extend(candidates[:shown])
-    following = offset + shown
-    if following < len(every_row):
+    last = min(len(rows), offset + page_size) if page_size else len(rows)
+    position = offset
+    for position in range(offset, last):
+        row = rows[position]
+        budget -= row.ByteSize() + 6  # with its tag and length
+        if budget < 0 and position > offset:
+            break
+        response.by_period.append(row)
+    else:
+        position = last
+    if position < len(rows):
         response.next_page_token = encode_page_token(
-            STATISTICS, org_id, f"{following}@{_query_key(query)}"
+            STATISTICS, org_id, f"{position}@{_query_key(query)}"
         )
     return response
 
@@ -274,7 +279,8 @@ def _statistics_response(
     tz: ZoneInfo,
     query: statistics.StatisticsQuery,
     days: list[tuple[date, statistics.DayUsage]],
-) -> reporting_pb2.GetUsageStatisticsResponse:
+) -> tuple[reporting_pb2.GetUsageStatisticsResponse, Sequence[reporting_pb2.PeriodUsage]]:
+    """The answer without its rows, and its rows (built lazily: a page builds only its own)."""
     total = statistics.Totals()
     by_type: dict[str, statistics.Totals] = {}
     for _, usage in days:
@@ -297,20 +303,48 @@ def _statistics_response(
             end_date=query.end.isoformat(),
         ),
     )
-    if query.group_by in (statistics.BY_DATE, statistics.BY_BOTH):
-        for row in statistics.period_rows(query, days):
-            period_row = reporting_pb2.PeriodUsage(
-                date=row.label,
-                start=timestamp(day_start_ms(row.first_day, tz)),
-                end=timestamp(last_second_of(row.last_day, tz)),
-                totals=_totals(row.total),
-            )
-            if query.group_by == statistics.BY_BOTH:
-                period_row.by_document_type.extend(_type_rows(row.by_type, row.total, basis))
-            response.by_period.append(period_row)
     if query.group_by in (statistics.BY_DOCUMENT_TYPE, statistics.BY_BOTH):
         response.by_document_type.extend(_type_rows(by_type, total, basis))
-    return response
+    rows: list[statistics.PeriodRow] = []
+    if query.group_by in (statistics.BY_DATE, statistics.BY_BOTH):
+        rows = statistics.period_rows(query, days)
+    return response, _PeriodRows(rows, tz, basis, query.group_by == statistics.BY_BOTH)
+
+
+class _PeriodRows(Sequence[reporting_pb2.PeriodUsage]):
+    """The answer's period rows as messages, each built when first asked for."""
+
+    def __init__(
+        self, rows: list[statistics.PeriodRow], tz: ZoneInfo, basis: str, split_by_type: bool
+    ) -> None:
+        self._rows, self._tz, self._basis, self._split = rows, tz, basis, split_by_type
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> reporting_pb2.PeriodUsage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[reporting_pb2.PeriodUsage]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> reporting_pb2.PeriodUsage | list[reporting_pb2.PeriodUsage]:
+        if isinstance(index, slice):
+            return [self._message(row) for row in self._rows[index]]
+        return self._message(self._rows[index])
+
+    def _message(self, row: statistics.PeriodRow) -> reporting_pb2.PeriodUsage:
+        period_row = reporting_pb2.PeriodUsage(
+            date=row.label,
+            start=timestamp(day_start_ms(row.first_day, self._tz)),
+            end=timestamp(last_second_of(row.last_day, self._tz)),
+            totals=_totals(row.total),
+        )
+        if self._split:
+            period_row.by_document_type.extend(_type_rows(row.by_type, row.total, self._basis))
+        return period_row
 
 
 # -- usage records ------------------------------------------------------------------
