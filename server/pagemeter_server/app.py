@@ -53,6 +53,7 @@ from pagemeter_server.exporter import register_org_exporter
 from pagemeter_server.health import HealthReporter, watching
 from pagemeter_server.interceptors import ObservedRpcs
 from pagemeter_server.lifecycle import InUse, Phase
+from pagemeter_server.limits import BoundedHealthServicer, return_freed_memory, server_options
 from pagemeter_server.logs import setup_logging
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
@@ -178,7 +179,7 @@ async def create_server(
     metrics = ServiceMetrics(registry if registry is not None else CollectorRegistry())
     store = build_store(client, settings, metrics)
     clock = clock or (RedisClock() if settings.clock == "redis" else SystemClock())
-    health_servicer = AsyncHealthServicer()
+    health_servicer = BoundedHealthServicer(settings.max_health_watchers)
     reporter = HealthReporter(
         health_servicer,
         metrics,
@@ -194,12 +195,17 @@ async def create_server(
         read_rate=settings.read_rate_limit,
         read_burst=settings.read_burst,
     )
+    # Connection and stream limits (limits.py, docs/security.md); the memory a
+    # flood leaves free in malloc is given back by one thread per process.
+    return_freed_memory()
     server = grpc.aio.server(
         interceptors=[ObservedRpcs(metrics)],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+            *server_options(settings),
         ],
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(

@@ -1,0 +1,211 @@
+"""Connection and stream limits, and returning freed memory to the system.
+
+What one replica holds for its callers is bounded here, whoever the callers are:
+
+- HTTP/2 streams per connection (advertised in SETTINGS; a client that ignores
+  it has the extra streams refused with RST_STREAM REFUSED_STREAM);
+- connections (grpc core closes the ones beyond the limit as they arrive);
+- RPCs in progress in the process (the extra ones are answered
+  RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" at once);
+- idle connections and connection age (a GOAWAY, then the connection is closed
+  after the grace period whatever its streams do), so that no stream or
+  connection holds its share for ever;
+- grpc.health.v1 Watch streams, which live as long as the caller wants: a cap
+  of their own (`BoundedHealthServicer`), below the RPC limit, so that Watch
+  streams alone can never take every RPC slot (the health Check of a load
+  balancer among them).
+
+After a flood ends, glibc's malloc keeps the freed memory of gRPC core's
+streams in its arenas (RSS stays up; nothing leaks: `malloc_trim(0)` gives it
+back). `MemoryReturner` watches how much free memory the allocator holds and
+trims when it grew by `TRIM_THRESHOLD_BYTES` (see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+
+from pagemeter_server.settings import Settings
+
+log = logging.getLogger("pagemeter.limits")
+
+# Longest service name a health Watch may name: the stream keeps its request
+# for its whole life, and pagemeter's own service names are under 40 bytes.
+MAX_HEALTH_SERVICE_NAME = 200
+
+# Trim when the allocator holds this much more free memory than after the last
+# trim (or than the least it held since), checked every TRIM_INTERVAL_SECONDS.
+TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
+TRIM_INTERVAL_SECONDS = 1.0
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """grpc core channel arguments for the connection and stream limits."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+    ]
+    if settings.max_connection_idle_seconds > 0:
+        options.append(
+            ("grpc.max_connection_idle_ms", round(settings.max_connection_idle_seconds * 1000))
+        )
+    if settings.max_connection_age_seconds > 0:
+        options.append(
+            ("grpc.max_connection_age_ms", round(settings.max_connection_age_seconds * 1000))
+        )
+        options.append(
+            (
+                "grpc.max_connection_age_grace_ms",
+                round(settings.max_connection_age_grace_seconds * 1000),
+            )
+        )
+    return options
+
+
+class BoundedHealthServicer(AsyncHealthServicer):  # type: ignore[misc]  # grpcio-health-checking has no annotations
+    """grpc.health.v1 with at most `max_watchers` Watch streams at a time.
+
+    A Watch beyond the limit is answered RESOURCE_EXHAUSTED at once (Check still
+    answers); a Watch naming a service longer than MAX_HEALTH_SERVICE_NAME is
+    INVALID_ARGUMENT. Everything else is grpcio's own servicer.
+    """
+
+    def __init__(self, max_watchers: int) -> None:
+        super().__init__()
+        self.max_watchers = max_watchers
+        self.watchers = 0
+
+    async def Watch(  # noqa: N802 - the gRPC method name
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> None:
+        if len(request.service) > MAX_HEALTH_SERVICE_NAME:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"service name longer than {MAX_HEALTH_SERVICE_NAME} characters",
+            )
+        if self.watchers >= self.max_watchers:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many health Watch streams on this server (limit {self.max_watchers}); "
+                "use Check, or Watch again later",
+            )
+        self.watchers += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watchers -= 1
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+class MemoryReturner:
+    """A daemon thread that gives memory glibc's malloc holds free back to the system.
+
+    Every `interval` seconds it reads how many bytes the allocator's arenas hold
+    free (`mallinfo2().fordblks`); when that grew by `threshold` over the least
+    seen since the last trim, it calls `malloc_trim(0)`, which releases the
+    free pages of every arena (a few milliseconds at a few hundred MB). Without
+    glibc (musl, macOS) it does nothing.
+    """
+
+    def __init__(
+        self, threshold: int = TRIM_THRESHOLD_BYTES, interval: float = TRIM_INTERVAL_SECONDS
+    ) -> None:
+        self.threshold = threshold
+        self.interval = interval
+        self.trims = 0
+        self._libc = _glibc()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._libc is not None
+
+    def free_bytes(self) -> int:
+        assert self._libc is not None
+        info: _MallInfo2 = self._libc.mallinfo2()
+        return int(info.fordblks)
+
+    def trim(self) -> None:
+        assert self._libc is not None
+        self._libc.malloc_trim(0)
+        self.trims += 1
+
+    def start(self) -> None:
+        if self._libc is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="pagemeter-memory", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        low = self.free_bytes()
+        while not self._stop.wait(self.interval):
+            free = self.free_bytes()
+            if free - low >= self.threshold:
+                self.trim()
+                log.debug("returned freed memory to the system (%d MiB free in malloc)", free >> 20)
+                free = self.free_bytes()
+                low = free
+            low = min(low, free)
+
+
+def _glibc() -> Any:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        mallinfo2 = libc.mallinfo2
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    mallinfo2.argtypes = []
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
+
+
+_returner: tuple[int, MemoryReturner] | None = None
+_returner_lock = threading.Lock()
+
+
+def return_freed_memory() -> MemoryReturner:
+    """Start this process's MemoryReturner (once per process) and return it."""
+    global _returner
+    with _returner_lock:
+        if _returner is None or _returner[0] != os.getpid():
+            _returner = (os.getpid(), MemoryReturner())
+            _returner[1].start()
+        return _returner[1]
