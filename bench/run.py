@@ -80,7 +80,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import RedisProcess, free_port
+from pagemeter_server.embedded import RedisProcess, free_port, server_version
 from pagemeter_server.lifecycle import bind_to_this_process
 from pagemeter_server.store import _load_script_text
 
@@ -1482,7 +1482,7 @@ def versions(tools: Tools, redis_client: redis.Redis) -> dict[str, str]:
         "pagemeter": commit or "?",
         "h2load": tools.version(tools.h2load),
         "redis-benchmark": tools.version(tools.redis_benchmark),
-        "redis-server": str(redis_client.info("server")["redis_version"]),
+        "redis-server": server_version(redis_client.info("server")),
         "grpcio": grpc.__version__,
         "protobuf": pkg("protobuf"),
         "redis-py": redis.__version__,

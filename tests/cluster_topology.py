@@ -1,26 +1,28 @@
 """Real Redis Cluster topologies on loopback, for the cluster test modules.
 
-The nodes are redis-server processes from the binary the project installs,
-joined with its redis-cli (`--cluster create`). `redis-cli` returns as soon as
-the slots are assigned, before every replica has synchronised with its primary
-and before every node agrees on the roles; `Cluster.start` waits for both, so a
-test never sees a half-made cluster.
+The nodes are server processes from the binary the project installs (Valkey,
+or PAGEMETER_REDIS_SERVER), joined with plain CLUSTER commands, as
+`redis-cli --cluster create` joins them (no CLI is bundled with the server):
+distinct config epochs, the slots split evenly over the primaries, a MEET of
+every node, then one REPLICATE per replica. `Cluster.start` then waits until
+every replica has synchronised with its primary and every node agrees on the
+roles, so a test never sees a half-made cluster.
 """
 
 from __future__ import annotations
 
 import random
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
-from pagemeter_server.embedded import RedisProcess, find_redis_server
+from pagemeter_server.embedded import RedisProcess
 
 SETTLE_SECONDS = 30.0
+SLOTS = 16384
 
 
 def cluster_port() -> int:
@@ -72,22 +74,32 @@ class Cluster:
             node.stop()
 
     def _create(self) -> None:
-        cli = Path(find_redis_server()).parent / "redis-cli"
-        created = subprocess.run(
-            [
-                str(cli),
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{node.port}" for node in self.nodes),
-                "--cluster-replicas",
-                str(self.replicas),
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert created.returncode == 0, created.stdout + created.stderr
+        primaries = self.nodes[: self.primaries]
+        for epoch, node in enumerate(self.nodes, start=1):
+            with _probe(node) as client:
+                client.execute_command("CLUSTER SET-CONFIG-EPOCH", epoch)
+        share = SLOTS // self.primaries
+        for index, node in enumerate(primaries):
+            last = SLOTS - 1 if index == self.primaries - 1 else (index + 1) * share - 1
+            with _probe(node) as client:  # ADDSLOTS, not ADDSLOTSRANGE: Redis 6.2 too
+                client.execute_command("CLUSTER ADDSLOTS", *range(index * share, last + 1))
+        for node in self.nodes[1:]:
+            with _probe(node) as client:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not all(self._knows_every_node(node) for node in self.nodes):
+            assert time.monotonic() < deadline, "the nodes did not meet"
+            time.sleep(0.05)
+        for index, node in enumerate(self.nodes[self.primaries :]):
+            with _probe(primaries[index % self.primaries]) as client:
+                primary_id = client.execute_command("CLUSTER MYID")
+            with _probe(node) as client:
+                client.execute_command("CLUSTER REPLICATE", primary_id)
+
+    def _knows_every_node(self, node: RedisProcess) -> bool:
+        with _probe(node) as client:
+            info = client.cluster("info")
+        return int(info.get("cluster_known_nodes", 0)) == len(self.nodes)
 
     def _wait_until_settled(self) -> None:
         """Wait until every node says the cluster is ok and every replica's link is up."""

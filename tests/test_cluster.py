@@ -1,8 +1,8 @@
 """pagemeter on a real Redis Cluster on loopback, started by the suite.
 
-The cluster is made from the same redis-server binary the project installs,
-joined with its redis-cli (`--cluster create`): three primaries, each with a
-replica. Organizations land on different primaries; every script touches one
+The cluster is made from the same server binary the project installs (Valkey),
+joined with CLUSTER commands as `redis-cli --cluster create` would join it
+(tests/cluster_topology.py): three primaries, each with a replica. Organizations land on different primaries; every script touches one
 organization's slot.
 """
 

