@@ -317,8 +317,8 @@ def _still_held(holders: dict[str, int], waited: float) -> str:
     owner = holders.get("pagemeter")
     others = [(name, pid) for name, pid in holders.items() if name != "pagemeter" and alive(pid)]
     who = ", ".join(f"{name} pid {pid}" for name, pid in others) or "another process"
-    left_by = f" left running by pagemeter pid {owner}, which has exited," if owner else ""
-    return f"is still in use by {who}{left_by} after {waited:g}s; stop it and start again"
+    left_by = f", left running by pagemeter pid {owner}, which has exited" if owner else ""
+    return f"is still in use by {who}{left_by} (waited {waited:g}s); stop it and start again"
 
 
 # -- the port claim -------------------------------------------------------------------
