@@ -45,7 +45,8 @@ def ms(text: str) -> int:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """One real redis-server for the session, on a free loopback port."""
-    process = RedisProcess(tmp_path_factory.mktemp("redis"), appendonly=False)
+    # With its append-only file, as pagemeter requires of a store (--allow-volatile-store).
+    process = RedisProcess(tmp_path_factory.mktemp("redis"), appendonly=True)
     process.start()
     yield process
     process.stop()

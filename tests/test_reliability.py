@@ -248,3 +248,131 @@ def test_redis_clock_takes_the_middle_of_the_round_trip() -> None:
     clock.sync(ahead // 1000, (ahead % 1000) * 1000, sent, sent + 10_000_000)
     assert abs(clock.now_ms() - (time.time_ns() // 1_000_000 + 3_600_000)) < 20
     assert clock.synced
+
+
+# -- a stall health has noticed; unknown outcomes; persistence ------------------------------
+
+
+async def test_health_notices_a_stall_within_the_interval(tmp_path: Path) -> None:
+    """With --health-interval 1 s and --redis-timeout 2 s, health is NOT_SERVING within about one interval of a stall (it took 2.9 s when each probe waited for the Redis timeout)."""
+    rig, stop = await start_rig(tmp_path, redis_timeout_seconds=2.0, health_interval_seconds=1.0)
+    try:
+        await rig.wait_for(SERVING)
+        pause(rig.redis)
+        began = time.monotonic()
+        await rig.wait_for(NOT_SERVING, seconds=5)
+        noticed = time.monotonic() - began
+        assert noticed < 1.0 + 0.4, f"NOT_SERVING after {noticed:.2f}s"
+    finally:
+        resume(rig.redis)
+        await stop()  # type: ignore[operator]
+
+
+async def test_every_call_fails_at_once_during_a_stall_health_knows(tmp_path: Path) -> None:
+    """Once health has found Redis stalled, RecordUsage, its batch, ReleaseQuota and GetUsage answer UNAVAILABLE at once, as CheckQuota does, instead of each waiting the 2 s Redis timeout."""
+    rig, stop = await start_rig(tmp_path, redis_timeout_seconds=2.0, health_interval_seconds=0.2)
+    try:
+        await rig.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+        pause(rig.redis)
+        await rig.wait_for(NOT_SERVING)
+        record = quota_pb2.RecordUsageRequest(org_id="acme", request_id="j1", units={"pages": 1})
+        calls = {
+            "CheckQuota": check(rig),
+            "RecordUsage": rig.quota.RecordUsage(record, timeout=10),
+            "ReleaseQuota": rig.quota.ReleaseQuota(
+                quota_pb2.ReleaseQuotaRequest(org_id="acme", request_id="j1"), timeout=10
+            ),
+            "GetUsage": rig.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"), timeout=10),
+        }
+        for name, call in calls.items():
+            began = time.monotonic()
+            assert await refused_code(call) == grpc.StatusCode.UNAVAILABLE, name
+            assert time.monotonic() - began < 0.5, name
+        began = time.monotonic()
+        batch = await rig.quota.RecordUsageBatch(
+            quota_pb2.RecordUsageBatchRequest(items=[record]), timeout=10
+        )
+        assert batch.items[0].error.code == "UNAVAILABLE"
+        assert time.monotonic() - began < 0.5
+    finally:
+        resume(rig.redis)
+        await stop()  # type: ignore[operator]
+
+
+async def test_an_unavailable_hold_is_made_exact_by_its_request_id(tmp_path: Path) -> None:
+    """A hold answered UNAVAILABLE while Redis stalled may still be applied when Redis resumes; retrying it with the same request_id holds the units exactly once either way, and a release frees them."""
+    rig, stop = await start_rig(tmp_path, redis_timeout_seconds=0.3, health_interval_seconds=5.0)
+    try:
+        await rig.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+        hold = quota_pb2.CheckQuotaRequest(
+            org_id="acme", units={"pages": 100}, request_id="job-1", hold=True
+        )
+        pause(rig.redis)
+        try:
+            # Health has not noticed yet (5 s interval): the call waits its timeout.
+            assert await refused_code(rig.quota.CheckQuota(hold, timeout=10)) == (
+                grpc.StatusCode.UNAVAILABLE
+            )
+        finally:
+            resume(rig.redis)
+        again = await rig.quota.CheckQuota(hold, timeout=10)
+        assert again.held  # the stalled call's hold (a duplicate), or this one's
+        usage = await rig.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"), timeout=10)
+        assert {m.metric: m.held for m in usage.metrics}["pages"] == 100
+        released = await rig.quota.ReleaseQuota(
+            quota_pb2.ReleaseQuotaRequest(org_id="acme", request_id="job-1"), timeout=10
+        )
+        assert released.outcome == quota_pb2.RELEASE_OUTCOME_RELEASED
+    finally:
+        await stop()  # type: ignore[operator]
+
+
+async def test_a_release_bars_a_hold_that_lands_after_it(rig: Rig) -> None:
+    """ReleaseQuota of an id nobody holds yet bars a later hold with that id, so "release after an unknown outcome" leaves no hold whichever Redis runs first."""
+    await rig.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+    released = await rig.quota.ReleaseQuota(
+        quota_pb2.ReleaseQuotaRequest(org_id="acme", request_id="late"), timeout=10
+    )
+    assert released.outcome == quota_pb2.RELEASE_OUTCOME_NOT_FOUND
+    late = quota_pb2.CheckQuotaRequest(
+        org_id="acme", units={"pages": 5}, request_id="late", hold=True
+    )
+    assert await refused_code(rig.quota.CheckQuota(late, timeout=10)) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    again = await rig.quota.ReleaseQuota(
+        quota_pb2.ReleaseQuotaRequest(org_id="acme", request_id="late"), timeout=10
+    )
+    assert again.outcome == quota_pb2.RELEASE_OUTCOME_NOT_FOUND
+    usage = await rig.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"), timeout=10)
+    assert {m.metric: m.held for m in usage.metrics}["pages"] == 0
+
+
+async def test_a_store_that_stops_persisting_turns_health_not_serving(rig: Rig) -> None:
+    """When the store's append-only file is turned off at run time, health goes NOT_SERVING and pagemeter_store_persistent 0; turned back on, SERVING and 1."""
+    await rig.wait_for(SERVING)
+    assert rig.registry.get_sample_value("pagemeter_store_persistent") == 1
+    client = redis.Redis.from_url(rig.redis.url)
+    try:
+        client.config_set("appendonly", "no")
+        await rig.wait_for(NOT_SERVING)
+        assert rig.registry.get_sample_value("pagemeter_store_persistent") == 0
+        client.config_set("appendonly", "yes")
+        await rig.wait_for(SERVING)
+        assert rig.registry.get_sample_value("pagemeter_store_persistent") == 1
+    finally:
+        client.close()
+
+
+async def test_a_volatile_store_can_be_accepted(tmp_path: Path) -> None:
+    """With --allow-volatile-store a store without an append-only file serves (health SERVING) and is shown as pagemeter_store_persistent 0."""
+    rig, stop = await start_rig(tmp_path, allow_volatile_store=True)
+    client = redis.Redis.from_url(rig.redis.url)
+    try:
+        client.config_set("appendonly", "no")
+        await asyncio.sleep(0.3)  # several probes
+        await rig.wait_for(SERVING)
+        assert rig.registry.get_sample_value("pagemeter_store_persistent") == 0
+    finally:
+        client.close()
+        await stop()  # type: ignore[operator]

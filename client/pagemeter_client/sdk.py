@@ -762,6 +762,22 @@ class Reservation(_ReservationState):
         return self._client.release_quota(self.org_id, self.request_id)
 
 
+# A call answered with one of these may or may not have been applied: pagemeter
+# gave up waiting for Redis (UNAVAILABLE after its Redis timeout), or the caller
+# did (DEADLINE_EXCEEDED, CANCELLED). Resending it with the same request_id is
+# exact either way (docs/reliability.md).
+UNKNOWN_OUTCOME = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+# The deadline of the release that follows a hold of unknown outcome.
+RELEASE_TIMEOUT = 2.0
+
+
+def _outcome_unknown(error: grpc.RpcError) -> bool:
+    code = getattr(error, "code", None)  # grpc.Call and grpc.aio.AioRpcError both have it
+    return callable(code) and code() in UNKNOWN_OUTCOME
+
+
 def _note_settle_failure(body_error: BaseException, settle_error: grpc.RpcError) -> None:
     # The body's exception is what the caller must see; a failure to record the
     # failed job is secondary (the hold still expires after its TTL).
@@ -1430,9 +1446,18 @@ class AsyncPagemeterClient:
         as failed (consuming nothing) and re-raises.
         """
         request_id = request_id or new_request_id()
-        decision = await self.check_quota(
-            org_id, units, request_id=request_id, hold=True, hold_ttl=hold_ttl
-        )
+        try:
+            decision = await self.check_quota(
+                org_id, units, request_id=request_id, hold=True, hold_ttl=hold_ttl
+            )
+        except grpc.RpcError as error:
+            if _outcome_unknown(error):
+                # The hold may still land (Redis ran the script after pagemeter
+                # gave up on it): releasing the id frees it, or bars it if it
+                # lands later. Best effort: the hold's TTL is the backstop.
+                with contextlib.suppress(grpc.RpcError):
+                    await self.release_quota(org_id, request_id, timeout=RELEASE_TIMEOUT)
+            raise
         if not decision.allowed:
             raise QuotaDenied(decision)
         job = AsyncReservation(self, org_id, request_id, units, decision)
@@ -1985,9 +2010,16 @@ class PagemeterClient:
         as failed (consuming nothing) and re-raises.
         """
         request_id = request_id or new_request_id()
-        decision = self.check_quota(
-            org_id, units, request_id=request_id, hold=True, hold_ttl=hold_ttl
-        )
+        try:
+            decision = self.check_quota(
+                org_id, units, request_id=request_id, hold=True, hold_ttl=hold_ttl
+            )
+        except grpc.RpcError as error:
+            if _outcome_unknown(error):
+                # As in AsyncPagemeterClient.reserve: free or bar a hold that may still land.
+                with contextlib.suppress(grpc.RpcError):
+                    self.release_quota(org_id, request_id, timeout=RELEASE_TIMEOUT)
+            raise
         if not decision.allowed:
             raise QuotaDenied(decision)
         job = Reservation(self, org_id, request_id, units, decision)

@@ -185,7 +185,9 @@ async def create_server(
         metrics,
         SERVICE_NAMES,
         clock=clock if isinstance(clock, RedisClock) else None,
+        allow_volatile_store=settings.allow_volatile_store,
     )
+    store.available = lambda: reporter.redis_ok
     admin_store = AdminStore(store)
     auth = Authenticator(
         credentials,
@@ -209,7 +211,7 @@ async def create_server(
         ],
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
-        QuotaService(store, settings, clock, metrics, auth, store_up=lambda: reporter.redis_ok),
+        QuotaService(store, settings, clock, metrics, auth),
         server,
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
@@ -320,7 +322,8 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
                 raise OSError(
                     f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"
                 ) from exc
-        await parts.reporter.check(client)
+        await parts.reporter.check(client, within=settings.redis_timeout_seconds)
+        refuse_volatile_store(parts.reporter, settings)
         await server.start()
         phase.now = "serving"
         log.info(
@@ -339,6 +342,19 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         if http is not None:
             http.shutdown()
     log.info("pagemeter stopped")
+
+
+def refuse_volatile_store(reporter: HealthReporter, settings: Settings) -> None:
+    """Refuse to start on a store that keeps no append-only file, unless accepted.
+
+    A store pagemeter cannot reach yet is checked by every health probe instead.
+    """
+    if reporter.persistent is False and not settings.allow_volatile_store:
+        raise ConfigurationError(
+            "the Redis store keeps no append-only file (appendonly no): every acknowledged "
+            "record would be lost at its next restart. Turn on appendonly yes (with "
+            "appendfsync everysec or always), or pass --allow-volatile-store to accept that"
+        )
 
 
 def _transport(settings: Settings) -> str:

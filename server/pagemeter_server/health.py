@@ -1,10 +1,13 @@
-"""grpc.health.v1 that follows Redis: SERVING while the store answers and the
-server is not draining, NOT_SERVING otherwise.
+"""grpc.health.v1 that follows Redis: SERVING while the store answers, keeps an
+append-only file (or the operator accepted one that does not) and the server is
+not draining; NOT_SERVING otherwise.
 
-A background probe PINGs Redis every --health-interval seconds with the Redis
-timeout; load balancers then stop sending work to a replica whose store is
-gone, and send it again when the store comes back. Once draining starts
-(SIGTERM), the status stays NOT_SERVING whatever the probe says.
+A background probe asks Redis for its TIME and its persistence settings twice
+per --health-interval, each probe bounded by half the interval, so that a
+stalled or stopped Redis turns health NOT_SERVING within one interval; load
+balancers then stop sending work to the replica, and send it again when the
+store comes back. Once draining starts (SIGTERM), the status stays NOT_SERVING
+whatever the probe says.
 """
 
 from __future__ import annotations
@@ -14,16 +17,35 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from redis.asyncio.cluster import RedisCluster
 
 from pagemeter_server.clock import RedisClock
 from pagemeter_server.metrics import ServiceMetrics
 
 log = logging.getLogger("pagemeter.health")
+
+
+async def volatile_nodes(client: aioredis.Redis) -> list[str]:
+    """The store's servers that keep no append-only file ("" names a single server).
+
+    Read with INFO, which managed Redis services allow where CONFIG is refused.
+    A cluster is asked on every primary: one without persistence loses the
+    organizations of its slots at its next restart.
+    """
+    store: Any = client  # connect_redis may hand over a RedisCluster as a Redis
+    if isinstance(store, RedisCluster):
+        replies: Any = await store.info("persistence", target_nodes=RedisCluster.PRIMARIES)
+        return sorted(
+            str(node) for node, info in replies.items() if str(info.get("aof_enabled")) != "1"
+        )
+    info = await client.info("persistence")
+    return [] if str(info.get("aof_enabled")) == "1" else [""]
 
 
 class HealthReporter:
@@ -33,6 +55,8 @@ class HealthReporter:
         metrics: ServiceMetrics,
         services: Sequence[str],
         clock: RedisClock | None = None,
+        *,
+        allow_volatile_store: bool = False,
     ) -> None:
         self.clock = clock
         self._redis_ok = True
@@ -41,6 +65,9 @@ class HealthReporter:
         self.services = ("", *services)
         self.draining = False
         self.serving: bool | None = None
+        # Whether the store keeps an append-only file: None until a probe read it.
+        self.persistent: bool | None = None
+        self.allow_volatile_store = allow_volatile_store
 
     async def set(self, serving: bool) -> None:
         status = (
@@ -60,30 +87,62 @@ class HealthReporter:
         """Whether the last probe found Redis answering (True before any probe)."""
         return self._redis_ok
 
-    async def probe(self, client: aioredis.Redis) -> bool:
-        """One TIME call (it also sets the Redis clock); the client's timeouts bound it."""
+    async def probe(self, client: aioredis.Redis, within: float | None = None) -> bool:
+        """One TIME call (it also sets the Redis clock) and one INFO persistence.
+
+        `within` (seconds) bounds the whole probe (the client's own timeouts bound each
+        call too), so that a stalled Redis is found within the probe's period.
+        """
         try:
-            sent = time.time_ns()
-            seconds, micros = await client.time()
-            if self.clock is not None:
-                self.clock.sync(int(seconds), int(micros), sent, time.time_ns())
+            async with asyncio.timeout(within):
+                sent = time.time_ns()
+                seconds, micros = await client.time()
+                if self.clock is not None:
+                    self.clock.sync(int(seconds), int(micros), sent, time.time_ns())
+                volatile = await volatile_nodes(client)
             ok = True
-        except (redis.exceptions.RedisError, OSError):
+        except (redis.exceptions.RedisError, OSError, TimeoutError):
             ok = False
         self._redis_ok = ok
         self.metrics.redis_up.set(1 if ok else 0)
+        if ok:
+            self._note_persistence(volatile)
         return ok
 
-    async def check(self, client: aioredis.Redis) -> None:
-        ok = await self.probe(client)
+    def _note_persistence(self, volatile: list[str]) -> None:
+        persistent = not volatile
+        if persistent != self.persistent and not persistent:
+            where = ", ".join(node or "the store" for node in volatile)
+            log.error(
+                "%s keeps no append-only file (appendonly no): acknowledged usage would be "
+                "lost at its next restart%s",
+                where,
+                "" if self.allow_volatile_store else "; health is NOT_SERVING until it does",
+            )
+        self.persistent = persistent
+        self.metrics.store_persistent.set(1 if persistent else 0)
+
+    @property
+    def store_fit(self) -> bool:
+        """The store answers and keeps its data (or the operator accepted that it does not)."""
+        return self._redis_ok and (self.persistent is not False or self.allow_volatile_store)
+
+    async def check(self, client: aioredis.Redis, within: float | None = None) -> None:
+        await self.probe(client, within)
         if not self.draining:
-            await self.set(ok)
+            await self.set(self.store_fit)
 
     async def watch(self, client: aioredis.Redis, interval: float) -> None:
-        """Probe until cancelled."""
+        """Probe until cancelled: every half interval, each probe bounded by half the interval.
+
+        A stall that starts right after a successful probe is found by the next
+        one, which starts half an interval later and gives up half an interval
+        after that: NOT_SERVING within one interval.
+        """
+        half = interval / 2
         while True:
-            await self.check(client)
-            await asyncio.sleep(interval)
+            await self.check(client, within=half)
+            await asyncio.sleep(half)
 
     async def drain(self) -> None:
         self.draining = True

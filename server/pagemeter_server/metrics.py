@@ -127,6 +127,12 @@ class ServiceMetrics:
             "1 when the last health probe of Redis succeeded, else 0.",
             registry=registry,
         )
+        self.store_persistent = Gauge(
+            "pagemeter_store_persistent",
+            "1 when every server of the store keeps an append-only file (appendonly yes), "
+            "0 when one does not (acknowledged usage would be lost at its restart).",
+            registry=registry,
+        )
         self.serving = Gauge(
             "pagemeter_serving",
             "1 while grpc.health.v1 reports SERVING, 0 while NOT_SERVING (Redis down or draining).",
@@ -152,10 +158,6 @@ class ServiceMetrics:
             self._metric_labels.add(metric)
             return metric
         return OTHER_LABEL
-
-    def known_metric_label(self, metric: str) -> str:
-        """The label of a name whose plan is unknown (the store is down): known names only."""
-        return metric if metric in self._metric_labels else UNPLANNED_LABEL
 
     def observe_script(self, script: str, seconds: float, ok: bool) -> None:
         self.script_seconds.labels(script).observe(seconds)

@@ -83,15 +83,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         clock: Clock,
         metrics: ServiceMetrics,
         auth: Authenticator,
-        *,
-        store_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.auth = auth
-        # Whether the health probe last found Redis answering: while it does
-        # not, CheckQuota answers by the failure policy at once instead of
-        # waiting for a Redis timeout on every call.
-        self.store_up = store_up
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
@@ -105,8 +99,6 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         hold_ttl_ms = self._validate_check(request)
         now_ms = self.clock.now_ms()
         try:
-            if not self.store_up():
-                raise redis.exceptions.ConnectionError("the last health probe found Redis down")
             result = await self.store.check(
                 request.org_id,
                 dict(request.units),
@@ -161,7 +153,8 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                     requested=units,
                 )
             )
-            self.metrics.fail_open.labels(self.metrics.known_metric_label(metric)).inc()
+            planned = metric in self.store.known_plan_metrics(request.org_id)
+            self.metrics.fail_open.labels(self.metrics.metric_label(metric, planned)).inc()
         return response
 
     def _validate_check(self, request: quota_pb2.CheckQuotaRequest) -> int:
@@ -374,8 +367,6 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         now_ms: int,
     ) -> None:
         try:
-            if not self.store_up():
-                raise redis.exceptions.ConnectionError("the last health probe found Redis down")
             outcomes = await self.store.check_batch(
                 org_id, [call for _, call in members], now_ms=now_ms
             )

@@ -75,6 +75,8 @@ class Settings:
     # Document types an organization's statistics tell apart within the usage
     # retention; later ones are counted as "_other" (the record keeps its own).
     max_document_types: int = 100
+    # Start (and report SERVING) on a store without an append-only file.
+    allow_volatile_store: bool = False
     redis_timeout_seconds: float = 2.0
     grace_period_seconds: float = 10.0
     log_level: str = "INFO"
@@ -360,6 +362,11 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "org_exporter_max_orgs",
         "PAGEMETER_ORG_EXPORTER_MAX_ORGS",
         "organizations per scrape of the per-org usage gauges; 0 turns them off here",
+    ),
+    "--allow-volatile-store": (
+        "allow_volatile_store",
+        "PAGEMETER_ALLOW_VOLATILE_STORE",
+        "serve on a Redis without an append-only file (records are lost at its restart)",
     ),
     "--max-unplanned-metrics": (
         "max_unplanned_metrics",

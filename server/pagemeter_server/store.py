@@ -13,19 +13,22 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from importlib import resources
 from typing import Any, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from pagemeter_server.coalesce import Coalescer
 from pagemeter_server.periods import Month, day_end_ms, local_date, month_at, month_of, zone
 
 DAY_MS = 86_400_000
+# check.lua's reason for a metric that is not in the plan.
+UNKNOWN_METRIC = 8
 # A record counts in the month of its completion, which ends at most 31 days
 # after the record was made: its counters outlive it by the retention plus that.
 NAMES_GRACE_MS = 31 * DAY_MS
@@ -479,6 +482,9 @@ class Store:
     ) -> None:
         self.client = client
         self._observe = observer
+        # Whether the store may be called now; create_server points it at the
+        # health probe's finding.
+        self.available: Callable[[], bool] = lambda: True
         self.default_timezone = default_timezone
         self.record_ttl_ms = record_retention_days * DAY_MS
         self.usage_retention_ms = usage_retention_days * DAY_MS
@@ -486,7 +492,7 @@ class Store:
         self.max_unplanned_metrics = max_unplanned_metrics
         self.max_document_types = max_document_types
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
-        self._policy_cache: OrderedDict[str, str] = OrderedDict()
+        self._policy_cache: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self._month_cache: dict[str, Month] = {}
         self._tz_cache_size = tz_cache_size
         self.audit_max_events = audit_max_events
@@ -519,10 +525,15 @@ class Store:
 
     def failure_policy(self, org_id: str) -> str:
         """'open', 'closed' or '' (the service default) as last seen for the org."""
-        return self._policy_cache.get(org_id, "")
+        return self._policy_cache.get(org_id, ("", frozenset()))[0]
 
-    def _remember_policy(self, org_id: str, policy: str) -> None:
-        self._policy_cache[org_id] = policy
+    def known_plan_metrics(self, org_id: str) -> frozenset[str]:
+        """The org's plan metrics this replica has seen (for labels while Redis is down)."""
+        return self._policy_cache.get(org_id, ("", frozenset()))[1]
+
+    def _remember_policy(self, org_id: str, policy: str, metrics: Iterable[str] = ()) -> None:
+        known = self.known_plan_metrics(org_id) | frozenset(metrics)
+        self._policy_cache[org_id] = (policy, known)
         self._policy_cache.move_to_end(org_id)
         while len(self._policy_cache) > self._tz_cache_size:
             self._policy_cache.popitem(last=False)
@@ -549,6 +560,11 @@ class Store:
         raise StoreError(f"timezone of organization {org_id} keeps changing")
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> ScriptReply:
+        if not self.available():
+            # The health probe found Redis down: every call fails at once, as
+            # UNAVAILABLE (or CheckQuota's fail-open answer), instead of each
+            # waiting out --redis-timeout.
+            raise redis.exceptions.ConnectionError("the last health probe found Redis down")
         started = time.perf_counter()
         ok = False
         try:
@@ -649,7 +665,10 @@ class Store:
         if tag == "RATE_LIMITED":
             return CheckResult("rate_limited", False, False, 0, False, int(reply[1]), month, [])
         _, allowed, held, expiry, duplicate, rows, expired, policy = reply
-        self._remember_policy(org_id, str(policy))
+        metrics = [MetricCheck.from_row(row) for row in _rows(rows)]
+        self._remember_policy(
+            org_id, str(policy), (m.metric for m in metrics if m.reason != UNKNOWN_METRIC)
+        )
         return CheckResult(
             outcome="ok",
             allowed=allowed == "1",
@@ -658,7 +677,7 @@ class Store:
             duplicate=duplicate == "1",
             retry_after_ms=0,
             month=month,
-            metrics=[MetricCheck.from_row(row) for row in _rows(rows)],
+            metrics=metrics,
             expired=held_units(expired),
         )
 
@@ -800,7 +819,7 @@ class Store:
         outcome, parts, expired = await self.run(
             "release",
             [keys.holds, keys.holddata, keys.held, keys.record(request_id)],
-            [now_ms, request_id],
+            [now_ms, request_id, self.record_ttl_ms],
         )
         return ReleaseResult(
             outcome=outcome, released=held_units(parts), expired=held_units(expired)
@@ -873,7 +892,7 @@ class Store:
             ],
         )
         self._remember_timezone(org_id, str(doc["tz"]))
-        self._remember_policy(org_id, str(doc.get("sfp", "")))
+        self._remember_policy(org_id, str(doc.get("sfp", "")), doc.get("metrics", {}))
         await self.client.zadd(ORGS_KEY, {org_id: 0})
         return StoredPlan(dict(doc), int(version), now_ms)
 
