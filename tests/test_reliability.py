@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,8 +25,9 @@ from prometheus_client import CollectorRegistry
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.app import connect_redis, create_server
 from pagemeter_server.clock import RedisClock
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.embedded import RedisProcess, free_port
 from pagemeter_server.health import watching
+from pagemeter_server.lifecycle import bind_to_this_process
 from pagemeter_server.settings import Settings
 from tests.conftest import eagle_plan
 
@@ -376,3 +379,55 @@ async def test_a_volatile_store_can_be_accepted(tmp_path: Path) -> None:
     finally:
         client.close()
         await stop()  # type: ignore[operator]
+
+
+def test_the_server_refuses_a_store_without_an_append_only_file(tmp_path: Path) -> None:
+    """pagemeter-server on a Redis with appendonly no exits at once with one line naming the problem and --allow-volatile-store; with that flag it serves."""
+    volatile = RedisProcess(tmp_path / "volatile", appendonly=False)
+    volatile.start()
+    server = Path(sys.executable).parent / "pagemeter-server"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
+    command = [
+        str(server),
+        "--redis-url",
+        volatile.url,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--metrics-listen",
+        "",
+        "--dev-open-access",
+        "--log-format",
+        "text",
+    ]
+    try:
+        refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0
+        output = refused.stdout + refused.stderr
+        assert "append-only" in output and "--allow-volatile-store" in output, output
+        assert "Traceback" not in output
+        accepting = subprocess.Popen(
+            [*command, "--allow-volatile-store"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=bind_to_this_process(),
+        )
+        try:
+            target = command[command.index("--listen") + 1]
+            deadline = time.monotonic() + 20
+            with grpc.insecure_channel(target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    try:
+                        status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    except grpc.RpcError:
+                        status = None
+                    if status == SERVING:
+                        break
+                    assert time.monotonic() < deadline, "never SERVING"
+                    time.sleep(0.1)
+        finally:
+            accepting.terminate()
+            accepting.wait(10)
+    finally:
+        volatile.stop()
