@@ -273,18 +273,14 @@ def seed_month(client: redis.Redis, period_id: str) -> None:
     client.hset(OrgKeys(ORG).month(period_id), mapping=fields)
 
 
-async def test_usage_history_at_its_maxima(
-    largest: RunningServer, redis_sync: redis.Redis
-) -> None:
+async def test_usage_history_at_its_maxima(largest: RunningServer, redis_sync: redis.Redis) -> None:
     """24 months of history, each with 64 metrics at the largest figures and the largest terms, fit one answer."""
     await with_largest_plan(largest)
     year, month = 2026, 3
     for _ in range(24):
         seed_month(redis_sync, f"{year:04d}-{month:02d}")
         year, month = (year, month - 1) if month > 1 else (year - 1, 12)
-    reply = await largest.reporting.GetUsageHistory(
-        R.GetUsageHistoryRequest(org_id=ORG, months=24)
-    )
+    reply = await largest.reporting.GetUsageHistory(R.GetUsageHistoryRequest(org_id=ORG, months=24))
     fits(reply)
     assert len(reply.months) == 24
     assert all(len(m.metrics) == 64 for m in reply.months)
