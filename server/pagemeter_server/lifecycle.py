@@ -84,10 +84,6 @@ def _load_prctl() -> Callable[..., int] | None:
 _PRCTL = _load_prctl()
 
 
-def parent_death_signal_available() -> bool:
-    return _PRCTL is not None
-
-
 def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
     """Have this process receive `signum` when its parent `parent_pid` ends.
 
