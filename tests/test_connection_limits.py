@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -26,9 +27,10 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter
 
 from pagemeter_server.embedded import free_port
-from pagemeter_server.limits import MemoryReturner
+from pagemeter_server.limits import MemoryReturner, start_metrics_server
 from pagemeter_server.settings import Settings, parse_settings
 
 SERVER_COMMAND = Path(sys.executable).parent / "pagemeter-server"
@@ -172,6 +174,7 @@ class Server:
 
     def __init__(self, tmp_path: Path, *flags: str) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp_path / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
@@ -182,7 +185,7 @@ class Server:
                     "--listen",
                     f"127.0.0.1:{self.port}",
                     "--metrics-listen",
-                    f"127.0.0.1:{free_port()}",
+                    f"127.0.0.1:{self.metrics_port}",
                     "--data-dir",
                     str(tmp_path / "data"),
                     "--dev-open-access",
@@ -462,6 +465,72 @@ async def test_old_connection_ends_its_streams_after_the_grace(launch: Launch) -
         await asyncio.wait_for(calls[0].read(), 10)
     assert time.monotonic() - started < 5
     await close_all(channels, calls)
+
+
+# -- the Prometheus exporter ---------------------------------------------------------------
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    """Connections that send half a request line and then nothing."""
+    opened = []
+    for _ in range(count):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+        connection.sendall(b"GET /metrics HTTP/1.1\r\n")
+        opened.append(connection)
+    return opened
+
+
+def test_metrics_exporter_keeps_no_thread_per_idle_connection(launch: Launch) -> None:
+    """40 idle connections to the server's /metrics port add at most 16 threads (not one each), and a scrape is served once they are gone."""
+    server = launch()
+    process = psutil.Process(server.process.pid)
+    assert "pagemeter_build_info" in scrape(server.metrics_port)
+    threads = process.num_threads()
+    idle = idle_connections(server.metrics_port, 40)
+    time.sleep(1.0)
+    during = process.num_threads()
+    for connection in idle:
+        connection.close()
+    assert during - threads <= 16, f"{during - threads} more threads"
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert "pagemeter_build_info" in scrape(server.metrics_port)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_metrics_exporter_drops_connections_that_send_nothing() -> None:
+    """An exporter connection that sends no complete request within the timeout is closed by the server, and connections beyond the limit are closed at once."""
+    registry = CollectorRegistry()
+    Counter("limits_test_total", "a counter", registry=registry).inc()
+    httpd, thread = start_metrics_server(0, "127.0.0.1", registry, max_connections=3, timeout=0.5)
+    port = httpd.server_port
+    try:
+        idle = idle_connections(port, 5)
+        started = time.monotonic()
+        ended: list[float] = []
+        for connection in idle:
+            connection.settimeout(5)
+            while connection.recv(1024):  # until the server closes it
+                pass
+            ended.append(time.monotonic() - started)
+        for connection in idle:
+            connection.close()
+        assert max(ended) < 3, ended
+        assert "limits_test_total 1.0" in scrape(port)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
 
 
 # -- settings -------------------------------------------------------------------------------

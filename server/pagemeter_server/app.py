@@ -25,7 +25,7 @@ import redis.exceptions
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -53,7 +53,12 @@ from pagemeter_server.exporter import register_org_exporter
 from pagemeter_server.health import HealthReporter, watching
 from pagemeter_server.interceptors import ObservedRpcs
 from pagemeter_server.lifecycle import InUse, Phase
-from pagemeter_server.limits import BoundedHealthServicer, return_freed_memory, server_options
+from pagemeter_server.limits import (
+    BoundedHealthServicer,
+    return_freed_memory,
+    server_options,
+    start_metrics_server,
+)
 from pagemeter_server.logs import setup_logging
 from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.report_store import ReportStore
@@ -317,7 +322,7 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         if settings.metrics_listen:
             host, metrics_port = split_host_port(settings.metrics_listen)
             try:
-                http, _thread = start_http_server(metrics_port, addr=host, registry=registry)
+                http, _thread = start_metrics_server(metrics_port, host, registry)
             except OSError as exc:
                 raise OSError(
                     f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"

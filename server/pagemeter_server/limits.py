@@ -13,7 +13,12 @@ What one replica holds for its callers is bounded here, whoever the callers are:
 - grpc.health.v1 Watch streams, which live as long as the caller wants: a cap
   of their own (`BoundedHealthServicer`), below the RPC limit, so that Watch
   streams alone can never take every RPC slot (the health Check of a load
-  balancer among them).
+  balancer among them);
+- the Prometheus exporter: prometheus-client's `start_http_server` serves each
+  connection on a thread of its own with no timeout, so idle connections each
+  kept a thread for ever (2,000 of them: 2,000 threads, +52 MB);
+  `start_metrics_server` serves at most METRICS_MAX_CONNECTIONS at once, each
+  with a timeout.
 
 After a flood ends, glibc's malloc keeps the freed memory of gRPC core's
 streams in its arenas (RSS stays up; nothing leaks: `malloc_trim(0)` gives it
@@ -27,12 +32,17 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import socket
+import sys
 import threading
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from pagemeter_server.settings import Settings
 
@@ -46,6 +56,12 @@ MAX_HEALTH_SERVICE_NAME = 200
 # trim (or than the least it held since), checked every TRIM_INTERVAL_SECONDS.
 TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
 TRIM_INTERVAL_SECONDS = 1.0
+
+# The Prometheus exporter (/metrics): connections served at once (one thread
+# each; those beyond are closed at once) and seconds a connection may take to
+# send its request or read a block of the answer.
+METRICS_MAX_CONNECTIONS = 16
+METRICS_TIMEOUT_SECONDS = 5.0
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -209,3 +225,72 @@ def return_freed_memory() -> MemoryReturner:
             _returner = (os.getpid(), MemoryReturner())
             _returner[1].start()
         return _returner[1]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing (an access line per scrape is noise)."""
+
+
+class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most `max_connections` of them; others are closed."""
+
+    daemon_threads = True
+    max_connections = METRICS_MAX_CONNECTIONS
+    _slots: threading.BoundedSemaphore
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that timed out or went away: no traceback on stderr."""
+        log.debug("metrics connection ended: %s", sys.exc_info()[1])
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def start_metrics_server(
+    port: int,
+    addr: str,
+    registry: CollectorRegistry,
+    *,
+    max_connections: int = METRICS_MAX_CONNECTIONS,
+    timeout: float = METRICS_TIMEOUT_SECONDS,
+) -> tuple[WSGIServer, threading.Thread]:
+    """prometheus-client's start_http_server, with a bound on connections and a timeout.
+
+    Returns the server (`shutdown()` stops it) and its thread, as start_http_server does.
+    """
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_BoundedWSGIServer):
+        address_family = family
+
+    class Handler(_QuietHandler):
+        pass
+
+    Server.max_connections = max_connections
+    Handler.timeout = timeout
+    httpd = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, Handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="pagemeter-metrics", daemon=True)
+    thread.start()
+    return httpd, thread
