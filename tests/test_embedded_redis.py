@@ -597,3 +597,35 @@ def test_redis_ends_with_its_owner_even_when_a_finished_thread_started_it(
         if pid:
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+FORK_WHILE_LOCKED = """
+import os, sys, time
+from pagemeter_server.embedded import RedisProcess
+first = RedisProcess(sys.argv[1])
+first.start()
+child = os.fork()
+if child == 0:  # a forked child (as multiprocessing's fork makes) that outlives the Redis
+    time.sleep(30)
+    os._exit(0)
+try:
+    first.stop()
+    again = RedisProcess(sys.argv[1], lock_wait=1.0)
+    again.start()
+    again.stop()
+    print("restarted", flush=True)
+finally:
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_data_dir_locked(tmp_path: Path) -> None:
+    """A process forked while the data dir is locked drops its copy of the lock, so once the owner stops its Redis the data dir can be started again at once."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_WHILE_LOCKED, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "restarted" in done.stdout, done.stderr

@@ -167,6 +167,7 @@ class _Spawner:
 
 
 _SPAWNER = _Spawner()
+_FORKING = threading.local()
 
 
 def spawn(
@@ -180,13 +181,19 @@ def spawn(
     """
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            list(args),
-            pass_fds=tuple(pass_fds),
-            preexec_fn=_bind_to_parent(),  # only prctl and getppid run in the child
-            process_group=0,
-            **popen,
-        )
+        # A preexec_fn makes the child run Python's after-fork hooks, and
+        # _drop_inherited_locks must leave the descriptors passed on here open.
+        _FORKING.passes_fds = True
+        try:
+            return subprocess.Popen(
+                list(args),
+                pass_fds=tuple(pass_fds),
+                preexec_fn=_bind_to_parent(),  # only prctl and getppid run in the child
+                process_group=0,
+                **popen,
+            )
+        finally:
+            _FORKING.passes_fds = False
 
     child: subprocess.Popen[bytes] = _SPAWNER.run(start)
     return child
@@ -220,8 +227,25 @@ def alive(pid: int) -> bool:
 
 # -- the data-dir lock ----------------------------------------------------------------
 
-_HELD: set[str] = set()  # data dirs this process holds the lock of
+_HELD: dict[str, int] = {}  # data dirs this process holds the lock of, and the descriptor
 _HELD_LOCK = threading.Lock()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (os.fork, multiprocessing's fork): close the copies of the
+    lock descriptors, which would otherwise keep the parent's data dirs locked
+    for as long as the child lives. The parent's lock is unaffected. Not in the
+    child `spawn` forks to exec Redis, which is meant to share the lock."""
+    global _HELD_LOCK
+    _HELD_LOCK = threading.Lock()
+    if not getattr(_FORKING, "passes_fds", False):
+        for fd in _HELD.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 _HOLDER_LINE = re.compile(r"^(\S+) pid (\d+)$", re.MULTILINE)
 
 
@@ -263,7 +287,7 @@ class DataDirLock:
         os.pwrite(fd, f"pagemeter pid {os.getpid()}\n".encode(), 0)
         self._fd = fd
         with _HELD_LOCK:
-            _HELD.add(self._key)
+            _HELD[self._key] = fd
 
     def _take(self, fd: int) -> None:
         deadline: float | None = None
@@ -297,8 +321,12 @@ class DataDirLock:
         if fd is None:
             return
         with _HELD_LOCK:
-            _HELD.discard(self._key)
-        os.close(fd)
+            # Not ours any more in a forked child, which closed it already.
+            ours = _HELD.get(self._key) == fd
+            if ours:
+                del _HELD[self._key]
+        if ours:
+            os.close(fd)
 
 
 def _read_holders(fd: int) -> dict[str, int]:
