@@ -187,6 +187,24 @@ OPTIONS += [
         "100",
         100,
     ),
+    Option(
+        "--max-unplanned-metrics",
+        "PAGEMETER_MAX_UNPLANNED_METRICS",
+        "max_unplanned_metrics",
+        "4",
+        4,
+        "0",
+        0,
+    ),
+    Option(
+        "--max-document-types",
+        "PAGEMETER_MAX_DOCUMENT_TYPES",
+        "max_document_types",
+        "200",
+        200,
+        "7",
+        7,
+    ),
 ]
 
 # Options that cannot stand alone in the generic tests: a switch without a value,
@@ -194,6 +212,7 @@ OPTIONS += [
 SPECIAL = {
     "--dev-open-access": ("dev_open_access", "PAGEMETER_DEV_OPEN_ACCESS"),
     "--reuse-port": ("reuse_port", "PAGEMETER_REUSE_PORT"),
+    "--allow-volatile-store": ("allow_volatile_store", "PAGEMETER_ALLOW_VOLATILE_STORE"),
     "--redis-pipelining": ("redis_pipelining", "PAGEMETER_REDIS_PIPELINING"),
     "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT"),
     # cluster mode needs a --redis-url: tested with one below
@@ -393,6 +412,8 @@ def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str
         (["--usage-retention-days", "30"], {}, "usage retention must be at least 31 days"),
         (["--redis-timeout", "0"], {}, "Redis timeout must be positive"),
         (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+        (["--max-unplanned-metrics", "33"], {}, "--max-unplanned-metrics must be between 0 and 32"),
+        ([], {"PAGEMETER_MAX_DOCUMENT_TYPES": "0"}, "--max-document-types must be between 1"),
     ],
     ids=[
         "env-timezone",
@@ -413,6 +434,8 @@ def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str
         "usage-retention-short",
         "redis-timeout-zero",
         "unknown-flag",
+        "unplanned-metrics-over-32",
+        "document-types-zero",
     ],
 )
 def test_invalid_values_exit_with_readable_error(
