@@ -844,6 +844,84 @@ async def test_cli_outbox_status_flush_requeue_and_discard(
     assert figures(await usage_of(outage.target), "pages").committed == 6
 
 
+async def kill_a_flusher_holding(
+    outbox_path: Path, clock: ManualClock, jobs: dict[str, int]
+) -> None:
+    """Store `jobs` while pagemeter is down, then SIGKILL a flusher process mid-pass.
+
+    The flusher sends to a port that accepts and never answers (deadline 3 s,
+    lease margin 0.5 s), so it dies holding every record for about 3.5 s.
+    """
+    with Outbox(outbox_path, clock=server_time(clock)) as outbox:  # the jobs' time
+        for request_id, pages in jobs.items():
+            outbox.add(
+                quota_pb2.RecordUsageRequest(
+                    org_id="acme", request_id=request_id, units={"pages": pages}
+                )
+            )
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    script = textwrap.dedent(
+        f"""
+        from pagemeter_client import Outbox, PagemeterClient
+        outbox = Outbox({str(outbox_path)!r}, lease_margin=0.5)
+        client = PagemeterClient("127.0.0.1:{silent.getsockname()[1]}", outbox=outbox,
+                                 timeout=3, max_attempts=1, flush_outbox_on_close=False)
+        client.flush_outbox(force=True)
+        """
+    )
+    flusher = await asyncio.create_subprocess_exec(sys.executable, "-c", script)
+    try:
+
+        def all_held() -> bool:
+            with Outbox(outbox_path, create=False) as peek:
+                return peek.summary().in_flight == len(jobs)
+
+        await eventually(all_held)
+        os.kill(flusher.pid, signal.SIGKILL)
+        await flusher.wait()
+    finally:
+        silent.close()
+
+
+async def test_cli_flush_sends_the_records_a_killed_flusher_held_once_its_leases_end(
+    outage: Restartable, outbox_path: Path, outbox_cli: Cli
+) -> None:
+    """After a flusher process is killed with SIGKILL while holding leases, `pagemeter outbox flush` waits for the leases to end, delivers those records and exits 0 (it exited 0 having sent nothing)."""
+    jobs = {f"job-{n}": n + 1 for n in range(5)}
+    await kill_a_flusher_holding(outbox_path, outage.clock, jobs)
+    with Outbox(outbox_path, create=False) as outbox:
+        assert outbox.summary().in_flight == 5
+
+    started = time.monotonic()
+    flushed = await outbox_cli("outbox", "flush", str(outbox_path), "--json")
+    assert flushed.code == 0, flushed.err
+    assert "waiting for 5 record(s) leased by another flusher until" in flushed.err
+    assert time.monotonic() - started < 15
+    summary = flushed.json()
+    assert (summary["delivered"], summary["pending"], summary["leased"]) == (5, 0, 0)
+    assert stored_count(outbox_path) == 0
+    assert figures(await usage_of(outage.target), "pages").committed == sum(jobs.values())
+
+
+async def test_cli_flush_without_waiting_fails_naming_the_leased_records(
+    outage: Restartable, outbox_path: Path, outbox_cli: Cli
+) -> None:
+    """With --wait 0, `pagemeter outbox flush` after a killed flusher exits 1 with "N record(s) still leased by another flusher until <time>" and leaves them in the outbox."""
+    await kill_a_flusher_holding(outbox_path, outage.clock, {"job-a": 2, "job-b": 3})
+    with Outbox(outbox_path, create=False) as outbox:
+        lease_end = outbox.summary().last_lease_ends
+    assert lease_end is not None
+
+    flushed = await outbox_cli("outbox", "flush", str(outbox_path), "--wait", "0")
+    assert flushed.code == 1
+    until = lease_end.astimezone(UTC).isoformat(timespec="seconds")
+    assert f"error: 2 record(s) still leased by another flusher until {until}" in flushed.err
+    assert f"leased:       2 by another flusher until {until}" in flushed.out
+    assert stored_count(outbox_path) == 2
+    as_json = await outbox_cli("outbox", "flush", str(outbox_path), "--wait", "0", "--json")
+    assert as_json.code == 1 and as_json.json()["leased"] == 2
+
+
 def test_an_outbox_file_from_something_else_is_refused(tmp_path: Path) -> None:
     """Opening a file that is not a pagemeter outbox raises OutboxError and leaves the file alone."""
     from pagemeter_client import OutboxError

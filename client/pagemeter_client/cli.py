@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -82,6 +83,9 @@ SPEC_HELP = (
 Command = Callable[[PagemeterClient, argparse.Namespace], int]
 # The outbox commands open the file themselves (and `flush` its client).
 OutboxCommand = Callable[[argparse.Namespace], int]
+# How long `outbox flush` waits for records another flusher holds: a lease lasts
+# the holder's deadline plus its lease margin (5 + 30 s with the defaults).
+FLUSH_WAIT_SECONDS = 60.0
 # Characters of an outbox record's last error shown in the status table (--json: all).
 ERROR_WIDTH = 60
 
@@ -210,6 +214,17 @@ def positive_seconds(text: str) -> float:
         value = -1.0
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A number of seconds >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
     return value
 
 
@@ -973,15 +988,16 @@ def render_outbox_status(
 
 
 def render_flush(result: FlushResult) -> str:
-    header = fmt.fields(
-        [
-            ("delivered", f"{result.delivered} ({result.count('duplicate')} already recorded)"),
-            ("deferred", str(result.count("deferred"))),
-            ("rejected", str(result.count("rejected"))),
-            ("pending now", str(result.pending)),
-            ("dead letters", str(result.dead)),
-        ]
-    )
+    fields = [
+        ("delivered", f"{result.delivered} ({result.count('duplicate')} already recorded)"),
+        ("deferred", str(result.count("deferred"))),
+        ("rejected", str(result.count("rejected"))),
+        ("pending now", str(result.pending)),
+        ("dead letters", str(result.dead)),
+    ]
+    if result.leased:
+        fields.append(("leased", f"{result.leased} by another flusher {_lease_end(result)}"))
+    header = fmt.fields(fields)
     if not result.outcomes:
         return f"{header}\n\nnothing to send"
     rows = [
@@ -1023,12 +1039,63 @@ def _json_time(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
+def _lease_end(result: FlushResult) -> str:
+    if result.leased_until is None:
+        return ""
+    return "until " + result.leased_until.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _flush_and_wait(
+    client: PagemeterClient, outbox: Outbox, args: argparse.Namespace
+) -> FlushResult:
+    """Delivery passes until no record is held by another flusher, or --wait runs out.
+
+    A record another pass or a first attempt holds is left alone until its
+    lease ends (the holder may still be sending it, or may have died: nothing
+    tells them apart); then a pass here takes it over. The result joins every
+    pass's outcomes; its counts are those after the last pass.
+    """
+    limit: int | None = args.limit or None
+    give_up = time.monotonic() + args.wait
+    passes = [client.flush_outbox(force=True, limit=limit)]
+    told = False
+    while True:
+        last = passes[-1]
+        tried = sum(len(p.outcomes) for p in passes)
+        if last.stopped is not None or not last.leased or (limit and tried >= limit):
+            break
+        first_end = outbox.summary().first_lease_ends
+        if first_end is not None:  # else the leases ended meanwhile: take them over now
+            wait_for = (first_end - outbox.now()).total_seconds()
+            if time.monotonic() + wait_for > give_up:
+                break
+            if not told:
+                print(
+                    f"waiting for {last.leased} record(s) leased by another flusher "
+                    f"{_lease_end(last)} (at most {args.wait:g} s; --wait 0 does not wait)",
+                    file=sys.stderr,
+                )
+                told = True
+            time.sleep(max(0.0, min(wait_for, 1.0)) + 0.05)
+        elif time.monotonic() > give_up:
+            break
+        passes.append(client.flush_outbox(force=True, limit=limit and limit - tried))
+    return FlushResult(
+        outcomes=tuple(o for p in passes for o in p.outcomes),
+        pending=passes[-1].pending,
+        dead=passes[-1].dead,
+        stopped=passes[-1].stopped,
+        leased=passes[-1].leased,
+        leased_until=passes[-1].leased_until,
+    )
+
+
 def cmd_outbox_flush(args: argparse.Namespace) -> int:
     with (
         _open_outbox(args) as outbox,
         make_client(args, outbox=outbox, flush_outbox_on_close=False) as client,
     ):
-        result = client.flush_outbox(force=True, limit=args.limit or None)
+        result = _flush_and_wait(client, outbox, args)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -1047,7 +1114,14 @@ def cmd_outbox_flush(args: argparse.Namespace) -> int:
             f"unless requeued (pagemeter outbox status {args.file})",
             file=sys.stderr,
         )
-    return EXIT_OK if result.ok else EXIT_RPC_ERROR
+    if result.leased and result.stopped is None:
+        print(
+            f"error: {result.leased} record(s) still leased by another flusher "
+            f"{_lease_end(result)}: it may still be sending them, or have died; run flush "
+            "again after that time (or with a longer --wait) to send them",
+            file=sys.stderr,
+        )
+    return EXIT_OK if result.ok and not result.leased else EXIT_RPC_ERROR
 
 
 def cmd_outbox_requeue(args: argparse.Namespace) -> int:
@@ -1383,6 +1457,13 @@ def _add_outbox_commands(
     )
     flush.add_argument("file", metavar="FILE")
     flush.add_argument("--limit", type=count, default=0, help="records tried at most (0: all)")
+    flush.add_argument(
+        "--wait",
+        type=seconds,
+        default=FLUSH_WAIT_SECONDS,
+        help="seconds to wait for records another flusher holds, then send them (default "
+        f"{FLUSH_WAIT_SECONDS:g}; 0: do not wait); exit 1 if some are still held",
+    )
     flush.set_defaults(outbox_run=cmd_outbox_flush)
     requeue = outbox_commands.add_parser(
         "requeue", parents=[common], help="make dead letters pending again (all, or these ids)"

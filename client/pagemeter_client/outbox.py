@@ -27,6 +27,12 @@ claims the rows it sends for a lease, so two passes do not send the same
 record at once (and if a lease runs out mid-call, the redelivery is a
 duplicate). Not on a network file system: SQLite's locking needs a local disk.
 
+A lease cannot tell a live sender from a dead one: a process killed while it
+holds records leaves them held until the lease ends (the call's deadline plus
+`lease_margin`), and only then does another pass send them. `pagemeter outbox
+flush` waits for such leases (`--wait`) and fails, naming them, if they outlast
+it; a FlushResult counts them in `leased`.
+
 This module knows nothing of gRPC channels; the clients in `pagemeter_client.sdk`
 send the requests and report the answers here.
 """
@@ -235,6 +241,9 @@ class OutboxSummary:
     in_flight: int
     oldest_pending: datetime | None
     next_attempt_at: datetime | None
+    # The first and the last end of the leases held now (None: nothing held).
+    first_lease_ends: datetime | None = None
+    last_lease_ends: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,11 @@ class FlushResult:
     dead: int  # dead letters in the outbox after the pass
     # "CODE: message" when the pass stopped early because pagemeter was unreachable.
     stopped: str | None = None
+    # Pending records that another pass or a first attempt held after this pass
+    # (it may still be sending them, or have died: see Outbox), and when the
+    # last of those leases ends.
+    leased: int = 0
+    leased_until: datetime | None = None
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for o in self.outcomes if o.outcome == outcome)
@@ -283,6 +297,8 @@ class FlushResult:
             "pending": self.pending,
             "dead": self.dead,
             "stopped": self.stopped,
+            "leased": self.leased,
+            "leased_until": None if self.leased_until is None else _utc_text(self.leased_until),
             "outcomes": [
                 {
                     "id": o.entry_id,
@@ -523,14 +539,16 @@ class Outbox:
 
     def summary(self) -> OutboxSummary:
         now = self.clock()
-        ((pending, dead, in_flight, oldest, next_at),) = self._read(
+        ((pending, dead, in_flight, oldest, next_at, first_end, last_end),) = self._read(
             "SELECT "
             "COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'dead'), 0), "
             "COALESCE(SUM(state = 'pending' AND claimed_until > ?), 0), "
             "MIN(CASE WHEN state = 'pending' THEN created_at END), "
-            "MIN(CASE WHEN state = 'pending' THEN next_attempt_at END) "
+            "MIN(CASE WHEN state = 'pending' THEN next_attempt_at END), "
+            "MIN(CASE WHEN state = 'pending' AND claimed_until > ? THEN claimed_until END), "
+            "MAX(CASE WHEN state = 'pending' AND claimed_until > ? THEN claimed_until END) "
             "FROM records",
-            (now,),
+            (now, now, now),
         )
         return OutboxSummary(
             pending=pending,
@@ -538,6 +556,8 @@ class Outbox:
             in_flight=in_flight,
             oldest_pending=_iso(oldest),
             next_attempt_at=_iso(next_at),
+            first_lease_ends=_iso(first_end),
+            last_lease_ends=_iso(last_end),
         )
 
     def __len__(self) -> int:
@@ -727,4 +747,6 @@ class DeliveryPass:
             pending=summary.pending,
             dead=summary.dead,
             stopped=self.stopped,
+            leased=summary.in_flight,
+            leased_until=summary.last_lease_ends,
         )
