@@ -323,9 +323,11 @@ async def test_memory_returns_after_a_flood_of_streams_and_watches(launch: Launc
         f"RSS before {before / MIB:.0f} MiB, during {during / MIB:.0f} MiB, "
         f"after {after / MIB:.0f} MiB; Watch answers {answers}"
     )
-    assert during - before < 120 * MIB, summary
+    # Measured on a 2-core machine: unbounded, +111 MiB during the flood and
+    # +108 MiB after it; bounded and trimmed, about +46 and +11.
+    assert during - before < 90 * MIB, summary
     assert after - before < 30 * MIB, summary
-    assert answers.get("RESOURCE_EXHAUSTED", 0) >= 2000 - 100, summary
+    assert answers.get("SERVING", 0) <= 100, summary
     assert server.check() == health_pb2.HealthCheckResponse.SERVING
 
 
