@@ -27,6 +27,7 @@ from pagemeter.v1 import (
 from pagemeter_server.app import connect_redis, create_server
 from pagemeter_server.clock import ManualClock
 from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.health import volatile_nodes
 from pagemeter_server.settings import Settings
 from tests.cluster_topology import Cluster
 from tests.conftest import START_MS, eagle_plan, metric_limits
@@ -177,3 +178,21 @@ async def test_concurrent_callers_never_over_admit_on_a_cluster(cluster_server: 
         usage = await quota.GetUsage(quota_pb2.GetUsageRequest(org_id=org))
         assert {m.metric: m.committed for m in usage.metrics}["pages"] == 40
         assert usage.jobs.succeeded == 40
+
+
+async def test_health_reads_persistence_on_every_primary(cluster: list[RedisProcess]) -> None:
+    """The health probe reads INFO persistence on each primary: all persistent at first, and the one primary whose append-only file is turned off is named."""
+    settings = Settings(redis_url=cluster[0].url, redis_mode="cluster", dev_open_access=True)
+    client = connect_redis(settings.redis_url, settings)
+    try:
+        assert await volatile_nodes(client) == []
+        victim = redis.Redis.from_url(cluster[2].url)
+        victim.config_set("appendonly", "no")
+        try:
+            assert await volatile_nodes(client) == [f"127.0.0.1:{cluster[2].port}"]
+        finally:
+            victim.config_set("appendonly", "yes")
+            victim.close()
+        assert await volatile_nodes(client) == []
+    finally:
+        await client.aclose()

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter_client import AsyncPagemeterClient
 from pagemeter_server.app import connect_redis, create_server
 from pagemeter_server.clock import RedisClock
 from pagemeter_server.embedded import RedisProcess, free_port
@@ -42,6 +43,7 @@ class Rig:
     health: health_pb2_grpc.HealthAsyncStub
     registry: CollectorRegistry
     clock: RedisClock
+    target: str = ""
 
     async def status(self) -> int:
         reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -89,6 +91,7 @@ async def start_rig(tmp_path: Path, **overrides: object) -> tuple[Rig, object]:
         health_pb2_grpc.HealthStub(channel),  # type: ignore[arg-type]
         registry,
         clock,
+        f"127.0.0.1:{port}",
     )
 
     async def stop() -> None:
@@ -303,23 +306,25 @@ async def test_every_call_fails_at_once_during_a_stall_health_knows(tmp_path: Pa
 
 
 async def test_an_unavailable_hold_is_made_exact_by_its_request_id(tmp_path: Path) -> None:
-    """A hold answered UNAVAILABLE while Redis stalled may still be applied when Redis resumes; retrying it with the same request_id holds the units exactly once either way, and a release frees them."""
-    rig, stop = await start_rig(tmp_path, redis_timeout_seconds=0.3, health_interval_seconds=5.0)
+    """A hold answered UNAVAILABLE while Redis stalled is applied when Redis resumes; retrying it with the same request_id returns that hold (not a second one), and a release frees it."""
+    # Health must not notice the stall (it would stop the call reaching Redis).
+    rig, stop = await start_rig(tmp_path, redis_timeout_seconds=0.3, health_interval_seconds=60)
     try:
         await rig.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
         hold = quota_pb2.CheckQuotaRequest(
             org_id="acme", units={"pages": 100}, request_id="job-1", hold=True
         )
+        await check(rig)  # check.lua is loaded: a stalled EVALSHA of it will run on resume
         pause(rig.redis)
         try:
-            # Health has not noticed yet (5 s interval): the call waits its timeout.
+            # Health has not noticed: the call is sent, and waits its timeout.
             assert await refused_code(rig.quota.CheckQuota(hold, timeout=10)) == (
                 grpc.StatusCode.UNAVAILABLE
             )
         finally:
             resume(rig.redis)
         again = await rig.quota.CheckQuota(hold, timeout=10)
-        assert again.held  # the stalled call's hold (a duplicate), or this one's
+        assert again.held and again.duplicate  # the stalled call was applied, once
         usage = await rig.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"), timeout=10)
         assert {m.metric: m.held for m in usage.metrics}["pages"] == 100
         released = await rig.quota.ReleaseQuota(
@@ -431,3 +436,30 @@ def test_the_server_refuses_a_store_without_an_append_only_file(tmp_path: Path) 
             accepting.wait(10)
     finally:
         volatile.stop()
+
+
+async def test_the_sdk_leaves_no_hold_when_its_hold_timed_out(tmp_path: Path) -> None:
+    """reserve() whose hold times out on a stalled Redis raises UNAVAILABLE and sends a release with the same id, so when Redis resumes and runs both, no hold is left, whichever runs first."""
+    # Health must not notice the stall (it would stop the calls reaching Redis).
+    rig, stop = await start_rig(tmp_path, redis_timeout_seconds=0.3, health_interval_seconds=60)
+    try:
+        await rig.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+        async with AsyncPagemeterClient(rig.target, max_attempts=1, timeout=10) as client:
+            # Both scripts loaded, so that the stalled calls run when Redis resumes.
+            await check(rig)
+            await client.release_quota("acme", "warm-up")
+            pause(rig.redis)
+            # The stall ends while reserve() is still trying to release (for 2 s).
+            resumed = asyncio.get_running_loop().call_later(0.8, resume, rig.redis)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async with client.reserve("acme", {"pages": 100}, request_id="ghost"):
+                        pytest.fail("the body must not run without a hold")
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            finally:
+                resumed.cancel()
+                resume(rig.redis)
+            usage = await client.get_usage("acme")
+        assert {m.metric: m.held for m in usage.metrics}["pages"] == 0
+    finally:
+        await stop()  # type: ignore[operator]

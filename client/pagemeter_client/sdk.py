@@ -41,6 +41,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -769,8 +770,10 @@ class Reservation(_ReservationState):
 UNKNOWN_OUTCOME = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
-# The deadline of the release that follows a hold of unknown outcome.
-RELEASE_TIMEOUT = 2.0
+# How long reserve() keeps trying to release a hold of unknown outcome, and the
+# pause between its tries (each also bounded by gRPC's own retries).
+RELEASE_WINDOW = 2.0
+RELEASE_RETRY_PAUSE = 0.1
 
 
 def _outcome_unknown(error: grpc.RpcError) -> bool:
@@ -1429,6 +1432,24 @@ class AsyncPagemeterClient:
 
     # Worker convenience
 
+    async def _release_unknown_hold(self, org_id: str, request_id: str) -> None:
+        """Free, or bar, a hold whose CheckQuota had an unknown outcome.
+
+        The hold may still land (Redis ran the script after pagemeter gave up on
+        it): a release with its id frees it, or, sent first, makes pagemeter
+        refuse it when it lands. Tried for RELEASE_WINDOW seconds while pagemeter
+        answers UNAVAILABLE; past that the hold's TTL is the backstop.
+        """
+        deadline = time.monotonic() + RELEASE_WINDOW
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                await self.release_quota(org_id, request_id, timeout=remaining)
+                return
+            except grpc.RpcError as error:
+                if not _outcome_unknown(error):
+                    return
+            await asyncio.sleep(min(RELEASE_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+
     @contextlib.asynccontextmanager
     async def reserve(
         self,
@@ -1452,11 +1473,7 @@ class AsyncPagemeterClient:
             )
         except grpc.RpcError as error:
             if _outcome_unknown(error):
-                # The hold may still land (Redis ran the script after pagemeter
-                # gave up on it): releasing the id frees it, or bars it if it
-                # lands later. Best effort: the hold's TTL is the backstop.
-                with contextlib.suppress(grpc.RpcError):
-                    await self.release_quota(org_id, request_id, timeout=RELEASE_TIMEOUT)
+                await self._release_unknown_hold(org_id, request_id)
             raise
         if not decision.allowed:
             raise QuotaDenied(decision)
@@ -1993,6 +2010,18 @@ class PagemeterClient:
 
     # Worker convenience
 
+    def _release_unknown_hold(self, org_id: str, request_id: str) -> None:
+        """As AsyncPagemeterClient._release_unknown_hold, blocking."""
+        deadline = time.monotonic() + RELEASE_WINDOW
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                self.release_quota(org_id, request_id, timeout=remaining)
+                return
+            except grpc.RpcError as error:
+                if not _outcome_unknown(error):
+                    return
+            time.sleep(min(RELEASE_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+
     @contextlib.contextmanager
     def reserve(
         self,
@@ -2016,9 +2045,7 @@ class PagemeterClient:
             )
         except grpc.RpcError as error:
             if _outcome_unknown(error):
-                # As in AsyncPagemeterClient.reserve: free or bar a hold that may still land.
-                with contextlib.suppress(grpc.RpcError):
-                    self.release_quota(org_id, request_id, timeout=RELEASE_TIMEOUT)
+                self._release_unknown_hold(org_id, request_id)
             raise
         if not decision.allowed:
             raise QuotaDenied(decision)
