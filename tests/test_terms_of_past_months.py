@@ -7,6 +7,9 @@ plan says today.
 
 from __future__ import annotations
 
+import grpc
+import pytest
+
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
 from tests.conftest import RunningServer, metric_limits
 
@@ -106,3 +109,50 @@ async def test_a_month_before_the_first_plan_has_no_terms(pagemeter_server: Runn
     assert pages.committed == 40
     assert not pages.HasField("contract_quota")
     assert (pages.overage_units, pages.overage_cost) == (0, "0")
+
+
+async def test_a_past_month_can_be_corrected_for_a_metric_its_plan_had(
+    pagemeter_server: RunningServer,
+) -> None:
+    """AdjustUsage of March corrects a metric March's plan had, after today's plan dropped it; a metric no plan ever had and never recorded is still refused."""
+    await pagemeter_server.admin.SetPlan(
+        admin_pb2.SetPlanRequest(
+            plan=plan_pb2.Plan(
+                org_id="acme",
+                name="Old",
+                timezone="UTC",
+                metrics=[metric_limits("pages"), metric_limits("faxes")],
+            )
+        )
+    )
+    pagemeter_server.clock.set(pagemeter_server.clock.now_ms() + 20 * DAY_MS)
+    await set_plan(pagemeter_server, 100, "1", "New")  # pages only: faxes dropped
+    reply = await pagemeter_server.admin.AdjustUsage(
+        admin_pb2.AdjustUsageRequest(
+            org_id="acme",
+            metric="faxes",
+            units=7,
+            year=2026,
+            month=3,
+            reason="missed faxes",
+            adjustment_id="adj-1",
+        )
+    )
+    assert (reply.period_id, reply.committed_after) == ("2026-03", 7)
+    march = await pagemeter_server.quota.GetUsage(
+        Q.GetUsageRequest(org_id="acme", year=2026, month=3)
+    )
+    assert {m.metric: m.committed for m in march.metrics}["faxes"] == 7
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pagemeter_server.admin.AdjustUsage(
+            admin_pb2.AdjustUsageRequest(
+                org_id="acme",
+                metric="telex",
+                units=1,
+                year=2026,
+                month=3,
+                reason="never sold",
+                adjustment_id="adj-2",
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

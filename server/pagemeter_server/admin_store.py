@@ -170,6 +170,8 @@ class AdminStore:
                     keys.lifetime,
                     keys.adjustment(adjustment_id),
                     keys.audit,
+                    keys.planlog,
+                    keys.planver,
                 ],
                 [
                     now_ms,
@@ -184,6 +186,8 @@ class AdminStore:
                     actor,
                     reason,
                     self.store.audit_max_events,
+                    # The month's terms: the plan version in effect at its end.
+                    min(month.end_ms, now_ms + 1),
                 ],
             )
 

@@ -7,6 +7,8 @@
 -- KEYS[3] life        pm:{org}:u:lifetime
 -- KEYS[4] adjustment  pm:{org}:adj:<adjustment_id>  hash {fp, res}
 -- KEYS[5] audit       pm:{org}:audit         stream (the audit trail)
+-- KEYS[6] planlog     pm:{org}:planlog       zset version -> updated_ms
+-- KEYS[7] planver     pm:{org}:planver       hash version -> plan JSON
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -20,11 +22,18 @@
 -- ARGV[10] actor
 -- ARGV[11] reason
 -- ARGV[12] audit trail length (entries kept, about)
+-- ARGV[13] terms instant (ms): the month's end, or now + 1 for the current month
+--
+-- Which metrics a month can be corrected for: a lifetime (PERIOD_NONE) metric of
+-- today's plan corrects its lifetime total; any other metric that the month's
+-- own terms (the plan version in effect at its end) or today's plan name, or
+-- that has usage recorded in the month, corrects the month. So a past month can
+-- be corrected for a metric its plan had, even if today's plan dropped it.
 --
 -- Returns {'STALE_TZ', tz}, {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, or
 --   {'OK', period_id, before, after, duplicate}.
 
-assert(#KEYS == 5 and #ARGV == 12, 'adjust.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 7 and #ARGV == 13, 'adjust.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[1])
 local metric, units = ARGV[4], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
@@ -36,8 +45,22 @@ if not plan then
   return {'NO_PLAN'}
 end
 local limits = plan.metrics[metric]
-if not limits then
-  return {'UNKNOWN_METRIC'}
+if not (limits and limits.per == 'N') then
+  -- A monthly correction: the month's own terms decide, as every read of it does.
+  local terms = nil
+  local ids = redis.call('ZREVRANGEBYSCORE', KEYS[6], '(' .. ARGV[13], '-inf', 'LIMIT', 0, 1)
+  if #ids > 0 then
+    local json = redis.call('HGET', KEYS[7], ids[1])
+    if json then
+      terms = cjson.decode(json)
+    end
+  end
+  local in_terms = terms and terms.metrics[metric]
+  local recorded = redis.call('HEXISTS', KEYS[2], 'c:' .. metric) == 1
+  if not (limits or in_terms or recorded) then
+    return {'UNKNOWN_METRIC'}
+  end
+  limits = {per = 'M'}
 end
 local previous = redis.call('HMGET', KEYS[4], 'fp', 'res')
 if previous[1] then
