@@ -81,7 +81,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import RedisProcess, free_port, server_version
-from pagemeter_server.lifecycle import bind_to_this_process
+from pagemeter_server.lifecycle import bound_command
 from pagemeter_server.store import _load_script_text
 
 # bench/driver.py: imported here and by the driver processes this script spawns.
@@ -169,13 +169,11 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                self.command,
+                bound_command(self.command),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=ROOT,
-                # A bench killed mid-run must not leave its servers running.
-                preexec_fn=bind_to_this_process(),
             )
 
     @property

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import REDIS_SERVER_ENV, free_port
-from pagemeter_server.lifecycle import bind_to_this_process
+from pagemeter_server.lifecycle import bound_command
 from tests.conftest import eagle_plan
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
@@ -50,13 +50,13 @@ class Command:
         }
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [*(program or [str(SERVER)]), *args],
+                # Bound to this test run: a killed run takes the server along.
+                bound_command([*(program or [str(SERVER)]), *args]),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=bind_to_this_process(),  # a killed test run takes it along
             )
         self.family: list[psutil.Process] = []
 

@@ -28,7 +28,7 @@ from pagemeter_server.app import connect_redis, create_server
 from pagemeter_server.clock import RedisClock
 from pagemeter_server.embedded import RedisProcess, free_port
 from pagemeter_server.health import watching
-from pagemeter_server.lifecycle import bind_to_this_process
+from pagemeter_server.lifecycle import bound_command
 from pagemeter_server.settings import Settings
 from tests.conftest import eagle_plan
 
@@ -411,11 +411,10 @@ def test_the_server_refuses_a_store_without_an_append_only_file(tmp_path: Path) 
         assert "append-only" in output and "--allow-volatile-store" in output, output
         assert "Traceback" not in output
         accepting = subprocess.Popen(
-            [*command, "--allow-volatile-store"],
+            bound_command([*command, "--allow-volatile-store"]),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=bind_to_this_process(),
         )
         try:
             target = command[command.index("--listen") + 1]

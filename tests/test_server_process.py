@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import REDIS_SERVER_ENV, append_only_files, free_port
-from pagemeter_server.lifecycle import bind_to_this_process
+from pagemeter_server.lifecycle import bound_command
 
 SERVER_COMMAND = Path(sys.executable).parent / "pagemeter-server"
 STARTUP_DEADLINE_SECONDS = 20.0
@@ -76,24 +76,26 @@ class ServerProcess:
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    str(SERVER_COMMAND),
-                    "--listen",
-                    self.target,
-                    "--metrics-listen",
-                    f"127.0.0.1:{self.metrics_port}",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--dev-open-access",
-                ],
+                # Bound to this test run: a killed run takes the server along.
+                bound_command(
+                    [
+                        str(SERVER_COMMAND),
+                        "--listen",
+                        self.target,
+                        "--metrics-listen",
+                        f"127.0.0.1:{self.metrics_port}",
+                        "--data-dir",
+                        str(self.data_dir),
+                        "--dev-open-access",
+                    ]
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 # Own process group: teardown can kill the server, and no terminal
-                # signal reaches it by accident; a killed test run takes it along.
+                # signal reaches it by accident.
                 start_new_session=True,
-                preexec_fn=bind_to_this_process(),
             )
         self._wait_until_serving()
         self.redis_pids |= {child.pid for child in self.redis_children()}

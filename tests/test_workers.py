@@ -18,7 +18,7 @@ import pytest
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import free_port
-from pagemeter_server.lifecycle import bind_to_this_process
+from pagemeter_server.lifecycle import bound_command
 from tests.conftest import eagle_plan
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
@@ -52,22 +52,24 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with log.open("wb") as out:
         supervisor = subprocess.Popen(
-            [
-                str(SERVER),
-                "--workers",
-                "2",
-                "--dev-open-access",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--metrics-listen",
-                f"127.0.0.1:{metrics}",
-                "--data-dir",
-                str(tmp_path / "data"),
-            ],
+            # Bound to this test run: a killed run takes the server along.
+            bound_command(
+                [
+                    str(SERVER),
+                    "--workers",
+                    "2",
+                    "--dev-open-access",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--metrics-listen",
+                    f"127.0.0.1:{metrics}",
+                    "--data-dir",
+                    str(tmp_path / "data"),
+                ]
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=bind_to_this_process(),  # a killed test run takes it along
         )
     try:
         deadline = time.monotonic() + 30

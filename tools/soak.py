@@ -89,7 +89,7 @@ from pagemeter.v1 import (
     reporting_pb2_grpc,
 )
 from pagemeter_server.embedded import RedisProcess, free_port, server_version
-from pagemeter_server.lifecycle import bind_to_this_process
+from pagemeter_server.lifecycle import bound_command
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
 
@@ -362,12 +362,10 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [str(SERVER), *self.args],
+                bound_command([str(SERVER), *self.args]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                # A soak killed mid-run must not leave its server running.
-                preexec_fn=bind_to_this_process(),
             )
 
     @property

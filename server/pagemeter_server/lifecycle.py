@@ -108,18 +108,44 @@ def _watch_parent(parent_pid: int, signum: int) -> None:
     threading.Thread(target=watch, name="pagemeter-parent-watch", daemon=True).start()
 
 
-def _bind_to_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
-    """A Popen preexec_fn that makes the child receive `signum` when its parent ends."""
-    parent = os.getpid()
-    prctl = _PRCTL
+# Run as `python -I -S -c _EXEC_BOUND <parent pid> <signal> <program> <args...>`:
+# ask for the parent-death signal, give up if the parent is already gone (the
+# race between fork and prctl), then become the program. The signal survives
+# execve. A wrapper rather than a Popen preexec_fn: with a preexec_fn, CPython
+# forks with fork() instead of vfork() and runs the at-fork handlers of the
+# libraries loaded, and gRPC's restart its poller threads in the child, which
+# then abort when the child closes its descriptors (seen as a SIGABRT of the
+# child in the test suite). The wrapper adds one Python start-up (~15 ms).
+_EXEC_BOUND = """
+import ctypes, os, sys
+parent, signum = int(sys.argv[1]), int(sys.argv[2])
+if sys.platform.startswith("linux"):
+    prctl = ctypes.CDLL(None).prctl
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    if prctl(1, signum, 0, 0, 0) == 0 and os.getppid() != parent:
+        sys.exit(1)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
 
-    def preexec() -> None:  # runs in the forked child, before exec
-        if prctl is None:
-            return
-        if prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0 and os.getppid() != parent:
-            os._exit(1)  # the parent is gone already: do not start an orphan
 
-    return preexec
+def bound_command(args: Sequence[str], signum: int = signal.SIGTERM) -> list[str]:
+    """`args` as a command whose process gets `signum` when the forking thread ends.
+
+    For Popen calls from a thread that lives as long as the process (the main
+    thread of a tool, or `spawn`'s): the child then dies with this process, even
+    when it is killed with SIGKILL. Where prctl does not exist the command runs
+    unbound.
+    """
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _EXEC_BOUND,
+        str(os.getpid()),
+        str(int(signum)),
+        *args,
+    ]
 
 
 class _Spawner:
@@ -167,7 +193,6 @@ class _Spawner:
 
 
 _SPAWNER = _Spawner()
-_FORKING = threading.local()
 
 
 def spawn(
@@ -181,31 +206,12 @@ def spawn(
     """
 
     def start() -> subprocess.Popen[bytes]:
-        # A preexec_fn makes the child run Python's after-fork hooks, and
-        # _drop_inherited_locks must leave the descriptors passed on here open.
-        _FORKING.passes_fds = True
-        try:
-            return subprocess.Popen(
-                list(args),
-                pass_fds=tuple(pass_fds),
-                preexec_fn=_bind_to_parent(),  # only prctl and getppid run in the child
-                process_group=0,
-                **popen,
-            )
-        finally:
-            _FORKING.passes_fds = False
+        return subprocess.Popen(
+            bound_command(args), pass_fds=tuple(pass_fds), process_group=0, **popen
+        )
 
     child: subprocess.Popen[bytes] = _SPAWNER.run(start)
     return child
-
-
-def bind_to_this_process(signum: int = signal.SIGTERM) -> Callable[[], None]:
-    """A Popen preexec_fn for tools that start servers from their main thread.
-
-    The child gets `signum` when the thread that forks it ends (for the main
-    thread: when the tool exits, even by SIGKILL).
-    """
-    return _bind_to_parent(signum)
 
 
 def alive(pid: int) -> bool:
@@ -234,14 +240,14 @@ _HELD_LOCK = threading.Lock()
 def _drop_inherited_locks() -> None:
     """In a forked child (os.fork, multiprocessing's fork): close the copies of the
     lock descriptors, which would otherwise keep the parent's data dirs locked
-    for as long as the child lives. The parent's lock is unaffected. Not in the
-    child `spawn` forks to exec Redis, which is meant to share the lock."""
+    for as long as the child lives. The parent's lock is unaffected. (Children
+    started by `spawn` run no at-fork handler: without a preexec_fn, CPython
+    forks them with vfork and execs at once, so Redis keeps its copy.)"""
     global _HELD_LOCK
     _HELD_LOCK = threading.Lock()
-    if not getattr(_FORKING, "passes_fds", False):
-        for fd in _HELD.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    for fd in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
     _HELD.clear()
 
 
