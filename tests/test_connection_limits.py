@@ -380,6 +380,25 @@ def test_stream_limit_is_advertised_and_extra_streams_are_refused(launch: Launch
     assert len(refused) == 30, connection.reset
 
 
+async def test_a_client_within_the_stream_limit_is_never_refused(launch: Launch) -> None:
+    """A gRPC client keeping 300 calls going on one channel (it queues those beyond 100 streams) has none refused, round after round."""
+    server = launch()
+    failures: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        async def one() -> None:
+            try:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                key = f"{exc.code().name}: {exc.details()}"
+                failures[key] = failures.get(key, 0) + 1
+
+        for _ in range(20):
+            await asyncio.gather(*(one() for _ in range(300)))
+    assert failures == {}
+
+
 def test_default_stream_limit_is_advertised(launch: Launch) -> None:
     """With no flag the server advertises 100 concurrent streams per connection."""
     server = launch()

@@ -68,6 +68,12 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """grpc core channel arguments for the connection and stream limits."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Count open HTTP/2 streams against that limit, as clients do. gRPC
+        # core's default also counts streams that have ended but are not yet
+        # freed, and refuses new ones meanwhile: a client that keeps 300 calls
+        # going on one channel (within the limit, as it sees it) then had a few
+        # refused as UNAVAILABLE (RST_STREAM REFUSED_STREAM).
+        ("grpc.http.overload_protection", 0),
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
     ]
     if settings.max_connection_idle_seconds > 0:
