@@ -629,3 +629,17 @@ def test_a_forked_child_does_not_keep_the_data_dir_locked(tmp_path: Path) -> Non
         timeout=60,
     )
     assert done.returncode == 0 and "restarted" in done.stdout, done.stderr
+
+
+def test_the_redis_child_shares_the_data_dir_lock(
+    tmp_path: Path, processes: list[RedisProcess]
+) -> None:
+    """The Redis child holds the data dir's lock file open (the owner's locked descriptor, passed through its start-up wrapper), so the lock lasts until Redis has exited too, and the file names both holders."""
+    process = RedisProcess(tmp_path / "data")
+    processes.append(process)
+    process.start()
+    assert process.pid is not None
+    lock_file = str(tmp_path / "data" / "pagemeter.lock")
+    assert lock_file in [f.path for f in psutil.Process(process.pid).open_files()]
+    holders = (tmp_path / "data" / "pagemeter.lock").read_text().splitlines()
+    assert holders == [f"pagemeter pid {os.getpid()}", f"valkey-server pid {process.pid}"]
