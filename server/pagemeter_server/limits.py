@@ -35,6 +35,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -56,6 +57,8 @@ MAX_HEALTH_SERVICE_NAME = 200
 # trim (or than the least it held since), checked every TRIM_INTERVAL_SECONDS.
 TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
 TRIM_INTERVAL_SECONDS = 1.0
+# ... or, with that much free, when the last trim is this old.
+TRIM_SETTLE_SECONDS = 5.0
 
 # The Prometheus exporter (/metrics): connections served at once (one thread
 # each; those beyond are closed at once) and seconds a connection may take to
@@ -149,17 +152,26 @@ class MemoryReturner:
     """A daemon thread that gives memory glibc's malloc holds free back to the system.
 
     Every `interval` seconds it reads how many bytes the allocator's arenas hold
-    free (`mallinfo2().fordblks`); when that grew by `threshold` over the least
-    seen since the last trim, it calls `malloc_trim(0)`, which releases the
-    free pages of every arena (a few milliseconds at a few hundred MB). Without
-    glibc (musl, macOS) it does nothing.
+    free (`mallinfo2().fordblks`) and the process's RSS. It calls
+    `malloc_trim(0)`, which releases the free pages of every arena (a few
+    milliseconds at a few hundred MB), when at least `threshold` bytes lie free
+    and either that free memory grew by `threshold` over the least seen since
+    the last trim, or RSS did, or the last trim is `settle` seconds old. The
+    free count cannot tell resident free memory from free memory already
+    trimmed, so only the last rule catches what a flood frees after a trim in
+    its middle; a trim with nothing to return costs well under a millisecond.
+    Without glibc (musl, macOS) it does nothing.
     """
 
     def __init__(
-        self, threshold: int = TRIM_THRESHOLD_BYTES, interval: float = TRIM_INTERVAL_SECONDS
+        self,
+        threshold: int = TRIM_THRESHOLD_BYTES,
+        interval: float = TRIM_INTERVAL_SECONDS,
+        settle: float = TRIM_SETTLE_SECONDS,
     ) -> None:
         self.threshold = threshold
         self.interval = interval
+        self.settle = settle
         self.trims = 0
         self._libc = _glibc()
         self._stop = threading.Event()
@@ -191,15 +203,31 @@ class MemoryReturner:
             self._thread.join()
 
     def _run(self) -> None:
-        low = self.free_bytes()
+        low_free, low_rss = self.free_bytes(), _rss()
+        last = time.monotonic()
         while not self._stop.wait(self.interval):
-            free = self.free_bytes()
-            if free - low >= self.threshold:
+            free, rss = self.free_bytes(), _rss()
+            low_free, low_rss = min(low_free, free), min(low_rss, rss)
+            grown = free - low_free >= self.threshold or rss - low_rss >= self.threshold
+            settled = time.monotonic() - last >= self.settle
+            if free >= self.threshold and (grown or settled):
                 self.trim()
-                log.debug("returned freed memory to the system (%d MiB free in malloc)", free >> 20)
-                free = self.free_bytes()
-                low = free
-            low = min(low, free)
+                low_free, low_rss = self.free_bytes(), _rss()
+                last = time.monotonic()
+                log.debug(
+                    "returned freed memory to the system: RSS %d MiB, now %d MiB",
+                    rss >> 20,
+                    low_rss >> 20,
+                )
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _glibc() -> Any:
