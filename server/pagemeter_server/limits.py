@@ -23,7 +23,8 @@ What one replica holds for its callers is bounded here, whoever the callers are:
 After a flood ends, glibc's malloc keeps the freed memory of gRPC core's
 streams in its arenas (RSS stays up; nothing leaks: `malloc_trim(0)` gives it
 back). `MemoryReturner` watches how much free memory the allocator holds and
-trims when it grew by `TRIM_THRESHOLD_BYTES` (see docs/decisions.md).
+trims while it holds at least `TRIM_THRESHOLD_BYTES` (see its docstring and
+docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ log = logging.getLogger("pagemeter.limits")
 # for its whole life, and pagemeter's own service names are under 40 bytes.
 MAX_HEALTH_SERVICE_NAME = 200
 
-# Trim when the allocator holds this much more free memory than after the last
-# trim (or than the least it held since), checked every TRIM_INTERVAL_SECONDS.
+# Trim when the allocator's free memory, or the RSS, grew by this much since the
+# last trim (or the least seen since), checked every TRIM_INTERVAL_SECONDS.
 TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
 TRIM_INTERVAL_SECONDS = 1.0
 # ... or, with that much free, when the last trim is this old.
