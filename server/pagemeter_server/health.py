@@ -68,6 +68,8 @@ class HealthReporter:
         # Whether the store keeps an append-only file: None until a probe read it.
         self.persistent: bool | None = None
         self.allow_volatile_store = allow_volatile_store
+        # Cleared to end watch(): see watching() for why a cancel is not enough.
+        self.watching = False
 
     async def set(self, serving: bool) -> None:
         status = (
@@ -140,7 +142,8 @@ class HealthReporter:
         after that: NOT_SERVING within one interval.
         """
         half = interval / 2
-        while True:
+        self.watching = True
+        while self.watching:
             await self.check(client, within=half)
             await asyncio.sleep(half)
 
@@ -151,10 +154,20 @@ class HealthReporter:
 
 @contextlib.asynccontextmanager
 async def watching(reporter: HealthReporter, client: aioredis.Redis, interval: float):  # type: ignore[no-untyped-def]
+    """Probe in the background for the duration of the block.
+
+    Ending it must not hang a shutdown: redis-py 8.1 sometimes swallows the
+    CancelledError of a task cancelled just as a reply arrives (about one cancel
+    in ten in a loop of calls), and a shutdown that waited for the probe task
+    then hung for good. So the loop also stops at its next turn when told to,
+    and the wait for it is bounded.
+    """
     task = asyncio.create_task(reporter.watch(client, interval), name="pagemeter-health")
     try:
         yield task
     finally:
+        reporter.watching = False
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task}, timeout=interval + 1)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("the health probe failed: %r", task.exception())
