@@ -20,13 +20,18 @@ import grpc
 
 from pagemeter.v1 import quota_pb2
 from pagemeter_server.app import MAX_MESSAGE_BYTES
+from pagemeter_server.limits import server_options
+from pagemeter_server.settings import Settings
 
 METHOD = "/pagemeter.v1.QuotaService/CheckQuota"
-# The options create_server gives grpc.aio.server (pagemeter_server.app).
+# The options create_server gives grpc.aio.server (pagemeter_server.app), with
+# the default connection and stream limits.
+DEFAULTS = Settings()
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    *server_options(DEFAULTS),
 ]
 
 
@@ -53,7 +58,9 @@ async def serve(listen: str) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, maximum_concurrent_rpcs=DEFAULTS.max_concurrent_rpcs
+    )
     server.add_generic_rpc_handlers((EmptyHandler(),))
     if server.add_insecure_port(listen) == 0:
         raise SystemExit(f"cannot listen on {listen}")
