@@ -8,6 +8,7 @@ servers bind 127.0.0.1 port 0 and are reached over a real channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc, reporting_pb2_grpc
 from pagemeter_server.app import ServerParts, build_store, connect_redis, create_server
+from pagemeter_server.auth import Credentials
 from pagemeter_server.clock import ManualClock
 from pagemeter_server.embedded import RedisProcess
 from pagemeter_server.metrics import ServiceMetrics
@@ -113,6 +115,41 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings,
+    client: aioredis.Redis,
+    clock: ManualClock,
+    registry: CollectorRegistry | None = None,
+    credentials: Credentials | None = None,
+) -> AsyncIterator[RunningServer]:
+    """A real pagemeter gRPC server on 127.0.0.1:<free port>, reached over a channel
+    with gRPC's default options (4 MiB messages), for the duration of the block."""
+    server, port, parts = await create_server(
+        settings,
+        client,
+        clock=clock,
+        registry=registry if registry is not None else CollectorRegistry(),
+        credentials=credentials,
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield RunningServer(
+            server=server,
+            port=port,
+            clock=clock,
+            parts=parts,
+            channel=channel,
+            quota=quota_pb2_grpc.QuotaServiceStub(channel),
+            admin=admin_pb2_grpc.AdminServiceStub(channel),
+            reporting=reporting_pb2_grpc.ReportingServiceStub(channel),
+        )
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
 @pytest.fixture
 async def pagemeter_server(
     settings: Settings,
@@ -121,23 +158,8 @@ async def pagemeter_server(
     registry: CollectorRegistry,
 ) -> AsyncIterator[RunningServer]:
     """A real pagemeter gRPC server on 127.0.0.1:<free port>, on a flushed Redis."""
-    server, port, parts = await create_server(
-        settings, redis_client, clock=clock, registry=registry
-    )
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield RunningServer(
-        server=server,
-        port=port,
-        clock=clock,
-        parts=parts,
-        channel=channel,
-        quota=quota_pb2_grpc.QuotaServiceStub(channel),
-        admin=admin_pb2_grpc.AdminServiceStub(channel),
-        reporting=reporting_pb2_grpc.ReportingServiceStub(channel),
-    )
-    await channel.close()
-    await server.stop(None)
+    async with serving(settings, redis_client, clock, registry) as running:
+        yield running
 
 
 def metric_limits(metric: str, **fields: object) -> plan_pb2.MetricLimits:

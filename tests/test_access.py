@@ -34,7 +34,7 @@ from pagemeter_server.app import create_server
 from pagemeter_server.auth import ConfigurationError, Credentials, Role, load_credentials
 from pagemeter_server.clock import ManualClock
 from pagemeter_server.settings import Settings
-from tests.conftest import eagle_plan
+from tests.conftest import eagle_plan, serving
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 SERVICE_TOKEN = "service-token-0123456789abcdef"
@@ -459,37 +459,25 @@ async def test_a_key_over_its_read_limit_is_refused_writes_for_its_role(
     limited = Settings(
         redis_url=settings.redis_url, listen="127.0.0.1:0", read_rate_limit=1, read_burst=2
     )
-    server, port, _ = await create_server(
-        limited, redis_client, clock=clock, registry=CollectorRegistry(), credentials=credentials()
-    )
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stubs = {
-                "quota": quota_pb2_grpc.QuotaServiceStub(channel),
-                "admin": admin_pb2_grpc.AdminServiceStub(channel),
-            }
-            key = await stubs["admin"].CreateApiKey(
-                admin_pb2.CreateApiKeyRequest(org_id="acme"),
-                metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),
-            )
-            tenant = (("x-api-key", key.secret),)
-            # Writes first: they must not spend the key's two reads.
-            for service, rpc, request in WRITE_RPCS + ADMIN_RPCS:
-                error = await refused(getattr(stubs[service], rpc)(request, metadata=tenant))
-                assert error.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
-            for _ in range(2):
-                await stubs["quota"].GetUsage(quota_pb2.GetUsageRequest(), metadata=tenant)
-            # Now over the read limit: writes are still refused for the role.
-            for service, rpc, request in WRITE_RPCS + ADMIN_RPCS:
-                error = await refused(getattr(stubs[service], rpc)(request, metadata=tenant))
-                assert error.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
-            error = await refused(
-                stubs["quota"].GetUsage(quota_pb2.GetUsageRequest(), metadata=tenant)
-            )
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        await server.stop(None)
+    async with serving(limited, redis_client, clock, credentials=credentials()) as server:
+        stubs = {"quota": server.quota, "admin": server.admin}
+        key = await server.admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(org_id="acme"),
+            metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),
+        )
+        tenant = (("x-api-key", key.secret),)
+        # Writes first: they must not spend the key's two reads.
+        for service, rpc, request in WRITE_RPCS + ADMIN_RPCS:
+            error = await refused(getattr(stubs[service], rpc)(request, metadata=tenant))
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
+        for _ in range(2):
+            await server.quota.GetUsage(quota_pb2.GetUsageRequest(), metadata=tenant)
+        # Now over the read limit: writes are still refused for the role.
+        for service, rpc, request in WRITE_RPCS + ADMIN_RPCS:
+            error = await refused(getattr(stubs[service], rpc)(request, metadata=tenant))
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
+        error = await refused(server.quota.GetUsage(quota_pb2.GetUsageRequest(), metadata=tenant))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # -- audit trail and usage corrections ----------------------------------------------------------

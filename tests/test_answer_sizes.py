@@ -23,24 +23,19 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from google.protobuf.message import Message
-from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import (
     admin_pb2,
-    admin_pb2_grpc,
     plan_pb2,
     quota_pb2,
-    quota_pb2_grpc,
     reporting_pb2,
-    reporting_pb2_grpc,
 )
 from pagemeter_client import AsyncPagemeterClient, PagemeterClient
-from pagemeter_server.app import create_server
 from pagemeter_server.clock import ManualClock
 from pagemeter_server.settings import MAX_DOCUMENT_TYPES, MAX_UNPLANNED_METRICS, Settings
 from pagemeter_server.store import OrgKeys
 from pagemeter_server.validation import MAX_BATCH_ENTRIES, MAX_LIMIT, MAX_UNITS
-from tests.conftest import START_MS, RunningServer
+from tests.conftest import START_MS, RunningServer, serving
 from tests.test_quota_service import snapshot
 
 Q = quota_pb2
@@ -111,23 +106,8 @@ async def largest(
         max_unplanned_metrics=MAX_UNPLANNED_METRICS,
         max_document_types=MAX_DOCUMENT_TYPES,
     )
-    server, port, parts = await create_server(
-        wide, redis_client, clock=clock, registry=CollectorRegistry()
-    )
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")  # gRPC's default 4 MiB limits
-    yield RunningServer(
-        server=server,
-        port=port,
-        clock=clock,
-        parts=parts,
-        channel=channel,
-        quota=quota_pb2_grpc.QuotaServiceStub(channel),
-        admin=admin_pb2_grpc.AdminServiceStub(channel),
-        reporting=reporting_pb2_grpc.ReportingServiceStub(channel),
-    )
-    await channel.close()
-    await server.stop(None)
+    async with serving(wide, redis_client, clock) as running:
+        yield running
 
 
 async def with_largest_plan(server: RunningServer) -> None:
