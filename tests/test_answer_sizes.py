@@ -431,7 +431,7 @@ async def test_api_keys_are_capped_so_their_list_fits(largest: RunningServer) ->
 
 
 async def test_get_plan_and_single_calls_at_their_maxima(largest: RunningServer) -> None:
-    """SetPlan, GetPlan, CheckQuota and RecordUsage with the largest plan and 32 metrics fit."""
+    """SetPlan, GetPlan, CheckQuota, RecordUsage, ReleaseQuota, GrantCredits and AdjustUsage with the largest plan, 32 metrics and the longest ids fit."""
     set_reply = await largest.admin.SetPlan(admin_pb2.SetPlanRequest(plan=largest_plan()))
     fits(set_reply)
     fits(await largest.admin.GetPlan(admin_pb2.GetPlanRequest(org_id=ORG)))
@@ -445,6 +445,35 @@ async def test_get_plan_and_single_calls_at_their_maxima(largest: RunningServer)
         await largest.quota.RecordUsage(
             Q.RecordUsageRequest(
                 org_id=ORG, request_id=request_id(1), units=dict.fromkeys(PLANNED, MAX_UNITS)
+            )
+        )
+    )
+    held_again = await largest.quota.CheckQuota(
+        Q.CheckQuotaRequest(
+            org_id=ORG, units=dict.fromkeys(PLANNED, MAX_UNITS), request_id=request_id(2), hold=True
+        )
+    )
+    assert held_again.held
+    released = await largest.quota.ReleaseQuota(
+        Q.ReleaseQuotaRequest(org_id=ORG, request_id=request_id(2))
+    )
+    fits(released)
+    assert len(released.released_units) == 32
+    fits(
+        await largest.admin.GrantCredits(
+            admin_pb2.GrantCreditsRequest(
+                org_id=ORG, metric=PLANNED[0], units=MAX_UNITS, grant_id="g" * 128, reason="r" * 256
+            )
+        )
+    )
+    fits(
+        await largest.admin.AdjustUsage(
+            admin_pb2.AdjustUsageRequest(
+                org_id=ORG,
+                metric=PLANNED[0],
+                units=-MAX_UNITS,
+                reason="r" * 256,
+                adjustment_id="a" * 128,
             )
         )
     )
