@@ -532,7 +532,10 @@ class Store:
         return self._policy_cache.get(org_id, ("", frozenset()))[1]
 
     def _remember_policy(self, org_id: str, policy: str, metrics: Iterable[str] = ()) -> None:
-        known = self.known_plan_metrics(org_id) | frozenset(metrics)
+        known = self.known_plan_metrics(org_id)
+        seen = frozenset(metrics)
+        if not seen <= known:  # the usual check names metrics already known
+            known = known | seen
         self._policy_cache[org_id] = (policy, known)
         self._policy_cache.move_to_end(org_id)
         while len(self._policy_cache) > self._tz_cache_size:

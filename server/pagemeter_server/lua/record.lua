@@ -141,12 +141,14 @@ end
 -- Names whose counters have all expired leave the registries (with the
 -- all-time total of an unplanned metric, which nothing else would ever drop).
 local forgotten = redis.call('ZRANGEBYSCORE', unplanned_key, '-inf', '(' .. fmt(names_cutoff))
-for _, metric in ipairs(forgotten) do
-  if not metrics[metric] then
-    redis.call('HDEL', life_key, 'a:' .. metric)
+if #forgotten > 0 then
+  for _, metric in ipairs(forgotten) do
+    if not metrics[metric] then
+      redis.call('HDEL', life_key, 'a:' .. metric)
+    end
   end
+  redis.call('ZREMRANGEBYSCORE', unplanned_key, '-inf', '(' .. fmt(names_cutoff))
 end
-redis.call('ZREMRANGEBYSCORE', unplanned_key, '-inf', '(' .. fmt(names_cutoff))
 redis.call('ZREMRANGEBYSCORE', doctypes_key, '-inf', '(' .. fmt(names_cutoff))
 for _, metric in ipairs(unplanned) do
   redis.call('ZADD', unplanned_key, now, metric)
