@@ -48,6 +48,8 @@ class Cluster:
     primaries: int = 3
     replicas: int = 1
     node_timeout_ms: int = 15000
+    # More configuration for every node, e.g. ["--cluster-require-full-coverage", "no"].
+    extra_args: list[str] = field(default_factory=list)
     nodes: list[RedisProcess] = field(default_factory=list)
 
     def start(self) -> None:
@@ -62,6 +64,7 @@ class Cluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     str(self.node_timeout_ms),
+                    *self.extra_args,
                 ],
             )
             self.nodes.append(node)
@@ -164,6 +167,36 @@ class Cluster:
                     port = int(primary[1])
                     return next(node for node in self.nodes if node.port == port)
         raise AssertionError(f"no node serves {key}")
+
+    def move_slot(
+        self, slot: int, source: RedisProcess, target: RedisProcess, batch: int = 10
+    ) -> int:
+        """Move one slot with its keys, as `redis-cli --cluster reshard` does: mark it
+        importing and migrating, MIGRATE its keys `batch` at a time (redis-cli's
+        default pipeline), then give it to the target on every primary. Returns the
+        number of keys moved."""
+        with _probe(source) as src, _probe(target) as dst:
+            source_id = src.execute_command("CLUSTER MYID")
+            target_id = dst.execute_command("CLUSTER MYID")
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+            moved = 0
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch):
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
+                )
+                moved += len(keys)
+            dst.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        for node in self.primary_nodes():
+            if node not in (source, target):
+                with _probe(node) as other:
+                    other.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        return moved
+
+    def keyslot(self, key: str) -> int:
+        with _probe(self.alive()[0]) as client:
+            return int(client.cluster("keyslot", key))
 
     def describe(self) -> str:
         parts = []

@@ -112,6 +112,16 @@ OPTIONS = [
     Option(
         "--redis-timeout", "PAGEMETER_REDIS_TIMEOUT", "redis_timeout_seconds", "0.5", 0.5, "5", 5.0
     ),
+    Option("--replica-acks", "PAGEMETER_REPLICA_ACKS", "replica_acks", "1", 1, "2", 2),
+    Option(
+        "--replica-ack-timeout",
+        "PAGEMETER_REPLICA_ACK_TIMEOUT",
+        "replica_ack_timeout_seconds",
+        "0.25",
+        0.25,
+        "1.5",
+        1.5,
+    ),
     Option("--grace-period", "PAGEMETER_GRACE_PERIOD", "grace_period_seconds", "3", 3.0, "0", 0.0),
     Option(
         "--log-level", "PAGEMETER_LOG_LEVEL", "log_level", "DEBUG", "DEBUG", "warning", "warning"
@@ -468,6 +478,14 @@ def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str
         ),
         (["--usage-retention-days", "30"], {}, "usage retention must be at least 31 days"),
         (["--redis-timeout", "0"], {}, "Redis timeout must be positive"),
+        (["--replica-acks", "-1"], {}, "--replica-acks must be between 0"),
+        (["--replica-acks", "101"], {}, "--replica-acks must be between 0"),
+        (["--replica-ack-timeout", "0"], {}, "--replica-ack-timeout must be positive"),
+        (
+            ["--replica-acks", "1", "--replica-ack-timeout", "2", "--redis-timeout", "2"],
+            {},
+            "--replica-ack-timeout must be below --redis-timeout",
+        ),
         (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
         (["--max-unplanned-metrics", "33"], {}, "--max-unplanned-metrics must be between 0 and 32"),
         ([], {"PAGEMETER_MAX_DOCUMENT_TYPES": "0"}, "--max-document-types must be between 1"),
@@ -490,6 +508,10 @@ def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str
         "age-equals-retention",
         "usage-retention-short",
         "redis-timeout-zero",
+        "replica-acks-negative",
+        "replica-acks-over-100",
+        "replica-ack-timeout-zero",
+        "replica-ack-timeout-not-below-redis-timeout",
         "unknown-flag",
         "unplanned-metrics-over-32",
         "document-types-zero",

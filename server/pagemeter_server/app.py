@@ -61,6 +61,7 @@ from pagemeter_server.limits import (
 )
 from pagemeter_server.logs import setup_logging
 from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.replica_acks import ReplicaAcks
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
 from pagemeter_server.sentinel import SteadySentinel, primary_options
@@ -99,6 +100,7 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     }
     if settings.redis_mode == "cluster":
         cluster: Any = FailFastCluster.from_url(url, **timeouts)
+        cluster.migration_wait_seconds = settings.redis_timeout_seconds
         return cast(aioredis.Redis, cluster)
     if settings.redis_mode == "sentinel":
         # The sentinels name the primary; after a failover the pool's next
@@ -151,6 +153,16 @@ def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetr
         audit_max_events=settings.audit_max_events,
         coalesce=settings.redis_pipelining,
         observer=metrics.observe_script,
+        replica_acks=(
+            ReplicaAcks(
+                client,
+                settings.replica_acks,
+                settings.replica_ack_timeout_seconds,
+                settings.redis_timeout_seconds,
+            )
+            if settings.replica_acks
+            else None
+        ),
     )
 
 
@@ -192,7 +204,7 @@ async def create_server(
         clock=clock if isinstance(clock, RedisClock) else None,
         allow_volatile_store=settings.allow_volatile_store,
     )
-    store.available = lambda: reporter.redis_ok
+    store.available = reporter.allows
     admin_store = AdminStore(store)
     auth = Authenticator(
         credentials,

@@ -1,4 +1,4 @@
-"""redis-py's cluster clients, with two behaviours changed for pagemeter.
+"""redis-py's cluster clients, with three behaviours changed for pagemeter.
 
 1. A command that timed out is not retried. By default the client retries it
    three more times, so a stalled primary held each RPC for four Redis
@@ -6,37 +6,121 @@
    with their idempotency keys), while the client still re-reads the slot map
    before its next command, so a failover is followed as before. Broken
    connections and CLUSTERDOWN are still retried: those answers come fast.
-2. During a failover the client disconnects a node's connections from one task
-   while another task may be about to write on one of them; the writer is then
-   gone and redis-py raises AttributeError ("'NoneType' object has no
-   attribute ...") from deep inside the connection. That is a broken
-   connection, and is reported as one (ConnectionError), so it is retried on a
-   fresh connection like any other instead of reaching the caller as INTERNAL.
+2. During a failover the client closes a node's connections from one task
+   while another task may be writing on one of them; the writer then fails
+   deep inside the connection (uvloop's RuntimeError "the handler is closed",
+   or AttributeError "'NoneType' object has no attribute ..."). That is a
+   broken connection, and is reported as one (ConnectionError), so it is
+   retried on a fresh connection like any other instead of reaching the caller
+   as INTERNAL.
+3. A command that meets a slot in migration is retried until the RPC's
+   deadline. While a slot moves, a script whose keys are partly on each node
+   is answered ASK by the old owner and TRYAGAIN by the new one until the last
+   of its keys has moved; redis-py gives up after 16 redirections (a fraction
+   of a second, "TTL exhausted"), far less than moving a busy organization's
+   keys can take. pagemeter keeps retrying, with a short backoff, for as long
+   as the caller waits (or --redis-timeout when it set no deadline), and then
+   answers UNAVAILABLE: the script never ran, so a retry is exact.
+4. The client re-reads the slot map after a failed call, and each time it
+   also asked its default node — the first primary of the map, often a dead
+   one during a failover — for the server's COMMAND table. That call failed,
+   the client then closed every connection to every node and refused the
+   command, so one dead primary refused calls of organizations on the other
+   primaries too. The table does not change while pagemeter runs: it is read
+   once, from the first node that answers.
+5. A script a primary does not have yet (NOSCRIPT: its first use there, or a
+   promoted replica) is loaded on every primary; when one of them is dead, the
+   load failed and so did the call, again for an organization on a live
+   primary. The script is now loaded on every primary that answers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import redis
 import redis.exceptions
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from pagemeter_server.faults import StoreUnavailable, closed_under_call, pause, wait_budget
+
+
+def in_migration(error: BaseException) -> bool:
+    """An answer that means "this slot is moving between nodes": nothing ran."""
+    if isinstance(error, redis.exceptions.TryAgainError | redis.exceptions.AskError):
+        return True  # AskError includes MovedError
+    # redis-py's own give-up after too many redirections; its subclasses
+    # (CLUSTERDOWN, MASTERDOWN) are failovers, retried by the client's policy.
+    return type(error) is redis.exceptions.ClusterError
+
+
+class CommandTableOnce(AsyncCommandsParser):
+    """Reads the COMMAND table once; a re-read of the slot map only moves its node."""
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if self.commands:
+            if node is not None:
+                self.node = node
+            return
+        await super().initialize(node)
 
 
 class FailFastCluster(RedisCluster):
     """The async cluster client pagemeter uses (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = CommandTableOnce()
 
     ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]  # a narrower tuple on purpose
         redis.exceptions.ConnectionError,
         redis.exceptions.ClusterDownError,
         redis.exceptions.SlotNotCoveredError,
     )
+    # How long a command outside any RPC deadline waits out a slot migration;
+    # connect_redis sets it to --redis-timeout.
+    migration_wait_seconds = 2.0
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        give_up_at = time.monotonic() + wait_budget(self.migration_wait_seconds)
+        attempt = 0
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except (redis.exceptions.RedisError, RuntimeError) as error:
+                if not in_migration(error):
+                    raise
+                if time.monotonic() >= give_up_at:
+                    raise StoreUnavailable(
+                        "the organization's slot is moving between Redis nodes and did not "
+                        "settle within the call's deadline"
+                    ) from error
+            await pause(attempt)
+            attempt += 1
+
+    async def script_load(self, script: Any) -> str:  # type: ignore[override]
+        """Load a script on every primary that answers; fails only if none does."""
+        await self.initialize()
+        answers = await asyncio.gather(
+            *(node.execute_command("SCRIPT", "LOAD", script) for node in self.get_primaries()),
+            return_exceptions=True,
+        )
+        loaded = [str(sha) for sha in answers if not isinstance(sha, BaseException)]
+        if loaded:
+            return loaded[0]
+        failure = next((a for a in answers if isinstance(a, BaseException)), None)
+        raise redis.exceptions.ConnectionError(
+            "no Redis cluster primary answered SCRIPT LOAD"
+        ) from failure
 
     async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super()._execute_command(target_node, *args, **kwargs)
-        except AttributeError as error:
-            if "'NoneType' object has no attribute" not in str(error):
+        except (AttributeError, RuntimeError) as error:
+            if not closed_under_call(error):
                 raise
             raise redis.exceptions.ConnectionError(
                 f"connection to {target_node.name} closed during a cluster change"

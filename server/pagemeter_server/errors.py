@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
-import redis.exceptions
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pagemeter.v1 import quota_pb2
+from pagemeter_server.faults import is_transient, set_call_deadline
 from pagemeter_server.store import (
     LimitReached,
     NegativeUnits,
@@ -166,7 +166,7 @@ def failure_for(exc: BaseException) -> Failure:
             f"organization {exc.org_id!r} has no plan",
             _error_info("PLAN_NOT_FOUND", org_id=exc.org_id),
         )
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+    if is_transient(exc):
         return _status(
             code_pb2.UNAVAILABLE,
             "the quota store is unavailable; retry with the same request_id",
@@ -232,6 +232,8 @@ def grpc_errors(handler: Handler[Request, Response]) -> Handler[Request, Respons
     async def wrapped(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
+        # How long the store may wait out a slot migration (faults.py).
+        set_call_deadline(context.time_remaining())
         try:
             return await handler(self, request, context)
         except grpc.aio.AbortError:

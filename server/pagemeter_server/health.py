@@ -2,6 +2,15 @@
 append-only file (or the operator accepted one that does not) and the server is
 not draining; NOT_SERVING otherwise.
 
+In a Redis Cluster "the store answers" means at least one primary does: one
+dead primary stops only the organizations of its slots, on every pagemeter
+replica alike, so taking replicas out of a load balancer would refuse every
+other organization too. The probe asks each primary on its own and keeps the
+set of those that did not answer; the store's fast-fail gate (`allows`) then
+refuses at once only calls whose organization's slot one of them owns, and the
+client re-reads the slot map so that a promoted replica is used as soon as the
+cluster has elected it.
+
 A background probe asks Redis for its TIME and its persistence settings twice
 per --health-interval, each probe bounded by half the interval, so that a
 stalled or stopped Redis turns health NOT_SERVING within one interval; load
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +33,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from pagemeter_server.clock import RedisClock
 from pagemeter_server.metrics import ServiceMetrics
@@ -48,6 +58,37 @@ async def volatile_nodes(client: aioredis.Redis) -> list[str]:
     return [] if str(info.get("aof_enabled")) == "1" else [""]
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeAnswer:
+    """One cluster primary's answer to the probe."""
+
+    time: tuple[int, int, int, int]  # Redis seconds, microseconds; sent and received (ns)
+    append_only: bool
+
+
+async def _probe_node(node: ClusterNode, within: float | None) -> NodeAnswer:
+    async with asyncio.timeout(within):
+        sent = time.time_ns()
+        seconds, micros = await node.execute_command("TIME")
+        received = time.time_ns()
+        info: Any = await node.execute_command("INFO", "persistence")
+    return NodeAnswer(
+        (int(seconds), int(micros), sent, received), str(info.get("aof_enabled")) == "1"
+    )
+
+
+async def _reread_slot_map(cluster: RedisCluster, within: float | None) -> None:
+    """Ask the live nodes who owns each slot now, so that a replica the cluster
+    promoted in place of a dead primary is used at once. (The client would
+    otherwise re-read the map only after a failed call, and the gate lets no
+    call through to a node it found down.)"""
+    try:
+        async with asyncio.timeout(within):
+            await cluster.nodes_manager.initialize()
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as error:
+        log.debug("could not re-read the cluster's slot map: %r", error)
+
+
 class HealthReporter:
     def __init__(
         self,
@@ -70,6 +111,10 @@ class HealthReporter:
         self.allow_volatile_store = allow_volatile_store
         # Cleared to end watch(): see watching() for why a cancel is not enough.
         self.watching = False
+        # Cluster mode: the client, and the names ("host:port") of the primaries
+        # the last probe could not reach.
+        self._cluster: Any = None
+        self.down_nodes: frozenset[str] = frozenset()
 
     async def set(self, serving: bool) -> None:
         status = (
@@ -89,12 +134,24 @@ class HealthReporter:
         """Whether the last probe found Redis answering (True before any probe)."""
         return self._redis_ok
 
+    def allows(self, keys: Sequence[str]) -> bool:
+        """Whether a call on these keys may go to the store now (the fast-fail gate)."""
+        if not self._redis_ok:
+            return False
+        if not self.down_nodes or not keys or self._cluster is None:
+            return True
+        node = self._cluster.get_node_from_key(keys[0])
+        return node is None or node.name not in self.down_nodes
+
     async def probe(self, client: aioredis.Redis, within: float | None = None) -> bool:
         """One TIME call (it also sets the Redis clock) and one INFO persistence.
 
         `within` (seconds) bounds the whole probe (the client's own timeouts bound each
         call too), so that a stalled Redis is found within the probe's period.
         """
+        store: Any = client  # connect_redis may hand over a RedisCluster as a Redis
+        if isinstance(store, RedisCluster):
+            return await self._probe_cluster(store, within)
         try:
             async with asyncio.timeout(within):
                 sent = time.time_ns()
@@ -109,6 +166,47 @@ class HealthReporter:
         self.metrics.redis_up.set(1 if ok else 0)
         if ok:
             self._note_persistence(volatile)
+        return ok
+
+    async def _probe_cluster(self, cluster: RedisCluster, within: float | None) -> bool:
+        """Each primary on its own: TIME and INFO persistence, bounded by `within`."""
+        self._cluster = cluster
+        try:
+            async with asyncio.timeout(within):
+                await cluster.initialize()  # learns the slot map once (a no-op after)
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
+            pass  # no node answered: every primary below counts as down
+        primaries = cluster.get_primaries()
+        answers = await asyncio.gather(
+            *(_probe_node(node, within) for node in primaries), return_exceptions=True
+        )
+        down = frozenset(
+            node.name
+            for node, answer in zip(primaries, answers, strict=True)
+            if isinstance(answer, BaseException)
+        )
+        up = [
+            (node, answer)
+            for node, answer in zip(primaries, answers, strict=True)
+            if not isinstance(answer, BaseException)
+        ]
+        if up and self.clock is not None:
+            self.clock.sync(*up[0][1].time)
+        ok = bool(up)
+        if down != self.down_nodes:
+            log.warning(
+                "Redis cluster primaries unreachable: %s", ", ".join(sorted(down)) or "none"
+            )
+        self.down_nodes = down
+        self._redis_ok = ok
+        self.metrics.redis_up.set(1 if ok else 0)
+        self.metrics.redis_primaries_down.set(len(down))
+        if ok:
+            self._note_persistence(
+                sorted(node.name for node, answer in up if not answer.append_only)
+            )
+        if down and ok:
+            await _reread_slot_map(cluster, within)
         return ok
 
     def _note_persistence(self, volatile: list[str]) -> None:

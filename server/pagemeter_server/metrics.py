@@ -124,7 +124,14 @@ class ServiceMetrics:
         )
         self.redis_up = Gauge(
             "pagemeter_redis_up",
-            "1 when the last health probe of Redis succeeded, else 0.",
+            "1 when the last health probe of Redis succeeded (in a cluster: when at least "
+            "one primary answered), else 0.",
+            registry=registry,
+        )
+        self.redis_primaries_down = Gauge(
+            "pagemeter_redis_primaries_down",
+            "Cluster primaries the last health probe could not reach; the organizations of "
+            "their slots are refused at once until a replica takes over (0 outside a cluster).",
             registry=registry,
         )
         self.store_persistent = Gauge(

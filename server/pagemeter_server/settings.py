@@ -78,6 +78,11 @@ class Settings:
     # Start (and report SERVING) on a store without an append-only file.
     allow_volatile_store: bool = False
     redis_timeout_seconds: float = 2.0
+    # Replicas that must have a change before it is acknowledged (Redis WAIT
+    # after each changing script; 0: acknowledge what the primary has), and how
+    # long to wait for them before answering UNAVAILABLE.
+    replica_acks: int = 0
+    replica_ack_timeout_seconds: float = 0.5
     grace_period_seconds: float = 10.0
     log_level: str = "INFO"
     # Credentials: files of "name=token" lines (tokens may also come from the
@@ -201,8 +206,20 @@ class Settings:
             raise ValueError("Redis timeout must be positive (seconds)")
         if not 0 <= self.grace_period_seconds < math.inf:
             raise ValueError("grace period must be zero or a positive number of seconds")
+        self._validate_replica_acks()
         self._validate_connection_limits()
         return self
+
+    def _validate_replica_acks(self) -> None:
+        if not 0 <= self.replica_acks <= 100:
+            raise ValueError("--replica-acks must be between 0 (off) and 100 replicas")
+        if not 0 < self.replica_ack_timeout_seconds < math.inf:
+            raise ValueError("--replica-ack-timeout must be positive (seconds)")
+        if self.replica_acks and self.replica_ack_timeout_seconds >= self.redis_timeout_seconds:
+            raise ValueError(
+                "--replica-ack-timeout must be below --redis-timeout "
+                f"({self.redis_timeout_seconds} s), which bounds the wait on the connection"
+            )
 
     def _validate_connection_limits(self) -> None:
         for flag, value in (
@@ -292,6 +309,16 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "redis_timeout_seconds",
         "PAGEMETER_REDIS_TIMEOUT",
         "timeout of each Redis call, seconds",
+    ),
+    "--replica-acks": (
+        "replica_acks",
+        "PAGEMETER_REPLICA_ACKS",
+        "replicas that must have a change before it is acknowledged (Redis WAIT); 0: off",
+    ),
+    "--replica-ack-timeout": (
+        "replica_ack_timeout_seconds",
+        "PAGEMETER_REPLICA_ACK_TIMEOUT",
+        "seconds to wait for --replica-acks replicas before answering UNAVAILABLE",
     ),
     "--grace-period": (
         "grace_period_seconds",

@@ -24,7 +24,9 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from pagemeter_server.coalesce import Coalescer
+from pagemeter_server.faults import StoreUnavailable, is_transient
 from pagemeter_server.periods import Month, day_end_ms, local_date, month_at, month_of, zone
+from pagemeter_server.replica_acks import ReplicaAcks
 
 DAY_MS = 86_400_000
 # check.lua's reason for a metric that is not in the plan.
@@ -460,6 +462,21 @@ SCRIPTS = (
 )
 # Scripts that also run as batches of one organization's calls (see _BATCH_TEMPLATE).
 BATCH_SCRIPTS = ("check", "record")
+# Scripts whose every call may change what a caller is told was kept: with
+# --replica-acks their acknowledgement waits for the replicas (replica_acks.py).
+# check.lua changes state only when it places a hold (its callers say so).
+CHANGING_SCRIPTS = frozenset(
+    {
+        "record",
+        "record_batch",
+        "release",
+        "set_plan",
+        "grant",
+        "adjust",
+        "key_create",
+        "key_revoke",
+    }
+)
 
 
 class Store:
@@ -479,12 +496,14 @@ class Store:
         coalesce: bool = False,
         tz_cache_size: int = 100_000,
         observer: Callable[[str, float, bool], None] | None = None,
+        replica_acks: ReplicaAcks | None = None,
     ) -> None:
         self.client = client
         self._observe = observer
-        # Whether the store may be called now; create_server points it at the
-        # health probe's finding.
-        self.available: Callable[[], bool] = lambda: True
+        # Whether a call with these keys may go to the store now; create_server
+        # points it at the health probe's finding (per node in a cluster).
+        self.available: Callable[[Sequence[str]], bool] = lambda keys: True
+        self.replica_acks = replica_acks
         self.default_timezone = default_timezone
         self.record_ttl_ms = record_retention_days * DAY_MS
         self.usage_retention_ms = usage_retention_days * DAY_MS
@@ -562,21 +581,45 @@ class Store:
             self._remember_timezone(org_id, tz)
         raise StoreError(f"timezone of organization {org_id} keeps changing")
 
-    async def run(self, name: str, keys: Sequence[str], args: Sequence[ScriptArg]) -> ScriptReply:
-        if not self.available():
-            # The health probe found Redis down: every call fails at once, as
-            # UNAVAILABLE (or CheckQuota's fail-open answer), instead of each
-            # waiting out --redis-timeout.
-            raise redis.exceptions.ConnectionError("the last health probe found Redis down")
+    async def run(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        *,
+        changes: bool | None = None,
+    ) -> ScriptReply:
+        """One script call. `changes` says whether it may change state (by default
+        whether the script is one of CHANGING_SCRIPTS); with --replica-acks such a
+        call is acknowledged only once the replicas have it.
+
+        Every transient failure leaves as StoreUnavailable (a ConnectionError):
+        UNAVAILABLE, or CheckQuota's fail-open answer; never INTERNAL.
+        """
+        if not self.available(keys):
+            # The health probe found the node of these keys down: the call fails
+            # at once, as UNAVAILABLE (or CheckQuota's fail-open answer), instead
+            # of waiting out --redis-timeout.
+            raise StoreUnavailable("the last health probe found this organization's Redis down")
+        if changes is None:
+            changes = name in CHANGING_SCRIPTS
         started = time.perf_counter()
         ok = False
         try:
-            if self._coalescer is not None:
-                reply: ScriptReply = await self._coalescer.call(self.scripts[name], keys, args)
+            if changes and self.replica_acks is not None:
+                reply: ScriptReply = await self.replica_acks.run(self.scripts[name], keys, args)
+            elif self._coalescer is not None:
+                reply = await self._coalescer.call(self.scripts[name], keys, args)
             else:
                 reply = await self.scripts[name](keys=list(keys), args=list(args))
             ok = True
             return reply
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            raise
+        except Exception as error:
+            if is_transient(error, inside_client=True):
+                raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+            raise
         finally:
             if self._observe is not None:
                 self._observe(name, time.perf_counter() - started, ok)
@@ -599,7 +642,7 @@ class Store:
         async def run(tz: str) -> ScriptReply:
             prepared, month = self._prepare_check(org_id, call, now_ms, tz)
             months.append(month)
-            return await self.run("check", prepared.keys, prepared.args)
+            return await self.run("check", prepared.keys, prepared.args, changes=hold)
 
         reply, _ = await self.run_with_timezone(org_id, run)
         return self._check_result(org_id, reply, months[-1])
@@ -609,7 +652,11 @@ class Store:
     ) -> list[CheckResult | StoreError]:
         """Several checks of one organization in one atomic script call, in order."""
         replies = await self._run_batch(
-            org_id, "check", calls, lambda call, tz: self._prepare_check(org_id, call, now_ms, tz)
+            org_id,
+            "check",
+            calls,
+            lambda call, tz: self._prepare_check(org_id, call, now_ms, tz),
+            changes=any(call.hold for call in calls),
         )
         return [
             _item_outcome(functools.partial(self._check_result, org_id, reply, month))
@@ -786,6 +833,7 @@ class Store:
         name: str,
         items: Sequence[Any],
         prepare: Callable[[Any, str], tuple[PreparedCall, Any]],
+        changes: bool | None = None,
     ) -> list[tuple[ScriptReply, Any]]:
         """Run items of one org as one batch script call; re-run those whose timezone
         guess was stale (a stale item changed nothing, so running it again is safe)."""
@@ -801,7 +849,9 @@ class Store:
                 keys += call.keys
                 counts += [len(call.keys), len(call.args)]
                 args += call.args
-            replies = await self.run(f"{name}_batch", keys, [len(prepared), *counts, *args])
+            replies = await self.run(
+                f"{name}_batch", keys, [len(prepared), *counts, *args], changes=changes
+            )
             stale = []
             for index, (_call, context), reply in zip(pending, prepared, replies, strict=True):
                 if reply[0] == "STALE_TZ":

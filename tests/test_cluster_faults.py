@@ -1,0 +1,279 @@
+"""Redis Cluster faults seen from outside: dead primaries, failovers and resharding
+under concurrent holds and records, through two pagemeter-server processes.
+
+The callers behave as the contract asks: a job is a hold (CheckQuota with
+hold) and then its record (RecordUsage), each retried with the same request id
+when answered UNAVAILABLE or DEADLINE_EXCEEDED. Any other answer is a broken
+promise, and is collected rather than raised so that a test reports all of
+them. The servers are real processes (uvloop, the health probe, flags), on a
+real cluster started by the suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter_server.embedded import RedisProcess
+from tests.cluster_topology import Cluster
+from tests.server_process import ServerProcess
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+REDIS_TIMEOUT = 0.5
+CALL_TIMEOUT = 3.0
+
+
+@dataclass
+class Tally:
+    """What the callers of one organization were told."""
+
+    org: str
+    acked: set[str] = field(default_factory=set)
+    refused: int = 0
+    # Answers the contract does not allow here (INTERNAL, UNKNOWN, ...).
+    broken: list[str] = field(default_factory=list)
+    # (monotonic time the call started, seconds it took) of every answered call.
+    latencies: list[tuple[float, float]] = field(default_factory=list)
+    refusal_latencies: list[float] = field(default_factory=list)
+    refusal_reasons: list[str] = field(default_factory=list)
+
+
+async def answered(tally: Tally, call: object) -> bool:
+    """Await one call; True when answered, False when refused (retry it)."""
+    started = time.monotonic()
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        if error.code() in RETRYABLE:
+            tally.refused += 1
+            tally.refusal_latencies.append(time.monotonic() - started)
+            tally.refusal_reasons.append(f"{error.code().name}: {error.details()}")
+            return False
+        tally.broken.append(f"{error.code().name}: {error.details()}")
+        return False
+    tally.latencies.append((started, time.monotonic() - started))
+    return True
+
+
+async def jobs(
+    quota: quota_pb2_grpc.QuotaServiceStub, tally: Tally, name: str, stop: asyncio.Event
+) -> None:
+    """Hold, then record, job after job; a refused step is retried with its own id."""
+    job = 0
+    while not stop.is_set():
+        job += 1
+        request_id = f"{name}-{job}"
+        hold = quota_pb2.CheckQuotaRequest(
+            org_id=tally.org, request_id=request_id, units={"pages": 1}, hold=True
+        )
+        while not stop.is_set() and not await answered(
+            tally, quota.CheckQuota(hold, timeout=CALL_TIMEOUT)
+        ):
+            await asyncio.sleep(0.02)
+        record = quota_pb2.RecordUsageRequest(
+            org_id=tally.org, request_id=request_id, units={"pages": 1}
+        )
+        while not stop.is_set():
+            if await answered(tally, quota.RecordUsage(record, timeout=CALL_TIMEOUT)):
+                tally.acked.add(request_id)
+                break
+            await asyncio.sleep(0.02)
+
+
+def orgs_by_primary(cluster: Cluster, per_primary: int = 2) -> dict[int, list[str]]:
+    """Organization ids, `per_primary` of them on each primary (by port)."""
+    found: dict[int, list[str]] = {node.port: [] for node in cluster.primary_nodes()}
+    candidate = 0
+    while any(len(orgs) < per_primary for orgs in found.values()):
+        org = f"org-{candidate}"
+        candidate += 1
+        owner = cluster.owner_of(f"pm:{{{org}}}:plan").port
+        if len(found[owner]) < per_primary:
+            found[owner].append(org)
+    return found
+
+
+@contextlib.contextmanager
+def pagemeter_servers(cluster: Cluster, tmp_path: Path, count: int = 2) -> Iterator[list[str]]:
+    """`count` pagemeter-server processes on the cluster; yields their targets."""
+    servers = [
+        ServerProcess(
+            [
+                "--redis-mode",
+                "cluster",
+                "--redis-url",
+                cluster.primary_nodes()[0].url,
+                "--dev-open-access",
+                "--redis-timeout",
+                str(REDIS_TIMEOUT),
+                "--health-interval",
+                "0.2",
+                "--org-exporter-max-orgs",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            tmp_path / f"pagemeter-{number}.log",
+        )
+        for number in range(count)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_until_serving()
+        yield [server.target for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextlib.asynccontextmanager
+async def stubs(targets: list[str]) -> AsyncIterator[list[quota_pb2_grpc.QuotaServiceStub]]:
+    channels = [grpc.aio.insecure_channel(target) for target in targets]
+    try:
+        yield [quota_pb2_grpc.QuotaServiceStub(channel) for channel in channels]
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def set_plans(target: str, orgs: list[str]) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        for org in orgs:
+            await admin.SetPlan(
+                admin_pb2.SetPlanRequest(
+                    plan=plan_pb2.Plan(
+                        org_id=org,
+                        name="HA",
+                        timezone="UTC",
+                        metrics=[plan_pb2.MetricLimits(metric="pages", overage_allowed=True)],
+                    )
+                ),
+                timeout=10,
+            )
+
+
+async def committed(target: str, org: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        usage = await quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
+            quota_pb2.GetUsageRequest(org_id=org), timeout=10
+        )
+    return {m.metric: m.committed for m in usage.metrics}.get("pages", 0)
+
+
+async def health(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    return reply.status
+
+
+def start_jobs(
+    quotas: list[quota_pb2_grpc.QuotaServiceStub], tallies: list[Tally], stop: asyncio.Event
+) -> list[asyncio.Task[None]]:
+    """Two callers per organization, one through each server."""
+    return [
+        asyncio.create_task(jobs(quota, tally, f"{tally.org}-via{index}", stop))
+        for tally in tallies
+        for index, quota in enumerate(quotas)
+    ]
+
+
+async def until(condition: object, what: str, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def no_broken_answers(tallies: list[Tally]) -> None:
+    broken = {tally.org: tally.broken[:5] for tally in tallies if tally.broken}
+    assert not broken, f"answers outside the contract (retry only UNAVAILABLE): {broken}"
+
+
+@pytest.fixture
+def partial_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three primaries with a replica each; a cluster that keeps serving the slots
+    it still covers when one primary is lost (cluster-require-full-coverage no)."""
+    topology = Cluster(
+        tmp_path,
+        primaries=3,
+        replicas=1,
+        node_timeout_ms=1000,
+        extra_args=["--cluster-require-full-coverage", "no"],
+    )
+    try:
+        topology.start()
+        yield topology
+    finally:
+        for node in topology.alive():
+            assert node.pid is not None
+            os.kill(node.pid, signal.SIGCONT)
+        topology.stop()
+
+
+async def test_a_dead_primary_refuses_only_the_organizations_of_its_slots(
+    partial_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A primary is killed and its replica frozen (no failover yet): through two pagemeter servers, every organization on the other primaries keeps being served with no refusal, the dead primary's organizations are refused UNAVAILABLE at once (never INTERNAL), health stays SERVING; when the replica takes over, they are served again."""
+    cluster = partial_cluster
+    by_primary = orgs_by_primary(cluster)
+    victim_node = cluster.primary_nodes()[0]
+    replica = cluster.replica_of(victim_node)
+    victims = [Tally(org) for org in by_primary[victim_node.port]]
+    bystanders = [
+        Tally(org) for port, orgs in by_primary.items() if port != victim_node.port for org in orgs
+    ]
+    with pagemeter_servers(cluster, tmp_path) as targets:
+        await set_plans(targets[0], [t.org for t in victims + bystanders])
+        assert replica.pid is not None
+        os.kill(replica.pid, signal.SIGSTOP)
+        victim_node.kill()
+        stop = asyncio.Event()
+        async with stubs(targets) as quotas:
+            workers = start_jobs(quotas, victims + bystanders, stop)
+            await asyncio.sleep(4.0)  # the probe's findings, and the node timeout, pass
+            statuses = [await health(target) for target in targets]
+            stop.set()
+            await asyncio.gather(*workers)
+        no_broken_answers(victims + bystanders)
+        assert all(tally.refused == 0 for tally in bystanders), [
+            (tally.org, tally.refused, tally.refusal_reasons[:3]) for tally in bystanders
+        ]
+        assert all(len(tally.acked) > 20 for tally in bystanders)
+        assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2
+        refusals = [seconds for tally in victims for seconds in tally.refusal_latencies]
+        assert refusals and all(not tally.acked for tally in victims)
+        assert statistics.median(refusals) < REDIS_TIMEOUT, "refused at once, not after a timeout"
+        for tally in bystanders:
+            assert await committed(targets[1], tally.org) == len(tally.acked), tally.org
+
+        os.kill(replica.pid, signal.SIGCONT)  # it is elected in place of the dead primary
+        comeback = [Tally(tally.org) for tally in victims]
+        stop = asyncio.Event()
+        async with stubs(targets) as quotas:
+            workers = start_jobs(quotas, comeback, stop)
+            try:
+                await until(lambda: all(len(t.acked) >= 10 for t in comeback), "the takeover")
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+        no_broken_answers(comeback)
+        for tally in comeback:
+            assert await committed(targets[0], tally.org) == len(tally.acked), tally.org
