@@ -182,9 +182,7 @@ class Cluster:
             src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
             moved = 0
             while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch):
-                src.execute_command(
-                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
-                )
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
                 moved += len(keys)
             dst.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
             src.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)

@@ -34,9 +34,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
         command = [str(SERVER), "--listen", self.target, "--metrics-listen", "", *self.args]
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env
-            )
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -16,7 +16,6 @@ import contextlib
 import os
 import signal
 import statistics
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import RedisProcess
 from tests.cluster_topology import Cluster
 from tests.server_process import ServerProcess
 
@@ -79,9 +77,9 @@ async def jobs(
         hold = quota_pb2.CheckQuotaRequest(
             org_id=tally.org, request_id=request_id, units={"pages": 1}, hold=True
         )
-        while not stop.is_set() and not await answered(
-            tally, quota.CheckQuota(hold, timeout=CALL_TIMEOUT)
-        ):
+        while not stop.is_set():
+            if await answered(tally, quota.CheckQuota(hold, timeout=CALL_TIMEOUT)):
+                break
             await asyncio.sleep(0.02)
         record = quota_pb2.RecordUsageRequest(
             org_id=tally.org, request_id=request_id, units={"pages": 1}
