@@ -101,7 +101,7 @@ class FailFastCluster(RedisCluster):
             await pause(attempt)
             attempt += 1
 
-    async def script_load(self, script: Any) -> str:  # type: ignore[override]
+    async def script_load(self, script: Any) -> str:
         """Load a script on every primary that answers; fails only if none does."""
         await self.initialize()
         answers = await asyncio.gather(
