@@ -47,6 +47,7 @@ class Tally:
     latencies: list[tuple[float, float]] = field(default_factory=list)
     refusal_latencies: list[float] = field(default_factory=list)
     refusal_reasons: list[str] = field(default_factory=list)
+    last_refusal: float = 0.0
 
 
 async def answered(tally: Tally, call: object) -> bool:
@@ -59,6 +60,7 @@ async def answered(tally: Tally, call: object) -> bool:
             tally.refused += 1
             tally.refusal_latencies.append(time.monotonic() - started)
             tally.refusal_reasons.append(f"{error.code().name}: {error.details()}")
+            tally.last_refusal = time.monotonic()
             return False
         tally.broken.append(f"{error.code().name}: {error.details()}")
         return False
@@ -275,3 +277,156 @@ async def test_a_dead_primary_refuses_only_the_organizations_of_its_slots(
         no_broken_answers(comeback)
         for tally in comeback:
             assert await committed(targets[0], tally.org) == len(tally.acked), tally.org
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three primaries with a replica each, cluster-node-timeout 1 s."""
+    topology = Cluster(tmp_path, primaries=3, replicas=1, node_timeout_ms=1000)
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
+# Each run kills another primary (the first is the one --redis-url names).
+FAILOVER_RUNS = 3
+
+
+@pytest.mark.parametrize("run", range(FAILOVER_RUNS))
+async def test_a_failover_under_concurrent_jobs_refuses_no_other_organization(
+    cluster: Cluster, tmp_path: Path, run: int
+) -> None:
+    """A primary is killed with SIGKILL while two callers per organization hold and record through two pagemeter servers: its replica takes over, organizations on the other primaries see no refusal, nobody sees an answer other than UNAVAILABLE, and nothing is counted twice."""
+    by_primary = orgs_by_primary(cluster)
+    victim_node = cluster.primary_nodes()[run % 3]
+    successor = cluster.replica_of(victim_node)
+    victims = [Tally(org) for org in by_primary[victim_node.port]]
+    bystanders = [
+        Tally(org) for port, orgs in by_primary.items() if port != victim_node.port for org in orgs
+    ]
+    everyone = victims + bystanders
+    with pagemeter_servers(cluster, tmp_path) as targets:
+        await set_plans(targets[0], [t.org for t in everyone])
+        stop = asyncio.Event()
+        async with stubs(targets) as quotas:
+            workers = start_jobs(quotas, everyone, stop)
+            try:
+                await until(lambda: all(len(t.acked) >= 20 for t in everyone), "load")
+                victim_node.kill()
+                killed_at = time.monotonic()
+                before = {t.org: len(t.acked) for t in victims}
+                await until(
+                    lambda: all(len(t.acked) >= before[t.org] + 20 for t in victims),
+                    "the replica's takeover",
+                )
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+        no_broken_answers(everyone)
+        assert cluster.role(successor)["role"] == "master"
+        assert [(t.org, t.refused) for t in bystanders] == [(t.org, 0) for t in bystanders]
+        for tally in bystanders:
+            assert await committed(targets[1], tally.org) == len(tally.acked), tally.org
+        lost = 0
+        for tally in victims:
+            kept = await committed(targets[1], tally.org)
+            assert 0 <= len(tally.acked) - kept <= before[tally.org], "doubled, or lost too much"
+            lost += len(tally.acked) - kept
+    window = max(t.last_refusal for t in victims) - killed_at
+    print(
+        f"\ncluster failover run {run}: {sum(t.refused for t in victims)} refusals for the dead "
+        f"primary's organizations over {window:.1f} s, {lost} acknowledged records lost; "
+        "other organizations: "
+        f"{sum(len(t.acked) for t in bystanders)} jobs, 0 refused"
+    )
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+PRELOADED_JOBS = 2000  # keys of the busy organization's slot, moved with it
+MOVES = 4
+
+
+async def test_resharding_a_busy_slot_under_holds_and_records(tmp_path: Path) -> None:
+    """The slot of a busy organization (over 2,000 keys) is moved between primaries four times, as `redis-cli --cluster reshard` moves it, while its holds and records are in flight through two pagemeter servers: no call is refused or answered other than OK (TRYAGAIN and ASK are waited out within the deadline), every job counts once, and the latency rise is measured."""
+    topology = Cluster(tmp_path, primaries=3, replicas=0, node_timeout_ms=5000)
+    topology.start()
+    try:
+        busy = Tally("busy")
+        slot = topology.keyslot("pm:{busy}:plan")
+        home = topology.owner_of("pm:{busy}:plan")
+        away = next(node for node in topology.primary_nodes() if node is not home)
+        neighbour_org = next(
+            org
+            for org in (f"org-{n}" for n in range(100))
+            if topology.owner_of(f"pm:{{{org}}}:plan") is away
+        )
+        neighbour = Tally(neighbour_org)  # on the primary the slot moves to and from
+        with pagemeter_servers(topology, tmp_path) as targets:
+            await set_plans(targets[0], [busy.org, neighbour.org])
+            await preload(targets[0], busy.org, PRELOADED_JOBS)
+            stop = asyncio.Event()
+            moves: list[tuple[float, float, int]] = []
+            async with stubs(targets) as quotas:
+                workers = start_jobs(quotas, [busy, neighbour], stop)
+                try:
+                    await asyncio.sleep(2.0)  # the baseline
+                    for number in range(MOVES):
+                        source, target = (home, away) if number % 2 == 0 else (away, home)
+                        started = time.monotonic()
+                        keys = await asyncio.to_thread(topology.move_slot, slot, source, target)
+                        moves.append((started, time.monotonic(), keys))
+                        await asyncio.sleep(1.0)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*workers)
+            no_broken_answers([busy, neighbour])
+            assert (busy.refused, neighbour.refused) == (0, 0), (
+                busy.refusal_reasons[:3],
+                neighbour.refusal_reasons[:3],
+            )
+            assert await committed(targets[1], busy.org) == PRELOADED_JOBS + len(busy.acked)
+            assert await committed(targets[1], neighbour.org) == len(neighbour.acked)
+        baseline = [s for started, s in busy.latencies if started < moves[0][0]]
+        during = [
+            s
+            for started, s in busy.latencies
+            if any(begin <= started <= end for begin, end, _ in moves)
+        ]
+        assert baseline and during
+        print(
+            f"\nreshard of a {moves[0][2]}-key slot, {MOVES} moves of "
+            f"{min(end - begin for begin, end, _ in moves):.2f}-"
+            f"{max(end - begin for begin, end, _ in moves):.2f} s: busy organization's calls "
+            f"p50/p99/max {1000 * percentile(baseline, 0.5):.1f}/"
+            f"{1000 * percentile(baseline, 0.99):.1f}/{1000 * max(baseline):.1f} ms before, "
+            f"{1000 * percentile(during, 0.5):.1f}/{1000 * percentile(during, 0.99):.1f}/"
+            f"{1000 * max(during):.1f} ms during the moves; {len(busy.acked)} jobs, "
+            f"{len(neighbour.acked)} for the neighbour, 0 refused, 0 other errors"
+        )
+    finally:
+        topology.stop()
+
+
+async def preload(target: str, org: str, jobs_count: int) -> None:
+    """`jobs_count` recorded jobs, so that the organization's slot holds that many keys."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        quota = quota_pb2_grpc.QuotaServiceStub(channel)
+        for first in range(0, jobs_count, 500):
+            reply = await quota.RecordUsageBatch(
+                quota_pb2.RecordUsageBatchRequest(
+                    items=[
+                        quota_pb2.RecordUsageRequest(
+                            org_id=org, request_id=f"preload-{n}", units={"pages": 1}
+                        )
+                        for n in range(first, min(first + 500, jobs_count))
+                    ]
+                ),
+                timeout=30,
+            )
+            assert all(item.HasField("response") for item in reply.items)
