@@ -36,15 +36,18 @@ class ServerProcess:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+    def stop(self) -> int | None:
+        """SIGTERM, as an orchestrator stops it; its exit code (None if never started)."""
+        if self.process is None:
+            return None
+        self.process.terminate()
+        try:
+            code = self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
 
     def wait_until_serving(self, seconds: float = 30.0) -> None:
         deadline = time.monotonic() + seconds

@@ -108,7 +108,10 @@ def orgs_by_primary(cluster: Cluster, per_primary: int = 2) -> dict[int, list[st
 
 @contextlib.contextmanager
 def pagemeter_servers(cluster: Cluster, tmp_path: Path, count: int = 2) -> Iterator[list[str]]:
-    """`count` pagemeter-server processes on the cluster; yields their targets."""
+    """`count` pagemeter-server processes on the cluster; yields their targets.
+
+    At the end each is stopped with SIGTERM and must exit 0 with no traceback.
+    """
     servers = [
         ServerProcess(
             [
@@ -137,8 +140,9 @@ def pagemeter_servers(cluster: Cluster, tmp_path: Path, count: int = 2) -> Itera
             server.wait_until_serving()
         yield [server.target for server in servers]
     finally:
-        for server in servers:
-            server.stop()
+        codes = [(server.stop(), server.tail()) for server in servers]
+    for code, log in codes:
+        assert code == 0 and "Traceback" not in log, f"exit {code}: {log}"
 
 
 @contextlib.asynccontextmanager

@@ -136,7 +136,8 @@ def one_quick_retry() -> Retry:
 async def close_redis(client: aioredis.Redis) -> None:
     """Close a client from connect_redis, with the sentinel connections it made."""
     await client.aclose()
-    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    # A cluster client has no single connection pool (and no sentinels).
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
     for sentinel in getattr(manager, "sentinels", ()):
         await sentinel.aclose()
 

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 
 from pagemeter.v1 import quota_pb2
 from pagemeter_server.faults import is_transient, set_call_deadline
+from pagemeter_server.replica_acks import ReplicasBehind
 from pagemeter_server.store import (
     LimitReached,
     NegativeUnits,
@@ -165,6 +166,17 @@ def failure_for(exc: BaseException) -> Failure:
             code_pb2.NOT_FOUND,
             f"organization {exc.org_id!r} has no plan",
             _error_info("PLAN_NOT_FOUND", org_id=exc.org_id),
+        )
+    if isinstance(exc, ReplicasBehind):
+        return _status(
+            code_pb2.UNAVAILABLE,
+            f"{exc}: the change may exist on the primary alone, so it is not acknowledged; "
+            "retry with the same request_id",
+            _error_info(
+                "STORE_UNAVAILABLE",
+                replicas_confirmed=str(exc.confirmed),
+                replicas_required=str(exc.required),
+            ),
         )
     if is_transient(exc):
         return _status(

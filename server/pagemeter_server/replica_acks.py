@@ -123,6 +123,7 @@ class ReplicaAcks:
         asking: ClusterNode | None = None
         attempt = 0
         while True:
+            await cluster.initialize()  # re-reads the slot map after a failure (else a no-op)
             node = asking or cluster.get_node_from_key(keys[0])
             if node is None:
                 raise StoreUnavailable("no Redis node serves the organization's slot")
