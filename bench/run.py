@@ -777,7 +777,9 @@ class Bench:
             rps=rate,
         )
 
-    def python_driver(self, name: str, scenario: str, port: int) -> dict[str, Any]:
+    def python_driver(
+        self, name: str, scenario: str, port: int, pid: int | None = None
+    ) -> dict[str, Any]:
         ctx = mp.get_context("spawn")
         results: Any = ctx.Queue()
         start_at = time.time() + 3.0  # time for the processes to start and connect
@@ -798,7 +800,8 @@ class Bench:
         committed_before = self.committed()
         assert self.server is not None
         assert self.empty is not None
-        pid = self.server.pid if port == self.port else self.empty.pid
+        if pid is None:
+            pid = self.server.pid if port == self.port else self.empty.pid
         before = self.metrics.scrape()
         processes = [ctx.Process(target=driver.worker, args=(spec, results)) for spec in specs]
         for process in processes:
@@ -862,6 +865,69 @@ class Bench:
         self.python_driver("empty (Python driver)", "empty", self.empty_port)
         self.python_driver("reserve+commit (Python driver)", "reserve_commit", self.port)
         self.python_driver("RecordUsage new ids (Python driver)", "record", self.port)
+
+    def replica_acks(self) -> None:
+        """What --replica-acks 1 costs: jobs with and without it, on one Redis with a replica.
+
+        A replica is attached to the bench's Redis (on the load cores, as Redis
+        is) and a second pagemeter-server with --replica-acks 1 runs on the
+        server cores beside the first (only one is loaded at a time); both are
+        measured in this run, so the ratio is of like with like.
+        """
+        assert self.redis is not None
+        replica = RedisProcess(
+            self.out / "replica", extra_args=["--replicaof", "127.0.0.1", str(self.redis.port)]
+        )
+        replica.start()
+        acks_port = free_port()
+        acks = ServerProcess(
+            "pagemeter-server --replica-acks 1",
+            [
+                str(SERVER),
+                "--listen",
+                f"127.0.0.1:{acks_port}",
+                "--redis-url",
+                self.redis.url,
+                "--dev-open-access",
+                "--log-level",
+                "WARNING",
+                "--metrics-listen",
+                "",
+                "--org-exporter-max-orgs",
+                "0",
+                "--replica-acks",
+                "1",
+                *self.args.server_arg,
+            ],
+            self.out / "server-replica-acks.log",
+        )
+        try:
+            assert replica.pid is not None
+            self.cores.pin(replica.pid, self.cores.load)
+            deadline = time.monotonic() + 30
+            while self.redis_client.info("replication").get("connected_slaves", 0) < 1:
+                if time.monotonic() > deadline:
+                    self.problems.append("replica acks: the replica never connected")
+                    return
+                time.sleep(0.1)
+            acks.start()
+            wait_until_serving(f"127.0.0.1:{acks_port}", acks, health=True)
+            self.cores.pin(acks.pid, self.cores.server)
+            for scenario, label in (
+                ("record", "RecordUsage new ids"),
+                ("reserve_commit", "reserve+commit"),
+            ):
+                self.python_driver(
+                    f"{label}, replica attached (Python driver)", scenario, self.port
+                )
+                self.python_driver(
+                    f"{label}, --replica-acks 1 (Python driver)", scenario, acks_port, acks.pid
+                )
+        finally:
+            code = acks.stop()
+            if code not in (0, None):
+                self.problems.append(f"pagemeter-server --replica-acks 1 exited with {code}")
+            replica.stop()
 
     # -- Redis ----------------------------------------------------------------------
 
@@ -1507,6 +1573,26 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def replica_acks_figures(results: dict[str, Any], label: str) -> dict[str, float | None]:
+    """--replica-acks 1 against none, both with a replica attached, from one run."""
+    plain = results.get(f"{label}, replica attached (Python driver)", {})
+    acks = results.get(f"{label}, --replica-acks 1 (Python driver)", {})
+    return {
+        "calls_per_s_ratio": ratio(acks.get("calls_per_s"), plain.get("calls_per_s")),
+        "p50_ms_without": plain.get("p50_ms"),
+        "p50_ms_with": acks.get("p50_ms"),
+        "p99_ms_without": plain.get("p99_ms"),
+        "p99_ms_with": acks.get("p99_ms"),
+        "server_cpu_per_call_ratio": ratio(cpu_per_call(acks), cpu_per_call(plain)),
+    }
+
+
+def cpu_per_call(result: dict[str, Any]) -> float | None:
+    calls = result.get("calls_per_s")
+    cores = result.get("server_cpu_cores")
+    return cores / calls if calls and cores is not None else None
+
+
 def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
     r = bench.results
     empty_h2 = [r[k]["calls_per_s"] for k in ("empty (before)", "empty (after)") if k in r]
@@ -1695,6 +1781,11 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
                 ratio(figure("redis-py check.lua (client floor)"), ceiling)
             ),
         },
+        "replica_acks_1": {
+            f"{key}_{figure_name}": rounded(value)
+            for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
+            for figure_name, value in replica_acks_figures(r, label).items()
+        },
         "redis_ceiling_calls_per_s": {
             "pipelined_16": figure("redis check.lua -P 16"),
             "unpipelined": figure("redis check.lua -P 1"),
@@ -1780,6 +1871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.saturation()
         bench.latency()
         bench.drivers()
+        bench.replica_acks()
         bench.redis_ceiling()
         bench.command_stats()
         bench.memory()
