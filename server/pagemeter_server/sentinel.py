@@ -22,7 +22,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.connection import SSLConnection, parse_url
-from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
 
 from pagemeter_server.auth import ConfigurationError
 from pagemeter_server.settings import Settings, sentinel_url_options
@@ -148,8 +154,8 @@ async def _refusal(sentinel: Any) -> str | None:
         return f"{where} ({error})"
     except ConnectionError as error:
         return _turned_away(where, error)
-    except (TimeoutError, OSError):
-        return None
+    except (TimeoutError, OSError, RedisError):
+        return None  # not an answer: the health probe reports what follows
     return ""
 
 
