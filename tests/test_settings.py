@@ -8,7 +8,7 @@ from typing import NamedTuple
 import pytest
 
 from pagemeter_server import settings as settings_module
-from pagemeter_server.settings import Settings, parse_settings
+from pagemeter_server.settings import Settings, parse_settings, sentinel_url_options
 
 
 class Option(NamedTuple):
@@ -285,6 +285,8 @@ SPECIAL = {
     # cluster mode needs a --redis-url: tested with one below
     "--redis-mode": ("redis_mode", "PAGEMETER_REDIS_MODE"),
     "--sentinels": ("sentinels", "PAGEMETER_SENTINELS"),
+    # only in sentinel mode: tested below
+    "--sentinel-url": ("sentinel_url", "PAGEMETER_SENTINEL_URL"),
     "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY"),
     "--tls-client-ca": ("tls_client_ca_file", "PAGEMETER_TLS_CLIENT_CA"),
 }
@@ -577,3 +579,147 @@ def test_sentinel_mode_needs_sentinel_addresses(capsys: pytest.CaptureFixture[st
     assert "needs --sentinels" in parse_error(capsys, ["--redis-mode", "sentinel"], {})
     err = parse_error(capsys, ["--redis-mode", "sentinel", "--sentinels", "nohost"], {})
     assert "--sentinels" in err
+
+
+SENTINEL_MODE = ["--redis-mode", "sentinel", "--sentinels", "10.0.0.1:26379"]
+
+
+def test_sentinel_url_by_variable_or_flag() -> None:
+    """The sentinels' credentials come from PAGEMETER_SENTINEL_URL (out of the process list) or --sentinel-url, which wins; they stay out of the settings' repr."""
+    url = "rediss://pagemeter:s3cr3t@?ssl_ca_certs=/etc/pm/ca.pem"
+    parsed = parse_settings(SENTINEL_MODE, {"PAGEMETER_SENTINEL_URL": url})
+    assert parsed.sentinel_url == url
+    assert "s3cr3t" not in repr(parsed)
+    flag = parse_settings([*SENTINEL_MODE, "--sentinel-url", "redis://:other@"], {})
+    assert flag.sentinel_url == "redis://:other@"
+    both = parse_settings(
+        [*SENTINEL_MODE, "--sentinel-url=redis://:other@"], {"PAGEMETER_SENTINEL_URL": url}
+    )
+    assert both.sentinel_url == "redis://:other@"
+    assert parse_settings(SENTINEL_MODE, {}).sentinel_url == ""
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("", {}),
+        ("redis://:s3cr3t@", {"password": "s3cr3t"}),
+        ("redis://pagemeter:s3cr3t@/", {"username": "pagemeter", "password": "s3cr3t"}),
+        ("redis://pagemeter:p%40ss%3Aw%2Fd@", {"username": "pagemeter", "password": "p@ss:w/d"}),
+        ("rediss://", {"ssl": True}),
+        (
+            "rediss://:s3cr3t@?ssl_ca_certs=/etc/pm/ca.pem",
+            {"password": "s3cr3t", "ssl": True, "ssl_ca_certs": "/etc/pm/ca.pem"},
+        ),
+        (
+            "rediss://u:pw@?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/c.key"
+            "&ssl_check_hostname=false",
+            {
+                "username": "u",
+                "password": "pw",
+                "ssl": True,
+                "ssl_ca_certs": "/ca.pem",
+                "ssl_certfile": "/c.pem",
+                "ssl_keyfile": "/c.key",
+                "ssl_check_hostname": False,
+            },
+        ),
+        (
+            "rediss://?ssl_cert_reqs=none",
+            {"ssl": True, "ssl_cert_reqs": "none", "ssl_check_hostname": False},
+        ),
+    ],
+    ids=[
+        "empty",
+        "password",
+        "acl-user",
+        "percent-encoded",
+        "tls-system-cas",
+        "tls-ca",
+        "mutual-tls",
+        "tls-unchecked",
+    ],
+)
+def test_sentinel_url_options(url: str, options: dict[str, object]) -> None:
+    """--sentinel-url becomes redis-py's connection options for each sentinel: username, password and redis-py's own TLS parameters."""
+    assert sentinel_url_options(url) == options
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--sentinel-url", "redis://:s3cr3t@"], "--sentinel-url (the sentinels' credentials"),
+        ([*SENTINEL_MODE, "--sentinel-url", "http://:s3cr3t@"], "redis:// or rediss://"),
+        ([*SENTINEL_MODE, "--sentinel-url", "redis://:s3cr3t@s1"], "names no host or port"),
+        ([*SENTINEL_MODE, "--sentinel-url", "redis://:s3cr3t@:26379"], "names no host or port"),
+        ([*SENTINEL_MODE, "--sentinel-url", "redis://:s3cr3t@/0"], "takes no database"),
+        ([*SENTINEL_MODE, "--sentinel-url", "redis://:s3cr3t@[::1"], "is not a URL"),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "redis://:s3cr3t@?ssl_ca_certs=/ca.pem"],
+            "need the rediss:// scheme",
+        ),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "rediss://:s3cr3t@?password=s3cr3t"],
+            "takes each of these query parameters at most once and no others",
+        ),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "rediss://:s3cr3t@?s3cr3t"],
+            "takes each of these query parameters at most once and no others",
+        ),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "rediss://:s3cr3t@?ssl_ca_certs=/a&ssl_ca_certs=/b"],
+            "at most once",
+        ),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "rediss://:s3cr3t@?ssl_keyfile=/c.key"],
+            "ssl_keyfile needs ssl_certfile",
+        ),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "rediss://:s3cr3t@?ssl_ca_certs="],
+            "ssl_ca_certs needs a file name",
+        ),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "rediss://:s3cr3t@?ssl_cert_reqs=maybe"],
+            "ssl_cert_reqs is one of none, optional, required",
+        ),
+        (
+            [*SENTINEL_MODE, "--sentinel-url", "rediss://:s3cr3t@?ssl_check_hostname=perhaps"],
+            "ssl_check_hostname is true or false",
+        ),
+        (
+            [
+                *SENTINEL_MODE,
+                "--sentinel-url",
+                "rediss://:s3cr3t@?ssl_cert_reqs=none&ssl_check_hostname=true",
+            ],
+            "ssl_check_hostname=true needs a checked certificate",
+        ),
+    ],
+    ids=[
+        "not-sentinel-mode",
+        "scheme",
+        "host",
+        "port",
+        "database",
+        "malformed",
+        "tls-parameter-without-rediss",
+        "unknown-parameter",
+        "parameter-named-like-a-secret",
+        "repeated-parameter",
+        "key-without-certificate",
+        "empty-file-name",
+        "cert-reqs",
+        "check-hostname",
+        "unchecked-certificate-with-hostname-check",
+    ],
+)
+def test_unusable_sentinel_url_is_refused_without_quoting_it(
+    capsys: pytest.CaptureFixture[str], argv: list[str], mentions: str
+) -> None:
+    """A --sentinel-url pagemeter cannot use is refused at start with what is wrong, and the message never quotes the URL (it may hold the password)."""
+    err = parse_error(capsys, argv, {})
+    assert mentions in err, err
+    assert "s3cr3t" not in err
+    env_err = parse_error(capsys, argv[:-2], {"PAGEMETER_SENTINEL_URL": argv[-1]})
+    assert mentions in env_err, env_err
+    assert "s3cr3t" not in env_err

@@ -64,7 +64,12 @@ from pagemeter_server.metrics import ServiceMetrics
 from pagemeter_server.replica_acks import ReplicaAcks
 from pagemeter_server.report_store import ReportStore
 from pagemeter_server.reporting import ReportingService
-from pagemeter_server.sentinel import SteadySentinel, primary_options
+from pagemeter_server.sentinel import (
+    SteadySentinel,
+    check_sentinel_access,
+    primary_options,
+    sentinel_kwargs,
+)
 from pagemeter_server.service import QuotaService
 from pagemeter_server.settings import (
     Settings,
@@ -109,11 +114,7 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
         # next sentinel in the list is the retry).
         sentinel = SteadySentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
             sentinel_addresses(settings),
-            sentinel_kwargs={
-                "socket_timeout": settings.redis_timeout_seconds,
-                "socket_connect_timeout": settings.redis_timeout_seconds,
-                "retry": Retry(NoBackoff(), 0),
-            },
+            sentinel_kwargs=sentinel_kwargs(settings, Retry(NoBackoff(), 0)),
         )
         primary: aioredis.Redis = sentinel.master_for(
             settings.sentinel_master, retry=one_quick_retry(), **timeouts, **primary_options(url)
@@ -328,6 +329,7 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
             settings.listen,
         )
     async with redis_for(settings) as client:
+        await check_sentinel_access(client)
         server, port, parts = await create_server(
             settings, client, registry=registry, credentials=credentials
         )

@@ -37,7 +37,7 @@ from pagemeter_server import rules
 from pagemeter_server.clock import Clock
 from pagemeter_server.cluster import FailFastSyncCluster
 from pagemeter_server.periods import month_at, zone
-from pagemeter_server.sentinel import primary_options
+from pagemeter_server.sentinel import primary_options, sentinel_kwargs
 from pagemeter_server.settings import Settings, sentinel_addresses
 from pagemeter_server.store import ORGS_KEY, OrgKeys, StoredPlan, UsageSnapshot
 
@@ -203,14 +203,11 @@ def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
     """A synchronous client to the same Redis, with the same timeouts and credentials."""
     if settings.redis_mode == "sentinel":
         # As the service's own client (app.connect_redis): a dead sentinel is
-        # passed over at once, a broken connection to the primary retried once.
+        # passed over at once, a broken connection to the primary retried once;
+        # the same credentials and TLS for the sentinels and for the primary.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
             sentinel_addresses(settings),
-            sentinel_kwargs={
-                "socket_timeout": settings.redis_timeout_seconds,
-                "socket_connect_timeout": settings.redis_timeout_seconds,
-                "retry": SyncRetry(NoBackoff(), 0),
-            },
+            sentinel_kwargs=sentinel_kwargs(settings, SyncRetry(NoBackoff(), 0)),
         )
         primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             settings.sentinel_master,

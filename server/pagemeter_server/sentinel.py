@@ -13,12 +13,27 @@ list, so the list stays a permutation of the configured sentinels.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import ssl
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.connection import SSLConnection, parse_url
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
+
+from pagemeter_server.auth import ConfigurationError
+from pagemeter_server.settings import Settings, sentinel_url_options
+
+log = logging.getLogger(__name__)
 
 
 class SteadySentinel(AsyncSentinel):
@@ -63,3 +78,111 @@ def primary_options(url: str) -> dict[str, Any]:
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
     return options
+
+
+def sentinel_kwargs(settings: Settings, retry: Any) -> dict[str, Any]:
+    """What each connection to a sentinel is opened with, by both clients.
+
+    The timeouts of --redis-timeout, `retry` (none: the next sentinel in the
+    list is the retry), and the sentinels' own username, password and TLS from
+    --sentinel-url; the files it names must be readable (ConfigurationError).
+    """
+    options = sentinel_url_options(settings.sentinel_url)
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in options:
+            path = options[name]
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"--sentinel-url {name}: cannot read {path}: {exc.strerror}"
+                ) from None
+    return {
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+        "retry": retry,
+        **options,
+    }
+
+
+async def check_sentinel_access(client: aioredis.Redis) -> None:
+    """Refuse to start when every sentinel that answers turns pagemeter away.
+
+    A sentinel that refuses the credentials or fails the TLS handshake is a
+    configuration error, unlike one that is down: without this check pagemeter
+    would start and stay NOT_SERVING without saying why. If some sentinels
+    accept and others refuse, pagemeter starts and warns (as while a password
+    is rotated one sentinel at a time). Sentinels that do not answer are left
+    to the health probe. The messages name the sentinel and redis-py's reason,
+    never the password.
+    """
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if manager is None:
+        return
+    sentinels = list(manager.sentinels)
+    outcomes = await asyncio.gather(*(_refusal(sentinel) for sentinel in sentinels))
+    refused = [outcome for outcome in outcomes if outcome]
+    if not refused:
+        return
+    answering = sum(outcome is not None for outcome in outcomes)
+    how = (
+        "if the sentinels need a username and password or TLS, give them in "
+        "PAGEMETER_SENTINEL_URL (or --sentinel-url), e.g. "
+        "rediss://user:password@?ssl_ca_certs=/path/ca.pem"
+    )
+    if len(refused) == answering:
+        raise ConfigurationError(
+            "the sentinels refused pagemeter: " + "; ".join(refused) + f"; {how}"
+        )
+    log.warning(
+        "%d of %d sentinels refused pagemeter: %s; %s",
+        len(refused),
+        len(sentinels),
+        "; ".join(refused),
+        how,
+    )
+
+
+async def _refusal(sentinel: Any) -> str | None:
+    """Why a sentinel turned pagemeter away; "" if it answered, None if it did not answer."""
+    kwargs = sentinel.connection_pool.connection_kwargs
+    where = f"{kwargs.get('host')}:{kwargs.get('port')}"
+    try:
+        await sentinel.sentinel_masters()
+    except (AuthenticationError, ResponseError) as error:
+        return f"{where} ({error})"
+    except ConnectionError as error:
+        return _turned_away(where, error)
+    except (TimeoutError, OSError, RedisError):
+        return None  # not an answer: the health probe reports what follows
+    return ""
+
+
+def _turned_away(where: str, error: ConnectionError) -> str | None:
+    """Why a sentinel that accepted the connection turned it down; None if it never answered.
+
+    A failed TLS handshake names its reason. A connection closed or reset before
+    any answer is what a TLS port does to a client without TLS, and a TLS 1.3
+    port requiring a client certificate to a client without one.
+    """
+    if _tls_failure(error):
+        return f"{where} (TLS: {error})"
+    if isinstance(error.__context__, ConnectionResetError) or str(error) == (
+        "Connection closed by server."
+    ):
+        return (
+            f"{where} (closed the connection before any answer: does it want TLS, or a "
+            "client certificate?)"
+        )
+    return None
+
+
+def _tls_failure(error: BaseException) -> bool:
+    """Whether a connection failed in its TLS handshake (a certificate, a protocol)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

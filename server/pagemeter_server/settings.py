@@ -11,6 +11,8 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -39,6 +41,93 @@ def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
     return [split_host_port(address.strip()) for address in settings.sentinels.split(",")]
 
 
+# The query parameters --sentinel-url takes: redis-py's own TLS options.
+SENTINEL_URL_PARAMETERS = (
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+)
+_CERT_REQS = ("none", "optional", "required")
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_SENTINEL_URL_EXAMPLE = (
+    "e.g. redis://user:password@ or rediss://user:password@?ssl_ca_certs=/path/ca.pem"
+)
+
+
+def sentinel_url_options(url: str) -> dict[str, Any]:
+    """Connection options for the sentinels themselves, from --sentinel-url.
+
+    The URL carries only a username, a password and TLS: `redis://user:password@`
+    or `rediss://user:password@?ssl_ca_certs=...` (redis-py's TLS parameters).
+    It names no host, port or database, since --sentinels lists the sentinels
+    and sentinels have no databases. An empty URL means no credentials, no TLS.
+    A ValueError never quotes the URL: it may hold the password.
+    """
+    if not url:
+        return {}
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+        query = parse_qs(parts.query, keep_blank_values=True)
+    except ValueError:
+        raise ValueError(f"--sentinel-url is not a URL: {_SENTINEL_URL_EXAMPLE}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"--sentinel-url must start with redis:// or rediss:// (TLS): {_SENTINEL_URL_EXAMPLE}"
+        )
+    if host or port is not None:
+        raise ValueError(
+            "--sentinel-url names no host or port (the sentinels are --sentinels), only "
+            f"their credentials and TLS: {_SENTINEL_URL_EXAMPLE}"
+        )
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ValueError(
+            "--sentinel-url takes no database or other path (sentinels have no databases): "
+            + _SENTINEL_URL_EXAMPLE
+        )
+    options: dict[str, Any] = {}
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    for name, values in query.items():
+        if name not in SENTINEL_URL_PARAMETERS or len(values) != 1:
+            # The name is not quoted either: a mistyped URL may carry a secret there.
+            raise ValueError(
+                "--sentinel-url takes each of these query parameters at most once and no "
+                f"others: {', '.join(SENTINEL_URL_PARAMETERS)}"
+            )
+        options[name] = values[0]
+    if parts.scheme == "redis":
+        if query:
+            raise ValueError("--sentinel-url: TLS parameters (ssl_...) need the rediss:// scheme")
+        return options
+    options["ssl"] = True
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:
+        raise ValueError("--sentinel-url: ssl_keyfile needs ssl_certfile (the client certificate)")
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in options and not options[name]:
+            raise ValueError(f"--sentinel-url: {name} needs a file name")
+    if "ssl_cert_reqs" in options and options["ssl_cert_reqs"] not in _CERT_REQS:
+        raise ValueError(f"--sentinel-url: ssl_cert_reqs is one of {', '.join(_CERT_REQS)}")
+    if "ssl_check_hostname" in options:
+        check = _BOOLEANS.get(options["ssl_check_hostname"].lower())
+        if check is None:
+            raise ValueError("--sentinel-url: ssl_check_hostname is true or false")
+        options["ssl_check_hostname"] = check
+    if options.get("ssl_cert_reqs") == "none":
+        # No certificate is checked, so no name can be: say so rather than fail to connect.
+        if options.get("ssl_check_hostname"):
+            raise ValueError(
+                "--sentinel-url: ssl_check_hostname=true needs a checked certificate "
+                "(ssl_cert_reqs optional or required)"
+            )
+        options["ssl_check_hostname"] = False
+    return options
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know at start-up."""
@@ -54,6 +143,10 @@ class Settings:
     # Sentinel mode: the monitored primary's name and the sentinels' host:port list.
     sentinel_master: str = "pagemeter"
     sentinels: str = ""
+    # Sentinel mode: the sentinels' own username, password and TLS, as a URL
+    # without host (`rediss://user:password@?ssl_ca_certs=...`). Kept out of
+    # repr: it may hold a password.
+    sentinel_url: str = dataclasses.field(default="", repr=False)
     data_dir: str = ".pagemeter/data"
     default_timezone: str = "UTC"
     hold_ttl_seconds: float = 900.0
@@ -176,6 +269,13 @@ class Settings:
                     split_host_port(address.strip())
                 except ValueError as exc:
                     raise ValueError(f"--sentinels: {exc}") from exc
+        if self.sentinel_url:
+            if self.redis_mode != "sentinel":
+                raise ValueError(
+                    "--sentinel-url (the sentinels' credentials and TLS) needs --redis-mode "
+                    "sentinel"
+                )
+            sentinel_url_options(self.sentinel_url)
         if self.redis_mode == "cluster" and not self.redis_url:
             raise ValueError("--redis-mode cluster needs --redis-url naming a cluster node")
         if not 1 <= self.workers <= 64:
@@ -272,6 +372,13 @@ _OPTIONS: dict[str, tuple[str, str, str]] = {
         "sentinels",
         "PAGEMETER_SENTINELS",
         "sentinel mode: the sentinels, host:port separated by commas",
+    ),
+    "--sentinel-url": (
+        "sentinel_url",
+        "PAGEMETER_SENTINEL_URL",
+        "sentinel mode: the sentinels' own credentials and TLS, redis://user:password@ or "
+        "rediss://user:password@?ssl_ca_certs=FILE (no host: --sentinels lists them); "
+        "better as the variable, out of the process list",
     ),
     "--data-dir": ("data_dir", "PAGEMETER_DATA_DIR", "embedded Redis data directory"),
     "--default-timezone": (
