@@ -8,7 +8,9 @@
 
 With `outbox=Outbox("/var/lib/worker/pagemeter-outbox.db")` RecordUsage calls are
 stored before they are sent and delivered later if pagemeter cannot take them
-now (`UsageQueued`).
+now (`UsageQueued`). With `replay_after_failover=ReplayWindow()` a client sends
+the requests pagemeter acknowledged shortly before a store failover again, so
+that what a lagging replica lost is applied again (`replay_acknowledged()`).
 
 See docs/client.md.
 """
@@ -21,6 +23,7 @@ from pagemeter_client.outbox import (
     OutboxError,
     OutboxSummary,
 )
+from pagemeter_client.replay import ReplayOutcome, ReplayResult, ReplayStats, ReplayWindow
 from pagemeter_client.sdk import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -53,6 +56,10 @@ __all__ = [
     "OutboxSummary",
     "PagemeterClient",
     "QuotaDenied",
+    "ReplayOutcome",
+    "ReplayResult",
+    "ReplayStats",
+    "ReplayWindow",
     "Reservation",
     "RetryPolicy",
     "StatisticsGroupingName",

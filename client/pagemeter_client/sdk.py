@@ -27,6 +27,12 @@ before sending it; a record pagemeter could not take now (unreachable, a
 deadline, ...) stays there and `record_usage` raises `UsageQueued`, and
 `flush_outbox()` or the background flusher delivers it later with its original
 request_id (see pagemeter_client.outbox).
+
+With `replay_after_failover=ReplayWindow(...)` a client keeps the holds, records
+and releases pagemeter acknowledged in a recent window and sends them again after
+it saw the store fail over (or on `replay_acknowledged()`): a request a lagging
+replica lost is applied again, one it kept is answered as a duplicate (see
+pagemeter_client.replay).
 """
 
 # ASYNC109 would have `timeout` replaced by asyncio.timeout, but here it is the gRPC
@@ -72,6 +78,16 @@ from pagemeter_client.outbox import (
     OutboxEntry,
     OutboxError,
     is_transient,
+)
+from pagemeter_client.replay import (
+    AcknowledgedLog,
+    AsyncObserver,
+    ReplayResult,
+    ReplayStats,
+    ReplayWindow,
+    SyncObserver,
+    replay_async,
+    replay_sync,
 )
 
 log = logging.getLogger("pagemeter_client")
@@ -871,12 +887,15 @@ class _AsyncChannel:
     reporting: reporting_pb2_grpc.ReportingServiceAsyncStub
 
     @classmethod
-    def create(cls, config: _ClientConfig) -> _AsyncChannel:
+    def create(cls, config: _ClientConfig, interceptors: Sequence[Any] = ()) -> _AsyncChannel:
         options, credentials = config.channel_options, config.credentials
+        watchers = list(interceptors) or None
         channel = (
-            grpc.aio.insecure_channel(config.target, options=options)
+            grpc.aio.insecure_channel(config.target, options=options, interceptors=watchers)
             if credentials is None
-            else grpc.aio.secure_channel(config.target, credentials, options=options)
+            else grpc.aio.secure_channel(
+                config.target, credentials, options=options, interceptors=watchers
+            )
         )
         return cls(
             channel,
@@ -926,9 +945,13 @@ class AsyncPagemeterClient:
         tls_server_name: str | None = None,
         outbox: Outbox | None = None,
         flush_outbox_on_close: bool = True,
+        replay_after_failover: ReplayWindow | None = None,
     ) -> None:
         self._outbox = outbox
         self._flush_outbox_on_close = flush_outbox_on_close
+        self._acknowledged = (
+            None if replay_after_failover is None else AcknowledgedLog(replay_after_failover)
+        )
         self._config = _ClientConfig(
             target,
             timeout=timeout,
@@ -947,6 +970,9 @@ class AsyncPagemeterClient:
         )
         self._open: _AsyncChannel | None = None
         self._flusher: tuple[asyncio.Task[None], asyncio.Event] | None = None
+        self._replayer: asyncio.Task[None] | None = None
+        self._replay_again = False
+        self._replay_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         return self._config.describe(type(self).__name__)
@@ -959,7 +985,12 @@ class AsyncPagemeterClient:
         # grpc.aio ties a channel to the event loop it is made in, and __init__ may
         # run before any loop exists (or in another one): make it on first use.
         if self._open is None:
-            self._open = _AsyncChannel.create(self._config)
+            watchers = (
+                ()
+                if self._acknowledged is None
+                else (AsyncObserver(self._acknowledged, self._replay_soon),)
+            )
+            self._open = _AsyncChannel.create(self._config, watchers)
         return self._open
 
     @property
@@ -981,6 +1012,7 @@ class AsyncPagemeterClient:
         (the default); it stops at the first sign that pagemeter is unreachable.
         """
         try:
+            await self._stop_replayer()
             await self.stop_outbox_flusher()
             if self._outbox is not None and self._flush_outbox_on_close:
                 try:
@@ -1430,6 +1462,73 @@ class AsyncPagemeterClient:
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
 
+    # Replay after a failover
+
+    @property
+    def replay_stats(self) -> ReplayStats | None:
+        """What the replay after a failover kept and did (None without replay_after_failover)."""
+        return None if self._acknowledged is None else self._acknowledged.stats()
+
+    def _require_replay(self) -> AcknowledgedLog:
+        if self._acknowledged is None:
+            raise RuntimeError(
+                "this client keeps no acknowledged requests "
+                "(construct it with replay_after_failover=ReplayWindow(...))"
+            )
+        return self._acknowledged
+
+    async def replay_acknowledged(self, *, timeout: float | None = None) -> ReplayResult:
+        """Send every acknowledged request of the window again, now (see ReplayResult).
+
+        For a failover hook, or a client that was idle through the failover and so
+        saw no outage. Waits for a background pass that is running; `timeout` is
+        each call's deadline.
+        """
+        acknowledged = self._require_replay()
+        async with self._pass_lock():
+            return await replay_async(
+                acknowledged,
+                self._quota,
+                deadline=self._config.deadline(timeout),
+                metadata=self._config.metadata,
+            )
+
+    def _pass_lock(self) -> asyncio.Lock:
+        if self._replay_lock is None:
+            self._replay_lock = asyncio.Lock()
+        return self._replay_lock
+
+    def _replay_soon(self) -> None:
+        """The first answer after a store outage: replay in a task (or again after this pass)."""
+        self._replay_again = True
+        if self._replayer is not None and not self._replayer.done():
+            return
+        self._replayer = asyncio.get_running_loop().create_task(
+            self._replay_in_background(), name="pagemeter-replay"
+        )
+
+    async def _replay_in_background(self) -> None:
+        acknowledged = self._require_replay()
+        while self._replay_again:
+            self._replay_again = False
+            try:
+                async with self._pass_lock():
+                    await replay_async(
+                        acknowledged,
+                        self._quota,
+                        deadline=self._config.timeout,
+                        metadata=self._config.metadata,
+                    )
+            except Exception:
+                log.exception("replay after a store outage failed")
+
+    async def _stop_replayer(self) -> None:
+        if self._replayer is None:
+            return
+        task, self._replayer = self._replayer, None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
     # Worker convenience
 
     async def _release_unknown_hold(self, org_id: str, request_id: str) -> None:
@@ -1520,9 +1619,13 @@ class PagemeterClient:
         tls_server_name: str | None = None,
         outbox: Outbox | None = None,
         flush_outbox_on_close: bool = True,
+        replay_after_failover: ReplayWindow | None = None,
     ) -> None:
         self._outbox = outbox
         self._flush_outbox_on_close = flush_outbox_on_close
+        self._acknowledged = (
+            None if replay_after_failover is None else AcknowledgedLog(replay_after_failover)
+        )
         self._config = _ClientConfig(
             target,
             timeout=timeout,
@@ -1540,16 +1643,28 @@ class PagemeterClient:
             tls_server_name=tls_server_name,
         )
         opts, credentials = self._config.channel_options, self._config.credentials
-        self._channel = (
+        self._raw_channel = (
             grpc.insecure_channel(target, options=opts)
             if credentials is None
             else grpc.secure_channel(target, credentials, options=opts)
+        )
+        self._channel = (
+            self._raw_channel
+            if self._acknowledged is None
+            else grpc.intercept_channel(
+                self._raw_channel, SyncObserver(self._acknowledged, self._replay_soon)
+            )
         )
         self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._reporting = reporting_pb2_grpc.ReportingServiceStub(self._channel)
         self._flusher: tuple[threading.Thread, threading.Event] | None = None
         self._flusher_lock = threading.Lock()
+        self._replayer: threading.Thread | None = None
+        self._replay_again = False
+        self._replay_stop = threading.Event()
+        self._replay_state = threading.Lock()  # guards _replayer and _replay_again
+        self._replay_pass = threading.Lock()  # one pass at a time
 
     def __repr__(self) -> str:
         return self._config.describe(type(self).__name__)
@@ -1565,6 +1680,7 @@ class PagemeterClient:
         (the default); it stops at the first sign that pagemeter is unreachable.
         """
         try:
+            self._stop_replayer()
             self.stop_outbox_flusher()
             if self._outbox is not None and self._flush_outbox_on_close:
                 try:
@@ -1572,7 +1688,7 @@ class PagemeterClient:
                 except (sqlite3.Error, OutboxError) as problem:
                     log.warning("outbox %s: delivery on close failed: %s", self._outbox, problem)
         finally:
-            self._channel.close()
+            self._raw_channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -2007,6 +2123,78 @@ class PagemeterClient:
         stop.set()
         if thread is not threading.current_thread():
             thread.join()
+
+    # Replay after a failover
+
+    @property
+    def replay_stats(self) -> ReplayStats | None:
+        """What the replay after a failover kept and did (None without replay_after_failover)."""
+        return None if self._acknowledged is None else self._acknowledged.stats()
+
+    def _require_replay(self) -> AcknowledgedLog:
+        if self._acknowledged is None:
+            raise RuntimeError(
+                "this client keeps no acknowledged requests "
+                "(construct it with replay_after_failover=ReplayWindow(...))"
+            )
+        return self._acknowledged
+
+    def replay_acknowledged(self, *, timeout: float | None = None) -> ReplayResult:
+        """Send every acknowledged request of the window again, now (see ReplayResult).
+
+        For a failover hook, or a client that was idle through the failover and so
+        saw no outage. Waits for a background pass that is running; `timeout` is
+        each call's deadline.
+        """
+        acknowledged = self._require_replay()
+        with self._replay_pass:
+            return replay_sync(
+                acknowledged,
+                self._quota,
+                deadline=self._config.deadline(timeout),
+                metadata=self._config.metadata,
+            )
+
+    def _replay_soon(self) -> None:
+        """The first answer after a store outage: replay in a thread (or again after this pass)."""
+        with self._replay_state:
+            self._replay_again = True
+            if self._replay_stop.is_set() or (
+                self._replayer is not None and self._replayer.is_alive()
+            ):
+                return
+            self._replayer = threading.Thread(
+                target=self._replay_in_background, name="pagemeter-replay", daemon=True
+            )
+            self._replayer.start()
+
+    def _replay_in_background(self) -> None:
+        acknowledged = self._require_replay()
+        while True:
+            with self._replay_state:
+                if not self._replay_again or self._replay_stop.is_set():
+                    self._replayer = None
+                    return
+                self._replay_again = False
+            try:
+                with self._replay_pass:
+                    replay_sync(
+                        acknowledged,
+                        self._quota,
+                        deadline=self._config.timeout,
+                        metadata=self._config.metadata,
+                        should_stop=self._replay_stop.is_set,
+                    )
+            except Exception:
+                log.exception("replay after a store outage failed")
+
+    def _stop_replayer(self) -> None:
+        """Stop a background pass after the call it is making (at most one deadline)."""
+        with self._replay_state:
+            self._replay_stop.set()
+            thread = self._replayer
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self._config.timeout + 1.0)
 
     # Worker convenience
 
