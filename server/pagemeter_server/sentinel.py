@@ -117,7 +117,8 @@ async def check_sentinel_access(client: aioredis.Redis) -> None:
     to the health probe. The messages name the sentinel and redis-py's reason,
     never the password.
     """
-    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    # A cluster client has no single connection pool (and no sentinels).
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
     if manager is None:
         return
     sentinels = list(manager.sentinels)
