@@ -947,9 +947,11 @@ class Bench:
                 store = build_store(client, settings, ServiceMetrics(CollectorRegistry()))
                 original = store.run
 
-                async def recording(name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+                async def recording(
+                    name: str, keys: Sequence[str], args: Sequence[Any], **options: Any
+                ) -> Any:
                     captured.append((name, list(keys), list(args)))
-                    return await original(name, keys, args)
+                    return await original(name, keys, args, **options)
 
                 store.run = recording  # type: ignore[method-assign]
                 result = await store.check(
