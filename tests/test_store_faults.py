@@ -131,8 +131,12 @@ async def test_a_primary_without_enough_replicas_is_unavailable_and_unchanged(
 def test_a_connection_closed_under_a_call_is_unavailable() -> None:
     """uvloop's error for a write on a transport another task closed ('the handler is closed'), produced for real, is transient and answered UNAVAILABLE; an unrelated RuntimeError stays INTERNAL."""
 
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        await writer.wait_closed()
+
     async def closed_transport_error() -> BaseException:
-        server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.transport.close()
@@ -143,6 +147,7 @@ def test_a_connection_closed_under_a_call_is_unavailable() -> None:
             return error
         finally:
             server.close()
+            await server.wait_closed()
         raise AssertionError("uvloop accepted a write on a closed transport")
 
     error = uvloop.run(closed_transport_error())
