@@ -17,6 +17,7 @@ import os
 import signal
 import statistics
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter_server.embedded import free_port
 from tests.cluster_topology import Cluster
 from tests.server_process import ServerProcess
 
@@ -107,8 +110,11 @@ def orgs_by_primary(cluster: Cluster, per_primary: int = 2) -> dict[int, list[st
 
 
 @contextlib.contextmanager
-def pagemeter_servers(cluster: Cluster, tmp_path: Path, count: int = 2) -> Iterator[list[str]]:
+def pagemeter_servers(
+    cluster: Cluster, tmp_path: Path, count: int = 2, metrics_port: int = 0
+) -> Iterator[list[str]]:
     """`count` pagemeter-server processes on the cluster; yields their targets.
+    The first serves Prometheus metrics on `metrics_port` when one is given.
 
     At the end each is stopped with SIGTERM and must exit 0 with no traceback.
     """
@@ -128,6 +134,11 @@ def pagemeter_servers(cluster: Cluster, tmp_path: Path, count: int = 2) -> Itera
                 "0",
                 "--log-level",
                 "WARNING",
+                *(
+                    ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+                    if metrics_port and not number
+                    else []
+                ),
             ],
             tmp_path / f"pagemeter-{number}.log",
         )
@@ -206,6 +217,17 @@ async def until(condition: object, what: str, within: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The unlabelled samples of a pagemeter-server's Prometheus endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        family.name: family.samples[0].value
+        for family in text_string_to_metric_families(text)
+        if family.samples and not family.samples[0].labels
+    }
+
+
 def no_broken_answers(tallies: list[Tally]) -> None:
     broken = {tally.org: tally.broken[:5] for tally in tallies if tally.broken}
     assert not broken, f"answers outside the contract (retry only UNAVAILABLE): {broken}"
@@ -244,7 +266,8 @@ async def test_a_dead_primary_refuses_only_the_organizations_of_its_slots(
     bystanders = [
         Tally(org) for port, orgs in by_primary.items() if port != victim_node.port for org in orgs
     ]
-    with pagemeter_servers(cluster, tmp_path) as targets:
+    metrics_port = free_port()
+    with pagemeter_servers(cluster, tmp_path, metrics_port=metrics_port) as targets:
         await set_plans(targets[0], [t.org for t in victims + bystanders])
         assert replica.pid is not None
         os.kill(replica.pid, signal.SIGSTOP)
@@ -254,6 +277,7 @@ async def test_a_dead_primary_refuses_only_the_organizations_of_its_slots(
             workers = start_jobs(quotas, victims + bystanders, stop)
             await asyncio.sleep(4.0)  # the probe's findings, and the node timeout, pass
             statuses = [await health(target) for target in targets]
+            gauges = await asyncio.to_thread(scrape, metrics_port)
             stop.set()
             await asyncio.gather(*workers)
         no_broken_answers(victims + bystanders)
@@ -262,6 +286,8 @@ async def test_a_dead_primary_refuses_only_the_organizations_of_its_slots(
         ]
         assert all(len(tally.acked) > 20 for tally in bystanders)
         assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2
+        assert gauges["pagemeter_redis_primaries_down"] == 1
+        assert gauges["pagemeter_redis_up"] == 1
         refusals = [seconds for tally in victims for seconds in tally.refusal_latencies]
         assert refusals and all(not tally.acked for tally in victims)
         assert statistics.median(refusals) < REDIS_TIMEOUT, "refused at once, not after a timeout"

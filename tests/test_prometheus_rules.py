@@ -41,6 +41,7 @@ EXPORTED_METRICS = frozenset(
         "pagemeter_records_total",
         "pagemeter_redis_script_errors_total",
         "pagemeter_redis_up",
+        "pagemeter_redis_primaries_down",
         "pagemeter_store_persistent",
         "pagemeter_unplanned_metric_refusals_total",
         "pagemeter_document_types_folded_total",

@@ -229,11 +229,11 @@ async def test_with_replica_acks_a_failover_under_load_loses_no_acknowledged_rec
         stop = asyncio.Event()
         workers = [asyncio.create_task(worker(quota, ledger, n, stop)) for n in range(WORKERS)]
         try:
-            await until(lambda: len(ledger.acked) >= 150, "load before the kill")
+            await until(lambda: len(ledger.acked) >= 100, "load before the kill")
             topology.primary.kill()
             killed_at = time.monotonic()
             before = len(ledger.acked)
-            await until(lambda: len(ledger.acked) >= before + 150, "after the failover")
+            await until(lambda: len(ledger.acked) >= before + 100, "after the failover")
         finally:
             stop.set()
             await asyncio.gather(*workers)
