@@ -20,7 +20,13 @@
    of a second, "TTL exhausted"), far less than moving a busy organization's
    keys can take. pagemeter keeps retrying, with a short backoff, for as long
    as the caller waits (or --redis-timeout when it set no deadline), and then
-   answers UNAVAILABLE: the script never ran, so a retry is exact.
+   answers UNAVAILABLE: the script never ran, so a retry is exact. A
+   CLUSTERDOWN that outlasts redis-py's own retries is waited out the same
+   way, but for --redis-timeout at most: with cluster-require-full-coverage
+   yes (Redis's default) every node answers it between the moment a dead
+   primary is marked failed and the election of its replica — a second or
+   so in which organizations on live primaries would be refused too — and a
+   cluster that stays down must not hold calls for their whole deadline.
 4. The client re-reads the slot map after a failed call, and each time it
    also asked its default node — the first primary of the map, often a dead
    one during a failover — for the server's COMMAND table. That call failed,
@@ -85,19 +91,24 @@ class FailFastCluster(RedisCluster):
     migration_wait_seconds = 2.0
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        give_up_at = time.monotonic() + wait_budget(self.migration_wait_seconds)
+        started = time.monotonic()
+        budget = wait_budget(self.migration_wait_seconds)
         attempt = 0
         while True:
             try:
                 return await super().execute_command(*args, **kwargs)
             except (redis.exceptions.RedisError, RuntimeError) as error:
-                if not in_migration(error):
+                if in_migration(error):
+                    if time.monotonic() - started >= budget:
+                        raise StoreUnavailable(
+                            "the organization's slot is moving between Redis nodes and did "
+                            "not settle within the call's deadline"
+                        ) from error
+                elif isinstance(error, redis.exceptions.ClusterDownError):
+                    if time.monotonic() - started >= min(budget, self.migration_wait_seconds):
+                        raise
+                else:
                     raise
-                if time.monotonic() >= give_up_at:
-                    raise StoreUnavailable(
-                        "the organization's slot is moving between Redis nodes and did not "
-                        "settle within the call's deadline"
-                    ) from error
             await pause(attempt)
             attempt += 1
 

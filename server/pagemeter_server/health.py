@@ -36,6 +36,7 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from pagemeter_server.clock import RedisClock
+from pagemeter_server.faults import closed_under_call
 from pagemeter_server.metrics import ServiceMetrics
 
 log = logging.getLogger("pagemeter.health")
@@ -67,11 +68,23 @@ class NodeAnswer:
 
 
 async def _probe_node(node: ClusterNode, within: float | None) -> NodeAnswer:
+    """TIME and INFO persistence of one primary, tried twice within `within`: during
+    a failover the cluster client closes every node's connections from other
+    tasks (after a CLUSTERDOWN, on a slot-map refresh), which breaks a probe of
+    a live node; the second try opens a fresh connection."""
     async with asyncio.timeout(within):
-        sent = time.time_ns()
-        seconds, micros = await node.execute_command("TIME")
-        received = time.time_ns()
-        info: Any = await node.execute_command("INFO", "persistence")
+        for attempt in range(2):
+            try:
+                sent = time.time_ns()
+                seconds, micros = await node.execute_command("TIME")
+                received = time.time_ns()
+                info: Any = await node.execute_command("INFO", "persistence")
+                break
+            except (redis.exceptions.ConnectionError, RuntimeError, AttributeError) as error:
+                if attempt or not (
+                    isinstance(error, redis.exceptions.ConnectionError) or closed_under_call(error)
+                ):
+                    raise
     return NodeAnswer(
         (int(seconds), int(micros), sent, received), str(info.get("aof_enabled")) == "1"
     )
@@ -115,6 +128,7 @@ class HealthReporter:
         # the last probe could not reach.
         self._cluster: Any = None
         self.down_nodes: frozenset[str] = frozenset()
+        self._failed_last: frozenset[str] = frozenset()
 
     async def set(self, serving: bool) -> None:
         status = (
@@ -180,11 +194,17 @@ class HealthReporter:
         answers = await asyncio.gather(
             *(_probe_node(node, within) for node in primaries), return_exceptions=True
         )
-        down = frozenset(
+        failed = frozenset(
             node.name
             for node, answer in zip(primaries, answers, strict=True)
             if isinstance(answer, BaseException)
         )
+        # Down means two probes in a row (half a health interval apart): a live
+        # primary slowed by a failover elsewhere must not have its organizations
+        # refused; a dead one refuses connections at once anyway, and a stalled
+        # one is found within the interval and a half.
+        down = failed & self._failed_last
+        self._failed_last = failed
         up = [
             (node, answer)
             for node, answer in zip(primaries, answers, strict=True)
@@ -192,7 +212,7 @@ class HealthReporter:
         ]
         if up and self.clock is not None:
             self.clock.sync(*up[0][1].time)
-        ok = bool(up)
+        ok = bool(primaries) and len(down) < len(primaries)
         if down != self.down_nodes:
             log.warning(
                 "Redis cluster primaries unreachable: %s", ", ".join(sorted(down)) or "none"

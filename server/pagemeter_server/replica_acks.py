@@ -119,7 +119,8 @@ class ReplicaAcks:
         ran, until the call's deadline.
         """
         cluster = self._cluster
-        give_up_at = time.monotonic() + wait_budget(self.wait_seconds)
+        started = time.monotonic()
+        budget = wait_budget(self.wait_seconds)
         asking: ClusterNode | None = None
         attempt = 0
         while True:
@@ -154,9 +155,15 @@ class ReplicaAcks:
                 await cluster.nodes_manager.move_slot(reply)
             elif isinstance(reply, redis.exceptions.AskError):
                 asking = cast(ClusterNode | None, cluster.get_node(reply.host, reply.port))
+            elif isinstance(reply, redis.exceptions.ClusterDownError):
+                # A failover's election (see cluster.py): waited out for
+                # --redis-timeout at most, then answered UNAVAILABLE.
+                if time.monotonic() - started >= min(budget, self.wait_seconds):
+                    return reply, confirmed
+                cluster._initialize = True
             elif not isinstance(reply, redis.exceptions.TryAgainError):
-                return reply, confirmed  # CLUSTERDOWN too: a failover, answered UNAVAILABLE
-            if time.monotonic() >= give_up_at:
+                return reply, confirmed
+            if time.monotonic() - started >= budget:
                 raise StoreUnavailable(
                     "the organization's slot is moving between Redis nodes and did not settle "
                     "within the call's deadline"
