@@ -723,3 +723,10 @@ def test_unusable_sentinel_url_is_refused_without_quoting_it(
     env_err = parse_error(capsys, argv[:-2], {"PAGEMETER_SENTINEL_URL": argv[-1]})
     assert mentions in env_err, env_err
     assert "s3cr3t" not in env_err
+
+
+def test_the_primary_password_stays_out_of_the_settings_repr() -> None:
+    """--redis-url may carry the primary's password (PAGEMETER_REDIS_URL): the settings' repr, which a traceback or a debug log could show, does not."""
+    parsed = parse_settings([], {"PAGEMETER_REDIS_URL": "redis://:pr1mary-s3cret@10.0.0.5:6379/0"})
+    assert parsed.redis_url.endswith("@10.0.0.5:6379/0")
+    assert "pr1mary-s3cret" not in repr(parsed)

@@ -135,7 +135,8 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"
     # Empty: start the embedded Redis server in data_dir.
-    redis_url: str = ""
+    # It may carry the primary's password: kept out of repr(), as sentinel_url.
+    redis_url: str = dataclasses.field(default="", repr=False)
     # "single" (one Redis, --redis-url), "cluster" (Redis Cluster; --redis-url
     # names any node: the client discovers the others and follows redirections)
     # or "sentinel" (the primary that the sentinels name, followed on failover).
