@@ -11,11 +11,16 @@ roles, so a test never sees a half-made cluster.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -205,6 +210,26 @@ class Cluster:
             except redis.RedisError as error:
                 parts.append(f"{node.port}:{error}")
         return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def running_cluster(base: Path, **options: Any) -> Iterator[Cluster]:
+    """A started cluster (`options` as Cluster's), stopped at the end; a node a
+    test froze with SIGSTOP is woken first, so that it can be stopped."""
+    topology = Cluster(base, **options)
+    try:
+        topology.start()
+        yield topology
+    finally:
+        for node in topology.alive():
+            assert node.pid is not None
+            os.kill(node.pid, signal.SIGCONT)
+        topology.stop()
+
+
+# Three primaries with a replica each, and a node timeout short enough for a
+# failover within seconds: the failover tests' topology.
+FAILOVER = {"primaries": 3, "replicas": 1, "node_timeout_ms": 1000}
 
 
 def _probe(node: RedisProcess) -> redis.Redis:

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import free_port
-from tests.cluster_topology import Cluster
+from tests.cluster_topology import FAILOVER, Cluster, running_cluster
 from tests.server_process import ServerProcess
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -239,21 +239,9 @@ def no_broken_answers(tallies: list[Tally]) -> None:
 def partial_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Three primaries with a replica each; a cluster that keeps serving the slots
     it still covers when one primary is lost (cluster-require-full-coverage no)."""
-    topology = Cluster(
-        tmp_path,
-        primaries=3,
-        replicas=1,
-        node_timeout_ms=1000,
-        extra_args=["--cluster-require-full-coverage", "no"],
-    )
-    try:
-        topology.start()
+    options = FAILOVER | {"extra_args": ["--cluster-require-full-coverage", "no"]}
+    with running_cluster(tmp_path, **options) as topology:
         yield topology
-    finally:
-        for node in topology.alive():
-            assert node.pid is not None
-            os.kill(node.pid, signal.SIGCONT)
-        topology.stop()
 
 
 async def test_a_dead_primary_refuses_only_the_organizations_of_its_slots(
@@ -314,12 +302,8 @@ async def test_a_dead_primary_refuses_only_the_organizations_of_its_slots(
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Three primaries with a replica each, cluster-node-timeout 1 s."""
-    topology = Cluster(tmp_path, primaries=3, replicas=1, node_timeout_ms=1000)
-    try:
-        topology.start()
+    with running_cluster(tmp_path, **FAILOVER) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 # Each run kills another primary (the first is the one --redis-url names).
@@ -388,9 +372,7 @@ MOVES = 4
 
 async def test_resharding_a_busy_slot_under_holds_and_records(tmp_path: Path) -> None:
     """The slot of a busy organization (over 2,000 keys) is moved between primaries four times, as `redis-cli --cluster reshard` moves it, while its holds and records are in flight through two pagemeter servers: no call is refused or answered other than OK (TRYAGAIN and ASK are waited out within the deadline), every job counts once, and the latency rise is measured."""
-    topology = Cluster(tmp_path, primaries=3, replicas=0, node_timeout_ms=5000)
-    topology.start()
-    try:
+    with running_cluster(tmp_path, primaries=3, replicas=0, node_timeout_ms=5000) as topology:
         busy = Tally("busy")
         slot = topology.keyslot("pm:{busy}:plan")
         home = topology.owner_of("pm:{busy}:plan")
@@ -443,8 +425,6 @@ async def test_resharding_a_busy_slot_under_holds_and_records(tmp_path: Path) ->
             f"{1000 * max(during):.1f} ms during the moves; {len(busy.acked)} jobs, "
             f"{len(neighbour.acked)} for the neighbour, 0 refused, 0 other errors"
         )
-    finally:
-        topology.stop()
 
 
 async def preload(target: str, org: str, jobs_count: int) -> None:

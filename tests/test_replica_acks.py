@@ -30,7 +30,7 @@ from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_p
 from pagemeter_server.app import close_redis, connect_redis, create_server
 from pagemeter_server.embedded import RedisProcess
 from pagemeter_server.settings import Settings
-from tests.cluster_topology import Cluster
+from tests.cluster_topology import FAILOVER, Cluster, running_cluster
 from tests.failover_load import Ledger, committed_pages, record, until, worker
 from tests.test_sentinel import MASTER, Topology, running_topology, synchronised
 
@@ -308,12 +308,9 @@ async def test_without_any_replica_every_change_is_refused(tmp_path: Path) -> No
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    topology = Cluster(tmp_path, primaries=3, replicas=1, node_timeout_ms=1000)
-    try:
-        topology.start()
+    """Three primaries with a replica each, cluster-node-timeout 1 s."""
+    with running_cluster(tmp_path, **FAILOVER) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 async def test_in_a_cluster_a_lagging_replica_loses_no_acknowledged_record(
