@@ -24,11 +24,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import free_port
+from pagemeter_server.embedded import RedisProcess, free_port
 from tests.cluster_topology import FAILOVER, Cluster, running_cluster
 from tests.server_process import ServerProcess
 
@@ -444,3 +445,50 @@ async def preload(target: str, org: str, jobs_count: int) -> None:
                 timeout=30,
             )
             assert all(item.HasField("response") for item in reply.items)
+
+
+async def test_a_slot_migration_stalled_halfway_is_waited_out_until_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """A slot left half moved (some of an organization's keys on each node, as when a reshard stops midway): a hold is waited out until the caller's deadline and then answered UNAVAILABLE (never INTERNAL, never later than the deadline), a call without a deadline gives up after --redis-timeout, nothing is held; once the move is finished the same hold is placed."""
+    with running_cluster(tmp_path, primaries=3, replicas=0, node_timeout_ms=5000) as topology:
+        slot = topology.keyslot("pm:{acme}:plan")
+        home = topology.owner_of("pm:{acme}:plan")
+        away = next(node for node in topology.primary_nodes() if node is not home)
+        with pagemeter_servers(topology, tmp_path, count=1) as (target,):
+            await set_plans(target, ["acme"])
+            await preload(target, "acme", 20)
+            await asyncio.to_thread(half_move, topology, slot, home, away)
+            async with grpc.aio.insecure_channel(target) as channel:
+                quota = quota_pb2_grpc.QuotaServiceStub(channel)
+                hold = quota_pb2.CheckQuotaRequest(
+                    org_id="acme", request_id="job", units={"pages": 1}, hold=True
+                )
+                timings = []
+                for deadline in (1.5, None):
+                    started = time.monotonic()
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await quota.CheckQuota(hold, timeout=deadline)
+                    timings.append(time.monotonic() - started)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+                assert 1.0 < timings[0] < 1.6, "waited until the caller's deadline, not beyond"
+                assert REDIS_TIMEOUT / 2 < timings[1] < REDIS_TIMEOUT + 0.2, "--redis-timeout"
+                await asyncio.to_thread(topology.move_slot, slot, home, away)
+                placed = await quota.CheckQuota(hold, timeout=5)
+                assert placed.held and not placed.duplicate, "the refused holds held nothing"
+            assert await committed(target, "acme") == 20
+
+
+def half_move(topology: Cluster, slot: int, source: RedisProcess, target: RedisProcess) -> None:
+    """Start moving a slot and stop halfway: its plan moved, its other keys not."""
+    with (
+        redis.Redis(port=source.port, decode_responses=True) as src,
+        redis.Redis(port=target.port, decode_responses=True) as dst,
+    ):
+        dst.execute_command(
+            "CLUSTER SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER MYID")
+        )
+        src.execute_command(
+            "CLUSTER SETSLOT", slot, "MIGRATING", dst.execute_command("CLUSTER MYID")
+        )
+        src.execute_command("MIGRATE", "127.0.0.1", target.port, "pm:{acme}:plan", 0, 5000)

@@ -51,7 +51,17 @@ import redis.exceptions
 from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from pagemeter_server.faults import StoreUnavailable, closed_under_call, pause, wait_budget
+from pagemeter_server.faults import (
+    StoreUnavailable,
+    closed_under_call,
+    pause,
+    pause_seconds,
+    wait_budget,
+)
+
+# The longest one attempt of a redirected command takes: a few round trips and
+# at most two of redis-py's 50 ms TRYAGAIN sleeps.
+ATTEMPT_SECONDS = 0.15
 
 
 def in_migration(error: BaseException) -> bool:
@@ -89,6 +99,10 @@ class FailFastCluster(RedisCluster):
     # How long a command outside any RPC deadline waits out a slot migration;
     # connect_redis sets it to --redis-timeout.
     migration_wait_seconds = 2.0
+    # Redirections (MOVED, ASK, TRYAGAIN) redis-py follows within one attempt
+    # (16 by default, with sleeps: up to half a second). Few, so that an attempt
+    # is short and execute_command above keeps the deadline.
+    RedisClusterRequestTTL = 5
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
@@ -99,15 +113,18 @@ class FailFastCluster(RedisCluster):
                 return await super().execute_command(*args, **kwargs)
             except (redis.exceptions.RedisError, RuntimeError) as error:
                 if in_migration(error):
-                    if time.monotonic() - started >= budget:
+                    limit = budget
+                elif isinstance(error, redis.exceptions.ClusterDownError):
+                    limit = min(budget, self.migration_wait_seconds)
+                else:
+                    raise
+                # Another attempt must end in time for the answer to make the deadline.
+                if time.monotonic() - started + pause_seconds(attempt) + ATTEMPT_SECONDS > limit:
+                    if in_migration(error):
                         raise StoreUnavailable(
                             "the organization's slot is moving between Redis nodes and did "
                             "not settle within the call's deadline"
                         ) from error
-                elif isinstance(error, redis.exceptions.ClusterDownError):
-                    if time.monotonic() - started >= min(budget, self.migration_wait_seconds):
-                        raise
-                else:
                     raise
             await pause(attempt)
             attempt += 1

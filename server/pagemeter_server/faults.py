@@ -109,6 +109,11 @@ def wait_budget(default_seconds: float) -> float:
     return max(0.0, deadline - time.monotonic() - ANSWER_MARGIN_SECONDS)
 
 
+def pause_seconds(attempt: int) -> float:
+    """The backoff before retry number `attempt` + 1: 5 ms, 10 ms, 20 ms, then 40 ms."""
+    return min(0.005 * 2.0**attempt, 0.04)
+
+
 async def pause(attempt: int) -> None:
-    """Back off between retries: 5 ms, 10 ms, 20 ms, then 40 ms each."""
-    await asyncio.sleep(min(0.005 * 2**attempt, 0.04))
+    """Back off between retries (pause_seconds)."""
+    await asyncio.sleep(pause_seconds(attempt))

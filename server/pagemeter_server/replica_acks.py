@@ -32,7 +32,13 @@ import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
 
-from pagemeter_server.faults import StoreUnavailable, closed_under_call, pause, wait_budget
+from pagemeter_server.faults import (
+    StoreUnavailable,
+    closed_under_call,
+    pause,
+    pause_seconds,
+    wait_budget,
+)
 
 # The marker only has to outlive the WAIT that follows it.
 MARKER_TTL_MS = 60_000
@@ -163,7 +169,8 @@ class ReplicaAcks:
                 cluster._initialize = True
             elif not isinstance(reply, redis.exceptions.TryAgainError):
                 return reply, confirmed
-            if time.monotonic() - started >= budget:
+            # The next attempt (one round trip) must end before the deadline.
+            if time.monotonic() - started + pause_seconds(attempt) + 0.02 > budget:
                 raise StoreUnavailable(
                     "the organization's slot is moving between Redis nodes and did not settle "
                     "within the call's deadline"
