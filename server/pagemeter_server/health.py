@@ -154,7 +154,10 @@ class HealthReporter:
             return False
         if not self.down_nodes or not keys or self._cluster is None:
             return True
-        node = self._cluster.get_node_from_key(keys[0])
+        try:
+            node = self._cluster.get_node_from_key(keys[0])
+        except redis.exceptions.RedisClusterException:
+            return True  # no slot map this moment: the client re-reads it on the call
         return node is None or node.name not in self.down_nodes
 
     async def probe(self, client: aioredis.Redis, within: float | None = None) -> bool:
