@@ -49,6 +49,13 @@ class ServerProcess:
         self.process = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM killer stops it; a later start() serves the same port."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
     def wait_until_serving(self, seconds: float = 30.0) -> None:
         deadline = time.monotonic() + seconds
         with grpc.insecure_channel(self.target) as channel:

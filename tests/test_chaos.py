@@ -9,10 +9,7 @@ equals their number, and the records list holds each id once.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,8 +30,8 @@ from pagemeter.v1 import (
     reporting_pb2_grpc,
 )
 from pagemeter_server.embedded import RedisProcess, free_port
+from tests.server_process import ServerProcess
 
-SERVER = Path(sys.executable).parent / "pagemeter-server"
 CLIENTS = 8
 RECORDS_PER_CLIENT = 60
 # Clients pace themselves so that the faults land among the records, not after them.
@@ -47,56 +44,22 @@ RETRYABLE = {
 }
 
 
-class Server:
-    """pagemeter-server as a subprocess on a fixed port, killable and restartable."""
-
-    def __init__(self, port: int, redis_url: str, log: Path) -> None:
-        self.port, self.redis_url, self.log = port, redis_url, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    str(SERVER),
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    "--metrics-listen",
-                    "",
-                    "--redis-url",
-                    self.redis_url,
-                    "--dev-open-access",
-                    "--redis-timeout",
-                    "0.5",
-                    "--health-interval",
-                    "0.1",
-                    "--log-level",
-                    "WARNING",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def wait_until_serving(self, channel: grpc.Channel, seconds: float = 20.0) -> None:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        pytest.fail(f"pagemeter-server never served: {self.log.read_text()[-2000:]}")
+def chaos_server(redis_url: str, log: Path) -> ServerProcess:
+    """pagemeter-server on the Redis, killable and restartable on its port."""
+    return ServerProcess(
+        [
+            "--redis-url",
+            redis_url,
+            "--dev-open-access",
+            "--redis-timeout",
+            "0.5",
+            "--health-interval",
+            "0.1",
+            "--log-level",
+            "WARNING",
+        ],
+        log,
+    )
 
 
 @dataclass
@@ -110,14 +73,13 @@ class Ledger:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[RedisProcess, Server, str]]:
+def cluster(tmp_path: Path) -> Iterator[tuple[RedisProcess, ServerProcess, str]]:
     redis_process = RedisProcess(tmp_path / "redis")
     redis_process.start()
-    port = free_port()
-    server = Server(port, redis_process.url, tmp_path / "server.log")
+    server = chaos_server(redis_process.url, tmp_path / "server.log")
     server.start()
     try:
-        yield redis_process, server, f"127.0.0.1:{port}"
+        yield redis_process, server, server.target
     finally:
         server.kill()
         redis_process.stop()
@@ -154,12 +116,12 @@ def client_loop(target: str, client: int, ledger: Ledger, deadline: float) -> No
 
 
 def test_kills_and_restarts_lose_and_double_nothing(
-    cluster: tuple[RedisProcess, Server, str],
+    cluster: tuple[RedisProcess, ServerProcess, str],
 ) -> None:
     """8 clients record 480 jobs while Redis and pagemeter are each SIGKILLed and restarted several times; every acknowledged job is counted exactly once."""
     redis_process, server, target = cluster
     with grpc.insecure_channel(target) as channel:
-        server.wait_until_serving(channel)
+        server.wait_until_serving()
         admin_pb2_grpc.AdminServiceStub(channel).SetPlan(
             admin_pb2.SetPlanRequest(
                 plan=plan_pb2.Plan(
@@ -209,7 +171,7 @@ def test_kills_and_restarts_lose_and_double_nothing(
     assert len(ledger.acked) == CLIENTS * RECORDS_PER_CLIENT
 
     with grpc.insecure_channel(target) as channel:
-        server.wait_until_serving(channel)
+        server.wait_until_serving()
         usage = quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
             quota_pb2.GetUsageRequest(org_id="acme"), timeout=5
         )
@@ -242,9 +204,9 @@ def test_server_starts_without_redis_and_recovers_by_itself(tmp_path: Path) -> N
     """pagemeter-server started while its Redis is down keeps running NOT_SERVING (no crash loop), answers UNAVAILABLE, and serves by itself once Redis comes up."""
     redis_port = free_port()
     redis_process = RedisProcess(tmp_path / "redis", port=redis_port)
-    server = Server(free_port(), redis_process.url, tmp_path / "server.log")
+    server = chaos_server(redis_process.url, tmp_path / "server.log")
     server.start()
-    target = f"127.0.0.1:{server.port}"
+    target = server.target
     try:
         with grpc.insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -265,7 +227,7 @@ def test_server_starts_without_redis_and_recovers_by_itself(tmp_path: Path) -> N
             time.sleep(1.0)
             assert server.process is not None and server.process.poll() is None, "it exited"
             redis_process.start()
-            server.wait_until_serving(channel)
+            server.wait_until_serving()
             usage = quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
                 quota_pb2.GetUsageRequest(org_id="acme"), timeout=5
             )
