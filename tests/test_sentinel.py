@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel as RedisPySentinel
 from redis.backoff import NoBackoff
-from redis.sentinel import Sentinel
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2_grpc
 from pagemeter_server.app import close_redis, connect_redis, create_server
@@ -44,21 +43,29 @@ class Topology:
     primary: RedisProcess
     replica: RedisProcess
     sentinels: list[tuple[subprocess.Popen[bytes], int]]
+    # The sentinels' own password (their default user), if they need one.
+    sentinel_password: str | None = None
 
     @property
     def addresses(self) -> str:
         return ",".join(f"127.0.0.1:{port}" for _, port in self.sentinels)
 
     def current_primary_port(self) -> int:
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            [("127.0.0.1", port) for _, port in self.sentinels], socket_timeout=0.5
-        )
-        try:
-            host_port: tuple[str, int] = sentinel.discover_master(MASTER)  # type: ignore[no-untyped-call]
-            return int(host_port[1])
-        finally:
-            for connection in sentinel.sentinels:
-                connection.close()
+        """The primary the first answering sentinel names."""
+        for _, port in self.sentinels:
+            with (
+                contextlib.suppress(redis.RedisError),
+                redis.Redis(
+                    port=port,
+                    password=self.sentinel_password,
+                    socket_timeout=0.5,
+                    decode_responses=True,
+                ) as sentinel,
+            ):
+                host_port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER)
+                if host_port:
+                    return int(host_port[1])
+        raise AssertionError("no sentinel names a primary")
 
 
 def synchronised(replica: RedisProcess) -> bool:
@@ -77,9 +84,43 @@ def synchronised(replica: RedisProcess) -> bool:
     )
 
 
+def sentinel_config(port: int, home: Path, primary_port: int, password: str | None) -> str:
+    """A sentinel (quorum 2, down after 1 s) of a primary with `password`, or none."""
+    return (
+        f"port {port}\nbind 127.0.0.1\ndir {home}\n"
+        f"sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n"
+        f"sentinel down-after-milliseconds {MASTER} 1000\n"
+        f"sentinel failover-timeout {MASTER} 3000\n"
+        + (f"sentinel auth-pass {MASTER} {password}\n" if password else "")
+    )
+
+
+def run_sentinel(home: Path, port: int, config: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A sentinel process on `port` with `config`."""
+    home.mkdir()
+    conf = home / "sentinel.conf"
+    conf.write_text(config)
+    process = subprocess.Popen(
+        [find_redis_server(), str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return process, port
+
+
+# Writes the configuration of one sentinel: (its port, its folder, the primary's port).
+SentinelConfig = Callable[[int, Path, int], str]
+
+
 @contextlib.contextmanager
-def running_topology(folder: Path, password: str | None = None) -> Iterator[Topology]:
-    """A primary, its replica and three sentinels (quorum 2); with a password on the data nodes."""
+def running_topology(
+    folder: Path,
+    password: str | None = None,
+    config: SentinelConfig | None = None,
+    sentinel_password: str | None = None,
+) -> Iterator[Topology]:
+    """A primary, its replica and three sentinels (quorum 2); with a password on the
+    data nodes, and sentinels written by `config` (asked with `sentinel_password`)."""
     auth = ["--masterauth", password] if password else []
     primary = RedisProcess(folder / "primary", password=password, extra_args=auth)
     primary.start()
@@ -89,27 +130,15 @@ def running_topology(folder: Path, password: str | None = None) -> Iterator[Topo
         extra_args=["--replicaof", "127.0.0.1", str(primary.port), *auth],
     )
     replica.start()
+    write = config or (
+        lambda port, home, primary_port: sentinel_config(port, home, primary_port, password)
+    )
     sentinels: list[tuple[subprocess.Popen[bytes], int]] = []
     try:
         for i in range(3):
-            port = free_port()
-            home = folder / f"sentinel{i}"
-            home.mkdir()
-            conf = home / "sentinel.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {home}\n"
-                f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} 2\n"
-                f"sentinel down-after-milliseconds {MASTER} 1000\n"
-                f"sentinel failover-timeout {MASTER} 3000\n"
-                + (f"sentinel auth-pass {MASTER} {password}\n" if password else "")
-            )
-            process = subprocess.Popen(
-                [find_redis_server(), str(conf), "--sentinel"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            sentinels.append((process, port))
-        topology = Topology(primary, replica, sentinels)
+            home, port = folder / f"sentinel{i}", free_port()
+            sentinels.append(run_sentinel(home, port, write(port, home, primary.port)))
+        topology = Topology(primary, replica, sentinels, sentinel_password)
         deadline = time.monotonic() + 10
         while True:
             try:

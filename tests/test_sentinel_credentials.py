@@ -36,13 +36,13 @@ from prometheus_client import CollectorRegistry
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from pagemeter_server.app import close_redis, connect_redis, create_server
 from pagemeter_server.auth import ConfigurationError
-from pagemeter_server.embedded import RedisProcess, find_redis_server, free_port
+from pagemeter_server.embedded import free_port
 from pagemeter_server.sentinel import check_sentinel_access
 from pagemeter_server.settings import Settings
 from tests.conftest import eagle_plan, exported_committed
 from tests.failover_load import Ledger, committed_pages, record, until, worker
 from tests.test_redis_tls import TlsTerminator
-from tests.test_sentinel import synchronised
+from tests.test_sentinel import Topology, run_sentinel, running_topology
 
 MASTER = "pagemeter"
 PRIMARY_PASSWORD = "primary-pw-8c41d7e2"
@@ -54,31 +54,6 @@ SENTINEL_USER_PASSWORD = "sentinel-user-pw-51e7c2a4"
 SENTINEL_USER_ACL = f"user {SENTINEL_USER} on >{SENTINEL_USER_PASSWORD} -@all +sentinel|masters"
 WRONG_PASSWORD = "wrong-pw-0d6b93f1"
 SERVER = Path(sys.executable).parent / "pagemeter-server"
-
-
-@dataclass
-class Topology:
-    primary: RedisProcess
-    replica: RedisProcess
-    sentinels: list[tuple[subprocess.Popen[bytes], int]]
-
-    @property
-    def addresses(self) -> str:
-        return ",".join(f"127.0.0.1:{port}" for _, port in self.sentinels)
-
-    def current_primary_port(self) -> int:
-        """The primary the sentinels name, asked with the default user's password."""
-        for _, port in self.sentinels:
-            with (
-                contextlib.suppress(redis.exceptions.RedisError),
-                redis.Redis(
-                    port=port, password=SENTINEL_PASSWORD, socket_timeout=0.5, decode_responses=True
-                ) as sentinel,
-            ):
-                host_port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER)
-                if host_port:
-                    return int(host_port[1])
-        raise AssertionError("no sentinel names a primary")
 
 
 def sentinel_config(port: int, home: Path, primary_port: int, requirepass: str) -> str:
@@ -99,15 +74,7 @@ def start_sentinel(
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     home = folder / name
-    home.mkdir()
-    conf = home / "sentinel.conf"
-    conf.write_text(sentinel_config(port, home, primary_port, requirepass))
-    process = subprocess.Popen(
-        [find_redis_server(), str(conf), "--sentinel"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return process, port
+    return run_sentinel(home, port, sentinel_config(port, home, primary_port, requirepass))
 
 
 def answers(port: int, password: str) -> bool:
@@ -122,37 +89,15 @@ def answers(port: int, password: str) -> bool:
 @contextlib.contextmanager
 def credentialed_topology(folder: Path) -> Iterator[Topology]:
     """A password-protected primary and replica, three sentinels that need a password too."""
-    auth = ["--masterauth", PRIMARY_PASSWORD]
-    primary = RedisProcess(folder / "primary", password=PRIMARY_PASSWORD, extra_args=auth)
-    primary.start()
-    replica = RedisProcess(
-        folder / "replica",
+    with running_topology(
+        folder,
         password=PRIMARY_PASSWORD,
-        extra_args=["--replicaof", "127.0.0.1", str(primary.port), *auth],
-    )
-    replica.start()
-    sentinels: list[tuple[subprocess.Popen[bytes], int]] = []
-    try:
-        for i in range(3):
-            sentinels.append(start_sentinel(folder, f"sentinel{i}", primary.port))
-        topology = Topology(primary, replica, sentinels)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                assert topology.current_primary_port() == primary.port
-                assert synchronised(replica)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        config=lambda port, home, primary_port: sentinel_config(
+            port, home, primary_port, SENTINEL_PASSWORD
+        ),
+        sentinel_password=SENTINEL_PASSWORD,
+    ) as topology:
         yield topology
-    finally:
-        for process, _ in sentinels:
-            process.kill()
-            process.wait()
-        replica.stop()
-        primary.stop()
 
 
 @pytest.fixture(scope="module")
@@ -445,6 +390,7 @@ async def tls_in_front(
                 (process, t.port)
                 for (process, _), t in zip(topology.sentinels, terminators, strict=True)
             ],
+            SENTINEL_PASSWORD,
         )
         yield behind_tls, terminators
 
