@@ -18,8 +18,7 @@ import signal
 import statistics
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,75 +27,24 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import quota_pb2, quota_pb2_grpc
 from pagemeter_server.embedded import RedisProcess, free_port
 from tests.cluster_topology import FAILOVER, Cluster, running_cluster
+from tests.failover_load import (
+    Tally,
+    committed,
+    no_broken_answers,
+    preload,
+    set_plans,
+    start_jobs,
+    stubs,
+    until,
+)
 from tests.server_process import ServerProcess
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Also the longest a call waits out a CLUSTERDOWN (the election after a primary
 # dies, with cluster-require-full-coverage yes) before it is refused.
 REDIS_TIMEOUT = 1.0
-CALL_TIMEOUT = 3.0
-
-
-@dataclass
-class Tally:
-    """What the callers of one organization were told."""
-
-    org: str
-    acked: set[str] = field(default_factory=set)
-    refused: int = 0
-    # Answers the contract does not allow here (INTERNAL, UNKNOWN, ...).
-    broken: list[str] = field(default_factory=list)
-    # (monotonic time the call started, seconds it took) of every answered call.
-    latencies: list[tuple[float, float]] = field(default_factory=list)
-    refusal_latencies: list[float] = field(default_factory=list)
-    refusal_reasons: list[str] = field(default_factory=list)
-    last_refusal: float = 0.0
-
-
-async def answered(tally: Tally, call: object) -> bool:
-    """Await one call; True when answered, False when refused (retry it)."""
-    started = time.monotonic()
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as error:
-        if error.code() in RETRYABLE:
-            tally.refused += 1
-            tally.refusal_latencies.append(time.monotonic() - started)
-            tally.refusal_reasons.append(f"{error.code().name}: {error.details()}")
-            tally.last_refusal = time.monotonic()
-            return False
-        tally.broken.append(f"{error.code().name}: {error.details()}")
-        return False
-    tally.latencies.append((started, time.monotonic() - started))
-    return True
-
-
-async def jobs(
-    quota: quota_pb2_grpc.QuotaServiceStub, tally: Tally, name: str, stop: asyncio.Event
-) -> None:
-    """Hold, then record, job after job; a refused step is retried with its own id."""
-    job = 0
-    while not stop.is_set():
-        job += 1
-        request_id = f"{name}-{job}"
-        hold = quota_pb2.CheckQuotaRequest(
-            org_id=tally.org, request_id=request_id, units={"pages": 1}, hold=True
-        )
-        while not stop.is_set():
-            if await answered(tally, quota.CheckQuota(hold, timeout=CALL_TIMEOUT)):
-                break
-            await asyncio.sleep(0.02)
-        record = quota_pb2.RecordUsageRequest(
-            org_id=tally.org, request_id=request_id, units={"pages": 1}
-        )
-        while not stop.is_set():
-            if await answered(tally, quota.RecordUsage(record, timeout=CALL_TIMEOUT)):
-                tally.acked.add(request_id)
-                break
-            await asyncio.sleep(0.02)
 
 
 def orgs_by_primary(cluster: Cluster, per_primary: int = 2) -> dict[int, list[str]]:
@@ -159,65 +107,12 @@ def pagemeter_servers(
         assert code == 0 and "Traceback" not in log, f"exit {code}: {log}"
 
 
-@contextlib.asynccontextmanager
-async def stubs(targets: list[str]) -> AsyncIterator[list[quota_pb2_grpc.QuotaServiceStub]]:
-    channels = [grpc.aio.insecure_channel(target) for target in targets]
-    try:
-        yield [quota_pb2_grpc.QuotaServiceStub(channel) for channel in channels]
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
-async def set_plans(target: str, orgs: list[str]) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        admin = admin_pb2_grpc.AdminServiceStub(channel)
-        for org in orgs:
-            await admin.SetPlan(
-                admin_pb2.SetPlanRequest(
-                    plan=plan_pb2.Plan(
-                        org_id=org,
-                        name="HA",
-                        timezone="UTC",
-                        metrics=[plan_pb2.MetricLimits(metric="pages", overage_allowed=True)],
-                    )
-                ),
-                timeout=10,
-            )
-
-
-async def committed(target: str, org: str) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
-        usage = await quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
-            quota_pb2.GetUsageRequest(org_id=org), timeout=10
-        )
-    return {m.metric: m.committed for m in usage.metrics}.get("pages", 0)
-
-
 async def health(target: str) -> int:
     async with grpc.aio.insecure_channel(target) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=5
         )
     return reply.status
-
-
-def start_jobs(
-    quotas: list[quota_pb2_grpc.QuotaServiceStub], tallies: list[Tally], stop: asyncio.Event
-) -> list[asyncio.Task[None]]:
-    """Two callers per organization, one through each server."""
-    return [
-        asyncio.create_task(jobs(quota, tally, f"{tally.org}-via{index}", stop))
-        for tally in tallies
-        for index, quota in enumerate(quotas)
-    ]
-
-
-async def until(condition: object, what: str, within: float = 60.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -229,11 +124,6 @@ def scrape(port: int) -> dict[str, float]:
         for family in text_string_to_metric_families(text)
         if family.samples and not family.samples[0].labels
     }
-
-
-def no_broken_answers(tallies: list[Tally]) -> None:
-    broken = {tally.org: tally.broken[:5] for tally in tallies if tally.broken}
-    assert not broken, f"answers outside the contract (retry only UNAVAILABLE): {broken}"
 
 
 @pytest.fixture
@@ -426,25 +316,6 @@ async def test_resharding_a_busy_slot_under_holds_and_records(tmp_path: Path) ->
             f"{1000 * max(during):.1f} ms during the moves; {len(busy.acked)} jobs, "
             f"{len(neighbour.acked)} for the neighbour, 0 refused, 0 other errors"
         )
-
-
-async def preload(target: str, org: str, jobs_count: int) -> None:
-    """`jobs_count` recorded jobs, so that the organization's slot holds that many keys."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        quota = quota_pb2_grpc.QuotaServiceStub(channel)
-        for first in range(0, jobs_count, 500):
-            reply = await quota.RecordUsageBatch(
-                quota_pb2.RecordUsageBatchRequest(
-                    items=[
-                        quota_pb2.RecordUsageRequest(
-                            org_id=org, request_id=f"preload-{n}", units={"pages": 1}
-                        )
-                        for n in range(first, min(first + 500, jobs_count))
-                    ]
-                ),
-                timeout=30,
-            )
-            assert all(item.HasField("response") for item in reply.items)
 
 
 async def test_a_slot_migration_stalled_halfway_is_waited_out_until_the_deadline(

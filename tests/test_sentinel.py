@@ -33,7 +33,20 @@ from pagemeter_server.embedded import RedisProcess, find_redis_server, free_port
 from pagemeter_server.sentinel import SteadySentinel
 from pagemeter_server.settings import Settings
 from tests.conftest import eagle_plan, exported_committed
-from tests.failover_load import Ledger, committed_pages, record, until, worker
+from tests.failover_load import (
+    Ledger,
+    Tally,
+    committed,
+    committed_pages,
+    no_broken_answers,
+    record,
+    set_plans,
+    start_jobs,
+    stubs,
+    until,
+    worker,
+)
+from tests.server_process import ServerProcess
 
 MASTER = "pagemeter"
 
@@ -311,3 +324,61 @@ async def test_a_password_protected_primary_is_reached_with_the_url_credentials(
                     await server.stop(None)
             finally:
                 await close_redis(client)
+
+
+async def test_a_failover_through_two_server_processes_answers_only_unavailable(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """The primary is killed under two pagemeter-server processes (uvloop, health probe) while two callers per organization hold and record: every refusal is UNAVAILABLE (no INTERNAL from connections closed under calls), work resumes after the promotion, nothing counts twice, and both servers exit 0 on SIGTERM."""
+    servers = [
+        ServerProcess(
+            [
+                "--redis-mode",
+                "sentinel",
+                "--sentinels",
+                topology.addresses,
+                "--sentinel-master",
+                MASTER,
+                "--dev-open-access",
+                "--redis-timeout",
+                "1.0",
+                "--health-interval",
+                "0.2",
+                "--log-level",
+                "WARNING",
+            ],
+            tmp_path / f"pagemeter-{n}.log",
+        )
+        for n in range(2)
+    ]
+    tallies = [Tally("acme"), Tally("hooli")]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_until_serving()
+        targets = [server.target for server in servers]
+        await set_plans(targets[0], [t.org for t in tallies])
+        stop = asyncio.Event()
+        async with stubs(targets) as quotas:
+            workers = start_jobs(quotas, tallies, stop)
+            try:
+                await until(lambda: all(len(t.acked) >= 30 for t in tallies), "load")
+                topology.primary.kill()
+                before = {t.org: len(t.acked) for t in tallies}
+                await until(
+                    lambda: all(len(t.acked) >= before[t.org] + 30 for t in tallies),
+                    "work after the promotion",
+                )
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+        no_broken_answers(tallies)
+        assert topology.current_primary_port() == topology.replica.port
+        for tally in tallies:
+            kept = await committed(targets[1], tally.org)
+            assert 0 <= len(tally.acked) - kept <= before[tally.org], "doubled, or lost too much"
+    finally:
+        codes = [(server.stop(), server.tail()) for server in servers]
+    for code, log in codes:
+        assert code == 0 and "Traceback" not in log, f"exit {code}: {log}"
