@@ -27,11 +27,12 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pagemeter.v1 import quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import quota_pb2, quota_pb2_grpc, reporting_pb2, reporting_pb2_grpc
 from pagemeter_server.embedded import RedisProcess, free_port
 from tests.cluster_topology import FAILOVER, Cluster, running_cluster
 from tests.failover_load import (
     Tally,
+    answered,
     committed,
     no_broken_answers,
     preload,
@@ -279,8 +280,10 @@ async def test_resharding_a_busy_slot_under_holds_and_records(tmp_path: Path) ->
             await preload(targets[0], busy.org, PRELOADED_JOBS)
             stop = asyncio.Event()
             moves: list[tuple[float, float, int]] = []
+            reads = Tally(busy.org)  # the reports of the busy organization, read meanwhile
             async with stubs(targets) as quotas:
                 workers = start_jobs(quotas, [busy, neighbour], stop)
+                workers.append(asyncio.create_task(read_reports(targets[1], reads, stop)))
                 try:
                     await asyncio.sleep(2.0)  # the baseline
                     for number in range(MOVES):
@@ -292,11 +295,13 @@ async def test_resharding_a_busy_slot_under_holds_and_records(tmp_path: Path) ->
                 finally:
                     stop.set()
                     await asyncio.gather(*workers)
-            no_broken_answers([busy, neighbour])
-            assert (busy.refused, neighbour.refused) == (0, 0), (
+            no_broken_answers([busy, neighbour, reads])
+            assert (busy.refused, neighbour.refused, reads.refused) == (0, 0, 0), (
                 busy.refusal_reasons[:3],
                 neighbour.refusal_reasons[:3],
+                reads.refusal_reasons[:3],
             )
+            assert len(reads.latencies) > 30, "the reports were read throughout"
             assert await committed(targets[1], busy.org) == PRELOADED_JOBS + len(busy.acked)
             assert await committed(targets[1], neighbour.org) == len(neighbour.acked)
         baseline = [s for started, s in busy.latencies if started < moves[0][0]]
@@ -348,6 +353,27 @@ async def test_a_slot_migration_stalled_halfway_is_waited_out_until_the_deadline
                 placed = await quota.CheckQuota(hold, timeout=5)
                 assert placed.held and not placed.duplicate, "the refused holds held nothing"
             assert await committed(target, "acme") == 20
+
+
+async def read_reports(target: str, tally: Tally, stop: asyncio.Event) -> None:
+    """GetUsage, GetUsageHistory and ListUsageRecords of one organization, in turn,
+    until stopped (the reports' reads are pipelines, not scripts)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        quota = quota_pb2_grpc.QuotaServiceStub(channel)
+        reporting = reporting_pb2_grpc.ReportingServiceStub(channel)
+        while not stop.is_set():
+            for call in (
+                quota.GetUsage(quota_pb2.GetUsageRequest(org_id=tally.org), timeout=3),
+                reporting.GetUsageHistory(
+                    reporting_pb2.GetUsageHistoryRequest(org_id=tally.org, months=3), timeout=3
+                ),
+                reporting.ListUsageRecords(
+                    reporting_pb2.ListUsageRecordsRequest(org_id=tally.org, page_size=50),
+                    timeout=3,
+                ),
+            ):
+                await answered(tally, call)
+            await asyncio.sleep(0.02)
 
 
 def half_move(topology: Cluster, slot: int, source: RedisProcess, target: RedisProcess) -> None:
