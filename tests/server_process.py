@@ -3,10 +3,12 @@ for tests that try it from outside: killed, restarted, or watched under faults."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -73,3 +75,25 @@ class ServerProcess:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+@contextlib.contextmanager
+def running_servers(args: Sequence[list[str]], folder: Path) -> Iterator[list[str]]:
+    """One serving pagemeter-server per argument list; yields their targets.
+
+    At the end each is stopped with SIGTERM and must exit 0 with no traceback.
+    """
+    servers = [
+        ServerProcess(server_args, folder / f"pagemeter-{number}.log")
+        for number, server_args in enumerate(args)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_until_serving()
+        yield [server.target for server in servers]
+    finally:
+        codes = [(server.stop(), server.tail()) for server in servers]
+    for code, log in codes:
+        assert code == 0 and "Traceback" not in log, f"exit {code}: {log}"

@@ -41,7 +41,7 @@ from tests.failover_load import (
     stubs,
     until,
 )
-from tests.server_process import ServerProcess
+from tests.server_process import running_servers
 
 # Also the longest a call waits out a CLUSTERDOWN (the election after a primary
 # dies, with cluster-require-full-coverage yes) before it is refused.
@@ -70,42 +70,25 @@ def pagemeter_servers(
 
     At the end each is stopped with SIGTERM and must exit 0 with no traceback.
     """
-    servers = [
-        ServerProcess(
-            [
-                "--redis-mode",
-                "cluster",
-                "--redis-url",
-                cluster.primary_nodes()[0].url,
-                "--dev-open-access",
-                "--redis-timeout",
-                str(REDIS_TIMEOUT),
-                "--health-interval",
-                "0.2",
-                "--org-exporter-max-orgs",
-                "0",
-                "--log-level",
-                "WARNING",
-                *(
-                    ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
-                    if metrics_port and not number
-                    else []
-                ),
-            ],
-            tmp_path / f"pagemeter-{number}.log",
-        )
-        for number in range(count)
+    common = [
+        "--redis-mode",
+        "cluster",
+        "--redis-url",
+        cluster.primary_nodes()[0].url,
+        "--dev-open-access",
+        "--redis-timeout",
+        str(REDIS_TIMEOUT),
+        "--health-interval",
+        "0.2",
+        "--org-exporter-max-orgs",
+        "0",
+        "--log-level",
+        "WARNING",
     ]
-    try:
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_until_serving()
-        yield [server.target for server in servers]
-    finally:
-        codes = [(server.stop(), server.tail()) for server in servers]
-    for code, log in codes:
-        assert code == 0 and "Traceback" not in log, f"exit {code}: {log}"
+    metrics = ["--metrics-listen", f"127.0.0.1:{metrics_port}"] if metrics_port else []
+    args = [common + (metrics if number == 0 else []) for number in range(count)]
+    with running_servers(args, tmp_path) as targets:
+        yield targets
 
 
 async def health(target: str) -> int:

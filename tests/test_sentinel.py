@@ -46,7 +46,7 @@ from tests.failover_load import (
     until,
     worker,
 )
-from tests.server_process import ServerProcess
+from tests.server_process import running_servers
 
 MASTER = "pagemeter"
 
@@ -330,34 +330,23 @@ async def test_a_failover_through_two_server_processes_answers_only_unavailable(
     topology: Topology, tmp_path: Path
 ) -> None:
     """The primary is killed under two pagemeter-server processes (uvloop, health probe) while two callers per organization hold and record: every refusal is UNAVAILABLE (no INTERNAL from connections closed under calls), work resumes after the promotion, nothing counts twice, and both servers exit 0 on SIGTERM."""
-    servers = [
-        ServerProcess(
-            [
-                "--redis-mode",
-                "sentinel",
-                "--sentinels",
-                topology.addresses,
-                "--sentinel-master",
-                MASTER,
-                "--dev-open-access",
-                "--redis-timeout",
-                "1.0",
-                "--health-interval",
-                "0.2",
-                "--log-level",
-                "WARNING",
-            ],
-            tmp_path / f"pagemeter-{n}.log",
-        )
-        for n in range(2)
+    args = [
+        "--redis-mode",
+        "sentinel",
+        "--sentinels",
+        topology.addresses,
+        "--sentinel-master",
+        MASTER,
+        "--dev-open-access",
+        "--redis-timeout",
+        "1.0",
+        "--health-interval",
+        "0.2",
+        "--log-level",
+        "WARNING",
     ]
     tallies = [Tally("acme"), Tally("hooli")]
-    try:
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_until_serving()
-        targets = [server.target for server in servers]
+    with running_servers([args, args], tmp_path) as targets:
         await set_plans(targets[0], [t.org for t in tallies])
         stop = asyncio.Event()
         async with stubs(targets) as quotas:
@@ -378,7 +367,3 @@ async def test_a_failover_through_two_server_processes_answers_only_unavailable(
         for tally in tallies:
             kept = await committed(targets[1], tally.org)
             assert 0 <= len(tally.acked) - kept <= before[tally.org], "doubled, or lost too much"
-    finally:
-        codes = [(server.stop(), server.tail()) for server in servers]
-    for code, log in codes:
-        assert code == 0 and "Traceback" not in log, f"exit {code}: {log}"

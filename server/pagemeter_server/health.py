@@ -73,18 +73,20 @@ async def _probe_node(node: ClusterNode, within: float | None) -> NodeAnswer:
     tasks (after a CLUSTERDOWN, on a slot-map refresh), which breaks a probe of
     a live node; the second try opens a fresh connection."""
     async with asyncio.timeout(within):
-        for attempt in range(2):
-            try:
-                sent = time.time_ns()
-                seconds, micros = await node.execute_command("TIME")
-                received = time.time_ns()
-                info: Any = await node.execute_command("INFO", "persistence")
-                break
-            except (redis.exceptions.ConnectionError, RuntimeError, AttributeError) as error:
-                if attempt or not (
-                    isinstance(error, redis.exceptions.ConnectionError) or closed_under_call(error)
-                ):
-                    raise
+        try:
+            return await _ask_node(node)
+        except (redis.exceptions.ConnectionError, RuntimeError, AttributeError) as error:
+            broken = isinstance(error, redis.exceptions.ConnectionError)
+            if not (broken or closed_under_call(error)):
+                raise
+            return await _ask_node(node)  # on a fresh connection
+
+
+async def _ask_node(node: ClusterNode) -> NodeAnswer:
+    sent = time.time_ns()
+    seconds, micros = await node.execute_command("TIME")
+    received = time.time_ns()
+    info: Any = await node.execute_command("INFO", "persistence")
     return NodeAnswer(
         (int(seconds), int(micros), sent, received), str(info.get("aof_enabled")) == "1"
     )
