@@ -195,7 +195,12 @@ class MemoryReturner:
     def start(self) -> None:
         if self._libc is None or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="pagemeter-memory", daemon=True)
+        # The baseline is read here, not when the thread first runs: what is
+        # freed between the two would otherwise count as the baseline.
+        baseline = (self.free_bytes(), _rss())
+        self._thread = threading.Thread(
+            target=self._run, args=baseline, name="pagemeter-memory", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -203,8 +208,7 @@ class MemoryReturner:
         if self._thread is not None:
             self._thread.join()
 
-    def _run(self) -> None:
-        low_free, low_rss = self.free_bytes(), _rss()
+    def _run(self, low_free: int, low_rss: int) -> None:
         last = time.monotonic()
         while not self._stop.wait(self.interval):
             free, rss = self.free_bytes(), _rss()
