@@ -40,12 +40,13 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pagemeter-server --dev-open-access
 
-## lint: buf lint on the contract, ruff and mypy --strict on the code
+## lint: buf lint on the contract, ruff and mypy --strict on the code, the layers' import direction
 lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/ruff check server client tests
 	$(BIN)/ruff format --check server client tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## tools: promtool and prometheus for the monitoring tests (tests/test_prometheus_*.py)
 tools: $(PROMTOOL)

@@ -41,8 +41,8 @@ async def _redis_floor(spec: dict[str, Any]) -> dict[str, Any]:
     measured from one process: what every Redis-backed RPC pays on top of gRPC.
     """
     try:
-        from pagemeter_server.app import connect_redis
         from pagemeter_server.settings import parse_settings
+        from pagemeter_server.store.connections import connect_redis
 
         client = connect_redis(spec["url"], parse_settings(["--redis-url", spec["url"]]))
     except (ImportError, TypeError, SystemExit):  # the server's helpers changed

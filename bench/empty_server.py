@@ -20,7 +20,7 @@ import grpc
 
 from pagemeter.v1 import quota_pb2
 from pagemeter_server.app import MAX_MESSAGE_BYTES
-from pagemeter_server.limits import server_options
+from pagemeter_server.ops.limits import server_options
 from pagemeter_server.settings import Settings
 
 METHOD = "/pagemeter.v1.QuotaService/CheckQuota"

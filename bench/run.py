@@ -80,9 +80,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import RedisProcess, free_port, server_version
-from pagemeter_server.lifecycle import bound_command
-from pagemeter_server.store import _load_script_text
+from pagemeter_server.ops.embedded import RedisProcess, free_port, server_version
+from pagemeter_server.ops.lifecycle import bound_command
+from pagemeter_server.store.scripts import script_text
 
 # bench/driver.py: imported here and by the driver processes this script spawns.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -934,7 +934,7 @@ class Bench:
     def check_script_call(self) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV Store.check sends for ORG, captured from the real Store."""
         from pagemeter_server.app import build_store
-        from pagemeter_server.metrics import ServiceMetrics
+        from pagemeter_server.ops.metrics import ServiceMetrics
         from pagemeter_server.settings import parse_settings
 
         assert self.redis is not None
@@ -980,7 +980,7 @@ class Bench:
         spec = {
             "scenario": "redis_floor",
             "url": self.redis.url,
-            "script": _load_script_text("check.lua"),
+            "script": script_text("check.lua"),
             "keys": keys,
             "args": args,
             "index": 0,
@@ -1007,7 +1007,7 @@ class Bench:
         assert self.redis is not None
         keys, args = self.check_script_call()
         self.redis_client_floor(keys, args)
-        sha = self.redis_client.script_load(_load_script_text("check.lua"))
+        sha = self.redis_client.script_load(script_text("check.lua"))
         reply = self.redis_client.evalsha(sha, len(keys), *keys, *args)
         if reply[0] != "OK" or reply[1] != "1":
             raise RuntimeError(f"check.lua through EVALSHA did not allow: {reply[:2]}")

@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.ops.embedded import RedisProcess
 
 SETTLE_SECONDS = 30.0
 SLOTS = 16384

@@ -27,13 +27,14 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc, reporting_pb2_grpc
-from pagemeter_server.app import ServerParts, build_store, connect_redis, create_server
-from pagemeter_server.auth import Credentials
-from pagemeter_server.clock import ManualClock
-from pagemeter_server.embedded import RedisProcess
-from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.api.auth import Credentials
+from pagemeter_server.app import ServerParts, build_store, create_server
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
-from pagemeter_server.store import Store
+from pagemeter_server.store.connections import connect_redis
+from pagemeter_server.store.quota import Store
 
 # 2026-03-15 12:00:00 UTC: mid-month, so tests move across month ends on purpose only.
 START_MS = int(datetime(2026, 3, 15, 12, 0, tzinfo=UTC).timestamp() * 1000)

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagemeter_server.embedded import free_port
+from pagemeter_server.ops.embedded import free_port
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
 

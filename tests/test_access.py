@@ -30,9 +30,10 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
+from pagemeter_server.api.auth import Credentials, Role, load_credentials
 from pagemeter_server.app import create_server
-from pagemeter_server.auth import ConfigurationError, Credentials, Role, load_credentials
-from pagemeter_server.clock import ManualClock
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.domain.errors import ConfigurationError
 from pagemeter_server.settings import Settings
 from tests.conftest import eagle_plan, serving
 

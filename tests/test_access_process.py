@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import RedisProcess, free_port
+from pagemeter_server.ops.embedded import RedisProcess, free_port
 from tests.conftest import eagle_plan
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"

@@ -31,10 +31,10 @@ from pagemeter.v1 import (
     reporting_pb2,
 )
 from pagemeter_client import AsyncPagemeterClient, PagemeterClient
-from pagemeter_server.clock import ManualClock
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.domain.validation import MAX_BATCH_ENTRIES, MAX_LIMIT, MAX_UNITS
 from pagemeter_server.settings import MAX_DOCUMENT_TYPES, MAX_UNPLANNED_METRICS, Settings
-from pagemeter_server.store import OrgKeys
-from pagemeter_server.validation import MAX_BATCH_ENTRIES, MAX_LIMIT, MAX_UNITS
+from pagemeter_server.store.keys import OrgKeys
 from tests.conftest import START_MS, RunningServer, serving
 from tests.test_quota_service import snapshot
 

@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
-from pagemeter_server.plans import plan_to_doc
-from pagemeter_server.store import Store
+from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits, ms
 
 

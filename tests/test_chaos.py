@@ -29,7 +29,7 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
-from pagemeter_server.embedded import RedisProcess, free_port
+from pagemeter_server.ops.embedded import RedisProcess, free_port
 from tests.server_process import ServerProcess
 
 CLIENTS = 8

@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import json_format
 
 from pagemeter_client import AsyncPagemeterClient, cli
-from pagemeter_server.embedded import free_port
+from pagemeter_server.ops.embedded import free_port
 from tests.conftest import RunningServer, eagle_plan
 
 EAGLE_PLAN_ARGS = [

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pagemeter_client import AsyncPagemeterClient, cli
-from pagemeter_server.clock import ManualClock
+from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.settings import Settings
 from tests.conftest import eagle_plan
 from tests.test_client_auth import (

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from pagemeter_client import AsyncPagemeterClient
-from pagemeter_server.embedded import free_port
+from pagemeter_server.ops.embedded import free_port
 from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits, ms
 from tests.test_cli import Cli, row
 from tests.test_client_reporting import (

@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, quota_pb2
 from pagemeter_client import AsyncPagemeterClient, PagemeterClient, error_details
+from pagemeter_server.api.auth import Credentials, Role
 from pagemeter_server.app import create_server
-from pagemeter_server.auth import Credentials, Role
-from pagemeter_server.clock import ManualClock
+from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.settings import Settings
 from tests.conftest import eagle_plan
 from tests.test_client_sdk import CuttingProxy

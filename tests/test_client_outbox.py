@@ -41,8 +41,8 @@ from pagemeter_client import (
 )
 from pagemeter_client.outbox import is_transient
 from pagemeter_server.app import create_server
-from pagemeter_server.clock import ManualClock
-from pagemeter_server.embedded import free_port
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.ops.embedded import free_port
 from pagemeter_server.settings import Settings
 from tests.conftest import RunningServer, eagle_plan, ms
 from tests.test_cli import Cli

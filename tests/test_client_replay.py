@@ -48,8 +48,9 @@ from pagemeter_client.replay import (
     plan,
 )
 from pagemeter_client.sdk import check_quota_request, record_usage_request
-from pagemeter_server.app import close_redis, connect_redis, create_server
+from pagemeter_server.app import create_server
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import close_redis, connect_redis
 from tests.conftest import eagle_plan
 from tests.test_reliability import SERVING, Rig, pause, resume, start_rig
 from tests.test_sentinel import MASTER, Topology, running_topology

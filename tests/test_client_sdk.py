@@ -25,7 +25,7 @@ from pagemeter_client import (
     error_details,
 )
 from pagemeter_client.sdk import record_usage_request
-from pagemeter_server.embedded import free_port
+from pagemeter_server.ops.embedded import free_port
 from tests.conftest import RunningServer, eagle_plan
 
 Q = quota_pb2

@@ -24,11 +24,12 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
-from pagemeter_server.app import connect_redis, create_server
-from pagemeter_server.clock import ManualClock
-from pagemeter_server.embedded import RedisProcess
-from pagemeter_server.health import volatile_nodes
+from pagemeter_server.app import create_server
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.ops.health import volatile_nodes
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import connect_redis
 from tests.cluster_topology import Cluster
 from tests.conftest import START_MS, eagle_plan, metric_limits
 

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import quota_pb2, quota_pb2_grpc, reporting_pb2, reporting_pb2_grpc
-from pagemeter_server.embedded import RedisProcess, free_port
+from pagemeter_server.ops.embedded import RedisProcess, free_port
 from tests.cluster_topology import FAILOVER, Cluster, running_cluster
 from tests.failover_load import (
     Tally,

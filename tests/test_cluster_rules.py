@@ -16,11 +16,12 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2_grpc, quota_pb2_grpc, reporting_pb2_grpc
-from pagemeter_server.app import connect_redis, create_server
-from pagemeter_server.clock import ManualClock
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.app import create_server
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.settings import Settings
-from pagemeter_server.store import Store
+from pagemeter_server.store.connections import connect_redis
+from pagemeter_server.store.quota import Store
 from tests.conftest import RunningServer
 from tests.test_cluster import cluster  # noqa: F401 - the module's cluster fixture
 from tests.test_concurrency import *  # noqa: F403 - collected again, on the cluster

@@ -10,7 +10,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from pagemeter_server.store import Store
+from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, metric_limits
 from tests.test_rules_lua import set_plan
 

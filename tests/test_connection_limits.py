@@ -29,8 +29,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from pagemeter_server.embedded import free_port
-from pagemeter_server.limits import MemoryReturner, start_metrics_server
+from pagemeter_server.ops.embedded import free_port
+from pagemeter_server.ops.limits import MemoryReturner, start_metrics_server
 from pagemeter_server.settings import Settings, parse_settings
 
 SERVER_COMMAND = Path(sys.executable).parent / "pagemeter-server"

@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import admin_pb2, quota_pb2, reporting_pb2
-from pagemeter_server.rules import percent_of_limit
+from pagemeter_server.domain.usage import percent_of_limit
 from tests.conftest import RunningServer, eagle_plan
 from tests.test_quota_service import snapshot
 

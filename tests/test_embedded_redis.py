@@ -23,7 +23,7 @@ import psutil
 import pytest
 import redis
 
-from pagemeter_server.embedded import (
+from pagemeter_server.ops.embedded import (
     REDIS_SERVER_ENV,
     EmbeddedRedisError,
     RedisProcess,
@@ -497,7 +497,7 @@ def test_second_server_on_a_live_data_dir_is_refused(
 
 HOLD_LOCK = """
 import os, subprocess, sys
-from pagemeter_server.lifecycle import DataDirLock
+from pagemeter_server.ops.lifecycle import DataDirLock
 lock = DataDirLock(sys.argv[1])
 lock.acquire()
 child = subprocess.Popen(
@@ -559,7 +559,7 @@ def test_lock_held_too_long_by_an_exited_owners_child_fails_in_one_line(
 
 STARTED_FROM_A_THREAD = """
 import sys, threading, time
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.ops.embedded import RedisProcess
 process = RedisProcess(sys.argv[1])
 starter = threading.Thread(target=process.start)
 starter.start()
@@ -601,7 +601,7 @@ def test_redis_ends_with_its_owner_even_when_a_finished_thread_started_it(
 
 FORK_WHILE_LOCKED = """
 import os, sys, time
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.ops.embedded import RedisProcess
 first = RedisProcess(sys.argv[1])
 first.start()
 child = os.fork()

@@ -23,8 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import REDIS_SERVER_ENV, free_port
-from pagemeter_server.lifecycle import bound_command
+from pagemeter_server.ops.embedded import REDIS_SERVER_ENV, free_port
+from pagemeter_server.ops.lifecycle import bound_command
 from tests.conftest import eagle_plan
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
@@ -321,7 +321,7 @@ def test_second_plain_server_on_a_served_port_fails_in_one_line(
 # would make a clean-up step fail).
 FAILING_SHUTDOWN = """
 import sys
-from pagemeter_server import embedded
+from pagemeter_server.ops import embedded
 stop = embedded.RedisProcess.stop
 def failing_stop(self, *args, **kwargs):
     stop(self, *args, **kwargs)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
-from pagemeter_server.rules import cost
-from pagemeter_server.validation import PRICE
+from pagemeter_server.domain.usage import cost
+from pagemeter_server.domain.validation import PRICE
 from tests.conftest import RunningServer, metric_limits
 
 Q = quota_pb2

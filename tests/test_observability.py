@@ -21,12 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, quota_pb2
-from pagemeter_server.app import connect_redis, create_server
-from pagemeter_server.clock import ManualClock
-from pagemeter_server.embedded import RedisProcess
-from pagemeter_server.health import watching
-from pagemeter_server.logs import JsonLines, PlainText
+from pagemeter_server.app import create_server
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.ops.health import watching
+from pagemeter_server.ops.logs import JsonLines, PlainText
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import connect_redis
 from tests.conftest import RunningServer, eagle_plan, metric_limits
 
 

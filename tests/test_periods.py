@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import plan_pb2
-from pagemeter_server.periods import month_at, month_of, to_datetime, zone
-from pagemeter_server.plans import plan_to_doc
-from pagemeter_server.store import Store
+from pagemeter_server.domain.periods import month_at, month_of, to_datetime, zone
+from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.store.quota import Store
 from tests.conftest import metric_limits, ms
 
 ZONES = sorted(available_timezones() - {"Factory", "localtime"})

@@ -14,9 +14,10 @@ from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
-from pagemeter_server.app import connect_redis, create_server
-from pagemeter_server.embedded import free_port
+from pagemeter_server.app import create_server
+from pagemeter_server.ops.embedded import free_port
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import connect_redis
 from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits
 
 Q = quota_pb2

@@ -21,9 +21,10 @@ import trustme
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
-from pagemeter_server.app import close_redis, connect_redis, create_server
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.app import create_server
+from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import close_redis, connect_redis
 from tests.conftest import eagle_plan, exported_committed
 
 

@@ -26,13 +26,14 @@ from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_client import AsyncPagemeterClient
-from pagemeter_server.app import connect_redis, create_server
-from pagemeter_server.clock import RedisClock
-from pagemeter_server.embedded import RedisProcess, free_port
-from pagemeter_server.health import HealthReporter, watching
-from pagemeter_server.lifecycle import bound_command
-from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.app import create_server
+from pagemeter_server.domain.clock import RedisClock
+from pagemeter_server.ops.embedded import RedisProcess, free_port
+from pagemeter_server.ops.health import HealthReporter, watching
+from pagemeter_server.ops.lifecycle import bound_command
+from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import connect_redis
 from tests.conftest import eagle_plan
 
 TIMEOUT = 0.3

@@ -27,9 +27,10 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server.app import close_redis, connect_redis, create_server
-from pagemeter_server.embedded import RedisProcess
+from pagemeter_server.app import create_server
+from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import close_redis, connect_redis
 from tests.cluster_topology import FAILOVER, Cluster, running_cluster
 from tests.failover_load import Ledger, committed_pages, record, until, worker
 from tests.test_sentinel import MASTER, Topology, running_topology, synchronised

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
 from pagemeter_server.app import create_server
-from pagemeter_server.clock import ManualClock
+from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.settings import Settings
 from tests.conftest import START_MS, eagle_plan, metric_limits
 

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import plan_pb2
-from pagemeter_server.plans import plan_to_doc
-from pagemeter_server.store import OrgKeys, Store
+from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.store.keys import OrgKeys
+from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, eagle_plan, metric_limits, ms
 from tests.test_rules_lua import record, set_plan
 

@@ -12,13 +12,16 @@ import pytest
 import redis
 
 from pagemeter.v1 import plan_pb2
-from pagemeter_server.plans import plan_to_doc
-from pagemeter_server.store import ORGS_KEY, SCRIPTS, NegativeUnits, RequestIdReused, Store
+from pagemeter_server.domain.errors import NegativeUnits, RequestIdReused
+from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.store.keys import ORGS_KEY
+from pagemeter_server.store.quota import Store
+from pagemeter_server.store.scripts import SCRIPTS
 from tests.conftest import START_MS, metric_limits
 
 NOW = START_MS
 MINUTE = 60_000
-LUA_DIR = Path(__file__).resolve().parent.parent / "server" / "pagemeter_server" / "lua"
+LUA_DIR = Path(__file__).resolve().parent.parent / "server" / "pagemeter_server" / "store" / "lua"
 
 
 async def set_plan(

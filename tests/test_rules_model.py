@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import plan_pb2
-from pagemeter_server.embedded import RedisProcess
-from pagemeter_server.plans import plan_to_doc
-from pagemeter_server.store import Store
+from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, metric_limits
 
 METRICS = ("documents", "pages")

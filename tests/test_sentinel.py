@@ -28,10 +28,11 @@ from redis.asyncio.sentinel import Sentinel as RedisPySentinel
 from redis.backoff import NoBackoff
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2_grpc
-from pagemeter_server.app import close_redis, connect_redis, create_server
-from pagemeter_server.embedded import RedisProcess, find_redis_server, free_port
-from pagemeter_server.sentinel import SteadySentinel
+from pagemeter_server.app import create_server
+from pagemeter_server.ops.embedded import RedisProcess, find_redis_server, free_port
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import close_redis, connect_redis
+from pagemeter_server.store.sentinel import SteadySentinel
 from tests.conftest import eagle_plan, exported_committed
 from tests.failover_load import (
     Ledger,

@@ -34,11 +34,12 @@ import trustme
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
-from pagemeter_server.app import close_redis, connect_redis, create_server
-from pagemeter_server.auth import ConfigurationError
-from pagemeter_server.embedded import free_port
-from pagemeter_server.sentinel import check_sentinel_access
+from pagemeter_server.app import create_server
+from pagemeter_server.domain.errors import ConfigurationError
+from pagemeter_server.ops.embedded import free_port
 from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import close_redis, connect_redis
+from pagemeter_server.store.sentinel import check_sentinel_access
 from tests.conftest import eagle_plan, exported_committed
 from tests.failover_load import Ledger, committed_pages, record, until, worker
 from tests.test_redis_tls import TlsTerminator

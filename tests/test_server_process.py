@@ -28,8 +28,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import REDIS_SERVER_ENV, append_only_files, free_port
-from pagemeter_server.lifecycle import bound_command
+from pagemeter_server.ops.embedded import REDIS_SERVER_ENV, append_only_files, free_port
+from pagemeter_server.ops.lifecycle import bound_command
 
 SERVER_COMMAND = Path(sys.executable).parent / "pagemeter-server"
 STARTUP_DEADLINE_SECONDS = 20.0

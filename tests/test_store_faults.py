@@ -24,9 +24,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from pagemeter.v1 import quota_pb2
-from pagemeter_server.embedded import RedisProcess
-from pagemeter_server.errors import failure_for
-from pagemeter_server.faults import is_transient
+from pagemeter_server.api.status import failure_for
+from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.store.faults import is_transient
 from tests.test_replica_acks import pagemeter, settings_for
 
 

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, quota_pb2, quota_pb2_grpc
-from pagemeter_server.embedded import free_port
-from pagemeter_server.lifecycle import bound_command
+from pagemeter_server.ops.embedded import free_port
+from pagemeter_server.ops.lifecycle import bound_command
 from tests.conftest import eagle_plan
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"

@@ -88,8 +88,8 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
-from pagemeter_server.embedded import RedisProcess, free_port, server_version
-from pagemeter_server.lifecycle import bound_command
+from pagemeter_server.ops.embedded import RedisProcess, free_port, server_version
+from pagemeter_server.ops.lifecycle import bound_command
 
 SERVER = Path(sys.executable).parent / "pagemeter-server"
 

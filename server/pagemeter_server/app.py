@@ -17,17 +17,14 @@ import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
-import redis.exceptions
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from pagemeter.v1 import (
     admin_pb2,
@@ -37,47 +34,39 @@ from pagemeter.v1 import (
     reporting_pb2,
     reporting_pb2_grpc,
 )
-from pagemeter_server.admin import AdminService
-from pagemeter_server.admin_store import AdminStore
-from pagemeter_server.auth import (
+from pagemeter_server.api.admin import AdminService
+from pagemeter_server.api.auth import (
     Authenticator,
-    ConfigurationError,
     Credentials,
     check_open_access,
     load_credentials,
 )
-from pagemeter_server.clock import Clock, RedisClock, SystemClock
-from pagemeter_server.cluster import FailFastCluster
-from pagemeter_server.embedded import EmbeddedRedisError, RedisProcess
-from pagemeter_server.exporter import register_org_exporter
-from pagemeter_server.health import HealthReporter, watching
-from pagemeter_server.interceptors import ObservedRpcs
-from pagemeter_server.lifecycle import InUse, Phase
-from pagemeter_server.limits import (
+from pagemeter_server.api.interceptors import ObservedRpcs
+from pagemeter_server.api.quota import QuotaService
+from pagemeter_server.api.reporting import ReportingService
+from pagemeter_server.domain.clock import Clock, RedisClock, SystemClock
+from pagemeter_server.domain.errors import ConfigurationError
+from pagemeter_server.ops.embedded import EmbeddedRedisError, RedisProcess
+from pagemeter_server.ops.exporter import register_org_exporter
+from pagemeter_server.ops.health import HealthReporter, watching
+from pagemeter_server.ops.lifecycle import InUse, Phase
+from pagemeter_server.ops.limits import (
     BoundedHealthServicer,
     return_freed_memory,
     server_options,
     start_metrics_server,
 )
-from pagemeter_server.logs import setup_logging
-from pagemeter_server.metrics import ServiceMetrics
-from pagemeter_server.replica_acks import ReplicaAcks
-from pagemeter_server.report_store import ReportStore
-from pagemeter_server.reporting import ReportingService
-from pagemeter_server.sentinel import (
-    SteadySentinel,
+from pagemeter_server.ops.logs import setup_logging
+from pagemeter_server.ops.metrics import ServiceMetrics
+from pagemeter_server.settings import Settings, parse_settings, split_host_port
+from pagemeter_server.store.admin import AdminStore
+from pagemeter_server.store.connections import close_redis, connect_redis
+from pagemeter_server.store.quota import Store
+from pagemeter_server.store.replica_acks import ReplicaAcks
+from pagemeter_server.store.reports import ReportStore
+from pagemeter_server.store.sentinel import (
     check_sentinel_access,
-    primary_options,
-    sentinel_kwargs,
 )
-from pagemeter_server.service import QuotaService
-from pagemeter_server.settings import (
-    Settings,
-    parse_settings,
-    sentinel_addresses,
-    split_host_port,
-)
-from pagemeter_server.store import Store
 from pagemeter_server.workers import supervise
 
 log = logging.getLogger("pagemeter")
@@ -89,58 +78,6 @@ SERVICE_NAMES = (
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
-    """A pooled async Redis client with short timeouts, so a stalled Redis fails fast.
-
-    In cluster mode it is a RedisCluster client: it learns the slots from the node
-    in the URL, sends each script to the primary of its organization's slot and
-    follows MOVED/ASK redirections and failovers itself.
-    """
-    timeouts: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_timeout": settings.redis_timeout_seconds,
-        "socket_connect_timeout": settings.redis_timeout_seconds,
-    }
-    if settings.redis_mode == "cluster":
-        cluster: Any = FailFastCluster.from_url(url, **timeouts)
-        cluster.migration_wait_seconds = settings.redis_timeout_seconds
-        return cast(aioredis.Redis, cluster)
-    if settings.redis_mode == "sentinel":
-        # The sentinels name the primary; after a failover the pool's next
-        # connection goes to the promoted replica. SteadySentinel: see sentinel.py.
-        # A dead sentinel is passed over at once (no retries with backoff: the
-        # next sentinel in the list is the retry).
-        sentinel = SteadySentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
-            sentinel_addresses(settings),
-            sentinel_kwargs=sentinel_kwargs(settings, Retry(NoBackoff(), 0)),
-        )
-        primary: aioredis.Redis = sentinel.master_for(
-            settings.sentinel_master, retry=one_quick_retry(), **timeouts, **primary_options(url)
-        )
-        return primary
-    return aioredis.from_url(url, health_check_interval=30, retry=one_quick_retry(), **timeouts)
-
-
-def one_quick_retry() -> Retry:
-    """One immediate retry on a broken connection, none on a timeout.
-
-    The retry is for a pooled connection that died with a Redis restart or a
-    failover (the retry reconnects, to the new primary behind Sentinel). A
-    timeout is never retried: a stalled Redis must fail fast, and callers retry
-    with their idempotency keys.
-    """
-    return Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
-
-
-async def close_redis(client: aioredis.Redis) -> None:
-    """Close a client from connect_redis, with the sentinel connections it made."""
-    await client.aclose()
-    # A cluster client has no single connection pool (and no sentinels).
-    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
-    for sentinel in getattr(manager, "sentinels", ()):
-        await sentinel.aclose()
 
 
 def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetrics) -> Store:

@@ -31,9 +31,9 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from pagemeter_server.auth import check_open_access, load_credentials
-from pagemeter_server.embedded import RedisProcess
-from pagemeter_server.lifecycle import Phase, PortClaim, die_with_parent
+from pagemeter_server.api.auth import check_open_access, load_credentials
+from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.ops.lifecycle import Phase, PortClaim, die_with_parent
 from pagemeter_server.settings import Settings, split_host_port
 
 log = logging.getLogger("pagemeter.workers")

@@ -35,9 +35,9 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from pagemeter_server.clock import RedisClock
-from pagemeter_server.faults import closed_under_call
-from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.domain.clock import RedisClock
+from pagemeter_server.ops.metrics import ServiceMetrics
+from pagemeter_server.store.faults import closed_under_call
 
 log = logging.getLogger("pagemeter.health")
 

@@ -12,10 +12,7 @@ import base64
 import binascii
 from collections.abc import Iterable
 
-
-class BadPageToken(ValueError):
-    """A page token this server did not issue for this list and organization."""
-
+from pagemeter_server.domain.errors import BadPageToken
 
 _VERSION = "p1"
 

@@ -30,7 +30,7 @@ from redis.exceptions import (
     TimeoutError,
 )
 
-from pagemeter_server.auth import ConfigurationError
+from pagemeter_server.domain.errors import ConfigurationError
 from pagemeter_server.settings import Settings, sentinel_url_options
 
 log = logging.getLogger(__name__)

@@ -12,19 +12,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 
-from pagemeter_server.page_tokens import BadPageToken, decode_page_token, encode_page_token
-from pagemeter_server.store import OrgKeys
-
-
-@dataclass(frozen=True)
-class PlanVersion:
-    version: int
-    updated_ms: int
-    doc: dict[str, Any]
+from pagemeter_server.domain.decisions import PlanVersion
+from pagemeter_server.domain.errors import BadPageToken
+from pagemeter_server.domain.page_tokens import decode_page_token, encode_page_token
+from pagemeter_server.store.keys import OrgKeys
 
 
 @dataclass(frozen=True)

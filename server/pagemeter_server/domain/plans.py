@@ -14,8 +14,8 @@ from decimal import Decimal
 from typing import Any
 
 from pagemeter.v1 import plan_pb2
-from pagemeter_server.periods import timestamp, zone
-from pagemeter_server.validation import (
+from pagemeter_server.domain.periods import timestamp, zone
+from pagemeter_server.domain.validation import (
     CURRENCY,
     MAX_LABEL,
     MAX_METRICS,

@@ -24,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pagemeter_server.lifecycle import TAKEOVER_SECONDS, DataDirLock, InUse, spawn
+from pagemeter_server.ops.lifecycle import TAKEOVER_SECONDS, DataDirLock, InUse, spawn
 
 REDIS_SERVER_ENV = "PAGEMETER_REDIS_SERVER"
 
@@ -117,7 +117,7 @@ class RedisProcess:
     The child never outlives its owner (a parent-death SIGTERM, so it still
     flushes the append-only file), and it shares the owner's exclusive lock on
     the data dir, so no second server can open the same files while either runs
-    (see pagemeter_server.lifecycle).
+    (see ops/lifecycle.py).
     """
 
     def __init__(

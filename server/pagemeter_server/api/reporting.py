@@ -14,26 +14,23 @@ from zoneinfo import ZoneInfo
 import grpc
 
 from pagemeter.v1 import reporting_pb2, reporting_pb2_grpc
-from pagemeter_server import history, statistics
-from pagemeter_server.auth import Access, Authenticator, authorized
-from pagemeter_server.clock import Clock
-from pagemeter_server.page_tokens import (
-    ANSWER_BUDGET,
-    BadPageToken,
-    decode_page_token,
-    encode_page_token,
-)
-from pagemeter_server.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
-from pagemeter_server.report_store import PlanVersion, RecordEntry, ReportStore
-from pagemeter_server.service import job_counts
-from pagemeter_server.store import Store
-from pagemeter_server.validation import (
+from pagemeter_server.api.auth import Access, Authenticator, authorized
+from pagemeter_server.api.convert import job_counts
+from pagemeter_server.domain import history, statistics
+from pagemeter_server.domain.clock import Clock
+from pagemeter_server.domain.decisions import PlanVersion
+from pagemeter_server.domain.errors import BadPageToken
+from pagemeter_server.domain.page_tokens import ANSWER_BUDGET, decode_page_token, encode_page_token
+from pagemeter_server.domain.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
+from pagemeter_server.domain.validation import (
     Violations,
     bad_page_token,
     invalid,
     page_request,
     require_org_id,
 )
+from pagemeter_server.store.quota import Store
+from pagemeter_server.store.reports import RecordEntry, ReportStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -317,10 +314,10 @@ class _PeriodRows(Sequence[reporting_pb2.PeriodUsage]):
     def __init__(
         self, rows: list[statistics.PeriodRow], tz: ZoneInfo, basis: str, split_by_type: bool
     ) -> None:
-        self._rows, self._tz, self._basis, self._split = rows, tz, basis, split_by_type
+        self.rows, self._tz, self._basis, self._split = rows, tz, basis, split_by_type
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self.rows)
 
     @overload
     def __getitem__(self, index: int) -> reporting_pb2.PeriodUsage: ...
@@ -332,8 +329,8 @@ class _PeriodRows(Sequence[reporting_pb2.PeriodUsage]):
         self, index: int | slice
     ) -> reporting_pb2.PeriodUsage | list[reporting_pb2.PeriodUsage]:
         if isinstance(index, slice):
-            return [self._message(row) for row in self._rows[index]]
-        return self._message(self._rows[index])
+            return [self._message(row) for row in self.rows[index]]
+        return self._message(self.rows[index])
 
     def _message(self, row: statistics.PeriodRow) -> reporting_pb2.PeriodUsage:
         period_row = reporting_pb2.PeriodUsage(
@@ -395,7 +392,7 @@ def _record_metrics(fields: dict[str, str], pending: bool) -> list[reporting_pb2
                 prepaid_units=int(row[3]),
                 overage_units=int(row[4]),
             )
-            for row in _rows(fields["res"])
+            for row in rows(fields["res"])
         ]
     return [
         reporting_pb2.RecordMetricUsage(
@@ -405,11 +402,11 @@ def _record_metrics(fields: dict[str, str], pending: bool) -> list[reporting_pb2
             prepaid_units=int(row[12]) if pending else 0,
             overage_units=int(row[13]) if pending else 0,
         )
-        for row in _rows(fields.get("cres", ""))
+        for row in rows(fields.get("cres", ""))
     ]
 
 
-def _rows(encoded: str) -> list[list[str]]:
+def rows(encoded: str) -> list[list[str]]:
     return [row.split(",") for row in encoded.split(";")] if encoded else []
 
 

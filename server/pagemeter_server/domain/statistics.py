@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from pagemeter_server.validation import invalid
+from pagemeter_server.domain.validation import invalid
 
 DAILY, WEEKLY, MONTHLY = 1, 2, 3
 BY_DATE, BY_DOCUMENT_TYPE, BY_BOTH = 1, 2, 3

@@ -10,18 +10,13 @@ import json
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from pagemeter_server.page_tokens import BadPageToken, decode_page_token, encode_page_token
-from pagemeter_server.periods import Month, month_at, month_of, zone
-from pagemeter_server.store import (
-    LimitReached,
-    OrgKeys,
-    PlanMissing,
-    RequestIdReused,
-    ScriptReply,
-    Store,
-    fingerprint,
-)
-from pagemeter_server.validation import invalid
+from pagemeter_server.domain.errors import BadPageToken, LimitReached, PlanMissing, RequestIdReused
+from pagemeter_server.domain.page_tokens import decode_page_token, encode_page_token
+from pagemeter_server.domain.periods import Month, month_at, month_of, zone
+from pagemeter_server.domain.validation import invalid
+from pagemeter_server.store.keys import OrgKeys, fingerprint
+from pagemeter_server.store.quota import Store
+from pagemeter_server.store.scripts import ScriptReply
 
 
 @dataclass(frozen=True)

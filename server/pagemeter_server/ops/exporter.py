@@ -28,18 +28,14 @@ import redis.exceptions
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.backoff import NoBackoff
-from redis.retry import Retry as SyncRetry
-from redis.sentinel import Sentinel
 
-from pagemeter_server import rules
-from pagemeter_server.clock import Clock
-from pagemeter_server.cluster import FailFastSyncCluster
-from pagemeter_server.periods import month_at, zone
-from pagemeter_server.sentinel import primary_options, sentinel_kwargs
-from pagemeter_server.settings import Settings, sentinel_addresses
-from pagemeter_server.store import ORGS_KEY, OrgKeys, StoredPlan, UsageSnapshot
+from pagemeter_server.domain import usage as rules
+from pagemeter_server.domain.clock import Clock
+from pagemeter_server.domain.decisions import StoredPlan, UsageSnapshot
+from pagemeter_server.domain.periods import month_at, zone
+from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import sync_client_like
+from pagemeter_server.store.keys import ORGS_KEY, OrgKeys
 
 log = logging.getLogger("pagemeter.exporter")
 CHUNK = 500
@@ -197,61 +193,6 @@ def _without_expired(held: dict[str, str], expired_holds: Any) -> dict[str, int]
             fields[f"h:{metric}"] = max(0, fields.get(f"h:{metric}", 0) - int(units))
             fields[f"hp:{metric}"] = max(0, fields.get(f"hp:{metric}", 0) - int(prepaid))
     return fields
-
-
-def sync_client_like(client: aioredis.Redis, settings: Settings) -> redis.Redis:
-    """A synchronous client to the same Redis, with the same timeouts and credentials."""
-    if settings.redis_mode == "sentinel":
-        # As the service's own client (app.connect_redis): a dead sentinel is
-        # passed over at once, a broken connection to the primary retried once;
-        # the same credentials and TLS for the sentinels and for the primary.
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
-            sentinel_addresses(settings),
-            sentinel_kwargs=sentinel_kwargs(settings, SyncRetry(NoBackoff(), 0)),
-        )
-        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            settings.sentinel_master,
-            retry=SyncRetry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-            decode_responses=True,
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
-            **primary_options(settings.redis_url),
-        )
-        return primary
-    any_client: Any = client  # connect_redis hands a RedisCluster over as a Redis
-    if isinstance(any_client, AsyncRedisCluster):
-        # Before its first command the async client knows only its startup nodes.
-        node = any_client.get_default_node() or next(
-            iter(any_client.nodes_manager.startup_nodes.values())
-        )
-        cluster = FailFastSyncCluster(
-            host=node.host,
-            port=int(node.port),
-            decode_responses=True,
-            socket_timeout=node.connection_kwargs.get("socket_timeout"),
-            socket_connect_timeout=node.connection_kwargs.get("socket_connect_timeout"),
-            password=node.connection_kwargs.get("password"),
-            username=node.connection_kwargs.get("username"),
-        )
-        return cast(redis.Redis, cluster)
-    kwargs = dict(client.connection_pool.connection_kwargs)
-    allowed = {
-        "host",
-        "port",
-        "db",
-        "username",
-        "password",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "ssl_ca_certs",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "ssl_cert_reqs",
-    }
-    params = {k: v for k, v in kwargs.items() if k in allowed}
-    if "ssl" in client.connection_pool.connection_class.__name__.lower():
-        params["ssl"] = True
-    return redis.Redis(decode_responses=True, **params)
 
 
 def register_org_exporter(

@@ -12,16 +12,19 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc
-from pagemeter_server.admin_store import AdminStore, StoredKey, audit_json
-from pagemeter_server.auth import Access, Authenticator, authorized, current_principal, new_api_key
-from pagemeter_server.clock import Clock
-from pagemeter_server.errors import NotFound
-from pagemeter_server.page_tokens import BadPageToken, items_that_fit
-from pagemeter_server.periods import timestamp
-from pagemeter_server.plans import doc_to_plan, plan_to_doc
-from pagemeter_server.settings import Settings
-from pagemeter_server.store import PlanNotFound, Store
-from pagemeter_server.validation import (
+from pagemeter_server.api.auth import (
+    Access,
+    Authenticator,
+    authorized,
+    current_principal,
+    new_api_key,
+)
+from pagemeter_server.domain.clock import Clock
+from pagemeter_server.domain.errors import BadPageToken, NotFound, PlanNotFound
+from pagemeter_server.domain.page_tokens import items_that_fit
+from pagemeter_server.domain.periods import timestamp
+from pagemeter_server.domain.plans import doc_to_plan, plan_to_doc
+from pagemeter_server.domain.validation import (
     KEY_ID,
     MAX_NAME,
     MAX_REASON,
@@ -33,6 +36,9 @@ from pagemeter_server.validation import (
     page_request,
     require_org_id,
 )
+from pagemeter_server.settings import Settings
+from pagemeter_server.store.admin import AdminStore, StoredKey, audit_json
+from pagemeter_server.store.quota import Store
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

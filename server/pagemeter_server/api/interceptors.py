@@ -24,7 +24,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from pagemeter_server.metrics import ServiceMetrics
+from pagemeter_server.ops.metrics import ServiceMetrics
 
 access_log = logging.getLogger("pagemeter.access")
 

@@ -14,6 +14,8 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from pagemeter_server.domain.errors import InvalidArgument, Violation
+
 ORG_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 METRIC = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -34,12 +36,6 @@ MAX_METRICS = 32
 MAX_NAME = 128
 MAX_LABEL = 64
 MAX_REASON = 256
-
-
-@dataclass(frozen=True)
-class Violation:
-    field: str
-    description: str
 
 
 @dataclass
@@ -141,19 +137,6 @@ class Violations:
     def check_limit(self, value: int, field_path: str) -> None:
         if not 0 <= value <= MAX_LIMIT:
             self.add(field_path, f"{field_path} must be between 0 and {MAX_LIMIT} (got {value})")
-
-
-class InvalidArgument(Exception):
-    """The request is malformed; nothing was changed.
-
-    `reason`, when set, is a machine-readable code sent as a google.rpc.ErrorInfo
-    (the statistics errors use the codes of the DocuRift page).
-    """
-
-    def __init__(self, violations: list[Violation], reason: str = "") -> None:
-        super().__init__("; ".join(v.description for v in violations))
-        self.violations = violations
-        self.reason = reason
 
 
 DEFAULT_PAGE_SIZE = 50

@@ -51,7 +51,7 @@ import redis.exceptions
 from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from pagemeter_server.faults import (
+from pagemeter_server.store.faults import (
     StoreUnavailable,
     closed_under_call,
     pause,

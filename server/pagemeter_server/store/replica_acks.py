@@ -32,7 +32,7 @@ import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
 
-from pagemeter_server.faults import (
+from pagemeter_server.store.faults import (
     StoreUnavailable,
     closed_under_call,
     pause,

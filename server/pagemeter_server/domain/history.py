@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pagemeter_server.periods import Month, month_at
-from pagemeter_server.report_store import PlanVersion
-from pagemeter_server.rules import cost
+from pagemeter_server.domain.decisions import PlanVersion
+from pagemeter_server.domain.periods import Month, month_at
+from pagemeter_server.domain.usage import cost
 
 DEFAULT_MONTHS = 12
 MAX_MONTHS = 24

@@ -9,24 +9,54 @@ and reload the script on NOSCRIPT (after a Redis restart, for example).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import date
-from importlib import resources
-from typing import Any, Literal, TypeVar, cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from pagemeter_server.coalesce import Coalescer
-from pagemeter_server.faults import StoreUnavailable, is_transient
-from pagemeter_server.periods import Month, day_end_ms, local_date, month_at, month_of, zone
-from pagemeter_server.replica_acks import ReplicaAcks
+from pagemeter_server.domain.decisions import (
+    CheckCall,
+    CheckResult,
+    RecordCall,
+    RecordResult,
+    ReleaseResult,
+    StoredPlan,
+    UsageSnapshot,
+)
+from pagemeter_server.domain.errors import (
+    ItemFailed,
+    PlanMissing,
+    RequestIdReused,
+    StoreError,
+)
+from pagemeter_server.domain.periods import Month, day_end_ms, local_date, month_at, month_of, zone
+from pagemeter_server.store.coalesce import Coalescer
+from pagemeter_server.store.faults import StoreUnavailable, is_transient
+from pagemeter_server.store.keys import ORGS_KEY, OrgKeys, fingerprint
+from pagemeter_server.store.replica_acks import ReplicaAcks
+from pagemeter_server.store.replies import (
+    held_units,
+    int_pairs,
+    item_outcome,
+    metric_check,
+    record_result,
+    split_rows,
+)
+from pagemeter_server.store.scripts import (
+    BATCH_SCRIPTS,
+    CHANGING_SCRIPTS,
+    SCRIPTS,
+    ScriptArg,
+    ScriptReply,
+    batch_script_text,
+    script_text,
+)
 
 DAY_MS = 86_400_000
 # check.lua's reason for a metric that is not in the plan.
@@ -35,406 +65,6 @@ UNKNOWN_METRIC = 8
 # after the record was made: its counters outlive it by the retention plus that.
 NAMES_GRACE_MS = 31 * DAY_MS
 
-ScriptReply = list[Any]
-# The organizations that have a plan: the per-organization exporter's list, so
-# that it never scans the keyspace. Written after SetPlan's script (it is not
-# under the org's hash tag, so it cannot be in the same script).
-ORGS_KEY = "pm:orgs"
-ScriptArg = str | int | float
-
-
-class StoreError(Exception):
-    """Base class of errors the store reports to the service."""
-
-
-class RequestIdReused(StoreError):
-    """The request_id (or grant_id) already belongs to a different payload."""
-
-    def __init__(self, status: str) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-class NegativeUnits(StoreError):
-    """Negative units were sent for a metric that is not a lifetime gauge."""
-
-    def __init__(self, metric: str) -> None:
-        super().__init__(metric)
-        self.metric = metric
-
-
-class TooManyMetrics(StoreError):
-    """A record names a metric not in the plan, and the org already uses the most allowed."""
-
-    def __init__(self, metric: str, cap: int) -> None:
-        super().__init__(metric)
-        self.metric = metric
-        self.cap = cap
-
-
-class LimitReached(StoreError):
-    """An organization has the most of something it may have; `reason` names what."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class PlanMissing(StoreError):
-    """The organization has no plan (or the plan lacks the metric)."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(what)
-        self.what = what
-
-
-class PlanNotFound(StoreError):
-    """A read of an organization's plan found none."""
-
-    def __init__(self, org_id: str) -> None:
-        super().__init__(org_id)
-        self.org_id = org_id
-
-
-class OrgKeys:
-    """The keys of one organization, all under its `{org_id}` hash tag."""
-
-    def __init__(self, org_id: str) -> None:
-        self.prefix = f"pm:{{{org_id}}}:"
-        self.plan = self.prefix + "plan"
-        self.holds = self.prefix + "holds"
-        self.holddata = self.prefix + "holddata"
-        self.held = self.prefix + "held"
-        self.credits = self.prefix + "credits"
-        self.lifetime = self.prefix + "u:lifetime"
-        self.rate = self.prefix + "rate"
-        self.records_index = self.prefix + "recs"
-        self.planlog = self.prefix + "planlog"
-        self.planver = self.prefix + "planver"
-        self.audit = self.prefix + "audit"
-        self.api_keys = self.prefix + "keys"
-        self.unplanned = self.prefix + "unplanned"
-        self.doctypes = self.prefix + "doctypes"
-
-    def month(self, period_id: str) -> str:
-        return f"{self.prefix}u:{period_id}"
-
-    def day(self, day: date) -> str:
-        return f"{self.prefix}d:{day.isoformat()}"
-
-    def record(self, request_id: str) -> str:
-        return f"{self.prefix}r:{request_id}"
-
-    def grant(self, grant_id: str) -> str:
-        return f"{self.prefix}g:{grant_id}"
-
-    def adjustment(self, adjustment_id: str) -> str:
-        return f"{self.prefix}adj:{adjustment_id}"
-
-    def api_key(self, key_id: str) -> str:
-        return f"{self.prefix}key:{key_id}"
-
-    def key_rate(self, key_id: str) -> str:
-        return f"{self.prefix}krate:{key_id}"
-
-
-def _opt_int(text: str) -> int | None:
-    return int(text) if text != "" else None
-
-
-def _rows(encoded: str) -> list[list[str]]:
-    return [row.split(",") for row in encoded.split(";")] if encoded else []
-
-
-def fingerprint(*parts: object) -> str:
-    """A short, stable digest of a request's payload, for idempotency checks."""
-    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class MetricCheck:
-    metric: str
-    allowed: bool
-    reason: int
-    requested: int
-    committed: int
-    held: int
-    contract_quota: int | None
-    hard_limit: int | None
-    overage_allowed: bool
-    max_admissible: int | None
-    remaining: int | None
-    included: int
-    prepaid: int
-    overage: int
-    overage_price: str
-    prepaid_available: int
-    lifetime: bool
-
-    @classmethod
-    def from_row(cls, row: Sequence[str]) -> MetricCheck:
-        return cls(
-            metric=row[0],
-            allowed=row[1] == "1",
-            reason=int(row[2]),
-            requested=int(row[3]),
-            committed=int(row[4]),
-            held=int(row[5]),
-            contract_quota=_opt_int(row[6]),
-            hard_limit=_opt_int(row[7]),
-            overage_allowed=row[8] == "1",
-            max_admissible=_opt_int(row[9]),
-            remaining=_opt_int(row[10]),
-            included=int(row[11]),
-            prepaid=int(row[12]),
-            overage=int(row[13]),
-            overage_price=row[14],
-            prepaid_available=int(row[15]),
-            lifetime=row[16] == "N",
-        )
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    outcome: Literal["ok", "no_plan", "rate_limited"]
-    allowed: bool
-    held: bool
-    hold_expires_ms: int
-    duplicate: bool
-    retry_after_ms: int
-    month: Month
-    metrics: list[MetricCheck]
-    # Units of holds this call found expired, per metric.
-    expired: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MetricRecord:
-    metric: str
-    units: int
-    included: int
-    prepaid: int
-    overage: int
-    committed: int
-    contract_quota: int | None
-    hard_limit: int | None
-    over_contract_quota: bool
-    over_hard_limit: bool
-    overage_not_allowed: bool
-    lifetime: bool
-    overage_price: str
-    # In the plan when it was recorded (results stored before this column
-    # existed read as planned).
-    planned: bool = True
-
-    @classmethod
-    def from_row(cls, row: Sequence[str]) -> MetricRecord:
-        return cls(
-            metric=row[0],
-            units=int(row[1]),
-            included=int(row[2]),
-            prepaid=int(row[3]),
-            overage=int(row[4]),
-            committed=int(row[5]),
-            contract_quota=_opt_int(row[6]),
-            hard_limit=_opt_int(row[7]),
-            over_contract_quota=row[8] == "1",
-            over_hard_limit=row[9] == "1",
-            overage_not_allowed=row[10] == "1",
-            lifetime=row[11] == "N",
-            overage_price=row[12],
-            planned=len(row) < 14 or row[13] == "1",
-        )
-
-
-@dataclass(frozen=True)
-class RecordResult:
-    duplicate: bool
-    status: Literal["completed", "failed"]
-    hold_released: bool
-    hold_expired: bool
-    over_limit: bool
-    month_id: str
-    completed_ms: int
-    metrics: list[MetricRecord]
-    expired: dict[str, int] = field(default_factory=dict)
-    # The job's document type counted as '_other' in the statistics (the org
-    # uses the most document types allowed).
-    document_type_folded: bool = False
-
-
-@dataclass(frozen=True)
-class ReleaseResult:
-    outcome: Literal["released", "already_released", "expired", "already_recorded", "not_found"]
-    released: dict[str, int]
-    expired: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StoredPlan:
-    """A plan as stored: the server-built JSON document and its version."""
-
-    doc: dict[str, Any]
-    version: int
-    updated_ms: int
-
-
-@dataclass(frozen=True)
-class UsageSnapshot:
-    """One month of an organization, read atomically.
-
-    `plan` is the plan version whose terms applied to the month (for a past
-    month the one in effect at its end; None when there was none yet).
-    """
-
-    plan: StoredPlan | None
-    timezone: str
-    month: Month
-    month_fields: dict[str, int]
-    lifetime_fields: dict[str, int]
-    held_fields: dict[str, int]
-    credits: dict[str, int]
-    previous_month_fields: dict[str, int]
-    expired: dict[str, int] = field(default_factory=dict)
-
-
-def _record_result(reply: ScriptReply) -> RecordResult:
-    tag = reply[0]
-    if tag == "ERR":
-        raise ItemFailed(str(reply[1]))
-    if tag == "REUSED":
-        raise RequestIdReused(str(reply[1]))
-    if tag == "NEGATIVE":
-        raise NegativeUnits(str(reply[1]))
-    if tag == "TOO_MANY_METRICS":
-        raise TooManyMetrics(str(reply[1]), int(reply[2]))
-    _, duplicate, status, released, hold_expired, over_limit, month_id, cms, rows, gone, folded = (
-        reply
-    )
-    return RecordResult(
-        duplicate=duplicate == "1",
-        status=status,
-        hold_released=released == "1",
-        hold_expired=hold_expired == "1",
-        over_limit=over_limit == "1",
-        month_id=month_id,
-        completed_ms=int(cms),
-        metrics=[MetricRecord.from_row(row) for row in _rows(rows)],
-        expired=held_units(gone),
-        document_type_folded=folded == "1",
-    )
-
-
-Outcome = TypeVar("Outcome")
-
-
-def _item_outcome(parse: Callable[[], Outcome]) -> Outcome | StoreError:
-    """A batch item's result, or the store error it ended in (the others go on)."""
-    try:
-        return parse()
-    except StoreError as exc:
-        return exc
-
-
-def held_units(encoded: str) -> dict[str, int]:
-    """Units per metric of a hold encoding "metric:units:prepaid;..." (see _lib.lua)."""
-    units: dict[str, int] = {}
-    for part in filter(None, str(encoded).split(";")):
-        metric, amount, _prepaid = part.split(":")
-        units[metric] = units.get(metric, 0) + int(amount)
-    return units
-
-
-def _pairs(flat: Sequence[str]) -> dict[str, int]:
-    return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-def _script_parts(name: str) -> tuple[str, str, str]:
-    """(header comment, shared helpers, body) of a script file."""
-    folder = resources.files("pagemeter_server") / "lua"
-    lib = (folder / "_lib.lua").read_text(encoding="utf-8")
-    lines = (folder / name).read_text(encoding="utf-8").splitlines(keepends=True)
-    header_end = next(i for i, line in enumerate(lines) if not line.startswith("--"))
-    return "".join(lines[:header_end]), lib, "".join(lines[header_end:])
-
-
-def _load_script_text(name: str) -> str:
-    # The script's header comment stays first, so a script read back from Redis
-    # still says what it is; the shared helpers go between header and body.
-    header, lib, body = _script_parts(name)
-    return header + lib + body
-
-
-_BATCH_TEMPLATE = """\
--- {name}_batch: {name}.lua applied to several calls of ONE organization in one
--- atomic script call, in order (a later item sees what an earlier one did).
--- Generated from {name}.lua when the store loads its scripts.
---
--- KEYS    the keys of every item, one item after the other (all under the
---         organization's hash tag, so the call stays on one cluster slot)
--- ARGV[1] item count N; ARGV[2 .. 1+2N] per item: its key count, its ARGV count;
---         then the ARGV of every item, one item after the other
---
--- Returns one reply per item, each what {name}.lua returns for it, or
--- {{'ERR', message}} for an item whose script raised an error (the other items
--- are not affected by it).
-{lib}
-local function one(KEYS, ARGV)
-{body}
-end
-
-local count = tonumber(ARGV[1])
-local replies = {{}}
-local next_key, next_arg = 1, 2 + 2 * count
-for i = 1, count do
-  local nkeys, nargs = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local item_keys, item_args = {{}}, {{}}
-  for k = 1, nkeys do
-    item_keys[k] = KEYS[next_key + k - 1]
-  end
-  for a = 1, nargs do
-    item_args[a] = ARGV[next_arg + a - 1]
-  end
-  next_key, next_arg = next_key + nkeys, next_arg + nargs
-  local ok, reply = pcall(one, item_keys, item_args)
-  if ok then
-    replies[i] = reply
-  else
-    replies[i] = {{'ERR', tostring(reply)}}
-  end
-end
-return replies
-"""
-
-
-def _load_batch_script_text(name: str) -> str:
-    _, lib, body = _script_parts(f"{name}.lua")
-    return _BATCH_TEMPLATE.format(name=name, lib=lib, body=body)
-
-
-@dataclass(frozen=True)
-class CheckCall:
-    """One CheckQuota's inputs, as the store needs them."""
-
-    units: Mapping[str, int]
-    request_id: str = ""
-    hold: bool = False
-    hold_ttl_ms: int = 0
-
-
-@dataclass(frozen=True)
-class RecordCall:
-    """One RecordUsage's inputs, as the store needs them."""
-
-    request_id: str
-    units: Mapping[str, int]
-    completed_ms: int
-    completed_given: bool
-    success: bool
-    requested_ms: int | None = None
-    document_type: str = ""
-
 
 @dataclass(frozen=True)
 class PreparedCall:
@@ -442,41 +72,6 @@ class PreparedCall:
 
     keys: list[str]
     args: list[ScriptArg]
-
-
-class ItemFailed(StoreError):
-    """A batch item whose script raised an error; the other items are unaffected."""
-
-
-SCRIPTS = (
-    "check",
-    "record",
-    "release",
-    "usage",
-    "set_plan",
-    "grant",
-    "adjust",
-    "key_create",
-    "key_revoke",
-    "key_auth",
-)
-# Scripts that also run as batches of one organization's calls (see _BATCH_TEMPLATE).
-BATCH_SCRIPTS = ("check", "record")
-# Scripts whose every call may change what a caller is told was kept: with
-# --replica-acks their acknowledgement waits for the replicas (replica_acks.py).
-# check.lua changes state only when it places a hold (its callers say so).
-CHANGING_SCRIPTS = frozenset(
-    {
-        "record",
-        "record_batch",
-        "release",
-        "set_plan",
-        "grant",
-        "adjust",
-        "key_create",
-        "key_revoke",
-    }
-)
 
 
 class Store:
@@ -517,10 +112,10 @@ class Store:
         self.audit_max_events = audit_max_events
         self._coalescer = Coalescer(client) if coalesce else None
         self.scripts: dict[str, AsyncScript] = {
-            name: client.register_script(_load_script_text(f"{name}.lua")) for name in SCRIPTS
+            name: client.register_script(script_text(f"{name}.lua")) for name in SCRIPTS
         }
         for name in BATCH_SCRIPTS:
-            self.scripts[f"{name}_batch"] = client.register_script(_load_batch_script_text(name))
+            self.scripts[f"{name}_batch"] = client.register_script(batch_script_text(name))
 
     # -- timezone cache ---------------------------------------------------------
     # The month key depends on the plan's timezone, which lives in Redis. The
@@ -659,7 +254,7 @@ class Store:
             changes=any(call.hold for call in calls),
         )
         return [
-            _item_outcome(functools.partial(self._check_result, org_id, reply, month))
+            item_outcome(functools.partial(self._check_result, org_id, reply, month))
             for reply, month in replies
         ]
 
@@ -715,7 +310,7 @@ class Store:
         if tag == "RATE_LIMITED":
             return CheckResult("rate_limited", False, False, 0, False, int(reply[1]), month, [])
         _, allowed, held, expiry, duplicate, rows, expired, policy = reply
-        metrics = [MetricCheck.from_row(row) for row in _rows(rows)]
+        metrics = [metric_check(row) for row in split_rows(rows)]
         self._remember_policy(
             org_id, str(policy), (m.metric for m in metrics if m.reason != UNKNOWN_METRIC)
         )
@@ -755,7 +350,7 @@ class Store:
             return await self.run("record", prepared.keys, prepared.args)
 
         reply, _ = await self.run_with_timezone(org_id, run)
-        return _record_result(reply)
+        return record_result(reply)
 
     async def record_batch(
         self, org_id: str, calls: Sequence[RecordCall], *, now_ms: int
@@ -767,7 +362,7 @@ class Store:
             calls,
             lambda call, tz: (self._prepare_record(org_id, call, now_ms, tz), None),
         )
-        return [_item_outcome(functools.partial(_record_result, reply)) for reply, _ in replies]
+        return [item_outcome(functools.partial(record_result, reply)) for reply, _ in replies]
 
     def _prepare_record(self, org_id: str, call: RecordCall, now_ms: int, tz: str) -> PreparedCall:
         keys = OrgKeys(org_id)
@@ -919,11 +514,11 @@ class Store:
             plan=plan,
             timezone=tz,
             month=month_box[-1],
-            month_fields=_pairs(month_flat),
-            lifetime_fields=_pairs(life_flat),
-            held_fields=_pairs(held_flat),
-            credits=_pairs(credit_flat),
-            previous_month_fields=_pairs(prev_flat),
+            month_fields=int_pairs(month_flat),
+            lifetime_fields=int_pairs(life_flat),
+            held_fields=int_pairs(held_flat),
+            credits=int_pairs(credit_flat),
+            previous_month_fields=int_pairs(prev_flat),
             expired=held_units(gone),
         )
 

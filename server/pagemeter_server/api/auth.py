@@ -32,18 +32,16 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagemeter_server.clock import Clock
-from pagemeter_server.errors import (
-    Handler,
+from pagemeter_server.api.status import Handler, Request, Response, grpc_errors
+from pagemeter_server.domain.clock import Clock
+from pagemeter_server.domain.errors import (
+    ConfigurationError,
     PermissionDenied,
     ReadRateLimited,
-    Request,
-    Response,
     Unauthenticated,
-    grpc_errors,
 )
+from pagemeter_server.domain.validation import KEY_ID, ORG_ID
 from pagemeter_server.settings import Settings, split_host_port
-from pagemeter_server.validation import KEY_ID, ORG_ID
 
 API_KEY_PREFIX = "pmk_"
 MIN_TOKEN_LENGTH = 16
@@ -82,10 +80,6 @@ _current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal"
 def current_principal() -> Principal:
     """The caller of the RPC being handled (set by `authorized`)."""
     return _current.get(OPEN_ACCESS)
-
-
-class ConfigurationError(RuntimeError):
-    """Credentials or access settings that the server must not start with."""
 
 
 # -- configured credentials -------------------------------------------------------------

@@ -21,48 +21,24 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pagemeter.v1 import quota_pb2
-from pagemeter_server.faults import is_transient, set_call_deadline
-from pagemeter_server.replica_acks import ReplicasBehind
-from pagemeter_server.store import (
+from pagemeter_server.domain.errors import (
+    InvalidArgument,
     LimitReached,
     NegativeUnits,
+    NotFound,
+    PermissionDenied,
     PlanMissing,
     PlanNotFound,
+    ReadRateLimited,
     RequestIdReused,
     TooManyMetrics,
+    Unauthenticated,
 )
-from pagemeter_server.validation import InvalidArgument
+from pagemeter_server.store.faults import is_transient, set_call_deadline
+from pagemeter_server.store.replica_acks import ReplicasBehind
 
 DOMAIN = "pagemeter"
 log = logging.getLogger("pagemeter.errors")
-
-
-class AuthError(Exception):
-    """A refused caller; `reason` goes into a google.rpc.ErrorInfo."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class Unauthenticated(AuthError):
-    """No credential, or one that is not valid."""
-
-
-class PermissionDenied(AuthError):
-    """A valid credential whose role may not make this call."""
-
-
-class NotFound(AuthError):
-    """The thing named by the request does not exist."""
-
-
-class ReadRateLimited(Exception):
-    """A tenant key over its read flood limit."""
-
-    def __init__(self, retry_after_ms: int) -> None:
-        super().__init__(retry_after_ms)
-        self.retry_after_ms = retry_after_ms
 
 
 Request = TypeVar("Request")

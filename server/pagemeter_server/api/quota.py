@@ -13,34 +13,33 @@ from typing import Any, TypeVar
 import grpc
 import redis.exceptions
 
-from pagemeter.v1 import plan_pb2, quota_pb2, quota_pb2_grpc
-from pagemeter_server import rules
-from pagemeter_server.auth import Access, Authenticator, authorized
-from pagemeter_server.clock import Clock
-from pagemeter_server.errors import batch_item_error
-from pagemeter_server.metrics import ServiceMetrics
-from pagemeter_server.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms, zone
-from pagemeter_server.settings import Settings
-from pagemeter_server.store import (
+from pagemeter.v1 import quota_pb2, quota_pb2_grpc
+from pagemeter_server.api.auth import Access, Authenticator, authorized
+from pagemeter_server.api.convert import job_counts, metric_usage, month_summary, period_fields
+from pagemeter_server.api.status import batch_item_error
+from pagemeter_server.domain import usage as rules
+from pagemeter_server.domain.clock import Clock
+from pagemeter_server.domain.decisions import (
     CheckCall,
     CheckResult,
     MetricCheck,
     MetricRecord,
     RecordCall,
     RecordResult,
-    Store,
-    StoreError,
-    TooManyMetrics,
 )
-from pagemeter_server.validation import (
+from pagemeter_server.domain.errors import InvalidArgument, StoreError, TooManyMetrics
+from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms, zone
+from pagemeter_server.domain.validation import (
     DOCUMENT_TYPE,
     MAX_LABEL,
-    InvalidArgument,
     Violations,
     check_batch_size,
     check_year_month,
     require_org_id,
 )
+from pagemeter_server.ops.metrics import ServiceMetrics
+from pagemeter_server.settings import Settings
+from pagemeter_server.store.quota import Store
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -63,16 +62,6 @@ _REASON_LABEL = {
     value.number: value.name.removeprefix("DECISION_REASON_").lower()
     for value in quota_pb2.DESCRIPTOR.enum_types_by_name["DecisionReason"].values
 }
-
-
-def _period_fields(lifetime: bool, month: Month) -> dict[str, Any]:
-    if lifetime:
-        return {"period": plan_pb2.PERIOD_NONE, "period_id": LIFETIME_PERIOD_ID}
-    return {
-        "period": plan_pb2.PERIOD_MONTHLY,
-        "period_id": month.period_id,
-        "period_end": timestamp(month.end_ms),
-    }
 
 
 class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
@@ -190,7 +179,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             overage_cost=rules.cost(d.overage, d.overage_price),
             overage_price_per_unit=d.overage_price,
             prepaid_available=d.prepaid_available,
-            **_period_fields(d.lifetime, month),
+            **period_fields(d.lifetime, month),
         )
         for name in ("contract_quota", "hard_limit", "max_admissible", "remaining"):
             value = getattr(d, name)
@@ -265,7 +254,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             over_limit=result.over_limit,
             request_id=request.request_id,
             completed_at=timestamp(result.completed_ms),
-            metrics=[self._record_result(m, result.month_id) for m in result.metrics],
+            metrics=[self.record_result(m, result.month_id) for m in result.metrics],
         )
         self.metrics.records.labels(result.status, str(result.duplicate).lower()).inc()
         if not result.duplicate:
@@ -313,7 +302,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         return completed_ms
 
     @staticmethod
-    def _record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricRecordResult:
+    def record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricRecordResult:
         result = quota_pb2.MetricRecordResult(
             metric=m.metric,
             units=m.units,
@@ -478,7 +467,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                 )
             )
         for figures in rules.usage_figures(snapshot, now_ms=now_ms):
-            response.metrics.append(_metric_usage(figures))
+            response.metrics.append(metric_usage(figures))
         return response
 
 
@@ -498,49 +487,3 @@ def group_by_org(
             continue
         groups.setdefault(item.org_id, []).append((index, call))
     return groups
-
-
-def job_counts(month_fields: dict[str, int]) -> quota_pb2.JobCounts:
-    succeeded, failed = month_fields.get("jobs_ok", 0), month_fields.get("jobs_failed", 0)
-    return quota_pb2.JobCounts(succeeded=succeeded, failed=failed, total=succeeded + failed)
-
-
-def month_summary(month: Month, month_fields: dict[str, int]) -> quota_pb2.MonthSummary:
-    return quota_pb2.MonthSummary(
-        period_id=month.period_id,
-        year=month.year,
-        month=month.month,
-        jobs=job_counts(month_fields),
-        metrics=[
-            quota_pb2.MetricTotal(
-                metric=t.metric,
-                committed=t.committed,
-                prepaid_used=t.prepaid_used,
-                average_per_job=t.average_per_job,
-            )
-            for t in rules.metric_totals(month_fields)
-        ],
-    )
-
-
-def _metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
-    usage = quota_pb2.MetricUsage(
-        metric=f.metric,
-        period=plan_pb2.PERIOD_NONE if f.lifetime else plan_pb2.PERIOD_MONTHLY,
-        committed=f.committed,
-        held=f.held,
-        overage_allowed=f.overage_allowed,
-        overage_units=f.overage_units,
-        overage_cost=f.overage_cost,
-        price_per_unit=f.price_per_unit,
-        overage_price_per_unit=f.overage_price_per_unit,
-        prepaid_balance=f.prepaid_balance,
-        prepaid_used=f.prepaid_used,
-        lifetime_committed=f.lifetime_committed,
-        average_per_job=f.average_per_job,
-    )
-    for name in ("contract_quota", "hard_limit", "remaining", "usage_percent"):
-        value = getattr(f, name)
-        if value is not None:
-            setattr(usage, name, value)
-    return usage

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any
 
-from pagemeter_server.plans import format_money
-from pagemeter_server.store import MetricCheck, UsageSnapshot
+from pagemeter_server.domain.decisions import MetricCheck, UsageSnapshot
+from pagemeter_server.domain.plans import format_money
 
 # DecisionReason codes shared with check.lua.
 WITHIN_QUOTA, PREPAID, OVERAGE = 1, 2, 3

@@ -1,0 +1,1 @@
+"""gRPC handlers: authentication, validation and the conversion to and from the protos."""

@@ -1,0 +1,65 @@
+"""Conversions from the domain's answers to the protos of the contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pagemeter.v1 import plan_pb2, quota_pb2
+from pagemeter_server.domain import usage as rules
+from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, timestamp
+
+
+def period_fields(lifetime: bool, month: Month) -> dict[str, Any]:
+    if lifetime:
+        return {"period": plan_pb2.PERIOD_NONE, "period_id": LIFETIME_PERIOD_ID}
+    return {
+        "period": plan_pb2.PERIOD_MONTHLY,
+        "period_id": month.period_id,
+        "period_end": timestamp(month.end_ms),
+    }
+
+
+def job_counts(month_fields: dict[str, int]) -> quota_pb2.JobCounts:
+    succeeded, failed = month_fields.get("jobs_ok", 0), month_fields.get("jobs_failed", 0)
+    return quota_pb2.JobCounts(succeeded=succeeded, failed=failed, total=succeeded + failed)
+
+
+def month_summary(month: Month, month_fields: dict[str, int]) -> quota_pb2.MonthSummary:
+    return quota_pb2.MonthSummary(
+        period_id=month.period_id,
+        year=month.year,
+        month=month.month,
+        jobs=job_counts(month_fields),
+        metrics=[
+            quota_pb2.MetricTotal(
+                metric=t.metric,
+                committed=t.committed,
+                prepaid_used=t.prepaid_used,
+                average_per_job=t.average_per_job,
+            )
+            for t in rules.metric_totals(month_fields)
+        ],
+    )
+
+
+def metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
+    usage = quota_pb2.MetricUsage(
+        metric=f.metric,
+        period=plan_pb2.PERIOD_NONE if f.lifetime else plan_pb2.PERIOD_MONTHLY,
+        committed=f.committed,
+        held=f.held,
+        overage_allowed=f.overage_allowed,
+        overage_units=f.overage_units,
+        overage_cost=f.overage_cost,
+        price_per_unit=f.price_per_unit,
+        overage_price_per_unit=f.overage_price_per_unit,
+        prepaid_balance=f.prepaid_balance,
+        prepaid_used=f.prepaid_used,
+        lifetime_committed=f.lifetime_committed,
+        average_per_job=f.average_per_job,
+    )
+    for name in ("contract_quota", "hard_limit", "remaining", "usage_percent"):
+        value = getattr(f, name)
+        if value is not None:
+            setattr(usage, name, value)
+    return usage

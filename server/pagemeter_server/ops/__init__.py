@@ -1,0 +1,1 @@
+"""Running the process: logs, metrics, health, exporter, the embedded store, limits."""

@@ -1,0 +1,64 @@
+"""The Redis key layout.
+
+Every key of an organization starts with `pm:{org_id}:` so that all of them hash
+to one Redis Cluster slot and each script call is atomic on one node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date
+
+# The organizations that have a plan: the per-organization exporter's list, so
+# that it never scans the keyspace. Written after SetPlan's script (it is not
+# under the org's hash tag, so it cannot be in the same script).
+ORGS_KEY = "pm:orgs"
+
+
+class OrgKeys:
+    """The keys of one organization, all under its `{org_id}` hash tag."""
+
+    def __init__(self, org_id: str) -> None:
+        self.prefix = f"pm:{{{org_id}}}:"
+        self.plan = self.prefix + "plan"
+        self.holds = self.prefix + "holds"
+        self.holddata = self.prefix + "holddata"
+        self.held = self.prefix + "held"
+        self.credits = self.prefix + "credits"
+        self.lifetime = self.prefix + "u:lifetime"
+        self.rate = self.prefix + "rate"
+        self.records_index = self.prefix + "recs"
+        self.planlog = self.prefix + "planlog"
+        self.planver = self.prefix + "planver"
+        self.audit = self.prefix + "audit"
+        self.api_keys = self.prefix + "keys"
+        self.unplanned = self.prefix + "unplanned"
+        self.doctypes = self.prefix + "doctypes"
+
+    def month(self, period_id: str) -> str:
+        return f"{self.prefix}u:{period_id}"
+
+    def day(self, day: date) -> str:
+        return f"{self.prefix}d:{day.isoformat()}"
+
+    def record(self, request_id: str) -> str:
+        return f"{self.prefix}r:{request_id}"
+
+    def grant(self, grant_id: str) -> str:
+        return f"{self.prefix}g:{grant_id}"
+
+    def adjustment(self, adjustment_id: str) -> str:
+        return f"{self.prefix}adj:{adjustment_id}"
+
+    def api_key(self, key_id: str) -> str:
+        return f"{self.prefix}key:{key_id}"
+
+    def key_rate(self, key_id: str) -> str:
+        return f"{self.prefix}krate:{key_id}"
+
+
+def fingerprint(*parts: object) -> str:
+    """A short, stable digest of a request's payload, for idempotency checks."""
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
