@@ -1,4 +1,4 @@
-"""Plain-text rendering for the CLI: aligned tables and the words for unset figures."""
+"""Plain text for the answers: aligned tables, `label: value` lines, the words for unset figures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from datetime import UTC
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from pagemeter.v1 import plan_pb2
 
 UNLIMITED = "unlimited"
 NONE = "none"
@@ -74,3 +76,13 @@ def number(value: float) -> str:
 def pairs(items: Sequence[tuple[str, int]]) -> str:
     """`name=value` items joined with commas (one table cell), or "-" when there are none."""
     return ",".join(f"{name}={value}" for name, value in items) or "-"
+
+
+def enum_word(prefix: str, name: str) -> str:
+    """An enum value's name without its type's prefix: RECORD_STATUS_RECORDED -> RECORDED."""
+    return name.removeprefix(prefix)
+
+
+def period_word(period: plan_pb2.Period.ValueType) -> str:
+    """How a metric's figures are counted: by month, or over its lifetime."""
+    return "lifetime" if period == plan_pb2.PERIOD_NONE else "monthly"

@@ -1,0 +1,162 @@
+"""The command line's value types: argparse `type=` functions, which refuse bad values."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from datetime import date, datetime
+
+from pagemeter.v1 import plan_pb2
+
+# The server's own rules, repeated so a typo is caught before anything is sent.
+METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
+SPEC_HELP = (
+    "SPEC is NAME[:key=value,...] with keys quota, hard_limit, overage (yes/no), price, "
+    "overage_price, period (monthly/none); e.g. "
+    "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028"
+)
+
+
+def _whole_number(key: str, value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value):
+        raise argparse.ArgumentTypeError(f"{key} must be a whole number >= 0 (got {value!r})")
+    return int(value)
+
+
+def _yes_no(key: str, value: str) -> bool:
+    answers = {"yes": True, "true": True, "no": False, "false": False}
+    if value.lower() not in answers:
+        raise argparse.ArgumentTypeError(f"{key} must be yes, no, true or false (got {value!r})")
+    return answers[value.lower()]
+
+
+def _price(key: str, value: str) -> str:
+    # Kept as the exact text: prices are decimal strings, never floats.
+    if not PRICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{key} must be a decimal number such as 0.028, at most 12 digits before "
+            f"the point and 9 after (got {value!r})"
+        )
+    return value
+
+
+def _period(key: str, value: str) -> plan_pb2.Period.ValueType:
+    periods = {"monthly": plan_pb2.PERIOD_MONTHLY, "none": plan_pb2.PERIOD_NONE}
+    if value.lower() not in periods:
+        raise argparse.ArgumentTypeError(f"{key} must be monthly or none (got {value!r})")
+    return periods[value.lower()]
+
+
+# A SPEC's keys: the MetricLimits field each one sets, and the reader of its value.
+SPEC_KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "quota": ("contract_quota", _whole_number),
+    "hard_limit": ("hard_limit", _whole_number),
+    "overage": ("overage_allowed", _yes_no),
+    "price": ("price_per_unit", _price),
+    "overage_price": ("overage_price_per_unit", _price),
+    "period": ("period", _period),
+}
+
+
+def _set_spec_value(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
+    if key not in SPEC_KEYS:
+        raise argparse.ArgumentTypeError(f"unknown key {key!r}")
+    field, read = SPEC_KEYS[key]
+    setattr(limits, field, read(key, value))
+
+
+def metric_spec(text: str) -> plan_pb2.MetricLimits:
+    """Parse `pages:quota=2000,overage=yes,...` into MetricLimits (argparse type)."""
+    try:
+        return _parse_metric_spec(text)
+    except argparse.ArgumentTypeError as problem:
+        raise argparse.ArgumentTypeError(f"bad SPEC {text!r}: {problem}. {SPEC_HELP}") from None
+
+
+def _parse_metric_spec(text: str) -> plan_pb2.MetricLimits:
+    name, _, settings = text.partition(":")
+    if not METRIC_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"metric name {name!r} must start with a lowercase letter and have at most 32 "
+            "lowercase letters, digits and '_'"
+        )
+    limits = plan_pb2.MetricLimits(metric=name)
+    seen: set[str] = set()
+    for item in settings.split(",") if settings else []:
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or not key or not value:
+            raise argparse.ArgumentTypeError(f"{item!r} is not key=value")
+        if key in seen:
+            raise argparse.ArgumentTypeError(f"{key} is given twice")
+        seen.add(key)
+        _set_spec_value(limits, key, value)
+    return limits
+
+
+def unit_amount(text: str) -> tuple[str, int]:
+    """Parse `pages=10` into ("pages", 10) (argparse type); negative amounts are allowed."""
+    name, equals, amount = text.partition("=")
+    try:
+        if not equals or not name:
+            raise ValueError
+        return name, int(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not METRIC=UNITS (e.g. pages=10)") from None
+
+
+def instant(text: str) -> datetime:
+    """Parse an ISO 8601 time with its UTC offset (argparse type)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time such as 2026-03-15T11:00:00Z"
+        ) from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no UTC offset; add one, e.g. 2026-03-15T11:00:00Z"
+        )
+    return value
+
+
+def calendar_date(text: str) -> date:
+    """Parse a YYYY-MM-DD date (argparse type)."""
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date in the form YYYY-MM-DD (e.g. 2026-03-01)"
+        ) from None
+
+
+def _seconds_or_negative(text: str) -> float:
+    """The number `text` spells, or -1 when it spells none (so that it is refused)."""
+    try:
+        return float(text)
+    except ValueError:
+        return -1.0
+
+
+def positive_seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    value = _seconds_or_negative(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A number of seconds >= 0 (argparse type)."""
+    value = _seconds_or_negative(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number >= 0 (argparse type)."""
+    return _whole_number("the value", text)

@@ -1,0 +1,1 @@
+"""The commands, one module per area: each takes the parsed arguments and returns the exit code."""

@@ -1,0 +1,1 @@
+"""Readable text for the answers, one module per area; `text` lays out tables and fields."""

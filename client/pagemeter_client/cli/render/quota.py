@@ -1,0 +1,122 @@
+"""Plans, credits and the quota calls: a plan, a grant, a check's decision, a record, a release."""
+
+from __future__ import annotations
+
+from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
+from pagemeter_client.cli.render import text as fmt
+from pagemeter_client.sdk import reason_name
+
+
+def render_plan(plan: plan_pb2.Plan) -> str:
+    header = fmt.fields(
+        [
+            ("organization", plan.org_id),
+            ("plan", plan.name),
+            ("version", str(plan.version)),
+            ("updated at", fmt.when(plan.updated_at)),
+            ("timezone", plan.timezone),
+            ("currency", plan.currency or "USD"),
+            ("api rate limit", f"{plan.api_rate_limit} req/s" if plan.api_rate_limit else "none"),
+            ("api burst", str(plan.api_burst or plan.api_rate_limit)),
+            ("processing priority", plan.processing_priority or "-"),
+            ("support level", plan.support_level or "-"),
+        ]
+    )
+    rows = [
+        [
+            m.metric,
+            fmt.period_word(m.period),
+            fmt.optional_int(m, "contract_quota"),
+            fmt.optional_int(m, "hard_limit", fmt.NONE),
+            fmt.yes_no(m.overage_allowed),
+            fmt.money(m.price_per_unit),
+            fmt.money(m.overage_price_per_unit),
+        ]
+        for m in plan.metrics
+    ]
+    headers = ["metric", "period", "contract quota", "hard limit", "overage", "price"]
+    metrics = fmt.table([*headers, "overage price"], rows)
+    return f"{header}\n\n{metrics}"
+
+
+def render_grant(response: admin_pb2.GrantCreditsResponse) -> str:
+    rows = [("balance", str(response.balance)), ("duplicate", fmt.yes_no(response.duplicate))]
+    return fmt.fields(rows)
+
+
+def render_check(response: quota_pb2.CheckQuotaResponse) -> str:
+    pairs = [
+        ("allowed", fmt.yes_no(response.allowed)),
+        ("reason", reason_name(response.reason)),
+        ("request_id", response.request_id or "-"),
+        ("held", _held_text(response)),
+        ("duplicate", fmt.yes_no(response.duplicate)),
+    ]
+    if response.HasField("retry_after"):
+        pairs.append(("retry after", f"{response.retry_after.ToTimedelta().total_seconds():g}s"))
+    header = fmt.fields(pairs)
+    if not response.metrics:
+        return header
+    columns = list(response.metrics)
+    rows = [
+        ["allowed", *(fmt.yes_no(d.allowed) for d in columns)],
+        ["reason", *(reason_name(d.reason) for d in columns)],
+        ["requested", *(str(d.requested) for d in columns)],
+        ["committed before", *(str(d.committed) for d in columns)],
+        ["held before", *(str(d.held) for d in columns)],
+        ["contract quota", *(fmt.optional_int(d, "contract_quota") for d in columns)],
+        ["hard limit", *(fmt.optional_int(d, "hard_limit", fmt.NONE) for d in columns)],
+        ["overage allowed", *(fmt.yes_no(d.overage_allowed) for d in columns)],
+        ["max admissible", *(fmt.optional_int(d, "max_admissible") for d in columns)],
+        ["remaining after", *(fmt.optional_int(d, "remaining") for d in columns)],
+        ["included units", *(str(d.included_units) for d in columns)],
+        ["prepaid units", *(str(d.prepaid_units) for d in columns)],
+        ["overage units", *(str(d.overage_units) for d in columns)],
+        ["overage cost", *(fmt.money(d.overage_cost) for d in columns)],
+        ["period", *(d.period_id for d in columns)],
+    ]
+    return f"{header}\n\n{fmt.table(['', *(d.metric for d in columns)], rows)}"
+
+
+def _held_text(response: quota_pb2.CheckQuotaResponse) -> str:
+    if not response.held:
+        return "no"
+    return f"yes, until {fmt.when(response.hold_expires_at)}"
+
+
+def render_record(response: quota_pb2.RecordUsageResponse) -> str:
+    status = quota_pb2.RecordStatus.Name(response.status)
+    header = fmt.fields(
+        [
+            ("request_id", response.request_id),
+            ("status", fmt.enum_word("RECORD_STATUS_", status)),
+            ("duplicate", fmt.yes_no(response.duplicate)),
+            ("completed at", fmt.when(response.completed_at)),
+            ("hold released", fmt.yes_no(response.hold_released)),
+            ("hold expired", fmt.yes_no(response.hold_expired)),
+            ("over limit", fmt.yes_no(response.over_limit)),
+        ]
+    )
+    columns = list(response.metrics)
+    rows = [
+        ["units", *(str(m.units) for m in columns)],
+        ["included units", *(str(m.included_units) for m in columns)],
+        ["prepaid units", *(str(m.prepaid_units) for m in columns)],
+        ["overage units", *(str(m.overage_units) for m in columns)],
+        ["overage cost", *(fmt.money(m.overage_cost) for m in columns)],
+        ["committed (quotaUsed)", *(str(m.committed) for m in columns)],
+        ["contract quota", *(fmt.optional_int(m, "contract_quota") for m in columns)],
+        ["hard limit", *(fmt.optional_int(m, "hard_limit", fmt.NONE) for m in columns)],
+        ["over contract quota", *(fmt.yes_no(m.over_contract_quota) for m in columns)],
+        ["over hard limit", *(fmt.yes_no(m.over_hard_limit) for m in columns)],
+        ["overage not allowed", *(fmt.yes_no(m.overage_not_allowed) for m in columns)],
+        ["period", *(m.period_id for m in columns)],
+    ]
+    return f"{header}\n\n{fmt.table(['', *(m.metric for m in columns)], rows)}"
+
+
+def render_release(response: quota_pb2.ReleaseQuotaResponse) -> str:
+    outcome = quota_pb2.ReleaseOutcome.Name(response.outcome)
+    pairs = [("outcome", fmt.enum_word("RELEASE_OUTCOME_", outcome))]
+    pairs += [(f"released {m}", str(n)) for m, n in sorted(response.released_units.items())]
+    return fmt.fields(pairs)
