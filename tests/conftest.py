@@ -1,8 +1,21 @@
-"""Shared fixtures: a real Redis server and a real pagemeter gRPC server.
+"""Shared fixtures: a real Redis server and a real pagemeter gRPC server; the test tiers.
 
 The suite starts its own redis-server (the binary `make install` provides) on a
 free loopback port, never a shared one, and flushes it before each test. gRPC
 servers bind 127.0.0.1 port 0 and are reached over a real channel.
+
+Each test file sits in the folder of its tier, and each test gets that tier's
+marker (registered in pyproject.toml), by what it starts:
+
+- tests/unit: pure Python, nothing started;
+- tests/rules: the Lua rules, through the store or an in-process server, on the
+  suite's Redis;
+- tests/grpc: the services over a real channel to an in-process server;
+- tests/client: the Python SDK and the `pagemeter` CLI;
+- tests/system: server processes, several Redis processes, topologies, faults.
+
+A test elsewhere may be marked `system` too (the rule tests' cluster backend):
+`make test-fast` runs `-m "not system"`.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import grpc
 # otherwise import (and pytest rewrite) it at the end of a run that never used
 # it, after gRPC's threads have run, and CPython 3.11.7's ast.parse can then fail
 # with "AST constructor recursion depth mismatch" (fixed in 3.11.8).
-import hypothesis  # noqa: F401
+import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -35,6 +48,56 @@ from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
 from pagemeter_server.store.quota import Store
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "rules", "grpc", "client", "system")
+# TODO(client tier): the SDK and CLI tests still sit in tests/ itself; they are
+# the client tier until they move into tests/client/ (then drop this and the
+# two modules below).
+UNFILED_CLIENT_TESTS = ("test_client_", "test_cli")
+# Names tests/test_client_replay.py imports from their old modules, re-exported
+# from tests/system/: imported, never collected.
+collect_ignore = ["test_reliability.py", "test_sentinel.py"]
+# Fixtures that start or reach a Redis: no unit test may use one.
+REDIS_FIXTURES = {"redis_server", "redis_sync", "redis_client", "store", "pagemeter_server"}
+
+
+def tier_of(path: Path) -> str:
+    """The tier of a test file under tests/: its folder's name."""
+    parts = path.relative_to(TESTS).parts
+    if len(parts) > 1 and parts[0] in TIERS:
+        return parts[0]
+    if len(parts) == 1 and parts[0].startswith(UNFILED_CLIENT_TESTS):
+        return "client"
+    raise pytest.UsageError(
+        f"{path} is in no test tier: move it into tests/<tier>/, one of {', '.join(TIERS)}"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by these markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        tier = tier_of(item.path)
+        item.add_marker(tier)
+        if tier == "unit" and REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} uses Redis: it belongs in tests/rules or above")
+
+
+# Hypothesis: each property test names its examples for `make test` with
+# examples(n); `make test-fast` loads this profile (--hypothesis-profile=fast)
+# and runs a tenth of them, at least 10 (tests that name none run 10, not 100).
+FAST_EXAMPLES_DIVISOR = 10
+hypothesis.settings.register_profile("fast", max_examples=100 // FAST_EXAMPLES_DIVISOR)
+
+
+def examples(full: int) -> int:
+    """The examples a property test runs: `full`, or a tenth (at least 10) under the fast profile."""
+    if hypothesis.settings.get_current_profile_name() == "fast":
+        return min(full, max(10, full // FAST_EXAMPLES_DIVISOR))
+    return full
+
 
 # 2026-03-15 12:00:00 UTC: mid-month, so tests move across month ends on purpose only.
 START_MS = int(datetime(2026, 3, 15, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -68,7 +131,7 @@ def redis_sync(redis_server: RedisProcess) -> Iterator[redis.Redis]:
 def settings(redis_server: RedisProcess) -> Settings:
     """Open access on loopback: the rule tests call as an admin without credentials.
 
-    Access control has its own tests (tests/test_access.py) with real credentials.
+    Access control has its own tests (tests/grpc/test_access.py) with real credentials.
     """
     return Settings(
         redis_url=redis_server.url, listen="127.0.0.1:0", metrics_listen="", dev_open_access=True
@@ -204,7 +267,7 @@ def no_caller_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return TESTS.parent
 
 
 async def exported_committed(

@@ -190,7 +190,7 @@ def _invalid_argument(exc: InvalidArgument) -> Failure:
 
 # A batch answers up to 1,000 items, each possibly refused: an item's error names
 # at most this many problems and its message is cut to this length, so that a
-# batch of refused items fits the answer size limit (tests/test_answer_sizes.py).
+# batch of refused items fits the answer size limit (tests/grpc/test_answer_sizes.py).
 BATCH_ITEM_VIOLATIONS = 5
 BATCH_ITEM_MESSAGE = 400
 

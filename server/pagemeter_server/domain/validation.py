@@ -148,7 +148,7 @@ MAX_BATCH_ITEMS = 1000
 # Metric entries (units map entries) over all items of a batch. The answer
 # carries a decision per entry (about 220 bytes at most), and it must fit gRPC's
 # 4 MiB message limit with every item at its largest: 1,000 items with 8 metrics
-# each, or 256 with 32 (tests/test_answer_sizes.py builds the largest answers).
+# each, or 256 with 32 (tests/grpc/test_answer_sizes.py builds the largest answers).
 MAX_BATCH_ENTRIES = 8192
 
 

@@ -31,8 +31,8 @@ from pagemeter_server.app import create_server
 from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
-from tests.cluster_topology import FAILOVER, Cluster, running_cluster
-from tests.failover_load import RETRYABLE, Ledger, committed_pages, record, until, worker
+from tests.system.cluster_topology import FAILOVER, Cluster, running_cluster
+from tests.system.failover_load import RETRYABLE, Ledger, committed_pages, record, until, worker
 
 VICTIM = "acme"  # its primary is killed
 BYSTANDER = "hooli"  # slot 4703: on another primary than acme (11304)

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
 from tests.conftest import RunningServer, eagle_plan, metric_limits
-from tests.test_quota_service import snapshot
+from tests.grpc.test_quota_service import snapshot
 
 Q = quota_pb2
 CAP = 16  # the default --max-unplanned-metrics

@@ -2,7 +2,7 @@
 
 The cluster is made from the same server binary the project installs (Valkey),
 joined with CLUSTER commands as `redis-cli --cluster create` would join it
-(tests/cluster_topology.py): three primaries, each with a replica. Organizations land on different primaries; every script touches one
+(tests/system/cluster_topology.py): three primaries, each with a replica. Organizations land on different primaries; every script touches one
 organization's slot.
 """
 
@@ -30,8 +30,8 @@ from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.ops.health import volatile_nodes
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
-from tests.cluster_topology import Cluster
 from tests.conftest import START_MS, eagle_plan, metric_limits
+from tests.system.cluster_topology import Cluster
 
 ORGS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
 

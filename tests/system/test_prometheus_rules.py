@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "pagemeter-rules.yml"
 RULES_TEST = REPO / "deploy" / "prometheus" / "pagemeter-rules.test.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "pagemeter-dashboard.json"

@@ -8,7 +8,7 @@ a replica that need a password, and three sentinels (quorum 2) that need one
 too and use it among themselves (`sentinel sentinel-pass`).
 
 The bundled valkey-server is built without TLS, so the TLS test puts a TLS
-terminator (tests/test_redis_tls.py) in front of each sentinel, as a stunnel
+terminator (tests/grpc/test_redis_tls.py) in front of each sentinel, as a stunnel
 sidecar would, and requires a client certificate there.
 """
 
@@ -41,9 +41,9 @@ from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import close_redis, connect_redis
 from pagemeter_server.store.sentinel import check_sentinel_access
 from tests.conftest import eagle_plan, exported_committed
-from tests.failover_load import Ledger, committed_pages, record, until, worker
-from tests.test_redis_tls import TlsTerminator
-from tests.test_sentinel import Topology, run_sentinel, running_topology
+from tests.grpc.test_redis_tls import TlsTerminator
+from tests.system.failover_load import Ledger, committed_pages, record, until, worker
+from tests.system.test_sentinel import Topology, run_sentinel, running_topology
 
 MASTER = "pagemeter"
 PRIMARY_PASSWORD = "primary-pw-8c41d7e2"

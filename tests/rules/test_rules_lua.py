@@ -21,7 +21,7 @@ from tests.conftest import START_MS, metric_limits
 
 NOW = START_MS
 MINUTE = 60_000
-LUA_DIR = Path(__file__).resolve().parent.parent / "server" / "pagemeter_server" / "store" / "lua"
+LUA_DIR = Path(__file__).resolve().parents[2] / "server" / "pagemeter_server" / "store" / "lua"
 
 
 async def set_plan(

@@ -12,7 +12,7 @@ import redis.exceptions
 
 from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, metric_limits
-from tests.test_rules_lua import set_plan
+from tests.rules.test_rules_lua import set_plan
 
 
 @pytest.fixture

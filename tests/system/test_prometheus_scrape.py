@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.ops.embedded import REDIS_SERVER_ENV, free_port
-from tests.test_prometheus_rules import (
+from tests.system.test_prometheus_rules import (
     RULES,
     dashboard_exprs,
     grafana_to_promql,

@@ -36,7 +36,7 @@ from pagemeter_server.domain.validation import MAX_BATCH_ENTRIES, MAX_LIMIT, MAX
 from pagemeter_server.settings import MAX_DOCUMENT_TYPES, MAX_UNPLANNED_METRICS, Settings
 from pagemeter_server.store.keys import OrgKeys
 from tests.conftest import START_MS, RunningServer, serving
-from tests.test_quota_service import snapshot
+from tests.grpc.test_quota_service import snapshot
 
 Q = quota_pb2
 R = reporting_pb2

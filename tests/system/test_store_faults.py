@@ -27,7 +27,7 @@ from pagemeter.v1 import quota_pb2
 from pagemeter_server.api.status import failure_for
 from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.store.faults import is_transient
-from tests.test_replica_acks import pagemeter, settings_for
+from tests.system.test_replica_acks import pagemeter, settings_for
 
 
 def store_unavailable(error: grpc.aio.AioRpcError) -> bool:

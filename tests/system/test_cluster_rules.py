@@ -1,6 +1,6 @@
 """The core rule tests and the concurrency tests, run again on a real Redis Cluster.
 
-The test functions of tests/test_rules_lua.py and tests/test_concurrency.py are
+The test functions of tests/rules/test_rules_lua.py and tests/rules/test_concurrency.py are
 imported here and collected a second time, with this module's fixtures: a store
 and a server on a 3-primary cluster, and a cluster client for inspecting keys.
 """
@@ -23,9 +23,9 @@ from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
 from pagemeter_server.store.quota import Store
 from tests.conftest import RunningServer
-from tests.test_cluster import cluster  # noqa: F401 - the module's cluster fixture
-from tests.test_concurrency import *  # noqa: F403 - collected again, on the cluster
-from tests.test_rules_lua import *  # noqa: F403 - collected again, on the cluster
+from tests.rules.test_concurrency import *  # noqa: F403 - collected again, on the cluster
+from tests.rules.test_rules_lua import *  # noqa: F403 - collected again, on the cluster
+from tests.system.test_cluster import cluster  # noqa: F401 - the module's cluster fixture
 
 
 @pytest.fixture

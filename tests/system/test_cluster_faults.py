@@ -29,8 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import quota_pb2, quota_pb2_grpc, reporting_pb2, reporting_pb2_grpc
 from pagemeter_server.ops.embedded import RedisProcess, free_port
-from tests.cluster_topology import FAILOVER, Cluster, running_cluster
-from tests.failover_load import (
+from tests.server_process import running_servers
+from tests.system.cluster_topology import FAILOVER, Cluster, running_cluster
+from tests.system.failover_load import (
     Tally,
     answered,
     committed,
@@ -41,7 +42,6 @@ from tests.failover_load import (
     stubs,
     until,
 )
-from tests.server_process import running_servers
 
 # Also the longest a call waits out a CLUSTERDOWN (the election after a primary
 # dies, with cluster-require-full-coverage yes) before it is refused.

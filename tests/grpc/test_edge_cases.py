@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from pagemeter.v1 import admin_pb2, quota_pb2, reporting_pb2
 from pagemeter_server.domain.usage import percent_of_limit
-from tests.conftest import RunningServer, eagle_plan
-from tests.test_quota_service import snapshot
+from tests.conftest import RunningServer, eagle_plan, examples
+from tests.grpc.test_quota_service import snapshot
 
 Q = quota_pb2
 
@@ -48,7 +48,7 @@ async def test_a_hold_ttl_that_is_not_a_duration_is_refused(
     assert snapshot(redis_sync) == before
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     committed=st.integers(min_value=0, max_value=10**15),
     limit=st.integers(min_value=1, max_value=10**15),

@@ -1,7 +1,7 @@
 """Observability: gRPC and rule metrics, the per-organization exporter, health, logs.
 
 Every figure is read from the registry the server was built with (or from a
-real /metrics scrape in tests/test_prometheus_scrape.py), after real calls over
+real /metrics scrape in tests/system/test_prometheus_scrape.py), after real calls over
 gRPC against a real Redis.
 """
 

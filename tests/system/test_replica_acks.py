@@ -31,9 +31,9 @@ from pagemeter_server.app import create_server
 from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import close_redis, connect_redis
-from tests.cluster_topology import FAILOVER, Cluster, running_cluster
-from tests.failover_load import Ledger, committed_pages, record, until, worker
-from tests.test_sentinel import MASTER, Topology, running_topology, synchronised
+from tests.system.cluster_topology import FAILOVER, Cluster, running_cluster
+from tests.system.failover_load import Ledger, committed_pages, record, until, worker
+from tests.system.test_sentinel import MASTER, Topology, running_topology, synchronised
 
 ACK_TIMEOUT = 0.3
 REDIS_TIMEOUT = 1.0

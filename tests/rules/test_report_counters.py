@@ -16,7 +16,7 @@ from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.store.keys import OrgKeys
 from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, eagle_plan, metric_limits, ms
-from tests.test_rules_lua import record, set_plan
+from tests.rules.test_rules_lua import record, set_plan
 
 DAY_MS = 86_400_000
 KEYS = OrgKeys("acme")

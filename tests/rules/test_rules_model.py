@@ -19,7 +19,7 @@ from pagemeter.v1 import plan_pb2
 from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.store.quota import Store
-from tests.conftest import START_MS, metric_limits
+from tests.conftest import START_MS, examples, metric_limits
 
 METRICS = ("documents", "pages")
 TTL_MS = 10_000
@@ -126,7 +126,7 @@ class Runner:
 
 
 @settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

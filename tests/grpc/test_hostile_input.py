@@ -30,7 +30,7 @@ e.g. a garbage page token that happens to decode) and each answer is checked:
 
 The regression tests at the end pin down the server bugs these requests found
 (all fixed). The server here runs with open access, as an admin caller sees it;
-who may call what is tested in tests/test_access.py.
+who may call what is tested in tests/grpc/test_access.py.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
-from tests.conftest import START_MS, RunningServer, metric_limits
+from tests.conftest import START_MS, RunningServer, examples, metric_limits
 
 T = TypeVar("T")
 
@@ -669,7 +669,7 @@ async def hostile(pagemeter_server: RunningServer, redis_sync: redis.Redis) -> H
 
 def hostile_settings(max_examples: int) -> Callable[[T], T]:
     return settings(
-        max_examples=max_examples,
+        max_examples=examples(max_examples),
         deadline=None,
         suppress_health_check=[
             HealthCheck.function_scoped_fixture,
