@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import grpc
 
@@ -48,6 +49,7 @@ from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
 from pagemeter_server.store.quota import Store
+from tests.system.cluster_topology import Cluster
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "rules", "grpc", "client", "system")
@@ -118,21 +120,78 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     process.stop()
 
 
+# The stores the rule fixtures below (settings, redis_sync, redis_client, store,
+# pagemeter_server) can stand on: the suite's Redis, or a Redis Cluster. A module
+# whose tests must hold on both says `pytestmark = ON_EACH_BACKEND`; its tests
+# then run once per backend, the cluster runs in the system tier.
+BACKENDS = ["single", pytest.param("cluster", marks=pytest.mark.system)]
+ON_EACH_BACKEND = [
+    pytest.mark.usefixtures("backend"),
+    pytest.mark.parametrize("backend", BACKENDS, indirect=True),
+]
+
+
 @pytest.fixture
-def redis_sync(redis_server: RedisProcess) -> Iterator[redis.Redis]:
-    """A synchronous client on a freshly flushed database."""
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+def backend(request: pytest.FixtureRequest) -> str:
+    """ "single" (the suite's Redis), unless a module's ON_EACH_BACKEND asks for "cluster"."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisProcess]]:
+    """The cluster backend: three primaries with one replica each, started for the
+    first test that runs on it and kept for the session; yields the primaries."""
+    topology = Cluster(tmp_path_factory.mktemp("cluster"), primaries=3, replicas=1)
+    try:
+        topology.start()
+        yield topology.primary_nodes()
+    finally:
+        topology.stop()
+
+
+class WholeCluster(redis.RedisCluster):
+    """A cluster client whose KEYS looks at every primary, as the rule tests expect."""
+
+    def keys(self, pattern: str = "*", **kwargs: object) -> list[str]:  # type: ignore[override]
+        found: list[str] = []
+        for node in self.get_primaries():
+            found += self.execute_command("KEYS", pattern, target_nodes=node)
+        return found
+
+
+@pytest.fixture
+def redis_sync(
+    backend: str, redis_server: RedisProcess, request: pytest.FixtureRequest
+) -> Iterator[redis.Redis]:
+    """A synchronous client on a freshly flushed database (every primary of the
+    cluster backend flushed, its scripts kept)."""
+    if backend == "cluster":
+        primaries: list[RedisProcess] = request.getfixturevalue("redis_cluster")
+        whole = WholeCluster(host="127.0.0.1", port=primaries[0].port, decode_responses=True)
+        # The rule tests call only commands both clients have.
+        client = cast(redis.Redis, whole)
+    else:
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     client.flushall()
     yield client
     client.close()
 
 
 @pytest.fixture
-def settings(redis_server: RedisProcess) -> Settings:
+def settings(backend: str, redis_server: RedisProcess, request: pytest.FixtureRequest) -> Settings:
     """Open access on loopback: the rule tests call as an admin without credentials.
 
     Access control has its own tests (tests/grpc/test_access.py) with real credentials.
     """
+    if backend == "cluster":
+        primaries: list[RedisProcess] = request.getfixturevalue("redis_cluster")
+        return Settings(
+            redis_url=primaries[0].url,
+            redis_mode="cluster",
+            listen="127.0.0.1:0",
+            metrics_listen="",
+            dev_open_access=True,
+        )
     return Settings(
         redis_url=redis_server.url, listen="127.0.0.1:0", metrics_listen="", dev_open_access=True
     )
@@ -145,9 +204,9 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 async def redis_client(
-    redis_server: RedisProcess, redis_sync: redis.Redis, settings: Settings
+    redis_sync: redis.Redis, settings: Settings
 ) -> AsyncIterator[aioredis.Redis]:
-    client = connect_redis(redis_server.url, settings)
+    client = connect_redis(settings.redis_url, settings)
     yield client
     await client.aclose()
 

@@ -16,7 +16,10 @@ from typing import TypeVar
 import grpc
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, quota_pb2_grpc
-from tests.conftest import RunningServer, metric_limits
+from tests.conftest import ON_EACH_BACKEND, RunningServer, metric_limits
+
+# Each test runs on the suite's Redis and, in the system tier, on a Redis Cluster.
+pytestmark = ON_EACH_BACKEND
 
 Q = quota_pb2
 T = TypeVar("T")

@@ -17,7 +17,10 @@ from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.store.keys import ORGS_KEY
 from pagemeter_server.store.quota import Store
 from pagemeter_server.store.scripts import SCRIPTS
-from tests.conftest import START_MS, metric_limits
+from tests.conftest import ON_EACH_BACKEND, START_MS, metric_limits
+
+# Each test runs on the suite's Redis and, in the system tier, on a Redis Cluster.
+pytestmark = ON_EACH_BACKEND
 
 NOW = START_MS
 MINUTE = 60_000
