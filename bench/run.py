@@ -75,18 +75,20 @@ import psutil
 import redis
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.ops.embedded import RedisProcess, free_port, server_version
-from pagemeter_server.ops.lifecycle import bound_command
 from pagemeter_server.store.scripts import script_text
 
-# bench/driver.py: imported here and by the driver processes this script spawns.
+# bench/driver.py: imported here and by the driver processes this script spawns;
+# tools/server_process.py: the server-process helper shared with the tests and soak.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import driver
+
+from server_process import NotServing, ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -158,51 +160,6 @@ class Cores:
                     os.sched_setaffinity(thread.id, cpus)
 
 
-class ServerProcess:
-    def __init__(self, name: str, command: Sequence[str], log_path: Path) -> None:
-        self.name = name
-        self.command = list(command)
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                bound_command(self.command),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
 class RssSampler:
     """Peak RSS of each watched process, sampled in a thread."""
 
@@ -246,26 +203,12 @@ def cpu_use(pid: int) -> Iterator[dict[str, float]]:
     box["cores"] = busy / max(ended - started, 1e-9)
 
 
-def wait_until_serving(target: str, server: ServerProcess, *, health: bool) -> None:
-    deadline = time.monotonic() + 30
-    with grpc.insecure_channel(target) as channel:
-        while time.monotonic() < deadline:
-            if not server.running():
-                raise SystemExit(f"{server.name} exited at start-up:\n{server.log_tail()}")
-            try:
-                if health:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=0.5
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                else:
-                    grpc.channel_ready_future(channel).result(timeout=0.5)
-                    return
-            except (grpc.RpcError, grpc.FutureTimeoutError):
-                pass
-            time.sleep(0.05)
-    raise SystemExit(f"{server.name} did not serve in 30 s:\n{server.log_tail()}")
+def wait_until_serving(server: ServerProcess, *, health: bool) -> None:
+    """Until `server` serves (its health, or a connection to a server without it), or exit."""
+    try:
+        server.wait_until_serving(30, health=health)
+    except NotServing as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +388,6 @@ class Bench:
         self.redis_client = redis.Redis.from_url(self.redis.url, decode_responses=True)
         self.port, self.metrics_port, self.empty_port = free_port(), free_port(), free_port()
         self.server = ServerProcess(
-            "pagemeter-server",
             [
                 str(SERVER),
                 "--listen",
@@ -462,16 +404,20 @@ class Bench:
                 *self.args.server_arg,
             ],
             self.out / "server.log",
+            target=f"127.0.0.1:{self.port}",
+            cwd=ROOT,
         )
         self.empty = ServerProcess(
-            "empty handler",
             [sys.executable, str(EMPTY_SERVER), "--listen", f"127.0.0.1:{self.empty_port}"],
             self.out / "empty_server.log",
+            target=f"127.0.0.1:{self.empty_port}",
+            name="empty handler",
+            cwd=ROOT,
         )
         self.server.start()
         self.empty.start()
-        wait_until_serving(f"127.0.0.1:{self.port}", self.server, health=True)
-        wait_until_serving(f"127.0.0.1:{self.empty_port}", self.empty, health=False)
+        wait_until_serving(self.server, health=True)
+        wait_until_serving(self.empty, health=False)
         # Pin after start-up: gRPC's threads exist by now.
         self.cores.pin(self.server.pid, self.cores.server)
         self.cores.pin(self.empty.pid, self.cores.server)
@@ -881,7 +827,6 @@ class Bench:
         replica.start()
         acks_port = free_port()
         acks = ServerProcess(
-            "pagemeter-server --replica-acks 1",
             [
                 str(SERVER),
                 "--listen",
@@ -900,6 +845,9 @@ class Bench:
                 *self.args.server_arg,
             ],
             self.out / "server-replica-acks.log",
+            target=f"127.0.0.1:{acks_port}",
+            name="pagemeter-server --replica-acks 1",
+            cwd=ROOT,
         )
         try:
             assert replica.pid is not None
@@ -911,7 +859,7 @@ class Bench:
                     return
                 time.sleep(0.1)
             acks.start()
-            wait_until_serving(f"127.0.0.1:{acks_port}", acks, health=True)
+            wait_until_serving(acks, health=True)
             self.cores.pin(acks.pid, self.cores.server)
             for scenario, label in (
                 ("record", "RecordUsage new ids"),

@@ -62,7 +62,6 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +76,6 @@ import grpc
 import psutil  # type: ignore[import-untyped]
 import redis
 from google.protobuf import duration_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagemeter.v1 import (
     admin_pb2,
@@ -89,9 +87,7 @@ from pagemeter.v1 import (
     reporting_pb2_grpc,
 )
 from pagemeter_server.ops.embedded import RedisProcess, free_port, server_version
-from pagemeter_server.ops.lifecycle import bound_command
-
-SERVER = Path(sys.executable).parent / "pagemeter-server"
+from server_process import SERVER, ServerProcess
 
 DOCUMENT_TYPES = (
     "invoice",
@@ -348,68 +344,7 @@ def worker(
 
 
 # ---------------------------------------------------------------------------
-# The server under test
-
-
-class ServerProcess:
-    """`pagemeter-server` as a subprocess against an existing Redis."""
-
-    def __init__(self, args: Sequence[str], log: Path) -> None:
-        self.args, self.log = list(args), log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                bound_command([str(SERVER), *self.args]),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace").strip()
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def wait_until_serving(channel: grpc.Channel, server: ServerProcess, seconds: float) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not server.running():
-            raise RuntimeError(f"pagemeter-server exited at start-up:\n{server.log_tail()}")
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"pagemeter-server did not serve in {seconds}s:\n{server.log_tail()}")
+# The server under test (tools/server_process.py)
 
 
 def set_plans(channel: grpc.Channel, orgs: Sequence[str], credit_orgs: Iterable[str]) -> None:
@@ -662,7 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "server_args": server_args(f"redis://127.0.0.1:{redis_process.port}/0"),
         },
     )
-    server = ServerProcess(server_args(redis_process.url), workdir / "server.log")
+    server = ServerProcess(
+        [str(SERVER), *server_args(redis_process.url)], workdir / "server.log", target=target
+    )
     processes: list[Any] = []
     ctx = mp.get_context("spawn")
     try:
@@ -671,8 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.machine["redis"] = server_version(client.info("server"))
         baseline_memory = int(client.info("memory")["used_memory"])
         server.start()
+        server.wait_until_serving(30)
         with grpc.insecure_channel(target) as channel:
-            wait_until_serving(channel, server, 30)
             set_plans(channel, orgs, [hot[1 % len(hot)], hot[3 % len(hot)]])
         server_ps = psutil.Process(server.pid)
         redis_ps = psutil.Process(redis_process.pid or 0)

@@ -30,7 +30,7 @@ from pagemeter.v1 import (
     reporting_pb2_grpc,
 )
 from pagemeter_server.ops.embedded import RedisProcess, free_port
-from tests.server_process import ServerProcess
+from server_process import ServerProcess
 
 CLIENTS = 8
 RECORDS_PER_CLIENT = 60
@@ -46,7 +46,7 @@ RETRYABLE = {
 
 def chaos_server(redis_url: str, log: Path) -> ServerProcess:
     """pagemeter-server on the Redis, killable and restartable on its port."""
-    return ServerProcess(
+    return ServerProcess.pagemeter(
         [
             "--redis-url",
             redis_url,

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import quota_pb2, quota_pb2_grpc, reporting_pb2, reporting_pb2_grpc
 from pagemeter_server.ops.embedded import RedisProcess, free_port
-from tests.server_process import running_servers
+from server_process import running_servers
 from tests.system.cluster_topology import FAILOVER, Cluster, running_cluster
 from tests.system.failover_load import (
     Tally,

@@ -33,8 +33,8 @@ from pagemeter_server.ops.embedded import RedisProcess, find_redis_server, free_
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import close_redis, connect_redis
 from pagemeter_server.store.sentinel import SteadySentinel
+from server_process import running_servers
 from tests.conftest import eagle_plan, exported_committed
-from tests.server_process import running_servers
 from tests.system.failover_load import (
     Ledger,
     Tally,
