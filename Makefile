@@ -40,11 +40,12 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pagemeter-server --dev-open-access
 
-## lint: buf lint on the contract, ruff and mypy --strict on the code, the layers' import direction
+## lint: buf lint on the contract, ruff and mypy --strict on the code (server, client, tests,
+## bench, tools), the layers' import direction
 lint: $(STAMP)
 	$(BIN)/buf lint
-	$(BIN)/ruff check server client tests
-	$(BIN)/ruff format --check server client tests
+	$(BIN)/ruff check server client tests bench tools
+	$(BIN)/ruff format --check server client tests bench tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -101,8 +101,8 @@ async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
 
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         # No serializers: the multicallables take and return bytes.
-        check = channel.unary_unary(CHECK)
-        record = channel.unary_unary(RECORD)
+        check = channel.unary_unary(CHECK, None, None)
+        record = channel.unary_unary(RECORD, None, None)
         await asyncio.wait_for(channel.channel_ready(), 10)
         empty_body = quota_pb2.CheckQuotaRequest(
             org_id=org, units={"pages": 3, "documents": 1}

@@ -479,7 +479,7 @@ class Bench:
     def sanity(self, port: int, method: str, body: bytes, response_type: Any) -> Any:
         """Send the exact bytes h2load will send, with the Python client; must be OK."""
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(f"/{SERVICE}/{method}")
+            call = channel.unary_unary(f"/{SERVICE}/{method}", None, None)
             raw, outcome = call.with_call(body[5:], timeout=10)
             if outcome.code() != grpc.StatusCode.OK:
                 raise RuntimeError(f"{method}: grpc-status {outcome.code()}")
@@ -1223,7 +1223,9 @@ class Bench:
         keys = list(self.redis_client.scan_iter(match=f"pm:{{{org}}}:*", count=1000))
         pipe = self.redis_client.pipeline(transaction=False)
         for key in keys:
-            pipe.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0")
+            pipe.execute_command(  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
+                "MEMORY", "USAGE", key, "SAMPLES", "0"
+            )
         sizes = [int(s or 0) for s in pipe.execute()]
         by_kind: dict[str, dict[str, int]] = {}
         for key, size in zip(keys, sizes, strict=True):
@@ -1254,10 +1256,11 @@ class Bench:
     def profile(self, py_spy: str) -> None:
         assert self.server is not None
         check = grpc_frame(quota_pb2.CheckQuotaRequest(org_id=ORG, units=CHECK_UNITS))
-        for name, start_load in (
+        starters: tuple[tuple[str, Callable[[], Callable[[], None]]], ...] = (
             ("CheckQuota", lambda: self._background_h2load(check)),
             ("reserve+commit", self._background_driver),
-        ):
+        )
+        for name, start_load in starters:
             output = self.out / f"profile-{name.replace('+', '-')}.speedscope.json"
             load = start_load()
             time.sleep(self.args.warm_up + 1)

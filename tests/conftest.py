@@ -154,8 +154,11 @@ class WholeCluster(redis.RedisCluster):
 
     def keys(self, pattern: str = "*", **kwargs: object) -> list[str]:  # type: ignore[override]
         found: list[str] = []
-        for node in self.get_primaries():
-            found += self.execute_command("KEYS", pattern, target_nodes=node)
+        # redis-py lacks annotations here
+        for node in self.get_primaries():  # type: ignore[no-untyped-call]
+            found += self.execute_command(  # type: ignore[no-untyped-call]
+                "KEYS", pattern, target_nodes=node
+            )
         return found
 
 
@@ -269,7 +272,7 @@ async def serving(
             reporting=reporting_pb2_grpc.ReportingServiceStub(channel),
         )
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
 
 

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil  # type: ignore[import-untyped]
+import psutil
 import redis
 from google.protobuf import duration_pb2
 

@@ -85,7 +85,7 @@ async def secured(
         reporting_pb2_grpc.ReportingServiceStub(channel),
         clock,
     )
-    await channel.close()
+    await channel.close(None)
     await server.stop(None)
 
 
@@ -95,7 +95,7 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)
     raise AssertionError(f"no ErrorInfo in {error}")
 
 
@@ -166,7 +166,7 @@ def without_org(request: Message) -> Message:
     copy = type(request)()
     copy.CopyFrom(request)
     if "org_id" in copy.DESCRIPTOR.fields_by_name:
-        copy.ClearField("org_id")  # type: ignore[arg-type]
+        copy.ClearField("org_id")
     return copy
 
 

@@ -23,6 +23,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from google.protobuf.message import Message
+from redis.typing import EncodableT, FieldT
 
 from pagemeter.v1 import (
     admin_pb2,
@@ -246,7 +247,7 @@ async def test_get_usage_at_its_maxima(largest: RunningServer) -> None:
 
 def seed_month(client: redis.Redis, period_id: str) -> None:
     """A month hash as record.lua leaves it, with every metric at the largest figures."""
-    fields: dict[str, int] = {"jobs_ok": BIG, "jobs_failed": BIG}
+    fields: dict[FieldT, EncodableT] = {"jobs_ok": BIG, "jobs_failed": BIG}
     for metric in [*PLANNED, *UNPLANNED]:
         fields[f"c:{metric}"] = BIG
         fields[f"pp:{metric}"] = BIG
@@ -268,7 +269,7 @@ async def test_usage_history_at_its_maxima(largest: RunningServer, redis_sync: r
 
 def seed_day(pipe: redis.client.Pipeline, day: str, types: int, metrics: list[str]) -> None:
     """A day hash as record.lua leaves it: every type with every metric."""
-    fields: dict[str, int] = {"ok": BIG, "failed": BIG}
+    fields: dict[FieldT, EncodableT] = {"ok": BIG, "failed": BIG}
     for metric in metrics:
         fields[f"c:{metric}"] = BIG
     for index in range(types):

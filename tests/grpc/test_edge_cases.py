@@ -4,6 +4,7 @@ boundary nobody here chose."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable
 from fractions import Fraction
 
 import grpc
@@ -104,7 +105,7 @@ async def test_a_page_token_pages_only_the_list_and_org_it_was_issued_for(
         admin_pb2.ListAuditEventsRequest(org_id="alpha", page_token=audit.next_page_token)
     )
     # ...and nowhere else.
-    misuses = [
+    misuses: list[Awaitable[object]] = [
         pagemeter_server.reporting.ListUsageRecords(
             reporting_pb2.ListUsageRecordsRequest(org_id="beta", page_token=records.next_page_token)
         ),
@@ -133,7 +134,9 @@ async def test_a_page_token_pages_only_the_list_and_org_it_was_issued_for(
         reporting_pb2.STATISTICS_PERIOD_MONTHLY,
     ],
 )
-async def test_statistics_spans_end_one_way(pagemeter_server: RunningServer, period: int) -> None:
+async def test_statistics_spans_end_one_way(
+    pagemeter_server: RunningServer, period: reporting_pb2.StatisticsPeriod.ValueType
+) -> None:
     """Every period row ends on the last second of its last day, as the summary does, and the rows tile the summary's span without gaps."""
     plan = eagle_plan(timezone="America/New_York")  # a DST change inside the range
     await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=plan))

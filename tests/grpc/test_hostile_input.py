@@ -40,7 +40,7 @@ import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
@@ -490,7 +490,7 @@ class Hostile:
 
     def snapshot(self) -> Snapshot:
         """Every key's DUMP and whether it has a TTL."""
-        keys = sorted(self.redis.keys("*"))
+        keys = sorted(cast(list[str], self.redis.keys("*")))  # decode_responses=True
         with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.dump(key)
@@ -587,7 +587,8 @@ def _refusal(error: grpc.aio.AioRpcError, where: str) -> Answer:
     message = answer.message
     assert message.strip(), f"{where}: INVALID_ARGUMENT without a message"
     assert message.isprintable(), f"{where}: message with control characters {message!r}"
-    status = rpc_status.from_call(error)  # also checks code and message agree
+    # An AioRpcError carries what from_call reads: code, details, trailing metadata.
+    status = rpc_status.from_call(cast(grpc.Call, error))  # also checks code and message agree
     assert status is not None, f"{where}: INVALID_ARGUMENT without google.rpc details"
     assert status.code == code_pb2.INVALID_ARGUMENT
     for detail in status.details:
@@ -1583,7 +1584,8 @@ async def test_date_times_at_the_calendar_edges_are_invalid_date_format(
     hostile: Hostile, field_name: str, text: str
 ) -> None:
     """GetUsageStatistics answers a date-time at the edge of the calendar with INVALID_ARGUMENT and INVALID_DATE_FORMAT."""
-    request = reporting_pb2.GetUsageStatisticsRequest(org_id=ORG, **{field_name: text})
+    request = reporting_pb2.GetUsageStatisticsRequest(org_id=ORG)
+    setattr(request, field_name, text)
     answer = await hostile.send("GetUsageStatistics", request, {INVALID})
     assert [info.reason for info in answer.error_infos] == ["INVALID_DATE_FORMAT"]
 
@@ -1642,7 +1644,7 @@ async def test_prices_with_non_ascii_digits_are_invalid_argument(
 @pytest.mark.parametrize("rpc", sorted(ALLOWED))
 async def test_undecodable_request_bytes_are_invalid_argument(hostile: Hostile, rpc: str) -> None:
     """Every RPC answers request bytes that do not decode (invalid UTF-8, corrupt wire format) with INVALID_ARGUMENT and changes nothing."""
-    call = hostile.server.channel.unary_unary(f"/pagemeter.v1.{SERVICE_OF[rpc]}/{rpc}")
+    call = hostile.server.channel.unary_unary(f"/pagemeter.v1.{SERVICE_OF[rpc]}/{rpc}", None, None)
     before = hostile.snapshot()
     SENT[rpc] += 1
     try:

@@ -105,7 +105,10 @@ async def test_units_by_kind_and_overage(
     await hold("c", 5, ttl=2)
     clock.advance(3)
     await quota.GetUsage(quota_pb2.GetUsageRequest(org_id="acme"))  # finds "c" expired
-    units = lambda kind: sample(registry, "pagemeter_units_total", metric="pages", kind=kind)  # noqa: E731
+
+    def units(kind: str) -> float:
+        return sample(registry, "pagemeter_units_total", metric="pages", kind=kind)
+
     assert units("admitted") == 1990 + 7 + 5
     assert units("held") == 1990 + 7 + 5
     assert units("committed") == 2010
@@ -192,7 +195,7 @@ async def exporter_registry(
     settings: Settings, redis_client: aioredis.Redis, clock: ManualClock, **overrides: object
 ) -> CollectorRegistry:
     registry = CollectorRegistry()
-    custom = Settings(**{**settings.__dict__, **overrides})  # type: ignore[arg-type]
+    custom = Settings(**{**settings.__dict__, **overrides})
     await create_server(custom, redis_client, clock=clock, registry=registry)
     return registry
 
@@ -249,7 +252,7 @@ async def health_of(target: str) -> int:
         reply = await stub.Check(
             health_pb2.HealthCheckRequest(service="pagemeter.v1.QuotaService"), timeout=5
         )
-        return reply.status
+        return int(reply.status)
 
 
 async def wait_for_health(target: str, status: int, seconds: float = 10) -> None:

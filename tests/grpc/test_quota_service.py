@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import cast
 
 import grpc
 import pytest
 import redis
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -40,7 +43,8 @@ def details(error: grpc.aio.AioRpcError) -> list[object]:
 def snapshot(client: redis.Redis) -> dict[str, object]:
     """Every key and value in Redis (TTL-free), to prove a refused call changed nothing."""
     dump: dict[str, object] = {}
-    for key in client.keys("*"):
+    # decode_responses=True: the keys are str
+    for key in cast(list[str], client.keys("*")):
         kind = client.type(key)
         if kind == "hash":
             dump[key] = client.hgetall(key)
@@ -54,7 +58,7 @@ def snapshot(client: redis.Redis) -> dict[str, object]:
 
 
 async def setup_eagle(server: RunningServer, **overrides: object) -> None:
-    await server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan(**overrides)))
+    await server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan("acme", **overrides)))
 
 
 # -- the worked example of the issue --------------------------------------------------
@@ -411,14 +415,15 @@ async def test_unreachable_store_is_unavailable_not_unknown(settings: Settings) 
             from pagemeter.v1 import quota_pb2_grpc
 
             stub = quota_pb2_grpc.QuotaServiceStub(channel)
-            for call, message in (
+            calls: list[tuple[Callable[..., Awaitable[object]], Message]] = [
                 (stub.CheckQuota, Q.CheckQuotaRequest(org_id="acme", units={"pages": 1})),
                 (
                     stub.RecordUsage,
                     Q.RecordUsageRequest(org_id="acme", request_id="r", units={"pages": 1}),
                 ),
                 (stub.GetUsage, Q.GetUsageRequest(org_id="acme")),
-            ):
+            ]
+            for call, message in calls:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call(message, timeout=10)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

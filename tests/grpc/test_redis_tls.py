@@ -140,6 +140,6 @@ async def test_a_redis_certificate_from_another_ca_is_refused(
     client = connect_redis(url, settings)
     try:
         with pytest.raises(Exception, match="certificate verify failed"):
-            await client.ping()  # type: ignore[misc]
+            await client.ping()
     finally:
         await close_redis(client)

@@ -49,7 +49,7 @@ async def record(
     return reply
 
 
-def docurift_plan(org_id: str = "acme", timezone: str = "UTC") -> object:
+def docurift_plan(org_id: str = "acme", timezone: str = "UTC") -> plan_pb2.Plan:
     return eagle_plan(
         org_id=org_id,
         timezone=timezone,

@@ -7,6 +7,8 @@ set_plan.lua keeps the plan log. These tests read the raw keys back.
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -238,7 +240,7 @@ async def test_day_counters_reconcile_with_month_counters(
     for month in ("2026-03", "2026-04"):
         month_hash = {k: int(v) for k, v in redis_sync.hgetall(KEYS.month(month)).items()}
         days = [
-            {k: int(v) for k, v in redis_sync.hgetall(key).items()}
+            {k: int(v) for k, v in cast(dict[str, str], redis_sync.hgetall(key)).items()}
             for key in redis_sync.keys(f"pm:{{acme}}:d:{month}-*")
         ]
         assert sum(d.get("c:pages", 0) for d in days) == month_hash.get("c:pages", 0)

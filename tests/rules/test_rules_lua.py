@@ -7,11 +7,13 @@ argument) against a real Redis server, and asserts the decision and the counters
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
 
 from pagemeter.v1 import plan_pb2
+from pagemeter_server.domain.decisions import RecordResult
 from pagemeter_server.domain.errors import NegativeUnits, RequestIdReused
 from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.store.keys import ORGS_KEY
@@ -51,7 +53,7 @@ async def usage_of(
 
 async def record(
     store: Store, request_id: str, units: dict[str, int], now_ms: int = NOW, **kw: object
-):  # type: ignore[no-untyped-def]
+) -> RecordResult:
     return await store.record(
         "acme",
         request_id,
@@ -510,7 +512,7 @@ async def test_every_key_of_an_org_carries_its_hash_tag(
     await store.check(
         "acme", {"pages": 1}, now_ms=NOW, request_id="j2", hold=True, hold_ttl_ms=MINUTE
     )
-    keys = set(redis_sync.keys("*"))
+    keys = set(cast(list[str], redis_sync.keys("*")))  # decode_responses=True
     assert ORGS_KEY in keys and redis_sync.zrange(ORGS_KEY, 0, -1) == ["acme"]
     keys.discard(ORGS_KEY)
     assert len(keys) >= 6

@@ -9,7 +9,9 @@ counters must reconcile exactly with the model's ledger.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import redis
 from hypothesis import HealthCheck, example, given, settings
@@ -20,6 +22,8 @@ from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, examples, metric_limits
+
+T = TypeVar("T")
 
 METRICS = ("documents", "pages")
 TTL_MS = 10_000
@@ -117,7 +121,7 @@ class Runner:
             self.client, default_timezone="UTC", record_retention_days=40, usage_retention_days=400
         )
 
-    def run(self, coroutine):  # type: ignore[no-untyped-def]
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coroutine)
 
     def close(self) -> None:
@@ -222,11 +226,12 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
         elif kind == "record":
             units, success, of_a_hold = dict(step[1]), bool(step[2]), bool(step[3])  # type: ignore[call-overload]
             # Record the oldest live hold, or a job that never held anything.
-            request_id = next(iter(model.holds), None) if of_a_hold else None
-            if request_id is None:
+            held = next(iter(model.holds), None) if of_a_hold else None
+            if held is None:
                 next_id += 1
-                request_id = f"r{next_id}"
-            result = runner.run(
+                held = f"r{next_id}"
+            request_id = held
+            recorded = runner.run(
                 store.record(
                     "acme",
                     request_id,
@@ -238,9 +243,9 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
                 )
             )
             had_hold = model.holds.pop(request_id, None) is not None
-            assert result.hold_released == had_hold
-            assert not result.duplicate
-            for row in result.metrics:
+            assert recorded.hold_released == had_hold
+            assert not recorded.duplicate
+            for row in recorded.metrics:
                 expected_split = (
                     model.commit(row.metric, units[row.metric]) if success else (0, 0, 0)
                 )

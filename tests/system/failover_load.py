@@ -37,7 +37,7 @@ class Ledger:
     last_refusal: float | None = None
 
 
-async def record(quota: quota_pb2_grpc.QuotaServiceStub, org: str, request_id: str) -> bool:
+async def record(quota: quota_pb2_grpc.QuotaServiceAsyncStub, org: str, request_id: str) -> bool:
     """One RecordUsage; True when acknowledged as new, False when a duplicate."""
     answer = await quota.RecordUsage(
         quota_pb2.RecordUsageRequest(org_id=org, request_id=request_id, units={"pages": 1}),
@@ -47,7 +47,7 @@ async def record(quota: quota_pb2_grpc.QuotaServiceStub, org: str, request_id: s
 
 
 async def worker(
-    quota: quota_pb2_grpc.QuotaServiceStub, ledger: Ledger, number: int, stop: asyncio.Event
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, ledger: Ledger, number: int, stop: asyncio.Event
 ) -> None:
     """Record jobs one after another, retrying a refused job with its own request id."""
     job = 0
@@ -70,7 +70,7 @@ async def worker(
             break
 
 
-async def committed_pages(quota: quota_pb2_grpc.QuotaServiceStub, org: str) -> int:
+async def committed_pages(quota: quota_pb2_grpc.QuotaServiceAsyncStub, org: str) -> int:
     usage = await quota.GetUsage(quota_pb2.GetUsageRequest(org_id=org), timeout=5)
     return {m.metric: m.committed for m in usage.metrics}["pages"]
 
@@ -125,7 +125,7 @@ async def answered(tally: Tally, call: object) -> bool:
 
 
 async def jobs(
-    quota: quota_pb2_grpc.QuotaServiceStub, tally: Tally, name: str, stop: asyncio.Event
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, tally: Tally, name: str, stop: asyncio.Event
 ) -> None:
     """Hold, then record, job after job; a refused step is retried with its own id."""
     job = 0
@@ -150,7 +150,7 @@ async def jobs(
 
 
 def start_jobs(
-    quotas: list[quota_pb2_grpc.QuotaServiceStub], tallies: list[Tally], stop: asyncio.Event
+    quotas: list[quota_pb2_grpc.QuotaServiceAsyncStub], tallies: list[Tally], stop: asyncio.Event
 ) -> list[asyncio.Task[None]]:
     """Two callers per organization, one through each server."""
     return [
@@ -161,13 +161,13 @@ def start_jobs(
 
 
 @contextlib.asynccontextmanager
-async def stubs(targets: list[str]) -> AsyncIterator[list[quota_pb2_grpc.QuotaServiceStub]]:
+async def stubs(targets: list[str]) -> AsyncIterator[list[quota_pb2_grpc.QuotaServiceAsyncStub]]:
     channels = [grpc.aio.insecure_channel(target) for target in targets]
     try:
         yield [quota_pb2_grpc.QuotaServiceStub(channel) for channel in channels]
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
 
 
 async def set_plans(target: str, orgs: list[str]) -> None:

@@ -59,7 +59,7 @@ async def cluster_server(
         dev_open_access=True,
     )
     client = connect_redis(settings.redis_url, settings)
-    await client.flushall()  # type: ignore[misc]  # every primary, in cluster mode
+    await client.flushall()  # every primary, in cluster mode
     registry = CollectorRegistry()
     clock = ManualClock(START_MS)
     server, port, _ = await create_server(settings, client, clock=clock, registry=registry)
@@ -71,7 +71,7 @@ async def cluster_server(
         reporting_pb2_grpc.ReportingServiceStub(channel),
         registry,
     )
-    await channel.close()
+    await channel.close(None)
     await server.stop(None)
     await client.aclose()
 
@@ -80,7 +80,10 @@ def slot_owners(cluster: list[RedisProcess]) -> set[int]:
     """The ports of the primaries that hold the ORGS' keys."""
     client = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
     try:
-        return {int(client.get_node_from_key(f"pm:{{{org}}}:plan").port) for org in ORGS}
+        return {
+            int(client.get_node_from_key(f"pm:{{{org}}}:plan").port)  # type: ignore[no-untyped-call]  # redis-py lacks annotations here
+            for org in ORGS
+        }
     finally:
         client.close()
 

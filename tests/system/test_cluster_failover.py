@@ -48,7 +48,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-async def quota(cluster: Cluster) -> AsyncIterator[quota_pb2_grpc.QuotaServiceStub]:
+async def quota(cluster: Cluster) -> AsyncIterator[quota_pb2_grpc.QuotaServiceAsyncStub]:
     settings = Settings(
         redis_url=cluster.primary_nodes()[0].url,
         redis_mode="cluster",
@@ -80,7 +80,7 @@ async def quota(cluster: Cluster) -> AsyncIterator[quota_pb2_grpc.QuotaServiceSt
 
 
 async def test_a_primary_dies_mid_load_and_its_replica_takes_over(
-    cluster: Cluster, quota: quota_pb2_grpc.QuotaServiceStub
+    cluster: Cluster, quota: quota_pb2_grpc.QuotaServiceAsyncStub
 ) -> None:
     """SIGKILL of the primary serving an organization: after the replica's promotion records are accepted again, nothing is counted twice, the other organization keeps every record, and replaying the acknowledged ids makes the totals exact."""
     victim_primary = cluster.owner_of(f"pm:{{{VICTIM}}}:plan")
@@ -152,7 +152,7 @@ def replicated(primary: RedisProcess, replica: RedisProcess, cluster: Cluster) -
 
 
 async def test_records_a_lagging_replica_never_received_are_lost_until_replayed(
-    cluster: Cluster, quota: quota_pb2_grpc.QuotaServiceStub
+    cluster: Cluster, quota: quota_pb2_grpc.QuotaServiceAsyncStub
 ) -> None:
     """The worst case made visible: the replica is frozen while its primary acknowledges 30 records, then the primary dies; the promoted replica never saw those 30, and a replay of the callers' acknowledged ids counts each of them once again, and the others not at all."""
     primary = cluster.owner_of(f"pm:{{{VICTIM}}}:plan")
@@ -191,7 +191,7 @@ async def test_records_a_lagging_replica_never_received_are_lost_until_replayed(
 
 
 async def test_a_stalled_primary_fails_a_call_fast(
-    cluster: Cluster, quota: quota_pb2_grpc.QuotaServiceStub
+    cluster: Cluster, quota: quota_pb2_grpc.QuotaServiceAsyncStub
 ) -> None:
     """A primary that stops answering (SIGSTOP, shorter than the node timeout, so no failover) costs a call one Redis timeout, not one per retry: UNAVAILABLE in well under the four timeouts redis-py's cluster client would wait by default, and the next call after it resumes succeeds."""
     primary = cluster.owner_of(f"pm:{{{VICTIM}}}:plan")

@@ -96,7 +96,7 @@ async def health(target: str) -> int:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=5
         )
-    return reply.status
+    return int(reply.status)
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -21,7 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import psutil
@@ -156,8 +156,9 @@ def pump(connections: list[RawConnection], seconds: float) -> None:
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.pending else 0)
                 selector.register(connection, events)
             for key, events in selector.select(max(0.0, deadline - time.monotonic())):
-                connection = key.fileobj
-                assert isinstance(connection, RawConnection)
+                ready = key.fileobj
+                assert isinstance(ready, RawConnection)
+                connection = ready
                 if events & selectors.EVENT_WRITE:
                     connection.on_writable()
                 if events & selectors.EVENT_READ:
@@ -260,7 +261,7 @@ def launch(tmp_path: Path) -> Iterator[Launch]:
 
 async def open_watches(
     target: str, count: int, channels: int
-) -> tuple[list[grpc.aio.Channel], list[grpc.aio.UnaryStreamCall], dict[str, int]]:
+) -> tuple[list[grpc.aio.Channel], list[grpc.aio.UnaryStreamCall[Any, Any]], dict[str, int]]:
     """Open `count` health Watch streams over `channels` connections; what each first answered."""
     options = [("grpc.use_local_subchannel_pool", 1)]
     opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
@@ -269,14 +270,14 @@ async def open_watches(
         for i in range(count)
     ]
 
-    async def first(call: grpc.aio.UnaryStreamCall) -> str:
+    async def first(call: grpc.aio.UnaryStreamCall[Any, Any]) -> str:
         try:
-            reply = await asyncio.wait_for(call.read(), 10)
+            reply: health_pb2.HealthCheckResponse = await asyncio.wait_for(call.read(), 10)
         except grpc.aio.AioRpcError as exc:
             return exc.code().name
         except TimeoutError:
             return "no answer"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     answers: dict[str, int] = {}
     for answer in await asyncio.gather(*(first(call) for call in calls)):
@@ -285,12 +286,12 @@ async def open_watches(
 
 
 async def close_all(
-    channels: list[grpc.aio.Channel], calls: list[grpc.aio.UnaryStreamCall]
+    channels: list[grpc.aio.Channel], calls: list[grpc.aio.UnaryStreamCall[Any, Any]]
 ) -> None:
     for call in calls:
         call.cancel()
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
 
 
 # -- memory ---------------------------------------------------------------------------------

@@ -413,7 +413,8 @@ def test_dashboard_queries_run_and_rank_organizations(stack: Stack) -> None:
     (table,) = [p for p in dashboard["panels"] if p["type"] == "table"]
     share = grafana_to_promql(table["targets"][0]["expr"])
     result = stack.query_until(share, lambda r: len(r) == 2)
-    assert [(r["metric"]["org"], float(r["value"][1])) for r in result] == [
+    ranked: list[tuple[str, object]] = [(r["metric"]["org"], float(r["value"][1])) for r in result]
+    assert ranked == [
         (HIGH_ORG, pytest.approx(0.85)),
         (LOW_ORG, pytest.approx(0.1)),
     ]

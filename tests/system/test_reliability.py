@@ -51,7 +51,7 @@ class Rig:
 
     async def status(self) -> int:
         reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        return reply.status
+        return int(reply.status)
 
     async def wait_for(self, status: int, seconds: float = 10.0) -> None:
         deadline = time.monotonic() + seconds
@@ -90,9 +90,9 @@ async def start_rig(tmp_path: Path, **overrides: object) -> tuple[Rig, object]:
     await watcher.__aenter__()
     rig = Rig(
         process,
-        quota_pb2_grpc.QuotaServiceStub(channel),  # type: ignore[arg-type]
-        admin_pb2_grpc.AdminServiceStub(channel),  # type: ignore[arg-type]
-        health_pb2_grpc.HealthStub(channel),  # type: ignore[arg-type]
+        quota_pb2_grpc.QuotaServiceStub(channel),
+        admin_pb2_grpc.AdminServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
         registry,
         clock,
         f"127.0.0.1:{port}",
@@ -100,7 +100,7 @@ async def start_rig(tmp_path: Path, **overrides: object) -> tuple[Rig, object]:
 
     async def stop() -> None:
         await watcher.__aexit__(None, None, None)
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
         await client.aclose()
         if process.pid is not None:

@@ -57,7 +57,7 @@ def settings_for(mode: str, acks: int, **fields: object) -> Settings:
 @contextlib.asynccontextmanager
 async def pagemeter(
     settings: Settings, url: str = "", *, plan: bool = True
-) -> AsyncIterator[quota_pb2_grpc.QuotaServiceStub]:
+) -> AsyncIterator[quota_pb2_grpc.QuotaServiceAsyncStub]:
     client = connect_redis(url, settings)
     server, port, _ = await create_server(settings, client, registry=CollectorRegistry())
     await server.start()
@@ -81,7 +81,7 @@ async def pagemeter(
         await close_redis(client)
 
 
-async def outcome(quota: quota_pb2_grpc.QuotaServiceStub, request_id: str) -> str:
+async def outcome(quota: quota_pb2_grpc.QuotaServiceAsyncStub, request_id: str) -> str:
     """'new', 'duplicate', or the status code's name of a refusal."""
     try:
         return "new" if await record(quota, "acme", request_id) else "duplicate"
@@ -142,7 +142,7 @@ def two_replicas(topology: Topology, tmp_path: Path) -> Iterator[Pair]:
         spare.stop()
 
 
-async def eventually(quota: quota_pb2_grpc.QuotaServiceStub, request_id: str) -> str:
+async def eventually(quota: quota_pb2_grpc.QuotaServiceAsyncStub, request_id: str) -> str:
     """Retry a record as a worker does until it is answered; its answer."""
     deadline = time.monotonic() + 30
     while (answer := await outcome(quota, request_id)) in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
@@ -203,7 +203,7 @@ def is_synchronised_replica(node: RedisProcess) -> bool:
         return False  # still a primary, or loading
 
 
-async def eventually_committed(quota: quota_pb2_grpc.QuotaServiceStub) -> int:
+async def eventually_committed(quota: quota_pb2_grpc.QuotaServiceAsyncStub) -> int:
     deadline = time.monotonic() + 30
     while True:
         try:

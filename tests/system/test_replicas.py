@@ -20,7 +20,7 @@ from tests.conftest import START_MS, eagle_plan, metric_limits
 @pytest.fixture
 async def replicas(
     settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[list[quota_pb2_grpc.QuotaServiceStub]]:
+) -> AsyncIterator[list[quota_pb2_grpc.QuotaServiceAsyncStub]]:
     """Three servers, each with its own store object and caches, on the same Redis."""
     servers, channels = [], []
     for _ in range(3):
@@ -40,13 +40,13 @@ async def replicas(
     )
     yield [quota_pb2_grpc.QuotaServiceStub(channel) for channel in channels]
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     for server in servers:
         await server.stop(None)
 
 
 async def test_replicas_never_over_admit_nor_double_count(
-    replicas: list[quota_pb2_grpc.QuotaServiceStub],
+    replicas: list[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
     """90 callers spread over three servers race for 40 units: exactly 40 are admitted; every record is then sent to every server and counted once."""
 
@@ -62,7 +62,7 @@ async def test_replicas_never_over_admit_nor_double_count(
     winners = [i for i, ok in enumerate(admitted) if ok]
     assert len(winners) == 40
 
-    async def record(server: quota_pb2_grpc.QuotaServiceStub, i: int) -> bool:
+    async def record(server: quota_pb2_grpc.QuotaServiceAsyncStub, i: int) -> bool:
         reply = await server.RecordUsage(
             quota_pb2.RecordUsageRequest(org_id="acme", request_id=f"j{i}", units={"pages": 1})
         )

@@ -306,7 +306,7 @@ async def test_a_password_protected_primary_is_reached_with_the_url_credentials(
             try:
                 if not works:
                     with pytest.raises(redis.exceptions.AuthenticationError):
-                        await client.ping()  # type: ignore[misc]
+                        await client.ping()
                     continue
                 registry = CollectorRegistry()
                 server, port, _ = await create_server(settings, client, registry=registry)

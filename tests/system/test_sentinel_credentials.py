@@ -133,7 +133,7 @@ def sentinel_settings(topology: Topology, sentinel_url: str, **overrides: object
 @contextlib.asynccontextmanager
 async def serving(
     settings: Settings,
-) -> AsyncIterator[tuple[quota_pb2_grpc.QuotaServiceStub, CollectorRegistry]]:
+) -> AsyncIterator[tuple[quota_pb2_grpc.QuotaServiceAsyncStub, CollectorRegistry]]:
     """pagemeter on the settings, after the start-up check of the sentinels, with a plan for acme in an emptied store."""
     client = connect_redis(settings.redis_url, settings)
     try:
@@ -154,7 +154,9 @@ async def serving(
         await close_redis(client)
 
 
-async def check_hold_and_record(quota: quota_pb2_grpc.QuotaServiceStub, request_id: str) -> None:
+async def check_hold_and_record(
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, request_id: str
+) -> None:
     check = await quota.CheckQuota(
         quota_pb2.CheckQuotaRequest(
             org_id="acme", units={"pages": 3}, hold=True, request_id=request_id

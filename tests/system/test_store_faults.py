@@ -38,7 +38,7 @@ def store_unavailable(error: grpc.aio.AioRpcError) -> bool:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason == "STORE_UNAVAILABLE"
+            return bool(info.reason == "STORE_UNAVAILABLE")
     return False
 
 
