@@ -80,6 +80,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter_server.domain.decisions import CheckCall
 from pagemeter_server.ops.embedded import RedisProcess, free_port, server_version
 from pagemeter_server.ops.lifecycle import bound_command
 from pagemeter_server.store.scripts import script_text
@@ -956,9 +957,8 @@ class Bench:
                 store.run = recording  # type: ignore[method-assign]
                 result = await store.check(
                     ORG,
-                    CHECK_UNITS,
+                    CheckCall(CHECK_UNITS, hold_ttl_ms=round(settings.hold_ttl_seconds * 1000)),
                     now_ms=int(time.time() * 1000),
-                    hold_ttl_ms=round(settings.hold_ttl_seconds * 1000),
                 )
                 if not result.allowed:
                     raise RuntimeError("Store.check did not allow the benchmark's units")

@@ -12,9 +12,8 @@ import functools
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -52,6 +51,7 @@ from pagemeter_server.store.scripts import (
     BATCH_SCRIPTS,
     CHANGING_SCRIPTS,
     SCRIPTS,
+    PreparedCall,
     ScriptArg,
     ScriptReply,
     batch_script_text,
@@ -66,12 +66,7 @@ UNKNOWN_METRIC = 8
 NAMES_GRACE_MS = 31 * DAY_MS
 
 
-@dataclass(frozen=True)
-class PreparedCall:
-    """One script call's keys and arguments, for a given timezone guess."""
-
-    keys: list[str]
-    args: list[ScriptArg]
+Call = TypeVar("Call")
 
 
 class Store:
@@ -164,17 +159,72 @@ class Store:
         while len(self._tz_cache) > self._tz_cache_size:
             self._tz_cache.popitem(last=False)
 
-    async def run_with_timezone(
-        self, org_id: str, call: Callable[[str], Awaitable[ScriptReply]]
-    ) -> tuple[ScriptReply, str]:
+    async def call_in_timezone(
+        self,
+        org_id: str,
+        name: str,
+        prepare: Callable[[str], PreparedCall],
+        *,
+        changes: bool | None = None,
+    ) -> tuple[ScriptReply, PreparedCall]:
+        """One script call whose keys depend on the organization's timezone."""
+        [answer] = await self._calls_in_timezone(
+            org_id, name, [None], lambda _none, tz: prepare(tz), changes=changes, batch=False
+        )
+        return answer
+
+    async def _calls_in_timezone(
+        self,
+        org_id: str,
+        name: str,
+        calls: Sequence[Call],
+        prepare: Callable[[Call, str], PreparedCall],
+        *,
+        changes: bool | None,
+        batch: bool,
+    ) -> list[tuple[ScriptReply, PreparedCall]]:
+        """Run calls of one organization, prepared for the timezone the server
+        guesses; re-run those a script answered STALE_TZ (a stale call changed
+        nothing, so running it again is safe). One call runs its script; a batch
+        runs them all in one atomic call of the script's batch form."""
         tz = self._cached_timezone(org_id)
+        done: dict[int, tuple[ScriptReply, PreparedCall]] = {}
+        pending = list(range(len(calls)))
         for _ in range(3):
-            reply = await call(tz)
-            if reply[0] != "STALE_TZ":
-                return reply, tz
-            tz = str(reply[1])
-            self._remember_timezone(org_id, tz)
+            prepared = [prepare(calls[i], tz) for i in pending]
+            if batch:
+                replies = await self._run_batch(name, prepared, changes)
+            else:
+                [single] = prepared
+                replies = [await self.run(name, single.keys, single.args, changes=changes)]
+            stale = []
+            for index, call, reply in zip(pending, prepared, replies, strict=True):
+                if reply[0] == "STALE_TZ":
+                    tz = str(reply[1])
+                    self._remember_timezone(org_id, tz)
+                    stale.append(index)
+                else:
+                    done[index] = (reply, call)
+            pending = stale
+            if not pending:
+                return [done[i] for i in range(len(calls))]
         raise StoreError(f"timezone of organization {org_id} keeps changing")
+
+    async def _run_batch(
+        self, name: str, prepared: Sequence[PreparedCall], changes: bool | None
+    ) -> list[ScriptReply]:
+        """Calls of one organization as one call of the script's batch form."""
+        keys: list[str] = []
+        counts: list[ScriptArg] = []
+        args: list[ScriptArg] = []
+        for call in prepared:
+            keys += call.keys
+            counts += [len(call.keys), len(call.args)]
+            args += call.args
+        replies: list[ScriptReply] = await self.run(
+            f"{name}_batch", keys, [len(prepared), *counts, *args], changes=changes
+        )
+        return replies
 
     async def run(
         self,
@@ -221,50 +271,37 @@ class Store:
 
     # -- CheckQuota -------------------------------------------------------------
 
-    async def check(
-        self,
-        org_id: str,
-        units: Mapping[str, int],
-        *,
-        now_ms: int,
-        request_id: str = "",
-        hold: bool = False,
-        hold_ttl_ms: int = 0,
-    ) -> CheckResult:
-        call = CheckCall(units, request_id, hold, hold_ttl_ms)
-        months: list[Month] = []
-
-        async def run(tz: str) -> ScriptReply:
-            prepared, month = self._prepare_check(org_id, call, now_ms, tz)
-            months.append(month)
-            return await self.run("check", prepared.keys, prepared.args, changes=hold)
-
-        reply, _ = await self.run_with_timezone(org_id, run)
-        return self._check_result(org_id, reply, months[-1])
+    async def check(self, org_id: str, call: CheckCall, *, now_ms: int) -> CheckResult:
+        reply, prepared = await self.call_in_timezone(
+            org_id,
+            "check",
+            lambda tz: self._prepare_check(org_id, call, now_ms, tz),
+            changes=call.hold,
+        )
+        return self._check_result(org_id, reply, prepared.month)
 
     async def check_batch(
         self, org_id: str, calls: Sequence[CheckCall], *, now_ms: int
     ) -> list[CheckResult | StoreError]:
         """Several checks of one organization in one atomic script call, in order."""
-        replies = await self._run_batch(
+        replies = await self._calls_in_timezone(
             org_id,
             "check",
             calls,
             lambda call, tz: self._prepare_check(org_id, call, now_ms, tz),
             changes=any(call.hold for call in calls),
+            batch=True,
         )
         return [
-            item_outcome(functools.partial(self._check_result, org_id, reply, month))
-            for reply, month in replies
+            item_outcome(functools.partial(self._check_result, org_id, reply, prepared.month))
+            for reply, prepared in replies
         ]
 
-    def _prepare_check(
-        self, org_id: str, call: CheckCall, now_ms: int, tz: str
-    ) -> tuple[PreparedCall, Month]:
+    def _prepare_check(self, org_id: str, call: CheckCall, now_ms: int, tz: str) -> PreparedCall:
         keys = OrgKeys(org_id)
         month = self._month_at(now_ms, tz)
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
-        prepared = PreparedCall(
+        return PreparedCall(
             [
                 keys.plan,
                 keys.holds,
@@ -296,8 +333,9 @@ class Store:
                 len(call.units),
                 *flat_units,
             ],
+            month,
+            tz,
         )
-        return prepared, month
 
     def _check_result(self, org_id: str, reply: ScriptReply, month: Month) -> CheckResult:
         tag = reply[0]
@@ -328,39 +366,23 @@ class Store:
 
     # -- RecordUsage ------------------------------------------------------------
 
-    async def record(
-        self,
-        org_id: str,
-        request_id: str,
-        units: Mapping[str, int],
-        *,
-        now_ms: int,
-        completed_ms: int,
-        completed_given: bool,
-        success: bool,
-        requested_ms: int | None = None,
-        document_type: str = "",
-    ) -> RecordResult:
-        call = RecordCall(
-            request_id, units, completed_ms, completed_given, success, requested_ms, document_type
+    async def record(self, org_id: str, call: RecordCall, *, now_ms: int) -> RecordResult:
+        reply, _ = await self.call_in_timezone(
+            org_id, "record", lambda tz: self._prepare_record(org_id, call, now_ms, tz)
         )
-
-        async def run(tz: str) -> ScriptReply:
-            prepared = self._prepare_record(org_id, call, now_ms, tz)
-            return await self.run("record", prepared.keys, prepared.args)
-
-        reply, _ = await self.run_with_timezone(org_id, run)
         return record_result(reply)
 
     async def record_batch(
         self, org_id: str, calls: Sequence[RecordCall], *, now_ms: int
     ) -> list[RecordResult | StoreError]:
         """Several records of one organization in one atomic script call, in order."""
-        replies = await self._run_batch(
+        replies = await self._calls_in_timezone(
             org_id,
             "record",
             calls,
-            lambda call, tz: (self._prepare_record(org_id, call, now_ms, tz), None),
+            lambda call, tz: self._prepare_record(org_id, call, now_ms, tz),
+            changes=None,
+            batch=True,
         )
         return [item_outcome(functools.partial(record_result, reply)) for reply, _ in replies]
 
@@ -418,47 +440,9 @@ class Store:
                 len(call.units),
                 *flat_units,
             ],
+            month,
+            tz,
         )
-
-    # -- batches -----------------------------------------------------------------
-
-    async def _run_batch(
-        self,
-        org_id: str,
-        name: str,
-        items: Sequence[Any],
-        prepare: Callable[[Any, str], tuple[PreparedCall, Any]],
-        changes: bool | None = None,
-    ) -> list[tuple[ScriptReply, Any]]:
-        """Run items of one org as one batch script call; re-run those whose timezone
-        guess was stale (a stale item changed nothing, so running it again is safe)."""
-        tz = self._cached_timezone(org_id)
-        done: dict[int, tuple[ScriptReply, Any]] = {}
-        pending = list(range(len(items)))
-        for _ in range(3):
-            prepared = [prepare(items[i], tz) for i in pending]
-            keys: list[str] = []
-            counts: list[ScriptArg] = []
-            args: list[ScriptArg] = []
-            for call, _context in prepared:
-                keys += call.keys
-                counts += [len(call.keys), len(call.args)]
-                args += call.args
-            replies = await self.run(
-                f"{name}_batch", keys, [len(prepared), *counts, *args], changes=changes
-            )
-            stale = []
-            for index, (_call, context), reply in zip(pending, prepared, replies, strict=True):
-                if reply[0] == "STALE_TZ":
-                    tz = str(reply[1])
-                    self._remember_timezone(org_id, tz)
-                    stale.append(index)
-                else:
-                    done[index] = (reply, context)
-            pending = stale
-            if not pending:
-                return [done[i] for i in range(len(items))]
-        raise StoreError(f"timezone of organization {org_id} keeps changing")
 
     # -- ReleaseQuota -----------------------------------------------------------
 
@@ -479,16 +463,13 @@ class Store:
         self, org_id: str, *, now_ms: int, year_month: tuple[int, int] | None = None
     ) -> UsageSnapshot:
         keys = OrgKeys(org_id)
-        month_box: list[Month] = []
 
-        async def call(tz: str) -> ScriptReply:
+        def prepare(tz: str) -> PreparedCall:
             tzinfo = zone(tz)
             month = (
                 month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
             )
-            month_box.append(month)
-            return await self.run(
-                "usage",
+            return PreparedCall(
                 [
                     keys.plan,
                     keys.holds,
@@ -503,17 +484,19 @@ class Store:
                 ],
                 # A month's terms are the plan's at its end (now for the current one).
                 [now_ms, tz, self.default_timezone, min(month.end_ms, now_ms + 1)],
+                month,
+                tz,
             )
 
-        reply, tz = await self.run_with_timezone(org_id, call)
+        reply, prepared = await self.call_in_timezone(org_id, "usage", prepare)
         _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat, gone = (
             reply
         )
         plan = StoredPlan(json.loads(plan_json), int(version), 0) if plan_json else None
         return UsageSnapshot(
             plan=plan,
-            timezone=tz,
-            month=month_box[-1],
+            timezone=prepared.timezone,
+            month=prepared.month,
             month_fields=int_pairs(month_flat),
             lifetime_fields=int_pairs(life_flat),
             held_fields=int_pairs(held_flat),

@@ -6,8 +6,11 @@ run EVALSHA and reload the script on NOSCRIPT (after a Redis restart, for exampl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+from pagemeter_server.domain.periods import Month
 
 ScriptReply = list[Any]
 ScriptArg = str | int | float
@@ -105,3 +108,17 @@ CHANGING_SCRIPTS = frozenset(
         "key_revoke",
     }
 )
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """One script call's keys and arguments, for a guess of the org's timezone.
+
+    `month` is the month the keys name (the answer is read in it) and `timezone`
+    the guess they were built for.
+    """
+
+    keys: list[str]
+    args: list[ScriptArg]
+    month: Month
+    timezone: str
