@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message as ProtoMessage
 
 from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain import usage as rules
@@ -59,11 +61,7 @@ def metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
         lifetime_committed=f.lifetime_committed,
         average_per_job=f.average_per_job,
     )
-    for name in ("contract_quota", "hard_limit", "remaining", "usage_percent"):
-        value = getattr(f, name)
-        if value is not None:
-            setattr(usage, name, value)
-    return usage
+    return with_present(usage, f, "contract_quota", "hard_limit", "remaining", "usage_percent")
 
 
 def metric_decision(d: MetricCheck, month: Month) -> quota_pb2.MetricDecision:
@@ -83,11 +81,7 @@ def metric_decision(d: MetricCheck, month: Month) -> quota_pb2.MetricDecision:
         prepaid_available=d.prepaid_available,
         **period_fields(d.lifetime, month),
     )
-    for name in ("contract_quota", "hard_limit", "max_admissible", "remaining"):
-        value = getattr(d, name)
-        if value is not None:
-            setattr(decision, name, value)
-    return decision
+    return with_present(decision, d, "contract_quota", "hard_limit", "max_admissible", "remaining")
 
 
 def metric_record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricRecordResult:
@@ -104,8 +98,17 @@ def metric_record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricReco
         overage_not_allowed=m.overage_not_allowed,
         period_id=LIFETIME_PERIOD_ID if m.lifetime else month_id,
     )
-    if m.contract_quota is not None:
-        result.contract_quota = m.contract_quota
-    if m.hard_limit is not None:
-        result.hard_limit = m.hard_limit
-    return result
+    return with_present(result, m, "contract_quota", "hard_limit")
+
+
+Message = TypeVar("Message", bound=ProtoMessage)
+
+
+def with_present(message: Message, source: object, *names: str) -> Message:
+    """Set the optional fields `names` of `message` that `source` has (None means
+    absent: an optional proto field left unset, not a zero)."""
+    for name in names:
+        value = getattr(source, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message

@@ -67,6 +67,7 @@ NAMES_GRACE_MS = 31 * DAY_MS
 
 
 Call = TypeVar("Call")
+Outcome = TypeVar("Outcome")
 
 
 class Store:
@@ -284,18 +285,14 @@ class Store:
         self, org_id: str, calls: Sequence[CheckCall], *, now_ms: int
     ) -> list[CheckResult | StoreError]:
         """Several checks of one organization in one atomic script call, in order."""
-        replies = await self._calls_in_timezone(
+        return await self._batch(
             org_id,
             "check",
             calls,
             lambda call, tz: self._prepare_check(org_id, call, now_ms, tz),
+            lambda reply, prepared: self._check_result(org_id, reply, prepared.month),
             changes=any(call.hold for call in calls),
-            batch=True,
         )
-        return [
-            item_outcome(functools.partial(self._check_result, org_id, reply, prepared.month))
-            for reply, prepared in replies
-        ]
 
     def _prepare_check(self, org_id: str, call: CheckCall, now_ms: int, tz: str) -> PreparedCall:
         keys = OrgKeys(org_id)
@@ -376,15 +373,32 @@ class Store:
         self, org_id: str, calls: Sequence[RecordCall], *, now_ms: int
     ) -> list[RecordResult | StoreError]:
         """Several records of one organization in one atomic script call, in order."""
-        replies = await self._calls_in_timezone(
+        return await self._batch(
             org_id,
             "record",
             calls,
             lambda call, tz: self._prepare_record(org_id, call, now_ms, tz),
-            changes=None,
-            batch=True,
+            lambda reply, _prepared: record_result(reply),
         )
-        return [item_outcome(functools.partial(record_result, reply)) for reply, _ in replies]
+
+    async def _batch(
+        self,
+        org_id: str,
+        name: str,
+        calls: Sequence[Call],
+        prepare: Callable[[Call, str], PreparedCall],
+        answer: Callable[[ScriptReply, PreparedCall], Outcome],
+        *,
+        changes: bool | None = None,
+    ) -> list[Outcome | StoreError]:
+        """Calls of one organization as one batch: each item's answer, or the store
+        error it ended in (the other items go on)."""
+        replies = await self._calls_in_timezone(
+            org_id, name, calls, prepare, changes=changes, batch=True
+        )
+        return [
+            item_outcome(functools.partial(answer, reply, prepared)) for reply, prepared in replies
+        ]
 
     def _prepare_record(self, org_id: str, call: RecordCall, now_ms: int, tz: str) -> PreparedCall:
         keys = OrgKeys(org_id)
