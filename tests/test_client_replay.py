@@ -125,7 +125,7 @@ async def test_off_by_default(rig: Rig) -> None:
     """Without replay_after_failover nothing is kept, the channel is not intercepted, and replay_acknowledged says how to turn it on."""
     with PagemeterClient(rig.target) as client:
         assert client.replay_stats is None
-        assert client._channel is client._raw_channel
+        assert client._stubs.watched is client._stubs.channel
         with pytest.raises(RuntimeError, match="replay_after_failover"):
             client.replay_acknowledged()
     async with AsyncPagemeterClient(rig.target) as aclient:
