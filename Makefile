@@ -16,7 +16,7 @@ BENCH_TOOLS_DIR := $(TOOLS)/bench
 H2LOAD := $(BENCH_TOOLS_DIR)/usr/bin/h2load
 BENCH_DEBS := nghttp2-client libnghttp2-14 libev4 libjemalloc2 redis-tools liblzf1
 
-.PHONY: install run test lint proto proto-check tools bench clean
+.PHONY: install run test lint proto proto-check tools bench clean unasync
 
 install: $(STAMP)
 
@@ -40,9 +40,15 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pagemeter-server --dev-open-access
 
-## lint: buf lint on the contract, ruff and mypy --strict on the code, the layers' import direction
+## unasync: regenerate the blocking client (client/pagemeter_client/_sync) from _async
+unasync: $(STAMP)
+	$(BIN)/python tools/unasync.py
+
+## lint: buf lint on the contract, ruff and mypy --strict on the code, the layers' import
+## direction, and the blocking client checked against what its async source generates
 lint: $(STAMP)
 	$(BIN)/buf lint
+	$(BIN)/python tools/unasync.py --check
 	$(BIN)/ruff check server client tests
 	$(BIN)/ruff format --check server client tests
 	$(BIN)/mypy

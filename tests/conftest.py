@@ -35,6 +35,7 @@ from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
 from pagemeter_server.store.quota import Store
+from tests.client_flavours import FLAVOURS, Connect, connector
 
 # 2026-03-15 12:00:00 UTC: mid-month, so tests move across month ends on purpose only.
 START_MS = int(datetime(2026, 3, 15, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -161,6 +162,14 @@ async def pagemeter_server(
     """A real pagemeter gRPC server on 127.0.0.1:<free port>, on a flushed Redis."""
     async with serving(settings, redis_client, clock, registry) as running:
         yield running
+
+
+@pytest.fixture(params=FLAVOURS)
+def connect(request: pytest.FixtureRequest) -> Connect:
+    """`connect(target, **options)`: an AsyncPagemeterClient, then a PagemeterClient
+    behind the same async methods (tests/client_flavours.py)."""
+    flavour = request.param
+    return connector(flavour)
 
 
 def metric_limits(metric: str, **fields: object) -> plan_pb2.MetricLimits:
