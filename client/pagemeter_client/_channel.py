@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import grpc.aio
@@ -164,6 +164,13 @@ def _channel_credentials(
     )
 
 
+class CallOptions(TypedDict):
+    """What every call of a client passes besides its request."""
+
+    timeout: float
+    metadata: tuple[tuple[str, str], ...]
+
+
 class _ClientConfig:
     """Settings both clients share: deadline, metadata, credentials and the channel's options.
 
@@ -213,6 +220,10 @@ class _ClientConfig:
     def deadline(self, timeout: float | None) -> float:
         """Seconds the call may take: the per-call value, else the client's."""
         return self.timeout if timeout is None else timeout
+
+    def call_options(self, timeout: float | None) -> CallOptions:
+        """The deadline and metadata of one call (`**config.call_options(timeout)`)."""
+        return CallOptions(timeout=self.deadline(timeout), metadata=self.metadata)
 
     def describe(self, kind: str) -> str:
         """`Kind(target=..., tls=..., token=...)` with the token hidden."""

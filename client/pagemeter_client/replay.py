@@ -151,7 +151,21 @@ class ReplayOutcome:
 
 
 @dataclass(frozen=True)
-class ReplayResult:
+class _ReplayCounts:
+    """The counts of replayed requests by what became of them (see ReplayResult)."""
+
+    replayed: int = 0
+    duplicates: int = 0
+    reapplied: int = 0
+    denied: int = 0
+    conflicts: int = 0
+    failed: int = 0
+    deferred: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True)
+class ReplayResult(_ReplayCounts):
     """One replay pass.
 
     `replayed`: requests sent. Of those, `duplicates` the store had (for a hold:
@@ -164,14 +178,6 @@ class ReplayResult:
     `outcomes` lists every answer but the duplicates.
     """
 
-    replayed: int = 0
-    duplicates: int = 0
-    reapplied: int = 0
-    denied: int = 0
-    conflicts: int = 0
-    failed: int = 0
-    deferred: int = 0
-    expired: int = 0
     stopped: str | None = None
     outcomes: tuple[ReplayOutcome, ...] = ()
 
@@ -187,7 +193,7 @@ class ReplayResult:
 
 
 @dataclass(frozen=True)
-class ReplayStats:
+class ReplayStats(_ReplayCounts):
     """A client's replay bookkeeping since it was built.
 
     `entries`: acknowledged requests in the window now; `dropped`: entries pushed
@@ -200,14 +206,6 @@ class ReplayStats:
     dropped: int = 0
     outage: bool = False
     passes: int = 0
-    replayed: int = 0
-    duplicates: int = 0
-    reapplied: int = 0
-    denied: int = 0
-    conflicts: int = 0
-    failed: int = 0
-    deferred: int = 0
-    expired: int = 0
     last: ReplayResult | None = None
 
 

@@ -285,9 +285,7 @@ class AsyncPagemeterClient:
         request = check_quota_request(
             org_id, units, request_id=request_id, hold=hold, hold_ttl=hold_ttl
         )
-        return await self._quota.CheckQuota(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._quota.CheckQuota(request, **self._config.call_options(timeout))
 
     async def record_usage(
         self,
@@ -319,9 +317,7 @@ class AsyncPagemeterClient:
         )
         if self._outbox is not None:
             return await self._record_durably(self._outbox, request, self._config.deadline(timeout))
-        return await self._quota.RecordUsage(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._quota.RecordUsage(request, **self._config.call_options(timeout))
 
     async def _record_durably(
         self, outbox: Outbox, request: quota_pb2.RecordUsageRequest, deadline: float
@@ -362,9 +358,7 @@ class AsyncPagemeterClient:
     ) -> quota_pb2.ReleaseQuotaResponse:
         """Free the hold of a job that will not run (idempotent)."""
         request = quota_pb2.ReleaseQuotaRequest(org_id=org_id, request_id=request_id)
-        return await self._quota.ReleaseQuota(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._quota.ReleaseQuota(request, **self._config.call_options(timeout))
 
     async def check_quota_batch(
         self, items: Sequence[quota_pb2.CheckQuotaRequest], *, timeout: float | None = None
@@ -372,9 +366,7 @@ class AsyncPagemeterClient:
         """Up to 1,000 checks in one call, answered item by item (build items with
         check_quota_request). Retrying the call is safe for holds with request ids."""
         request = quota_pb2.CheckQuotaBatchRequest(items=list(items))
-        return await self._quota.CheckQuotaBatch(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._quota.CheckQuotaBatch(request, **self._config.call_options(timeout))
 
     async def record_usage_batch(
         self, items: Sequence[quota_pb2.RecordUsageRequest], *, timeout: float | None = None
@@ -382,9 +374,7 @@ class AsyncPagemeterClient:
         """Up to 1,000 records in one call, answered item by item (build items with
         record_usage_request); retrying the call counts nothing twice."""
         request = quota_pb2.RecordUsageBatchRequest(items=list(items))
-        return await self._quota.RecordUsageBatch(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._quota.RecordUsageBatch(request, **self._config.call_options(timeout))
 
     async def get_usage(
         self,
@@ -396,9 +386,7 @@ class AsyncPagemeterClient:
     ) -> quota_pb2.GetUsageResponse:
         """One month's usage (default: the current month in the plan's timezone)."""
         request = get_usage_request(org_id, year=year, month=month)
-        return await self._quota.GetUsage(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._quota.GetUsage(request, **self._config.call_options(timeout))
 
     # AdminService
 
@@ -408,8 +396,7 @@ class AsyncPagemeterClient:
         """Create or replace plan.org_id's whole plan."""
         return await self._admin.SetPlan(
             admin_pb2.SetPlanRequest(plan=plan),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     async def get_plan(
@@ -418,8 +405,7 @@ class AsyncPagemeterClient:
         """Read an organization's plan (NOT_FOUND when it has none)."""
         return await self._admin.GetPlan(
             admin_pb2.GetPlanRequest(org_id=org_id),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     async def grant_credits(
@@ -436,9 +422,7 @@ class AsyncPagemeterClient:
         request = admin_pb2.GrantCreditsRequest(
             org_id=org_id, metric=metric, units=units, grant_id=grant_id, reason=reason
         )
-        return await self._admin.GrantCredits(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._admin.GrantCredits(request, **self._config.call_options(timeout))
 
     async def create_api_key(
         self, org_id: str, name: str = "", *, timeout: float | None = None
@@ -446,8 +430,7 @@ class AsyncPagemeterClient:
         """Make a tenant API key; its `secret` is in this answer only. Never retried."""
         return await self._admin.CreateApiKey(
             admin_pb2.CreateApiKeyRequest(org_id=org_id, name=name),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     async def list_api_keys(
@@ -456,8 +439,7 @@ class AsyncPagemeterClient:
         """An organization's API keys, newest first (ids, names and times; never secrets)."""
         return await self._admin.ListApiKeys(
             admin_pb2.ListApiKeysRequest(org_id=org_id),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     async def revoke_api_key(
@@ -466,8 +448,7 @@ class AsyncPagemeterClient:
         """Revoke an API key: its next call is refused (idempotent)."""
         return await self._admin.RevokeApiKey(
             admin_pb2.RevokeApiKeyRequest(org_id=org_id, key_id=key_id),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     async def adjust_usage(
@@ -492,9 +473,7 @@ class AsyncPagemeterClient:
             year=year,
             month=month,
         )
-        return await self._admin.AdjustUsage(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._admin.AdjustUsage(request, **self._config.call_options(timeout))
 
     async def list_audit_events(
         self,
@@ -508,9 +487,7 @@ class AsyncPagemeterClient:
         request = admin_pb2.ListAuditEventsRequest(
             org_id=org_id, page_size=page_size, page_token=page_token
         )
-        return await self._admin.ListAuditEvents(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._admin.ListAuditEvents(request, **self._config.call_options(timeout))
 
     async def iter_audit_events(
         self, org_id: str, *, page_size: int = 0, timeout: float | None = None
@@ -533,9 +510,7 @@ class AsyncPagemeterClient:
     ) -> reporting_pb2.GetUsageHistoryResponse:
         """The last `months` months (0: the server's 12), newest first, with each month's terms."""
         request = get_usage_history_request(org_id, months=months)
-        return await self._reporting.GetUsageHistory(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._reporting.GetUsageHistory(request, **self._config.call_options(timeout))
 
     async def get_usage_statistics(
         self,
@@ -556,12 +531,12 @@ class AsyncPagemeterClient:
             org_id, period=period, start_date=start_date, end_date=end_date, group_by=group_by
         )
         answer: reporting_pb2.GetUsageStatisticsResponse = await self._reporting.GetUsageStatistics(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+            request, **self._config.call_options(timeout)
         )
         while answer.next_page_token:
             request.page_token = answer.next_page_token
             page = await self._reporting.GetUsageStatistics(
-                request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+                request, **self._config.call_options(timeout)
             )
             answer = joined_statistics(answer, page)
         return answer
@@ -576,9 +551,7 @@ class AsyncPagemeterClient:
     ) -> reporting_pb2.ListUsageRecordsResponse:
         """One page of usage records, newest first; pass next_page_token on for the next."""
         request = list_usage_records_request(org_id, page_size=page_size, page_token=page_token)
-        return await self._reporting.ListUsageRecords(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return await self._reporting.ListUsageRecords(request, **self._config.call_options(timeout))
 
     async def iter_usage_records(
         self, org_id: str = "", *, page_size: int = 0, timeout: float | None = None

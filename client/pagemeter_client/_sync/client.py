@@ -284,9 +284,7 @@ class PagemeterClient:
         request = check_quota_request(
             org_id, units, request_id=request_id, hold=hold, hold_ttl=hold_ttl
         )
-        return self._quota.CheckQuota(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._quota.CheckQuota(request, **self._config.call_options(timeout))
 
     def record_usage(
         self,
@@ -318,9 +316,7 @@ class PagemeterClient:
         )
         if self._outbox is not None:
             return self._record_durably(self._outbox, request, self._config.deadline(timeout))
-        return self._quota.RecordUsage(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._quota.RecordUsage(request, **self._config.call_options(timeout))
 
     def _record_durably(
         self, outbox: Outbox, request: quota_pb2.RecordUsageRequest, deadline: float
@@ -361,9 +357,7 @@ class PagemeterClient:
     ) -> quota_pb2.ReleaseQuotaResponse:
         """Free the hold of a job that will not run (idempotent)."""
         request = quota_pb2.ReleaseQuotaRequest(org_id=org_id, request_id=request_id)
-        return self._quota.ReleaseQuota(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._quota.ReleaseQuota(request, **self._config.call_options(timeout))
 
     def check_quota_batch(
         self, items: Sequence[quota_pb2.CheckQuotaRequest], *, timeout: float | None = None
@@ -371,9 +365,7 @@ class PagemeterClient:
         """Up to 1,000 checks in one call, answered item by item (build items with
         check_quota_request). Retrying the call is safe for holds with request ids."""
         request = quota_pb2.CheckQuotaBatchRequest(items=list(items))
-        return self._quota.CheckQuotaBatch(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._quota.CheckQuotaBatch(request, **self._config.call_options(timeout))
 
     def record_usage_batch(
         self, items: Sequence[quota_pb2.RecordUsageRequest], *, timeout: float | None = None
@@ -381,9 +373,7 @@ class PagemeterClient:
         """Up to 1,000 records in one call, answered item by item (build items with
         record_usage_request); retrying the call counts nothing twice."""
         request = quota_pb2.RecordUsageBatchRequest(items=list(items))
-        return self._quota.RecordUsageBatch(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._quota.RecordUsageBatch(request, **self._config.call_options(timeout))
 
     def get_usage(
         self,
@@ -395,9 +385,7 @@ class PagemeterClient:
     ) -> quota_pb2.GetUsageResponse:
         """One month's usage (default: the current month in the plan's timezone)."""
         request = get_usage_request(org_id, year=year, month=month)
-        return self._quota.GetUsage(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._quota.GetUsage(request, **self._config.call_options(timeout))
 
     # AdminService
 
@@ -407,16 +395,14 @@ class PagemeterClient:
         """Create or replace plan.org_id's whole plan."""
         return self._admin.SetPlan(
             admin_pb2.SetPlanRequest(plan=plan),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     def get_plan(self, org_id: str, *, timeout: float | None = None) -> admin_pb2.GetPlanResponse:
         """Read an organization's plan (NOT_FOUND when it has none)."""
         return self._admin.GetPlan(
             admin_pb2.GetPlanRequest(org_id=org_id),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     def grant_credits(
@@ -433,9 +419,7 @@ class PagemeterClient:
         request = admin_pb2.GrantCreditsRequest(
             org_id=org_id, metric=metric, units=units, grant_id=grant_id, reason=reason
         )
-        return self._admin.GrantCredits(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._admin.GrantCredits(request, **self._config.call_options(timeout))
 
     def create_api_key(
         self, org_id: str, name: str = "", *, timeout: float | None = None
@@ -443,8 +427,7 @@ class PagemeterClient:
         """Make a tenant API key; its `secret` is in this answer only. Never retried."""
         return self._admin.CreateApiKey(
             admin_pb2.CreateApiKeyRequest(org_id=org_id, name=name),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     def list_api_keys(
@@ -453,8 +436,7 @@ class PagemeterClient:
         """An organization's API keys, newest first (ids, names and times; never secrets)."""
         return self._admin.ListApiKeys(
             admin_pb2.ListApiKeysRequest(org_id=org_id),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     def revoke_api_key(
@@ -463,8 +445,7 @@ class PagemeterClient:
         """Revoke an API key: its next call is refused (idempotent)."""
         return self._admin.RevokeApiKey(
             admin_pb2.RevokeApiKeyRequest(org_id=org_id, key_id=key_id),
-            timeout=self._config.deadline(timeout),
-            metadata=self._config.metadata,
+            **self._config.call_options(timeout),
         )
 
     def adjust_usage(
@@ -489,9 +470,7 @@ class PagemeterClient:
             year=year,
             month=month,
         )
-        return self._admin.AdjustUsage(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._admin.AdjustUsage(request, **self._config.call_options(timeout))
 
     def list_audit_events(
         self,
@@ -505,9 +484,7 @@ class PagemeterClient:
         request = admin_pb2.ListAuditEventsRequest(
             org_id=org_id, page_size=page_size, page_token=page_token
         )
-        return self._admin.ListAuditEvents(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._admin.ListAuditEvents(request, **self._config.call_options(timeout))
 
     def iter_audit_events(
         self, org_id: str, *, page_size: int = 0, timeout: float | None = None
@@ -529,9 +506,7 @@ class PagemeterClient:
     ) -> reporting_pb2.GetUsageHistoryResponse:
         """The last `months` months (0: the server's 12), newest first, with each month's terms."""
         request = get_usage_history_request(org_id, months=months)
-        return self._reporting.GetUsageHistory(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._reporting.GetUsageHistory(request, **self._config.call_options(timeout))
 
     def get_usage_statistics(
         self,
@@ -552,13 +527,11 @@ class PagemeterClient:
             org_id, period=period, start_date=start_date, end_date=end_date, group_by=group_by
         )
         answer: reporting_pb2.GetUsageStatisticsResponse = self._reporting.GetUsageStatistics(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
+            request, **self._config.call_options(timeout)
         )
         while answer.next_page_token:
             request.page_token = answer.next_page_token
-            page = self._reporting.GetUsageStatistics(
-                request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-            )
+            page = self._reporting.GetUsageStatistics(request, **self._config.call_options(timeout))
             answer = joined_statistics(answer, page)
         return answer
 
@@ -572,9 +545,7 @@ class PagemeterClient:
     ) -> reporting_pb2.ListUsageRecordsResponse:
         """One page of usage records, newest first; pass next_page_token on for the next."""
         request = list_usage_records_request(org_id, page_size=page_size, page_token=page_token)
-        return self._reporting.ListUsageRecords(
-            request, timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        return self._reporting.ListUsageRecords(request, **self._config.call_options(timeout))
 
     def iter_usage_records(
         self, org_id: str = "", *, page_size: int = 0, timeout: float | None = None
