@@ -980,7 +980,7 @@ class Bench:
         spec = {
             "scenario": "redis_floor",
             "url": self.redis.url,
-            "script": script_text("check.lua"),
+            "script": script_text("check"),
             "keys": keys,
             "args": args,
             "index": 0,
@@ -1007,7 +1007,7 @@ class Bench:
         assert self.redis is not None
         keys, args = self.check_script_call()
         self.redis_client_floor(keys, args)
-        sha = self.redis_client.script_load(script_text("check.lua"))
+        sha = self.redis_client.script_load(script_text("check"))
         reply = self.redis_client.evalsha(sha, len(keys), *keys, *args)
         if reply[0] != "OK" or reply[1] != "1":
             raise RuntimeError(f"check.lua through EVALSHA did not allow: {reply[:2]}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pagemeter.v1 import plan_pb2
+from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain.decisions import CheckCall, RecordCall
 from pagemeter_server.domain.errors import NegativeUnits, RequestIdReused
 from pagemeter_server.domain.plans import plan_to_doc
@@ -20,6 +20,7 @@ from pagemeter_server.store.quota import Store
 from pagemeter_server.store.scripts import SCRIPTS
 from tests.conftest import START_MS, metric_limits
 
+Q = quota_pb2
 NOW = START_MS
 MINUTE = 60_000
 LUA_DIR = Path(__file__).resolve().parent.parent / "server" / "pagemeter_server" / "store" / "lua"
@@ -81,12 +82,12 @@ async def test_exactly_at_quota_is_admitted_and_one_more_is_denied(store: Store)
     """Units that exactly fill the contract quota are admitted; one unit more is QUOTA_EXCEEDED."""
     await set_plan(store, metric_limits("pages", contract_quota=10, overage_allowed=False))
     first = await store.check("acme", CheckCall({"pages": 10}), now_ms=NOW)
-    assert first.allowed and first.metrics[0].reason == 1
+    assert first.allowed and first.metrics[0].reason == Q.DECISION_REASON_WITHIN_QUOTA
     assert first.metrics[0].remaining == 0
     await record(store, "j1", {"pages": 10})
     second = await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)
     assert not second.allowed
-    assert second.metrics[0].reason == 4
+    assert second.metrics[0].reason == Q.DECISION_REASON_QUOTA_EXCEEDED
     assert second.metrics[0].max_admissible == 0
     assert second.metrics[0].committed == 10
 
@@ -98,7 +99,11 @@ async def test_one_over_quota_is_denied_with_the_partial_admission_hint(store: S
     result = await store.check("acme", CheckCall({"pages": 4}), now_ms=NOW)
     assert not result.allowed
     decision = result.metrics[0]
-    assert (decision.reason, decision.max_admissible, decision.remaining) == (4, 3, 3)
+    assert (decision.reason, decision.max_admissible, decision.remaining) == (
+        Q.DECISION_REASON_QUOTA_EXCEEDED,
+        3,
+        3,
+    )
     assert (decision.included, decision.overage) == (3, 1)
 
 
@@ -124,7 +129,7 @@ async def test_overage_allowed_without_hard_limit(store: Store) -> None:
     result = await store.check("acme", CheckCall({"pages": 50}), now_ms=NOW)
     assert result.allowed
     decision = result.metrics[0]
-    assert decision.reason == 3
+    assert decision.reason == Q.DECISION_REASON_OVERAGE
     assert (decision.included, decision.prepaid, decision.overage) == (10, 0, 40)
     assert decision.overage_price == "0.028"
     assert decision.max_admissible is None
@@ -140,7 +145,7 @@ async def test_overage_with_hard_limit_stops_at_the_hard_limit(store: Store) -> 
     assert at_limit.allowed and at_limit.metrics[0].overage == 30
     over = await store.check("acme", CheckCall({"pages": 31}), now_ms=NOW)
     assert not over.allowed
-    assert over.metrics[0].reason == 5
+    assert over.metrics[0].reason == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
     assert over.metrics[0].max_admissible == 30
 
 
@@ -153,7 +158,7 @@ async def test_hard_limit_counts_held_units(store: Store) -> None:
     assert held.held
     result = await store.check("acme", CheckCall({"pages": 5}), now_ms=NOW)
     assert not result.allowed
-    assert result.metrics[0].reason == 5
+    assert result.metrics[0].reason == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
     assert result.metrics[0].held == 6
     assert result.metrics[0].max_admissible == 4
 
@@ -162,7 +167,7 @@ async def test_hard_limit_below_quota_wins(store: Store) -> None:
     """A hard limit lower than the contract quota caps admission even inside the quota."""
     await set_plan(store, metric_limits("pages", contract_quota=100, hard_limit=40))
     result = await store.check("acme", CheckCall({"pages": 41}), now_ms=NOW)
-    assert not result.allowed and result.metrics[0].reason == 5
+    assert not result.allowed and result.metrics[0].reason == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
     assert result.metrics[0].max_admissible == 40
 
 
@@ -179,7 +184,12 @@ async def test_prepaid_credits_are_drawn_after_quota_and_before_overage(store: S
     )
     assert await store.grant_credits("acme", "pages", 5, "g1", "bought", now_ms=NOW) == (5, False)
     decision = (await store.check("acme", CheckCall({"pages": 20}), now_ms=NOW)).metrics[0]
-    assert (decision.included, decision.prepaid, decision.overage, decision.reason) == (10, 5, 5, 3)
+    assert (decision.included, decision.prepaid, decision.overage, decision.reason) == (
+        10,
+        5,
+        5,
+        Q.DECISION_REASON_OVERAGE,
+    )
     result = await record(store, "j1", {"pages": 20})
     row = result.metrics[0]
     assert (row.included, row.prepaid, row.overage, row.committed) == (10, 5, 5, 20)
@@ -193,9 +203,9 @@ async def test_prepaid_without_overage_admits_up_to_the_balance(store: Store) ->
     await set_plan(store, metric_limits("pages", contract_quota=10, overage_allowed=False))
     await store.grant_credits("acme", "pages", 5, "g1", "", now_ms=NOW)
     fits = await store.check("acme", CheckCall({"pages": 15}), now_ms=NOW)
-    assert fits.allowed and fits.metrics[0].reason == 2
+    assert fits.allowed and fits.metrics[0].reason == Q.DECISION_REASON_PREPAID
     too_many = await store.check("acme", CheckCall({"pages": 16}), now_ms=NOW)
-    assert not too_many.allowed and too_many.metrics[0].reason == 4
+    assert not too_many.allowed and too_many.metrics[0].reason == Q.DECISION_REASON_QUOTA_EXCEEDED
     assert too_many.metrics[0].max_admissible == 15
 
 
@@ -280,7 +290,10 @@ async def test_unknown_metric_denies_the_whole_call(store: Store) -> None:
     )
     assert not result.allowed and not result.held
     reasons = {m.metric: m.reason for m in result.metrics}
-    assert reasons == {"pages": 1, "pagez": 8}
+    assert reasons == {
+        "pages": Q.DECISION_REASON_WITHIN_QUOTA,
+        "pagez": Q.DECISION_REASON_UNKNOWN_METRIC,
+    }
     assert (await usage_of(store, "pages"))["held"] == 0
 
 

@@ -30,6 +30,7 @@ from pagemeter_server.domain.validation import (
     require_org_id,
 )
 from pagemeter_server.store.quota import Store
+from pagemeter_server.store.replies import metric_check, metric_record, split_rows
 from pagemeter_server.store.reports import RecordEntry, ReportStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -373,9 +374,7 @@ def _record_metrics(fields: dict[str, str], pending: bool) -> list[reporting_pb2
     A released or expired hold, and a failed job, consumed nothing: their units
     are shown with no split.
 
-    record.lua rows: metric, units, included, prepaid, overage, ...
-    check.lua rows: metric, allowed, reason, requested, ..., included (11),
-    prepaid (12), overage (13), ...
+    The rows are read with the columns declared in store/replies.py.
     """
     if fields.get("st") == "failed" and fields.get("att"):
         # A failed job consumed nothing; its log shows the units it reported.
@@ -384,30 +383,28 @@ def _record_metrics(fields: dict[str, str], pending: bool) -> list[reporting_pb2
             for metric, units, _ in (part.split(":") for part in fields["att"].split(";"))
         ]
     if fields.get("res") is not None and fields.get("st") in ("completed", "failed"):
+        recorded = [metric_record(row) for row in split_rows(fields["res"])]
         return [
             reporting_pb2.RecordMetricUsage(
-                metric=row[0],
-                units=int(row[1]),
-                included_units=int(row[2]),
-                prepaid_units=int(row[3]),
-                overage_units=int(row[4]),
+                metric=m.metric,
+                units=m.units,
+                included_units=m.included,
+                prepaid_units=m.prepaid,
+                overage_units=m.overage,
             )
-            for row in rows(fields["res"])
+            for m in recorded
         ]
+    checked = [metric_check(row) for row in split_rows(fields.get("cres", ""))]
     return [
         reporting_pb2.RecordMetricUsage(
-            metric=row[0],
-            units=int(row[3]),
-            included_units=int(row[11]) if pending else 0,
-            prepaid_units=int(row[12]) if pending else 0,
-            overage_units=int(row[13]) if pending else 0,
+            metric=m.metric,
+            units=m.requested,
+            included_units=m.included if pending else 0,
+            prepaid_units=m.prepaid if pending else 0,
+            overage_units=m.overage if pending else 0,
         )
-        for row in rows(fields.get("cres", ""))
+        for m in checked
     ]
-
-
-def rows(encoded: str) -> list[list[str]]:
-    return [row.split(",") for row in encoded.split(";")] if encoded else []
 
 
 def usage_record(entry: RecordEntry, now_ms: int) -> reporting_pb2.UsageRecord:

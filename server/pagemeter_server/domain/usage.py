@@ -11,13 +11,9 @@ from dataclasses import dataclass
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any
 
+from pagemeter.v1 import quota_pb2
 from pagemeter_server.domain.decisions import MetricCheck, UsageSnapshot
 from pagemeter_server.domain.plans import format_money
-
-# DecisionReason codes shared with check.lua.
-WITHIN_QUOTA, PREPAID, OVERAGE = 1, 2, 3
-QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, RATE_LIMITED, NO_PLAN, UNKNOWN_METRIC = 4, 5, 6, 7, 8
-
 
 # Decimal's default context keeps 28 significant digits, fewer than a unit
 # count (up to 2^53, 16 digits) times a price (up to 21 digits) can have. This
@@ -35,12 +31,16 @@ def call_reason(metrics: list[MetricCheck]) -> int:
     """One reason for a whole CheckQuota call.
 
     Denied: the first denying metric's reason. Allowed: the costliest pool any
-    metric used (within quota < prepaid < overage).
+    metric used (within quota < prepaid < overage: DecisionReason's numbers, which
+    check.lua's REASON_* constants are generated from, rise with the cost).
     """
     for decision in metrics:
         if not decision.allowed:
             return decision.reason
-    return max((decision.reason for decision in metrics), default=WITHIN_QUOTA)
+    return max(
+        (decision.reason for decision in metrics),
+        default=quota_pb2.DECISION_REASON_WITHIN_QUOTA,
+    )
 
 
 def headroom(

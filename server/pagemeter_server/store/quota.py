@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
+from pagemeter.v1 import quota_pb2
 from pagemeter_server.domain.decisions import (
     CheckCall,
     CheckResult,
@@ -54,13 +55,12 @@ from pagemeter_server.store.scripts import (
     PreparedCall,
     ScriptArg,
     ScriptReply,
-    batch_script_text,
     script_text,
 )
 
 DAY_MS = 86_400_000
 # check.lua's reason for a metric that is not in the plan.
-UNKNOWN_METRIC = 8
+UNKNOWN_METRIC = quota_pb2.DECISION_REASON_UNKNOWN_METRIC
 # A record counts in the month of its completion, which ends at most 31 days
 # after the record was made: its counters outlive it by the retention plus that.
 NAMES_GRACE_MS = 31 * DAY_MS
@@ -108,10 +108,9 @@ class Store:
         self.audit_max_events = audit_max_events
         self._coalescer = Coalescer(client) if coalesce else None
         self.scripts: dict[str, AsyncScript] = {
-            name: client.register_script(script_text(f"{name}.lua")) for name in SCRIPTS
+            name: client.register_script(script_text(name))
+            for name in (*SCRIPTS, *(f"{batch}_batch" for batch in BATCH_SCRIPTS))
         }
-        for name in BATCH_SCRIPTS:
-            self.scripts[f"{name}_batch"] = client.register_script(batch_script_text(name))
 
     # -- timezone cache ---------------------------------------------------------
     # The month key depends on the plan's timezone, which lives in Redis. The

@@ -1,6 +1,8 @@
--- Shared helpers, prepended to every pagemeter script when it is loaded
--- (Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
--- and returns nothing.
+-- Shared helpers, put into every pagemeter script by `make scripts`
+-- (store/build_scripts.py writes the scripts Redis runs into lua/built/, since
+-- Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
+-- and returns nothing. The generated declarations follow it in each script: the
+-- REASON_* codes of DecisionReason and the row writers check_row and record_row.
 --
 -- Conventions of all scripts:
 -- * Every key of an organization carries its `{org_id}` hash tag, so a script
@@ -127,13 +129,31 @@ local function purge_expired_holds(holds_key, holddata_key, held_key, now)
   return encode_hold(parts)
 end
 
--- Rows of figures for the server: fields joined by ',', rows by ';'.
-local function encode_rows(rows)
+-- Rows of figures for the server, one per metric, joined by ';': each row is a
+-- table with named fields that `write_row` (check_row or record_row, generated
+-- from the columns declared in store/replies.py) joins by ','.
+local function encode_rows(rows, write_row)
   local out = {}
   for i, row in ipairs(rows) do
-    out[i] = table.concat(row, ',')
+    out[i] = write_row(row)
   end
   return table.concat(out, ';')
+end
+
+-- Rate limit by GCRA (the generic cell rate algorithm): `rate` calls per second
+-- on average, up to `burst` calls at once. `key` holds the theoretical arrival
+-- time (ms), kept about one interval. Returns nil when the call is admitted (and
+-- counted), else the ms to wait before it would be.
+local function gcra(key, now, rate, burst)
+  local interval = 1000 / rate
+  local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return math.ceil(allow_at - now)
+  end
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  return nil
 end
 
 -- The usage bucket of a metric: the month's hash, or the lifetime hash.
