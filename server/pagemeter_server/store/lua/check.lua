@@ -69,7 +69,7 @@ if want_hold then
   if existing[1] then
     local live = existing[1] == 'held' and tonumber(existing[4]) > now
     if live and existing[2] == fingerprint then
-      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.sfp or ''}
+      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.store_failure_policy or ''}
     end
     local status = existing[1]
     if status == 'held' and not live then
@@ -80,7 +80,7 @@ if want_hold then
 end
 
 -- Rate limit (GCRA): one token per call, a burst of `burst` calls.
-local rate = tonumber(plan.rate or 0)
+local rate = tonumber(plan.rate_per_second or 0)
 if rate > 0 then
   local burst = tonumber(plan.burst or 0)
   if burst <= 0 then
@@ -123,14 +123,14 @@ for i, req in ipairs(requests) do
     local balance = int(redis.call('HGET', credits_key, metric))
     local prepaid_available = math.max(0, balance - held_prepaid)
     local used = committed + held
-    local quota, hard = limits.q, limits.h
+    local quota, hard = limits.contract_quota, limits.hard_limit
 
     -- The most units admissible now: the partial-admission hint.
     local cap = nil
     if hard then
       cap = math.max(0, hard - used)
     end
-    if quota and not limits.o then
+    if quota and not limits.overage_allowed then
       local within = math.max(0, quota - used) + prepaid_available
       if cap == nil or within < cap then
         cap = within
@@ -149,7 +149,7 @@ for i, req in ipairs(requests) do
     local reason
     if hard and used + n > hard then
       reason = 5
-    elseif overage > 0 and not limits.o then
+    elseif overage > 0 and not limits.overage_allowed then
       reason = 4
     elseif overage > 0 then
       reason = 3
@@ -167,8 +167,8 @@ for i, req in ipairs(requests) do
     end
     rows[i] = {
       metric, bool01(allowed), fmt(reason), fmt(n), fmt(committed), fmt(held),
-      opt(quota), opt(hard), bool01(limits.o), opt(cap), opt(remaining),
-      fmt(included), fmt(prepaid), fmt(overage), limits.op or '0',
+      opt(quota), opt(hard), bool01(limits.overage_allowed), opt(cap), opt(remaining),
+      fmt(included), fmt(prepaid), fmt(overage), limits.overage_price or '0',
       fmt(prepaid_available), period,
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
@@ -177,7 +177,7 @@ end
 
 local encoded = encode_rows(rows)
 if not (all_allowed and want_hold) then
-  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.sfp or ''}
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.store_failure_policy or ''}
 end
 
 for _, p in ipairs(hold_parts) do
@@ -194,4 +194,4 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
-return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.sfp or ''}
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.store_failure_policy or ''}

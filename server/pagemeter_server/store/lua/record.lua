@@ -110,7 +110,7 @@ end
 local requests = {}
 for i = 1, count do
   local metric, n = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
-  if n < 0 and not (metrics[metric] and metrics[metric].per == 'N') then
+  if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
   requests[i] = {metric, n}
@@ -183,7 +183,7 @@ for i, req in ipairs(requests) do
   local metric, n = req[1], req[2]
   local limits = metrics[metric] or {}
   local bucket, period = bucket_for(limits, month_key, life_key)
-  local quota, hard = limits.q, limits.h
+  local quota, hard = limits.contract_quota, limits.hard_limit
   local included, prepaid, overage, committed = 0, 0, 0, 0
   if not success then
     n = 0
@@ -215,12 +215,12 @@ for i, req in ipairs(requests) do
   end
   local over_quota = quota ~= nil and committed > quota
   local over_hard = hard ~= nil and committed > hard
-  local overage_not_allowed = overage > 0 and not limits.o
+  local overage_not_allowed = overage > 0 and not limits.overage_allowed
   over_limit = over_limit or over_hard or overage_not_allowed
   rows[i] = {
     metric, fmt(n), fmt(included), fmt(prepaid), fmt(overage), fmt(committed),
     opt(quota), opt(hard), bool01(over_quota), bool01(over_hard),
-    bool01(overage_not_allowed), period, limits.op or '0', bool01(metrics[metric] ~= nil),
+    bool01(overage_not_allowed), period, limits.overage_price or '0', bool01(metrics[metric] ~= nil),
   }
 end
 
