@@ -87,6 +87,7 @@ SCRIPTS = (
     "key_create",
     "key_revoke",
     "key_auth",
+    "migrate_plan",
 )
 # Scripts that also run as batches of one organization's calls (see _BATCH_TEMPLATE).
 BATCH_SCRIPTS = ("check", "record")
