@@ -413,9 +413,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             response.subscription.CopyFrom(
                 quota_pb2.Subscription(
                     plan_name=doc["name"],
-                    api_rate_limit=doc["rate"],
-                    processing_priority=doc["prio"],
-                    support_level=doc["support"],
+                    api_rate_limit=doc["rate_per_second"],
+                    processing_priority=doc["processing_priority"],
+                    support_level=doc["support_level"],
                     currency=doc["currency"],
                 )
             )

@@ -22,6 +22,7 @@ from pagemeter_server.domain.decisions import PlanVersion
 from pagemeter_server.domain.errors import BadPageToken
 from pagemeter_server.domain.page_tokens import ANSWER_BUDGET, decode_page_token, encode_page_token
 from pagemeter_server.domain.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
+from pagemeter_server.domain.plans import MetricTerms
 from pagemeter_server.domain.validation import (
     Violations,
     bad_page_token,
@@ -55,7 +56,7 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
     async def _timezone_and_plans(self, org_id: str) -> tuple[ZoneInfo, list[PlanVersion]]:
         """The plan's timezone (or the service default) and the plan log."""
         plan = await self.store.get_plan(org_id)
-        tz_name = (plan.doc.get("tz") if plan else "") or self.store.default_timezone
+        tz_name = (plan.doc["timezone"] if plan else "") or self.store.default_timezone
         versions = await self.reports.plan_versions(org_id) if plan else []
         if plan and not versions:
             # A plan stored before the plan log existed: its terms are all we know.
@@ -218,7 +219,7 @@ def _history_month(
         period_start=timestamp(month.start_ms),
         period_end=timestamp(month.end_ms),
         jobs=job_counts(month_fields),
-        plan_name=figures.plan.doc.get("name", "") if figures.plan else "",
+        plan_name=figures.plan.doc["name"] if figures.plan else "",
         plan_version=figures.plan.version if figures.plan else 0,
     )
     for m in figures.metrics:
@@ -235,16 +236,16 @@ def _history_month(
     return row
 
 
-def _terms(doc: dict[str, Any]) -> reporting_pb2.MonthTerms:
+def _terms(plan_terms: MetricTerms) -> reporting_pb2.MonthTerms:
     terms = reporting_pb2.MonthTerms(
-        overage_allowed=bool(doc.get("o", False)),
-        price_per_unit=doc.get("p", "0"),
-        overage_price_per_unit=doc.get("op", "0"),
+        overage_allowed=plan_terms["overage_allowed"],
+        price_per_unit=plan_terms["price"],
+        overage_price_per_unit=plan_terms["overage_price"],
     )
-    if doc.get("q") is not None:
-        terms.contract_quota = doc["q"]
-    if doc.get("h") is not None:
-        terms.hard_limit = doc["h"]
+    if "contract_quota" in plan_terms:
+        terms.contract_quota = plan_terms["contract_quota"]
+    if "hard_limit" in plan_terms:
+        terms.hard_limit = plan_terms["hard_limit"]
     return terms
 
 

@@ -9,11 +9,10 @@ and reload the script on NOSCRIPT (after a Redis restart, for example).
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -36,9 +35,16 @@ from pagemeter_server.domain.errors import (
     StoreError,
 )
 from pagemeter_server.domain.periods import Month, day_end_ms, local_date, month_at, month_of, zone
+from pagemeter_server.domain.plans import (
+    SCHEMA,
+    PlanDoc,
+    plan_doc_from_json,
+    plan_doc_json,
+    schema_1_json,
+)
 from pagemeter_server.store.coalesce import Coalescer
 from pagemeter_server.store.faults import StoreUnavailable, is_transient
-from pagemeter_server.store.keys import ORGS_KEY, OrgKeys, fingerprint
+from pagemeter_server.store.keys import ORGS_KEY, PLAN_SCHEMA_KEY, OrgKeys, fingerprint
 from pagemeter_server.store.replica_acks import ReplicaAcks
 from pagemeter_server.store.replies import (
     held_units,
@@ -105,6 +111,7 @@ class Store:
         self._policy_cache: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self._month_cache: dict[str, Month] = {}
         self._tz_cache_size = tz_cache_size
+        self._plans_migrated_seen = False
         self.audit_max_events = audit_max_events
         self._coalescer = Coalescer(client) if coalesce else None
         self.scripts: dict[str, AsyncScript] = {
@@ -505,7 +512,7 @@ class Store:
         _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat, gone = (
             reply
         )
-        plan = StoredPlan(json.loads(plan_json), int(version), 0) if plan_json else None
+        plan = StoredPlan(plan_doc_from_json(plan_json), int(version), 0) if plan_json else None
         return UsageSnapshot(
             plan=plan,
             timezone=prepared.timezone,
@@ -521,30 +528,49 @@ class Store:
     # -- plans and credits ------------------------------------------------------
 
     async def set_plan(
-        self, org_id: str, doc: Mapping[str, Any], *, now_ms: int, actor: str = ""
+        self, org_id: str, doc: PlanDoc, *, now_ms: int, actor: str = ""
     ) -> StoredPlan:
         keys = OrgKeys(org_id)
+        migrated = await self._plans_migrated()
         version, _previous = await self.run(
             "set_plan",
             [keys.plan, keys.planlog, keys.planver, keys.audit, keys.unplanned, keys.lifetime],
             [
-                json.dumps(doc, separators=(",", ":")),
+                plan_doc_json(doc) if migrated else schema_1_json(doc),
                 now_ms,
                 now_ms - self.usage_retention_ms,
                 actor,
                 self.audit_max_events,
             ],
         )
-        self._remember_timezone(org_id, str(doc["tz"]))
-        self._remember_policy(org_id, str(doc.get("sfp", "")), doc.get("metrics", {}))
+        self._remember_timezone(org_id, doc["timezone"])
+        self._remember_policy(org_id, doc["store_failure_policy"], doc["metrics"])
         await self.client.zadd(ORGS_KEY, {org_id: 0})
-        return StoredPlan(dict(doc), int(version), now_ms)
+        return StoredPlan(doc, int(version), now_ms)
+
+    async def _plans_migrated(self) -> bool:
+        """Whether plans are written in the current schema (else in schema 1).
+
+        Schema 1 until the deployment's plans were migrated, because a server of
+        an earlier release may still be running and reads only that
+        (store/plan_migration.py). Once seen, the marker is not read again. Schema
+        1 is the safe answer when the marker cannot be read: every server reads it.
+        """
+        if not self._plans_migrated_seen and self.available([PLAN_SCHEMA_KEY]):
+            try:
+                marker = await self.client.get(PLAN_SCHEMA_KEY)
+            except redis.exceptions.RedisError:
+                return False
+            self._plans_migrated_seen = marker == str(SCHEMA)
+        return self._plans_migrated_seen
 
     async def get_plan(self, org_id: str) -> StoredPlan | None:
         raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).plan))
         if "json" not in raw:
             return None
-        return StoredPlan(json.loads(raw["json"]), int(raw["version"]), int(raw["updated_ms"]))
+        return StoredPlan(
+            plan_doc_from_json(raw["json"]), int(raw["version"]), int(raw["updated_ms"])
+        )
 
     async def grant_credits(
         self,

@@ -38,6 +38,7 @@ SCRIPTS = (
     "key_create",
     "key_revoke",
     "key_auth",
+    "migrate_plan",
 )
 # Scripts that also run as batches of one organization's calls, as <name>_batch
 # (see build_scripts.py).

@@ -70,7 +70,7 @@ if want_hold then
   if existing[1] then
     local live = existing[1] == 'held' and tonumber(existing[4]) > now
     if live and existing[2] == fingerprint then
-      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.sfp or ''}
+      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.store_failure_policy or ''}
     end
     local status = existing[1]
     if status == 'held' and not live then
@@ -81,7 +81,7 @@ if want_hold then
 end
 
 -- Rate limit (GCRA): one token per call, a burst of `burst` calls.
-local rate = tonumber(plan.rate or 0)
+local rate = tonumber(plan.rate_per_second or 0)
 if rate > 0 then
   local burst = tonumber(plan.burst or 0)
   -- The plan's burst; unset (0) means one second's worth of calls.
@@ -120,14 +120,14 @@ for i, req in ipairs(requests) do
     local balance = int(redis.call('HGET', credits_key, metric))
     local prepaid_available = math.max(0, balance - held_prepaid)
     local used = committed + held
-    local quota, hard = limits.q, limits.h
+    local quota, hard = limits.contract_quota, limits.hard_limit
 
     -- The most units admissible now: the partial-admission hint.
     local cap = nil
     if hard then
       cap = math.max(0, hard - used)
     end
-    if quota and not limits.o then
+    if quota and not limits.overage_allowed then
       local within = math.max(0, quota - used) + prepaid_available
       if cap == nil or within < cap then
         cap = within
@@ -146,7 +146,7 @@ for i, req in ipairs(requests) do
     local reason
     if hard and used + n > hard then
       reason = REASON_HARD_LIMIT_EXCEEDED
-    elseif overage > 0 and not limits.o then
+    elseif overage > 0 and not limits.overage_allowed then
       reason = REASON_QUOTA_EXCEEDED
     elseif overage > 0 then
       reason = REASON_OVERAGE
@@ -165,9 +165,9 @@ for i, req in ipairs(requests) do
     rows[i] = {
       metric = metric, allowed = allowed, reason = reason, requested = n,
       committed = committed, held = held, contract_quota = quota, hard_limit = hard,
-      overage_allowed = limits.o, max_admissible = cap, remaining = remaining,
+      overage_allowed = limits.overage_allowed, max_admissible = cap, remaining = remaining,
       included = included, prepaid = prepaid, overage = overage,
-      overage_price = limits.op or '0', prepaid_available = prepaid_available,
+      overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
       lifetime = period == 'N',
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
@@ -176,7 +176,7 @@ end
 
 local encoded = encode_rows(rows, check_row)
 if not (all_allowed and want_hold) then
-  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.sfp or ''}
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.store_failure_policy or ''}
 end
 
 for _, p in ipairs(hold_parts) do
@@ -193,4 +193,4 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
-return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.sfp or ''}
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.store_failure_policy or ''}

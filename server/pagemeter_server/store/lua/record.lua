@@ -111,7 +111,7 @@ end
 local requests = {}
 for i = 1, count do
   local metric, n = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
-  if n < 0 and not (metrics[metric] and metrics[metric].per == 'N') then
+  if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
   requests[i] = {metric, n}
@@ -184,7 +184,7 @@ for i, req in ipairs(requests) do
   local metric, n = req[1], req[2]
   local limits = metrics[metric] or {}
   local bucket, period = bucket_for(limits, month_key, life_key)
-  local quota, hard = limits.q, limits.h
+  local quota, hard = limits.contract_quota, limits.hard_limit
   local included, prepaid, overage, committed = 0, 0, 0, 0
   if not success then
     n = 0
@@ -216,14 +216,14 @@ for i, req in ipairs(requests) do
   end
   local over_quota = quota ~= nil and committed > quota
   local over_hard = hard ~= nil and committed > hard
-  local overage_not_allowed = overage > 0 and not limits.o
+  local overage_not_allowed = overage > 0 and not limits.overage_allowed
   over_limit = over_limit or over_hard or overage_not_allowed
   rows[i] = {
     metric = metric, units = n, included = included, prepaid = prepaid, overage = overage,
     committed = committed, contract_quota = quota, hard_limit = hard,
     over_contract_quota = over_quota, over_hard_limit = over_hard,
     overage_not_allowed = overage_not_allowed, lifetime = period == 'N',
-    overage_price = limits.op or '0', planned = metrics[metric] ~= nil,
+    overage_price = limits.overage_price or '0', planned = metrics[metric] ~= nil,
   }
 end
 

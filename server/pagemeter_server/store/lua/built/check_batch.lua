@@ -56,20 +56,46 @@ local function bool01(b)
   return '0'
 end
 
+-- A stored plan document (domain/plans.py, PlanDoc), read into its schema 2
+-- names: timezone, rate_per_second, burst, store_failure_policy, metrics (each
+-- with period 'monthly' | 'none', contract_quota, hard_limit, overage_allowed,
+-- price, overage_price; a missing limit is nil). A document of schema 1 (terse
+-- keys, no schema key), written until the deployment's plans are migrated, is
+-- read into the same names, with the defaults its readers assumed.
+local function plan_doc(raw)
+  local doc = cjson.decode(raw)
+  if doc.schema == 2 then
+    return doc
+  end
+  local metrics = {}
+  for metric, t in pairs(doc.metrics) do
+    metrics[metric] = {
+      period = (t.per == 'N') and 'none' or 'monthly',
+      contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
+      price = t.p, overage_price = t.op,
+    }
+  end
+  return {
+    schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
+    burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
+    currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+  }
+end
+
 -- Plan: a hash {json, version, updated_ms}; json is written only by the server.
 local function load_plan(plan_key)
   local raw = redis.call('HGET', plan_key, 'json')
   if not raw then
     return nil
   end
-  return cjson.decode(raw)
+  return plan_doc(raw)
 end
 
 -- The timezone the scripts must agree on with the server: the plan's, or the
 -- service default when the organization has no plan.
 local function plan_timezone(plan, default_tz)
-  if plan and plan.tz and plan.tz ~= '' then
-    return plan.tz
+  if plan and plan.timezone and plan.timezone ~= '' then
+    return plan.timezone
   end
   return default_tz
 end
@@ -175,7 +201,7 @@ end
 
 -- The usage bucket of a metric: the month's hash, or the lifetime hash.
 local function bucket_for(limits, month_key, life_key)
-  if limits and limits.per == 'N' then
+  if limits and limits.period == 'none' then
     return life_key, 'N'
   end
   return month_key, 'M'
@@ -299,7 +325,7 @@ if want_hold then
   if existing[1] then
     local live = existing[1] == 'held' and tonumber(existing[4]) > now
     if live and existing[2] == fingerprint then
-      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.sfp or ''}
+      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.store_failure_policy or ''}
     end
     local status = existing[1]
     if status == 'held' and not live then
@@ -310,7 +336,7 @@ if want_hold then
 end
 
 -- Rate limit (GCRA): one token per call, a burst of `burst` calls.
-local rate = tonumber(plan.rate or 0)
+local rate = tonumber(plan.rate_per_second or 0)
 if rate > 0 then
   local burst = tonumber(plan.burst or 0)
   -- The plan's burst; unset (0) means one second's worth of calls.
@@ -349,14 +375,14 @@ for i, req in ipairs(requests) do
     local balance = int(redis.call('HGET', credits_key, metric))
     local prepaid_available = math.max(0, balance - held_prepaid)
     local used = committed + held
-    local quota, hard = limits.q, limits.h
+    local quota, hard = limits.contract_quota, limits.hard_limit
 
     -- The most units admissible now: the partial-admission hint.
     local cap = nil
     if hard then
       cap = math.max(0, hard - used)
     end
-    if quota and not limits.o then
+    if quota and not limits.overage_allowed then
       local within = math.max(0, quota - used) + prepaid_available
       if cap == nil or within < cap then
         cap = within
@@ -375,7 +401,7 @@ for i, req in ipairs(requests) do
     local reason
     if hard and used + n > hard then
       reason = REASON_HARD_LIMIT_EXCEEDED
-    elseif overage > 0 and not limits.o then
+    elseif overage > 0 and not limits.overage_allowed then
       reason = REASON_QUOTA_EXCEEDED
     elseif overage > 0 then
       reason = REASON_OVERAGE
@@ -394,9 +420,9 @@ for i, req in ipairs(requests) do
     rows[i] = {
       metric = metric, allowed = allowed, reason = reason, requested = n,
       committed = committed, held = held, contract_quota = quota, hard_limit = hard,
-      overage_allowed = limits.o, max_admissible = cap, remaining = remaining,
+      overage_allowed = limits.overage_allowed, max_admissible = cap, remaining = remaining,
       included = included, prepaid = prepaid, overage = overage,
-      overage_price = limits.op or '0', prepaid_available = prepaid_available,
+      overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
       lifetime = period == 'N',
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
@@ -405,7 +431,7 @@ end
 
 local encoded = encode_rows(rows, check_row)
 if not (all_allowed and want_hold) then
-  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.sfp or ''}
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.store_failure_policy or ''}
 end
 
 for _, p in ipairs(hold_parts) do
@@ -422,7 +448,7 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
-return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.sfp or ''}
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.store_failure_policy or ''}
 
 end
 

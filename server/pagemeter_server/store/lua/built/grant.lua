@@ -63,20 +63,46 @@ local function bool01(b)
   return '0'
 end
 
+-- A stored plan document (domain/plans.py, PlanDoc), read into its schema 2
+-- names: timezone, rate_per_second, burst, store_failure_policy, metrics (each
+-- with period 'monthly' | 'none', contract_quota, hard_limit, overage_allowed,
+-- price, overage_price; a missing limit is nil). A document of schema 1 (terse
+-- keys, no schema key), written until the deployment's plans are migrated, is
+-- read into the same names, with the defaults its readers assumed.
+local function plan_doc(raw)
+  local doc = cjson.decode(raw)
+  if doc.schema == 2 then
+    return doc
+  end
+  local metrics = {}
+  for metric, t in pairs(doc.metrics) do
+    metrics[metric] = {
+      period = (t.per == 'N') and 'none' or 'monthly',
+      contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
+      price = t.p, overage_price = t.op,
+    }
+  end
+  return {
+    schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
+    burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
+    currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+  }
+end
+
 -- Plan: a hash {json, version, updated_ms}; json is written only by the server.
 local function load_plan(plan_key)
   local raw = redis.call('HGET', plan_key, 'json')
   if not raw then
     return nil
   end
-  return cjson.decode(raw)
+  return plan_doc(raw)
 end
 
 -- The timezone the scripts must agree on with the server: the plan's, or the
 -- service default when the organization has no plan.
 local function plan_timezone(plan, default_tz)
-  if plan and plan.tz and plan.tz ~= '' then
-    return plan.tz
+  if plan and plan.timezone and plan.timezone ~= '' then
+    return plan.timezone
   end
   return default_tz
 end
@@ -182,7 +208,7 @@ end
 
 -- The usage bucket of a metric: the month's hash, or the lifetime hash.
 local function bucket_for(limits, month_key, life_key)
-  if limits and limits.per == 'N' then
+  if limits and limits.period == 'none' then
     return life_key, 'N'
   end
   return month_key, 'M'
