@@ -537,7 +537,13 @@ def _parse_bool(text: str) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pagemeter-server", description="pagemeter quota enforcement service"
+        prog="pagemeter-server",
+        description="pagemeter quota enforcement service",
+        epilog=(
+            "pagemeter-server migrate-plans [flags] rewrites the stored plans as plan "
+            "documents of schema 2, once no server of an earlier release uses the store "
+            "(docs/operations.md, upgrading)"
+        ),
     )
     for option in SETTING_OPTIONS:
         help_text = f"{option.help} (env {option.env})"
