@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import pytest
 import redis
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc
@@ -80,9 +81,11 @@ def test_migrate_plans_command_without_a_store_exits_1_with_a_reason(tmp_path: P
     assert "Traceback" not in result.stderr
 
 
-def test_server_on_its_embedded_store_migrates_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_server_on_its_embedded_store_migrates_at_start(tmp_path: Path, workers: int) -> None:
     """A server that starts its own embedded store (no other server can share it)
-    migrates the plans an earlier release left in its data dir, then serves them."""
+    migrates the plans an earlier release left in its data dir, then serves them;
+    with --workers the supervisor, which owns the store, migrates before the workers start."""
     data = tmp_path / "data"
     earlier = RedisProcess(data)
     earlier.start()
@@ -91,7 +94,10 @@ def test_server_on_its_embedded_store_migrates_at_start(tmp_path: Path) -> None:
     client.close()
     earlier.stop()
 
-    server = ServerProcess(["--data-dir", str(data), "--dev-open-access"], tmp_path / "s.log")
+    server = ServerProcess(
+        ["--data-dir", str(data), "--dev-open-access", "--workers", str(workers)],
+        tmp_path / "s.log",
+    )
     server.start()
     try:
         server.wait_until_serving()

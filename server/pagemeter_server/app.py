@@ -62,7 +62,7 @@ from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store.admin import AdminStore
 from pagemeter_server.store.connections import close_redis, connect_redis
-from pagemeter_server.store.plan_migration import PlanMigration, migrate_plans, plans_migrated
+from pagemeter_server.store.plan_migration import migrate_plans, plans_migrated, summary
 from pagemeter_server.store.quota import Store
 from pagemeter_server.store.replica_acks import ReplicaAcks
 from pagemeter_server.store.reports import ReportStore
@@ -285,7 +285,7 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         refuse_volatile_store(parts.reporter, settings)
         if owns_its_store(settings) and not await plans_migrated(client):
             # No server of an earlier release can share this store: migrate now.
-            report_migration(await migrate_plans(client))
+            log.info(summary(await migrate_plans(client)))
         await server.start()
         phase.now = "serving"
         log.info(
@@ -311,21 +311,9 @@ def owns_its_store(settings: Settings) -> bool:
     return not settings.redis_url and settings.redis_mode == "single"
 
 
-def report_migration(result: PlanMigration) -> None:
-    log.info(
-        "stored plans migrated to the plan document of schema 2: %d organizations, "
-        "%d documents rewritten%s",
-        result.organizations,
-        result.documents,
-        f", {result.left} left in schema 1 (their plans kept changing; run it again)"
-        if result.left
-        else "",
-    )
-
-
 async def migrate_stored_plans(settings: Settings) -> None:
     async with redis_for(settings) as client:
-        report_migration(await migrate_plans(client))
+        log.info(summary(await migrate_plans(client)))
 
 
 def migrate_plans_main(argv: Sequence[str]) -> int:

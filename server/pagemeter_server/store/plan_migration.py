@@ -47,6 +47,31 @@ class PlanMigration:
     left: int  # organizations left in schema 1 because their plans kept changing
 
 
+def summary(result: PlanMigration) -> str:
+    """One log line for a migration's result."""
+    left = (
+        f", {result.left} left in schema 1 (their plans kept changing; run it again)"
+        if result.left
+        else ""
+    )
+    return (
+        "stored plans migrated to the plan document of schema 2: "
+        f"{result.organizations} organizations, {result.documents} documents rewritten{left}"
+    )
+
+
+async def migrate_plans_at(url: str) -> PlanMigration | None:
+    """The migration on the single Redis at `url` (a store this process owns);
+    None when the store was migrated before."""
+    client = aioredis.from_url(url, decode_responses=True)
+    try:
+        if await plans_migrated(client):
+            return None
+        return await migrate_plans(client)
+    finally:
+        await client.aclose()
+
+
 async def plans_migrated(client: aioredis.Redis) -> bool:
     return bool(await client.get(PLAN_SCHEMA_KEY) == str(SCHEMA))
 
