@@ -16,7 +16,7 @@ BENCH_TOOLS_DIR := $(TOOLS)/bench
 H2LOAD := $(BENCH_TOOLS_DIR)/usr/bin/h2load
 BENCH_DEBS := nghttp2-client libnghttp2-14 libev4 libjemalloc2 redis-tools liblzf1
 
-.PHONY: install run test test-fast lint proto proto-check tools bench clean
+.PHONY: install run test test-fast lint proto proto-check scripts tools bench clean unasync
 
 install: $(STAMP)
 
@@ -36,14 +36,27 @@ proto: $(STAMP)
 		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(GEN_DIR) \
 		$(PROTO_SRC)
 
+## scripts: write the Lua scripts Redis runs into server/pagemeter_server/store/lua/built
+## from their sources (lua/*.lua, the DecisionReason enum, the row columns of store/replies.py)
+scripts: $(STAMP)
+	$(BIN)/python -m pagemeter_server.store.build_scripts
+
 ## run: serve on 127.0.0.1:50051 (metrics on 127.0.0.1:9464) with the embedded store
 run: $(STAMP)
 	$(BIN)/pagemeter-server --dev-open-access
 
+## unasync: regenerate the blocking client (client/pagemeter_client/_sync) from _async
+unasync: $(STAMP)
+	$(BIN)/python tools/unasync.py
+
 ## lint: buf lint on the contract, ruff and mypy --strict on the code (server, client, tests,
-## bench, tools), the layers' import direction
+## bench, tools), the layers' import direction, and the generated code checked for drift:
+## the built Lua scripts against `make scripts`, the blocking client against what its async
+## source generates
 lint: $(STAMP)
 	$(BIN)/buf lint
+	$(BIN)/python -m pagemeter_server.store.build_scripts --check
+	$(BIN)/python tools/unasync.py --check
 	$(BIN)/ruff check server client tests bench tools
 	$(BIN)/ruff format --check server client tests bench tools
 	$(BIN)/mypy

@@ -79,6 +79,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter_server.domain.decisions import CheckCall
 from pagemeter_server.ops.embedded import RedisProcess, free_port, server_version
 from pagemeter_server.store.scripts import script_text
 
@@ -904,9 +905,8 @@ class Bench:
                 store.run = recording  # type: ignore[method-assign]
                 result = await store.check(
                     ORG,
-                    CHECK_UNITS,
+                    CheckCall(CHECK_UNITS, hold_ttl_ms=round(settings.hold_ttl_seconds * 1000)),
                     now_ms=int(time.time() * 1000),
-                    hold_ttl_ms=round(settings.hold_ttl_seconds * 1000),
                 )
                 if not result.allowed:
                     raise RuntimeError("Store.check did not allow the benchmark's units")
@@ -928,7 +928,7 @@ class Bench:
         spec = {
             "scenario": "redis_floor",
             "url": self.redis.url,
-            "script": script_text("check.lua"),
+            "script": script_text("check"),
             "keys": keys,
             "args": args,
             "index": 0,
@@ -955,7 +955,7 @@ class Bench:
         assert self.redis is not None
         keys, args = self.check_script_call()
         self.redis_client_floor(keys, args)
-        sha = self.redis_client.script_load(script_text("check.lua"))
+        sha = self.redis_client.script_load(script_text("check"))
         reply = self.redis_client.evalsha(sha, len(keys), *keys, *args)
         if reply[0] != "OK" or reply[1] != "1":
             raise RuntimeError(f"check.lua through EVALSHA did not allow: {reply[:2]}")

@@ -49,6 +49,7 @@ from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
 from pagemeter_server.store.quota import Store
+from tests.client_flavours import FLAVOURS, Connect, connector
 from tests.system.cluster_topology import Cluster
 
 TESTS = Path(__file__).resolve().parent
@@ -286,6 +287,14 @@ async def pagemeter_server(
     """A real pagemeter gRPC server on 127.0.0.1:<free port>, on a flushed Redis."""
     async with serving(settings, redis_client, clock, registry) as running:
         yield running
+
+
+@pytest.fixture(params=FLAVOURS)
+def connect(request: pytest.FixtureRequest) -> Connect:
+    """`connect(target, **options)`: an AsyncPagemeterClient, then a PagemeterClient
+    behind the same async methods (tests/client_flavours.py)."""
+    flavour = request.param
+    return connector(flavour)
 
 
 def metric_limits(metric: str, **fields: object) -> plan_pb2.MetricLimits:

@@ -29,6 +29,7 @@ from pagemeter_server.api.auth import Credentials, Role
 from pagemeter_server.app import create_server
 from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.settings import Settings
+from tests.client_flavours import Connect
 from tests.conftest import eagle_plan
 from tests.test_client_sdk import CuttingProxy
 
@@ -153,8 +154,9 @@ async def mtls_target(
         yield target
 
 
-async def failure(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
+async def failure(call: Any) -> Any:
+    """The error a call fails with: a grpc.RpcError that is also a grpc.Call (.code())."""
+    with pytest.raises(grpc.RpcError) as caught:
         await call
     return caught.value
 
@@ -167,9 +169,11 @@ def error_text(error: grpc.RpcError) -> str:
 # -- TLS and mutual TLS -----------------------------------------------------------------------
 
 
-async def test_tls_with_the_ca_connects_and_carries_the_token(tls_target: str, pki: Pki) -> None:
+async def test_tls_with_the_ca_connects_and_carries_the_token(
+    connect: Connect, tls_target: str, pki: Pki
+) -> None:
     """With tls=True and the server's CA, both clients connect over TLS and their token is accepted."""
-    async with AsyncPagemeterClient(
+    async with connect(
         tls_target, token=ADMIN_TOKEN, tls=True, root_certificates=pki.ca_pem
     ) as client:
         stored = await client.set_plan(eagle_plan())
@@ -189,22 +193,22 @@ async def test_tls_with_the_ca_connects_and_carries_the_token(tls_target: str, p
     assert (await asyncio.to_thread(blocking)).org_id == "acme"
 
 
-async def test_plaintext_client_cannot_talk_to_a_tls_server(tls_target: str) -> None:
+async def test_plaintext_client_cannot_talk_to_a_tls_server(
+    connect: Connect, tls_target: str
+) -> None:
     """A client without TLS gets no answer from a TLS server: the call fails UNAVAILABLE."""
-    async with AsyncPagemeterClient(
-        tls_target, token=ADMIN_TOKEN, max_attempts=1, timeout=3
-    ) as client:
+    async with connect(tls_target, token=ADMIN_TOKEN, max_attempts=1, timeout=3) as client:
         error = await failure(client.get_usage("acme"))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_tls_client_refuses_a_server_it_cannot_verify(
-    tls_target: str, tmp_path: Path
+    connect: Connect, tls_target: str, tmp_path: Path
 ) -> None:
     """With the system's roots or another CA, the server's certificate is not trusted and nothing is sent."""
     stranger = make_pki(tmp_path / "stranger")
     for roots in (None, stranger.ca_pem):
-        async with AsyncPagemeterClient(
+        async with connect(
             tls_target,
             token=ADMIN_TOKEN,
             tls=True,
@@ -216,9 +220,11 @@ async def test_tls_client_refuses_a_server_it_cannot_verify(
         assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_plaintext_server_refuses_a_tls_client(plain_target: str, pki: Pki) -> None:
+async def test_plaintext_server_refuses_a_tls_client(
+    connect: Connect, plain_target: str, pki: Pki
+) -> None:
     """A TLS client cannot talk to a plaintext server: UNAVAILABLE, nothing downgraded."""
-    async with AsyncPagemeterClient(
+    async with connect(
         plain_target,
         token=ADMIN_TOKEN,
         tls=True,
@@ -231,12 +237,16 @@ async def test_plaintext_server_refuses_a_tls_client(plain_target: str, pki: Pki
 
 
 async def test_tls_server_name_overrides_the_name_checked(
-    settings: Settings, redis_client: aioredis.Redis, clock: ManualClock, tmp_path: Path
+    connect: Connect,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    clock: ManualClock,
+    tmp_path: Path,
 ) -> None:
     """A certificate issued only to pagemeter.test is accepted at 127.0.0.1 with tls_server_name, refused without."""
     named = make_pki(tmp_path / "named", "pagemeter.test")
     async with secured_server(settings.redis_url, redis_client, clock, pki=named) as target:
-        async with AsyncPagemeterClient(
+        async with connect(
             target,
             token=ADMIN_TOKEN,
             tls=True,
@@ -244,7 +254,7 @@ async def test_tls_server_name_overrides_the_name_checked(
             tls_server_name="pagemeter.test",
         ) as client:
             assert (await client.get_usage("acme")).org_id == "acme"
-        async with AsyncPagemeterClient(
+        async with connect(
             target,
             token=ADMIN_TOKEN,
             tls=True,
@@ -257,12 +267,12 @@ async def test_tls_server_name_overrides_the_name_checked(
 
 
 async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
-    mtls_target: str, pki: Pki, tmp_path: Path
+    connect: Connect, mtls_target: str, pki: Pki, tmp_path: Path
 ) -> None:
     """With mutual TLS a client without a certificate, or with one from another CA, fails; one from the CA succeeds."""
     stranger = make_pki(tmp_path / "stranger")
     for cert, key in ((None, None), (stranger.client_cert_pem, stranger.client_key_pem)):
-        async with AsyncPagemeterClient(
+        async with connect(
             mtls_target,
             token=ADMIN_TOKEN,
             tls=True,
@@ -274,7 +284,7 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
         ) as client:
             error = await failure(client.get_usage("acme"))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
-    async with AsyncPagemeterClient(
+    async with connect(
         mtls_target,
         token=ADMIN_TOKEN,
         tls=True,
@@ -285,9 +295,11 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
         assert (await client.get_usage("acme")).org_id == "acme"
 
 
-async def test_mutual_tls_still_needs_the_token(mtls_target: str, pki: Pki) -> None:
+async def test_mutual_tls_still_needs_the_token(
+    connect: Connect, mtls_target: str, pki: Pki
+) -> None:
     """A client certificate from the CA is not a credential: without a token the call is UNAUTHENTICATED."""
-    async with AsyncPagemeterClient(
+    async with connect(
         mtls_target,
         tls=True,
         root_certificates=pki.ca_pem,
@@ -302,10 +314,10 @@ async def test_mutual_tls_still_needs_the_token(mtls_target: str, pki: Pki) -> N
 
 
 async def test_wrong_or_missing_token_is_unauthenticated_and_never_echoed(
-    tls_target: str, pki: Pki
+    connect: Connect, tls_target: str, pki: Pki
 ) -> None:
     """A wrong token fails UNAUTHENTICATED (INVALID_API_KEY), no token UNAUTHENTICATED (UNAUTHORIZED), and the error never shows the token."""
-    async with AsyncPagemeterClient(
+    async with connect(
         tls_target, token=WRONG_TOKEN, tls=True, root_certificates=pki.ca_pem
     ) as client:
         error = await failure(client.get_usage("acme"))
@@ -315,7 +327,7 @@ async def test_wrong_or_missing_token_is_unauthenticated_and_never_echoed(
     assert [info.reason for info in details.error_infos] == ["INVALID_API_KEY"]
     assert WRONG_TOKEN not in error_text(error)
 
-    async with AsyncPagemeterClient(tls_target, tls=True, root_certificates=pki.ca_pem) as client:
+    async with connect(tls_target, tls=True, root_certificates=pki.ca_pem) as client:
         missing = await failure(client.get_usage("acme"))
     assert [i.reason for i in error_details(missing).error_infos] == ["UNAUTHORIZED"]
 
@@ -334,11 +346,13 @@ async def test_wrong_or_missing_token_is_unauthenticated_and_never_echoed(
     assert WRONG_TOKEN not in error_text(sync_error)
 
 
-async def test_service_token_may_record_but_not_administer(plain_target: str) -> None:
+async def test_service_token_may_record_but_not_administer(
+    connect: Connect, plain_target: str
+) -> None:
     """A service token records usage; an admin call with it is PERMISSION_DENIED."""
-    async with AsyncPagemeterClient(plain_target, token=ADMIN_TOKEN) as admin:
+    async with connect(plain_target, token=ADMIN_TOKEN) as admin:
         await admin.set_plan(eagle_plan())
-    async with AsyncPagemeterClient(plain_target, token=SERVICE_TOKEN) as worker:
+    async with connect(plain_target, token=SERVICE_TOKEN) as worker:
         recorded = await worker.record_usage("acme", "job-1", {"pages": 3})
         assert {m.metric: m.committed for m in recorded.metrics}["pages"] == 3
         error = await failure(worker.set_plan(eagle_plan()))
@@ -396,20 +410,22 @@ def test_bad_options_are_refused_before_connecting(options: dict[str, Any], mess
 # -- tenant keys --------------------------------------------------------------------------------
 
 
-async def test_tenant_key_reads_its_own_org_with_an_empty_org_id(tls_target: str, pki: Pki) -> None:
+async def test_tenant_key_reads_its_own_org_with_an_empty_org_id(
+    connect: Connect, tls_target: str, pki: Pki
+) -> None:
     """A tenant key reads usage, history, statistics and records of its own org with org_id "" (the default); naming an org or writing is PERMISSION_DENIED."""
     tls = {"tls": True, "root_certificates": pki.ca_pem}
-    async with AsyncPagemeterClient(tls_target, token=ADMIN_TOKEN, **tls) as admin:
+    async with connect(tls_target, token=ADMIN_TOKEN, **tls) as admin:
         await admin.set_plan(eagle_plan())
         await admin.set_plan(eagle_plan(org_id="globex"))
         key = await admin.create_api_key("acme", "billing page")
-    async with AsyncPagemeterClient(tls_target, token=SERVICE_TOKEN, **tls) as worker:
+    async with connect(tls_target, token=SERVICE_TOKEN, **tls) as worker:
         for i in range(3):
             await worker.record_usage("acme", f"job-{i}", {"pages": 5}, document_type="invoice")
         await worker.record_usage("globex", "job-x", {"pages": 50})
     assert key.secret.startswith("pmk_")
 
-    async with AsyncPagemeterClient(tls_target, token=key.secret, **tls) as tenant:
+    async with connect(tls_target, token=key.secret, **tls) as tenant:
         usage = await tenant.get_usage()
         assert usage.org_id == "acme"
         assert {m.metric: m.committed for m in usage.metrics}["pages"] == 15
@@ -441,15 +457,15 @@ async def test_tenant_key_reads_its_own_org_with_an_empty_org_id(tls_target: str
 
 
 async def test_read_flood_is_resource_exhausted_with_retry_after(
-    settings: Settings, redis_client: aioredis.Redis, clock: ManualClock
+    connect: Connect, settings: Settings, redis_client: aioredis.Redis, clock: ManualClock
 ) -> None:
     """A tenant key over its read limit fails RESOURCE_EXHAUSTED, and error_details gives the RetryInfo delay."""
     async with secured_server(
         settings.redis_url, redis_client, clock, read_rate_limit=1, read_burst=1
     ) as target:
-        async with AsyncPagemeterClient(target, token=ADMIN_TOKEN) as admin:
+        async with connect(target, token=ADMIN_TOKEN) as admin:
             key = await admin.create_api_key("acme")
-        async with AsyncPagemeterClient(target, token=key.secret) as tenant:
+        async with connect(target, token=key.secret) as tenant:
             await tenant.get_usage()
             error = await failure(tenant.get_usage())
     details = error_details(error)
@@ -461,9 +477,9 @@ async def test_read_flood_is_resource_exhausted_with_retry_after(
 # -- the new admin methods ------------------------------------------------------------------------
 
 
-async def test_api_keys_are_created_listed_and_revoked(plain_target: str) -> None:
+async def test_api_keys_are_created_listed_and_revoked(connect: Connect, plain_target: str) -> None:
     """create_api_key returns the secret once, list_api_keys shows ids only, revoke_api_key stops the key at its next call."""
-    async with AsyncPagemeterClient(plain_target, token=ADMIN_TOKEN) as admin:
+    async with connect(plain_target, token=ADMIN_TOKEN) as admin:
         await admin.set_plan(eagle_plan())
         first = await admin.create_api_key("acme", "billing page")
         second = await admin.create_api_key("acme")
@@ -471,7 +487,7 @@ async def test_api_keys_are_created_listed_and_revoked(plain_target: str) -> Non
         listing = await admin.list_api_keys("acme")
         assert {k.key_id for k in listing.keys} == {first.key.key_id, second.key.key_id}
         assert first.secret.encode() not in listing.SerializeToString()
-        async with AsyncPagemeterClient(plain_target, token=first.secret) as tenant:
+        async with connect(plain_target, token=first.secret) as tenant:
             await tenant.get_usage()
             revoked = await admin.revoke_api_key("acme", first.key.key_id)
             assert revoked.key.revoked and not revoked.already_revoked
@@ -488,9 +504,9 @@ async def test_api_keys_are_created_listed_and_revoked(plain_target: str) -> Non
     assert all(k.revoked for k in (await asyncio.to_thread(blocking)).keys)
 
 
-async def test_usage_adjustments_and_the_audit_trail(plain_target: str) -> None:
+async def test_usage_adjustments_and_the_audit_trail(connect: Connect, plain_target: str) -> None:
     """adjust_usage corrects a month once per id; list_audit_events pages and iter_audit_events walks the whole trail, newest first."""
-    async with AsyncPagemeterClient(plain_target, token=ADMIN_TOKEN) as admin:
+    async with connect(plain_target, token=ADMIN_TOKEN) as admin:
         await admin.set_plan(eagle_plan())
         added = await admin.adjust_usage(
             "acme", "pages", 12, reason="missed job", adjustment_id="adj-1", year=2026, month=3
@@ -575,20 +591,22 @@ def proxy_context() -> tuple[ssl.SSLContext, bytes]:
     return context, ca.cert_pem.bytes()
 
 
-async def test_retries_still_apply_over_tls_with_a_token(plain_target: str) -> None:
+async def test_retries_still_apply_over_tls_with_a_token(
+    connect: Connect, plain_target: str
+) -> None:
     """Over TLS with a token, a RecordUsage whose answer is lost is retried with the same request and token, and counted once."""
     context, ca_pem = proxy_context()
     port = int(plain_target.rsplit(":", 1)[1])
     async with (
         TlsCuttingProxy(port, context) as proxy,
-        AsyncPagemeterClient(
+        connect(
             proxy.target,
             token=SERVICE_TOKEN,
             tls=True,
             root_certificates=ca_pem,
             initial_backoff=0.05,
         ) as worker,
-        AsyncPagemeterClient(plain_target, token=ADMIN_TOKEN) as admin,
+        connect(plain_target, token=ADMIN_TOKEN) as admin,
     ):
         await admin.set_plan(eagle_plan())
         proxy.lose_next_answer()
@@ -599,13 +617,13 @@ async def test_retries_still_apply_over_tls_with_a_token(plain_target: str) -> N
     assert {m.metric: m.committed for m in usage.metrics}["pages"] == 7
 
 
-async def test_create_api_key_is_not_retried(plain_target: str) -> None:
+async def test_create_api_key_is_not_retried(connect: Connect, plain_target: str) -> None:
     """A CreateApiKey whose answer is lost fails UNAVAILABLE instead of being retried into a second key."""
     context, ca_pem = proxy_context()
     port = int(plain_target.rsplit(":", 1)[1])
     async with (
         TlsCuttingProxy(port, context) as proxy,
-        AsyncPagemeterClient(
+        connect(
             proxy.target,
             token=ADMIN_TOKEN,
             tls=True,

@@ -44,6 +44,7 @@ from pagemeter_server.app import create_server
 from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.ops.embedded import free_port
 from pagemeter_server.settings import Settings
+from tests.client_flavours import Connect
 from tests.conftest import RunningServer, eagle_plan, ms
 from tests.test_cli import Cli
 from tests.test_client_auth import SERVICE_TOKEN, WRONG_TOKEN, secured_server
@@ -190,14 +191,14 @@ def restore(copy: Path, path: Path) -> None:
 
 
 async def test_records_made_while_down_survive_reopening_and_are_delivered_with_their_ids(
-    outage: Restartable, outbox_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
     """RecordUsage calls made while pagemeter is down raise UsageQueued, survive closing the outbox, and are delivered once it is back, with their ids and every field."""
     clock = outage.clock
     requested, done = at("2026-03-15T11:00:00+00:00"), at("2026-03-15T11:30:00+00:00")
     await outage.stop()
     with Outbox(outbox_path, clock=server_time(clock)) as outbox:
-        async with AsyncPagemeterClient(
+        async with connect(
             outage.target, outbox=outbox, flush_outbox_on_close=False, **FAST
         ) as sdk:
             jobs: list[tuple[str, dict[str, int], dict[str, Any]]] = [
@@ -249,7 +250,7 @@ async def test_records_made_while_down_survive_reopening_and_are_delivered_with_
         assert stored[0].request.completed_at.ToDatetime(UTC) == done
 
         await outage.start()
-        async with AsyncPagemeterClient(outage.target, outbox=reopened, **FAST) as sdk:
+        async with connect(outage.target, outbox=reopened, **FAST) as sdk:
             early = await sdk.flush_outbox()
             assert early.outcomes == () and early.pending == 3, "backoff has not passed yet"
             clock.advance(2)
@@ -276,11 +277,11 @@ async def test_records_made_while_down_survive_reopening_and_are_delivered_with_
 
 
 async def test_a_delivered_record_is_removed_and_nothing_is_left_when_the_server_is_up(
-    outage: Restartable, outbox_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
     """With pagemeter up, a record goes through the outbox on disk and leaves it once answered."""
     with Outbox(outbox_path, clock=server_time(outage.clock)) as outbox:
-        async with AsyncPagemeterClient(outage.target, outbox=outbox) as sdk:
+        async with connect(outage.target, outbox=outbox) as sdk:
             response = await sdk.record_usage("acme", "job-1", {"pages": 3})
             assert response.request_id == "job-1" and not response.duplicate
             again = await sdk.record_usage("acme", "job-1", {"pages": 3})
@@ -290,14 +291,14 @@ async def test_a_delivered_record_is_removed_and_nothing_is_left_when_the_server
 
 
 async def test_redelivery_after_a_crash_between_send_and_delete_counts_once(
-    outage: Restartable, outbox_path: Path, tmp_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path, tmp_path: Path
 ) -> None:
     """Records delivered but still in the outbox (the deletion never reached the disk) are sent again and answered as duplicates: every job counts exactly once."""
     clock = outage.clock
     await outage.stop()
     units = {f"job-{n}": n for n in range(1, 7)}
     with Outbox(outbox_path, clock=server_time(clock)) as outbox:
-        async with AsyncPagemeterClient(
+        async with connect(
             outage.target, outbox=outbox, flush_outbox_on_close=False, **FAST
         ) as sdk:
             for request_id, pages in units.items():
@@ -310,7 +311,7 @@ async def test_redelivery_after_a_crash_between_send_and_delete_counts_once(
     results = []
     for _ in range(2):  # deliver, then deliver again from the file as it was before
         with Outbox(outbox_path, clock=server_time(clock)) as outbox:
-            async with AsyncPagemeterClient(outage.target, outbox=outbox, **FAST) as sdk:
+            async with connect(outage.target, outbox=outbox, **FAST) as sdk:
                 results.append(await sdk.flush_outbox())
             assert len(outbox) == 0
         restore(tmp_path / "before-delivery", outbox_path)
@@ -326,14 +327,14 @@ async def test_redelivery_after_a_crash_between_send_and_delete_counts_once(
 
 
 async def test_a_job_queued_at_the_end_of_march_counts_in_march_when_delivered_in_april(
-    outage: Restartable, outbox_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
     """A record without completed_at gets the time of its first attempt, so delivered in April it still counts in March."""
     clock = outage.clock
     clock.set(ms("2026-03-31T23:59:30+00:00"))
     await outage.stop()
     with Outbox(outbox_path, clock=server_time(clock)) as outbox:
-        async with AsyncPagemeterClient(
+        async with connect(
             outage.target, outbox=outbox, flush_outbox_on_close=False, **FAST
         ) as sdk:
             with pytest.raises(UsageQueued) as queued:
@@ -342,7 +343,7 @@ async def test_a_job_queued_at_the_end_of_march_counts_in_march_when_delivered_i
 
         clock.set(ms("2026-04-01T09:00:00+00:00"))
         await outage.start()
-        async with AsyncPagemeterClient(outage.target, outbox=outbox, **FAST) as sdk:
+        async with connect(outage.target, outbox=outbox, **FAST) as sdk:
             result = await sdk.flush_outbox()
         assert [o.outcome for o in result.outcomes] == ["delivered"]
 
@@ -395,11 +396,11 @@ async def test_reserve_commit_of_the_blocking_client_is_queued_when_the_server_g
 
 
 async def test_reserve_keeps_the_body_error_and_queues_the_failed_job(
-    outage: Restartable, outbox_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
     """When the body raises while pagemeter is down, the failed job is queued and the body's own exception propagates with a note saying so."""
     with Outbox(outbox_path, clock=server_time(outage.clock)) as outbox:
-        async with AsyncPagemeterClient(
+        async with connect(
             outage.target, outbox=outbox, flush_outbox_on_close=False, **FAST
         ) as sdk:
             with pytest.raises(RuntimeError, match="OCR crashed") as raised:  # noqa: PT012
@@ -412,7 +413,7 @@ async def test_reserve_keeps_the_body_error_and_queues_the_failed_job(
         assert (entry.request_id, entry.success, entry.state) == ("job-f", False, "pending")
 
         await outage.start()
-        async with AsyncPagemeterClient(outage.target, outbox=outbox, **FAST) as sdk:
+        async with connect(outage.target, outbox=outbox, **FAST) as sdk:
             assert (await sdk.flush_outbox(force=True)).ok
     usage = await usage_of(outage.target)
     assert (usage.jobs.failed, figures(usage, "pages").committed) == (1, 0)
@@ -446,14 +447,14 @@ def test_transient_failures_stay_pending_and_refusals_become_dead_letters() -> N
 
 
 async def test_refused_records_become_dead_letters_that_are_never_sent_again(
-    outage: Restartable, outbox_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
     """A record pagemeter refuses (a reused id, invalid input) is kept as a dead letter with its error and no later pass sends it again."""
     clock = outage.clock
     with Outbox(outbox_path, clock=server_time(clock)) as outbox:
-        async with AsyncPagemeterClient(outage.target, **FAST) as plain:
+        async with connect(outage.target, **FAST) as plain:
             await plain.record_usage("acme", "job-a", {"pages": 5})
-        async with AsyncPagemeterClient(
+        async with connect(
             outage.target, outbox=outbox, flush_outbox_on_close=False, **FAST
         ) as sdk:
             with pytest.raises(grpc.RpcError) as reused:
@@ -466,7 +467,7 @@ async def test_refused_records_become_dead_letters_that_are_never_sent_again(
                 await sdk.record_usage("acme", "job-b", {"pages": 2}, document_type="not valid!")
 
         await outage.start()
-        async with AsyncPagemeterClient(outage.target, outbox=outbox, **FAST) as sdk:
+        async with connect(outage.target, outbox=outbox, **FAST) as sdk:
             first = await sdk.flush_outbox(force=True)
             clock.advance(3600)
             later = [await sdk.flush_outbox(force=True), await sdk.flush_outbox()]
@@ -492,6 +493,7 @@ async def test_refused_records_become_dead_letters_that_are_never_sent_again(
 
 
 async def test_a_dead_letter_requeued_after_its_cause_is_fixed_is_delivered(
+    connect: Connect,
     redis_server: Any,
     redis_client: aioredis.Redis,
     clock: ManualClock,
@@ -500,14 +502,14 @@ async def test_a_dead_letter_requeued_after_its_cause_is_fixed_is_delivered(
     """A record refused as UNAUTHENTICATED stays dead until an operator requeues it, and is then delivered with a valid token."""
     async with secured_server(redis_server.url, redis_client, clock) as target:
         with Outbox(outbox_path, clock=server_time(clock)) as outbox:
-            async with AsyncPagemeterClient(target, token=WRONG_TOKEN, outbox=outbox) as worker:
+            async with connect(target, token=WRONG_TOKEN, outbox=outbox) as worker:
                 with pytest.raises(grpc.RpcError) as refused:
                     await worker.record_usage("acme", "job-1", {"pages": 8})
             assert error_details(refused.value).code == grpc.StatusCode.UNAUTHENTICATED
             (dead,) = outbox.entries()
             assert (dead.state, dead.last_code) == ("dead", "UNAUTHENTICATED")
 
-            async with AsyncPagemeterClient(target, token=SERVICE_TOKEN, outbox=outbox) as fixed:
+            async with connect(target, token=SERVICE_TOKEN, outbox=outbox) as fixed:
                 untouched = await fixed.flush_outbox(force=True)
                 assert untouched.outcomes == () and untouched.dead == 1
                 assert outbox.requeue() == 1
@@ -611,12 +613,12 @@ async def test_background_flusher_thread_delivers_while_threads_keep_recording(
     assert usage.jobs.total == 120
 
 
-async def test_async_flusher_task_delivers_once_the_server_is_back(
-    outage: Restartable, outbox_path: Path
+async def test_the_flusher_delivers_once_the_server_is_back(
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
-    """The async client's flusher task delivers records queued during an outage once pagemeter is back, and stops on request."""
+    """The flusher (a task of the async client, a thread of the blocking one) delivers records queued during an outage once pagemeter is back, and stops on request."""
     with Outbox(outbox_path, clock=moving_time(outage.clock), initial_backoff=0.05) as outbox:
-        async with AsyncPagemeterClient(outage.target, outbox=outbox, **FAST) as sdk:
+        async with connect(outage.target, outbox=outbox, **FAST) as sdk:
             await outage.stop()
             for n in range(3):
                 with pytest.raises(UsageQueued):
@@ -634,13 +636,13 @@ async def test_async_flusher_task_delivers_once_the_server_is_back(
 
 
 async def test_closing_a_client_delivers_the_due_records(
-    outage: Restartable, outbox_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
     """close() runs a delivery pass of the outbox's due records (and is quick while they are not due)."""
     clock = outage.clock
     with Outbox(outbox_path, clock=server_time(clock)) as outbox:
         await outage.stop()
-        sdk = AsyncPagemeterClient(outage.target, outbox=outbox, **FAST)
+        sdk = connect(outage.target, outbox=outbox, **FAST)
         for n in range(2):
             with pytest.raises(UsageQueued):
                 await sdk.record_usage("acme", f"job-{n}", {"pages": 4})
@@ -651,18 +653,20 @@ async def test_closing_a_client_delivers_the_due_records(
 
         await outage.start()
         clock.advance(2)
-        async with AsyncPagemeterClient(outage.target, outbox=outbox, **FAST):
+        async with connect(outage.target, outbox=outbox, **FAST):
             pass
         assert len(outbox) == 0
     assert figures(await usage_of(outage.target), "pages").committed == 8
 
 
-async def test_a_pass_stops_at_the_first_unreachable_answer(outbox_path: Path) -> None:
+async def test_a_pass_stops_at_the_first_unreachable_answer(
+    connect: Connect, outbox_path: Path
+) -> None:
     """A delivery pass against a port nobody listens on tries one record and leaves the others untouched."""
     clock = ManualClock(ms("2026-03-15T12:00:00+00:00"))
     nobody = f"127.0.0.1:{free_port()}"
     with Outbox(outbox_path, clock=server_time(clock)) as outbox:
-        async with AsyncPagemeterClient(
+        async with connect(
             nobody, outbox=outbox, flush_outbox_on_close=False, timeout=1, max_attempts=1
         ) as sdk:
             for n in range(5):
@@ -676,7 +680,7 @@ async def test_a_pass_stops_at_the_first_unreachable_answer(outbox_path: Path) -
 
 
 async def test_a_first_attempt_cut_off_by_a_killed_process_is_delivered_after_its_lease(
-    outage: Restartable, outbox_path: Path
+    connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
     """A worker killed while its RecordUsage is in flight leaves the record in the outbox; other passes leave it alone until its lease runs out, then deliver it."""
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
@@ -703,10 +707,10 @@ async def test_a_first_attempt_cut_off_by_a_killed_process_is_delivered_after_it
     with Outbox(outbox_path) as now_outbox:
         (entry,) = now_outbox.entries()
         assert entry.in_flight(now_outbox.now()) and entry.attempts == 0
-        async with AsyncPagemeterClient(outage.target, outbox=now_outbox, **FAST) as sdk:
+        async with connect(outage.target, outbox=now_outbox, **FAST) as sdk:
             assert (await sdk.flush_outbox(force=True)).outcomes == ()
     with Outbox(outbox_path, clock=lambda: time.time() + 3600) as later:
-        async with AsyncPagemeterClient(outage.target, outbox=later, **FAST) as sdk:
+        async with connect(outage.target, outbox=later, **FAST) as sdk:
             result = await sdk.flush_outbox()
         assert [(o.request_id, o.outcome) for o in result.outcomes] == [("job-killed", "delivered")]
     assert figures(await usage_of(outage.target), "pages").committed == 9

@@ -51,36 +51,18 @@ from pagemeter_client.sdk import check_quota_request, record_usage_request
 from pagemeter_server.app import create_server
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import close_redis, connect_redis
+from tests.client_flavours import FLAVOURS, Flavour, connector
 from tests.conftest import eagle_plan
 from tests.test_reliability import SERVING, Rig, pause, resume, start_rig
 from tests.test_sentinel import MASTER, Topology, running_topology
 
-Client = AsyncPagemeterClient | PagemeterClient
+# A client of either flavour, called through the async methods.
+Client = AsyncPagemeterClient
 
 
-class Caller:
-    """Calls an async or a blocking client the same way (the blocking one in a thread)."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    async def __call__(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(self.client, name)
-        if isinstance(self.client, AsyncPagemeterClient):
-            return await method(*args, **kwargs)
-        return await asyncio.to_thread(method, *args, **kwargs)
-
-    @property
-    def stats(self) -> Any:
-        return self.client.replay_stats
-
-    async def close(self) -> None:
-        await self("close")
-
-
-def make_client(kind: str, target: str, window: ReplayWindow, **options: Any) -> Caller:
-    cls = AsyncPagemeterClient if kind == "async" else PagemeterClient
-    return Caller(cls(target, replay_after_failover=window, **options))
+def make_client(kind: Flavour, target: str, window: ReplayWindow, **options: Any) -> Client:
+    """A client of `kind` keeping a replay window (the blocking one behind async methods)."""
+    return connector(kind)(target, replay_after_failover=window, **options)
 
 
 async def eventually(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
@@ -111,12 +93,12 @@ async def usage(rig: Rig) -> dict[str, tuple[int, int]]:
     return {m.metric: (m.committed, m.held) for m in answer.metrics}
 
 
-async def record_ids(caller: Caller) -> list[str]:
-    page = await caller("list_usage_records", "acme", page_size=100)
+async def record_ids(caller: Client) -> list[str]:
+    page = await caller.list_usage_records("acme", page_size=100)
     return sorted(r.request_id for r in page.records if r.status != quota_pb2.RECORD_STATUS_PENDING)
 
 
-KINDS = pytest.mark.parametrize("kind", ["async", "sync"])
+KINDS = pytest.mark.parametrize("kind", FLAVOURS)
 
 
 # -- the option is off by default -------------------------------------------------------
@@ -126,7 +108,7 @@ async def test_off_by_default(rig: Rig) -> None:
     """Without replay_after_failover nothing is kept, the channel is not intercepted, and replay_acknowledged says how to turn it on."""
     with PagemeterClient(rig.target) as client:
         assert client.replay_stats is None
-        assert client._channel is client._raw_channel
+        assert client._stubs.watched is client._stubs.channel
         with pytest.raises(RuntimeError, match="replay_after_failover"):
             client.replay_acknowledged()
     async with AsyncPagemeterClient(rig.target) as aclient:
@@ -139,44 +121,42 @@ async def test_off_by_default(rig: Rig) -> None:
 
 
 @KINDS
-async def test_a_replay_with_no_loss_changes_nothing(rig: Rig, kind: str) -> None:
+async def test_a_replay_with_no_loss_changes_nothing(rig: Rig, kind: Flavour) -> None:
     """Holds, records (single, batched, failed, with completed_at), releases: every one is kept once, a replay answers all of them as duplicates (a hold whose job was recorded or released since is refused as REQUEST_ID_REUSED and counts as one), and usage and records are unchanged; denied holds and plain checks are not kept."""
     caller = make_client(kind, rig.target, ReplayWindow())
     try:
-        await caller("check_quota", "acme", {"pages": 10}, request_id="j1", hold=True)
-        await caller("record_usage", "acme", "j1", {"pages": 8})
-        await caller("check_quota", "acme", {"pages": 4}, request_id="j2", hold=True)
-        await caller("release_quota", "acme", "j2")
-        await caller("check_quota", "acme", {"pages": 5}, request_id="j3", hold=True, hold_ttl=600)
-        await caller("record_usage", "acme", "j4", {"pages": 3}, completed_at=datetime.now(UTC))
-        await caller("record_usage", "acme", "j5", {"pages": 2}, success=False)
-        await caller(
-            "check_quota_batch",
+        await caller.check_quota("acme", {"pages": 10}, request_id="j1", hold=True)
+        await caller.record_usage("acme", "j1", {"pages": 8})
+        await caller.check_quota("acme", {"pages": 4}, request_id="j2", hold=True)
+        await caller.release_quota("acme", "j2")
+        await caller.check_quota("acme", {"pages": 5}, request_id="j3", hold=True, hold_ttl=600)
+        await caller.record_usage("acme", "j4", {"pages": 3}, completed_at=datetime.now(UTC))
+        await caller.record_usage("acme", "j5", {"pages": 2}, success=False)
+        await caller.check_quota_batch(
             [
                 check_quota_request("acme", {"pages": n}, request_id=f"b{n}", hold=True)
                 for n in (1, 2)
             ],
         )
-        await caller(
-            "record_usage_batch",
+        await caller.record_usage_batch(
             [record_usage_request("acme", f"b{n}", {"pages": n}) for n in (1, 2)],
         )
-        await caller("release_quota", "acme", "j6")  # never held: NOT_FOUND, leaves a mark
-        denied = await caller("check_quota", "acme", {"pages": 5000}, request_id="j7", hold=True)
+        await caller.release_quota("acme", "j6")  # never held: NOT_FOUND, leaves a mark
+        denied = await caller.check_quota("acme", {"pages": 5000}, request_id="j7", hold=True)
         assert not denied.allowed
-        await caller("check_quota", "acme", {"pages": 1})
+        await caller.check_quota("acme", {"pages": 1})
         assert (
-            caller.stats.entries == 12
+            caller.replay_stats.entries == 12
         )  # holds j1 j2 j3 b1 b2, records j1 j4 j5 b1 b2, releases j2 j6
 
         before = await usage(rig)
         records_before = await record_ids(caller)
-        result: ReplayResult = await caller("replay_acknowledged")
+        result: ReplayResult = await caller.replay_acknowledged()
         assert (result.replayed, result.duplicates, result.lost) == (12, 12, 0)
         assert result.complete and result.outcomes == ()
         assert await usage(rig) == before == {"documents": (0, 0), "pages": (14, 5)}
         assert await record_ids(caller) == records_before
-        assert caller.stats.passes == 1 and caller.stats.entries == 12
+        assert caller.replay_stats.passes == 1 and caller.replay_stats.entries == 12
     finally:
         await caller.close()
 
@@ -186,7 +166,7 @@ async def test_a_replay_with_no_loss_changes_nothing(rig: Rig, kind: str) -> Non
 
 @KINDS
 async def test_the_first_answer_after_a_store_outage_replays_in_the_background(
-    rig: Rig, kind: str
+    rig: Rig, kind: Flavour
 ) -> None:
     """Redis paused: a call fails with STORE_UNAVAILABLE and the client notes an outage; Redis resumed: the next answered call starts a pass in the background, which sends the window again (all duplicates here); answers before the outage start nothing."""
     passes: list[ReplayResult] = []
@@ -194,28 +174,30 @@ async def test_the_first_answer_after_a_store_outage_replays_in_the_background(
         kind, rig.target, ReplayWindow(on_replay=passes.append), max_attempts=1, timeout=2
     )
     try:
-        await caller("check_quota", "acme", {"pages": 2}, request_id="h1", hold=True)
-        await caller("record_usage", "acme", "r1", {"pages": 1})
-        await caller("record_usage", "acme", "r2", {"pages": 1})
-        assert not caller.stats.outage and caller.stats.passes == 0
+        await caller.check_quota("acme", {"pages": 2}, request_id="h1", hold=True)
+        await caller.record_usage("acme", "r1", {"pages": 1})
+        await caller.record_usage("acme", "r2", {"pages": 1})
+        assert not caller.replay_stats.outage and caller.replay_stats.passes == 0
         pause(rig.redis)
         try:
             with pytest.raises(grpc.RpcError) as refused:
-                await caller("get_usage", "acme")
+                await caller.get_usage("acme")
             infos = error_details(refused.value).error_infos
             assert [i.reason for i in infos] == ["STORE_UNAVAILABLE"]
-            assert caller.stats.outage
+            assert caller.replay_stats.outage
         finally:
             resume(rig.redis)
         await rig.wait_for(SERVING)
-        await caller("get_usage", "acme")  # answered: the outage is over
-        await eventually(lambda: caller.stats.passes == 1, "the background pass")
-        assert not caller.stats.outage
+        await caller.get_usage("acme")  # answered: the outage is over
+        await eventually(lambda: caller.replay_stats.passes == 1, "the background pass")
+        assert not caller.replay_stats.outage
         assert len(passes) == 1
         assert (passes[0].replayed, passes[0].duplicates, passes[0].complete) == (3, 3, True)
-        await caller("get_usage", "acme")
+        await caller.get_usage("acme")
         await asyncio.sleep(0.2)
-        assert caller.stats.passes == 1, "an answer without an outage before it starts nothing"
+        assert caller.replay_stats.passes == 1, (
+            "an answer without an outage before it starts nothing"
+        )
     finally:
         await caller.close()
 
@@ -224,15 +206,15 @@ async def test_the_first_answer_after_a_store_outage_replays_in_the_background(
 
 
 @KINDS
-async def test_the_window_keeps_the_newest_max_entries(rig: Rig, kind: str) -> None:
+async def test_the_window_keeps_the_newest_max_entries(rig: Rig, kind: Flavour) -> None:
     """max_entries=5 and eight records: the three oldest are dropped (and counted), and after a total loss a replay re-applies exactly the five newest."""
     caller = make_client(kind, rig.target, ReplayWindow(max_entries=5))
     try:
         for n in range(1, 9):
-            await caller("record_usage", "acme", f"r{n}", {"pages": 1})
-        assert (caller.stats.entries, caller.stats.dropped) == (5, 3)
+            await caller.record_usage("acme", f"r{n}", {"pages": 1})
+        assert (caller.replay_stats.entries, caller.replay_stats.dropped) == (5, 3)
         await lose_everything(rig)
-        result = await caller("replay_acknowledged")
+        result = await caller.replay_acknowledged()
         assert (result.replayed, result.reapplied) == (5, 5)
         assert [o.request_id for o in result.outcomes] == [f"r{n}" for n in range(4, 9)]
         assert await record_ids(caller) == [f"r{n}" for n in range(4, 9)]
@@ -241,33 +223,34 @@ async def test_the_window_keeps_the_newest_max_entries(rig: Rig, kind: str) -> N
 
 
 @KINDS
-async def test_the_window_forgets_entries_older_than_its_seconds(rig: Rig, kind: str) -> None:
+async def test_the_window_forgets_entries_older_than_its_seconds(rig: Rig, kind: Flavour) -> None:
     """seconds=60: two records at t=0 and one at t=30; at t=61 only the last is kept, and after a total loss only it is re-applied."""
     now = [0.0]
     caller = make_client(kind, rig.target, ReplayWindow(seconds=60, clock=lambda: now[0]))
     try:
-        await caller("record_usage", "acme", "a1", {"pages": 1})
-        await caller("record_usage", "acme", "a2", {"pages": 1})
+        await caller.record_usage("acme", "a1", {"pages": 1})
+        await caller.record_usage("acme", "a2", {"pages": 1})
         now[0] = 30.0
-        await caller("record_usage", "acme", "a3", {"pages": 1})
-        assert caller.stats.entries == 3
+        await caller.record_usage("acme", "a3", {"pages": 1})
+        assert caller.replay_stats.entries == 3
         now[0] = 61.0
-        assert (caller.stats.entries, caller.stats.dropped) == (1, 0)
+        assert (caller.replay_stats.entries, caller.replay_stats.dropped) == (1, 0)
         await lose_everything(rig)
-        result = await caller("replay_acknowledged")
+        result = await caller.replay_acknowledged()
         assert [(o.request_id, o.outcome) for o in result.outcomes] == [("a3", "reapplied")]
     finally:
         await caller.close()
 
 
-async def test_an_expired_hold_is_not_sent_again(rig: Rig) -> None:
+@KINDS
+async def test_an_expired_hold_is_not_sent_again(rig: Rig, kind: Flavour) -> None:
     """A hold whose TTL has passed is counted as expired and not sent: re-applied it would hold units for a job that gave up; its record, if any, is sent."""
-    caller = make_client("async", rig.target, ReplayWindow())
+    caller = make_client(kind, rig.target, ReplayWindow())
     try:
-        await caller("check_quota", "acme", {"pages": 2}, request_id="x1", hold=True, hold_ttl=1)
+        await caller.check_quota("acme", {"pages": 2}, request_id="x1", hold=True, hold_ttl=1)
         await asyncio.sleep(1.1)
         await lose_everything(rig)
-        result = await caller("replay_acknowledged")
+        result = await caller.replay_acknowledged()
         assert (result.replayed, result.expired) == (0, 1)
         assert await usage(rig) == {"documents": (0, 0), "pages": (0, 0)}
     finally:
@@ -302,13 +285,13 @@ def test_memory_per_entry_is_small() -> None:
 
 @KINDS
 async def test_a_conflicting_answer_is_logged_and_counted_not_raised(
-    rig: Rig, kind: str, caplog: pytest.LogCaptureFixture
+    rig: Rig, kind: Flavour, caplog: pytest.LogCaptureFixture
 ) -> None:
     """After a loss another caller used the same ids with other payloads: the replay answers are REQUEST_ID_REUSED, logged as errors and counted as conflicts; nothing is raised and nothing changes."""
     caller = make_client(kind, rig.target, ReplayWindow())
     try:
-        await caller("record_usage", "acme", "c1", {"pages": 3})
-        await caller("check_quota", "acme", {"pages": 2}, request_id="c2", hold=True, hold_ttl=600)
+        await caller.record_usage("acme", "c1", {"pages": 3})
+        await caller.check_quota("acme", {"pages": 2}, request_id="c2", hold=True, hold_ttl=600)
         await lose_everything(rig)
         await rig.quota.RecordUsage(
             quota_pb2.RecordUsageRequest(org_id="acme", request_id="c1", units={"pages": 4}),
@@ -321,7 +304,7 @@ async def test_a_conflicting_answer_is_logged_and_counted_not_raised(
             timeout=5,
         )
         with caplog.at_level(logging.ERROR, logger="pagemeter_client.replay"):
-            result = await caller("replay_acknowledged")
+            result = await caller.replay_acknowledged()
         assert (result.replayed, result.conflicts, result.duplicates) == (2, 2, 0)
         assert {(o.request_id, o.outcome, o.code) for o in result.outcomes} == {
             ("c1", "conflict", "ALREADY_EXISTS"),
@@ -444,7 +427,7 @@ def fill_the_replication_link(topology: Topology) -> None:
 
 @KINDS
 async def test_acknowledged_requests_a_failover_lost_are_replayed_exactly(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: Flavour
 ) -> None:
     """Sentinel promotes a replica that never received 11 acknowledged requests (holds, records, a release): after the client's first answered call the background replay re-applies exactly those 11 (a lost hold before its lost record, and so before the record frees it), answers the 10 kept ones as duplicates, and committed and held units equal what the client was told."""
     with running_topology(tmp_path) as topology:
@@ -483,17 +466,17 @@ async def test_acknowledged_requests_a_failover_lost_are_replayed_exactly(
                 )
 
             async def hold(job: str, pages: int) -> None:
-                answer = await caller(
-                    "check_quota", "acme", {"pages": pages}, request_id=job, hold=True, hold_ttl=600
+                answer = await caller.check_quota(
+                    "acme", {"pages": pages}, request_id=job, hold=True, hold_ttl=600
                 )
                 assert answer.held
 
             # Kept: written before the replica froze, and replicated.
             for n in (1, 2, 3):
                 await hold(f"k{n}", n)
-                await caller("record_usage", "acme", f"k{n}", {"pages": n})
+                await caller.record_usage("acme", f"k{n}", {"pages": n})
             await hold("k4", 4)
-            await caller("release_quota", "acme", "k4")
+            await caller.release_quota("acme", "k4")
             await hold("k5", 5)  # a job still running through the failover
             await hold("k6", 6)  # its record comes after the freeze, and is lost
             await eventually(lambda: replicated(topology), "the replica to catch up")
@@ -505,16 +488,16 @@ async def test_acknowledged_requests_a_failover_lost_are_replayed_exactly(
                 # Lost: acknowledged by the primary, never sent to the frozen replica.
                 for n in (1, 2, 3):
                     await hold(f"l{n}", 10 * n)
-                    await caller("record_usage", "acme", f"l{n}", {"pages": 10 * n})
-                await caller("record_usage", "acme", "l4", {"pages": 40})
+                    await caller.record_usage("acme", f"l{n}", {"pages": 10 * n})
+                await caller.record_usage("acme", "l4", {"pages": 40})
                 await hold("l5", 50)  # a job still running through the failover
                 await hold("l6", 60)
-                await caller("release_quota", "acme", "l6")
-                await caller("record_usage", "acme", "k6", {"pages": 6})
+                await caller.release_quota("acme", "l6")
+                await caller.record_usage("acme", "k6", {"pages": 6})
                 topology.primary.kill()
             finally:
                 os.kill(topology.replica.pid, signal.SIGCONT)
-            assert caller.stats.entries == 21
+            assert caller.replay_stats.entries == 21
 
             # The worker carries on: its calls fail until the replica is promoted.
             failures = 0
@@ -522,7 +505,7 @@ async def test_acknowledged_requests_a_failover_lost_are_replayed_exactly(
             while True:
                 assert time.monotonic() < deadline, "pagemeter never answered after the failover"
                 try:
-                    await caller("get_usage", "acme")
+                    await caller.get_usage("acme")
                 except grpc.RpcError:
                     failures += 1
                     await asyncio.sleep(0.1)

@@ -26,6 +26,7 @@ from pagemeter_client import (
     error_details,
 )
 from pagemeter_client.sdk import get_usage_statistics_request
+from tests.client_flavours import Connect
 from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits, ms
 from tests.test_client_sdk import CuttingProxy
 
@@ -178,9 +179,11 @@ NEWEST_FIRST = ["job-e", "job-d", "job-c", "job-b", "job-a"]
 
 
 @pytest.fixture
-async def sdk(pagemeter_server: RunningServer) -> AsyncIterator[AsyncPagemeterClient]:
-    """An async client of the test server (no plan set yet)."""
-    async with AsyncPagemeterClient(pagemeter_server.target) as client:
+async def sdk(
+    connect: Connect, pagemeter_server: RunningServer
+) -> AsyncIterator[AsyncPagemeterClient]:
+    """A client of the test server, async then blocking (no plan set yet)."""
+    async with connect(pagemeter_server.target) as client:
         yield client
 
 
@@ -257,7 +260,7 @@ async def test_history_defaults_to_twelve_months_and_refuses_more_than_24(
 
     one = await sdk.get_usage_history("acme", months=1)
     assert [m.period_id for m in one.months] == ["2026-03"]
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
+    with pytest.raises(grpc.RpcError) as refused:
         await sdk.get_usage_history("acme", months=25)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -452,7 +455,7 @@ async def test_bad_statistics_parameters_name_their_reason(
 ) -> None:
     """Bad dates are INVALID_ARGUMENT with the ErrorInfo reason the contract names."""
     await sdk.set_plan(eagle_plan())
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
+    with pytest.raises(grpc.RpcError) as refused:
         await sdk.get_usage_statistics("acme", start_date=start, end_date=end, period=period)
     assert reason(refused.value) == (grpc.StatusCode.INVALID_ARGUMENT, [expected])
 
@@ -575,7 +578,7 @@ async def test_sync_client_reporting_calls(
 async def test_page_size_over_1000_is_refused(sdk: AsyncPagemeterClient) -> None:
     """A page size over 1000 is INVALID_ARGUMENT."""
     await sdk.set_plan(eagle_plan())
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
+    with pytest.raises(grpc.RpcError) as refused:
         await sdk.list_usage_records("acme", page_size=1001)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -590,11 +593,13 @@ def test_retry_policy_covers_the_reporting_service() -> None:
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
 
 
-async def test_lost_reporting_answer_is_retried(pagemeter_server: RunningServer) -> None:
+async def test_lost_reporting_answer_is_retried(
+    connect: Connect, pagemeter_server: RunningServer
+) -> None:
     """When the answer to a reporting call is lost, gRPC retries it and the call succeeds."""
     async with (
         CuttingProxy(pagemeter_server.port) as proxy,
-        AsyncPagemeterClient(proxy.target, initial_backoff=0.05) as client,
+        connect(proxy.target, initial_backoff=0.05) as client,
     ):
         await client.set_plan(eagle_plan())
         proxy.lose_next_answer()
@@ -603,7 +608,7 @@ async def test_lost_reporting_answer_is_retried(pagemeter_server: RunningServer)
     assert [m.period_id for m in history.months] == ["2026-03"]
 
 
-async def test_reporting_calls_carry_the_deadline() -> None:
+async def test_reporting_calls_carry_the_deadline(connect: Connect) -> None:
     """A reporting call to a server that never answers fails with DEADLINE_EXCEEDED at its timeout."""
     writers: list[asyncio.StreamWriter] = []
 
@@ -615,9 +620,9 @@ async def test_reporting_calls_carry_the_deadline() -> None:
     listener = await asyncio.start_server(swallow, "127.0.0.1", 0)
     target = f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
     try:
-        async with AsyncPagemeterClient(target, timeout=60) as client:
+        async with connect(target, timeout=60) as client:
             started = time.monotonic()
-            with pytest.raises(grpc.aio.AioRpcError) as late:
+            with pytest.raises(grpc.RpcError) as late:
                 await client.list_usage_records("acme", timeout=0.3)
     finally:
         listener.close()

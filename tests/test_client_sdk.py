@@ -26,6 +26,7 @@ from pagemeter_client import (
 )
 from pagemeter_client.sdk import record_usage_request
 from pagemeter_server.ops.embedded import free_port
+from tests.client_flavours import Connect
 from tests.conftest import RunningServer, eagle_plan
 
 Q = quota_pb2
@@ -138,9 +139,11 @@ async def silent_target() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def client(pagemeter_server: RunningServer) -> AsyncIterator[AsyncPagemeterClient]:
-    """An async client of the test server, whose org "acme" has Eagle Doc's plan."""
-    async with AsyncPagemeterClient(pagemeter_server.target) as sdk:
+async def client(
+    connect: Connect, pagemeter_server: RunningServer
+) -> AsyncIterator[AsyncPagemeterClient]:
+    """A client of the test server (async, then blocking), whose org "acme" has Eagle Doc's plan."""
+    async with connect(pagemeter_server.target) as sdk:
         await sdk.set_plan(eagle_plan())
         yield sdk
 
@@ -193,7 +196,7 @@ async def test_hold_ttl_accepts_a_timedelta(client: AsyncPagemeterClient) -> Non
 
 async def test_server_errors_carry_decoded_details(client: AsyncPagemeterClient) -> None:
     """A refused call raises an RpcError whose BadRequest field violations error_details decodes."""
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
+    with pytest.raises(grpc.RpcError) as refused:
         await client.record_usage("acme", "not a valid id!", {"pages": 1})
     details = error_details(refused.value)
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -268,12 +271,13 @@ async def test_reserve_records_a_failed_job_when_the_body_raises(
 
 
 async def test_reserve_keeps_the_body_error_when_recording_the_failure_fails(
+    connect: Connect,
     pagemeter_server: RunningServer,
 ) -> None:
     """If recording the failed job fails too, the body's own exception propagates, with a note."""
     async with (
         CuttingProxy(pagemeter_server.port) as proxy,
-        AsyncPagemeterClient(proxy.target, max_attempts=2, initial_backoff=0.05) as sdk,
+        connect(proxy.target, max_attempts=2, initial_backoff=0.05) as sdk,
     ):
         await sdk.set_plan(eagle_plan())
 
@@ -374,12 +378,13 @@ def test_async_client_made_outside_any_event_loop_works_inside_one() -> None:
 
 
 async def test_retry_resends_the_same_record_and_it_counts_once(
+    connect: Connect,
     pagemeter_server: RunningServer,
 ) -> None:
     """When the answer to RecordUsage is lost, gRPC's retry re-sends the same id: a duplicate, counted once."""
     async with (
         CuttingProxy(pagemeter_server.port) as proxy,
-        AsyncPagemeterClient(proxy.target, initial_backoff=0.05) as sdk,
+        connect(proxy.target, initial_backoff=0.05) as sdk,
     ):
         await sdk.set_plan(eagle_plan())
         proxy.lose_next_answer()
@@ -392,29 +397,33 @@ async def test_retry_resends_the_same_record_and_it_counts_once(
     assert figures(usage, "pages").committed == 10 and usage.jobs.total == 1
 
 
-async def test_without_retries_the_lost_answer_is_an_error(pagemeter_server: RunningServer) -> None:
+async def test_without_retries_the_lost_answer_is_an_error(
+    connect: Connect, pagemeter_server: RunningServer
+) -> None:
     """With max_attempts=1 the same lost answer surfaces as UNAVAILABLE (so the retry above is real)."""
     async with (
         CuttingProxy(pagemeter_server.port) as proxy,
-        AsyncPagemeterClient(proxy.target, max_attempts=1) as sdk,
+        connect(proxy.target, max_attempts=1) as sdk,
     ):
         await sdk.set_plan(eagle_plan())
         proxy.lose_next_answer()
-        with pytest.raises(grpc.aio.AioRpcError) as lost:
+        with pytest.raises(grpc.RpcError) as lost:
             await sdk.record_usage("acme", "job-1", {"pages": 10})
         assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
     # A fresh client: the cut channel may still try the dead socket once, and
     # without retries that second failure would be about the proxy, not the server.
-    async with AsyncPagemeterClient(pagemeter_server.target, max_attempts=1) as direct:
+    async with connect(pagemeter_server.target, max_attempts=1) as direct:
         again = await direct.record_usage("acme", "job-1", {"pages": 10})
     assert again.duplicate, "the server had recorded the first attempt"
 
 
-async def test_retried_hold_keeps_the_generated_request_id(pagemeter_server: RunningServer) -> None:
+async def test_retried_hold_keeps_the_generated_request_id(
+    connect: Connect, pagemeter_server: RunningServer
+) -> None:
     """A hold without a request_id gets its id before the first attempt, so the retry holds once."""
     async with (
         CuttingProxy(pagemeter_server.port) as proxy,
-        AsyncPagemeterClient(proxy.target, initial_backoff=0.05) as sdk,
+        connect(proxy.target, initial_backoff=0.05) as sdk,
     ):
         await sdk.set_plan(eagle_plan())
         proxy.lose_next_answer()
@@ -445,21 +454,21 @@ async def test_sync_client_retries_with_the_same_request_id(
 # -- deadlines ----------------------------------------------------------------------------
 
 
-async def test_every_call_has_the_clients_deadline(silent_target: str) -> None:
+async def test_every_call_has_the_clients_deadline(connect: Connect, silent_target: str) -> None:
     """A server that never answers makes the call fail with DEADLINE_EXCEEDED after the client's timeout."""
-    async with AsyncPagemeterClient(silent_target, timeout=0.3) as sdk:
+    async with connect(silent_target, timeout=0.3) as sdk:
         started = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as late:
+        with pytest.raises(grpc.RpcError) as late:
             await sdk.get_usage("acme")
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 3
 
 
-async def test_a_call_can_override_the_deadline(silent_target: str) -> None:
+async def test_a_call_can_override_the_deadline(connect: Connect, silent_target: str) -> None:
     """timeout= on one call replaces the client's deadline for that call."""
-    async with AsyncPagemeterClient(silent_target, timeout=60) as sdk:
+    async with connect(silent_target, timeout=60) as sdk:
         started = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as late:
+        with pytest.raises(grpc.RpcError) as late:
             await sdk.check_quota("acme", {"pages": 1}, timeout=0.3)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 3

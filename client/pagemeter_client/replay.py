@@ -29,8 +29,8 @@ then the records (RecordUsageBatch calls of up to REPLAY_BATCH, in
 acknowledgement order), then the releases: a job's hold never goes after its
 own record or release. Holds whose hold has expired are not sent (the job's
 record, if any, is). This module knows the messages and the answers; the
-clients in pagemeter_client.sdk own the channel and call `replay_async` or
-`replay_sync`.
+clients own the channel and run a pass with `replay_async` (pagemeter_client._async.replay)
+or its generated blocking twin `replay_sync`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ import grpc.aio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from pagemeter.v1 import quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import quota_pb2
+
+# The failures after which a replayed request may well be answered later, and
+# those that say pagemeter cannot be reached at all (a pass stops there): the
+# same as for the outbox's deliveries.
+from pagemeter_client.outbox import TRANSIENT_CODES, UNREACHABLE_CODES
 
 log = logging.getLogger("pagemeter_client.replay")
 
@@ -69,23 +74,6 @@ REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
 # (or the job was settled since). 'held' (a live hold with other units) is not
 # among them: that is another payload under the same id.
 SETTLED_STATUSES = frozenset({"completed", "failed", "released", "expired"})
-# Failures after which a replayed request may well be answered later.
-TRANSIENT_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
-# Failures that say pagemeter cannot be reached at all: a pass stops there.
-UNREACHABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
-
 # Set while a replay pass sends: its answers are not kept again, and they do
 # not start another pass (a failure still marks an outage).
 REPLAYING: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -163,7 +151,21 @@ class ReplayOutcome:
 
 
 @dataclass(frozen=True)
-class ReplayResult:
+class _ReplayCounts:
+    """The counts of replayed requests by what became of them (see ReplayResult)."""
+
+    replayed: int = 0
+    duplicates: int = 0
+    reapplied: int = 0
+    denied: int = 0
+    conflicts: int = 0
+    failed: int = 0
+    deferred: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True)
+class ReplayResult(_ReplayCounts):
     """One replay pass.
 
     `replayed`: requests sent. Of those, `duplicates` the store had (for a hold:
@@ -176,14 +178,6 @@ class ReplayResult:
     `outcomes` lists every answer but the duplicates.
     """
 
-    replayed: int = 0
-    duplicates: int = 0
-    reapplied: int = 0
-    denied: int = 0
-    conflicts: int = 0
-    failed: int = 0
-    deferred: int = 0
-    expired: int = 0
     stopped: str | None = None
     outcomes: tuple[ReplayOutcome, ...] = ()
 
@@ -199,7 +193,7 @@ class ReplayResult:
 
 
 @dataclass(frozen=True)
-class ReplayStats:
+class ReplayStats(_ReplayCounts):
     """A client's replay bookkeeping since it was built.
 
     `entries`: acknowledged requests in the window now; `dropped`: entries pushed
@@ -212,14 +206,6 @@ class ReplayStats:
     dropped: int = 0
     outage: bool = False
     passes: int = 0
-    replayed: int = 0
-    duplicates: int = 0
-    reapplied: int = 0
-    denied: int = 0
-    conflicts: int = 0
-    failed: int = 0
-    deferred: int = 0
-    expired: int = 0
     last: ReplayResult | None = None
 
 
@@ -570,118 +556,6 @@ def _report(result: ReplayResult) -> None:
 # -- running a pass ---------------------------------------------------------------------
 
 
-async def replay_async(
-    acknowledged: AcknowledgedLog,
-    quota: quota_pb2_grpc.QuotaServiceAsyncStub,
-    *,
-    deadline: float,
-    metadata: tuple[tuple[str, str], ...],
-    should_stop: Callable[[], bool] = lambda: False,
-) -> ReplayResult:
-    """One pass over the window, on the async client's stub (see the module's docstring)."""
-    marker = REPLAYING.set(True)
-    try:
-        tally = _Tally()
-        for kind, entries in plan(acknowledged.snapshot()):
-            if tally.stopped or should_stop():
-                break
-            if kind == "hold":
-                entry = entries[0]
-                if _hold_expired(entry):
-                    tally.add(entry, "expired")
-                    continue
-                try:
-                    answer = await quota.CheckQuota(
-                        entry.check(), timeout=deadline, metadata=metadata
-                    )
-                except grpc.RpcError as error:
-                    tally.error(entry, error)
-                else:
-                    tally.add(entry, hold_outcome(answer))
-            elif kind == "record":
-                request = quota_pb2.RecordUsageBatchRequest(items=[e.record() for e in entries])
-                try:
-                    batch = await quota.RecordUsageBatch(
-                        request, timeout=deadline, metadata=metadata
-                    )
-                except grpc.RpcError as error:
-                    _batch_failed(tally, entries, error)
-                else:
-                    for entry, item in zip(entries, batch.items, strict=True):
-                        _batch_item(tally, entry, item)
-            else:
-                entry = entries[0]
-                try:
-                    released = await quota.ReleaseQuota(
-                        entry.release(), timeout=deadline, metadata=metadata
-                    )
-                except grpc.RpcError as error:
-                    tally.error(entry, error)
-                else:
-                    tally.add(entry, release_outcome(entry.release_outcome, released))
-        result = tally.result()
-    finally:
-        REPLAYING.reset(marker)
-    if result.stopped or result.deferred:
-        acknowledged.rearm()
-    acknowledged.finished(result)
-    return result
-
-
-def replay_sync(
-    acknowledged: AcknowledgedLog,
-    quota: quota_pb2_grpc.QuotaServiceStub,
-    *,
-    deadline: float,
-    metadata: tuple[tuple[str, str], ...],
-    should_stop: Callable[[], bool] = lambda: False,
-) -> ReplayResult:
-    """One pass over the window, on the blocking client's stub (replay_async, mirrored)."""
-    marker = REPLAYING.set(True)
-    try:
-        tally = _Tally()
-        for kind, entries in plan(acknowledged.snapshot()):
-            if tally.stopped or should_stop():
-                break
-            if kind == "hold":
-                entry = entries[0]
-                if _hold_expired(entry):
-                    tally.add(entry, "expired")
-                    continue
-                try:
-                    answer = quota.CheckQuota(entry.check(), timeout=deadline, metadata=metadata)
-                except grpc.RpcError as error:
-                    tally.error(entry, error)
-                else:
-                    tally.add(entry, hold_outcome(answer))
-            elif kind == "record":
-                request = quota_pb2.RecordUsageBatchRequest(items=[e.record() for e in entries])
-                try:
-                    batch = quota.RecordUsageBatch(request, timeout=deadline, metadata=metadata)
-                except grpc.RpcError as error:
-                    _batch_failed(tally, entries, error)
-                else:
-                    for entry, item in zip(entries, batch.items, strict=True):
-                        _batch_item(tally, entry, item)
-            else:
-                entry = entries[0]
-                try:
-                    released = quota.ReleaseQuota(
-                        entry.release(), timeout=deadline, metadata=metadata
-                    )
-                except grpc.RpcError as error:
-                    tally.error(entry, error)
-                else:
-                    tally.add(entry, release_outcome(entry.release_outcome, released))
-        result = tally.result()
-    finally:
-        REPLAYING.reset(marker)
-    if result.stopped or result.deferred:
-        acknowledged.rearm()
-    acknowledged.finished(result)
-    return result
-
-
 def _batch_failed(tally: _Tally, entries: list[_Entry], error: grpc.RpcError) -> None:
     """A RecordUsageBatch call failed as a whole: each of its records gets its error."""
     for entry in entries:
@@ -725,7 +599,7 @@ class AsyncObserver(_AsyncInterceptor):
         return call
 
 
-class SyncObserver(_SyncInterceptor):
+class Observer(_SyncInterceptor):
     """Reports every unary call of a blocking client to its AcknowledgedLog."""
 
     def __init__(self, acknowledged: AcknowledgedLog, recovered: Callable[[], None]) -> None:

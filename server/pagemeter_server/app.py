@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+import redis.exceptions
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -61,6 +62,7 @@ from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store.admin import AdminStore
 from pagemeter_server.store.connections import close_redis, connect_redis
+from pagemeter_server.store.plan_migration import migrate_plans, plans_migrated, summary
 from pagemeter_server.store.quota import Store
 from pagemeter_server.store.replica_acks import ReplicaAcks
 from pagemeter_server.store.reports import ReportStore
@@ -281,6 +283,9 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
                 ) from exc
         await parts.reporter.check(client, within=settings.redis_timeout_seconds)
         refuse_volatile_store(parts.reporter, settings)
+        if owns_its_store(settings) and not await plans_migrated(client):
+            # No server of an earlier release can share this store: migrate now.
+            log.info(summary(await migrate_plans(client)))
         await server.start()
         phase.now = "serving"
         log.info(
@@ -299,6 +304,31 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         if http is not None:
             http.shutdown()
     log.info("pagemeter stopped")
+
+
+def owns_its_store(settings: Settings) -> bool:
+    """Whether this process starts the embedded store, which no other server shares."""
+    return not settings.redis_url and settings.redis_mode == "single"
+
+
+async def migrate_stored_plans(settings: Settings) -> None:
+    async with redis_for(settings) as client:
+        log.info(summary(await migrate_plans(client)))
+
+
+def migrate_plans_main(argv: Sequence[str]) -> int:
+    """`pagemeter-server migrate-plans [flags]`: the migration of stored plans.
+
+    Run once no server of an earlier release uses the store (docs/operations.md).
+    """
+    settings = parse_settings(argv)
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        _run(migrate_stored_plans(settings))
+    except (*OPERATOR_ERRORS, redis.exceptions.RedisError) as exc:
+        log.error("pagemeter could not migrate the stored plans: %s", exc)
+        return 1
+    return 0
 
 
 def refuse_volatile_store(reporter: HealthReporter, settings: Settings) -> None:
@@ -325,7 +355,10 @@ OPERATOR_ERRORS = (OSError, EmbeddedRedisError, ConfigurationError, InUse)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = parse_settings(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["migrate-plans"]:
+        sys.exit(migrate_plans_main(args[1:]))
+    settings = parse_settings(args)
     if settings.workers > 1:
         setup_logging(settings.log_level, settings.log_format)
         phase = Phase()

@@ -1,6 +1,10 @@
 """Service configuration: command-line flags, each with an environment variable.
 
-A flag wins over its environment variable, which wins over the default.
+Each setting is declared once, as a Settings field made by option(): its flag,
+default and help, its type from the annotation. The parser, the environment
+variables and --help are derived from those declarations (SETTING_OPTIONS), and
+tests/unit/test_settings.py checks docs/operations.md against them. A flag wins over
+its environment variable, which wins over the default.
 """
 
 from __future__ import annotations
@@ -9,17 +13,20 @@ import argparse
 import dataclasses
 import math
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Upper bounds of the name caps: the answers that list an organization's metrics
-# and document types are sized for them (tests/test_answer_sizes.py).
+# and document types are sized for them (tests/grpc/test_answer_sizes.py).
 MAX_UNPLANNED_METRICS = 32
 MAX_DOCUMENT_TYPES = 200
+
+_T = TypeVar("_T")
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -128,106 +135,240 @@ def sentinel_url_options(url: str) -> dict[str, Any]:
     return options
 
 
+# Where option() keeps a setting's flag and help in its dataclass field.
+_DECLARATION = "pagemeter.option"
+
+
+def option(flag: str, default: _T, help: str, *, secret: bool = False) -> _T:
+    """Declare one setting: its flag, default and help; its type is the field's annotation.
+
+    The environment variable follows from the flag (--hold-ttl: PAGEMETER_HOLD_TTL).
+    A secret (it may hold a password) is kept out of repr(), which a traceback or a
+    debug log could show.
+    """
+    return dataclasses.field(
+        default=default, repr=not secret, metadata={_DECLARATION: (flag, help)}
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know at start-up."""
 
-    listen: str = "127.0.0.1:50051"
-    metrics_listen: str = "127.0.0.1:9464"
+    listen: str = option("--listen", "127.0.0.1:50051", "gRPC host:port")
+    metrics_listen: str = option(
+        "--metrics-listen", "127.0.0.1:9464", "Prometheus host:port; empty disables the exporter"
+    )
     # Empty: start the embedded Redis server in data_dir.
     # It may carry the primary's password: kept out of repr(), as sentinel_url.
-    redis_url: str = dataclasses.field(default="", repr=False)
+    redis_url: str = option(
+        "--redis-url",
+        "",
+        "redis:// or rediss:// URL; empty starts the embedded Redis server (sentinel mode: "
+        "only its credentials, database and scheme are used)",
+        secret=True,
+    )
     # "single" (one Redis, --redis-url), "cluster" (Redis Cluster; --redis-url
     # names any node: the client discovers the others and follows redirections)
     # or "sentinel" (the primary that the sentinels name, followed on failover).
-    redis_mode: str = "single"
+    redis_mode: str = option(
+        "--redis-mode",
+        "single",
+        "single; cluster (Redis Cluster; --redis-url names any node); or sentinel",
+    )
     # Sentinel mode: the monitored primary's name and the sentinels' host:port list.
-    sentinel_master: str = "pagemeter"
-    sentinels: str = ""
+    sentinel_master: str = option(
+        "--sentinel-master",
+        "pagemeter",
+        "sentinel mode: the name the sentinels monitor the primary under",
+    )
+    sentinels: str = option(
+        "--sentinels", "", "sentinel mode: the sentinels, host:port separated by commas"
+    )
     # Sentinel mode: the sentinels' own username, password and TLS, as a URL
     # without host (`rediss://user:password@?ssl_ca_certs=...`). Kept out of
     # repr: it may hold a password.
-    sentinel_url: str = dataclasses.field(default="", repr=False)
-    data_dir: str = ".pagemeter/data"
-    default_timezone: str = "UTC"
-    hold_ttl_seconds: float = 900.0
-    max_hold_ttl_seconds: float = 86400.0
+    sentinel_url: str = option(
+        "--sentinel-url",
+        "",
+        "sentinel mode: the sentinels' own credentials and TLS, redis://user:password@ or "
+        "rediss://user:password@?ssl_ca_certs=FILE (no host: --sentinels lists them); "
+        "better as the variable, out of the process list",
+        secret=True,
+    )
+    data_dir: str = option("--data-dir", ".pagemeter/data", "embedded Redis data directory")
+    default_timezone: str = option(
+        "--default-timezone", "UTC", "IANA timezone for plans that name none"
+    )
+    hold_ttl_seconds: float = option("--hold-ttl", 900.0, "default hold TTL, seconds")
+    max_hold_ttl_seconds: float = option(
+        "--max-hold-ttl", 86400.0, "longest hold TTL a caller may ask for, seconds"
+    )
     # How long a request_id is remembered for idempotency (and its record kept).
-    record_retention_days: int = 40
+    record_retention_days: int = option(
+        "--record-retention-days", 40, "days a request_id is remembered"
+    )
     # How long monthly counters are kept after their month ends.
-    usage_retention_days: int = 400
+    usage_retention_days: int = option(
+        "--usage-retention-days", 400, "days monthly counters are kept after their month"
+    )
     # RecordUsage refuses completed_at older than this (it must stay below
     # record_retention_days so that every accepted late retry is still deduplicated).
-    max_record_age_days: int = 35
+    max_record_age_days: int = option(
+        "--max-record-age-days", 35, "oldest completed_at RecordUsage accepts, days"
+    )
     # Most usage records one organization's records index lists (oldest leave
     # first); bounds its memory whatever its traffic.
-    max_records_per_org: int = 100_000
+    max_records_per_org: int = option(
+        "--max-records-per-org", 100_000, "most usage records listed per organization"
+    )
     # Metrics not in its plan an organization may record within the usage
     # retention (work done is never dropped, but every name costs a counter
     # field and an answer row); RecordUsage refuses a new one past this.
-    max_unplanned_metrics: int = 16
+    max_unplanned_metrics: int = option(
+        "--max-unplanned-metrics",
+        16,
+        "metrics not in its plan one organization may record (0: none)",
+    )
     # Document types an organization's statistics tell apart within the usage
     # retention; later ones are counted as "_other" (the record keeps its own).
-    max_document_types: int = 100
-    # Start (and report SERVING) on a store without an append-only file.
-    allow_volatile_store: bool = False
-    redis_timeout_seconds: float = 2.0
+    max_document_types: int = option(
+        "--max-document-types",
+        100,
+        "document types one organization's statistics tell apart; later ones count as _other",
+    )
+    allow_volatile_store: bool = option(
+        "--allow-volatile-store",
+        False,
+        "serve on a Redis without an append-only file (records are lost at its restart)",
+    )
+    redis_timeout_seconds: float = option(
+        "--redis-timeout", 2.0, "timeout of each Redis call, seconds"
+    )
     # Replicas that must have a change before it is acknowledged (Redis WAIT
     # after each changing script; 0: acknowledge what the primary has), and how
     # long to wait for them before answering UNAVAILABLE.
-    replica_acks: int = 0
-    replica_ack_timeout_seconds: float = 0.5
-    grace_period_seconds: float = 10.0
-    log_level: str = "INFO"
+    replica_acks: int = option(
+        "--replica-acks",
+        0,
+        "replicas that must have a change before it is acknowledged (Redis WAIT); 0: off",
+    )
+    replica_ack_timeout_seconds: float = option(
+        "--replica-ack-timeout",
+        0.5,
+        "seconds to wait for --replica-acks replicas before answering UNAVAILABLE",
+    )
+    grace_period_seconds: float = option(
+        "--grace-period", 10.0, "seconds in-flight calls may finish after SIGTERM"
+    )
+    log_level: str = option("--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR")
     # Credentials: files of "name=token" lines (tokens may also come from the
     # PAGEMETER_ADMIN_TOKENS / PAGEMETER_SERVICE_TOKENS variables; never flags,
     # which other users of the machine could read).
-    admin_tokens_file: str = ""
-    service_tokens_file: str = ""
-    # Serve callers without credentials as admins (loopback addresses only).
-    dev_open_access: bool = False
-    # Per tenant API key: reads per second and burst (0: no limit).
-    read_rate_limit: float = 20.0
-    read_burst: int = 40
+    admin_tokens_file: str = option(
+        "--admin-tokens-file", "", "file of admin tokens, one 'name=token' a line"
+    )
+    service_tokens_file: str = option(
+        "--service-tokens-file", "", "file of service tokens, one 'name=token' a line"
+    )
+    dev_open_access: bool = option(
+        "--dev-open-access",
+        False,
+        "serve callers without credentials as admins; loopback only, for development",
+    )
+    read_rate_limit: float = option(
+        "--read-rate-limit", 20.0, "reads per second per tenant API key (0: no limit)"
+    )
+    read_burst: int = option("--read-burst", 40, "burst of reads per tenant API key")
     # TLS for the gRPC port; with a client CA, callers must present a
     # certificate it signed (mutual TLS).
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""
+    tls_cert_file: str = option("--tls-cert", "", "server certificate chain (PEM)")
+    tls_key_file: str = option("--tls-key", "", "server private key (PEM)")
+    tls_client_ca_file: str = option(
+        "--tls-client-ca", "", "CA (PEM) that client certificates must be signed by: mutual TLS"
+    )
     # Audit trail entries kept per organization (about).
-    audit_max_events: int = 10_000
-    # "json" (one object per line) or "text".
-    log_format: str = "json"
+    audit_max_events: int = option(
+        "--audit-max-events", 10_000, "audit trail entries kept per organization"
+    )
+    log_format: str = option("--log-format", "json", "json (one object a line) or text")
     # Seconds between health probes of Redis (grpc.health.v1 follows them).
-    health_interval_seconds: float = 1.0
+    health_interval_seconds: float = option(
+        "--health-interval", 1.0, "seconds between health probes of Redis"
+    )
     # CheckQuota while Redis is unreachable: "closed" (UNAVAILABLE) or "open"
     # (admit, reason FAIL_OPEN); a plan may override it.
-    store_failure_policy: str = "closed"
+    store_failure_policy: str = option(
+        "--store-failure-policy",
+        "closed",
+        "CheckQuota while Redis is unreachable: closed (UNAVAILABLE) or open (admit)",
+    )
     # Where time comes from: "redis" (Redis TIME, one clock for every replica)
     # or "system" (this machine's clock).
-    clock: str = "redis"
-    # Server processes on the one gRPC port (SO_REUSEPORT), sharing one Redis.
-    workers: int = 1
+    clock: str = option("--clock", "redis", "redis (Redis TIME, shared by all replicas) or system")
+    workers: int = option(
+        "--workers", 1, "server processes on the one gRPC port (SO_REUSEPORT); metrics on port + i"
+    )
     # Send the script calls of one event-loop turn to Redis as one pipeline.
-    redis_pipelining: bool = False
+    redis_pipelining: bool = option(
+        "--redis-pipelining",
+        False,
+        "send concurrent script calls to Redis as one pipeline (each stays atomic)",
+    )
     # Bind the gRPC port with SO_REUSEPORT (set for the workers of --workers N;
     # also for several servers on one port under another process manager).
-    reuse_port: bool = False
+    reuse_port: bool = option(
+        "--reuse-port",
+        False,
+        "bind the gRPC port with SO_REUSEPORT, so that several servers can share it",
+    )
     # The per-organization usage exporter: most organizations per scrape;
     # 0 switches it off on this replica.
-    org_exporter_max_orgs: int = 10_000
+    org_exporter_max_orgs: int = option(
+        "--org-exporter-max-orgs",
+        10_000,
+        "organizations per scrape of the per-org usage gauges; 0 turns them off here",
+    )
     # Connection and stream limits of this process (docs/security.md): HTTP/2
     # streams per connection (advertised in SETTINGS), connections, RPCs in
     # progress (beyond: RESOURCE_EXHAUSTED), health Watch streams; idle
     # connections and connections older than the age (plus its grace) are
     # closed (0: never).
-    max_concurrent_streams: int = 100
-    max_connections: int = 1000
-    max_concurrent_rpcs: int = 1000
-    max_health_watchers: int = 100
-    max_connection_idle_seconds: float = 300.0
-    max_connection_age_seconds: float = 1800.0
-    max_connection_age_grace_seconds: float = 60.0
+    max_concurrent_streams: int = option(
+        "--max-concurrent-streams",
+        100,
+        "HTTP/2 streams per connection (advertised; extra streams are refused)",
+    )
+    max_connections: int = option(
+        "--max-connections",
+        1000,
+        "gRPC connections this process accepts at once (extra ones are closed)",
+    )
+    max_concurrent_rpcs: int = option(
+        "--max-concurrent-rpcs",
+        1000,
+        "RPCs in progress in this process; beyond, RESOURCE_EXHAUSTED",
+    )
+    max_health_watchers: int = option(
+        "--max-health-watchers",
+        100,
+        "grpc.health.v1 Watch streams at once; beyond, RESOURCE_EXHAUSTED",
+    )
+    max_connection_idle_seconds: float = option(
+        "--max-connection-idle",
+        300.0,
+        "seconds a connection without calls stays open (0: for ever)",
+    )
+    max_connection_age_seconds: float = option(
+        "--max-connection-age",
+        1800.0,
+        "seconds before a connection is asked to close (GOAWAY; 0: never)",
+    )
+    max_connection_age_grace_seconds: float = option(
+        "--max-connection-age-grace",
+        60.0,
+        "seconds calls may go on after that GOAWAY before the connection is closed",
+    )
 
     def validate(self) -> Settings:
         """Raise ValueError with a readable message for inconsistent settings."""
@@ -345,215 +486,42 @@ class Settings:
                 raise ValueError(f"{flag} must be 0 (never) or a positive number of seconds")
 
 
-# flag name -> (settings field, environment variable, help)
-_OPTIONS: dict[str, tuple[str, str, str]] = {
-    "--listen": ("listen", "PAGEMETER_LISTEN", "gRPC host:port"),
-    "--metrics-listen": (
-        "metrics_listen",
-        "PAGEMETER_METRICS_LISTEN",
-        "Prometheus host:port; empty disables the exporter",
-    ),
-    "--redis-url": (
-        "redis_url",
-        "PAGEMETER_REDIS_URL",
-        "redis:// or rediss:// URL; empty starts the embedded Redis server (sentinel mode: only "
-        "its credentials, database and scheme are used)",
-    ),
-    "--redis-mode": (
-        "redis_mode",
-        "PAGEMETER_REDIS_MODE",
-        "single; cluster (Redis Cluster; --redis-url names any node); or sentinel",
-    ),
-    "--sentinel-master": (
-        "sentinel_master",
-        "PAGEMETER_SENTINEL_MASTER",
-        "sentinel mode: the name the sentinels monitor the primary under",
-    ),
-    "--sentinels": (
-        "sentinels",
-        "PAGEMETER_SENTINELS",
-        "sentinel mode: the sentinels, host:port separated by commas",
-    ),
-    "--sentinel-url": (
-        "sentinel_url",
-        "PAGEMETER_SENTINEL_URL",
-        "sentinel mode: the sentinels' own credentials and TLS, redis://user:password@ or "
-        "rediss://user:password@?ssl_ca_certs=FILE (no host: --sentinels lists them); "
-        "better as the variable, out of the process list",
-    ),
-    "--data-dir": ("data_dir", "PAGEMETER_DATA_DIR", "embedded Redis data directory"),
-    "--default-timezone": (
-        "default_timezone",
-        "PAGEMETER_DEFAULT_TIMEZONE",
-        "IANA timezone for plans that name none",
-    ),
-    "--hold-ttl": ("hold_ttl_seconds", "PAGEMETER_HOLD_TTL", "default hold TTL, seconds"),
-    "--max-hold-ttl": (
-        "max_hold_ttl_seconds",
-        "PAGEMETER_MAX_HOLD_TTL",
-        "longest hold TTL a caller may ask for, seconds",
-    ),
-    "--record-retention-days": (
-        "record_retention_days",
-        "PAGEMETER_RECORD_RETENTION_DAYS",
-        "days a request_id is remembered",
-    ),
-    "--usage-retention-days": (
-        "usage_retention_days",
-        "PAGEMETER_USAGE_RETENTION_DAYS",
-        "days monthly counters are kept after their month",
-    ),
-    "--max-record-age-days": (
-        "max_record_age_days",
-        "PAGEMETER_MAX_RECORD_AGE_DAYS",
-        "oldest completed_at RecordUsage accepts, days",
-    ),
-    "--max-records-per-org": (
-        "max_records_per_org",
-        "PAGEMETER_MAX_RECORDS_PER_ORG",
-        "most usage records listed per organization",
-    ),
-    "--redis-timeout": (
-        "redis_timeout_seconds",
-        "PAGEMETER_REDIS_TIMEOUT",
-        "timeout of each Redis call, seconds",
-    ),
-    "--replica-acks": (
-        "replica_acks",
-        "PAGEMETER_REPLICA_ACKS",
-        "replicas that must have a change before it is acknowledged (Redis WAIT); 0: off",
-    ),
-    "--replica-ack-timeout": (
-        "replica_ack_timeout_seconds",
-        "PAGEMETER_REPLICA_ACK_TIMEOUT",
-        "seconds to wait for --replica-acks replicas before answering UNAVAILABLE",
-    ),
-    "--grace-period": (
-        "grace_period_seconds",
-        "PAGEMETER_GRACE_PERIOD",
-        "seconds in-flight calls may finish after SIGTERM",
-    ),
-    "--log-level": ("log_level", "PAGEMETER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
-    "--admin-tokens-file": (
-        "admin_tokens_file",
-        "PAGEMETER_ADMIN_TOKENS_FILE",
-        "file of admin tokens, one 'name=token' a line",
-    ),
-    "--service-tokens-file": (
-        "service_tokens_file",
-        "PAGEMETER_SERVICE_TOKENS_FILE",
-        "file of service tokens, one 'name=token' a line",
-    ),
-    "--dev-open-access": (
-        "dev_open_access",
-        "PAGEMETER_DEV_OPEN_ACCESS",
-        "serve callers without credentials as admins; loopback only, for development",
-    ),
-    "--read-rate-limit": (
-        "read_rate_limit",
-        "PAGEMETER_READ_RATE_LIMIT",
-        "reads per second per tenant API key (0: no limit)",
-    ),
-    "--read-burst": ("read_burst", "PAGEMETER_READ_BURST", "burst of reads per tenant API key"),
-    "--tls-cert": ("tls_cert_file", "PAGEMETER_TLS_CERT", "server certificate chain (PEM)"),
-    "--tls-key": ("tls_key_file", "PAGEMETER_TLS_KEY", "server private key (PEM)"),
-    "--tls-client-ca": (
-        "tls_client_ca_file",
-        "PAGEMETER_TLS_CLIENT_CA",
-        "CA (PEM) that client certificates must be signed by: mutual TLS",
-    ),
-    "--workers": (
-        "workers",
-        "PAGEMETER_WORKERS",
-        "server processes on the one gRPC port (SO_REUSEPORT); metrics on port + i",
-    ),
-    "--redis-pipelining": (
-        "redis_pipelining",
-        "PAGEMETER_REDIS_PIPELINING",
-        "send concurrent script calls to Redis as one pipeline (each stays atomic)",
-    ),
-    "--reuse-port": (
-        "reuse_port",
-        "PAGEMETER_REUSE_PORT",
-        "bind the gRPC port with SO_REUSEPORT, so that several servers can share it",
-    ),
-    "--store-failure-policy": (
-        "store_failure_policy",
-        "PAGEMETER_STORE_FAILURE_POLICY",
-        "CheckQuota while Redis is unreachable: closed (UNAVAILABLE) or open (admit)",
-    ),
-    "--clock": (
-        "clock",
-        "PAGEMETER_CLOCK",
-        "redis (Redis TIME, shared by all replicas) or system",
-    ),
-    "--log-format": ("log_format", "PAGEMETER_LOG_FORMAT", "json (one object a line) or text"),
-    "--health-interval": (
-        "health_interval_seconds",
-        "PAGEMETER_HEALTH_INTERVAL",
-        "seconds between health probes of Redis",
-    ),
-    "--org-exporter-max-orgs": (
-        "org_exporter_max_orgs",
-        "PAGEMETER_ORG_EXPORTER_MAX_ORGS",
-        "organizations per scrape of the per-org usage gauges; 0 turns them off here",
-    ),
-    "--allow-volatile-store": (
-        "allow_volatile_store",
-        "PAGEMETER_ALLOW_VOLATILE_STORE",
-        "serve on a Redis without an append-only file (records are lost at its restart)",
-    ),
-    "--max-unplanned-metrics": (
-        "max_unplanned_metrics",
-        "PAGEMETER_MAX_UNPLANNED_METRICS",
-        "metrics not in its plan one organization may record (0: none)",
-    ),
-    "--max-document-types": (
-        "max_document_types",
-        "PAGEMETER_MAX_DOCUMENT_TYPES",
-        "document types one organization's statistics tell apart; later ones count as _other",
-    ),
-    "--audit-max-events": (
-        "audit_max_events",
-        "PAGEMETER_AUDIT_MAX_EVENTS",
-        "audit trail entries kept per organization",
-    ),
-    "--max-concurrent-streams": (
-        "max_concurrent_streams",
-        "PAGEMETER_MAX_CONCURRENT_STREAMS",
-        "HTTP/2 streams per connection (advertised; extra streams are refused)",
-    ),
-    "--max-connections": (
-        "max_connections",
-        "PAGEMETER_MAX_CONNECTIONS",
-        "gRPC connections this process accepts at once (extra ones are closed)",
-    ),
-    "--max-concurrent-rpcs": (
-        "max_concurrent_rpcs",
-        "PAGEMETER_MAX_CONCURRENT_RPCS",
-        "RPCs in progress in this process; beyond, RESOURCE_EXHAUSTED",
-    ),
-    "--max-health-watchers": (
-        "max_health_watchers",
-        "PAGEMETER_MAX_HEALTH_WATCHERS",
-        "grpc.health.v1 Watch streams at once; beyond, RESOURCE_EXHAUSTED",
-    ),
-    "--max-connection-idle": (
-        "max_connection_idle_seconds",
-        "PAGEMETER_MAX_CONNECTION_IDLE",
-        "seconds a connection without calls stays open (0: for ever)",
-    ),
-    "--max-connection-age": (
-        "max_connection_age_seconds",
-        "PAGEMETER_MAX_CONNECTION_AGE",
-        "seconds before a connection is asked to close (GOAWAY; 0: never)",
-    ),
-    "--max-connection-age-grace": (
-        "max_connection_age_grace_seconds",
-        "PAGEMETER_MAX_CONNECTION_AGE_GRACE",
-        "seconds calls may go on after that GOAWAY before the connection is closed",
-    ),
-}
+@dataclass(frozen=True)
+class SettingOption:
+    """One setting as the command line and the environment see it, read from its declaration."""
+
+    field: str
+    flag: str
+    value_type: type  # str, int, float or bool: the field's annotation
+    default: object
+    help: str
+
+    @property
+    def env(self) -> str:
+        """Its environment variable: PAGEMETER_ and the flag (--hold-ttl: PAGEMETER_HOLD_TTL)."""
+        return "PAGEMETER_" + self.flag.removeprefix("--").upper().replace("-", "_")
+
+    def from_env(self, text: str) -> object:
+        """The variable's value as the setting's type; ValueError if it is not one."""
+        return _parse_bool(text) if self.value_type is bool else self.value_type(text)
+
+
+def _declared_options(settings_class: type[Settings]) -> tuple[SettingOption, ...]:
+    hints = typing.get_type_hints(settings_class)
+    options = []
+    for field in dataclasses.fields(settings_class):
+        if _DECLARATION not in field.metadata or hints[field.name] not in (str, int, float, bool):
+            raise TypeError(
+                f"Settings.{field.name}: declare it with option() as str, int, float or bool"
+            )
+        flag, help_text = field.metadata[_DECLARATION]
+        options.append(SettingOption(field.name, flag, hints[field.name], field.default, help_text))
+    return tuple(options)
+
+
+# Every setting, in the order of the Settings fields: the parser, the environment
+# variables, --help and the check of docs/operations.md all read this.
+SETTING_OPTIONS = _declared_options(Settings)
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -567,9 +535,28 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
-def _field_types() -> dict[str, type]:
-    defaults = Settings()
-    return {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(Settings)}
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagemeter-server",
+        description="pagemeter quota enforcement service",
+        epilog=(
+            "pagemeter-server migrate-plans [flags] rewrites the stored plans as plan "
+            "documents of schema 2, once no server of an earlier release uses the store "
+            "(docs/operations.md, upgrading)"
+        ),
+    )
+    for option in SETTING_OPTIONS:
+        help_text = f"{option.help} (env {option.env})"
+        if option.value_type is bool:
+            # None, not False: a switch left off must not hide its variable.
+            parser.add_argument(
+                option.flag, dest=option.field, action="store_true", default=None, help=help_text
+            )
+        else:
+            parser.add_argument(
+                option.flag, dest=option.field, type=option.value_type, help=help_text
+            )
+    return parser
 
 
 def parse_settings(
@@ -577,32 +564,21 @@ def parse_settings(
 ) -> Settings:
     """Build Settings from flags and environment variables."""
     env = os.environ if environ is None else environ
-    types = _field_types()
-    parser = argparse.ArgumentParser(
-        prog="pagemeter-server", description="pagemeter quota enforcement service"
-    )
-    for flag, (field, var, help_text) in _OPTIONS.items():
-        if types[field] is bool:
-            parser.add_argument(
-                flag, dest=field, action="store_true", default=None, help=f"{help_text} (env {var})"
-            )
-        else:
-            parser.add_argument(
-                flag, dest=field, type=types[field], help=f"{help_text} (env {var})"
-            )
+    parser = _parser()
     args = parser.parse_args(argv)
-    values: dict[str, object] = {}
-    for field, var, _ in _OPTIONS.values():
-        flag_value = getattr(args, field)
+    values: dict[str, Any] = {}
+    for option in SETTING_OPTIONS:
+        flag_value = getattr(args, option.field)
         if flag_value is not None:
-            values[field] = flag_value
-        elif var in env:
-            convert = _parse_bool if types[field] is bool else types[field]
+            values[option.field] = flag_value
+        elif option.env in env:
             try:
-                values[field] = convert(env[var])
+                values[option.field] = option.from_env(env[option.env])
             except ValueError:
-                parser.error(f"{var}={env[var]!r} is not a valid {types[field].__name__}")
+                parser.error(
+                    f"{option.env}={env[option.env]!r} is not a valid {option.value_type.__name__}"
+                )
     try:
-        return Settings(**values).validate()  # type: ignore[arg-type]
+        return Settings(**values).validate()
     except ValueError as exc:
         parser.error(str(exc))

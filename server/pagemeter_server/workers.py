@@ -20,6 +20,7 @@ first one's SO_REUSEPORT group and split its traffic over two stores.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -35,6 +36,7 @@ from pagemeter_server.api.auth import check_open_access, load_credentials
 from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.ops.lifecycle import Phase, PortClaim, die_with_parent
 from pagemeter_server.settings import Settings, split_host_port
+from pagemeter_server.store.plan_migration import migrate_plans_at, summary
 
 log = logging.getLogger("pagemeter.workers")
 
@@ -82,6 +84,11 @@ def supervise(settings: Settings, phase: Phase | None = None) -> int:
             owned.callback(_stop_embedded, embedded)
             redis_url = embedded.url
             log.info("embedded Redis started (pid %s, data in %s)", embedded.pid, settings.data_dir)
+            # The supervisor owns the embedded store: no server of an earlier
+            # release can share it, so its plans move to schema 2 now.
+            migration = asyncio.run(migrate_plans_at(redis_url))
+            if migration is not None:
+                log.info(summary(migration))
         code = _run_workers(settings, redis_url, claim, phase, owned)
     return code
 

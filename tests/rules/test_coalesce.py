@@ -10,6 +10,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from pagemeter_server.domain.decisions import CheckCall
 from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, metric_limits
 from tests.rules.test_rules_lua import set_plan
@@ -33,11 +34,8 @@ async def test_coalesced_checks_never_over_admit(piped: Store, redis_sync: redis
         *(
             piped.check(
                 "acme",
-                {"pages": 1},
+                CheckCall({"pages": 1}, request_id=f"j{i}", hold=True, hold_ttl_ms=60000),
                 now_ms=START_MS,
-                request_id=f"j{i}",
-                hold=True,
-                hold_ttl_ms=60_000,
             )
             for i in range(100)
         )
@@ -49,7 +47,7 @@ async def test_coalesced_checks_never_over_admit(piped: Store, redis_sync: redis
 async def test_one_failing_call_does_not_fail_its_pipeline(piped: Store) -> None:
     """A call that Redis refuses fails alone; the calls sent with it in the same pipeline succeed."""
     await set_plan(piped, metric_limits("pages"))
-    good = piped.check("acme", {"pages": 1}, now_ms=START_MS)
+    good = piped.check("acme", CheckCall({"pages": 1}), now_ms=START_MS)
     bad = piped.run("check", ["pm:{acme}:plan"], [1])  # wrong KEYS/ARGV: the script asserts
     outcomes = await asyncio.gather(good, bad, return_exceptions=True)
     assert not isinstance(outcomes[0], BaseException) and outcomes[0].allowed
@@ -61,6 +59,6 @@ async def test_scripts_reload_inside_a_pipeline(piped: Store, redis_sync: redis.
     await set_plan(piped, metric_limits("pages"))
     redis_sync.script_flush()
     results = await asyncio.gather(
-        *(piped.check("acme", {"pages": 1}, now_ms=START_MS) for _ in range(20))
+        *(piped.check("acme", CheckCall({"pages": 1}), now_ms=START_MS) for _ in range(20))
     )
     assert all(r.allowed for r in results)

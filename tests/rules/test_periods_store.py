@@ -8,6 +8,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from pagemeter.v1 import plan_pb2
+from pagemeter_server.domain.decisions import CheckCall, RecordCall
 from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.store.quota import Store
 from tests.conftest import metric_limits, ms
@@ -30,12 +31,14 @@ async def _plan(store: Store, tz_name: str) -> None:
 async def _record(store: Store, request_id: str, completed_ms: int, now_ms: int) -> str:
     result = await store.record(
         "acme",
-        request_id,
-        {"pages": 10},
+        RecordCall(
+            request_id=request_id,
+            units={"pages": 10},
+            completed_ms=completed_ms,
+            completed_given=True,
+            success=True,
+        ),
         now_ms=now_ms,
-        completed_ms=completed_ms,
-        completed_given=True,
-        success=True,
     )
     return result.month_id
 
@@ -48,8 +51,8 @@ async def test_month_rollover_at_local_midnight_in_tokyo(store: Store) -> None:
     assert first_ms == ms("2026-03-31T15:00:00+00:00")
     assert await _record(store, "a", last_ms, last_ms) == "2026-03"
     assert await _record(store, "b", first_ms, first_ms) == "2026-04"
-    before = (await store.check("acme", {"pages": 1}, now_ms=last_ms)).metrics[0]
-    after = (await store.check("acme", {"pages": 1}, now_ms=first_ms)).metrics[0]
+    before = (await store.check("acme", CheckCall({"pages": 1}), now_ms=last_ms)).metrics[0]
+    after = (await store.check("acme", CheckCall({"pages": 1}), now_ms=first_ms)).metrics[0]
     assert (before.committed, after.committed) == (10, 10)
     assert after.lifetime is False
     march = await store.usage("acme", now_ms=first_ms, year_month=(2026, 3))

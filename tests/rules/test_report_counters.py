@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import plan_pb2
+from pagemeter_server.domain.decisions import CheckCall
 from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.store.keys import OrgKeys
 from pagemeter_server.store.quota import Store
@@ -180,7 +181,9 @@ async def test_hold_enters_the_index_at_check_time(store: Store, redis_sync: red
     """A held job is listed from its CheckQuota, scored by the hold's time; its record keeps that score."""
     await set_plan(store, metric_limits("pages"))
     await store.check(
-        "acme", {"pages": 2}, now_ms=START_MS, request_id="j1", hold=True, hold_ttl_ms=60_000
+        "acme",
+        CheckCall({"pages": 2}, request_id="j1", hold=True, hold_ttl_ms=60000),
+        now_ms=START_MS,
     )
     assert redis_sync.zscore(KEYS.records_index, "j1") == START_MS
     await record(store, "j1", {"pages": 2}, now_ms=START_MS + 5_000)
@@ -259,11 +262,8 @@ async def test_usage_records_stay_compact(store: Store, redis_sync: redis.Redis)
     await set_plan(store, metric_limits("pages"), metric_limits("documents"))
     await store.check(
         "acme",
-        {"pages": 12, "documents": 1},
+        CheckCall({"pages": 12, "documents": 1}, request_id="j1", hold=True, hold_ttl_ms=60000),
         now_ms=START_MS,
-        request_id="j1",
-        hold=True,
-        hold_ttl_ms=60_000,
     )
     await record(store, "j1", {"pages": 12, "documents": 1}, document_type="invoice")
     assert redis_sync.object("encoding", "pm:{acme}:r:j1") in ("ziplist", "listpack")

@@ -12,8 +12,8 @@ from typing import cast
 import pytest
 import redis
 
-from pagemeter.v1 import plan_pb2
-from pagemeter_server.domain.decisions import RecordResult
+from pagemeter.v1 import plan_pb2, quota_pb2
+from pagemeter_server.domain.decisions import CheckCall, RecordCall, RecordResult
 from pagemeter_server.domain.errors import NegativeUnits, RequestIdReused
 from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.store.keys import ORGS_KEY
@@ -24,6 +24,7 @@ from tests.conftest import ON_EACH_BACKEND, START_MS, metric_limits
 # Each test runs on the suite's Redis and, in the system tier, on a Redis Cluster.
 pytestmark = ON_EACH_BACKEND
 
+Q = quota_pb2
 NOW = START_MS
 MINUTE = 60_000
 LUA_DIR = Path(__file__).resolve().parents[2] / "server" / "pagemeter_server" / "store" / "lua"
@@ -52,17 +53,29 @@ async def usage_of(
 
 
 async def record(
-    store: Store, request_id: str, units: dict[str, int], now_ms: int = NOW, **kw: object
+    store: Store,
+    request_id: str,
+    units: dict[str, int],
+    now_ms: int = NOW,
+    *,
+    completed_ms: int | None = None,
+    completed_given: bool = False,
+    success: bool = True,
+    requested_ms: int | None = None,
+    document_type: str = "",
 ) -> RecordResult:
     return await store.record(
         "acme",
-        request_id,
-        units,
+        RecordCall(
+            request_id=request_id,
+            units=units,
+            completed_ms=now_ms if completed_ms is None else completed_ms,
+            completed_given=completed_given,
+            success=success,
+            requested_ms=requested_ms,
+            document_type=document_type,
+        ),
         now_ms=now_ms,
-        completed_ms=kw.pop("completed_ms", now_ms),  # type: ignore[arg-type]
-        completed_given=bool(kw.pop("completed_given", False)),
-        success=bool(kw.pop("success", True)),
-        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -72,7 +85,7 @@ async def record(
 async def test_no_plan_denies_and_changes_nothing(store: Store, redis_sync: redis.Redis) -> None:
     """An organization without a plan is denied with NO_PLAN and no key is written."""
     result = await store.check(
-        "acme", {"pages": 1}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 1}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     assert result.outcome == "no_plan"
     assert not result.allowed
@@ -82,13 +95,13 @@ async def test_no_plan_denies_and_changes_nothing(store: Store, redis_sync: redi
 async def test_exactly_at_quota_is_admitted_and_one_more_is_denied(store: Store) -> None:
     """Units that exactly fill the contract quota are admitted; one unit more is QUOTA_EXCEEDED."""
     await set_plan(store, metric_limits("pages", contract_quota=10, overage_allowed=False))
-    first = await store.check("acme", {"pages": 10}, now_ms=NOW)
-    assert first.allowed and first.metrics[0].reason == 1
+    first = await store.check("acme", CheckCall({"pages": 10}), now_ms=NOW)
+    assert first.allowed and first.metrics[0].reason == Q.DECISION_REASON_WITHIN_QUOTA
     assert first.metrics[0].remaining == 0
     await record(store, "j1", {"pages": 10})
-    second = await store.check("acme", {"pages": 1}, now_ms=NOW)
+    second = await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)
     assert not second.allowed
-    assert second.metrics[0].reason == 4
+    assert second.metrics[0].reason == Q.DECISION_REASON_QUOTA_EXCEEDED
     assert second.metrics[0].max_admissible == 0
     assert second.metrics[0].committed == 10
 
@@ -97,17 +110,21 @@ async def test_one_over_quota_is_denied_with_the_partial_admission_hint(store: S
     """Asking for one unit more than is left is denied, and max_admissible says what would fit."""
     await set_plan(store, metric_limits("pages", contract_quota=10, overage_allowed=False))
     await record(store, "j1", {"pages": 7})
-    result = await store.check("acme", {"pages": 4}, now_ms=NOW)
+    result = await store.check("acme", CheckCall({"pages": 4}), now_ms=NOW)
     assert not result.allowed
     decision = result.metrics[0]
-    assert (decision.reason, decision.max_admissible, decision.remaining) == (4, 3, 3)
+    assert (decision.reason, decision.max_admissible, decision.remaining) == (
+        Q.DECISION_REASON_QUOTA_EXCEEDED,
+        3,
+        3,
+    )
     assert (decision.included, decision.overage) == (3, 1)
 
 
 async def test_unlimited_metric_always_admits(store: Store) -> None:
     """A metric without contract quota or hard limit admits any amount, with no limit reported."""
     await set_plan(store, metric_limits("pages"))
-    result = await store.check("acme", {"pages": 1_000_000_000}, now_ms=NOW)
+    result = await store.check("acme", CheckCall({"pages": 1000000000}), now_ms=NOW)
     assert result.allowed
     decision = result.metrics[0]
     assert decision.max_admissible is None and decision.remaining is None
@@ -123,10 +140,10 @@ async def test_overage_allowed_without_hard_limit(store: Store) -> None:
         ),
     )
     await record(store, "j1", {"pages": 1990})
-    result = await store.check("acme", {"pages": 50}, now_ms=NOW)
+    result = await store.check("acme", CheckCall({"pages": 50}), now_ms=NOW)
     assert result.allowed
     decision = result.metrics[0]
-    assert decision.reason == 3
+    assert decision.reason == Q.DECISION_REASON_OVERAGE
     assert (decision.included, decision.prepaid, decision.overage) == (10, 0, 40)
     assert decision.overage_price == "0.028"
     assert decision.max_admissible is None
@@ -138,11 +155,11 @@ async def test_overage_with_hard_limit_stops_at_the_hard_limit(store: Store) -> 
         store, metric_limits("pages", contract_quota=100, overage_allowed=True, hard_limit=150)
     )
     await record(store, "j1", {"pages": 120})
-    at_limit = await store.check("acme", {"pages": 30}, now_ms=NOW)
+    at_limit = await store.check("acme", CheckCall({"pages": 30}), now_ms=NOW)
     assert at_limit.allowed and at_limit.metrics[0].overage == 30
-    over = await store.check("acme", {"pages": 31}, now_ms=NOW)
+    over = await store.check("acme", CheckCall({"pages": 31}), now_ms=NOW)
     assert not over.allowed
-    assert over.metrics[0].reason == 5
+    assert over.metrics[0].reason == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
     assert over.metrics[0].max_admissible == 30
 
 
@@ -150,12 +167,12 @@ async def test_hard_limit_counts_held_units(store: Store) -> None:
     """Units held by other jobs count against the hard limit: committed + held + n > limit denies."""
     await set_plan(store, metric_limits("pages", overage_allowed=True, hard_limit=10))
     held = await store.check(
-        "acme", {"pages": 6}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 6}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     assert held.held
-    result = await store.check("acme", {"pages": 5}, now_ms=NOW)
+    result = await store.check("acme", CheckCall({"pages": 5}), now_ms=NOW)
     assert not result.allowed
-    assert result.metrics[0].reason == 5
+    assert result.metrics[0].reason == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
     assert result.metrics[0].held == 6
     assert result.metrics[0].max_admissible == 4
 
@@ -163,8 +180,8 @@ async def test_hard_limit_counts_held_units(store: Store) -> None:
 async def test_hard_limit_below_quota_wins(store: Store) -> None:
     """A hard limit lower than the contract quota caps admission even inside the quota."""
     await set_plan(store, metric_limits("pages", contract_quota=100, hard_limit=40))
-    result = await store.check("acme", {"pages": 41}, now_ms=NOW)
-    assert not result.allowed and result.metrics[0].reason == 5
+    result = await store.check("acme", CheckCall({"pages": 41}), now_ms=NOW)
+    assert not result.allowed and result.metrics[0].reason == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
     assert result.metrics[0].max_admissible == 40
 
 
@@ -180,8 +197,13 @@ async def test_prepaid_credits_are_drawn_after_quota_and_before_overage(store: S
         ),
     )
     assert await store.grant_credits("acme", "pages", 5, "g1", "bought", now_ms=NOW) == (5, False)
-    decision = (await store.check("acme", {"pages": 20}, now_ms=NOW)).metrics[0]
-    assert (decision.included, decision.prepaid, decision.overage, decision.reason) == (10, 5, 5, 3)
+    decision = (await store.check("acme", CheckCall({"pages": 20}), now_ms=NOW)).metrics[0]
+    assert (decision.included, decision.prepaid, decision.overage, decision.reason) == (
+        10,
+        5,
+        5,
+        Q.DECISION_REASON_OVERAGE,
+    )
     result = await record(store, "j1", {"pages": 20})
     row = result.metrics[0]
     assert (row.included, row.prepaid, row.overage, row.committed) == (10, 5, 5, 20)
@@ -194,10 +216,10 @@ async def test_prepaid_without_overage_admits_up_to_the_balance(store: Store) ->
     """With overage not allowed, the quota plus the prepaid balance is the most admitted."""
     await set_plan(store, metric_limits("pages", contract_quota=10, overage_allowed=False))
     await store.grant_credits("acme", "pages", 5, "g1", "", now_ms=NOW)
-    fits = await store.check("acme", {"pages": 15}, now_ms=NOW)
-    assert fits.allowed and fits.metrics[0].reason == 2
-    too_many = await store.check("acme", {"pages": 16}, now_ms=NOW)
-    assert not too_many.allowed and too_many.metrics[0].reason == 4
+    fits = await store.check("acme", CheckCall({"pages": 15}), now_ms=NOW)
+    assert fits.allowed and fits.metrics[0].reason == Q.DECISION_REASON_PREPAID
+    too_many = await store.check("acme", CheckCall({"pages": 16}), now_ms=NOW)
+    assert not too_many.allowed and too_many.metrics[0].reason == Q.DECISION_REASON_QUOTA_EXCEEDED
     assert too_many.metrics[0].max_admissible == 15
 
 
@@ -206,14 +228,14 @@ async def test_a_hold_reserves_prepaid_credits(store: Store) -> None:
     await set_plan(store, metric_limits("pages", contract_quota=0, overage_allowed=False))
     await store.grant_credits("acme", "pages", 8, "g1", "", now_ms=NOW)
     first = await store.check(
-        "acme", {"pages": 5}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 5}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     assert first.held and first.metrics[0].prepaid == 5
-    second = await store.check("acme", {"pages": 4}, now_ms=NOW)
+    second = await store.check("acme", CheckCall({"pages": 4}), now_ms=NOW)
     assert not second.allowed
     assert second.metrics[0].prepaid_available == 3
     await store.release("acme", "j1", now_ms=NOW)
-    third = await store.check("acme", {"pages": 8}, now_ms=NOW)
+    third = await store.check("acme", CheckCall({"pages": 8}), now_ms=NOW)
     assert third.allowed
 
 
@@ -222,7 +244,9 @@ async def test_commit_respects_other_jobs_prepaid_reservations(store: Store) -> 
     await set_plan(store, metric_limits("pages", contract_quota=0, overage_allowed=True))
     await store.grant_credits("acme", "pages", 3, "g1", "", now_ms=NOW)
     await store.check(
-        "acme", {"pages": 3}, now_ms=NOW, request_id="held", hold=True, hold_ttl_ms=MINUTE
+        "acme",
+        CheckCall({"pages": 3}, request_id="held", hold=True, hold_ttl_ms=MINUTE),
+        now_ms=NOW,
     )
     unheld = await record(store, "unheld", {"pages": 3})
     assert (unheld.metrics[0].prepaid, unheld.metrics[0].overage) == (0, 3)
@@ -254,11 +278,13 @@ async def test_all_or_nothing_across_metrics(store: Store, redis_sync: redis.Red
     )
     result = await store.check(
         "acme",
-        {"pages": 10, "documents": 2, "credits": 5},
+        CheckCall(
+            {"pages": 10, "documents": 2, "credits": 5},
+            request_id="j1",
+            hold=True,
+            hold_ttl_ms=MINUTE,
+        ),
         now_ms=NOW,
-        request_id="j1",
-        hold=True,
-        hold_ttl_ms=MINUTE,
     )
     assert not result.allowed and not result.held
     assert [m.metric for m in result.metrics] == ["credits", "documents", "pages"]
@@ -272,11 +298,16 @@ async def test_unknown_metric_denies_the_whole_call(store: Store) -> None:
     """A metric missing from the plan is UNKNOWN_METRIC and nothing is held."""
     await set_plan(store, metric_limits("pages"))
     result = await store.check(
-        "acme", {"pages": 1, "pagez": 1}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme",
+        CheckCall({"pages": 1, "pagez": 1}, request_id="j1", hold=True, hold_ttl_ms=MINUTE),
+        now_ms=NOW,
     )
     assert not result.allowed and not result.held
     reasons = {m.metric: m.reason for m in result.metrics}
-    assert reasons == {"pages": 1, "pagez": 8}
+    assert reasons == {
+        "pages": Q.DECISION_REASON_WITHIN_QUOTA,
+        "pagez": Q.DECISION_REASON_UNKNOWN_METRIC,
+    }
     assert (await usage_of(store, "pages"))["held"] == 0
 
 
@@ -287,12 +318,12 @@ async def test_hold_counts_until_it_expires(store: Store) -> None:
     """A hold counts up to the millisecond before its expiry and not from its expiry on."""
     await set_plan(store, metric_limits("pages", contract_quota=10))
     held = await store.check(
-        "acme", {"pages": 10}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 10}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     assert held.held and held.hold_expires_ms == NOW + MINUTE
-    just_before = await store.check("acme", {"pages": 1}, now_ms=NOW + MINUTE - 1)
+    just_before = await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW + MINUTE - 1)
     assert not just_before.allowed and just_before.metrics[0].held == 10
-    at_expiry = await store.check("acme", {"pages": 10}, now_ms=NOW + MINUTE)
+    at_expiry = await store.check("acme", CheckCall({"pages": 10}), now_ms=NOW + MINUTE)
     assert at_expiry.allowed and at_expiry.metrics[0].held == 0
 
 
@@ -300,7 +331,7 @@ async def test_release_frees_the_hold_and_is_idempotent(store: Store) -> None:
     """ReleaseQuota frees the held units once; later calls report what had happened."""
     await set_plan(store, metric_limits("pages", contract_quota=10))
     await store.check(
-        "acme", {"pages": 7}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 7}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     first = await store.release("acme", "j1", now_ms=NOW)
     assert (first.outcome, first.released) == ("released", {"pages": 7})
@@ -313,11 +344,11 @@ async def test_release_after_expiry_and_after_record(store: Store) -> None:
     """Releasing an expired hold says EXPIRED; releasing a recorded job says ALREADY_RECORDED."""
     await set_plan(store, metric_limits("pages"))
     await store.check(
-        "acme", {"pages": 1}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 1}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     assert (await store.release("acme", "j1", now_ms=NOW + MINUTE)).outcome == "expired"
     await store.check(
-        "acme", {"pages": 1}, now_ms=NOW, request_id="j2", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 1}, request_id="j2", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     await record(store, "j2", {"pages": 1})
     assert (await store.release("acme", "j2", now_ms=NOW)).outcome == "already_recorded"
@@ -327,7 +358,7 @@ async def test_record_commits_actual_units_and_frees_the_hold(store: Store) -> N
     """RecordUsage commits the units the job really used, not the held estimate, and frees the hold."""
     await set_plan(store, metric_limits("pages", contract_quota=100))
     await store.check(
-        "acme", {"pages": 30}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 30}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     result = await record(store, "j1", {"pages": 22})
     assert result.hold_released and not result.hold_expired
@@ -339,7 +370,7 @@ async def test_record_after_hold_expiry_is_counted_and_flagged(store: Store) -> 
     """A job recorded after its hold expired is still counted once, with hold_expired set."""
     await set_plan(store, metric_limits("pages", contract_quota=100))
     await store.check(
-        "acme", {"pages": 30}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 30}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     result = await record(store, "j1", {"pages": 30}, now_ms=NOW + 2 * MINUTE)
     assert result.hold_expired and not result.hold_released
@@ -351,17 +382,21 @@ async def test_repeated_hold_returns_the_first_decision(store: Store) -> None:
     """CheckQuota with hold repeated with the same request_id and units holds once and says duplicate."""
     await set_plan(store, metric_limits("pages", contract_quota=100))
     first = await store.check(
-        "acme", {"pages": 30}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 30}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     again = await store.check(
-        "acme", {"pages": 30}, now_ms=NOW + 5, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme",
+        CheckCall({"pages": 30}, request_id="j1", hold=True, hold_ttl_ms=MINUTE),
+        now_ms=NOW + 5,
     )
     assert again.duplicate and again.held
     assert again.metrics == first.metrics
     assert (await usage_of(store, "pages"))["held"] == 30
     with pytest.raises(RequestIdReused):
         await store.check(
-            "acme", {"pages": 31}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+            "acme",
+            CheckCall({"pages": 31}, request_id="j1", hold=True, hold_ttl_ms=MINUTE),
+            now_ms=NOW,
         )
 
 
@@ -395,7 +430,7 @@ async def test_failed_job_consumes_nothing_and_frees_its_hold(store: Store) -> N
     """A failed job is counted as failed, commits no units and frees its hold."""
     await set_plan(store, metric_limits("pages", contract_quota=100))
     await store.check(
-        "acme", {"pages": 40}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 40}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     result = await record(store, "j1", {"pages": 40}, success=False)
     assert result.status == "failed" and result.hold_released
@@ -440,11 +475,11 @@ async def test_lifetime_gauge_survives_month_end_and_can_be_lowered(store: Store
     await set_plan(store, metric_limits("templates", contract_quota=2, period=plan_pb2.PERIOD_NONE))
     await record(store, "t1", {"templates": 2})
     next_month = NOW + 31 * 24 * 3600 * 1000
-    full = await store.check("acme", {"templates": 1}, now_ms=next_month)
+    full = await store.check("acme", CheckCall({"templates": 1}), now_ms=next_month)
     assert not full.allowed and full.metrics[0].committed == 2 and full.metrics[0].lifetime
     lowered = await record(store, "t2", {"templates": -5}, now_ms=next_month)
     assert lowered.metrics[0].committed == 0
-    assert (await store.check("acme", {"templates": 2}, now_ms=next_month)).allowed
+    assert (await store.check("acme", CheckCall({"templates": 2}), now_ms=next_month)).allowed
 
 
 async def test_negative_units_on_a_monthly_metric_are_refused(store: Store) -> None:
@@ -462,20 +497,22 @@ async def test_negative_units_on_a_monthly_metric_are_refused(store: Store) -> N
 async def test_rate_limit_allows_a_burst_then_answers_retry_after(store: Store) -> None:
     """With 2 calls/s, two calls pass at once, the third is RATE_LIMITED until 500 ms later."""
     await set_plan(store, metric_limits("pages"), api_rate_limit=2)
-    assert (await store.check("acme", {"pages": 1}, now_ms=NOW)).allowed
-    assert (await store.check("acme", {"pages": 1}, now_ms=NOW)).allowed
-    limited = await store.check("acme", {"pages": 1}, now_ms=NOW)
+    assert (await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)).allowed
+    assert (await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)).allowed
+    limited = await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)
     assert limited.outcome == "rate_limited" and limited.retry_after_ms == 500
-    assert (await store.check("acme", {"pages": 1}, now_ms=NOW + 499)).outcome == "rate_limited"
-    assert (await store.check("acme", {"pages": 1}, now_ms=NOW + 500)).allowed
+    assert (
+        await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW + 499)
+    ).outcome == "rate_limited"
+    assert (await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW + 500)).allowed
 
 
 async def test_rate_limited_call_holds_nothing(store: Store) -> None:
     """A rate-limited CheckQuota places no hold even when hold is asked for."""
     await set_plan(store, metric_limits("pages"), api_rate_limit=1)
-    await store.check("acme", {"pages": 1}, now_ms=NOW)
+    await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)
     limited = await store.check(
-        "acme", {"pages": 5}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 5}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     assert limited.outcome == "rate_limited" and not limited.held
     assert (await usage_of(store, "pages"))["held"] == 0
@@ -489,9 +526,9 @@ async def test_scripts_reload_after_the_script_cache_is_flushed(
 ) -> None:
     """After SCRIPT FLUSH (as after a Redis restart) the next call reloads the script and works."""
     await set_plan(store, metric_limits("pages"))
-    assert (await store.check("acme", {"pages": 1}, now_ms=NOW)).allowed
+    assert (await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)).allowed
     redis_sync.script_flush()
-    assert (await store.check("acme", {"pages": 1}, now_ms=NOW)).allowed
+    assert (await store.check("acme", CheckCall({"pages": 1}), now_ms=NOW)).allowed
 
 
 async def test_every_key_of_an_org_carries_its_hash_tag(
@@ -506,11 +543,11 @@ async def test_every_key_of_an_org_carries_its_hash_tag(
     )
     await store.grant_credits("acme", "pages", 5, "g1", "", now_ms=NOW)
     await store.check(
-        "acme", {"pages": 7}, now_ms=NOW, request_id="j1", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 7}, request_id="j1", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     await record(store, "j1", {"pages": 7, "apps": 1})
     await store.check(
-        "acme", {"pages": 1}, now_ms=NOW, request_id="j2", hold=True, hold_ttl_ms=MINUTE
+        "acme", CheckCall({"pages": 1}, request_id="j2", hold=True, hold_ttl_ms=MINUTE), now_ms=NOW
     )
     keys = set(cast(list[str], redis_sync.keys("*")))  # decode_responses=True
     assert ORGS_KEY in keys and redis_sync.zrange(ORGS_KEY, 0, -1) == ["acme"]
@@ -525,7 +562,7 @@ async def test_large_figures_stay_exact(store: Store) -> None:
     await set_plan(store, metric_limits("pages", contract_quota=quota, overage_allowed=True))
     for i in range(3):
         await record(store, f"j{i}", {"pages": 999_999_999})
-    decision = (await store.check("acme", {"pages": 999_999_999}, now_ms=NOW)).metrics[0]
+    decision = (await store.check("acme", CheckCall({"pages": 999999999}), now_ms=NOW)).metrics[0]
     assert decision.committed == 3 * 999_999_999
     assert decision.included == 999_999_999
 

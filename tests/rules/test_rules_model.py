@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import plan_pb2
+from pagemeter_server.domain.decisions import CheckCall, RecordCall
 from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.store.quota import Store
@@ -191,11 +192,8 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
             result = runner.run(
                 store.check(
                     "acme",
-                    units,
+                    CheckCall(units, request_id=request_id, hold=hold, hold_ttl_ms=TTL_MS),
                     now_ms=model.now_ms,
-                    request_id=request_id,
-                    hold=hold,
-                    hold_ttl_ms=TTL_MS,
                 )
             )
             expected = {m: model.decide(m, n) for m, n in units.items()}
@@ -234,12 +232,14 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
             recorded = runner.run(
                 store.record(
                     "acme",
-                    request_id,
-                    units,
+                    RecordCall(
+                        request_id=request_id,
+                        units=units,
+                        completed_ms=model.now_ms,
+                        completed_given=False,
+                        success=success,
+                    ),
                     now_ms=model.now_ms,
-                    completed_ms=model.now_ms,
-                    completed_given=False,
-                    success=success,
                 )
             )
             had_hold = model.holds.pop(request_id, None) is not None

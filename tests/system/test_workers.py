@@ -45,6 +45,16 @@ def handled(metrics_port: int) -> float:
     return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
 
 
+def serving(metrics_port: int) -> bool:
+    """Whether the worker with this metrics port reports itself serving."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return False
+    return re.search(r"^pagemeter_serving 1(\.0)?$", text, re.MULTILINE) is not None
+
+
 def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     """With --workers 2 both processes answer calls on the one port, each with its own metrics port, and SIGTERM stops both and the embedded Redis."""
     port, metrics = free_port(), two_free_ports()
@@ -81,6 +91,12 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
                     )
                 break
             except grpc.RpcError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        # Both workers serve before the calls are spread: one worker may still be
+        # starting when the other answers.
+        for worker_metrics in (metrics, metrics + 1):
+            while not serving(worker_metrics):
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
         family = psutil.Process(supervisor.pid).children()

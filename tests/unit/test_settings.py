@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
 from pagemeter_server import settings as settings_module
-from pagemeter_server.settings import Settings, parse_settings, sentinel_url_options
+from pagemeter_server.settings import (
+    SETTING_OPTIONS,
+    SettingOption,
+    Settings,
+    parse_settings,
+    sentinel_url_options,
+)
 
 
 class Option(NamedTuple):
@@ -338,12 +346,34 @@ def test_process_environment_is_read_when_none_is_given(monkeypatch: pytest.Monk
 
 
 def test_table_covers_every_option_and_setting() -> None:
-    """The table of this module names every flag of settings.py, its variable, and every Settings field."""
-    declared = {flag: (field, var) for flag, (field, var, _) in settings_module._OPTIONS.items()}
+    """The table of this module names every declared flag, its variable, and every Settings field."""
+    declared = {option.flag: (option.field, option.env) for option in SETTING_OPTIONS}
     assert declared == {o.flag: (o.field, o.env) for o in OPTIONS} | SPECIAL
     assert {o.field for o in OPTIONS} | {field for field, _ in SPECIAL.values()} == {
         f.name for f in dataclasses.fields(Settings)
     }
+
+
+def test_declarations_give_each_field_its_type_and_default() -> None:
+    """Each setting's declaration carries the field's annotated type and its default; the secrets stay out of repr."""
+    defaults = Settings()
+    for option in SETTING_OPTIONS:
+        assert type(getattr(defaults, option.field)) is option.value_type, option.flag
+        assert getattr(defaults, option.field) == option.default, option.flag
+        assert option.help, option.flag
+    hidden = {f.name for f in dataclasses.fields(Settings) if not f.repr}
+    assert hidden == {"redis_url", "sentinel_url"}
+
+
+def test_a_field_without_a_declaration_is_refused() -> None:
+    """A Settings field not declared with option() (so without a flag and a variable) fails at import, not silently."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Undeclared(Settings):
+        extra: int = 3
+
+    with pytest.raises(TypeError, match=r"Settings\.extra: declare it with option"):
+        settings_module._declared_options(Undeclared)
 
 
 @pytest.mark.parametrize(
@@ -441,8 +471,9 @@ def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str
         parse_settings(["--help"], {})
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
-    for option in OPTIONS:
+    for option in SETTING_OPTIONS:
         assert option.flag in out and f"env {option.env}" in out, option.flag
+        assert " ".join(option.help.split()) in out, option.flag
 
 
 # -- readable errors ---------------------------------------------------------------------
@@ -730,3 +761,47 @@ def test_the_primary_password_stays_out_of_the_settings_repr() -> None:
     parsed = parse_settings([], {"PAGEMETER_REDIS_URL": "redis://:pr1mary-s3cret@10.0.0.5:6379/0"})
     assert parsed.redis_url.endswith("@10.0.0.5:6379/0")
     assert "pr1mary-s3cret" not in repr(parsed)
+
+
+# -- docs/operations.md ------------------------------------------------------------------
+
+OPERATIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def documented_settings() -> dict[str, tuple[str, str]]:
+    """Flag -> (variable, default cell) from the table of flags in docs/operations.md."""
+    rows: dict[str, tuple[str, str]] = {}
+    for line in OPERATIONS_DOC.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| `--"):
+            continue
+        flags_cell, variables_cell, default_cell = line.strip("|").split("|")[:3]
+        flags = re.findall(r"`(--[a-z0-9-]+)`", flags_cell)
+        variables = re.findall(r"`(PAGEMETER_[A-Z0-9_]+)`", variables_cell)
+        for flag, variable in zip(flags, variables, strict=True):
+            rows[flag] = (variable, default_cell.strip())
+    return rows
+
+
+def documented_default(option: SettingOption, cell: str) -> object:
+    """What the table's default cell says: empty, off/on, or a value in backticks."""
+    if cell == "empty":
+        return ""
+    if cell in ("off", "on"):
+        return cell == "on"
+    assert cell.startswith("`") and cell.endswith("`"), cell
+    return option.from_env(cell.strip("`"))
+
+
+@pytest.mark.parametrize("option", SETTING_OPTIONS, ids=[o.flag for o in SETTING_OPTIONS])
+def test_operations_doc_lists_the_setting(option: SettingOption) -> None:
+    """docs/operations.md lists every declared setting with its variable and its default: a new setting cannot go undocumented."""
+    documented = documented_settings()
+    assert option.flag in documented, f"{option.flag} is missing from docs/operations.md"
+    variable, default_cell = documented[option.flag]
+    assert variable == option.env
+    assert documented_default(option, default_cell) == option.default
+
+
+def test_operations_doc_lists_no_other_flag() -> None:
+    """The table of flags in docs/operations.md names no flag that is not declared (a renamed or removed one)."""
+    assert set(documented_settings()) == {option.flag for option in SETTING_OPTIONS}

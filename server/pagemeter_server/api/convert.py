@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message as ProtoMessage
 
 from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain import usage as rules
+from pagemeter_server.domain.decisions import MetricCheck, MetricRecord
 from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, timestamp
 
 
@@ -58,8 +61,54 @@ def metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
         lifetime_committed=f.lifetime_committed,
         average_per_job=f.average_per_job,
     )
-    for name in ("contract_quota", "hard_limit", "remaining", "usage_percent"):
-        value = getattr(f, name)
+    return with_present(usage, f, "contract_quota", "hard_limit", "remaining", "usage_percent")
+
+
+def metric_decision(d: MetricCheck, month: Month) -> quota_pb2.MetricDecision:
+    decision = quota_pb2.MetricDecision(
+        metric=d.metric,
+        allowed=d.allowed,
+        reason=d.reason,  # type: ignore[arg-type]
+        requested=d.requested,
+        committed=d.committed,
+        held=d.held,
+        overage_allowed=d.overage_allowed,
+        included_units=d.included,
+        prepaid_units=d.prepaid,
+        overage_units=d.overage,
+        overage_cost=rules.cost(d.overage, d.overage_price),
+        overage_price_per_unit=d.overage_price,
+        prepaid_available=d.prepaid_available,
+        **period_fields(d.lifetime, month),
+    )
+    return with_present(decision, d, "contract_quota", "hard_limit", "max_admissible", "remaining")
+
+
+def metric_record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricRecordResult:
+    result = quota_pb2.MetricRecordResult(
+        metric=m.metric,
+        units=m.units,
+        included_units=m.included,
+        prepaid_units=m.prepaid,
+        overage_units=m.overage,
+        overage_cost=rules.cost(m.overage, m.overage_price),
+        committed=m.committed,
+        over_contract_quota=m.over_contract_quota,
+        over_hard_limit=m.over_hard_limit,
+        overage_not_allowed=m.overage_not_allowed,
+        period_id=LIFETIME_PERIOD_ID if m.lifetime else month_id,
+    )
+    return with_present(result, m, "contract_quota", "hard_limit")
+
+
+Message = TypeVar("Message", bound=ProtoMessage)
+
+
+def with_present(message: Message, source: object, *names: str) -> Message:
+    """Set the optional fields `names` of `message` that `source` has (None means
+    absent: an optional proto field left unset, not a zero)."""
+    for name in names:
+        value = getattr(source, name)
         if value is not None:
-            setattr(usage, name, value)
-    return usage
+            setattr(message, name, value)
+    return message

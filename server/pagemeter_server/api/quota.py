@@ -15,20 +15,24 @@ import redis.exceptions
 
 from pagemeter.v1 import quota_pb2, quota_pb2_grpc
 from pagemeter_server.api.auth import Access, Authenticator, authorized
-from pagemeter_server.api.convert import job_counts, metric_usage, month_summary, period_fields
+from pagemeter_server.api.convert import (
+    job_counts,
+    metric_decision,
+    metric_record_result,
+    metric_usage,
+    month_summary,
+)
 from pagemeter_server.api.status import batch_item_error
 from pagemeter_server.domain import usage as rules
 from pagemeter_server.domain.clock import Clock
 from pagemeter_server.domain.decisions import (
     CheckCall,
     CheckResult,
-    MetricCheck,
-    MetricRecord,
     RecordCall,
     RecordResult,
 )
 from pagemeter_server.domain.errors import InvalidArgument, StoreError, TooManyMetrics
-from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, timestamp, timestamp_ms, zone
+from pagemeter_server.domain.periods import timestamp, timestamp_ms, zone
 from pagemeter_server.domain.validation import (
     DOCUMENT_TYPE,
     MAX_LABEL,
@@ -85,17 +89,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def CheckQuota(
         self, request: quota_pb2.CheckQuotaRequest, context: Context
     ) -> quota_pb2.CheckQuotaResponse:
-        hold_ttl_ms = self._validate_check(request)
-        now_ms = self.clock.now_ms()
+        call = self._check_call(request)
         try:
-            result = await self.store.check(
-                request.org_id,
-                dict(request.units),
-                now_ms=now_ms,
-                request_id=request.request_id,
-                hold=request.hold,
-                hold_ttl_ms=hold_ttl_ms,
-            )
+            result = await self.store.check(request.org_id, call, now_ms=self.clock.now_ms())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             if self._failure_policy(request.org_id) != "open":
                 raise  # answered UNAVAILABLE: fail closed
@@ -118,7 +114,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             response.duplicate = result.duplicate
             if result.held:
                 response.hold_expires_at.CopyFrom(timestamp(result.hold_expires_ms))
-            response.metrics.extend(self._decision(d, result.month) for d in result.metrics)
+            response.metrics.extend(metric_decision(d, result.month) for d in result.metrics)
         self._count_decisions(response, result.duplicate)
         self.metrics.count_units("expired", result.expired)
         return response
@@ -164,29 +160,6 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         problems.raise_if_any()
         return hold_ttl_ms
 
-    def _decision(self, d: MetricCheck, month: Month) -> quota_pb2.MetricDecision:
-        decision = quota_pb2.MetricDecision(
-            metric=d.metric,
-            allowed=d.allowed,
-            reason=d.reason,  # type: ignore[arg-type]
-            requested=d.requested,
-            committed=d.committed,
-            held=d.held,
-            overage_allowed=d.overage_allowed,
-            included_units=d.included,
-            prepaid_units=d.prepaid,
-            overage_units=d.overage,
-            overage_cost=rules.cost(d.overage, d.overage_price),
-            overage_price_per_unit=d.overage_price,
-            prepaid_available=d.prepaid_available,
-            **period_fields(d.lifetime, month),
-        )
-        for name in ("contract_quota", "hard_limit", "max_admissible", "remaining"):
-            value = getattr(d, name)
-            if value is not None:
-                setattr(decision, name, value)
-        return decision
-
     def _count_decisions(self, response: quota_pb2.CheckQuotaResponse, duplicate: bool) -> None:
         if duplicate:
             return
@@ -212,17 +185,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         now_ms = self.clock.now_ms()
         call = self._record_call(request, now_ms)
         try:
-            result = await self.store.record(
-                request.org_id,
-                call.request_id,
-                call.units,
-                now_ms=now_ms,
-                completed_ms=call.completed_ms,
-                completed_given=call.completed_given,
-                success=call.success,
-                requested_ms=call.requested_ms,
-                document_type=call.document_type,
-            )
+            result = await self.store.record(request.org_id, call, now_ms=now_ms)
         except TooManyMetrics:
             self.metrics.unplanned_refusals.inc()
             raise
@@ -254,7 +217,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             over_limit=result.over_limit,
             request_id=request.request_id,
             completed_at=timestamp(result.completed_ms),
-            metrics=[self.record_result(m, result.month_id) for m in result.metrics],
+            metrics=[metric_record_result(m, result.month_id) for m in result.metrics],
         )
         self.metrics.records.labels(result.status, str(result.duplicate).lower()).inc()
         if not result.duplicate:
@@ -300,27 +263,6 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             problems.add("requested_at", "requested_at must not be after completed_at")
         problems.raise_if_any()
         return completed_ms
-
-    @staticmethod
-    def record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricRecordResult:
-        result = quota_pb2.MetricRecordResult(
-            metric=m.metric,
-            units=m.units,
-            included_units=m.included,
-            prepaid_units=m.prepaid,
-            overage_units=m.overage,
-            overage_cost=rules.cost(m.overage, m.overage_price),
-            committed=m.committed,
-            over_contract_quota=m.over_contract_quota,
-            over_hard_limit=m.over_hard_limit,
-            overage_not_allowed=m.overage_not_allowed,
-            period_id=LIFETIME_PERIOD_ID if m.lifetime else month_id,
-        )
-        if m.contract_quota is not None:
-            result.contract_quota = m.contract_quota
-        if m.hard_limit is not None:
-            result.hard_limit = m.hard_limit
-        return result
 
     # -- batches --------------------------------------------------------------------
 
@@ -384,26 +326,37 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         ]
         groups = group_by_org(request.items, lambda item: self._record_call(item, now_ms), answers)
 
-        async def record_group(org_id: str, members: list[tuple[int, RecordCall]]) -> None:
-            try:
-                outcomes = await self.store.record_batch(
-                    org_id, [call for _, call in members], now_ms=now_ms
-                )
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                for index, _ in members:  # never pretend: each item is UNAVAILABLE
-                    answers[index].error.CopyFrom(batch_item_error(exc))
-                return
-            for (index, _), outcome in zip(members, outcomes, strict=True):
-                if isinstance(outcome, StoreError):
-                    if isinstance(outcome, TooManyMetrics):
-                        self.metrics.unplanned_refusals.inc()
-                    answers[index].error.CopyFrom(batch_item_error(outcome))
-                else:
-                    item = request.items[index]
-                    answers[index].response.CopyFrom(self._record_response(item, outcome))
-
-        await asyncio.gather(*(record_group(org, members) for org, members in groups.items()))
+        await asyncio.gather(
+            *(
+                self._record_group(org_id, members, request.items, answers, now_ms)
+                for org_id, members in groups.items()
+            )
+        )
         return quota_pb2.RecordUsageBatchResponse(items=answers)
+
+    async def _record_group(
+        self,
+        org_id: str,
+        members: list[tuple[int, RecordCall]],
+        items: Sequence[quota_pb2.RecordUsageRequest],
+        answers: list[quota_pb2.RecordUsageBatchItem],
+        now_ms: int,
+    ) -> None:
+        try:
+            outcomes = await self.store.record_batch(
+                org_id, [call for _, call in members], now_ms=now_ms
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            for index, _ in members:  # never pretend: each item is UNAVAILABLE
+                answers[index].error.CopyFrom(batch_item_error(exc))
+            return
+        for (index, _), outcome in zip(members, outcomes, strict=True):
+            if isinstance(outcome, StoreError):
+                if isinstance(outcome, TooManyMetrics):
+                    self.metrics.unplanned_refusals.inc()
+                answers[index].error.CopyFrom(batch_item_error(outcome))
+            else:
+                answers[index].response.CopyFrom(self._record_response(items[index], outcome))
 
     # -- ReleaseQuota -----------------------------------------------------------
 
@@ -460,9 +413,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             response.subscription.CopyFrom(
                 quota_pb2.Subscription(
                     plan_name=doc["name"],
-                    api_rate_limit=doc["rate"],
-                    processing_priority=doc["prio"],
-                    support_level=doc["support"],
+                    api_rate_limit=doc["rate_per_second"],
+                    processing_priority=doc["processing_priority"],
+                    support_level=doc["support_level"],
                     currency=doc["currency"],
                 )
             )

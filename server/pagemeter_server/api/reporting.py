@@ -22,6 +22,7 @@ from pagemeter_server.domain.decisions import PlanVersion
 from pagemeter_server.domain.errors import BadPageToken
 from pagemeter_server.domain.page_tokens import ANSWER_BUDGET, decode_page_token, encode_page_token
 from pagemeter_server.domain.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
+from pagemeter_server.domain.plans import MetricTerms
 from pagemeter_server.domain.validation import (
     Violations,
     bad_page_token,
@@ -30,6 +31,7 @@ from pagemeter_server.domain.validation import (
     require_org_id,
 )
 from pagemeter_server.store.quota import Store
+from pagemeter_server.store.replies import metric_check, metric_record, split_rows
 from pagemeter_server.store.reports import RecordEntry, ReportStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -54,7 +56,7 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
     async def _timezone_and_plans(self, org_id: str) -> tuple[ZoneInfo, list[PlanVersion]]:
         """The plan's timezone (or the service default) and the plan log."""
         plan = await self.store.get_plan(org_id)
-        tz_name = (plan.doc.get("tz") if plan else "") or self.store.default_timezone
+        tz_name = (plan.doc["timezone"] if plan else "") or self.store.default_timezone
         versions = await self.reports.plan_versions(org_id) if plan else []
         if plan and not versions:
             # A plan stored before the plan log existed: its terms are all we know.
@@ -217,7 +219,7 @@ def _history_month(
         period_start=timestamp(month.start_ms),
         period_end=timestamp(month.end_ms),
         jobs=job_counts(month_fields),
-        plan_name=figures.plan.doc.get("name", "") if figures.plan else "",
+        plan_name=figures.plan.doc["name"] if figures.plan else "",
         plan_version=figures.plan.version if figures.plan else 0,
     )
     for m in figures.metrics:
@@ -234,16 +236,16 @@ def _history_month(
     return row
 
 
-def _terms(doc: dict[str, Any]) -> reporting_pb2.MonthTerms:
+def _terms(plan_terms: MetricTerms) -> reporting_pb2.MonthTerms:
     terms = reporting_pb2.MonthTerms(
-        overage_allowed=bool(doc.get("o", False)),
-        price_per_unit=doc.get("p", "0"),
-        overage_price_per_unit=doc.get("op", "0"),
+        overage_allowed=plan_terms["overage_allowed"],
+        price_per_unit=plan_terms["price"],
+        overage_price_per_unit=plan_terms["overage_price"],
     )
-    if doc.get("q") is not None:
-        terms.contract_quota = doc["q"]
-    if doc.get("h") is not None:
-        terms.hard_limit = doc["h"]
+    if "contract_quota" in plan_terms:
+        terms.contract_quota = plan_terms["contract_quota"]
+    if "hard_limit" in plan_terms:
+        terms.hard_limit = plan_terms["hard_limit"]
     return terms
 
 
@@ -373,9 +375,7 @@ def _record_metrics(fields: dict[str, str], pending: bool) -> list[reporting_pb2
     A released or expired hold, and a failed job, consumed nothing: their units
     are shown with no split.
 
-    record.lua rows: metric, units, included, prepaid, overage, ...
-    check.lua rows: metric, allowed, reason, requested, ..., included (11),
-    prepaid (12), overage (13), ...
+    The rows are read with the columns declared in store/replies.py.
     """
     if fields.get("st") == "failed" and fields.get("att"):
         # A failed job consumed nothing; its log shows the units it reported.
@@ -384,30 +384,28 @@ def _record_metrics(fields: dict[str, str], pending: bool) -> list[reporting_pb2
             for metric, units, _ in (part.split(":") for part in fields["att"].split(";"))
         ]
     if fields.get("res") is not None and fields.get("st") in ("completed", "failed"):
+        recorded = [metric_record(row) for row in split_rows(fields["res"])]
         return [
             reporting_pb2.RecordMetricUsage(
-                metric=row[0],
-                units=int(row[1]),
-                included_units=int(row[2]),
-                prepaid_units=int(row[3]),
-                overage_units=int(row[4]),
+                metric=m.metric,
+                units=m.units,
+                included_units=m.included,
+                prepaid_units=m.prepaid,
+                overage_units=m.overage,
             )
-            for row in rows(fields["res"])
+            for m in recorded
         ]
+    checked = [metric_check(row) for row in split_rows(fields.get("cres", ""))]
     return [
         reporting_pb2.RecordMetricUsage(
-            metric=row[0],
-            units=int(row[3]),
-            included_units=int(row[11]) if pending else 0,
-            prepaid_units=int(row[12]) if pending else 0,
-            overage_units=int(row[13]) if pending else 0,
+            metric=m.metric,
+            units=m.requested,
+            included_units=m.included if pending else 0,
+            prepaid_units=m.prepaid if pending else 0,
+            overage_units=m.overage if pending else 0,
         )
-        for row in rows(fields.get("cres", ""))
+        for m in checked
     ]
-
-
-def rows(encoded: str) -> list[list[str]]:
-    return [row.split(",") for row in encoded.split(";")] if encoded else []
 
 
 def usage_record(entry: RecordEntry, now_ms: int) -> reporting_pb2.UsageRecord:

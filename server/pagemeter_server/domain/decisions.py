@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from pagemeter_server.domain.periods import Month
+from pagemeter_server.domain.plans import PlanDoc
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ class ReleaseResult:
 
 @dataclass(frozen=True)
 class StoredPlan:
-    """A plan as stored: the server-built JSON document and its version."""
+    """A plan as stored: the server-built document and its version."""
 
-    doc: dict[str, Any]
+    doc: PlanDoc
     version: int
     updated_ms: int
 
@@ -106,7 +107,7 @@ class PlanVersion:
 
     version: int
     updated_ms: int
-    doc: dict[str, Any]
+    doc: PlanDoc
 
 
 @dataclass(frozen=True)

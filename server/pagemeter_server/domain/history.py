@@ -8,11 +8,11 @@ plan change never rewrites the months before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from pagemeter_server.domain.decisions import PlanVersion
 from pagemeter_server.domain.periods import Month, month_at
+from pagemeter_server.domain.plans import MetricTerms
 from pagemeter_server.domain.usage import cost
 
 DEFAULT_MONTHS = 12
@@ -26,7 +26,7 @@ class MetricMonthFigures:
     prepaid_used: int
     overage_units: int
     overage_cost: str
-    terms: dict[str, Any] | None
+    terms: MetricTerms | None
 
 
 @dataclass(frozen=True)
@@ -57,17 +57,17 @@ def plan_in_effect(versions: list[PlanVersion], before_ms: int) -> PlanVersion |
 
 def month_figures(month: Month, fields: dict[str, int], plan: PlanVersion | None) -> MonthFigures:
     """One month's committed units, with overage priced under that month's terms."""
-    plan_metrics: dict[str, dict[str, Any]] = plan.doc.get("metrics", {}) if plan else {}
-    monthly_terms = {m: t for m, t in plan_metrics.items() if t.get("per") != "N"}
+    plan_metrics = plan.doc["metrics"] if plan else {}
+    monthly_terms = {m: t for m, t in plan_metrics.items() if t["period"] != "none"}
     recorded = {name[2:] for name in fields if name.startswith("c:")}
     metrics = []
     for metric in sorted(set(monthly_terms) | recorded):
         committed = fields.get(f"c:{metric}", 0)
         prepaid_used = fields.get(f"pp:{metric}", 0)
         terms = monthly_terms.get(metric)
-        quota = terms.get("q") if terms else None
+        quota = terms.get("contract_quota") if terms else None
         overage = 0 if quota is None else max(0, committed - quota - prepaid_used)
-        overage_price = terms.get("op", "0") if terms else "0"
+        overage_price = terms["overage_price"] if terms else "0"
         metrics.append(
             MetricMonthFigures(
                 metric=metric,

@@ -1,17 +1,31 @@
-"""Plans: checked on the way in, stored as a compact JSON document for the scripts.
+"""Plans: checked on the way in, stored as a typed JSON document for the scripts.
 
-Stored document (read by the Lua scripts with cjson):
-    {"name", "tz", "rate", "burst", "prio", "support", "currency",
-     "metrics": {metric: {"q"?: quota, "h"?: hard limit, "o": overage allowed,
-                          "p": price, "op": overage price, "per": "M" | "N"}}}
+The stored document (`PlanDoc`, schema 2) is read by the Lua scripts with cjson
+and by the server through the types below:
+
+    {"schema": 2, "name", "timezone", "rate_per_second", "burst",
+     "processing_priority", "support_level", "currency", "store_failure_policy",
+     "metrics": {metric: {"period": "monthly" | "none", "contract_quota"?,
+                          "hard_limit"?, "overage_allowed", "price", "overage_price"}}}
+
 Absent limits are left out rather than written as null, because cjson decodes
-null to a value Lua treats as true.
+null to a value Lua treats as true. Prices are canonical decimal strings.
+
+Schema 1 is the document of earlier releases, with terse keys and no "schema"
+key: {"name", "tz", "rate", "burst", "prio", "support", "currency", "sfp"?,
+"metrics": {metric: {"q"?, "h"?, "o", "p", "op", "per"?: "M" | "N"}}}. Every
+reader accepts both (`plan_doc`; `plan_doc` in _lib.lua), and a server writes
+schema 1 until the deployment's plans were migrated (store/plan_migration.py),
+so that a server of an earlier release running beside it during a rolling
+upgrade still reads every plan (docs/operations.md, upgrading).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, Required, TypedDict, cast
 
 from pagemeter.v1 import plan_pb2
 from pagemeter_server.domain.periods import timestamp, zone
@@ -23,10 +37,47 @@ from pagemeter_server.domain.validation import (
     Violations,
 )
 
-_PERIOD_CODES = {
-    plan_pb2.PERIOD_UNSPECIFIED: "M",
-    plan_pb2.PERIOD_MONTHLY: "M",
-    plan_pb2.PERIOD_NONE: "N",
+SCHEMA = 2
+
+Period = Literal["monthly", "none"]
+FailurePolicy = Literal["", "open", "closed"]
+
+
+class MetricTerms(TypedDict, total=False):
+    """One metric of a plan: its period, limits and prices."""
+
+    period: Required[Period]
+    contract_quota: int  # absent: unlimited
+    hard_limit: int  # absent: none
+    overage_allowed: Required[bool]
+    price: Required[str]
+    overage_price: Required[str]
+
+
+class PlanDoc(TypedDict):
+    """A plan as stored (schema 2)."""
+
+    schema: int
+    name: str
+    timezone: str
+    rate_per_second: int
+    burst: int
+    processing_priority: str
+    support_level: str
+    currency: str
+    # "" when the plan leaves it to the service's --store-failure-policy.
+    store_failure_policy: FailurePolicy
+    metrics: dict[str, MetricTerms]
+
+
+# What the readers assume of a metric outside the plan (usage recorded anyway):
+# monthly, unlimited, no overage allowed, priced 0 (check.lua and record.lua alike).
+UNPLANNED = MetricTerms(period="monthly", overage_allowed=False, price="0", overage_price="0")
+
+_PERIODS: dict[plan_pb2.Period.ValueType, Period] = {
+    plan_pb2.PERIOD_UNSPECIFIED: "monthly",
+    plan_pb2.PERIOD_MONTHLY: "monthly",
+    plan_pb2.PERIOD_NONE: "none",
 }
 
 
@@ -45,14 +96,14 @@ def format_money(amount: Decimal) -> str:
     return text or "0"
 
 
-_FAILURE_POLICY_CODES = {
+_FAILURE_POLICY_CODES: dict[plan_pb2.StoreFailurePolicy.ValueType, FailurePolicy] = {
     plan_pb2.STORE_FAILURE_POLICY_CLOSED: "closed",
     plan_pb2.STORE_FAILURE_POLICY_OPEN: "open",
 }
 _FAILURE_POLICIES = {code: value for value, code in _FAILURE_POLICY_CODES.items()}
 
 
-def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> dict[str, Any]:
+def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> PlanDoc:
     """Validate a Plan message and turn it into the stored document."""
     problems = Violations()
     problems.check_org_id(plan.org_id, "plan.org_id")
@@ -74,7 +125,7 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> dict[str, Any]:
         problems.add("plan.currency", "plan.currency must be an ISO 4217 code such as USD or EUR")
     if len(plan.metrics) > MAX_METRICS:
         problems.add("plan.metrics", f"a plan may have at most {MAX_METRICS} metrics")
-    metrics: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, MetricTerms] = {}
     for index, limits in enumerate(plan.metrics):
         path = f"plan.metrics[{index}]"
         if not problems.check_metric_name(limits.metric, f"{path}.metric"):
@@ -82,58 +133,154 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> dict[str, Any]:
         if limits.metric in metrics:
             problems.add(f"{path}.metric", f"metric {limits.metric!r} appears twice in the plan")
             continue
-        metrics[limits.metric] = _limits_to_doc(limits, path, problems)
+        metrics[limits.metric] = _metric_terms(limits, path, problems)
     problems.raise_if_any()
-    return {
-        "name": plan.name,
-        "tz": timezone,
-        "rate": plan.api_rate_limit,
-        "burst": plan.api_burst,
-        "prio": plan.processing_priority,
-        "support": plan.support_level,
-        "currency": plan.currency or "USD",
-        "metrics": metrics,
-        "sfp": _FAILURE_POLICY_CODES.get(plan.store_failure_policy, ""),
-    }
+    return PlanDoc(
+        schema=SCHEMA,
+        name=plan.name,
+        timezone=timezone,
+        rate_per_second=plan.api_rate_limit,
+        burst=plan.api_burst,
+        processing_priority=plan.processing_priority,
+        support_level=plan.support_level,
+        currency=plan.currency or "USD",
+        store_failure_policy=_FAILURE_POLICY_CODES.get(plan.store_failure_policy, ""),
+        metrics=metrics,
+    )
 
 
-def _limits_to_doc(
-    limits: plan_pb2.MetricLimits, path: str, problems: Violations
-) -> dict[str, Any]:
+def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations) -> MetricTerms:
     problems.check_price(limits.price_per_unit, f"{path}.price_per_unit")
     problems.check_price(limits.overage_price_per_unit, f"{path}.overage_price_per_unit")
-    if limits.period not in _PERIOD_CODES:
+    if limits.period not in _PERIODS:
         problems.add(f"{path}.period", f"unknown period {limits.period}")
-    doc: dict[str, Any] = {
-        "o": limits.overage_allowed,
-        "per": _PERIOD_CODES.get(limits.period, "M"),
-    }
+    terms = MetricTerms(
+        period=_PERIODS.get(limits.period, "monthly"),
+        overage_allowed=limits.overage_allowed,
+        price="0",
+        overage_price="0",
+    )
     if limits.HasField("contract_quota"):
         problems.check_limit(limits.contract_quota, f"{path}.contract_quota")
-        doc["q"] = limits.contract_quota
+        terms["contract_quota"] = limits.contract_quota
     if limits.HasField("hard_limit"):
         problems.check_limit(limits.hard_limit, f"{path}.hard_limit")
-        doc["h"] = limits.hard_limit
+        terms["hard_limit"] = limits.hard_limit
     if not problems.items:
-        doc["p"] = canonical_price(limits.price_per_unit)
-        doc["op"] = canonical_price(limits.overage_price_per_unit)
-    return doc
+        # Only valid prices are read (the plan is refused otherwise).
+        terms["price"] = canonical_price(limits.price_per_unit)
+        terms["overage_price"] = canonical_price(limits.overage_price_per_unit)
+    return terms
 
 
-def doc_to_plan(org_id: str, doc: dict[str, Any], version: int, updated_ms: int) -> plan_pb2.Plan:
+# -- reading and writing the stored text ----------------------------------------
+
+
+def plan_doc(raw: Mapping[str, Any]) -> PlanDoc:
+    """A decoded stored document, of either schema, as a schema 2 PlanDoc."""
+    if raw.get("schema") == SCHEMA:
+        return cast(PlanDoc, dict(raw))
+    return _from_schema_1(raw)
+
+
+def plan_doc_from_json(text: str) -> PlanDoc:
+    return plan_doc(json.loads(text))
+
+
+def plan_doc_json(doc: PlanDoc) -> str:
+    """The stored text of a document (schema 2), compact, keys in declared order."""
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def is_current_schema(raw: Mapping[str, Any]) -> bool:
+    return raw.get("schema") == SCHEMA
+
+
+def _from_schema_1(raw: Mapping[str, Any]) -> PlanDoc:
+    # Defaults are what the readers of schema 1 assumed for a missing key:
+    # documents from before the plan log have no "per", and those from before
+    # per-plan failure policies no "sfp".
+    return PlanDoc(
+        schema=SCHEMA,
+        name=raw["name"],
+        timezone=raw["tz"],
+        rate_per_second=raw["rate"],
+        burst=raw["burst"],
+        processing_priority=raw["prio"],
+        support_level=raw["support"],
+        currency=raw["currency"],
+        store_failure_policy=raw.get("sfp", ""),
+        metrics={metric: _terms_from_schema_1(t) for metric, t in raw["metrics"].items()},
+    )
+
+
+def _terms_from_schema_1(raw: Mapping[str, Any]) -> MetricTerms:
+    terms = MetricTerms(
+        period="none" if raw.get("per") == "N" else "monthly",
+        overage_allowed=bool(raw.get("o", False)),
+        price=raw.get("p", "0"),
+        overage_price=raw.get("op", "0"),
+    )
+    if raw.get("q") is not None:
+        terms["contract_quota"] = raw["q"]
+    if raw.get("h") is not None:
+        terms["hard_limit"] = raw["h"]
+    return terms
+
+
+def schema_1_json(doc: PlanDoc) -> str:
+    """The document as a server of an earlier release writes it (schema 1).
+
+    Written until the deployment's plans are migrated, so that such a server,
+    still running during a rolling upgrade, reads every plan. Key for key and in
+    the same order as that release, so the stored text is the same too.
+    """
+    metrics: dict[str, dict[str, Any]] = {}
+    for metric, terms in doc["metrics"].items():
+        old: dict[str, Any] = {
+            "o": terms["overage_allowed"],
+            "per": "N" if terms["period"] == "none" else "M",
+        }
+        if "contract_quota" in terms:
+            old["q"] = terms["contract_quota"]
+        if "hard_limit" in terms:
+            old["h"] = terms["hard_limit"]
+        old["p"] = terms["price"]
+        old["op"] = terms["overage_price"]
+        metrics[metric] = old
+    return json.dumps(
+        {
+            "name": doc["name"],
+            "tz": doc["timezone"],
+            "rate": doc["rate_per_second"],
+            "burst": doc["burst"],
+            "prio": doc["processing_priority"],
+            "support": doc["support_level"],
+            "currency": doc["currency"],
+            "metrics": metrics,
+            "sfp": doc["store_failure_policy"],
+        },
+        separators=(",", ":"),
+    )
+
+
+# -- to the protos ----------------------------------------------------------------
+
+
+def doc_to_plan(org_id: str, doc: PlanDoc, version: int, updated_ms: int) -> plan_pb2.Plan:
     """The stored document as a Plan message."""
     plan = plan_pb2.Plan(
         org_id=org_id,
         name=doc["name"],
-        timezone=doc["tz"],
-        api_rate_limit=doc["rate"],
+        timezone=doc["timezone"],
+        api_rate_limit=doc["rate_per_second"],
         api_burst=doc["burst"],
-        processing_priority=doc["prio"],
-        support_level=doc["support"],
+        processing_priority=doc["processing_priority"],
+        support_level=doc["support_level"],
         currency=doc["currency"],
         version=version,
         store_failure_policy=_FAILURE_POLICIES.get(
-            doc.get("sfp", ""), plan_pb2.STORE_FAILURE_POLICY_UNSPECIFIED
+            doc["store_failure_policy"], plan_pb2.STORE_FAILURE_POLICY_UNSPECIFIED
         ),
     )
     if updated_ms:
@@ -143,16 +290,16 @@ def doc_to_plan(org_id: str, doc: dict[str, Any], version: int, updated_ms: int)
     return plan
 
 
-def metric_limits(metric: str, limits: dict[str, Any]) -> plan_pb2.MetricLimits:
+def metric_limits(metric: str, terms: MetricTerms) -> plan_pb2.MetricLimits:
     message = plan_pb2.MetricLimits(
         metric=metric,
-        overage_allowed=limits["o"],
-        price_per_unit=limits["p"],
-        overage_price_per_unit=limits["op"],
-        period=plan_pb2.PERIOD_NONE if limits["per"] == "N" else plan_pb2.PERIOD_MONTHLY,
+        overage_allowed=terms["overage_allowed"],
+        price_per_unit=terms["price"],
+        overage_price_per_unit=terms["overage_price"],
+        period=plan_pb2.PERIOD_NONE if terms["period"] == "none" else plan_pb2.PERIOD_MONTHLY,
     )
-    if "q" in limits:
-        message.contract_quota = limits["q"]
-    if "h" in limits:
-        message.hard_limit = limits["h"]
+    if "contract_quota" in terms:
+        message.contract_quota = terms["contract_quota"]
+    if "hard_limit" in terms:
+        message.hard_limit = terms["hard_limit"]
     return message

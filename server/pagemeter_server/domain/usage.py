@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
-from typing import Any
 
+from pagemeter.v1 import quota_pb2
 from pagemeter_server.domain.decisions import MetricCheck, UsageSnapshot
-from pagemeter_server.domain.plans import format_money
-
-# DecisionReason codes shared with check.lua.
-WITHIN_QUOTA, PREPAID, OVERAGE = 1, 2, 3
-QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, RATE_LIMITED, NO_PLAN, UNKNOWN_METRIC = 4, 5, 6, 7, 8
-
+from pagemeter_server.domain.plans import UNPLANNED, MetricTerms, format_money
 
 # Decimal's default context keeps 28 significant digits, fewer than a unit
 # count (up to 2^53, 16 digits) times a price (up to 21 digits) can have. This
@@ -35,12 +30,16 @@ def call_reason(metrics: list[MetricCheck]) -> int:
     """One reason for a whole CheckQuota call.
 
     Denied: the first denying metric's reason. Allowed: the costliest pool any
-    metric used (within quota < prepaid < overage).
+    metric used (within quota < prepaid < overage: DecisionReason's numbers, which
+    check.lua's REASON_* constants are generated from, rise with the cost).
     """
     for decision in metrics:
         if not decision.allowed:
             return decision.reason
-    return max((decision.reason for decision in metrics), default=WITHIN_QUOTA)
+    return max(
+        (decision.reason for decision in metrics),
+        default=quota_pb2.DECISION_REASON_WITHIN_QUOTA,
+    )
 
 
 def headroom(
@@ -85,7 +84,7 @@ class MetricUsageFigures:
 
 def usage_figures(snapshot: UsageSnapshot, *, now_ms: int) -> list[MetricUsageFigures]:
     """Per-metric figures of one month: the plan's metrics plus any with usage."""
-    plan_metrics: dict[str, dict[str, Any]] = snapshot.plan.doc["metrics"] if snapshot.plan else {}
+    plan_metrics = snapshot.plan.doc["metrics"] if snapshot.plan else {}
     recorded = {
         name[2:]
         for name in (*snapshot.month_fields, *snapshot.lifetime_fields)
@@ -93,15 +92,16 @@ def usage_figures(snapshot: UsageSnapshot, *, now_ms: int) -> list[MetricUsageFi
     }
     is_current = snapshot.month.start_ms <= now_ms < snapshot.month.end_ms
     return [
-        _metric_figures(snapshot, metric, plan_metrics.get(metric, {}), is_current)
+        _metric_figures(snapshot, metric, plan_metrics.get(metric), is_current)
         for metric in sorted(set(plan_metrics) | recorded)
     ]
 
 
 def _metric_figures(
-    snapshot: UsageSnapshot, metric: str, limits: dict[str, Any], is_current: bool
+    snapshot: UsageSnapshot, metric: str, terms: MetricTerms | None, is_current: bool
 ) -> MetricUsageFigures:
-    lifetime = limits.get("per") == "N"
+    terms = terms if terms is not None else UNPLANNED
+    lifetime = terms["period"] == "none"
     fields = snapshot.lifetime_fields if lifetime else snapshot.month_fields
     committed = fields.get(f"c:{metric}", 0)
     prepaid_used = fields.get(f"pp:{metric}", 0)
@@ -109,10 +109,10 @@ def _metric_figures(
     held = snapshot.held_fields.get(f"h:{metric}", 0) if (is_current or lifetime) else 0
     held_prepaid = snapshot.held_fields.get(f"hp:{metric}", 0)
     balance = snapshot.credits.get(metric, 0)
-    quota: int | None = limits.get("q")
-    hard: int | None = limits.get("h")
+    quota = terms.get("contract_quota")
+    hard = terms.get("hard_limit")
     overage = 0 if quota is None else max(0, committed - quota - prepaid_used)
-    overage_price = limits.get("op", "0")
+    overage_price = terms["overage_price"]
     return MetricUsageFigures(
         metric=metric,
         lifetime=lifetime,
@@ -120,10 +120,10 @@ def _metric_figures(
         held=held,
         contract_quota=quota,
         hard_limit=hard,
-        overage_allowed=bool(limits.get("o", False)),
+        overage_allowed=terms["overage_allowed"],
         overage_units=overage,
         overage_cost=cost(overage, overage_price),
-        price_per_unit=limits.get("p", "0"),
+        price_per_unit=terms["price"],
         overage_price_per_unit=overage_price,
         prepaid_balance=balance,
         prepaid_used=prepaid_used,
@@ -131,7 +131,7 @@ def _metric_figures(
             used=committed + held,
             contract_quota=quota,
             hard_limit=hard,
-            overage_allowed=bool(limits.get("o", False)),
+            overage_allowed=terms["overage_allowed"],
             prepaid_available=max(0, balance - held_prepaid),
         ),
         usage_percent=percent_of_limit(committed, quota, hard),

@@ -16,7 +16,6 @@ synchronous Redis client rather than the server's asyncio one.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from pagemeter_server.domain import usage as rules
 from pagemeter_server.domain.clock import Clock
 from pagemeter_server.domain.decisions import StoredPlan, UsageSnapshot
 from pagemeter_server.domain.periods import month_at, zone
+from pagemeter_server.domain.plans import plan_doc_from_json
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import sync_client_like
 from pagemeter_server.store.keys import ORGS_KEY, OrgKeys
@@ -125,8 +125,8 @@ class OrgUsageCollector(Collector):
         with self.client.pipeline(transaction=False) as pipe:
             for i, org in enumerate(orgs):
                 (plan_json, version), held, credits, lifetime, expired = first[5 * i : 5 * i + 5]
-                doc = json.loads(plan_json) if plan_json else None
-                tz = (doc or {}).get("tz") or self.default_timezone
+                doc = plan_doc_from_json(plan_json) if plan_json else None
+                tz = (doc["timezone"] if doc else "") or self.default_timezone
                 month = month_at(now_ms, zone(tz))
                 keys = OrgKeys(org)
                 pipe.hgetall(keys.month(month.period_id))
@@ -166,7 +166,7 @@ class OrgUsageCollector(Collector):
         snapshot: UsageSnapshot,
         now_ms: int,
     ) -> None:
-        currency = str(snapshot.plan.doc.get("currency", "")) if snapshot.plan else ""
+        currency = snapshot.plan.doc["currency"] if snapshot.plan else ""
         for f in rules.usage_figures(snapshot, now_ms=now_ms):
             labels = [org, f.metric]
             families["committed"].add_metric(labels, f.committed)

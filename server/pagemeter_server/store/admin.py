@@ -16,7 +16,7 @@ from pagemeter_server.domain.periods import Month, month_at, month_of, zone
 from pagemeter_server.domain.validation import invalid
 from pagemeter_server.store.keys import OrgKeys, fingerprint
 from pagemeter_server.store.quota import Store
-from pagemeter_server.store.scripts import ScriptReply
+from pagemeter_server.store.scripts import PreparedCall
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class AdminStore:
         keys = OrgKeys(org_id)
         payload_fp = fingerprint("adjust", metric, units, year_month, reason)
 
-        async def call(tz: str) -> ScriptReply:
+        def prepare(tz: str) -> PreparedCall:
             tzinfo = zone(tz)
             month: Month = (
                 month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
@@ -157,8 +157,7 @@ class AdminStore:
                     "month",
                     f"month {month.period_id} is past the usage retention; its counters are gone",
                 )
-            return await self.store.run(
-                "adjust",
+            return PreparedCall(
                 [
                     keys.plan,
                     keys.month(month.period_id),
@@ -184,9 +183,11 @@ class AdminStore:
                     # The month's terms: the plan version in effect at its end.
                     min(month.end_ms, now_ms + 1),
                 ],
+                month,
+                tz,
             )
 
-        reply, _ = await self.store.run_with_timezone(org_id, call)
+        reply, _ = await self.store.call_in_timezone(org_id, "adjust", prepare)
         if reply[0] == "NO_PLAN":
             raise PlanMissing("the organization has no plan")
         if reply[0] == "UNKNOWN_METRIC":

@@ -15,6 +15,11 @@ from datetime import date
 # under the org's hash tag, so it cannot be in the same script).
 ORGS_KEY = "pm:orgs"
 
+# "2" once the deployment's stored plans were migrated to the plan document of
+# schema 2 (domain/plans.py, store/plan_migration.py); absent before. Servers
+# write plans in schema 1 until they see it.
+PLAN_SCHEMA_KEY = "pm:plan-schema"
+
 
 class OrgKeys:
     """The keys of one organization, all under its `{org_id}` hash tag."""

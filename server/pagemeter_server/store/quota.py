@@ -9,17 +9,16 @@ and reload the script on NOSCRIPT (after a Redis restart, for example).
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
+from pagemeter.v1 import quota_pb2
 from pagemeter_server.domain.decisions import (
     CheckCall,
     CheckResult,
@@ -36,9 +35,16 @@ from pagemeter_server.domain.errors import (
     StoreError,
 )
 from pagemeter_server.domain.periods import Month, day_end_ms, local_date, month_at, month_of, zone
+from pagemeter_server.domain.plans import (
+    SCHEMA,
+    PlanDoc,
+    plan_doc_from_json,
+    plan_doc_json,
+    schema_1_json,
+)
 from pagemeter_server.store.coalesce import Coalescer
 from pagemeter_server.store.faults import StoreUnavailable, is_transient
-from pagemeter_server.store.keys import ORGS_KEY, OrgKeys, fingerprint
+from pagemeter_server.store.keys import ORGS_KEY, PLAN_SCHEMA_KEY, OrgKeys, fingerprint
 from pagemeter_server.store.replica_acks import ReplicaAcks
 from pagemeter_server.store.replies import (
     held_units,
@@ -52,26 +58,22 @@ from pagemeter_server.store.scripts import (
     BATCH_SCRIPTS,
     CHANGING_SCRIPTS,
     SCRIPTS,
+    PreparedCall,
     ScriptArg,
     ScriptReply,
-    batch_script_text,
     script_text,
 )
 
 DAY_MS = 86_400_000
 # check.lua's reason for a metric that is not in the plan.
-UNKNOWN_METRIC = 8
+UNKNOWN_METRIC = quota_pb2.DECISION_REASON_UNKNOWN_METRIC
 # A record counts in the month of its completion, which ends at most 31 days
 # after the record was made: its counters outlive it by the retention plus that.
 NAMES_GRACE_MS = 31 * DAY_MS
 
 
-@dataclass(frozen=True)
-class PreparedCall:
-    """One script call's keys and arguments, for a given timezone guess."""
-
-    keys: list[str]
-    args: list[ScriptArg]
+Call = TypeVar("Call")
+Outcome = TypeVar("Outcome")
 
 
 class Store:
@@ -109,13 +111,13 @@ class Store:
         self._policy_cache: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self._month_cache: dict[str, Month] = {}
         self._tz_cache_size = tz_cache_size
+        self._plans_migrated_seen = False
         self.audit_max_events = audit_max_events
         self._coalescer = Coalescer(client) if coalesce else None
         self.scripts: dict[str, AsyncScript] = {
-            name: client.register_script(script_text(f"{name}.lua")) for name in SCRIPTS
+            name: client.register_script(script_text(name))
+            for name in (*SCRIPTS, *(f"{batch}_batch" for batch in BATCH_SCRIPTS))
         }
-        for name in BATCH_SCRIPTS:
-            self.scripts[f"{name}_batch"] = client.register_script(batch_script_text(name))
 
     # -- timezone cache ---------------------------------------------------------
     # The month key depends on the plan's timezone, which lives in Redis. The
@@ -164,17 +166,72 @@ class Store:
         while len(self._tz_cache) > self._tz_cache_size:
             self._tz_cache.popitem(last=False)
 
-    async def run_with_timezone(
-        self, org_id: str, call: Callable[[str], Awaitable[ScriptReply]]
-    ) -> tuple[ScriptReply, str]:
+    async def call_in_timezone(
+        self,
+        org_id: str,
+        name: str,
+        prepare: Callable[[str], PreparedCall],
+        *,
+        changes: bool | None = None,
+    ) -> tuple[ScriptReply, PreparedCall]:
+        """One script call whose keys depend on the organization's timezone."""
+        [answer] = await self._calls_in_timezone(
+            org_id, name, [None], lambda _none, tz: prepare(tz), changes=changes, batch=False
+        )
+        return answer
+
+    async def _calls_in_timezone(
+        self,
+        org_id: str,
+        name: str,
+        calls: Sequence[Call],
+        prepare: Callable[[Call, str], PreparedCall],
+        *,
+        changes: bool | None,
+        batch: bool,
+    ) -> list[tuple[ScriptReply, PreparedCall]]:
+        """Run calls of one organization, prepared for the timezone the server
+        guesses; re-run those a script answered STALE_TZ (a stale call changed
+        nothing, so running it again is safe). One call runs its script; a batch
+        runs them all in one atomic call of the script's batch form."""
         tz = self._cached_timezone(org_id)
+        done: dict[int, tuple[ScriptReply, PreparedCall]] = {}
+        pending = list(range(len(calls)))
         for _ in range(3):
-            reply = await call(tz)
-            if reply[0] != "STALE_TZ":
-                return reply, tz
-            tz = str(reply[1])
-            self._remember_timezone(org_id, tz)
+            prepared = [prepare(calls[i], tz) for i in pending]
+            if batch:
+                replies = await self._run_batch(name, prepared, changes)
+            else:
+                [single] = prepared
+                replies = [await self.run(name, single.keys, single.args, changes=changes)]
+            stale = []
+            for index, call, reply in zip(pending, prepared, replies, strict=True):
+                if reply[0] == "STALE_TZ":
+                    tz = str(reply[1])
+                    self._remember_timezone(org_id, tz)
+                    stale.append(index)
+                else:
+                    done[index] = (reply, call)
+            pending = stale
+            if not pending:
+                return [done[i] for i in range(len(calls))]
         raise StoreError(f"timezone of organization {org_id} keeps changing")
+
+    async def _run_batch(
+        self, name: str, prepared: Sequence[PreparedCall], changes: bool | None
+    ) -> list[ScriptReply]:
+        """Calls of one organization as one call of the script's batch form."""
+        keys: list[str] = []
+        counts: list[ScriptArg] = []
+        args: list[ScriptArg] = []
+        for call in prepared:
+            keys += call.keys
+            counts += [len(call.keys), len(call.args)]
+            args += call.args
+        replies: list[ScriptReply] = await self.run(
+            f"{name}_batch", keys, [len(prepared), *counts, *args], changes=changes
+        )
+        return replies
 
     async def run(
         self,
@@ -221,50 +278,33 @@ class Store:
 
     # -- CheckQuota -------------------------------------------------------------
 
-    async def check(
-        self,
-        org_id: str,
-        units: Mapping[str, int],
-        *,
-        now_ms: int,
-        request_id: str = "",
-        hold: bool = False,
-        hold_ttl_ms: int = 0,
-    ) -> CheckResult:
-        call = CheckCall(units, request_id, hold, hold_ttl_ms)
-        months: list[Month] = []
-
-        async def run(tz: str) -> ScriptReply:
-            prepared, month = self._prepare_check(org_id, call, now_ms, tz)
-            months.append(month)
-            return await self.run("check", prepared.keys, prepared.args, changes=hold)
-
-        reply, _ = await self.run_with_timezone(org_id, run)
-        return self._check_result(org_id, reply, months[-1])
+    async def check(self, org_id: str, call: CheckCall, *, now_ms: int) -> CheckResult:
+        reply, prepared = await self.call_in_timezone(
+            org_id,
+            "check",
+            lambda tz: self._prepare_check(org_id, call, now_ms, tz),
+            changes=call.hold,
+        )
+        return self._check_result(org_id, reply, prepared.month)
 
     async def check_batch(
         self, org_id: str, calls: Sequence[CheckCall], *, now_ms: int
     ) -> list[CheckResult | StoreError]:
         """Several checks of one organization in one atomic script call, in order."""
-        replies = await self._run_batch(
+        return await self._batch(
             org_id,
             "check",
             calls,
             lambda call, tz: self._prepare_check(org_id, call, now_ms, tz),
+            lambda reply, prepared: self._check_result(org_id, reply, prepared.month),
             changes=any(call.hold for call in calls),
         )
-        return [
-            item_outcome(functools.partial(self._check_result, org_id, reply, month))
-            for reply, month in replies
-        ]
 
-    def _prepare_check(
-        self, org_id: str, call: CheckCall, now_ms: int, tz: str
-    ) -> tuple[PreparedCall, Month]:
+    def _prepare_check(self, org_id: str, call: CheckCall, now_ms: int, tz: str) -> PreparedCall:
         keys = OrgKeys(org_id)
         month = self._month_at(now_ms, tz)
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
-        prepared = PreparedCall(
+        return PreparedCall(
             [
                 keys.plan,
                 keys.holds,
@@ -296,8 +336,9 @@ class Store:
                 len(call.units),
                 *flat_units,
             ],
+            month,
+            tz,
         )
-        return prepared, month
 
     def _check_result(self, org_id: str, reply: ScriptReply, month: Month) -> CheckResult:
         tag = reply[0]
@@ -328,41 +369,42 @@ class Store:
 
     # -- RecordUsage ------------------------------------------------------------
 
-    async def record(
-        self,
-        org_id: str,
-        request_id: str,
-        units: Mapping[str, int],
-        *,
-        now_ms: int,
-        completed_ms: int,
-        completed_given: bool,
-        success: bool,
-        requested_ms: int | None = None,
-        document_type: str = "",
-    ) -> RecordResult:
-        call = RecordCall(
-            request_id, units, completed_ms, completed_given, success, requested_ms, document_type
+    async def record(self, org_id: str, call: RecordCall, *, now_ms: int) -> RecordResult:
+        reply, _ = await self.call_in_timezone(
+            org_id, "record", lambda tz: self._prepare_record(org_id, call, now_ms, tz)
         )
-
-        async def run(tz: str) -> ScriptReply:
-            prepared = self._prepare_record(org_id, call, now_ms, tz)
-            return await self.run("record", prepared.keys, prepared.args)
-
-        reply, _ = await self.run_with_timezone(org_id, run)
         return record_result(reply)
 
     async def record_batch(
         self, org_id: str, calls: Sequence[RecordCall], *, now_ms: int
     ) -> list[RecordResult | StoreError]:
         """Several records of one organization in one atomic script call, in order."""
-        replies = await self._run_batch(
+        return await self._batch(
             org_id,
             "record",
             calls,
-            lambda call, tz: (self._prepare_record(org_id, call, now_ms, tz), None),
+            lambda call, tz: self._prepare_record(org_id, call, now_ms, tz),
+            lambda reply, _prepared: record_result(reply),
         )
-        return [item_outcome(functools.partial(record_result, reply)) for reply, _ in replies]
+
+    async def _batch(
+        self,
+        org_id: str,
+        name: str,
+        calls: Sequence[Call],
+        prepare: Callable[[Call, str], PreparedCall],
+        answer: Callable[[ScriptReply, PreparedCall], Outcome],
+        *,
+        changes: bool | None = None,
+    ) -> list[Outcome | StoreError]:
+        """Calls of one organization as one batch: each item's answer, or the store
+        error it ended in (the other items go on)."""
+        replies = await self._calls_in_timezone(
+            org_id, name, calls, prepare, changes=changes, batch=True
+        )
+        return [
+            item_outcome(functools.partial(answer, reply, prepared)) for reply, prepared in replies
+        ]
 
     def _prepare_record(self, org_id: str, call: RecordCall, now_ms: int, tz: str) -> PreparedCall:
         keys = OrgKeys(org_id)
@@ -418,47 +460,9 @@ class Store:
                 len(call.units),
                 *flat_units,
             ],
+            month,
+            tz,
         )
-
-    # -- batches -----------------------------------------------------------------
-
-    async def _run_batch(
-        self,
-        org_id: str,
-        name: str,
-        items: Sequence[Any],
-        prepare: Callable[[Any, str], tuple[PreparedCall, Any]],
-        changes: bool | None = None,
-    ) -> list[tuple[ScriptReply, Any]]:
-        """Run items of one org as one batch script call; re-run those whose timezone
-        guess was stale (a stale item changed nothing, so running it again is safe)."""
-        tz = self._cached_timezone(org_id)
-        done: dict[int, tuple[ScriptReply, Any]] = {}
-        pending = list(range(len(items)))
-        for _ in range(3):
-            prepared = [prepare(items[i], tz) for i in pending]
-            keys: list[str] = []
-            counts: list[ScriptArg] = []
-            args: list[ScriptArg] = []
-            for call, _context in prepared:
-                keys += call.keys
-                counts += [len(call.keys), len(call.args)]
-                args += call.args
-            replies = await self.run(
-                f"{name}_batch", keys, [len(prepared), *counts, *args], changes=changes
-            )
-            stale = []
-            for index, (_call, context), reply in zip(pending, prepared, replies, strict=True):
-                if reply[0] == "STALE_TZ":
-                    tz = str(reply[1])
-                    self._remember_timezone(org_id, tz)
-                    stale.append(index)
-                else:
-                    done[index] = (reply, context)
-            pending = stale
-            if not pending:
-                return [done[i] for i in range(len(items))]
-        raise StoreError(f"timezone of organization {org_id} keeps changing")
 
     # -- ReleaseQuota -----------------------------------------------------------
 
@@ -479,16 +483,13 @@ class Store:
         self, org_id: str, *, now_ms: int, year_month: tuple[int, int] | None = None
     ) -> UsageSnapshot:
         keys = OrgKeys(org_id)
-        month_box: list[Month] = []
 
-        async def call(tz: str) -> ScriptReply:
+        def prepare(tz: str) -> PreparedCall:
             tzinfo = zone(tz)
             month = (
                 month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
             )
-            month_box.append(month)
-            return await self.run(
-                "usage",
+            return PreparedCall(
                 [
                     keys.plan,
                     keys.holds,
@@ -503,17 +504,19 @@ class Store:
                 ],
                 # A month's terms are the plan's at its end (now for the current one).
                 [now_ms, tz, self.default_timezone, min(month.end_ms, now_ms + 1)],
+                month,
+                tz,
             )
 
-        reply, tz = await self.run_with_timezone(org_id, call)
+        reply, prepared = await self.call_in_timezone(org_id, "usage", prepare)
         _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat, gone = (
             reply
         )
-        plan = StoredPlan(json.loads(plan_json), int(version), 0) if plan_json else None
+        plan = StoredPlan(plan_doc_from_json(plan_json), int(version), 0) if plan_json else None
         return UsageSnapshot(
             plan=plan,
-            timezone=tz,
-            month=month_box[-1],
+            timezone=prepared.timezone,
+            month=prepared.month,
             month_fields=int_pairs(month_flat),
             lifetime_fields=int_pairs(life_flat),
             held_fields=int_pairs(held_flat),
@@ -525,30 +528,49 @@ class Store:
     # -- plans and credits ------------------------------------------------------
 
     async def set_plan(
-        self, org_id: str, doc: Mapping[str, Any], *, now_ms: int, actor: str = ""
+        self, org_id: str, doc: PlanDoc, *, now_ms: int, actor: str = ""
     ) -> StoredPlan:
         keys = OrgKeys(org_id)
+        migrated = await self._plans_migrated()
         version, _previous = await self.run(
             "set_plan",
             [keys.plan, keys.planlog, keys.planver, keys.audit, keys.unplanned, keys.lifetime],
             [
-                json.dumps(doc, separators=(",", ":")),
+                plan_doc_json(doc) if migrated else schema_1_json(doc),
                 now_ms,
                 now_ms - self.usage_retention_ms,
                 actor,
                 self.audit_max_events,
             ],
         )
-        self._remember_timezone(org_id, str(doc["tz"]))
-        self._remember_policy(org_id, str(doc.get("sfp", "")), doc.get("metrics", {}))
+        self._remember_timezone(org_id, doc["timezone"])
+        self._remember_policy(org_id, doc["store_failure_policy"], doc["metrics"])
         await self.client.zadd(ORGS_KEY, {org_id: 0})
-        return StoredPlan(dict(doc), int(version), now_ms)
+        return StoredPlan(doc, int(version), now_ms)
+
+    async def _plans_migrated(self) -> bool:
+        """Whether plans are written in the current schema (else in schema 1).
+
+        Schema 1 until the deployment's plans were migrated, because a server of
+        an earlier release may still be running and reads only that
+        (store/plan_migration.py). Once seen, the marker is not read again. Schema
+        1 is the safe answer when the marker cannot be read: every server reads it.
+        """
+        if not self._plans_migrated_seen and self.available([PLAN_SCHEMA_KEY]):
+            try:
+                marker = await self.client.get(PLAN_SCHEMA_KEY)
+            except redis.exceptions.RedisError:
+                return False
+            self._plans_migrated_seen = marker == str(SCHEMA)
+        return self._plans_migrated_seen
 
     async def get_plan(self, org_id: str) -> StoredPlan | None:
         raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).plan))
         if "json" not in raw:
             return None
-        return StoredPlan(json.loads(raw["json"]), int(raw["version"]), int(raw["updated_ms"]))
+        return StoredPlan(
+            plan_doc_from_json(raw["json"]), int(raw["version"]), int(raw["updated_ms"])
+        )
 
     async def grant_credits(
         self,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from pagemeter_server.domain.decisions import (
     MetricCheck,
@@ -81,42 +82,116 @@ def int_pairs(flat: Sequence[str]) -> dict[str, int]:
     return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+# -- metric rows ------------------------------------------------------------------
+# check.lua and record.lua answer one row per metric: fields joined by ',', rows
+# by ';'. The columns of each row are declared here, once: `make scripts`
+# generates the Lua function that writes a row (check_row, record_row) from
+# them, and metric_check / metric_record read a row with them. A column's name
+# is both the field of the Lua table the script fills and the field of the
+# answer it is read into.
+
+ColumnKind = Literal["str", "int", "opt_int", "bool", "period"]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a metric row, and how it is written.
+
+    str: the Lua string as is; int: an integer; opt_int: an integer or '' for
+    nil (none); bool: '1' or '0'; period: a Lua boolean "lifetime", written 'N'
+    (PERIOD_NONE) or 'M' (monthly).
+    """
+
+    name: str
+    kind: ColumnKind
+    # What a row stored before this column existed reads as (None: every row has it).
+    missing: str | None = None
+
+
+# CheckQuota: one metric's decision (MetricCheck).
+CHECK_COLUMNS: tuple[Column, ...] = (
+    Column("metric", "str"),
+    Column("allowed", "bool"),
+    Column("reason", "int"),
+    Column("requested", "int"),
+    Column("committed", "int"),
+    Column("held", "int"),
+    Column("contract_quota", "opt_int"),
+    Column("hard_limit", "opt_int"),
+    Column("overage_allowed", "bool"),
+    Column("max_admissible", "opt_int"),
+    Column("remaining", "opt_int"),
+    Column("included", "int"),
+    Column("prepaid", "int"),
+    Column("overage", "int"),
+    Column("overage_price", "str"),
+    Column("prepaid_available", "int"),
+    Column("lifetime", "period"),
+)
+
+# RecordUsage: one metric's result (MetricRecord). Records keep their rows for
+# the record retention, so a column is only ever added at the end, with the
+# value older rows read as.
+RECORD_COLUMNS: tuple[Column, ...] = (
+    Column("metric", "str"),
+    Column("units", "int"),
+    Column("included", "int"),
+    Column("prepaid", "int"),
+    Column("overage", "int"),
+    Column("committed", "int"),
+    Column("contract_quota", "opt_int"),
+    Column("hard_limit", "opt_int"),
+    Column("over_contract_quota", "bool"),
+    Column("over_hard_limit", "bool"),
+    Column("overage_not_allowed", "bool"),
+    Column("lifetime", "period"),
+    Column("overage_price", "str"),
+    Column("planned", "bool", missing="1"),
+)
+
+
+def _bool(text: str) -> bool:
+    return text == "1"
+
+
+def _lifetime(text: str) -> bool:
+    return text == "N"
+
+
+_READERS: dict[ColumnKind, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "opt_int": _opt_int,
+    "bool": _bool,
+    "period": _lifetime,
+}
+
+
+def _row_reader(columns: tuple[Column, ...]) -> Callable[[Sequence[str]], dict[str, Any]]:
+    """Reads a row into {column name: value}; columns past the row's end read as `missing`."""
+    names = [column.name for column in columns]
+    readers = [_READERS[column.kind] for column in columns]
+
+    def read(row: Sequence[str]) -> dict[str, Any]:
+        values = {
+            name: reader(text) for name, reader, text in zip(names, readers, row, strict=False)
+        }
+        for column in columns[len(row) :]:
+            if column.missing is None:
+                raise ValueError(f"a metric row of {len(row)} columns lacks {column.name!r}")
+            values[column.name] = _READERS[column.kind](column.missing)
+        return values
+
+    return read
+
+
+_read_check = _row_reader(CHECK_COLUMNS)
+_read_record = _row_reader(RECORD_COLUMNS)
+
+
 def metric_check(row: Sequence[str]) -> MetricCheck:
-    return MetricCheck(
-        metric=row[0],
-        allowed=row[1] == "1",
-        reason=int(row[2]),
-        requested=int(row[3]),
-        committed=int(row[4]),
-        held=int(row[5]),
-        contract_quota=_opt_int(row[6]),
-        hard_limit=_opt_int(row[7]),
-        overage_allowed=row[8] == "1",
-        max_admissible=_opt_int(row[9]),
-        remaining=_opt_int(row[10]),
-        included=int(row[11]),
-        prepaid=int(row[12]),
-        overage=int(row[13]),
-        overage_price=row[14],
-        prepaid_available=int(row[15]),
-        lifetime=row[16] == "N",
-    )
+    return MetricCheck(**_read_check(row))
 
 
 def metric_record(row: Sequence[str]) -> MetricRecord:
-    return MetricRecord(
-        metric=row[0],
-        units=int(row[1]),
-        included=int(row[2]),
-        prepaid=int(row[3]),
-        overage=int(row[4]),
-        committed=int(row[5]),
-        contract_quota=_opt_int(row[6]),
-        hard_limit=_opt_int(row[7]),
-        over_contract_quota=row[8] == "1",
-        over_hard_limit=row[9] == "1",
-        overage_not_allowed=row[10] == "1",
-        lifetime=row[11] == "N",
-        overage_price=row[12],
-        planned=len(row) < 14 or row[13] == "1",
-    )
+    return MetricRecord(**_read_record(row))

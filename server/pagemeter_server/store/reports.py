@@ -8,7 +8,6 @@ page size, never with the number of jobs an organization has recorded.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -19,6 +18,7 @@ import redis.asyncio as aioredis
 from pagemeter_server.domain.decisions import PlanVersion
 from pagemeter_server.domain.errors import BadPageToken
 from pagemeter_server.domain.page_tokens import decode_page_token, encode_page_token
+from pagemeter_server.domain.plans import plan_doc_from_json
 from pagemeter_server.store.keys import OrgKeys
 
 
@@ -73,7 +73,7 @@ class ReportStore:
         for member, score in cast(list[tuple[str, float]], logged):
             doc = cast(dict[str, str], docs).get(member)
             if doc is not None:
-                versions.append(PlanVersion(int(member), int(score), json.loads(doc)))
+                versions.append(PlanVersion(int(member), int(score), plan_doc_from_json(doc)))
         return versions
 
     async def months(self, org_id: str, period_ids: Sequence[str]) -> list[dict[str, int]]:

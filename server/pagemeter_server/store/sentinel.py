@@ -33,7 +33,7 @@ from redis.exceptions import (
 from pagemeter_server.domain.errors import ConfigurationError
 from pagemeter_server.settings import Settings, sentinel_url_options
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pagemeter_server.sentinel")
 
 
 class SteadySentinel(AsyncSentinel):

@@ -1,6 +1,8 @@
--- Shared helpers, prepended to every pagemeter script when it is loaded
--- (Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
--- and returns nothing.
+-- Shared helpers, put into every pagemeter script by `make scripts`
+-- (store/build_scripts.py writes the scripts Redis runs into lua/built/, since
+-- Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
+-- and returns nothing. The generated declarations follow it in each script: the
+-- REASON_* codes of DecisionReason and the row writers check_row and record_row.
 --
 -- Conventions of all scripts:
 -- * Every key of an organization carries its `{org_id}` hash tag, so a script
@@ -37,20 +39,46 @@ local function bool01(b)
   return '0'
 end
 
+-- A stored plan document (domain/plans.py, PlanDoc), read into its schema 2
+-- names: timezone, rate_per_second, burst, store_failure_policy, metrics (each
+-- with period 'monthly' | 'none', contract_quota, hard_limit, overage_allowed,
+-- price, overage_price; a missing limit is nil). A document of schema 1 (terse
+-- keys, no schema key), written until the deployment's plans are migrated, is
+-- read into the same names, with the defaults its readers assumed.
+local function plan_doc(raw)
+  local doc = cjson.decode(raw)
+  if doc.schema == 2 then
+    return doc
+  end
+  local metrics = {}
+  for metric, t in pairs(doc.metrics) do
+    metrics[metric] = {
+      period = (t.per == 'N') and 'none' or 'monthly',
+      contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
+      price = t.p, overage_price = t.op,
+    }
+  end
+  return {
+    schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
+    burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
+    currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+  }
+end
+
 -- Plan: a hash {json, version, updated_ms}; json is written only by the server.
 local function load_plan(plan_key)
   local raw = redis.call('HGET', plan_key, 'json')
   if not raw then
     return nil
   end
-  return cjson.decode(raw)
+  return plan_doc(raw)
 end
 
 -- The timezone the scripts must agree on with the server: the plan's, or the
 -- service default when the organization has no plan.
 local function plan_timezone(plan, default_tz)
-  if plan and plan.tz and plan.tz ~= '' then
-    return plan.tz
+  if plan and plan.timezone and plan.timezone ~= '' then
+    return plan.timezone
   end
   return default_tz
 end
@@ -127,18 +155,36 @@ local function purge_expired_holds(holds_key, holddata_key, held_key, now)
   return encode_hold(parts)
 end
 
--- Rows of figures for the server: fields joined by ',', rows by ';'.
-local function encode_rows(rows)
+-- Rows of figures for the server, one per metric, joined by ';': each row is a
+-- table with named fields that `write_row` (check_row or record_row, generated
+-- from the columns declared in store/replies.py) joins by ','.
+local function encode_rows(rows, write_row)
   local out = {}
   for i, row in ipairs(rows) do
-    out[i] = table.concat(row, ',')
+    out[i] = write_row(row)
   end
   return table.concat(out, ';')
 end
 
+-- Rate limit by GCRA (the generic cell rate algorithm): `rate` calls per second
+-- on average, up to `burst` calls at once. `key` holds the theoretical arrival
+-- time (ms), kept about one interval. Returns nil when the call is admitted (and
+-- counted), else the ms to wait before it would be.
+local function gcra(key, now, rate, burst)
+  local interval = 1000 / rate
+  local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return math.ceil(allow_at - now)
+  end
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  return nil
+end
+
 -- The usage bucket of a metric: the month's hash, or the lifetime hash.
 local function bucket_for(limits, month_key, life_key)
-  if limits and limits.per == 'N' then
+  if limits and limits.period == 'none' then
     return life_key, 'N'
   end
   return month_key, 'M'

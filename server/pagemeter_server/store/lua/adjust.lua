@@ -45,7 +45,7 @@ if not plan then
   return {'NO_PLAN'}
 end
 local limits = plan.metrics[metric]
-if not (limits and limits.per == 'N') then
+if not (limits and limits.period == 'none') then
   -- A monthly correction: the month's own terms decide, as every read of it does.
   local terms = nil
   local ids = redis.call('ZREVRANGEBYSCORE', KEYS[6], '(' .. ARGV[13], '-inf', 'LIMIT', 0, 1)
@@ -60,7 +60,7 @@ if not (limits and limits.per == 'N') then
   if not (limits or in_terms or recorded) then
     return {'UNKNOWN_METRIC'}
   end
-  limits = {per = 'M'}
+  limits = {period = 'monthly'}
 end
 local previous = redis.call('HMGET', KEYS[4], 'fp', 'res')
 if previous[1] then

@@ -30,15 +30,16 @@
 --   {'RATE_LIMITED', retry_after_ms}     over the org's CheckQuota rate (nothing changed)
 --   {'REUSED', status}                   request_id belongs to another job (nothing changed)
 --   {'OK', allowed, held, hold_expiry_ms, duplicate, rows, expired, failure_policy}
--- rows (see encode_rows): per metric, sorted by name: metric, allowed, reason,
---   requested, committed, held, quota|'', hard_limit|'', overage_allowed,
---   max_admissible|'', remaining|'', included, prepaid, overage,
---   overage_price, prepaid_available, period ('M' or 'N').
+-- rows: one per metric, sorted by name, written by check_row (the columns of
+--   CHECK_COLUMNS in store/replies.py): metric, allowed, reason, requested,
+--   committed, held, quota|'', hard_limit|'', overage_allowed, max_admissible|'',
+--   remaining|'', included, prepaid, overage, overage_price, prepaid_available,
+--   period ('M' or 'N').
 -- expired: units of other jobs' holds found expired by this call, "metric:units:0;...".
 -- failure_policy: the plan's store failure policy ('open', 'closed' or '' for the
 --   service default), which the server remembers for when Redis is unreachable.
--- Reasons: 1 within quota, 2 prepaid, 3 overage, 4 quota exceeded,
---   5 hard limit exceeded, 8 unknown metric.
+-- Reasons: the REASON_* codes of DecisionReason (WITHIN_QUOTA, PREPAID, OVERAGE,
+--   QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, UNKNOWN_METRIC).
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local credits_key, month_key, life_key, rate_key, record_key, index_key =
@@ -69,7 +70,7 @@ if want_hold then
   if existing[1] then
     local live = existing[1] == 'held' and tonumber(existing[4]) > now
     if live and existing[2] == fingerprint then
-      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.sfp or ''}
+      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.store_failure_policy or ''}
     end
     local status = existing[1]
     if status == 'held' and not live then
@@ -80,23 +81,14 @@ if want_hold then
 end
 
 -- Rate limit (GCRA): one token per call, a burst of `burst` calls.
-local rate = tonumber(plan.rate or 0)
+local rate = tonumber(plan.rate_per_second or 0)
 if rate > 0 then
   local burst = tonumber(plan.burst or 0)
-  if burst <= 0 then
-    burst = rate
+  -- The plan's burst; unset (0) means one second's worth of calls.
+  local wait = gcra(rate_key, now, rate, burst > 0 and burst or rate)
+  if wait then
+    return {'RATE_LIMITED', fmt(wait)}
   end
-  local interval = 1000 / rate
-  local tat = tonumber(redis.call('GET', rate_key) or now)
-  if tat < now then
-    tat = now
-  end
-  local new_tat = tat + interval
-  local allow_at = new_tat - burst * interval
-  if allow_at > now then
-    return {'RATE_LIMITED', fmt(math.ceil(allow_at - now))}
-  end
-  redis.call('SET', rate_key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
 end
 
 local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
@@ -114,7 +106,12 @@ for i, req in ipairs(requests) do
   local limits = plan.metrics[metric]
   if not limits then
     all_allowed = false
-    rows[i] = {metric, '0', '8', fmt(n), '0', '0', '', '', '0', '0', '0', '0', '0', '0', '0', '0', 'M'}
+    rows[i] = {
+      metric = metric, allowed = false, reason = REASON_UNKNOWN_METRIC, requested = n,
+      committed = 0, held = 0, overage_allowed = false, max_admissible = 0, remaining = 0,
+      included = 0, prepaid = 0, overage = 0, overage_price = '0', prepaid_available = 0,
+      lifetime = false,
+    }
   else
     local bucket, period = bucket_for(limits, month_key, life_key)
     local committed = int(redis.call('HGET', bucket, 'c:' .. metric))
@@ -123,14 +120,14 @@ for i, req in ipairs(requests) do
     local balance = int(redis.call('HGET', credits_key, metric))
     local prepaid_available = math.max(0, balance - held_prepaid)
     local used = committed + held
-    local quota, hard = limits.q, limits.h
+    local quota, hard = limits.contract_quota, limits.hard_limit
 
     -- The most units admissible now: the partial-admission hint.
     local cap = nil
     if hard then
       cap = math.max(0, hard - used)
     end
-    if quota and not limits.o then
+    if quota and not limits.overage_allowed then
       local within = math.max(0, quota - used) + prepaid_available
       if cap == nil or within < cap then
         cap = within
@@ -148,17 +145,17 @@ for i, req in ipairs(requests) do
 
     local reason
     if hard and used + n > hard then
-      reason = 5
-    elseif overage > 0 and not limits.o then
-      reason = 4
+      reason = REASON_HARD_LIMIT_EXCEEDED
+    elseif overage > 0 and not limits.overage_allowed then
+      reason = REASON_QUOTA_EXCEEDED
     elseif overage > 0 then
-      reason = 3
+      reason = REASON_OVERAGE
     elseif prepaid > 0 then
-      reason = 2
+      reason = REASON_PREPAID
     else
-      reason = 1
+      reason = REASON_WITHIN_QUOTA
     end
-    local allowed = reason <= 3
+    local allowed = reason <= REASON_OVERAGE
     all_allowed = all_allowed and allowed
 
     local remaining = cap
@@ -166,18 +163,20 @@ for i, req in ipairs(requests) do
       remaining = cap - n
     end
     rows[i] = {
-      metric, bool01(allowed), fmt(reason), fmt(n), fmt(committed), fmt(held),
-      opt(quota), opt(hard), bool01(limits.o), opt(cap), opt(remaining),
-      fmt(included), fmt(prepaid), fmt(overage), limits.op or '0',
-      fmt(prepaid_available), period,
+      metric = metric, allowed = allowed, reason = reason, requested = n,
+      committed = committed, held = held, contract_quota = quota, hard_limit = hard,
+      overage_allowed = limits.overage_allowed, max_admissible = cap, remaining = remaining,
+      included = included, prepaid = prepaid, overage = overage,
+      overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
+      lifetime = period == 'N',
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
   end
 end
 
-local encoded = encode_rows(rows)
+local encoded = encode_rows(rows, check_row)
 if not (all_allowed and want_hold) then
-  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.sfp or ''}
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.store_failure_policy or ''}
 end
 
 for _, p in ipairs(hold_parts) do
@@ -194,4 +193,4 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
-return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.sfp or ''}
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.store_failure_policy or ''}

@@ -27,15 +27,11 @@ end
 
 local rate = tonumber(ARGV[4])
 if rate > 0 then
-  local burst = math.max(1, tonumber(ARGV[5]))
-  local interval = 1000 / rate
-  local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or now), now)
-  local new_tat = tat + interval
-  local allow_at = new_tat - burst * interval
-  if allow_at > now then
-    return {'RATE_LIMITED', fmt(math.ceil(allow_at - now))}
+  -- The configured burst, but never less than one call.
+  local wait = gcra(KEYS[2], now, rate, math.max(1, tonumber(ARGV[5])))
+  if wait then
+    return {'RATE_LIMITED', fmt(wait)}
   end
-  redis.call('SET', KEYS[2], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
 end
 
 if now - int(key[3]) >= tonumber(ARGV[3]) then

@@ -45,10 +45,11 @@
 --    completed_ms, rows, expired, folded}
 -- expired: units of holds found expired by this call, "metric:units:0;...".
 -- folded: '1' when the job's document type counted as '_other' (a duplicate: '0').
--- status is 'completed' or 'failed'. rows, per metric sorted by name: metric,
---   units, included, prepaid, overage, committed_after, quota|'', hard_limit|'',
---   over_quota, over_hard_limit, overage_not_allowed, period ('M'/'N'), overage_price,
---   planned ('1' when the metric is in the plan).
+-- status is 'completed' or 'failed'. rows: one per metric, sorted by name,
+--   written by record_row (the columns of RECORD_COLUMNS in store/replies.py):
+--   metric, units, included, prepaid, overage, committed_after, quota|'',
+--   hard_limit|'', over_quota, over_hard_limit, overage_not_allowed, period
+--   ('M'/'N'), overage_price, planned ('1' when the metric is in the plan).
 -- A metric that is not in the plan (or an org without a plan) is still recorded,
 -- as a monthly metric with no limits: work that was done is never dropped. But
 -- the names are the caller's, so an organization may use at most ARGV[16] of
@@ -110,7 +111,7 @@ end
 local requests = {}
 for i = 1, count do
   local metric, n = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
-  if n < 0 and not (metrics[metric] and metrics[metric].per == 'N') then
+  if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
   requests[i] = {metric, n}
@@ -183,7 +184,7 @@ for i, req in ipairs(requests) do
   local metric, n = req[1], req[2]
   local limits = metrics[metric] or {}
   local bucket, period = bucket_for(limits, month_key, life_key)
-  local quota, hard = limits.q, limits.h
+  local quota, hard = limits.contract_quota, limits.hard_limit
   local included, prepaid, overage, committed = 0, 0, 0, 0
   if not success then
     n = 0
@@ -215,12 +216,14 @@ for i, req in ipairs(requests) do
   end
   local over_quota = quota ~= nil and committed > quota
   local over_hard = hard ~= nil and committed > hard
-  local overage_not_allowed = overage > 0 and not limits.o
+  local overage_not_allowed = overage > 0 and not limits.overage_allowed
   over_limit = over_limit or over_hard or overage_not_allowed
   rows[i] = {
-    metric, fmt(n), fmt(included), fmt(prepaid), fmt(overage), fmt(committed),
-    opt(quota), opt(hard), bool01(over_quota), bool01(over_hard),
-    bool01(overage_not_allowed), period, limits.op or '0', bool01(metrics[metric] ~= nil),
+    metric = metric, units = n, included = included, prepaid = prepaid, overage = overage,
+    committed = committed, contract_quota = quota, hard_limit = hard,
+    over_contract_quota = over_quota, over_hard_limit = over_hard,
+    overage_not_allowed = overage_not_allowed, lifetime = period == 'N',
+    overage_price = limits.overage_price or '0', planned = metrics[metric] ~= nil,
   }
 end
 
@@ -229,7 +232,7 @@ end
 -- kept as a record but counts in no job or day counter.
 local is_job = false
 for _, row in ipairs(rows) do
-  if row[12] == 'M' then
+  if not row.lifetime then
     is_job = true
   end
 end
@@ -249,8 +252,8 @@ if is_job then
     day_type = '_other'
   end
   for _, row in ipairs(rows) do
-    local metric, n = row[1], tonumber(row[2])
-    if row[12] == 'M' and n > 0 then
+    local metric, n = row.metric, row.units
+    if not row.lifetime and n > 0 then
       redis.call('HINCRBY', day_key, 'c:' .. metric, n)
       redis.call('HINCRBY', day_key, 'tc:' .. day_type .. ':' .. metric, n)
       redis.call('HINCRBY', life_key, 'a:' .. metric, n)
@@ -271,7 +274,7 @@ end
 -- as the rules (tests drive that clock).
 redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
 
-local encoded = encode_rows(rows)
+local encoded = encode_rows(rows, record_row)
 local folded = bool01(is_job and day_type ~= document_type)
 redis.call('HSET', record_key, 'st', final_status, 'fp', fingerprint, 'res', encoded,
   'hr', bool01(hold_released), 'he', bool01(hold_expired), 'ol', bool01(over_limit),

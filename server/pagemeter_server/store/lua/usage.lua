@@ -36,7 +36,7 @@ local now = tonumber(ARGV[1])
 local raw = redis.call('HMGET', plan_key, 'json', 'version')
 local plan = nil
 if raw[1] then
-  plan = cjson.decode(raw[1])
+  plan = plan_doc(raw[1])
 end
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
 if stale then

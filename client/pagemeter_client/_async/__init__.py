@@ -1,0 +1,1 @@
+"""The async client: the source that `make unasync` turns into pagemeter_client._sync."""

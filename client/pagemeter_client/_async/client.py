@@ -1,0 +1,806 @@
+"""The pagemeter client on `grpc.aio`, and its reservations.
+
+Written once, as the async client: `make unasync` (tools/unasync.py) generates
+the blocking client from it, and the first line of a generated module says so.
+Both clients send every call with a deadline and let gRPC itself retry UNAVAILABLE
+with the same request message (see pagemeter_client.sdk for the whole story).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import date, datetime, timedelta
+from typing import Self
+
+import grpc
+
+from pagemeter.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    plan_pb2,
+    quota_pb2,
+    quota_pb2_grpc,
+    reporting_pb2,
+    reporting_pb2_grpc,
+)
+from pagemeter_client._async.replay import replay_async
+from pagemeter_client._channel import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    AsyncStubs,
+    ChannelOptions,
+    Metadata,
+    _ClientConfig,
+)
+from pagemeter_client._concurrency import (
+    AsyncLock,
+    AsyncStateLock,
+    AsyncStopFlag,
+    AsyncWorker,
+    run_blocking_async,
+    sleep_async,
+)
+from pagemeter_client._errors import (
+    QuotaDenied,
+    UsageQueued,
+    _forget_delivered,
+    _note_outbox_unusable,
+    _release_quietly,
+    _retry_seconds,
+    _settle_first_attempt,
+    error_details,
+)
+from pagemeter_client._jobs import (
+    RELEASE_RETRY_PAUSE,
+    RELEASE_WINDOW,
+    _note_settle_failure,
+    _note_settle_queued,
+    _outcome_unknown,
+    _ReservationState,
+)
+from pagemeter_client._messages import (
+    StatisticsGroupingName,
+    StatisticsPeriodName,
+    _next_token,
+    adjust_usage_request,
+    check_quota_request,
+    get_usage_history_request,
+    get_usage_request,
+    get_usage_statistics_request,
+    joined_statistics,
+    list_usage_records_request,
+    new_request_id,
+    record_usage_request,
+)
+from pagemeter_client.outbox import DeliveryPass, FlushResult, Outbox, OutboxError
+from pagemeter_client.replay import (
+    AcknowledgedLog,
+    AsyncObserver,
+    ReplayResult,
+    ReplayStats,
+    ReplayWindow,
+)
+
+log = logging.getLogger("pagemeter_client")
+
+# Seconds between the background flusher's delivery passes, by default.
+DEFAULT_FLUSH_INTERVAL = 15.0
+
+
+class AsyncReservation(_ReservationState):
+    """Units held for one job by `AsyncPagemeterClient.reserve`."""
+
+    def __init__(
+        self,
+        client: AsyncPagemeterClient,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        decision: quota_pb2.CheckQuotaResponse,
+    ) -> None:
+        super().__init__(org_id, request_id, units, decision)
+        self._client = client
+
+    async def commit(
+        self,
+        units: Mapping[str, int] | None = None,
+        *,
+        document_type: str = "",
+        completed_at: datetime | None = None,
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record the job as done with `units` (default: the reserved units); frees the hold.
+
+        With the client's outbox, raises UsageQueued when the record is stored for later.
+        """
+        self.settled = True
+        return await self._client.record_usage(
+            self.org_id,
+            self.request_id,
+            self.units if units is None else units,
+            document_type=document_type,
+            completed_at=completed_at,
+        )
+
+    async def fail(
+        self, *, document_type: str = "", completed_at: datetime | None = None
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record the job as failed: counted as a failed job, consumes nothing, frees the hold.
+
+        With the client's outbox, raises UsageQueued when the record is stored for later.
+        """
+        self.settled = True
+        return await self._client.record_usage(
+            self.org_id,
+            self.request_id,
+            self.units,
+            success=False,
+            document_type=document_type,
+            completed_at=completed_at,
+        )
+
+    async def release(self) -> quota_pb2.ReleaseQuotaResponse:
+        """Drop the hold of a job that will not run; nothing is recorded."""
+        self.settled = True
+        return await self._client.release_quota(self.org_id, self.request_id)
+
+
+class AsyncPagemeterClient:
+    """pagemeter on `grpc.aio`. Use as `async with AsyncPagemeterClient(...) as client:`.
+
+    Every call has a deadline (`timeout` seconds, or the call's own `timeout`), and
+    UNAVAILABLE is retried by gRPC with the same request message, up to
+    `max_attempts` attempts in all. Failed calls raise `grpc.aio.AioRpcError`.
+    The async client opens its channel on the first call, in that call's event
+    loop: use one async client per event loop. The blocking client opens its
+    channel at once and may be shared by threads; its background work (outbox
+    flusher, replay) runs in daemon threads instead of tasks.
+
+    `token` is sent as `authorization: Bearer <token>` with every call (admin or
+    service token, or tenant API key; with a tenant key, call the reads with
+    org_id "", their default). `tls=True` turns on TLS: `root_certificates` is the
+    PEM CA (None: the system's roots), `client_certificate` and `client_key` (both
+    or neither) a client certificate for mutual TLS, `tls_server_name` the name the
+    server's certificate is checked against instead of the target's host.
+
+    `outbox` (an Outbox) makes RecordUsage durable: see `record_usage`,
+    `flush_outbox` and `start_outbox_flusher`; close() delivers its due records
+    unless flush_outbox_on_close=False. The client does not close the outbox.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.2,
+        max_backoff: float = 2.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Metadata = (),
+        options: ChannelOptions = (),
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        tls_server_name: str | None = None,
+        outbox: Outbox | None = None,
+        flush_outbox_on_close: bool = True,
+        replay_after_failover: ReplayWindow | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._flush_outbox_on_close = flush_outbox_on_close
+        self._acknowledged = (
+            None if replay_after_failover is None else AcknowledgedLog(replay_after_failover)
+        )
+        self._config = _ClientConfig(
+            target,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            credentials=credentials,
+            metadata=metadata,
+            options=options,
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+        )
+        observer = (
+            None
+            if self._acknowledged is None
+            else AsyncObserver(self._acknowledged, self._replay_soon)
+        )
+        self._stubs = AsyncStubs(self._config, observer)
+        self._flusher: tuple[AsyncWorker, AsyncStopFlag] | None = None
+        self._flusher_lock = AsyncStateLock()
+        self._replayer: AsyncWorker | None = None
+        self._replay_again = False
+        self._replay_stop = AsyncStopFlag()
+        self._replay_state = AsyncStateLock()  # guards _replayer and _replay_again
+        self._replay_pass = AsyncLock()  # one pass at a time
+
+    def __repr__(self) -> str:
+        return self._config.describe(type(self).__name__)
+
+    @property
+    def target(self) -> str:
+        return self._config.target
+
+    @property
+    def _quota(self) -> quota_pb2_grpc.QuotaServiceAsyncStub:
+        return self._stubs.quota
+
+    @property
+    def _admin(self) -> admin_pb2_grpc.AdminServiceAsyncStub:
+        return self._stubs.admin
+
+    @property
+    def _reporting(self) -> reporting_pb2_grpc.ReportingServiceAsyncStub:
+        return self._stubs.reporting
+
+    async def close(self) -> None:
+        """Stop the outbox flusher, deliver the outbox's due records, close the channel.
+
+        The delivery pass runs only with an outbox and flush_outbox_on_close
+        (the default); it stops at the first sign that pagemeter is unreachable.
+        """
+        try:
+            await self._stop_replayer()
+            await self.stop_outbox_flusher()
+            if self._outbox is not None and self._flush_outbox_on_close:
+                try:
+                    await self._flush(self._outbox, force=False, limit=None, timeout=None)
+                except (sqlite3.Error, OutboxError) as problem:
+                    log.warning("outbox %s: delivery on close failed: %s", self._outbox, problem)
+        finally:
+            await self._stubs.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # QuotaService
+
+    async def check_quota(
+        self,
+        org_id: str,
+        units: Mapping[str, int],
+        *,
+        request_id: str | None = None,
+        hold: bool = False,
+        hold_ttl: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.CheckQuotaResponse:
+        """May `units` be used now? With hold=True, reserve them for request_id (made if None)."""
+        request = check_quota_request(
+            org_id, units, request_id=request_id, hold=hold, hold_ttl=hold_ttl
+        )
+        return await self._quota.CheckQuota(request, **self._config.call_options(timeout))
+
+    async def record_usage(
+        self,
+        org_id: str,
+        request_id: str,
+        units: Mapping[str, int],
+        *,
+        success: bool = True,
+        document_type: str = "",
+        requested_at: datetime | None = None,
+        completed_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.RecordUsageResponse:
+        """Record a finished job (idempotent by request_id); frees its hold.
+
+        With an outbox the request is stored before it is sent, with completed_at
+        fixed (the caller's, else that of the job's first attempt); a transient
+        failure leaves it stored and raises UsageQueued, a refusal leaves it as a
+        dead letter and raises the error.
+        """
+        request = record_usage_request(
+            org_id,
+            request_id,
+            units,
+            success=success,
+            document_type=document_type,
+            requested_at=requested_at,
+            completed_at=completed_at,
+        )
+        if self._outbox is not None:
+            return await self._record_durably(self._outbox, request, self._config.deadline(timeout))
+        return await self._quota.RecordUsage(request, **self._config.call_options(timeout))
+
+    async def _record_durably(
+        self, outbox: Outbox, request: quota_pb2.RecordUsageRequest, deadline: float
+    ) -> quota_pb2.RecordUsageResponse:
+        # Stored (on disk) before it is sent, held for the call: a crash at any
+        # point leaves it delivered, or in the outbox, or both (then the
+        # redelivery is a duplicate, counted once).
+        try:
+            entry = await run_blocking_async(
+                outbox._store, request, claim_for=deadline + outbox.lease_margin
+            )
+        except (sqlite3.Error, OutboxError) as problem:
+            log.warning("outbox %s: cannot store a record, sending it without: %s", outbox, problem)
+            try:
+                return await self._quota.RecordUsage(
+                    request, timeout=deadline, metadata=self._config.metadata
+                )
+            except grpc.RpcError as error:
+                _note_outbox_unusable(error, outbox, problem)
+                raise
+        try:
+            response = await self._quota.RecordUsage(
+                entry.request, timeout=deadline, metadata=self._config.metadata
+            )
+        except grpc.RpcError as error:
+            queued = await run_blocking_async(_settle_first_attempt, outbox, entry, error)
+            if queued is None:
+                raise
+            raise queued from error
+        except BaseException:
+            _release_quietly(outbox, entry.id)
+            raise
+        await run_blocking_async(_forget_delivered, outbox, entry.id)
+        return response
+
+    async def release_quota(
+        self, org_id: str, request_id: str, *, timeout: float | None = None
+    ) -> quota_pb2.ReleaseQuotaResponse:
+        """Free the hold of a job that will not run (idempotent)."""
+        request = quota_pb2.ReleaseQuotaRequest(org_id=org_id, request_id=request_id)
+        return await self._quota.ReleaseQuota(request, **self._config.call_options(timeout))
+
+    async def check_quota_batch(
+        self, items: Sequence[quota_pb2.CheckQuotaRequest], *, timeout: float | None = None
+    ) -> quota_pb2.CheckQuotaBatchResponse:
+        """Up to 1,000 checks in one call, answered item by item (build items with
+        check_quota_request). Retrying the call is safe for holds with request ids."""
+        request = quota_pb2.CheckQuotaBatchRequest(items=list(items))
+        return await self._quota.CheckQuotaBatch(request, **self._config.call_options(timeout))
+
+    async def record_usage_batch(
+        self, items: Sequence[quota_pb2.RecordUsageRequest], *, timeout: float | None = None
+    ) -> quota_pb2.RecordUsageBatchResponse:
+        """Up to 1,000 records in one call, answered item by item (build items with
+        record_usage_request); retrying the call counts nothing twice."""
+        request = quota_pb2.RecordUsageBatchRequest(items=list(items))
+        return await self._quota.RecordUsageBatch(request, **self._config.call_options(timeout))
+
+    async def get_usage(
+        self,
+        org_id: str = "",
+        *,
+        year: int | None = None,
+        month: int | None = None,
+        timeout: float | None = None,
+    ) -> quota_pb2.GetUsageResponse:
+        """One month's usage (default: the current month in the plan's timezone)."""
+        request = get_usage_request(org_id, year=year, month=month)
+        return await self._quota.GetUsage(request, **self._config.call_options(timeout))
+
+    # AdminService
+
+    async def set_plan(
+        self, plan: plan_pb2.Plan, *, timeout: float | None = None
+    ) -> admin_pb2.SetPlanResponse:
+        """Create or replace plan.org_id's whole plan."""
+        return await self._admin.SetPlan(
+            admin_pb2.SetPlanRequest(plan=plan),
+            **self._config.call_options(timeout),
+        )
+
+    async def get_plan(
+        self, org_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.GetPlanResponse:
+        """Read an organization's plan (NOT_FOUND when it has none)."""
+        return await self._admin.GetPlan(
+            admin_pb2.GetPlanRequest(org_id=org_id),
+            **self._config.call_options(timeout),
+        )
+
+    async def grant_credits(
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        grant_id: str,
+        reason: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> admin_pb2.GrantCreditsResponse:
+        """Add prepaid credits to one metric, once per grant_id."""
+        request = admin_pb2.GrantCreditsRequest(
+            org_id=org_id, metric=metric, units=units, grant_id=grant_id, reason=reason
+        )
+        return await self._admin.GrantCredits(request, **self._config.call_options(timeout))
+
+    async def create_api_key(
+        self, org_id: str, name: str = "", *, timeout: float | None = None
+    ) -> admin_pb2.CreateApiKeyResponse:
+        """Make a tenant API key; its `secret` is in this answer only. Never retried."""
+        return await self._admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(org_id=org_id, name=name),
+            **self._config.call_options(timeout),
+        )
+
+    async def list_api_keys(
+        self, org_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.ListApiKeysResponse:
+        """An organization's API keys, newest first (ids, names and times; never secrets)."""
+        return await self._admin.ListApiKeys(
+            admin_pb2.ListApiKeysRequest(org_id=org_id),
+            **self._config.call_options(timeout),
+        )
+
+    async def revoke_api_key(
+        self, org_id: str, key_id: str, *, timeout: float | None = None
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        """Revoke an API key: its next call is refused (idempotent)."""
+        return await self._admin.RevokeApiKey(
+            admin_pb2.RevokeApiKeyRequest(org_id=org_id, key_id=key_id),
+            **self._config.call_options(timeout),
+        )
+
+    async def adjust_usage(
+        self,
+        org_id: str,
+        metric: str,
+        units: int,
+        *,
+        reason: str,
+        adjustment_id: str,
+        year: int | None = None,
+        month: int | None = None,
+        timeout: float | None = None,
+    ) -> admin_pb2.AdjustUsageResponse:
+        """Correct a month's committed units (negative: remove), once per adjustment_id."""
+        request = adjust_usage_request(
+            org_id,
+            metric,
+            units,
+            reason=reason,
+            adjustment_id=adjustment_id,
+            year=year,
+            month=month,
+        )
+        return await self._admin.AdjustUsage(request, **self._config.call_options(timeout))
+
+    async def list_audit_events(
+        self,
+        org_id: str,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> admin_pb2.ListAuditEventsResponse:
+        """One page of the audit trail, newest first; pass next_page_token on for the next."""
+        request = admin_pb2.ListAuditEventsRequest(
+            org_id=org_id, page_size=page_size, page_token=page_token
+        )
+        return await self._admin.ListAuditEvents(request, **self._config.call_options(timeout))
+
+    async def iter_audit_events(
+        self, org_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[admin_pb2.AuditEvent]:
+        """Every audit event, newest first, fetching page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = await self.list_audit_events(org_id, page_size, token, timeout=timeout)
+            for event in page.events:
+                yield event
+            token = _next_token(page, seen, "ListAuditEvents")
+            if not token:
+                return
+
+    # ReportingService
+
+    async def get_usage_history(
+        self, org_id: str = "", *, months: int = 0, timeout: float | None = None
+    ) -> reporting_pb2.GetUsageHistoryResponse:
+        """The last `months` months (0: the server's 12), newest first, with each month's terms."""
+        request = get_usage_history_request(org_id, months=months)
+        return await self._reporting.GetUsageHistory(request, **self._config.call_options(timeout))
+
+    async def get_usage_statistics(
+        self,
+        org_id: str = "",
+        *,
+        period: StatisticsPeriodName | None = None,
+        start_date: str | date | None = None,
+        end_date: str | date | None = None,
+        group_by: StatisticsGroupingName | None = None,
+        timeout: float | None = None,
+    ) -> reporting_pb2.GetUsageStatisticsResponse:
+        """Usage between two dates of the plan's timezone, by period and/or by document type.
+
+        A large answer (daily rows split by many document types) comes from the
+        server in pages; they are fetched here and returned as one answer.
+        """
+        request = get_usage_statistics_request(
+            org_id, period=period, start_date=start_date, end_date=end_date, group_by=group_by
+        )
+        answer: reporting_pb2.GetUsageStatisticsResponse = await self._reporting.GetUsageStatistics(
+            request, **self._config.call_options(timeout)
+        )
+        while answer.next_page_token:
+            request.page_token = answer.next_page_token
+            page = await self._reporting.GetUsageStatistics(
+                request, **self._config.call_options(timeout)
+            )
+            answer = joined_statistics(answer, page)
+        return answer
+
+    async def list_usage_records(
+        self,
+        org_id: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> reporting_pb2.ListUsageRecordsResponse:
+        """One page of usage records, newest first; pass next_page_token on for the next."""
+        request = list_usage_records_request(org_id, page_size=page_size, page_token=page_token)
+        return await self._reporting.ListUsageRecords(request, **self._config.call_options(timeout))
+
+    async def iter_usage_records(
+        self, org_id: str = "", *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[reporting_pb2.UsageRecord]:
+        """Every usage record, newest first, fetching page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = await self.list_usage_records(
+                org_id, page_size=page_size, page_token=token, timeout=timeout
+            )
+            for record in page.records:
+                yield record
+            token = _next_token(page, seen)
+            if not token:
+                return
+
+    # The outbox
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The client's outbox (None: RecordUsage failures are only raised)."""
+        return self._outbox
+
+    def _require_outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("this client has no outbox (construct it with outbox=Outbox(path))")
+        return self._outbox
+
+    async def flush_outbox(
+        self, *, force: bool = False, limit: int | None = None, timeout: float | None = None
+    ) -> FlushResult:
+        """One delivery pass: re-send the outbox's pending records, oldest first.
+
+        Each record goes with its original request (request_id, completed_at, ...);
+        a first answer or a duplicate deletes it. A transient failure keeps it
+        pending with backoff, a refusal makes it a dead letter. The pass stops at
+        the first failure saying pagemeter is unreachable. Only records whose
+        backoff has passed are sent, all pending ones with force=True (never
+        those another pass or a first attempt holds). `limit` caps the records
+        tried; `timeout` is each call's deadline.
+        """
+        return await self._flush(self._require_outbox(), force=force, limit=limit, timeout=timeout)
+
+    async def _flush(
+        self,
+        outbox: Outbox,
+        *,
+        force: bool,
+        limit: int | None,
+        timeout: float | None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> FlushResult:
+        deadline = self._config.deadline(timeout)
+        run = DeliveryPass(outbox, lease=deadline + outbox.lease_margin, force=force, limit=limit)
+        while not run.finished and not should_stop():
+            batch = await run_blocking_async(run.claim)
+            if not batch:
+                break
+            for index, entry in enumerate(batch):
+                if run.finished or should_stop():
+                    await run_blocking_async(run.abandon, batch[index:])
+                    break
+                try:
+                    response = await self._quota.RecordUsage(
+                        entry.request, timeout=deadline, metadata=self._config.metadata
+                    )
+                except grpc.RpcError as error:
+                    details = error_details(error)
+                    await run_blocking_async(
+                        run.failed, entry, details.code, details.message, _retry_seconds(details)
+                    )
+                except BaseException:
+                    run.abandon(batch[index:])
+                    raise
+                else:
+                    await run_blocking_async(run.delivered, entry, response)
+        return await run_blocking_async(run.result)
+
+    def start_outbox_flusher(self, interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
+        """Run a delivery pass now and every `interval` seconds, in the background.
+
+        The background is a task of the running loop for the async client, a
+        daemon thread for the blocking one. Stop it with
+        `await stop_outbox_flusher()` (close() does). A pass that fails on the
+        outbox file is logged (logger "pagemeter_client") and the next one runs
+        as planned.
+        """
+        outbox = self._require_outbox()
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        with self._flusher_lock:
+            if self._flusher is not None and self._flusher[0].alive():
+                raise RuntimeError("the outbox flusher is already running")
+            stop = AsyncStopFlag()
+            worker = AsyncWorker(
+                lambda: self._flush_every(outbox, interval, stop), "pagemeter-outbox-flusher"
+            )
+            self._flusher = (worker, stop)
+
+    async def _flush_every(self, outbox: Outbox, interval: float, stop: AsyncStopFlag) -> None:
+        while not stop.is_set():
+            try:
+                await self._flush(
+                    outbox, force=False, limit=None, timeout=None, should_stop=stop.is_set
+                )
+            except Exception:
+                log.exception("outbox %s: delivery pass failed", outbox)
+            if await stop.wait(interval):
+                return
+
+    async def stop_outbox_flusher(self) -> None:
+        """Stop the background flusher after the record it is sending (if it runs)."""
+        with self._flusher_lock:
+            if self._flusher is None:
+                return
+            (worker, stop), self._flusher = self._flusher, None
+        stop.set()
+        await worker.join()
+
+    # Replay after a failover
+
+    @property
+    def replay_stats(self) -> ReplayStats | None:
+        """What the replay after a failover kept and did (None without replay_after_failover)."""
+        return None if self._acknowledged is None else self._acknowledged.stats()
+
+    def _require_replay(self) -> AcknowledgedLog:
+        if self._acknowledged is None:
+            raise RuntimeError(
+                "this client keeps no acknowledged requests "
+                "(construct it with replay_after_failover=ReplayWindow(...))"
+            )
+        return self._acknowledged
+
+    async def replay_acknowledged(self, *, timeout: float | None = None) -> ReplayResult:
+        """Send every acknowledged request of the window again, now (see ReplayResult).
+
+        For a failover hook, or a client that was idle through the failover and so
+        saw no outage. Waits for a background pass that is running; `timeout` is
+        each call's deadline.
+        """
+        acknowledged = self._require_replay()
+        async with self._replay_pass:
+            return await replay_async(
+                acknowledged,
+                self._quota,
+                deadline=self._config.deadline(timeout),
+                metadata=self._config.metadata,
+            )
+
+    def _replay_soon(self) -> None:
+        """The first answer after a store outage: replay in the background (or again after
+        this pass). Called by the observer, on the event loop or in the calling thread."""
+        with self._replay_state:
+            self._replay_again = True
+            if self._replay_stop.is_set() or (
+                self._replayer is not None and self._replayer.alive()
+            ):
+                return
+            self._replayer = AsyncWorker(self._replay_in_background, "pagemeter-replay")
+
+    async def _replay_in_background(self) -> None:
+        acknowledged = self._require_replay()
+        while True:
+            with self._replay_state:
+                if not self._replay_again or self._replay_stop.is_set():
+                    self._replayer = None
+                    return
+                self._replay_again = False
+            try:
+                async with self._replay_pass:
+                    await replay_async(
+                        acknowledged,
+                        self._quota,
+                        deadline=self._config.timeout,
+                        metadata=self._config.metadata,
+                        should_stop=self._replay_stop.is_set,
+                    )
+            except Exception:
+                log.exception("replay after a store outage failed")
+
+    async def _stop_replayer(self) -> None:
+        """Stop a background pass: the async client cancels its task, the blocking
+        client waits for its thread's current call (at most one deadline)."""
+        with self._replay_state:
+            self._replay_stop.set()
+            worker = self._replayer
+        if worker is not None:
+            await worker.interrupt(self._config.timeout + 1.0)
+
+    # Worker convenience
+
+    async def _release_unknown_hold(self, org_id: str, request_id: str) -> None:
+        """Free, or bar, a hold whose CheckQuota had an unknown outcome.
+
+        The hold may still land (Redis ran the script after pagemeter gave up on
+        it): a release with its id frees it, or, sent first, makes pagemeter
+        refuse it when it lands. Tried for RELEASE_WINDOW seconds while pagemeter
+        answers UNAVAILABLE; past that the hold's TTL is the backstop.
+        """
+        deadline = time.monotonic() + RELEASE_WINDOW
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                await self.release_quota(org_id, request_id, timeout=remaining)
+                return
+            except grpc.RpcError as error:
+                if not _outcome_unknown(error):
+                    return
+            await sleep_async(min(RELEASE_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+
+    @contextlib.asynccontextmanager
+    async def reserve(
+        self,
+        org_id: str,
+        units: Mapping[str, int],
+        *,
+        request_id: str | None = None,
+        hold_ttl: float | timedelta | None = None,
+    ) -> AsyncIterator[AsyncReservation]:
+        """Hold `units` for one job around the `async with` body.
+
+        Raises QuotaDenied (and skips the body) when the units are not admitted.
+        Leaving the body normally commits the reserved units unless the body called
+        commit(), fail() or release(); leaving it with an exception records the job
+        as failed (consuming nothing) and re-raises.
+        """
+        request_id = request_id or new_request_id()
+        try:
+            decision = await self.check_quota(
+                org_id, units, request_id=request_id, hold=True, hold_ttl=hold_ttl
+            )
+        except grpc.RpcError as error:
+            if _outcome_unknown(error):
+                await self._release_unknown_hold(org_id, request_id)
+            raise
+        if not decision.allowed:
+            raise QuotaDenied(decision)
+        job = AsyncReservation(self, org_id, request_id, units, decision)
+        try:
+            yield job
+        except BaseException as body_error:
+            if not job.settled:
+                try:
+                    await job.fail()
+                except grpc.RpcError as settle_error:
+                    _note_settle_failure(body_error, settle_error)
+                except UsageQueued as queued:
+                    _note_settle_queued(body_error, queued)
+            raise
+        if not job.settled:
+            await job.commit()

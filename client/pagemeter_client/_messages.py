@@ -1,0 +1,255 @@
+"""Requests both clients send and what they make of answers: built and read here, once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import date, datetime, timedelta
+from typing import Literal, Protocol
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pagemeter.v1 import (
+    admin_pb2,
+    quota_pb2,
+    reporting_pb2,
+)
+
+# The rows of a GetUsageStatistics answer, and the breakdowns it carries.
+StatisticsPeriodName = Literal["daily", "weekly", "monthly"]
+StatisticsGroupingName = Literal["date", "document_type", "both"]
+
+STATISTICS_PERIODS: dict[str, reporting_pb2.StatisticsPeriod.ValueType] = {
+    "daily": reporting_pb2.STATISTICS_PERIOD_DAILY,
+    "weekly": reporting_pb2.STATISTICS_PERIOD_WEEKLY,
+    "monthly": reporting_pb2.STATISTICS_PERIOD_MONTHLY,
+}
+STATISTICS_GROUPINGS: dict[str, reporting_pb2.StatisticsGrouping.ValueType] = {
+    "date": reporting_pb2.STATISTICS_GROUPING_DATE,
+    "document_type": reporting_pb2.STATISTICS_GROUPING_DOCUMENT_TYPE,
+    "both": reporting_pb2.STATISTICS_GROUPING_BOTH,
+}
+
+# -- building requests (shared by both clients) -----------------------------------------
+
+
+def new_request_id() -> str:
+    """A fresh job id (uuid4 hex): 32 characters, valid wherever a request_id is."""
+    return uuid.uuid4().hex
+
+
+def _timestamp(value: datetime, name: str) -> Timestamp:
+    # A naive datetime would be read as UTC by protobuf; a worker's local time
+    # would then land in the wrong hour or even the wrong month, so refuse it.
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (e.g. datetime.now(UTC))")
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _duration(value: float | timedelta) -> Duration:
+    span = Duration()
+    if isinstance(value, timedelta):
+        span.FromTimedelta(value)
+    else:
+        span.FromNanoseconds(round(value * 1e9))
+    return span
+
+
+def check_quota_request(
+    org_id: str,
+    units: Mapping[str, int],
+    *,
+    request_id: str | None = None,
+    hold: bool = False,
+    hold_ttl: float | timedelta | None = None,
+) -> quota_pb2.CheckQuotaRequest:
+    """A CheckQuotaRequest; with hold=True and no request_id, a new id is made here.
+
+    The id is made once, before the first attempt, so every retry of the message
+    carries it and the server holds the units only once.
+    """
+    if hold and not request_id:
+        request_id = new_request_id()
+    request = quota_pb2.CheckQuotaRequest(
+        org_id=org_id, units=dict(units), request_id=request_id or "", hold=hold
+    )
+    if hold_ttl is not None:
+        request.hold_ttl.CopyFrom(_duration(hold_ttl))
+    return request
+
+
+def record_usage_request(
+    org_id: str,
+    request_id: str,
+    units: Mapping[str, int],
+    *,
+    success: bool = True,
+    document_type: str = "",
+    requested_at: datetime | None = None,
+    completed_at: datetime | None = None,
+) -> quota_pb2.RecordUsageRequest:
+    """A RecordUsageRequest; times must be timezone-aware datetimes."""
+    request = quota_pb2.RecordUsageRequest(
+        org_id=org_id,
+        request_id=request_id,
+        units=dict(units),
+        success=success,
+        document_type=document_type,
+    )
+    if requested_at is not None:
+        request.requested_at.CopyFrom(_timestamp(requested_at, "requested_at"))
+    if completed_at is not None:
+        request.completed_at.CopyFrom(_timestamp(completed_at, "completed_at"))
+    return request
+
+
+def get_usage_request(
+    org_id: str = "", *, year: int | None = None, month: int | None = None
+) -> quota_pb2.GetUsageRequest:
+    """A GetUsageRequest. year and month go to the server as given: it says what is wrong."""
+    request = quota_pb2.GetUsageRequest(org_id=org_id)
+    if year is not None:
+        request.year = year
+    if month is not None:
+        request.month = month
+    return request
+
+
+def get_usage_history_request(
+    org_id: str = "", *, months: int = 0
+) -> reporting_pb2.GetUsageHistoryRequest:
+    """A GetUsageHistoryRequest; months=0 means the server's default (12)."""
+    return reporting_pb2.GetUsageHistoryRequest(org_id=org_id, months=months)
+
+
+def _date_text(value: str | date | None, name: str) -> str:
+    # A string goes as given (the server says what is wrong with it); a date as
+    # YYYY-MM-DD; a datetime as ISO 8601 with its offset, whose date the server
+    # takes in the plan's timezone, so a naive one is refused as for timestamps.
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"{name} must be a date or a timezone-aware datetime")
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def get_usage_statistics_request(
+    org_id: str = "",
+    *,
+    period: StatisticsPeriodName | None = None,
+    start_date: str | date | None = None,
+    end_date: str | date | None = None,
+    group_by: StatisticsGroupingName | None = None,
+) -> reporting_pb2.GetUsageStatisticsRequest:
+    """A GetUsageStatisticsRequest; None leaves a field to the server's default.
+
+    period is "daily", "weekly" or "monthly" (default monthly); group_by is "date",
+    "document_type" or "both" (default date); the dates are strings, dates or
+    timezone-aware datetimes (defaults: the 30 days up to today in the plan's
+    timezone). An unknown period or group_by raises ValueError before sending.
+    """
+    request = reporting_pb2.GetUsageStatisticsRequest(
+        org_id=org_id,
+        start_date=_date_text(start_date, "start_date"),
+        end_date=_date_text(end_date, "end_date"),
+    )
+    if period is not None:
+        if period not in STATISTICS_PERIODS:
+            raise ValueError(f"period must be one of {', '.join(STATISTICS_PERIODS)}")
+        request.period = STATISTICS_PERIODS[period]
+    if group_by is not None:
+        if group_by not in STATISTICS_GROUPINGS:
+            raise ValueError(f"group_by must be one of {', '.join(STATISTICS_GROUPINGS)}")
+        request.group_by = STATISTICS_GROUPINGS[group_by]
+    return request
+
+
+def joined_statistics(
+    first: reporting_pb2.GetUsageStatisticsResponse,
+    page: reporting_pb2.GetUsageStatisticsResponse,
+) -> reporting_pb2.GetUsageStatisticsResponse:
+    """A statistics answer with the rows of its next page added (the rest is the same)."""
+    first.by_period.extend(page.by_period)
+    first.next_page_token = page.next_page_token
+    return first
+
+
+def list_usage_records_request(
+    org_id: str = "", *, page_size: int = 0, page_token: str = ""
+) -> reporting_pb2.ListUsageRecordsRequest:
+    """A ListUsageRecordsRequest; page_size=0 means the server's default (50)."""
+    return reporting_pb2.ListUsageRecordsRequest(
+        org_id=org_id, page_size=page_size, page_token=page_token
+    )
+
+
+def adjust_usage_request(
+    org_id: str,
+    metric: str,
+    units: int,
+    *,
+    reason: str,
+    adjustment_id: str,
+    year: int | None = None,
+    month: int | None = None,
+) -> admin_pb2.AdjustUsageRequest:
+    """An AdjustUsageRequest; year and month go as given (unset: the current month)."""
+    request = admin_pb2.AdjustUsageRequest(
+        org_id=org_id, metric=metric, units=units, reason=reason, adjustment_id=adjustment_id
+    )
+    if year is not None:
+        request.year = year
+    if month is not None:
+        request.month = month
+    return request
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+def _next_token(response: _Page, seen: set[str], rpc: str = "ListUsageRecords") -> str:
+    """The page token to ask for next ("" when done); a token seen before is refused.
+
+    A server that handed out the same token twice would otherwise keep the
+    iterator going round for ever.
+    """
+    token = response.next_page_token
+    if not token:
+        return ""
+    if token in seen:
+        raise RuntimeError(f"{rpc} returned page token {token!r} a second time")
+    seen.add(token)
+    return token
+
+
+# -- denials and errors -----------------------------------------------------------------
+
+
+def reason_name(reason: quota_pb2.DecisionReason.ValueType) -> str:
+    """HARD_LIMIT_EXCEEDED for DECISION_REASON_HARD_LIMIT_EXCEEDED (the enum's short name)."""
+    return quota_pb2.DecisionReason.Name(reason).removeprefix("DECISION_REASON_")
+
+
+def _metric_denial(decision: quota_pb2.MetricDecision) -> str:
+    most = str(decision.max_admissible) if decision.HasField("max_admissible") else "unlimited"
+    verdict = "ok" if decision.allowed else reason_name(decision.reason)
+    return f"{decision.metric}: {verdict}, requested {decision.requested}, max admissible {most}"
+
+
+def describe_denial(response: quota_pb2.CheckQuotaResponse) -> str:
+    """One line saying why a CheckQuota was denied, with max_admissible per metric."""
+    text = f"quota denied: {reason_name(response.reason)}"
+    if response.reason == quota_pb2.DECISION_REASON_RATE_LIMITED:
+        return f"{text}, retry after {response.retry_after.ToTimedelta().total_seconds():g}s"
+    if response.metrics:
+        text += " (" + "; ".join(_metric_denial(d) for d in response.metrics) + ")"
+    return text

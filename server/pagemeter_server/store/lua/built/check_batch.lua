@@ -1,0 +1,475 @@
+-- check_batch: check.lua applied to several calls of ONE organization in one
+-- atomic script call, in order (a later item sees what an earlier one did).
+--
+-- KEYS    the keys of every item, one item after the other (all under the
+--         organization's hash tag, so the call stays on one cluster slot)
+-- ARGV[1] item count N; ARGV[2 .. 1+2N] per item: its key count, its ARGV count;
+--         then the ARGV of every item, one item after the other
+--
+-- Returns one reply per item, each what check.lua returns for it, or
+-- {'ERR', message} for an item whose script raised an error (the other items
+-- are not affected by it).
+--
+-- Generated from server/pagemeter_server/store/lua/check.lua by `make scripts`; do not edit.
+-- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
+-- codes of protos/pagemeter/v1/quota.proto and the row columns declared in
+-- server/pagemeter_server/store/replies.py.
+
+-- Shared helpers, put into every pagemeter script by `make scripts`
+-- (store/build_scripts.py writes the scripts Redis runs into lua/built/, since
+-- Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
+-- and returns nothing. The generated declarations follow it in each script: the
+-- REASON_* codes of DecisionReason and the row writers check_row and record_row.
+--
+-- Conventions of all scripts:
+-- * Every key of an organization carries its `{org_id}` hash tag, so a script
+--   only ever touches one cluster slot.
+-- * Units are integers well inside 2^53 (the server caps each amount at 10^9), so
+--   Lua's doubles hold them exactly. Numbers are turned into strings with
+--   string.format('%d') because tostring() would switch to exponent notation.
+-- * Money never appears in Lua: prices travel as the decimal strings the plan
+--   stores and the server multiplies them with Python's Decimal.
+-- * The clock is ARGV (now_ms), never the script's own, so tests control time.
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function int(v)
+  if v == false or v == nil or v == '' then
+    return 0
+  end
+  return tonumber(v)
+end
+
+local function opt(n)
+  if n == nil then
+    return ''
+  end
+  return fmt(n)
+end
+
+local function bool01(b)
+  if b then
+    return '1'
+  end
+  return '0'
+end
+
+-- A stored plan document (domain/plans.py, PlanDoc), read into its schema 2
+-- names: timezone, rate_per_second, burst, store_failure_policy, metrics (each
+-- with period 'monthly' | 'none', contract_quota, hard_limit, overage_allowed,
+-- price, overage_price; a missing limit is nil). A document of schema 1 (terse
+-- keys, no schema key), written until the deployment's plans are migrated, is
+-- read into the same names, with the defaults its readers assumed.
+local function plan_doc(raw)
+  local doc = cjson.decode(raw)
+  if doc.schema == 2 then
+    return doc
+  end
+  local metrics = {}
+  for metric, t in pairs(doc.metrics) do
+    metrics[metric] = {
+      period = (t.per == 'N') and 'none' or 'monthly',
+      contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
+      price = t.p, overage_price = t.op,
+    }
+  end
+  return {
+    schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
+    burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
+    currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+  }
+end
+
+-- Plan: a hash {json, version, updated_ms}; json is written only by the server.
+local function load_plan(plan_key)
+  local raw = redis.call('HGET', plan_key, 'json')
+  if not raw then
+    return nil
+  end
+  return plan_doc(raw)
+end
+
+-- The timezone the scripts must agree on with the server: the plan's, or the
+-- service default when the organization has no plan.
+local function plan_timezone(plan, default_tz)
+  if plan and plan.timezone and plan.timezone ~= '' then
+    return plan.timezone
+  end
+  return default_tz
+end
+
+-- The month key a script was given is only right if the server assumed the
+-- plan's timezone; otherwise the script must answer this and write nothing.
+local function stale_timezone(plan, assumed_tz, default_tz)
+  local tz = plan_timezone(plan, default_tz)
+  if tz ~= assumed_tz then
+    return {'STALE_TZ', tz}
+  end
+  return nil
+end
+
+-- Hold data: "metric:units:prepaid_units;..." per request_id.
+local function decode_hold(s)
+  local parts = {}
+  for metric, units, prepaid in string.gmatch(s, '([^:;]+):(%-?%d+):(%-?%d+)') do
+    parts[#parts + 1] = {metric, tonumber(units), tonumber(prepaid)}
+  end
+  return parts
+end
+
+local function encode_hold(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
+  end
+  return table.concat(out, ';')
+end
+
+-- Take one hold's units out of the running held totals and forget it.
+local function drop_hold(holds_key, holddata_key, held_key, request_id)
+  local data = redis.call('HGET', holddata_key, request_id)
+  redis.call('ZREM', holds_key, request_id)
+  if not data then
+    return nil
+  end
+  redis.call('HDEL', holddata_key, request_id)
+  local parts = decode_hold(data)
+  for _, p in ipairs(parts) do
+    local metric, units, prepaid = p[1], p[2], p[3]
+    -- Zero-unit parts are skipped: Lua would send -0, which HINCRBY refuses.
+    if units > 0 and redis.call('HINCRBY', held_key, 'h:' .. metric, -units) <= 0 then
+      redis.call('HDEL', held_key, 'h:' .. metric)
+    end
+    if prepaid > 0 and redis.call('HINCRBY', held_key, 'hp:' .. metric, -prepaid) <= 0 then
+      redis.call('HDEL', held_key, 'hp:' .. metric)
+    end
+  end
+  return parts
+end
+
+-- A hold is expired when now >= its expiry. Expired holds stop counting here,
+-- lazily, at the start of every script that reads held totals. Returns the
+-- units that expired, per metric, as "metric:units:0;..." ('' for none), which
+-- the scripts hand back so that the server can count them.
+local function purge_expired_holds(holds_key, holddata_key, held_key, now)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+  local totals, order = {}, {}
+  for _, request_id in ipairs(expired) do
+    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+      if not totals[p[1]] then
+        totals[p[1]] = 0
+        order[#order + 1] = p[1]
+      end
+      totals[p[1]] = totals[p[1]] + p[2]
+    end
+  end
+  local parts = {}
+  for i, metric in ipairs(order) do
+    parts[i] = {metric, totals[metric], 0}
+  end
+  return encode_hold(parts)
+end
+
+-- Rows of figures for the server, one per metric, joined by ';': each row is a
+-- table with named fields that `write_row` (check_row or record_row, generated
+-- from the columns declared in store/replies.py) joins by ','.
+local function encode_rows(rows, write_row)
+  local out = {}
+  for i, row in ipairs(rows) do
+    out[i] = write_row(row)
+  end
+  return table.concat(out, ';')
+end
+
+-- Rate limit by GCRA (the generic cell rate algorithm): `rate` calls per second
+-- on average, up to `burst` calls at once. `key` holds the theoretical arrival
+-- time (ms), kept about one interval. Returns nil when the call is admitted (and
+-- counted), else the ms to wait before it would be.
+local function gcra(key, now, rate, burst)
+  local interval = 1000 / rate
+  local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return math.ceil(allow_at - now)
+  end
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  return nil
+end
+
+-- The usage bucket of a metric: the month's hash, or the lifetime hash.
+local function bucket_for(limits, month_key, life_key)
+  if limits and limits.period == 'none' then
+    return life_key, 'N'
+  end
+  return month_key, 'M'
+end
+
+-- The records index: a sorted set request_id -> requested-at (ms), newest last.
+-- Entries requested before `cutoff` leave it, and it never holds more than
+-- `cap` entries (the oldest leave first), so one organization's index is bounded
+-- whatever its traffic. A record's own hash keeps its TTL: trimming the index
+-- never forgets a request_id's idempotency. The index itself lives as long as
+-- its longest-lived record (`ttl_ms`), so an organization that stops recording
+-- leaves no index behind.
+local function index_record(index_key, request_id, requested_ms, cutoff, cap, ttl_ms)
+  redis.call('ZADD', index_key, 'NX', requested_ms, request_id)
+  redis.call('ZREMRANGEBYSCORE', index_key, '-inf', '(' .. fmt(cutoff))
+  local size = redis.call('ZCARD', index_key)
+  if size > cap then
+    redis.call('ZREMRANGEBYRANK', index_key, 0, size - cap - 1)
+  end
+  if redis.call('PTTL', index_key) < ttl_ms then
+    redis.call('PEXPIRE', index_key, ttl_ms)
+  end
+end
+
+-- One entry of the organization's audit trail, written in the same atomic step
+-- as the change it describes. The stream keeps about `cap` entries (MAXLEN ~).
+-- Entry ids are Redis's own; `at` is the rules' clock.
+local function audit(audit_key, cap, now, actor, action, target, before, after, reason)
+  redis.call('XADD', audit_key, 'MAXLEN', '~', cap, '*',
+    'at', fmt(now), 'actor', actor, 'action', action, 'target', target,
+    'before', before, 'after', after, 'reason', reason)
+end
+
+-- DecisionReason (protos/pagemeter/v1/quota.proto).
+local REASON_UNSPECIFIED = 0
+local REASON_WITHIN_QUOTA = 1
+local REASON_PREPAID = 2
+local REASON_OVERAGE = 3
+local REASON_QUOTA_EXCEEDED = 4
+local REASON_HARD_LIMIT_EXCEEDED = 5
+local REASON_RATE_LIMITED = 6
+local REASON_NO_PLAN = 7
+local REASON_UNKNOWN_METRIC = 8
+local REASON_FAIL_OPEN = 9
+
+-- check_row(r): one metric's row, the fields of r joined by ',' in the order of
+-- CHECK_COLUMNS (store/replies.py):
+--   metric, allowed, reason, requested, committed, held, contract_quota,
+--   hard_limit, overage_allowed, max_admissible, remaining, included, prepaid,
+--   overage, overage_price, prepaid_available, lifetime
+local function check_row(r)
+  return r.metric .. ',' ..
+    bool01(r.allowed) .. ',' ..
+    fmt(r.reason) .. ',' ..
+    fmt(r.requested) .. ',' ..
+    fmt(r.committed) .. ',' ..
+    fmt(r.held) .. ',' ..
+    opt(r.contract_quota) .. ',' ..
+    opt(r.hard_limit) .. ',' ..
+    bool01(r.overage_allowed) .. ',' ..
+    opt(r.max_admissible) .. ',' ..
+    opt(r.remaining) .. ',' ..
+    fmt(r.included) .. ',' ..
+    fmt(r.prepaid) .. ',' ..
+    fmt(r.overage) .. ',' ..
+    r.overage_price .. ',' ..
+    fmt(r.prepaid_available) .. ',' ..
+    (r.lifetime and 'N' or 'M')
+end
+
+-- record_row(r): one metric's row, the fields of r joined by ',' in the order of
+-- RECORD_COLUMNS (store/replies.py):
+--   metric, units, included, prepaid, overage, committed, contract_quota,
+--   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
+--   lifetime, overage_price, planned
+local function record_row(r)
+  return r.metric .. ',' ..
+    fmt(r.units) .. ',' ..
+    fmt(r.included) .. ',' ..
+    fmt(r.prepaid) .. ',' ..
+    fmt(r.overage) .. ',' ..
+    fmt(r.committed) .. ',' ..
+    opt(r.contract_quota) .. ',' ..
+    opt(r.hard_limit) .. ',' ..
+    bool01(r.over_contract_quota) .. ',' ..
+    bool01(r.over_hard_limit) .. ',' ..
+    bool01(r.overage_not_allowed) .. ',' ..
+    (r.lifetime and 'N' or 'M') .. ',' ..
+    r.overage_price .. ',' ..
+    bool01(r.planned)
+end
+
+local function one(KEYS, ARGV)
+
+local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local credits_key, month_key, life_key, rate_key, record_key, index_key =
+  KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local now = tonumber(ARGV[1])
+local want_hold = ARGV[4] == '1'
+local hold_expiry = tonumber(ARGV[5])
+local fingerprint = ARGV[6]
+local record_ttl = tonumber(ARGV[7])
+local request_id = ARGV[8]
+local index_cutoff = tonumber(ARGV[9])
+local index_cap = tonumber(ARGV[10])
+local count = tonumber(ARGV[11])
+assert(#KEYS == 10 and #ARGV == 11 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+
+local plan = load_plan(plan_key)
+local stale = stale_timezone(plan, ARGV[2], ARGV[3])
+if stale then
+  return stale
+end
+if not plan then
+  return {'NO_PLAN'}
+end
+
+-- A retried CheckQuota of a job that already holds its units gets the first answer.
+if want_hold then
+  local existing = redis.call('HMGET', record_key, 'st', 'cfp', 'cres', 'exp')
+  if existing[1] then
+    local live = existing[1] == 'held' and tonumber(existing[4]) > now
+    if live and existing[2] == fingerprint then
+      return {'OK', '1', '1', existing[4], '1', existing[3], '', plan.store_failure_policy or ''}
+    end
+    local status = existing[1]
+    if status == 'held' and not live then
+      status = 'expired'
+    end
+    return {'REUSED', status}
+  end
+end
+
+-- Rate limit (GCRA): one token per call, a burst of `burst` calls.
+local rate = tonumber(plan.rate_per_second or 0)
+if rate > 0 then
+  local burst = tonumber(plan.burst or 0)
+  -- The plan's burst; unset (0) means one second's worth of calls.
+  local wait = gcra(rate_key, now, rate, burst > 0 and burst or rate)
+  if wait then
+    return {'RATE_LIMITED', fmt(wait)}
+  end
+end
+
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+
+local requests = {}
+for i = 1, count do
+  requests[i] = {ARGV[10 + 2 * i], tonumber(ARGV[11 + 2 * i])}
+end
+table.sort(requests, function(a, b) return a[1] < b[1] end)
+
+local rows, hold_parts = {}, {}
+local all_allowed = true
+for i, req in ipairs(requests) do
+  local metric, n = req[1], req[2]
+  local limits = plan.metrics[metric]
+  if not limits then
+    all_allowed = false
+    rows[i] = {
+      metric = metric, allowed = false, reason = REASON_UNKNOWN_METRIC, requested = n,
+      committed = 0, held = 0, overage_allowed = false, max_admissible = 0, remaining = 0,
+      included = 0, prepaid = 0, overage = 0, overage_price = '0', prepaid_available = 0,
+      lifetime = false,
+    }
+  else
+    local bucket, period = bucket_for(limits, month_key, life_key)
+    local committed = int(redis.call('HGET', bucket, 'c:' .. metric))
+    local held = int(redis.call('HGET', held_key, 'h:' .. metric))
+    local held_prepaid = int(redis.call('HGET', held_key, 'hp:' .. metric))
+    local balance = int(redis.call('HGET', credits_key, metric))
+    local prepaid_available = math.max(0, balance - held_prepaid)
+    local used = committed + held
+    local quota, hard = limits.contract_quota, limits.hard_limit
+
+    -- The most units admissible now: the partial-admission hint.
+    local cap = nil
+    if hard then
+      cap = math.max(0, hard - used)
+    end
+    if quota and not limits.overage_allowed then
+      local within = math.max(0, quota - used) + prepaid_available
+      if cap == nil or within < cap then
+        cap = within
+      end
+    end
+
+    -- Split: contract quota first, then prepaid credits, then overage.
+    local included = n
+    if quota then
+      included = math.min(n, math.max(0, quota - used))
+    end
+    local beyond = n - included
+    local prepaid = math.min(beyond, prepaid_available)
+    local overage = beyond - prepaid
+
+    local reason
+    if hard and used + n > hard then
+      reason = REASON_HARD_LIMIT_EXCEEDED
+    elseif overage > 0 and not limits.overage_allowed then
+      reason = REASON_QUOTA_EXCEEDED
+    elseif overage > 0 then
+      reason = REASON_OVERAGE
+    elseif prepaid > 0 then
+      reason = REASON_PREPAID
+    else
+      reason = REASON_WITHIN_QUOTA
+    end
+    local allowed = reason <= REASON_OVERAGE
+    all_allowed = all_allowed and allowed
+
+    local remaining = cap
+    if cap and allowed then
+      remaining = cap - n
+    end
+    rows[i] = {
+      metric = metric, allowed = allowed, reason = reason, requested = n,
+      committed = committed, held = held, contract_quota = quota, hard_limit = hard,
+      overage_allowed = limits.overage_allowed, max_admissible = cap, remaining = remaining,
+      included = included, prepaid = prepaid, overage = overage,
+      overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
+      lifetime = period == 'N',
+    }
+    hold_parts[#hold_parts + 1] = {metric, n, prepaid}
+  end
+end
+
+local encoded = encode_rows(rows, check_row)
+if not (all_allowed and want_hold) then
+  return {'OK', bool01(all_allowed), '0', '0', '0', encoded, expired, plan.store_failure_policy or ''}
+end
+
+for _, p in ipairs(hold_parts) do
+  if p[2] > 0 then
+    redis.call('HINCRBY', held_key, 'h:' .. p[1], p[2])
+  end
+  if p[3] > 0 then
+    redis.call('HINCRBY', held_key, 'hp:' .. p[1], p[3])
+  end
+end
+redis.call('HSET', holddata_key, request_id, encode_hold(hold_parts))
+redis.call('ZADD', holds_key, hold_expiry, request_id)
+redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded,
+  'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
+redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
+index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
+return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.store_failure_policy or ''}
+
+end
+
+local count = tonumber(ARGV[1])
+local replies = {}
+local next_key, next_arg = 1, 2 + 2 * count
+for i = 1, count do
+  local nkeys, nargs = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local item_keys, item_args = {}, {}
+  for k = 1, nkeys do
+    item_keys[k] = KEYS[next_key + k - 1]
+  end
+  for a = 1, nargs do
+    item_args[a] = ARGV[next_arg + a - 1]
+  end
+  next_key, next_arg = next_key + nkeys, next_arg + nargs
+  local ok, reply = pcall(one, item_keys, item_args)
+  if ok then
+    replies[i] = reply
+  else
+    replies[i] = {'ERR', tostring(reply)}
+  end
+end
+return replies

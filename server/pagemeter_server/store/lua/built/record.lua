@@ -1,0 +1,579 @@
+-- record.lua: RecordUsage. Commits a finished job's units exactly once per
+-- request_id, frees the job's hold, and says which pool paid for each unit.
+--
+-- KEYS[1] plan      pm:{org}:plan
+-- KEYS[2] holds     pm:{org}:holds
+-- KEYS[3] holddata  pm:{org}:holddata
+-- KEYS[4] held      pm:{org}:held
+-- KEYS[5] credits   pm:{org}:credits
+-- KEYS[6] month     pm:{org}:u:<YYYY-MM>   the month of completed_at in the plan's timezone
+-- KEYS[7] life      pm:{org}:u:lifetime
+-- KEYS[8] record    pm:{org}:r:<request_id>
+-- KEYS[9] day       pm:{org}:d:<YYYY-MM-DD>  the day of completed_at in the plan's timezone
+-- KEYS[10] index    pm:{org}:recs            zset request_id -> requested-at (ms)
+-- KEYS[11] unplanned pm:{org}:unplanned     zset metric not in the plan -> last recorded (ms)
+-- KEYS[12] doctypes pm:{org}:doctypes       zset document type -> last recorded (ms)
+--
+-- ARGV[1] now_ms
+-- ARGV[2] timezone the server assumed when it chose the month key
+-- ARGV[3] service default timezone (used when the org has no plan)
+-- ARGV[4] month id ("YYYY-MM") of KEYS[6]
+-- ARGV[5] when the month's counters expire (ms on the now_ms clock)
+-- ARGV[6] record TTL (ms): how long the request_id is remembered
+-- ARGV[7] payload fingerprint
+-- ARGV[8] success: '1' or '0'
+-- ARGV[9] completed_ms
+-- ARGV[10] requested_ms, '' for "the hold's creation time, else completed_ms"
+-- ARGV[11] document type ('' for none)
+-- ARGV[12] request_id
+-- ARGV[13] when the day's counters expire (ms on the now_ms clock)
+-- ARGV[14] records index cutoff (ms): entries requested earlier leave the index
+-- ARGV[15] records index cap (entries)
+-- ARGV[16] most metrics not in the plan the org may use within the retention
+-- ARGV[17] most document types the org's statistics tell apart within the retention
+-- ARGV[18] name registry cutoff (ms): names last recorded before it are forgotten
+--          (the counters that named them have expired by then)
+-- ARGV[19] metric count N, then ARGV[20..] N pairs: metric, units
+--
+-- Returns one of:
+--   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
+--   {'REUSED', status}            request_id was recorded with another payload (nothing changed)
+--   {'NEGATIVE', metric}          negative units for a metric that is not PERIOD_NONE (nothing changed)
+--   {'TOO_MANY_METRICS', metric, cap}  the record names a metric not in the plan and the
+--                                 org already uses `cap` such metrics (nothing changed)
+--   {'OK', duplicate, status, hold_released, hold_expired, over_limit, month_id,
+--    completed_ms, rows, expired, folded}
+-- expired: units of holds found expired by this call, "metric:units:0;...".
+-- folded: '1' when the job's document type counted as '_other' (a duplicate: '0').
+-- status is 'completed' or 'failed'. rows: one per metric, sorted by name,
+--   written by record_row (the columns of RECORD_COLUMNS in store/replies.py):
+--   metric, units, included, prepaid, overage, committed_after, quota|'',
+--   hard_limit|'', over_quota, over_hard_limit, overage_not_allowed, period
+--   ('M'/'N'), overage_price, planned ('1' when the metric is in the plan).
+-- A metric that is not in the plan (or an org without a plan) is still recorded,
+-- as a monthly metric with no limits: work that was done is never dropped. But
+-- the names are the caller's, so an organization may use at most ARGV[16] of
+-- them within the retention (KEYS[11] remembers which): each name costs a field
+-- in every month, day and lifetime hash and a row in every usage answer.
+--
+-- Besides the month, a new record also adds to (all in this one atomic step):
+--   the day's hash: c:<m> units, ok / failed jobs, and per document type
+--     tc:<type>:<m>, tok:<type>, tfail:<type> (monthly metrics only: lifetime
+--     gauges are not usage); the org's statistics tell apart at most ARGV[17]
+--     document types within the retention (KEYS[12]), later ones count as
+--     '_other' there (the record keeps its own type);
+--   the lifetime hash: a:<m>, all successful units ever, for monthly metrics;
+--   the records index, by requested-at.
+-- A record that only moves PERIOD_NONE gauges is not a job: it adds to no job
+-- or day counter. The record keeps the units the job reported ('att'), so the
+-- log of a failed job shows what it tried.
+--
+-- Generated from server/pagemeter_server/store/lua/record.lua by `make scripts`; do not edit.
+-- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
+-- codes of protos/pagemeter/v1/quota.proto and the row columns declared in
+-- server/pagemeter_server/store/replies.py.
+
+-- Shared helpers, put into every pagemeter script by `make scripts`
+-- (store/build_scripts.py writes the scripts Redis runs into lua/built/, since
+-- Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
+-- and returns nothing. The generated declarations follow it in each script: the
+-- REASON_* codes of DecisionReason and the row writers check_row and record_row.
+--
+-- Conventions of all scripts:
+-- * Every key of an organization carries its `{org_id}` hash tag, so a script
+--   only ever touches one cluster slot.
+-- * Units are integers well inside 2^53 (the server caps each amount at 10^9), so
+--   Lua's doubles hold them exactly. Numbers are turned into strings with
+--   string.format('%d') because tostring() would switch to exponent notation.
+-- * Money never appears in Lua: prices travel as the decimal strings the plan
+--   stores and the server multiplies them with Python's Decimal.
+-- * The clock is ARGV (now_ms), never the script's own, so tests control time.
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function int(v)
+  if v == false or v == nil or v == '' then
+    return 0
+  end
+  return tonumber(v)
+end
+
+local function opt(n)
+  if n == nil then
+    return ''
+  end
+  return fmt(n)
+end
+
+local function bool01(b)
+  if b then
+    return '1'
+  end
+  return '0'
+end
+
+-- A stored plan document (domain/plans.py, PlanDoc), read into its schema 2
+-- names: timezone, rate_per_second, burst, store_failure_policy, metrics (each
+-- with period 'monthly' | 'none', contract_quota, hard_limit, overage_allowed,
+-- price, overage_price; a missing limit is nil). A document of schema 1 (terse
+-- keys, no schema key), written until the deployment's plans are migrated, is
+-- read into the same names, with the defaults its readers assumed.
+local function plan_doc(raw)
+  local doc = cjson.decode(raw)
+  if doc.schema == 2 then
+    return doc
+  end
+  local metrics = {}
+  for metric, t in pairs(doc.metrics) do
+    metrics[metric] = {
+      period = (t.per == 'N') and 'none' or 'monthly',
+      contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
+      price = t.p, overage_price = t.op,
+    }
+  end
+  return {
+    schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
+    burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
+    currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+  }
+end
+
+-- Plan: a hash {json, version, updated_ms}; json is written only by the server.
+local function load_plan(plan_key)
+  local raw = redis.call('HGET', plan_key, 'json')
+  if not raw then
+    return nil
+  end
+  return plan_doc(raw)
+end
+
+-- The timezone the scripts must agree on with the server: the plan's, or the
+-- service default when the organization has no plan.
+local function plan_timezone(plan, default_tz)
+  if plan and plan.timezone and plan.timezone ~= '' then
+    return plan.timezone
+  end
+  return default_tz
+end
+
+-- The month key a script was given is only right if the server assumed the
+-- plan's timezone; otherwise the script must answer this and write nothing.
+local function stale_timezone(plan, assumed_tz, default_tz)
+  local tz = plan_timezone(plan, default_tz)
+  if tz ~= assumed_tz then
+    return {'STALE_TZ', tz}
+  end
+  return nil
+end
+
+-- Hold data: "metric:units:prepaid_units;..." per request_id.
+local function decode_hold(s)
+  local parts = {}
+  for metric, units, prepaid in string.gmatch(s, '([^:;]+):(%-?%d+):(%-?%d+)') do
+    parts[#parts + 1] = {metric, tonumber(units), tonumber(prepaid)}
+  end
+  return parts
+end
+
+local function encode_hold(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
+  end
+  return table.concat(out, ';')
+end
+
+-- Take one hold's units out of the running held totals and forget it.
+local function drop_hold(holds_key, holddata_key, held_key, request_id)
+  local data = redis.call('HGET', holddata_key, request_id)
+  redis.call('ZREM', holds_key, request_id)
+  if not data then
+    return nil
+  end
+  redis.call('HDEL', holddata_key, request_id)
+  local parts = decode_hold(data)
+  for _, p in ipairs(parts) do
+    local metric, units, prepaid = p[1], p[2], p[3]
+    -- Zero-unit parts are skipped: Lua would send -0, which HINCRBY refuses.
+    if units > 0 and redis.call('HINCRBY', held_key, 'h:' .. metric, -units) <= 0 then
+      redis.call('HDEL', held_key, 'h:' .. metric)
+    end
+    if prepaid > 0 and redis.call('HINCRBY', held_key, 'hp:' .. metric, -prepaid) <= 0 then
+      redis.call('HDEL', held_key, 'hp:' .. metric)
+    end
+  end
+  return parts
+end
+
+-- A hold is expired when now >= its expiry. Expired holds stop counting here,
+-- lazily, at the start of every script that reads held totals. Returns the
+-- units that expired, per metric, as "metric:units:0;..." ('' for none), which
+-- the scripts hand back so that the server can count them.
+local function purge_expired_holds(holds_key, holddata_key, held_key, now)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+  local totals, order = {}, {}
+  for _, request_id in ipairs(expired) do
+    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+      if not totals[p[1]] then
+        totals[p[1]] = 0
+        order[#order + 1] = p[1]
+      end
+      totals[p[1]] = totals[p[1]] + p[2]
+    end
+  end
+  local parts = {}
+  for i, metric in ipairs(order) do
+    parts[i] = {metric, totals[metric], 0}
+  end
+  return encode_hold(parts)
+end
+
+-- Rows of figures for the server, one per metric, joined by ';': each row is a
+-- table with named fields that `write_row` (check_row or record_row, generated
+-- from the columns declared in store/replies.py) joins by ','.
+local function encode_rows(rows, write_row)
+  local out = {}
+  for i, row in ipairs(rows) do
+    out[i] = write_row(row)
+  end
+  return table.concat(out, ';')
+end
+
+-- Rate limit by GCRA (the generic cell rate algorithm): `rate` calls per second
+-- on average, up to `burst` calls at once. `key` holds the theoretical arrival
+-- time (ms), kept about one interval. Returns nil when the call is admitted (and
+-- counted), else the ms to wait before it would be.
+local function gcra(key, now, rate, burst)
+  local interval = 1000 / rate
+  local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return math.ceil(allow_at - now)
+  end
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  return nil
+end
+
+-- The usage bucket of a metric: the month's hash, or the lifetime hash.
+local function bucket_for(limits, month_key, life_key)
+  if limits and limits.period == 'none' then
+    return life_key, 'N'
+  end
+  return month_key, 'M'
+end
+
+-- The records index: a sorted set request_id -> requested-at (ms), newest last.
+-- Entries requested before `cutoff` leave it, and it never holds more than
+-- `cap` entries (the oldest leave first), so one organization's index is bounded
+-- whatever its traffic. A record's own hash keeps its TTL: trimming the index
+-- never forgets a request_id's idempotency. The index itself lives as long as
+-- its longest-lived record (`ttl_ms`), so an organization that stops recording
+-- leaves no index behind.
+local function index_record(index_key, request_id, requested_ms, cutoff, cap, ttl_ms)
+  redis.call('ZADD', index_key, 'NX', requested_ms, request_id)
+  redis.call('ZREMRANGEBYSCORE', index_key, '-inf', '(' .. fmt(cutoff))
+  local size = redis.call('ZCARD', index_key)
+  if size > cap then
+    redis.call('ZREMRANGEBYRANK', index_key, 0, size - cap - 1)
+  end
+  if redis.call('PTTL', index_key) < ttl_ms then
+    redis.call('PEXPIRE', index_key, ttl_ms)
+  end
+end
+
+-- One entry of the organization's audit trail, written in the same atomic step
+-- as the change it describes. The stream keeps about `cap` entries (MAXLEN ~).
+-- Entry ids are Redis's own; `at` is the rules' clock.
+local function audit(audit_key, cap, now, actor, action, target, before, after, reason)
+  redis.call('XADD', audit_key, 'MAXLEN', '~', cap, '*',
+    'at', fmt(now), 'actor', actor, 'action', action, 'target', target,
+    'before', before, 'after', after, 'reason', reason)
+end
+
+-- DecisionReason (protos/pagemeter/v1/quota.proto).
+local REASON_UNSPECIFIED = 0
+local REASON_WITHIN_QUOTA = 1
+local REASON_PREPAID = 2
+local REASON_OVERAGE = 3
+local REASON_QUOTA_EXCEEDED = 4
+local REASON_HARD_LIMIT_EXCEEDED = 5
+local REASON_RATE_LIMITED = 6
+local REASON_NO_PLAN = 7
+local REASON_UNKNOWN_METRIC = 8
+local REASON_FAIL_OPEN = 9
+
+-- check_row(r): one metric's row, the fields of r joined by ',' in the order of
+-- CHECK_COLUMNS (store/replies.py):
+--   metric, allowed, reason, requested, committed, held, contract_quota,
+--   hard_limit, overage_allowed, max_admissible, remaining, included, prepaid,
+--   overage, overage_price, prepaid_available, lifetime
+local function check_row(r)
+  return r.metric .. ',' ..
+    bool01(r.allowed) .. ',' ..
+    fmt(r.reason) .. ',' ..
+    fmt(r.requested) .. ',' ..
+    fmt(r.committed) .. ',' ..
+    fmt(r.held) .. ',' ..
+    opt(r.contract_quota) .. ',' ..
+    opt(r.hard_limit) .. ',' ..
+    bool01(r.overage_allowed) .. ',' ..
+    opt(r.max_admissible) .. ',' ..
+    opt(r.remaining) .. ',' ..
+    fmt(r.included) .. ',' ..
+    fmt(r.prepaid) .. ',' ..
+    fmt(r.overage) .. ',' ..
+    r.overage_price .. ',' ..
+    fmt(r.prepaid_available) .. ',' ..
+    (r.lifetime and 'N' or 'M')
+end
+
+-- record_row(r): one metric's row, the fields of r joined by ',' in the order of
+-- RECORD_COLUMNS (store/replies.py):
+--   metric, units, included, prepaid, overage, committed, contract_quota,
+--   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
+--   lifetime, overage_price, planned
+local function record_row(r)
+  return r.metric .. ',' ..
+    fmt(r.units) .. ',' ..
+    fmt(r.included) .. ',' ..
+    fmt(r.prepaid) .. ',' ..
+    fmt(r.overage) .. ',' ..
+    fmt(r.committed) .. ',' ..
+    opt(r.contract_quota) .. ',' ..
+    opt(r.hard_limit) .. ',' ..
+    bool01(r.over_contract_quota) .. ',' ..
+    bool01(r.over_hard_limit) .. ',' ..
+    bool01(r.overage_not_allowed) .. ',' ..
+    (r.lifetime and 'N' or 'M') .. ',' ..
+    r.overage_price .. ',' ..
+    bool01(r.planned)
+end
+
+local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local credits_key, month_key, life_key, record_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local day_key, index_key, unplanned_key, doctypes_key = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local now = tonumber(ARGV[1])
+local month_id = ARGV[4]
+local month_expire_at = tonumber(ARGV[5])
+local record_ttl = tonumber(ARGV[6])
+local fingerprint = ARGV[7]
+local success = ARGV[8] == '1'
+local completed_ms = ARGV[9]
+local requested_ms = ARGV[10]
+local document_type = ARGV[11]
+local request_id = ARGV[12]
+local day_expire_at = tonumber(ARGV[13])
+local index_cutoff = tonumber(ARGV[14])
+local index_cap = tonumber(ARGV[15])
+local unplanned_cap = tonumber(ARGV[16])
+local doctypes_cap = tonumber(ARGV[17])
+local names_cutoff = tonumber(ARGV[18])
+local count = tonumber(ARGV[19])
+assert(#KEYS == 12 and #ARGV == 19 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+
+local plan = load_plan(plan_key)
+local stale = stale_timezone(plan, ARGV[2], ARGV[3])
+if stale then
+  return stale
+end
+local metrics = (plan and plan.metrics) or {}
+
+-- Idempotency: the id is claimed in the same atomic step as the write.
+local existing = redis.call('HMGET', record_key, 'st', 'fp', 'hr', 'he', 'ol', 'mid', 'cms', 'res')
+local status = existing[1]
+if status == 'completed' or status == 'failed' then
+  if existing[2] ~= fingerprint then
+    return {'REUSED', status}
+  end
+  return {'OK', '1', status, existing[3], existing[4], existing[5], existing[6], existing[7],
+    existing[8], '', '0'}
+end
+
+local requests = {}
+for i = 1, count do
+  local metric, n = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
+  if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
+    return {'NEGATIVE', metric}
+  end
+  requests[i] = {metric, n}
+end
+table.sort(requests, function(a, b) return a[1] < b[1] end)
+
+-- A name is live in a registry when it was recorded since the cutoff.
+local function live_in(registry, name)
+  local score = redis.call('ZSCORE', registry, name)
+  return score and tonumber(score) >= names_cutoff
+end
+
+-- Metrics not in the plan: decided before anything is written.
+local unplanned = {}
+local newcomers = 0
+for _, req in ipairs(requests) do
+  if not metrics[req[1]] then
+    unplanned[#unplanned + 1] = req[1]
+    if not live_in(unplanned_key, req[1]) then
+      newcomers = newcomers + 1
+      if redis.call('ZCOUNT', unplanned_key, names_cutoff, '+inf') + newcomers > unplanned_cap then
+        return {'TOO_MANY_METRICS', req[1], fmt(unplanned_cap)}
+      end
+    end
+  end
+end
+
+-- Names whose counters have all expired leave the registries (with the
+-- all-time total of an unplanned metric, which nothing else would ever drop).
+local forgotten = redis.call('ZRANGEBYSCORE', unplanned_key, '-inf', '(' .. fmt(names_cutoff))
+if #forgotten > 0 then
+  for _, metric in ipairs(forgotten) do
+    if not metrics[metric] then
+      redis.call('HDEL', life_key, 'a:' .. metric)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', unplanned_key, '-inf', '(' .. fmt(names_cutoff))
+end
+redis.call('ZREMRANGEBYSCORE', doctypes_key, '-inf', '(' .. fmt(names_cutoff))
+for _, metric in ipairs(unplanned) do
+  redis.call('ZADD', unplanned_key, now, metric)
+end
+-- The units the job reported, kept with its record even when it failed (a
+-- failed job consumes nothing, but its log shows what it tried).
+local requests_as_parts = {}
+for i, req in ipairs(requests) do
+  requests_as_parts[i] = {req[1], req[2], 0}
+end
+
+-- Free this job's hold before pricing the units, so its own prepaid
+-- reservation is available to it.
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local hold_released, hold_expired = false, false
+if status == 'held' then
+  if drop_hold(holds_key, holddata_key, held_key, request_id) then
+    hold_released = true
+  else
+    hold_expired = true
+  end
+elseif status == 'expired' then
+  hold_expired = true
+end
+if requested_ms == '' then
+  requested_ms = redis.call('HGET', record_key, 'rms') or completed_ms
+end
+
+local rows = {}
+local over_limit = false
+for i, req in ipairs(requests) do
+  local metric, n = req[1], req[2]
+  local limits = metrics[metric] or {}
+  local bucket, period = bucket_for(limits, month_key, life_key)
+  local quota, hard = limits.contract_quota, limits.hard_limit
+  local included, prepaid, overage, committed = 0, 0, 0, 0
+  if not success then
+    n = 0
+    committed = int(redis.call('HGET', bucket, 'c:' .. metric))
+  elseif n < 0 then
+    -- Lowering a lifetime gauge (never below zero).
+    local before = int(redis.call('HGET', bucket, 'c:' .. metric))
+    committed = math.max(0, before + n)
+    redis.call('HSET', bucket, 'c:' .. metric, fmt(committed))
+  else
+    local before = int(redis.call('HGET', bucket, 'c:' .. metric))
+    included = n
+    if quota then
+      included = math.min(n, math.max(0, quota - before))
+    end
+    local beyond = n - included
+    if beyond > 0 then
+      -- Prepaid credits reserved by other jobs' holds stay theirs.
+      local balance = int(redis.call('HGET', credits_key, metric))
+      local reserved = int(redis.call('HGET', held_key, 'hp:' .. metric))
+      prepaid = math.min(beyond, math.max(0, balance - reserved))
+      if prepaid > 0 then
+        redis.call('HINCRBY', credits_key, metric, -prepaid)
+        redis.call('HINCRBY', bucket, 'pp:' .. metric, prepaid)
+      end
+    end
+    overage = beyond - prepaid
+    committed = redis.call('HINCRBY', bucket, 'c:' .. metric, n)
+  end
+  local over_quota = quota ~= nil and committed > quota
+  local over_hard = hard ~= nil and committed > hard
+  local overage_not_allowed = overage > 0 and not limits.overage_allowed
+  over_limit = over_limit or over_hard or overage_not_allowed
+  rows[i] = {
+    metric = metric, units = n, included = included, prepaid = prepaid, overage = overage,
+    committed = committed, contract_quota = quota, hard_limit = hard,
+    over_contract_quota = over_quota, over_hard_limit = over_hard,
+    overage_not_allowed = overage_not_allowed, lifetime = period == 'N',
+    overage_price = limits.overage_price or '0', planned = metrics[metric] ~= nil,
+  }
+end
+
+-- A job is work on a monthly metric. A record that only moves lifetime gauges
+-- (an application created, a template deleted) is not a document job: it is
+-- kept as a record but counts in no job or day counter.
+local is_job = false
+for _, row in ipairs(rows) do
+  if not row.lifetime then
+    is_job = true
+  end
+end
+
+local final_status = 'failed'
+if success then
+  final_status = 'completed'
+end
+local day_type = document_type
+if is_job then
+  -- The day's counters, for statistics by date and by document type. The
+  -- types are the caller's names: past the org's cap they count as '_other'.
+  if live_in(doctypes_key, day_type)
+      or redis.call('ZCOUNT', doctypes_key, names_cutoff, '+inf') < doctypes_cap then
+    redis.call('ZADD', doctypes_key, now, day_type)
+  else
+    day_type = '_other'
+  end
+  for _, row in ipairs(rows) do
+    local metric, n = row.metric, row.units
+    if not row.lifetime and n > 0 then
+      redis.call('HINCRBY', day_key, 'c:' .. metric, n)
+      redis.call('HINCRBY', day_key, 'tc:' .. day_type .. ':' .. metric, n)
+      redis.call('HINCRBY', life_key, 'a:' .. metric, n)
+    end
+  end
+  if success then
+    redis.call('HINCRBY', month_key, 'jobs_ok', 1)
+    redis.call('HINCRBY', day_key, 'ok', 1)
+    redis.call('HINCRBY', day_key, 'tok:' .. day_type, 1)
+  else
+    redis.call('HINCRBY', month_key, 'jobs_failed', 1)
+    redis.call('HINCRBY', day_key, 'failed', 1)
+    redis.call('HINCRBY', day_key, 'tfail:' .. day_type, 1)
+  end
+  redis.call('PEXPIRE', day_key, math.max(1, day_expire_at - now))
+end
+-- Relative to the call's clock, not Redis's, so the expiry follows the same time
+-- as the rules (tests drive that clock).
+redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
+
+local encoded = encode_rows(rows, record_row)
+local folded = bool01(is_job and day_type ~= document_type)
+redis.call('HSET', record_key, 'st', final_status, 'fp', fingerprint, 'res', encoded,
+  'hr', bool01(hold_released), 'he', bool01(hold_expired), 'ol', bool01(over_limit),
+  'mid', month_id, 'cms', completed_ms, 'rms', requested_ms, 'dt', document_type,
+  'att', encode_hold(requests_as_parts))
+redis.call('PEXPIRE', record_key, record_ttl)
+index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_cap, record_ttl)
+-- The name registries live as long as the counters they name. Without a plan
+-- the lifetime totals are only unplanned metrics' totals: they go too, so that
+-- an organization id nobody configured leaves nothing behind for good.
+local names_ttl = now - names_cutoff
+redis.call('PEXPIRE', unplanned_key, names_ttl)
+redis.call('PEXPIRE', doctypes_key, names_ttl)
+if not plan then
+  redis.call('PEXPIRE', life_key, names_ttl)
+end
+return {'OK', '0', final_status, bool01(hold_released), bool01(hold_expired),
+  bool01(over_limit), month_id, completed_ms, encoded, expired, folded}

@@ -1,0 +1,347 @@
+-- usage.lua: GetUsage. Reads one month of an organization in one atomic step,
+-- with the plan terms that applied to that month. It changes no usage; it only
+-- drops holds that have expired, so that the held figures it reports are exact.
+--
+-- KEYS[1] plan      pm:{org}:plan
+-- KEYS[2] holds     pm:{org}:holds
+-- KEYS[3] holddata  pm:{org}:holddata
+-- KEYS[4] held      pm:{org}:held
+-- KEYS[5] credits   pm:{org}:credits
+-- KEYS[6] month     pm:{org}:u:<YYYY-MM>
+-- KEYS[7] life      pm:{org}:u:lifetime
+-- KEYS[8] previous  pm:{org}:u:<YYYY-MM> of the month before KEYS[6]
+-- KEYS[9] planlog   pm:{org}:planlog   zset version -> updated_ms
+-- KEYS[10] planver  pm:{org}:planver   hash version -> plan JSON
+--
+-- ARGV[1] now_ms
+-- ARGV[2] timezone the server assumed when it chose the month key
+-- ARGV[3] service default timezone (used when the org has no plan)
+-- ARGV[4] terms instant (ms): the month's terms are those of the newest plan
+--         version set before it (the month's end; for the current month now + 1),
+--         as GetUsageHistory takes them
+--
+-- Returns {'STALE_TZ', plan_timezone} or
+--   {'OK', terms_json|'', terms_version, month_fields, life_fields, held_fields,
+--    credit_fields, previous_month_fields, expired}
+-- terms_json is '' when no plan version was in effect at the terms instant (the
+-- plan was set after the month). The timezone check is against the current plan:
+-- months are counted in the plan's timezone of today, as in the history.
+-- expired: units of holds found expired by this call, "metric:units:0;...".
+-- where each *_fields is a flat HGETALL array.
+--
+-- Generated from server/pagemeter_server/store/lua/usage.lua by `make scripts`; do not edit.
+-- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
+-- codes of protos/pagemeter/v1/quota.proto and the row columns declared in
+-- server/pagemeter_server/store/replies.py.
+
+-- Shared helpers, put into every pagemeter script by `make scripts`
+-- (store/build_scripts.py writes the scripts Redis runs into lua/built/, since
+-- Redis scripts cannot include each other). Defines no KEYS or ARGV of its own
+-- and returns nothing. The generated declarations follow it in each script: the
+-- REASON_* codes of DecisionReason and the row writers check_row and record_row.
+--
+-- Conventions of all scripts:
+-- * Every key of an organization carries its `{org_id}` hash tag, so a script
+--   only ever touches one cluster slot.
+-- * Units are integers well inside 2^53 (the server caps each amount at 10^9), so
+--   Lua's doubles hold them exactly. Numbers are turned into strings with
+--   string.format('%d') because tostring() would switch to exponent notation.
+-- * Money never appears in Lua: prices travel as the decimal strings the plan
+--   stores and the server multiplies them with Python's Decimal.
+-- * The clock is ARGV (now_ms), never the script's own, so tests control time.
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function int(v)
+  if v == false or v == nil or v == '' then
+    return 0
+  end
+  return tonumber(v)
+end
+
+local function opt(n)
+  if n == nil then
+    return ''
+  end
+  return fmt(n)
+end
+
+local function bool01(b)
+  if b then
+    return '1'
+  end
+  return '0'
+end
+
+-- A stored plan document (domain/plans.py, PlanDoc), read into its schema 2
+-- names: timezone, rate_per_second, burst, store_failure_policy, metrics (each
+-- with period 'monthly' | 'none', contract_quota, hard_limit, overage_allowed,
+-- price, overage_price; a missing limit is nil). A document of schema 1 (terse
+-- keys, no schema key), written until the deployment's plans are migrated, is
+-- read into the same names, with the defaults its readers assumed.
+local function plan_doc(raw)
+  local doc = cjson.decode(raw)
+  if doc.schema == 2 then
+    return doc
+  end
+  local metrics = {}
+  for metric, t in pairs(doc.metrics) do
+    metrics[metric] = {
+      period = (t.per == 'N') and 'none' or 'monthly',
+      contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
+      price = t.p, overage_price = t.op,
+    }
+  end
+  return {
+    schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
+    burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
+    currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+  }
+end
+
+-- Plan: a hash {json, version, updated_ms}; json is written only by the server.
+local function load_plan(plan_key)
+  local raw = redis.call('HGET', plan_key, 'json')
+  if not raw then
+    return nil
+  end
+  return plan_doc(raw)
+end
+
+-- The timezone the scripts must agree on with the server: the plan's, or the
+-- service default when the organization has no plan.
+local function plan_timezone(plan, default_tz)
+  if plan and plan.timezone and plan.timezone ~= '' then
+    return plan.timezone
+  end
+  return default_tz
+end
+
+-- The month key a script was given is only right if the server assumed the
+-- plan's timezone; otherwise the script must answer this and write nothing.
+local function stale_timezone(plan, assumed_tz, default_tz)
+  local tz = plan_timezone(plan, default_tz)
+  if tz ~= assumed_tz then
+    return {'STALE_TZ', tz}
+  end
+  return nil
+end
+
+-- Hold data: "metric:units:prepaid_units;..." per request_id.
+local function decode_hold(s)
+  local parts = {}
+  for metric, units, prepaid in string.gmatch(s, '([^:;]+):(%-?%d+):(%-?%d+)') do
+    parts[#parts + 1] = {metric, tonumber(units), tonumber(prepaid)}
+  end
+  return parts
+end
+
+local function encode_hold(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
+  end
+  return table.concat(out, ';')
+end
+
+-- Take one hold's units out of the running held totals and forget it.
+local function drop_hold(holds_key, holddata_key, held_key, request_id)
+  local data = redis.call('HGET', holddata_key, request_id)
+  redis.call('ZREM', holds_key, request_id)
+  if not data then
+    return nil
+  end
+  redis.call('HDEL', holddata_key, request_id)
+  local parts = decode_hold(data)
+  for _, p in ipairs(parts) do
+    local metric, units, prepaid = p[1], p[2], p[3]
+    -- Zero-unit parts are skipped: Lua would send -0, which HINCRBY refuses.
+    if units > 0 and redis.call('HINCRBY', held_key, 'h:' .. metric, -units) <= 0 then
+      redis.call('HDEL', held_key, 'h:' .. metric)
+    end
+    if prepaid > 0 and redis.call('HINCRBY', held_key, 'hp:' .. metric, -prepaid) <= 0 then
+      redis.call('HDEL', held_key, 'hp:' .. metric)
+    end
+  end
+  return parts
+end
+
+-- A hold is expired when now >= its expiry. Expired holds stop counting here,
+-- lazily, at the start of every script that reads held totals. Returns the
+-- units that expired, per metric, as "metric:units:0;..." ('' for none), which
+-- the scripts hand back so that the server can count them.
+local function purge_expired_holds(holds_key, holddata_key, held_key, now)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+  local totals, order = {}, {}
+  for _, request_id in ipairs(expired) do
+    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+      if not totals[p[1]] then
+        totals[p[1]] = 0
+        order[#order + 1] = p[1]
+      end
+      totals[p[1]] = totals[p[1]] + p[2]
+    end
+  end
+  local parts = {}
+  for i, metric in ipairs(order) do
+    parts[i] = {metric, totals[metric], 0}
+  end
+  return encode_hold(parts)
+end
+
+-- Rows of figures for the server, one per metric, joined by ';': each row is a
+-- table with named fields that `write_row` (check_row or record_row, generated
+-- from the columns declared in store/replies.py) joins by ','.
+local function encode_rows(rows, write_row)
+  local out = {}
+  for i, row in ipairs(rows) do
+    out[i] = write_row(row)
+  end
+  return table.concat(out, ';')
+end
+
+-- Rate limit by GCRA (the generic cell rate algorithm): `rate` calls per second
+-- on average, up to `burst` calls at once. `key` holds the theoretical arrival
+-- time (ms), kept about one interval. Returns nil when the call is admitted (and
+-- counted), else the ms to wait before it would be.
+local function gcra(key, now, rate, burst)
+  local interval = 1000 / rate
+  local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return math.ceil(allow_at - now)
+  end
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  return nil
+end
+
+-- The usage bucket of a metric: the month's hash, or the lifetime hash.
+local function bucket_for(limits, month_key, life_key)
+  if limits and limits.period == 'none' then
+    return life_key, 'N'
+  end
+  return month_key, 'M'
+end
+
+-- The records index: a sorted set request_id -> requested-at (ms), newest last.
+-- Entries requested before `cutoff` leave it, and it never holds more than
+-- `cap` entries (the oldest leave first), so one organization's index is bounded
+-- whatever its traffic. A record's own hash keeps its TTL: trimming the index
+-- never forgets a request_id's idempotency. The index itself lives as long as
+-- its longest-lived record (`ttl_ms`), so an organization that stops recording
+-- leaves no index behind.
+local function index_record(index_key, request_id, requested_ms, cutoff, cap, ttl_ms)
+  redis.call('ZADD', index_key, 'NX', requested_ms, request_id)
+  redis.call('ZREMRANGEBYSCORE', index_key, '-inf', '(' .. fmt(cutoff))
+  local size = redis.call('ZCARD', index_key)
+  if size > cap then
+    redis.call('ZREMRANGEBYRANK', index_key, 0, size - cap - 1)
+  end
+  if redis.call('PTTL', index_key) < ttl_ms then
+    redis.call('PEXPIRE', index_key, ttl_ms)
+  end
+end
+
+-- One entry of the organization's audit trail, written in the same atomic step
+-- as the change it describes. The stream keeps about `cap` entries (MAXLEN ~).
+-- Entry ids are Redis's own; `at` is the rules' clock.
+local function audit(audit_key, cap, now, actor, action, target, before, after, reason)
+  redis.call('XADD', audit_key, 'MAXLEN', '~', cap, '*',
+    'at', fmt(now), 'actor', actor, 'action', action, 'target', target,
+    'before', before, 'after', after, 'reason', reason)
+end
+
+-- DecisionReason (protos/pagemeter/v1/quota.proto).
+local REASON_UNSPECIFIED = 0
+local REASON_WITHIN_QUOTA = 1
+local REASON_PREPAID = 2
+local REASON_OVERAGE = 3
+local REASON_QUOTA_EXCEEDED = 4
+local REASON_HARD_LIMIT_EXCEEDED = 5
+local REASON_RATE_LIMITED = 6
+local REASON_NO_PLAN = 7
+local REASON_UNKNOWN_METRIC = 8
+local REASON_FAIL_OPEN = 9
+
+-- check_row(r): one metric's row, the fields of r joined by ',' in the order of
+-- CHECK_COLUMNS (store/replies.py):
+--   metric, allowed, reason, requested, committed, held, contract_quota,
+--   hard_limit, overage_allowed, max_admissible, remaining, included, prepaid,
+--   overage, overage_price, prepaid_available, lifetime
+local function check_row(r)
+  return r.metric .. ',' ..
+    bool01(r.allowed) .. ',' ..
+    fmt(r.reason) .. ',' ..
+    fmt(r.requested) .. ',' ..
+    fmt(r.committed) .. ',' ..
+    fmt(r.held) .. ',' ..
+    opt(r.contract_quota) .. ',' ..
+    opt(r.hard_limit) .. ',' ..
+    bool01(r.overage_allowed) .. ',' ..
+    opt(r.max_admissible) .. ',' ..
+    opt(r.remaining) .. ',' ..
+    fmt(r.included) .. ',' ..
+    fmt(r.prepaid) .. ',' ..
+    fmt(r.overage) .. ',' ..
+    r.overage_price .. ',' ..
+    fmt(r.prepaid_available) .. ',' ..
+    (r.lifetime and 'N' or 'M')
+end
+
+-- record_row(r): one metric's row, the fields of r joined by ',' in the order of
+-- RECORD_COLUMNS (store/replies.py):
+--   metric, units, included, prepaid, overage, committed, contract_quota,
+--   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
+--   lifetime, overage_price, planned
+local function record_row(r)
+  return r.metric .. ',' ..
+    fmt(r.units) .. ',' ..
+    fmt(r.included) .. ',' ..
+    fmt(r.prepaid) .. ',' ..
+    fmt(r.overage) .. ',' ..
+    fmt(r.committed) .. ',' ..
+    opt(r.contract_quota) .. ',' ..
+    opt(r.hard_limit) .. ',' ..
+    bool01(r.over_contract_quota) .. ',' ..
+    bool01(r.over_hard_limit) .. ',' ..
+    bool01(r.overage_not_allowed) .. ',' ..
+    (r.lifetime and 'N' or 'M') .. ',' ..
+    r.overage_price .. ',' ..
+    bool01(r.planned)
+end
+
+assert(#KEYS == 10 and #ARGV == 4, 'usage.lua: wrong number of KEYS or ARGV')
+local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+
+local raw = redis.call('HMGET', plan_key, 'json', 'version')
+local plan = nil
+if raw[1] then
+  plan = plan_doc(raw[1])
+end
+local stale = stale_timezone(plan, ARGV[2], ARGV[3])
+if stale then
+  return stale
+end
+-- The terms of the month: the newest version set before the terms instant.
+-- A plan stored before the plan log existed has no log entries: its current
+-- terms are all there is.
+local terms_json, terms_version = raw[1] or '', raw[2] or '0'
+if plan and redis.call('ZCARD', KEYS[9]) > 0 then
+  local ids = redis.call('ZREVRANGEBYSCORE', KEYS[9], '(' .. ARGV[4], '-inf', 'LIMIT', 0, 1)
+  if #ids == 0 then
+    terms_json, terms_version = '', '0'
+  elseif ids[1] ~= terms_version then
+    terms_json, terms_version = redis.call('HGET', KEYS[10], ids[1]) or '', ids[1]
+  end
+end
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+return {
+  'OK', terms_json, terms_version,
+  redis.call('HGETALL', KEYS[6]), redis.call('HGETALL', KEYS[7]),
+  redis.call('HGETALL', held_key), redis.call('HGETALL', KEYS[5]),
+  redis.call('HGETALL', KEYS[8]), expired,
+}
