@@ -49,18 +49,11 @@ from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
 from pagemeter_server.store.quota import Store
-from tests.client_flavours import FLAVOURS, Connect, connector
+from tests.client.client_flavours import FLAVOURS, Connect, connector
 from tests.system.cluster_topology import Cluster
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "rules", "grpc", "client", "system")
-# TODO(client tier): the SDK and CLI tests still sit in tests/ itself; they are
-# the client tier until they move into tests/client/ (then drop this and the
-# two modules below).
-UNFILED_CLIENT_TESTS = ("test_client_", "test_cli")
-# Names tests/test_client_replay.py imports from their old modules, re-exported
-# from tests/system/: imported, never collected.
-collect_ignore = ["test_reliability.py", "test_sentinel.py"]
 # Fixtures that start or reach a Redis: no unit test may use one.
 REDIS_FIXTURES = {"redis_server", "redis_sync", "redis_client", "store", "pagemeter_server"}
 
@@ -70,8 +63,6 @@ def tier_of(path: Path) -> str:
     parts = path.relative_to(TESTS).parts
     if len(parts) > 1 and parts[0] in TIERS:
         return parts[0]
-    if len(parts) == 1 and parts[0].startswith(UNFILED_CLIENT_TESTS):
-        return "client"
     raise pytest.UsageError(
         f"{path} is in no test tier: move it into tests/<tier>/, one of {', '.join(TIERS)}"
     )
@@ -292,7 +283,7 @@ async def pagemeter_server(
 @pytest.fixture(params=FLAVOURS)
 def connect(request: pytest.FixtureRequest) -> Connect:
     """`connect(target, **options)`: an AsyncPagemeterClient, then a PagemeterClient
-    behind the same async methods (tests/client_flavours.py)."""
+    behind the same async methods (tests/client/client_flavours.py)."""
     flavour = request.param
     return connector(flavour)
 

@@ -26,7 +26,7 @@ from pagemeter_client import (
 )
 from pagemeter_client.sdk import record_usage_request
 from pagemeter_server.ops.embedded import free_port
-from tests.client_flavours import Connect
+from tests.client.client_flavours import Connect
 from tests.conftest import RunningServer, eagle_plan
 
 Q = quota_pb2

@@ -13,14 +13,14 @@ import pytest
 
 from pagemeter_client import AsyncPagemeterClient
 from pagemeter_server.ops.embedded import free_port
-from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits, ms
-from tests.test_cli import Cli, row
-from tests.test_client_reporting import (
+from tests.client.test_cli import Cli, row
+from tests.client.test_client_reporting import (
     NEWEST_FIRST,
     record_five_jobs,
     record_statistics_usage,
     record_three_months,
 )
+from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits, ms
 
 
 @pytest.fixture

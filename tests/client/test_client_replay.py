@@ -32,7 +32,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    plan_pb2,
+    quota_pb2,
+    quota_pb2_grpc,
+    reporting_pb2,
+)
 from pagemeter_client import (
     AsyncPagemeterClient,
     PagemeterClient,
@@ -45,19 +52,27 @@ from pagemeter_client.replay import (
     RECORD,
     RELEASE,
     AcknowledgedLog,
+    ReplayStats,
     plan,
 )
 from pagemeter_client.sdk import check_quota_request, record_usage_request
 from pagemeter_server.app import create_server
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import close_redis, connect_redis
-from tests.client_flavours import FLAVOURS, Flavour, connector
+from tests.client.client_flavours import FLAVOURS, Flavour, connector
 from tests.conftest import eagle_plan
-from tests.test_reliability import SERVING, Rig, pause, resume, start_rig
-from tests.test_sentinel import MASTER, Topology, running_topology
+from tests.system.test_reliability import SERVING, Rig, pause, resume, start_rig
+from tests.system.test_sentinel import MASTER, Topology, running_topology
 
 # A client of either flavour, called through the async methods.
 Client = AsyncPagemeterClient
+
+
+def stats(caller: Client) -> ReplayStats:
+    """The replay bookkeeping of a client built with replay_after_failover."""
+    seen = caller.replay_stats
+    assert seen is not None, "the client was built without replay_after_failover"
+    return seen
 
 
 def make_client(kind: Flavour, target: str, window: ReplayWindow, **options: Any) -> Client:
@@ -95,7 +110,9 @@ async def usage(rig: Rig) -> dict[str, tuple[int, int]]:
 
 async def record_ids(caller: Client) -> list[str]:
     page = await caller.list_usage_records("acme", page_size=100)
-    return sorted(r.request_id for r in page.records if r.status != quota_pb2.RECORD_STATUS_PENDING)
+    return sorted(
+        r.request_id for r in page.records if r.status != reporting_pb2.USAGE_RECORD_STATUS_PENDING
+    )
 
 
 KINDS = pytest.mark.parametrize("kind", FLAVOURS)
@@ -146,7 +163,7 @@ async def test_a_replay_with_no_loss_changes_nothing(rig: Rig, kind: Flavour) ->
         assert not denied.allowed
         await caller.check_quota("acme", {"pages": 1})
         assert (
-            caller.replay_stats.entries == 12
+            stats(caller).entries == 12
         )  # holds j1 j2 j3 b1 b2, records j1 j4 j5 b1 b2, releases j2 j6
 
         before = await usage(rig)
@@ -156,7 +173,7 @@ async def test_a_replay_with_no_loss_changes_nothing(rig: Rig, kind: Flavour) ->
         assert result.complete and result.outcomes == ()
         assert await usage(rig) == before == {"documents": (0, 0), "pages": (14, 5)}
         assert await record_ids(caller) == records_before
-        assert caller.replay_stats.passes == 1 and caller.replay_stats.entries == 12
+        assert stats(caller).passes == 1 and stats(caller).entries == 12
     finally:
         await caller.close()
 
@@ -177,27 +194,25 @@ async def test_the_first_answer_after_a_store_outage_replays_in_the_background(
         await caller.check_quota("acme", {"pages": 2}, request_id="h1", hold=True)
         await caller.record_usage("acme", "r1", {"pages": 1})
         await caller.record_usage("acme", "r2", {"pages": 1})
-        assert not caller.replay_stats.outage and caller.replay_stats.passes == 0
+        assert not stats(caller).outage and stats(caller).passes == 0
         pause(rig.redis)
         try:
             with pytest.raises(grpc.RpcError) as refused:
                 await caller.get_usage("acme")
             infos = error_details(refused.value).error_infos
             assert [i.reason for i in infos] == ["STORE_UNAVAILABLE"]
-            assert caller.replay_stats.outage
+            assert stats(caller).outage
         finally:
             resume(rig.redis)
         await rig.wait_for(SERVING)
         await caller.get_usage("acme")  # answered: the outage is over
-        await eventually(lambda: caller.replay_stats.passes == 1, "the background pass")
-        assert not caller.replay_stats.outage
+        await eventually(lambda: stats(caller).passes == 1, "the background pass")
+        assert not stats(caller).outage
         assert len(passes) == 1
         assert (passes[0].replayed, passes[0].duplicates, passes[0].complete) == (3, 3, True)
         await caller.get_usage("acme")
         await asyncio.sleep(0.2)
-        assert caller.replay_stats.passes == 1, (
-            "an answer without an outage before it starts nothing"
-        )
+        assert stats(caller).passes == 1, "an answer without an outage before it starts nothing"
     finally:
         await caller.close()
 
@@ -212,7 +227,7 @@ async def test_the_window_keeps_the_newest_max_entries(rig: Rig, kind: Flavour) 
     try:
         for n in range(1, 9):
             await caller.record_usage("acme", f"r{n}", {"pages": 1})
-        assert (caller.replay_stats.entries, caller.replay_stats.dropped) == (5, 3)
+        assert (stats(caller).entries, stats(caller).dropped) == (5, 3)
         await lose_everything(rig)
         result = await caller.replay_acknowledged()
         assert (result.replayed, result.reapplied) == (5, 5)
@@ -232,9 +247,9 @@ async def test_the_window_forgets_entries_older_than_its_seconds(rig: Rig, kind:
         await caller.record_usage("acme", "a2", {"pages": 1})
         now[0] = 30.0
         await caller.record_usage("acme", "a3", {"pages": 1})
-        assert caller.replay_stats.entries == 3
+        assert stats(caller).entries == 3
         now[0] = 61.0
-        assert (caller.replay_stats.entries, caller.replay_stats.dropped) == (1, 0)
+        assert (stats(caller).entries, stats(caller).dropped) == (1, 0)
         await lose_everything(rig)
         result = await caller.replay_acknowledged()
         assert [(o.request_id, o.outcome) for o in result.outcomes] == [("a3", "reapplied")]
@@ -419,7 +434,7 @@ def replicated(topology: Topology) -> bool:
 
 def fill_the_replication_link(topology: Topology) -> None:
     """Ballast beyond loopback's socket buffers, so that what follows waits in the primary's
-    own output buffer for the frozen replica and dies with it (tests/test_cluster_failover.py)."""
+    own output buffer for the frozen replica and dies with it (tests/system/test_cluster_failover.py)."""
     with redis.Redis(port=topology.primary.port) as primary:
         for n in range(48):
             primary.set(f"ballast:{n}", b"x" * 1_000_000)
@@ -497,7 +512,7 @@ async def test_acknowledged_requests_a_failover_lost_are_replayed_exactly(
                 topology.primary.kill()
             finally:
                 os.kill(topology.replica.pid, signal.SIGCONT)
-            assert caller.replay_stats.entries == 21
+            assert stats(caller).entries == 21
 
             # The worker carries on: its calls fail until the replica is promoted.
             failures = 0

@@ -1,7 +1,7 @@
 """The SDK's credentials and TLS against real servers that enforce them.
 
 Servers here have admin and service tokens and no open access (as in
-tests/test_access.py); the TLS ones use certificates from a throwaway CA made
+tests/grpc/test_access.py); the TLS ones use certificates from a throwaway CA made
 with `trustme`, written to files and passed to the server's Settings as an
 operator would. The blocking client runs in a thread, since the servers live on
 the test's event loop.
@@ -15,7 +15,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import pytest
@@ -29,9 +29,17 @@ from pagemeter_server.api.auth import Credentials, Role
 from pagemeter_server.app import create_server
 from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.settings import Settings
-from tests.client_flavours import Connect
+from tests.client.client_flavours import Connect
+from tests.client.test_client_sdk import CuttingProxy
 from tests.conftest import eagle_plan
-from tests.test_client_sdk import CuttingProxy
+
+
+class TlsOptions(TypedDict):
+    """A client's TLS options, passed on as keyword arguments."""
+
+    tls: bool
+    root_certificates: bytes
+
 
 ADMIN_TOKEN = "client-admin-token-0123456789abcdef"
 SERVICE_TOKEN = "client-service-token-0123456789abcdef"
@@ -414,7 +422,7 @@ async def test_tenant_key_reads_its_own_org_with_an_empty_org_id(
     connect: Connect, tls_target: str, pki: Pki
 ) -> None:
     """A tenant key reads usage, history, statistics and records of its own org with org_id "" (the default); naming an org or writing is PERMISSION_DENIED."""
-    tls = {"tls": True, "root_certificates": pki.ca_pem}
+    tls = TlsOptions(tls=True, root_certificates=pki.ca_pem)
     async with connect(tls_target, token=ADMIN_TOKEN, **tls) as admin:
         await admin.set_plan(eagle_plan())
         await admin.set_plan(eagle_plan(org_id="globex"))
@@ -551,7 +559,7 @@ async def test_usage_adjustments_and_the_audit_trail(connect: Connect, plain_tar
 
 
 class TlsCuttingProxy(CuttingProxy):
-    """The cutting proxy of tests/test_client_sdk.py, taking TLS from the client.
+    """The cutting proxy of tests/client/test_client_sdk.py, taking TLS from the client.
 
     It terminates TLS with its own certificate (ALPN h2, as gRPC needs) and
     forwards plaintext HTTP/2 to the server, so it can still see and cut answers.

@@ -44,10 +44,10 @@ from pagemeter_server.app import create_server
 from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.ops.embedded import free_port
 from pagemeter_server.settings import Settings
-from tests.client_flavours import Connect
+from tests.client.client_flavours import Connect
+from tests.client.test_cli import Cli
+from tests.client.test_client_auth import SERVICE_TOKEN, WRONG_TOKEN, secured_server
 from tests.conftest import RunningServer, eagle_plan, ms
-from tests.test_cli import Cli
-from tests.test_client_auth import SERVICE_TOKEN, WRONG_TOKEN, secured_server
 
 UNREACHED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # Short deadlines, few retries and quick reconnects: an outage shows in a second,

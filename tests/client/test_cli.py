@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import json_format
@@ -39,9 +40,9 @@ class Run:
     out: str
     err: str
 
-    def json(self) -> dict[str, object]:
-        parsed: dict[str, object] = json.loads(self.out)
-        return parsed
+    def json(self) -> Any:
+        """The output parsed as JSON (any JSON value: the command's document)."""
+        return json.loads(self.out)
 
 
 class Cli:
