@@ -22,6 +22,9 @@ from pagemeter_client import AsyncPagemeterClient, cli
 from pagemeter_server.ops.embedded import free_port
 from tests.conftest import RunningServer, eagle_plan
 
+# Starts processes or a topology of its own: the system tier (not in make test-fast).
+SYSTEM = pytest.mark.system
+
 EAGLE_PLAN_ARGS = [
     "--name",
     "Business",
@@ -253,6 +256,7 @@ async def test_record_times_and_their_validation(pagemeter: Cli) -> None:
     assert not_units.code == 2 and "'pages:4' is not METRIC=UNITS" in not_units.err
 
 
+@SYSTEM
 async def test_console_script_reads_target_from_environment(
     pagemeter_server: RunningServer,
 ) -> None:

@@ -32,6 +32,9 @@ from tests.client.test_client_auth import (
 )
 from tests.conftest import eagle_plan
 
+# Starts processes or a topology of its own: the system tier (not in make test-fast).
+SYSTEM = pytest.mark.system
+
 CLIENT_ENV = (
     "PAGEMETER_TARGET",
     "PAGEMETER_TOKEN",
@@ -244,9 +247,9 @@ async def test_tls_options_and_their_environment(
     monkeypatch.setenv("PAGEMETER_TOKEN", ADMIN_TOKEN)
     await set_plan(tls.target, tls=True, root_certificates=pki.ca_pem)
 
-    plaintext = await tls("usage", "acme", "--timeout", "1")
+    plaintext = await tls("usage", "acme", "--timeout", "0.3")
     assert unreached(plaintext)
-    system_roots = await tls("usage", "acme", "--tls", "--timeout", "1")
+    system_roots = await tls("usage", "acme", "--tls", "--timeout", "0.3")
     assert unreached(system_roots)
 
     by_flag = await tls("usage", "acme", "--tls-ca", str(pki.ca_file))
@@ -256,7 +259,9 @@ async def test_tls_options_and_their_environment(
     monkeypatch.setenv("PAGEMETER_TLS_CA", str(pki.ca_file))
     by_env = await tls("usage", "acme")
     assert by_env.code == 0, by_env.err
-    wrong_name = await tls("usage", "acme", "--tls-server-name", "elsewhere.test", "--timeout", "1")
+    wrong_name = await tls(
+        "usage", "acme", "--tls-server-name", "elsewhere.test", "--timeout", "0.3"
+    )
     assert unreached(wrong_name)
     right_name = await tls("usage", "acme", "--tls-server-name", "localhost")
     assert right_name.code == 0, right_name.err
@@ -272,7 +277,7 @@ async def test_mutual_tls_with_client_certificate_options(
     """With mutual TLS the CLI needs --tls-cert and --tls-key (or PAGEMETER_TLS_CLIENT_CERT/KEY); one without the other exits 2."""
     monkeypatch.setenv("PAGEMETER_TOKEN", ADMIN_TOKEN)
     monkeypatch.setenv("PAGEMETER_TLS_CA", str(pki.ca_file))
-    without = await mtls("usage", "acme", "--timeout", "1")
+    without = await mtls("usage", "acme", "--timeout", "0.3")
     assert unreached(without)
 
     client = ["--tls-cert", str(pki.client_cert_file), "--tls-key", str(pki.client_key_file)]
@@ -436,6 +441,7 @@ async def test_audit_lists_changes_page_by_page(
     assert denied.code == 1 and denied.err.startswith("error: PERMISSION_DENIED: ")
 
 
+@SYSTEM
 async def test_console_script_takes_token_and_tls_from_environment(tls: Cli, pki: Pki) -> None:
     """The installed `pagemeter` script, run as a process, reads PAGEMETER_TOKEN and PAGEMETER_TLS_CA and never prints the token."""
     await set_plan(tls.target, tls=True, root_certificates=pki.ca_pem)

@@ -49,6 +49,9 @@ from tests.client.test_cli import Cli
 from tests.client.test_client_auth import SERVICE_TOKEN, WRONG_TOKEN, secured_server
 from tests.conftest import RunningServer, eagle_plan, ms
 
+# Starts processes or a topology of its own: the system tier (not in make test-fast).
+SYSTEM = pytest.mark.system
+
 UNREACHED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # Short deadlines, few retries and quick reconnects: an outage shows in a second,
 # and a channel reconnects soon after the server is back. Each client has its own
@@ -679,6 +682,7 @@ async def test_a_pass_stops_at_the_first_unreachable_answer(
         assert result.pending == 5 and outbox.summary().in_flight == 0
 
 
+@SYSTEM
 async def test_a_first_attempt_cut_off_by_a_killed_process_is_delivered_after_its_lease(
     connect: Connect, outage: Restartable, outbox_path: Path
 ) -> None:
@@ -716,6 +720,7 @@ async def test_a_first_attempt_cut_off_by_a_killed_process_is_delivered_after_it
     assert figures(await usage_of(outage.target), "pages").committed == 9
 
 
+@SYSTEM
 async def test_two_processes_flushing_one_file_send_each_record_once(
     outage: Restartable, outbox_path: Path
 ) -> None:
@@ -887,6 +892,7 @@ async def kill_a_flusher_holding(
         silent.close()
 
 
+@SYSTEM
 async def test_cli_flush_sends_the_records_a_killed_flusher_held_once_its_leases_end(
     outage: Restartable, outbox_path: Path, outbox_cli: Cli
 ) -> None:
@@ -907,6 +913,7 @@ async def test_cli_flush_sends_the_records_a_killed_flusher_held_once_its_leases
     assert figures(await usage_of(outage.target), "pages").committed == sum(jobs.values())
 
 
+@SYSTEM
 async def test_cli_flush_without_waiting_fails_naming_the_leased_records(
     outage: Restartable, outbox_path: Path, outbox_cli: Cli
 ) -> None:

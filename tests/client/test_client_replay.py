@@ -64,6 +64,9 @@ from tests.conftest import eagle_plan
 from tests.system.test_reliability import SERVING, Rig, pause, resume, start_rig
 from tests.system.test_sentinel import MASTER, Topology, running_topology
 
+# Starts processes or a topology of its own: the system tier (not in make test-fast).
+SYSTEM = pytest.mark.system
+
 # A client of either flavour, called through the async methods.
 Client = AsyncPagemeterClient
 
@@ -440,6 +443,7 @@ def fill_the_replication_link(topology: Topology) -> None:
             primary.set(f"ballast:{n}", b"x" * 1_000_000)
 
 
+@SYSTEM
 @KINDS
 async def test_acknowledged_requests_a_failover_lost_are_replayed_exactly(
     tmp_path: Path, kind: Flavour

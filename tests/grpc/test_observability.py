@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -36,6 +37,18 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+async def settled(registry: CollectorRegistry, name: str, expected: float, **labels: str) -> float:
+    """A sample once it reaches `expected`, or after two seconds: a refused call's
+    status reaches its caller when the handler aborts, a moment before the server's
+    interceptor counts and logs it."""
+    deadline = time.monotonic() + 2
+    while sample(registry, name, **labels) < expected:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.005)
+    return sample(registry, name, **labels)
+
+
 async def setup(server: RunningServer, org_id: str = "acme", **plan: object) -> None:
     await server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan(org_id=org_id, **plan)))
 
@@ -60,10 +73,11 @@ async def test_grpc_server_metrics_count_calls_by_code(
     }
     assert sample(registry, "grpc_server_started_total", **labels) == 4
     assert sample(registry, "grpc_server_handled_total", **labels, grpc_code="OK") == 3
-    assert (
-        sample(registry, "grpc_server_handled_total", **labels, grpc_code="INVALID_ARGUMENT") == 1
+    refused = await settled(
+        registry, "grpc_server_handled_total", 1, **labels, grpc_code="INVALID_ARGUMENT"
     )
-    assert sample(registry, "grpc_server_handling_seconds_count", **labels) == 4
+    assert refused == 1
+    assert await settled(registry, "grpc_server_handling_seconds_count", 4, **labels) == 4
     assert sample(registry, "grpc_server_msg_received_total", **labels) == 4
     assert sample(registry, "grpc_server_msg_sent_total", **labels) == 3
     admin = {
@@ -336,5 +350,10 @@ async def test_refused_calls_are_logged_with_their_code(
         pytest.raises(grpc.aio.AioRpcError),
     ):
         await pagemeter_server.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="bad org"))
+    # The status reaches the caller when the handler aborts, a moment before the line.
+    deadline = time.monotonic() + 2
+    while not any(r.name == "pagemeter.access" for r in caplog.records):
+        assert time.monotonic() < deadline, "no access log line"
+        await asyncio.sleep(0.005)
     (entry,) = [r for r in caplog.records if r.name == "pagemeter.access"]
     assert entry.fields["code"] == "INVALID_ARGUMENT"  # type: ignore[attr-defined]

@@ -102,8 +102,9 @@ class Totals:
     failed_documents: int = 0
 
     def add(self, other: Totals) -> None:
-        for metric, units in other.units.items():
-            self.units[metric] += units
+        units = self.units  # bound once: a year of statistics adds millions of amounts
+        for metric, amount in other.units.items():
+            units[metric] += amount
         self.documents += other.documents
         self.failed_documents += other.failed_documents
 
@@ -117,25 +118,26 @@ class DayUsage:
     by_type: dict[str, Totals]
 
 
-def parse_day(fields: Mapping[str, int]) -> DayUsage:
-    """Split one day hash (see record.lua) into its total and its document types."""
+def parse_day(fields: Mapping[str, str]) -> DayUsage:
+    """Split one day hash (see record.lua), as Redis returns it, into its total and
+    its document types."""
     total = Totals()
     by_type: dict[str, Totals] = defaultdict(Totals)
-    for name, value in fields.items():
+    for name, text in fields.items():
         kind, _, rest = name.partition(":")
-        if kind == "c":
-            total.units[rest] += value
-        elif kind == "ok":
-            total.documents += value
-        elif kind == "failed":
-            total.failed_documents += value
-        elif kind == "tc":
+        if kind == "tc":  # the most frequent field: a type's units of a metric
             document_type, _, metric = rest.rpartition(":")
-            by_type[document_type].units[metric] += value
+            by_type[document_type].units[metric] += int(text)
+        elif kind == "c":
+            total.units[rest] += int(text)
+        elif kind == "ok":
+            total.documents += int(text)
+        elif kind == "failed":
+            total.failed_documents += int(text)
         elif kind == "tok":
-            by_type[rest].documents += value
+            by_type[rest].documents += int(text)
         elif kind == "tfail":
-            by_type[rest].failed_documents += value
+            by_type[rest].failed_documents += int(text)
     return DayUsage(total, dict(by_type))
 
 

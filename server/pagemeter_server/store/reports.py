@@ -81,17 +81,21 @@ class ReportStore:
         keys = OrgKeys(org_id)
         return await self._hashes([keys.month(period_id) for period_id in period_ids])
 
-    async def days(self, org_id: str, days: Sequence[date]) -> list[dict[str, int]]:
-        """The day hashes written by record.lua, in the order asked."""
+    async def days(self, org_id: str, days: Sequence[date]) -> list[dict[str, str]]:
+        """The day hashes written by record.lua, in the order asked, as Redis returns
+        them (statistics.parse_day reads the numbers as it splits the fields)."""
         keys = OrgKeys(org_id)
-        return await self._hashes([keys.day(day) for day in days])
+        return await self._raw_hashes([keys.day(day) for day in days])
 
     async def _hashes(self, names: Sequence[str]) -> list[dict[str, int]]:
+        return [_ints(reply) for reply in await self._raw_hashes(names)]
+
+    async def _raw_hashes(self, names: Sequence[str]) -> list[dict[str, str]]:
         async with self.client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(name)
             replies = await pipe.execute()
-        return [_ints(cast(dict[str, str], reply)) for reply in replies]
+        return cast(list[dict[str, str]], replies)
 
     async def records_page(self, org_id: str, page_size: int, page_token: str) -> RecordsPage:
         """One page of the records index, newest first, with each record's fields.
