@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -167,31 +168,30 @@ _READERS: dict[ColumnKind, Callable[[str], Any]] = {
 }
 
 
-def _row_reader(columns: tuple[Column, ...]) -> Callable[[Sequence[str]], dict[str, Any]]:
-    """Reads a row into {column name: value}; columns past the row's end read as `missing`."""
-    names = [column.name for column in columns]
-    readers = [_READERS[column.kind] for column in columns]
+Answer = TypeVar("Answer")
 
-    def read(row: Sequence[str]) -> dict[str, Any]:
-        values = {
-            name: reader(text) for name, reader, text in zip(names, readers, row, strict=False)
-        }
-        for column in columns[len(row) :]:
+
+def _row_reader(
+    columns: tuple[Column, ...], answer: Callable[..., Answer]
+) -> Callable[[Sequence[str]], Answer]:
+    """Reads a row into `answer`, whose fields are the columns in their order (checked
+    at import); columns past the row's end read as their `missing` value."""
+    names = tuple(field.name for field in dataclasses.fields(answer))  # type: ignore[arg-type]
+    if names != tuple(column.name for column in columns):
+        raise TypeError(f"{answer.__name__}'s fields are not the columns of its row, in order")
+    readers = [_READERS[column.kind] for column in columns]
+    width = len(columns)
+
+    def read(row: Sequence[str]) -> Answer:
+        values = [reader(text) for reader, text in zip(readers, row, strict=False)]
+        for column in columns[len(row) : width]:
             if column.missing is None:
                 raise ValueError(f"a metric row of {len(row)} columns lacks {column.name!r}")
-            values[column.name] = _READERS[column.kind](column.missing)
-        return values
+            values.append(_READERS[column.kind](column.missing))
+        return answer(*values)
 
     return read
 
 
-_read_check = _row_reader(CHECK_COLUMNS)
-_read_record = _row_reader(RECORD_COLUMNS)
-
-
-def metric_check(row: Sequence[str]) -> MetricCheck:
-    return MetricCheck(**_read_check(row))
-
-
-def metric_record(row: Sequence[str]) -> MetricRecord:
-    return MetricRecord(**_read_record(row))
+metric_check = _row_reader(CHECK_COLUMNS, MetricCheck)
+metric_record = _row_reader(RECORD_COLUMNS, MetricRecord)
