@@ -73,19 +73,31 @@ end
 -- price, overage_price; a missing limit is nil). A document of schema 1 (terse
 -- keys, no schema key), written until the deployment's plans are migrated, is
 -- read into the same names, with the defaults its readers assumed.
+local function terms_from_schema_1(t)
+  return {
+    period = (t.per == 'N') and 'none' or 'monthly',
+    contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
+    price = t.p, overage_price = t.op,
+  }
+end
+
 local function plan_doc(raw)
   local doc = cjson.decode(raw)
   if doc.schema == 2 then
     return doc
   end
-  local metrics = {}
-  for metric, t in pairs(doc.metrics) do
-    metrics[metric] = {
-      period = (t.per == 'N') and 'none' or 'monthly',
-      contract_quota = t.q, hard_limit = t.h, overage_allowed = t.o,
-      price = t.p, overage_price = t.op,
-    }
-  end
+  -- A metric's schema 1 terms are converted when a script first asks for them:
+  -- a call names a few of its plan's metrics, and no script walks them all.
+  local schema_1_metrics = doc.metrics
+  local metrics = setmetatable({}, {__index = function(converted, metric)
+    local terms = schema_1_metrics[metric]
+    if terms == nil then
+      return nil
+    end
+    terms = terms_from_schema_1(terms)
+    rawset(converted, metric, terms)
+    return terms
+  end})
   return {
     schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
     burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
@@ -94,12 +106,18 @@ local function plan_doc(raw)
 end
 
 -- Plan: a hash {json, version, updated_ms}; json is written only by the server.
+-- Read and decoded once per script call: a batch's items all read their
+-- organization's plan, and no script that reads a plan changes it. The tables
+-- returned are shared by those items, so they are never modified.
+local plans_read = {}
 local function load_plan(plan_key)
-  local raw = redis.call('HGET', plan_key, 'json')
-  if not raw then
-    return nil
+  local plan = plans_read[plan_key]
+  if plan == nil then
+    local raw = redis.call('HGET', plan_key, 'json')
+    plan = raw and plan_doc(raw) or false
+    plans_read[plan_key] = plan
   end
-  return plan_doc(raw)
+  return plan or nil
 end
 
 -- The timezone the scripts must agree on with the server: the plan's, or the
