@@ -23,6 +23,7 @@ its sources make:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -88,14 +89,21 @@ def row_writer(function: str, columns: tuple[Column, ...], declared_as: str) -> 
     )
 
 
-def generated_declarations() -> str:
-    return "\n".join(
-        [
-            reason_constants(),
-            row_writer("check_row", CHECK_COLUMNS, "CHECK_COLUMNS"),
-            row_writer("record_row", RECORD_COLUMNS, "RECORD_COLUMNS"),
-        ]
-    )
+_ROW_WRITERS = (
+    ("check_row", CHECK_COLUMNS, "CHECK_COLUMNS"),
+    ("record_row", RECORD_COLUMNS, "RECORD_COLUMNS"),
+)
+
+
+def generated_declarations(body: str) -> str:
+    """The reason constants, and the row writers `body` names: each local function
+    is made anew on every script call, so a script carries only those it uses."""
+    writers = [
+        row_writer(function, columns, declared_as)
+        for function, columns, declared_as in _ROW_WRITERS
+        if re.search(rf"\b{function}\b", body)
+    ]
+    return "\n".join([reason_constants(), *writers])
 
 
 def script(name: str) -> str:
@@ -103,7 +111,7 @@ def script(name: str) -> str:
     header, body = _source_parts(name)
     lib = (LUA_DIR / "_lib.lua").read_text(encoding="utf-8")
     note = _generated_note(f"server/pagemeter_server/store/lua/{name}.lua")
-    return f"{header}{note}\n{lib}\n{generated_declarations()}{body}"
+    return f"{header}{note}\n{lib}\n{generated_declarations(body)}{body}"
 
 
 _BATCH_HEADER = """\
@@ -151,7 +159,7 @@ def batch_script(name: str) -> str:
     lib = (LUA_DIR / "_lib.lua").read_text(encoding="utf-8")
     note = _generated_note(f"server/pagemeter_server/store/lua/{name}.lua")
     return (
-        f"{_BATCH_HEADER.format(name=name)}{note}\n{lib}\n{generated_declarations()}"
+        f"{_BATCH_HEADER.format(name=name)}{note}\n{lib}\n{generated_declarations(body)}"
         f"\nlocal function one(KEYS, ARGV)\n{body}\nend\n\n{_BATCH_LOOP}"
     )
 

@@ -321,28 +321,6 @@ local function check_row(r)
     (r.lifetime and 'N' or 'M')
 end
 
--- record_row(r): one metric's row, the fields of r joined by ',' in the order of
--- RECORD_COLUMNS (store/replies.py):
---   metric, units, included, prepaid, overage, committed, contract_quota,
---   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
---   lifetime, overage_price, planned
-local function record_row(r)
-  return r.metric .. ',' ..
-    fmt(r.units) .. ',' ..
-    fmt(r.included) .. ',' ..
-    fmt(r.prepaid) .. ',' ..
-    fmt(r.overage) .. ',' ..
-    fmt(r.committed) .. ',' ..
-    opt(r.contract_quota) .. ',' ..
-    opt(r.hard_limit) .. ',' ..
-    bool01(r.over_contract_quota) .. ',' ..
-    bool01(r.over_hard_limit) .. ',' ..
-    bool01(r.overage_not_allowed) .. ',' ..
-    (r.lifetime and 'N' or 'M') .. ',' ..
-    r.overage_price .. ',' ..
-    bool01(r.planned)
-end
-
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local credits_key, month_key, life_key, rate_key, record_key, index_key =
   KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]

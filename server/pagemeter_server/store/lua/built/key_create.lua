@@ -272,53 +272,6 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 
--- check_row(r): one metric's row, the fields of r joined by ',' in the order of
--- CHECK_COLUMNS (store/replies.py):
---   metric, allowed, reason, requested, committed, held, contract_quota,
---   hard_limit, overage_allowed, max_admissible, remaining, included, prepaid,
---   overage, overage_price, prepaid_available, lifetime
-local function check_row(r)
-  return r.metric .. ',' ..
-    bool01(r.allowed) .. ',' ..
-    fmt(r.reason) .. ',' ..
-    fmt(r.requested) .. ',' ..
-    fmt(r.committed) .. ',' ..
-    fmt(r.held) .. ',' ..
-    opt(r.contract_quota) .. ',' ..
-    opt(r.hard_limit) .. ',' ..
-    bool01(r.overage_allowed) .. ',' ..
-    opt(r.max_admissible) .. ',' ..
-    opt(r.remaining) .. ',' ..
-    fmt(r.included) .. ',' ..
-    fmt(r.prepaid) .. ',' ..
-    fmt(r.overage) .. ',' ..
-    r.overage_price .. ',' ..
-    fmt(r.prepaid_available) .. ',' ..
-    (r.lifetime and 'N' or 'M')
-end
-
--- record_row(r): one metric's row, the fields of r joined by ',' in the order of
--- RECORD_COLUMNS (store/replies.py):
---   metric, units, included, prepaid, overage, committed, contract_quota,
---   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
---   lifetime, overage_price, planned
-local function record_row(r)
-  return r.metric .. ',' ..
-    fmt(r.units) .. ',' ..
-    fmt(r.included) .. ',' ..
-    fmt(r.prepaid) .. ',' ..
-    fmt(r.overage) .. ',' ..
-    fmt(r.committed) .. ',' ..
-    opt(r.contract_quota) .. ',' ..
-    opt(r.hard_limit) .. ',' ..
-    bool01(r.over_contract_quota) .. ',' ..
-    bool01(r.over_hard_limit) .. ',' ..
-    bool01(r.overage_not_allowed) .. ',' ..
-    (r.lifetime and 'N' or 'M') .. ',' ..
-    r.overage_price .. ',' ..
-    bool01(r.planned)
-end
-
 assert(#KEYS == 3 and #ARGV == 7, 'key_create.lua: wrong number of KEYS or ARGV')
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'EXISTS'}

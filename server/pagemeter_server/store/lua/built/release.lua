@@ -276,53 +276,6 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 
--- check_row(r): one metric's row, the fields of r joined by ',' in the order of
--- CHECK_COLUMNS (store/replies.py):
---   metric, allowed, reason, requested, committed, held, contract_quota,
---   hard_limit, overage_allowed, max_admissible, remaining, included, prepaid,
---   overage, overage_price, prepaid_available, lifetime
-local function check_row(r)
-  return r.metric .. ',' ..
-    bool01(r.allowed) .. ',' ..
-    fmt(r.reason) .. ',' ..
-    fmt(r.requested) .. ',' ..
-    fmt(r.committed) .. ',' ..
-    fmt(r.held) .. ',' ..
-    opt(r.contract_quota) .. ',' ..
-    opt(r.hard_limit) .. ',' ..
-    bool01(r.overage_allowed) .. ',' ..
-    opt(r.max_admissible) .. ',' ..
-    opt(r.remaining) .. ',' ..
-    fmt(r.included) .. ',' ..
-    fmt(r.prepaid) .. ',' ..
-    fmt(r.overage) .. ',' ..
-    r.overage_price .. ',' ..
-    fmt(r.prepaid_available) .. ',' ..
-    (r.lifetime and 'N' or 'M')
-end
-
--- record_row(r): one metric's row, the fields of r joined by ',' in the order of
--- RECORD_COLUMNS (store/replies.py):
---   metric, units, included, prepaid, overage, committed, contract_quota,
---   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
---   lifetime, overage_price, planned
-local function record_row(r)
-  return r.metric .. ',' ..
-    fmt(r.units) .. ',' ..
-    fmt(r.included) .. ',' ..
-    fmt(r.prepaid) .. ',' ..
-    fmt(r.overage) .. ',' ..
-    fmt(r.committed) .. ',' ..
-    opt(r.contract_quota) .. ',' ..
-    opt(r.hard_limit) .. ',' ..
-    bool01(r.over_contract_quota) .. ',' ..
-    bool01(r.over_hard_limit) .. ',' ..
-    bool01(r.overage_not_allowed) .. ',' ..
-    (r.lifetime and 'N' or 'M') .. ',' ..
-    r.overage_price .. ',' ..
-    bool01(r.planned)
-end
-
 local holds_key, holddata_key, held_key, record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local request_id = ARGV[2]
