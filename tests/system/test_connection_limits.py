@@ -329,7 +329,17 @@ async def test_memory_returns_after_a_flood_of_streams_and_watches(launch: Launc
     assert during - before < 90 * MIB, summary
     assert after - before < 30 * MIB, summary
     assert answers.get("SERVING", 0) <= 100, summary
-    assert server.check() == health_pb2.HealthCheckResponse.SERVING
+    # The flood's calls leave the concurrent-call count as the server sees their
+    # streams close, a moment after the client closed them: it serves again then.
+    status: int | str = "never answered"
+    deadline = time.monotonic() + 5
+    while status != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+        try:
+            status = server.check()
+        except grpc.RpcError as error:
+            status = str(error.code())
+            await asyncio.sleep(0.1)
+    assert status == health_pb2.HealthCheckResponse.SERVING, status
 
 
 def test_memory_returner_gives_freed_malloc_memory_back() -> None:
