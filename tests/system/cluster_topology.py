@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,25 +22,16 @@ from typing import Any
 
 import redis
 
-from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.ops.embedded import RedisProcess, free_port
 
 SETTLE_SECONDS = 30.0
 SLOTS = 16384
 
 
 def cluster_port() -> int:
-    """A free port p <= 55535 whose cluster bus port p + 10000 is free too."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randint(20000, 55535)
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port pair for a cluster node")
+    """A free port p whose cluster bus port p + 10000 is free too, both below the
+    kernel's ephemeral range (see free_port)."""
+    return free_port(also_free_at=10000)
 
 
 @dataclass

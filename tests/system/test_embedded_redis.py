@@ -28,7 +28,11 @@ from pagemeter_server.ops.embedded import (
     EmbeddedRedisError,
     RedisProcess,
     append_only_files,
+    ephemeral_port_range,
     find_redis_server,
+    free_port,
+    is_free,
+    reaches_a_listener,
 )
 
 # appendfsync everysec: a write is in the append-only file at the latest about 1s later.
@@ -643,3 +647,78 @@ def test_the_redis_child_shares_the_data_dir_lock(
     assert lock_file in [f.path for f in psutil.Process(process.pid).open_files()]
     holders = (tmp_path / "data" / "pagemeter.lock").read_text().splitlines()
     assert holders == [f"pagemeter pid {os.getpid()}", f"valkey-server pid {process.pid}"]
+
+
+@contextlib.contextmanager
+def echo_listener() -> Iterator[int]:
+    """A loopback port whose listener sends every byte back: what a probe hears when its
+    socket connected to itself (a connect to a free port in the ephemeral range can be
+    given that very port as its own, and then talks to itself)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def echo(connection: socket.socket) -> None:
+        with connection:
+            while chunk := connection.recv(4096):
+                connection.sendall(chunk)
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(connection,), daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        done.set()
+        server.join(5)
+        listener.close()
+
+
+@pytest.mark.usefixtures("slow_redis_server")
+def test_start_on_a_port_that_echoes_fails_with_the_bind_error(
+    tmp_path: Path, processes: list[RedisProcess]
+) -> None:
+    """A port whose peer repeats the probe's own HELLO back (a self-connected probe socket) does not pass for our Redis nor break the wait: start() ends with EmbeddedRedisError naming the taken port."""
+    with echo_listener() as port:
+        process = RedisProcess(tmp_path / "data", port=port)
+        processes.append(process)
+        with pytest.raises(EmbeddedRedisError) as raised:
+            process.start(timeout=10.0)
+    message = str(raised.value)
+    assert "Address already in use" in message or f"port {port}" in message, message
+
+
+def test_chosen_ports_are_free_and_below_the_ephemeral_range() -> None:
+    """free_port gives bindable ports (and, for a cluster node, a free bus port 10000 above) that no outgoing connection can be handed meanwhile: below the kernel's ephemeral range."""
+    ephemeral = ephemeral_port_range()
+    for also_free_at in (0, 10000) * 20:
+        port = free_port(also_free_at=also_free_at)
+        assert is_free(port) and is_free(port + also_free_at)
+        if ephemeral is not None and ephemeral[0] - also_free_at > 10000:
+            assert port + also_free_at < ephemeral[0], (port, also_free_at, ephemeral)
+
+
+def test_a_listener_is_told_from_a_refused_or_self_connected_port() -> None:
+    """reaches_a_listener is True only where something listens; a port nobody listens on
+    (refused, or a connect handed its own port) is not mistaken for a server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        assert reaches_a_listener("127.0.0.1", port, 1.0)
+    assert not reaches_a_listener("127.0.0.1", port, 1.0)
+    # A connect handed the very port it connects to talks to itself (what happened to a
+    # readiness probe in CI); forced here by binding the connecting socket to that port.
+    lonely = free_port()
+    assert not reaches_a_listener("127.0.0.1", lonely, 1.0, ("127.0.0.1", lonely))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -95,12 +96,66 @@ def server_version(info: Mapping[str, Any]) -> str:
     return f"Redis {info['redis_version']}"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Ask the kernel for a free TCP port on host."""
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 10000  # below it live well-known services (6379 among them)
+
+
+def ephemeral_port_range() -> tuple[int, int] | None:
+    """The ports the kernel hands to outgoing connections, where it says (Linux)."""
+    try:
+        low, high = (int(word) for word in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", *, also_free_at: int = 0) -> int:
+    """A free TCP port on host (and free at port + also_free_at, e.g. a cluster bus).
+
+    Chosen below the kernel's ephemeral range where that leaves room. A port inside it
+    can be handed to any outgoing connection between this choice and the server's bind,
+    and a readiness probe that connects before the server listens can be given the
+    port itself and talk to itself. Elsewhere the kernel picks (also_free_at aside).
+    """
+    ephemeral = ephemeral_port_range()
+    top = (ephemeral[0] if ephemeral else 0) - also_free_at
+    rng = random.Random()
+    for _ in range(200 if top > LOWEST_CHOSEN_PORT else 0):
+        port = rng.randrange(LOWEST_CHOSEN_PORT, top)
+        if is_free(port, host) and (not also_free_at or is_free(port + also_free_at, host)):
+            return port
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if not also_free_at or (port + also_free_at < 65536 and is_free(port + also_free_at, host)):
+            return port
+    raise EmbeddedRedisError(f"no free port on {host}")
+
+
+def reaches_a_listener(
+    host: str, port: int, timeout: float, source_address: tuple[str, int] | None = None
+) -> bool:
+    """True when a TCP connect to (host, port) reaches a listener, not the socket itself.
+
+    While nobody listens on a port inside the ephemeral range, a connect to it can be
+    given that same port as its own and connect to itself (TCP simultaneous open); it
+    then hears its own commands back. A port with a listener is never handed out so.
+    """
+    try:
+        with socket.create_connection((host, port), timeout, source_address) as sock:
+            return bool(sock.getsockname() != sock.getpeername())
+    except OSError:
+        return False
 
 
 class DataDirInUse(EmbeddedRedisError):
@@ -239,6 +294,8 @@ class RedisProcess:
 
     def _answers_as(self, pid: int, probe_timeout: float) -> bool:
         """True when the server on our port answers and is the process `pid`."""
+        if not reaches_a_listener(self.host, self.port, probe_timeout):
+            return False
         client = redis.Redis(
             host=self.host,
             port=self.port,
@@ -250,6 +307,10 @@ class RedisProcess:
         try:
             server_pid = int(client.info("server")["process_id"])
         except (redis.RedisError, OSError, KeyError, ValueError):
+            return False
+        except (AttributeError, TypeError):
+            # redis-py's handshake met an answer no Redis gives (a HELLO echoed back):
+            # whatever answers is not our server, or not yet.
             return False
         finally:
             client.close()
