@@ -110,9 +110,9 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
         )
         offset = _statistics_offset(request.org_id, query, request.page_token)
         days = query.days()
-        parsed = [statistics.parse_day(f) for f in await self.reports.days(request.org_id, days)]
+        day_hashes = await self.reports.days(request.org_id, days)
         response, rows = _statistics_response(
-            request.org_id, tz, query, list(zip(days, parsed, strict=True))
+            request.org_id, tz, query, list(zip(days, day_hashes, strict=True))
         )
         return _statistics_page(request.org_id, query, response, rows, offset, request.page_size)
 
@@ -277,15 +277,11 @@ def _statistics_response(
     org_id: str,
     tz: ZoneInfo,
     query: statistics.StatisticsQuery,
-    days: list[tuple[date, statistics.DayUsage]],
+    days: list[tuple[date, dict[str, str]]],
 ) -> tuple[reporting_pb2.GetUsageStatisticsResponse, Sequence[reporting_pb2.PeriodUsage]]:
     """The answer without its rows, and its rows (built lazily: a page builds only its own)."""
-    total = statistics.Totals()
-    by_type: dict[str, statistics.Totals] = {}
-    for _, usage in days:
-        total.add(usage.total)
-        for document_type, totals in usage.by_type.items():
-            by_type.setdefault(document_type, statistics.Totals()).add(totals)
+    whole = statistics.usage_of([fields for _, fields in days])
+    total, by_type = whole.total, whole.by_type
     basis = statistics.percentage_basis(total)
     response = reporting_pb2.GetUsageStatisticsResponse(
         org_id=org_id,
@@ -335,14 +331,15 @@ class _PeriodRows(Sequence[reporting_pb2.PeriodUsage]):
         return self._message(self.rows[index])
 
     def _message(self, row: statistics.PeriodRow) -> reporting_pb2.PeriodUsage:
+        usage = row.usage()
         period_row = reporting_pb2.PeriodUsage(
             date=row.label,
             start=timestamp(day_start_ms(row.first_day, self._tz)),
             end=timestamp(last_second_of(row.last_day, self._tz)),
-            totals=_totals(row.total),
+            totals=_totals(usage.total),
         )
         if self._split:
-            period_row.by_document_type.extend(_type_rows(row.by_type, row.total, self._basis))
+            period_row.by_document_type.extend(_type_rows(usage.by_type, usage.total, self._basis))
         return period_row
 
 
