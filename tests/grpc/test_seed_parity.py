@@ -51,6 +51,31 @@ async def set_plan(server: RunningServer, **fields: Any) -> plan_pb2.Plan:
     return reply.plan
 
 
+def record_request(
+    completed: str | None = None,
+    *,
+    org_id: str = "acme",
+    request_id: str = "",
+    requested: str | None = None,
+    document_type: str = "",
+    success: bool = True,
+    **units: int,
+) -> quota_pb2.RecordUsageRequest:
+    """RecordUsage's request as an upstream processor sends it after a job."""
+    request = quota_pb2.RecordUsageRequest(
+        org_id=org_id,
+        request_id=request_id or f"job-{next(_ids)}",
+        units=units,
+        success=success,
+        document_type=document_type,
+    )
+    if completed is not None:
+        request.completed_at.CopyFrom(stamp(completed))
+    if requested is not None:
+        request.requested_at.CopyFrom(stamp(requested))
+    return request
+
+
 async def record(
     server: RunningServer,
     completed: str | None = None,
@@ -63,17 +88,15 @@ async def record(
     **units: int,
 ) -> quota_pb2.RecordUsageResponse:
     """RecordUsage as an upstream processor sends it after a job."""
-    request = quota_pb2.RecordUsageRequest(
+    request = record_request(
+        completed,
         org_id=org_id,
-        request_id=request_id or f"job-{next(_ids)}",
-        units=units,
-        success=success,
+        request_id=request_id,
+        requested=requested,
         document_type=document_type,
+        success=success,
+        **units,
     )
-    if completed is not None:
-        request.completed_at.CopyFrom(stamp(completed))
-    if requested is not None:
-        request.requested_at.CopyFrom(stamp(requested))
     reply: quota_pb2.RecordUsageResponse = await server.quota.RecordUsage(request)
     return reply
 
@@ -182,22 +205,26 @@ async def docutray_setup(server: RunningServer) -> None:
             metric_limits("documents", contract_quota=100, overage_allowed=False),
         ],
     )
+    jobs = []
     for i in range(89):
         kind = "conversion" if i < 80 else "identification"
         pages = 14 if i < 88 else 2  # 88 x 14 + 2 = 1234
         day = 1 + i % 19
-        await record(
-            server,
-            f"2026-04-{day:02d}T09:00:00+00:00",
-            document_type=kind,
-            pages=pages,
-            documents=1,
+        jobs.append(
+            record_request(
+                f"2026-04-{day:02d}T09:00:00+00:00", document_type=kind, pages=pages, documents=1
+            )
         )
     # Failed work is not successful usage.
     for _ in range(3):
-        await record(server, "2026-04-10T10:00:00+00:00", success=False, pages=30, documents=1)
+        jobs.append(
+            record_request("2026-04-10T10:00:00+00:00", success=False, pages=30, documents=1)
+        )
     # March's usage stays in March.
-    await record(server, "2026-03-31T23:59:59+00:00", pages=40, documents=1)
+    jobs.append(record_request("2026-03-31T23:59:59+00:00", pages=40, documents=1))
+    # One batch: the same rules per item as 93 calls, at a fraction of a test's time.
+    batch = await server.quota.RecordUsageBatch(quota_pb2.RecordUsageBatchRequest(items=jobs))
+    assert [item.WhichOneof("result") for item in batch.items] == ["response"] * len(jobs)
 
 
 async def test_docutray_month_counts_reproduce_the_page_example(
