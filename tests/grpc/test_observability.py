@@ -345,15 +345,14 @@ async def test_refused_calls_are_logged_with_their_code(
     pagemeter_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A refused call's log line carries its status code."""
-    with (
-        caplog.at_level(logging.INFO, logger="pagemeter.access"),
-        pytest.raises(grpc.aio.AioRpcError),
-    ):
-        await pagemeter_server.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="bad org"))
-    # The status reaches the caller when the handler aborts, a moment before the line.
-    deadline = time.monotonic() + 2
-    while not any(r.name == "pagemeter.access" for r in caplog.records):
-        assert time.monotonic() < deadline, "no access log line"
-        await asyncio.sleep(0.005)
+    # The level stays at INFO while the test waits: the status reaches the caller
+    # when the handler aborts, a moment before the line is written.
+    with caplog.at_level(logging.INFO, logger="pagemeter.access"):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pagemeter_server.quota.GetUsage(quota_pb2.GetUsageRequest(org_id="bad org"))
+        deadline = time.monotonic() + 2
+        while not any(r.name == "pagemeter.access" for r in caplog.records):
+            assert time.monotonic() < deadline, "no access log line"
+            await asyncio.sleep(0.005)
     (entry,) = [r for r in caplog.records if r.name == "pagemeter.access"]
     assert entry.fields["code"] == "INVALID_ARGUMENT"  # type: ignore[attr-defined]

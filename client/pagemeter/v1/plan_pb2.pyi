@@ -54,6 +54,43 @@ with negative units.
 """
 Global___Period: _TypeAlias = Period  # noqa: Y015
 
+class _Window:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WindowEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Window.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WINDOW_UNSPECIFIED: _Window.ValueType  # 0
+    WINDOW_MINUTE: _Window.ValueType  # 1
+    """A minute of UTC time (hh:mm:00.000 to the next minute)."""
+    WINDOW_HOUR: _Window.ValueType  # 2
+    """An hour of UTC time (hh:00 to the next hour)."""
+    WINDOW_DAY: _Window.ValueType  # 3
+    """A calendar day in the plan's timezone (local midnight to local midnight;
+    23 or 25 hours on the days clocks change).
+    """
+    WINDOW_WEEK: _Window.ValueType  # 4
+    """An ISO week in the plan's timezone: Monday 00:00 local to the next Monday."""
+
+class Window(_Window, metaclass=_WindowEnumTypeWrapper):
+    """A window a metric's usage is capped in besides its billing period. Windows are
+    fixed (calendar-aligned): usage in a window starts again at zero when the next
+    one begins.
+    """
+
+WINDOW_UNSPECIFIED: Window.ValueType  # 0
+WINDOW_MINUTE: Window.ValueType  # 1
+"""A minute of UTC time (hh:mm:00.000 to the next minute)."""
+WINDOW_HOUR: Window.ValueType  # 2
+"""An hour of UTC time (hh:00 to the next hour)."""
+WINDOW_DAY: Window.ValueType  # 3
+"""A calendar day in the plan's timezone (local midnight to local midnight;
+23 or 25 hours on the days clocks change).
+"""
+WINDOW_WEEK: Window.ValueType  # 4
+"""An ISO week in the plan's timezone: Monday 00:00 local to the next Monday."""
+Global___Window: _TypeAlias = Window  # noqa: Y015
+
 class _StoreFailurePolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -87,6 +124,42 @@ work afterwards as usual: RecordUsage never pretends to succeed.
 Global___StoreFailurePolicy: _TypeAlias = StoreFailurePolicy  # noqa: Y015
 
 @_typing.final
+class WindowLimit(_message.Message):
+    """A cap on a metric's usage per window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SOFT_FIELD_NUMBER: _builtins.int
+    window: Global___Window.ValueType
+    """The window; one limit per window kind and metric."""
+    limit: _builtins.int
+    """Units per window, 0 to 1,000,000,000,000. A window counts the units
+    committed in it plus every live hold of the metric.
+    """
+    soft: _builtins.bool
+    """A hard window (the default) denies a CheckQuota that would take the
+    window's units past its limit, with DECISION_REASON_WINDOW_LIMIT_EXCEEDED.
+    A soft window never denies: the decision reports that it was passed
+    (WindowDecision.exceeded).
+    """
+    def __init__(
+        self,
+        *,
+        window: Global___Window.ValueType = ...,
+        limit: _builtins.int = ...,
+        soft: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "soft", b"soft", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WindowLimit: _TypeAlias = WindowLimit  # noqa: Y015
+
+@_typing.final
 class MetricLimits(_message.Message):
     """The limits and prices of one metric (pages, documents, credits, ...) in a plan."""
 
@@ -99,6 +172,7 @@ class MetricLimits(_message.Message):
     PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
     OVERAGE_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric name: lowercase letters, digits and '_', starting with a letter,
     at most 32 characters. Examples: "pages", "documents", "credits".
@@ -123,6 +197,13 @@ class MetricLimits(_message.Message):
     """Price of one overage unit, as a decimal string ("0.028"). Empty means "0"."""
     period: Global___Period.ValueType
     """The metric's period; PERIOD_UNSPECIFIED means PERIOD_MONTHLY."""
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowLimit]:
+        """Caps per minute, hour, day or week besides the period's limits (monthly
+        metrics only; at most one per window kind). Every window of every metric of
+        a call is decided in the same atomic step as the quota.
+        """
+
     def __init__(
         self,
         *,
@@ -133,10 +214,11 @@ class MetricLimits(_message.Message):
         price_per_unit: _builtins.str = ...,
         overage_price_per_unit: _builtins.str = ...,
         period: Global___Period.ValueType = ...,
+        windows: _abc.Iterable[Global___WindowLimit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "period", b"period", "price_per_unit", b"price_per_unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "period", b"period", "price_per_unit", b"price_per_unit", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015

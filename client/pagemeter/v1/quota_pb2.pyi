@@ -51,6 +51,11 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """Admitted without a check: the store was unreachable and the organization's
     store failure policy is OPEN. Nothing was held; record the work as usual.
     """
+    DECISION_REASON_WINDOW_LIMIT_EXCEEDED: _DecisionReason.ValueType  # 10
+    """Denied: committed + held + requested would pass a hard window limit of the
+    metric (per minute, hour, day or week); MetricDecision.denied_by names the
+    window, and retry_after says when it resets where waiting helps.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """Why a decision came out as it did. Reasons 1-3 admit; the others deny."""
@@ -77,6 +82,11 @@ DECISION_REASON_UNKNOWN_METRIC: DecisionReason.ValueType  # 8
 DECISION_REASON_FAIL_OPEN: DecisionReason.ValueType  # 9
 """Admitted without a check: the store was unreachable and the organization's
 store failure policy is OPEN. Nothing was held; record the work as usual.
+"""
+DECISION_REASON_WINDOW_LIMIT_EXCEEDED: DecisionReason.ValueType  # 10
+"""Denied: committed + held + requested would pass a hard window limit of the
+metric (per minute, hour, day or week); MetricDecision.denied_by names the
+window, and retry_after says when it resets where waiting helps.
 """
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
@@ -147,6 +157,62 @@ RELEASE_OUTCOME_ALREADY_RECORDED: ReleaseOutcome.ValueType  # 4
 RELEASE_OUTCOME_NOT_FOUND: ReleaseOutcome.ValueType  # 5
 """No job with this request_id is known."""
 Global___ReleaseOutcome: _TypeAlias = ReleaseOutcome  # noqa: Y015
+
+@_typing.final
+class WindowDecision(_message.Message):
+    """One window of a metric, as a decision or a record found it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SOFT_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    EXCEEDED_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    window: _plan_pb2.Window.ValueType
+    limit: _builtins.int
+    soft: _builtins.bool
+    used: _builtins.int
+    """CheckQuota: units committed in the current window plus the metric's live
+    holds, before this call. RecordUsage: units committed in the window of
+    completed_at, after this record.
+    """
+    remaining: _builtins.int
+    """Units the window still admits after this decision (after its hold, if one
+    was placed); never below 0.
+    """
+    exceeded: _builtins.bool
+    """CheckQuota: used + requested passes the limit (denied for a hard window,
+    reported only for a soft one). RecordUsage: used passes the limit.
+    """
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp:
+        """When the window ends and the next one starts at zero."""
+
+    def __init__(
+        self,
+        *,
+        window: _plan_pb2.Window.ValueType = ...,
+        limit: _builtins.int = ...,
+        soft: _builtins.bool = ...,
+        used: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        exceeded: _builtins.bool = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exceeded", b"exceeded", "limit", b"limit", "remaining", b"remaining", "resets_at", b"resets_at", "soft", b"soft", "used", b"used", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WindowDecision: _TypeAlias = WindowDecision  # noqa: Y015
 
 @_typing.final
 class CheckQuotaRequest(_message.Message):
@@ -243,6 +309,8 @@ class MetricDecision(_message.Message):
     PERIOD_FIELD_NUMBER: _builtins.int
     PERIOD_ID_FIELD_NUMBER: _builtins.int
     PERIOD_END_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    DENIED_BY_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     allowed: _builtins.bool
     """Whether this metric alone would admit the units."""
@@ -283,11 +351,19 @@ class MetricDecision(_message.Message):
     period: _plan_pb2.Period.ValueType
     period_id: _builtins.str
     """"YYYY-MM" for monthly metrics, "lifetime" for PERIOD_NONE."""
+    denied_by: _plan_pb2.Window.ValueType
+    """For DECISION_REASON_WINDOW_LIMIT_EXCEEDED: the hard window that denied (of
+    several, the one that resets last).
+    """
     @_builtins.property
     def period_end(self) -> _timestamp_pb2.Timestamp:
         """When the period resets (start of the next month in the plan's timezone).
         Unset for PERIOD_NONE.
         """
+
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowDecision]:
+        """The metric's windows (WindowLimit), shortest first."""
 
     def __init__(
         self,
@@ -312,10 +388,12 @@ class MetricDecision(_message.Message):
         period: _plan_pb2.Period.ValueType = ...,
         period_id: _builtins.str = ...,
         period_end: _timestamp_pb2.Timestamp | None = ...,
+        windows: _abc.Iterable[Global___WindowDecision] | None = ...,
+        denied_by: _plan_pb2.Window.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_max_admissible", b"_max_admissible", "_remaining", b"_remaining", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "max_admissible", b"max_admissible", "period_end", b"period_end", "remaining", b"remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_max_admissible", b"_max_admissible", "_remaining", b"_remaining", "allowed", b"allowed", "committed", b"committed", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "held", b"held", "included_units", b"included_units", "max_admissible", b"max_admissible", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_cost", b"overage_cost", "overage_price_per_unit", b"overage_price_per_unit", "overage_units", b"overage_units", "period", b"period", "period_end", b"period_end", "period_id", b"period_id", "prepaid_available", b"prepaid_available", "prepaid_units", b"prepaid_units", "reason", b"reason", "remaining", b"remaining", "requested", b"requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_max_admissible", b"_max_admissible", "_remaining", b"_remaining", "allowed", b"allowed", "committed", b"committed", "contract_quota", b"contract_quota", "denied_by", b"denied_by", "hard_limit", b"hard_limit", "held", b"held", "included_units", b"included_units", "max_admissible", b"max_admissible", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_cost", b"overage_cost", "overage_price_per_unit", b"overage_price_per_unit", "overage_units", b"overage_units", "period", b"period", "period_end", b"period_end", "period_id", b"period_id", "prepaid_available", b"prepaid_available", "prepaid_units", b"prepaid_units", "reason", b"reason", "remaining", b"remaining", "requested", b"requested", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015
@@ -373,7 +451,10 @@ class CheckQuotaResponse(_message.Message):
 
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration:
-        """For DECISION_REASON_RATE_LIMITED: wait at least this long before retrying."""
+        """For DECISION_REASON_RATE_LIMITED: wait at least this long before retrying.
+        For DECISION_REASON_WINDOW_LIMIT_EXCEEDED: when the denying window resets,
+        if the units would fit an empty window then (unset when waiting cannot help).
+        """
 
     def __init__(
         self,
@@ -499,6 +580,7 @@ class MetricRecordResult(_message.Message):
     OVER_HARD_LIMIT_FIELD_NUMBER: _builtins.int
     OVERAGE_NOT_ALLOWED_FIELD_NUMBER: _builtins.int
     PERIOD_ID_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     units: _builtins.int
     """Units recorded (0 for a failed job)."""
@@ -521,6 +603,12 @@ class MetricRecordResult(_message.Message):
     """Overage was recorded although the plan does not allow overage."""
     period_id: _builtins.str
     """The period the units count in: "YYYY-MM" or "lifetime"."""
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowDecision]:
+        """The metric's windows that contain completed_at, after this record; a
+        record past a window's end (a late report) is not added to it.
+        """
+
     def __init__(
         self,
         *,
@@ -537,10 +625,11 @@ class MetricRecordResult(_message.Message):
         over_hard_limit: _builtins.bool = ...,
         overage_not_allowed: _builtins.bool = ...,
         period_id: _builtins.str = ...,
+        windows: _abc.Iterable[Global___WindowDecision] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "committed", b"committed", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "included_units", b"included_units", "metric", b"metric", "over_contract_quota", b"over_contract_quota", "over_hard_limit", b"over_hard_limit", "overage_cost", b"overage_cost", "overage_not_allowed", b"overage_not_allowed", "overage_units", b"overage_units", "period_id", b"period_id", "prepaid_units", b"prepaid_units", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "committed", b"committed", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "included_units", b"included_units", "metric", b"metric", "over_contract_quota", b"over_contract_quota", "over_hard_limit", b"over_hard_limit", "overage_cost", b"overage_cost", "overage_not_allowed", b"overage_not_allowed", "overage_units", b"overage_units", "period_id", b"period_id", "prepaid_units", b"prepaid_units", "units", b"units", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015

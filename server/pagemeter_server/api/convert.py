@@ -8,8 +8,9 @@ from google.protobuf.message import Message as ProtoMessage
 
 from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain import usage as rules
-from pagemeter_server.domain.decisions import MetricCheck, MetricRecord
-from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, timestamp
+from pagemeter_server.domain.decisions import MetricCheck, MetricRecord, WindowState
+from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, timestamp, window_at, zone
+from pagemeter_server.domain.plans import WINDOW_ENUMS
 
 
 def period_fields(lifetime: bool, month: Month) -> dict[str, Any]:
@@ -64,7 +65,35 @@ def metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
     return with_present(usage, f, "contract_quota", "hard_limit", "remaining", "usage_percent")
 
 
-def metric_decision(d: MetricCheck, month: Month) -> quota_pb2.MetricDecision:
+def window_decisions(
+    windows: tuple[WindowState, ...], instant_ms: int, timezone: str, taken: int
+) -> list[quota_pb2.WindowDecision]:
+    """A metric's windows with their bounds; `taken`: the units this answer adds to
+    what each window had used (a check's admitted units, 0 for a record)."""
+    if not windows:
+        return []
+    tz = zone(timezone)
+    answers = []
+    for w in windows:
+        span = window_at(w.window, instant_ms, tz)
+        answers.append(
+            quota_pb2.WindowDecision(
+                window=WINDOW_ENUMS[w.window],  # type: ignore[index]
+                limit=w.limit,
+                soft=w.soft,
+                used=w.used,
+                remaining=max(0, w.limit - w.used - taken),
+                exceeded=w.exceeded,
+                window_start=timestamp(span.start_ms),
+                resets_at=timestamp(span.end_ms),
+            )
+        )
+    return answers
+
+
+def metric_decision(
+    d: MetricCheck, month: Month, now_ms: int = 0, timezone: str = "UTC"
+) -> quota_pb2.MetricDecision:
     decision = quota_pb2.MetricDecision(
         metric=d.metric,
         allowed=d.allowed,
@@ -80,11 +109,19 @@ def metric_decision(d: MetricCheck, month: Month) -> quota_pb2.MetricDecision:
         overage_price_per_unit=d.overage_price,
         prepaid_available=d.prepaid_available,
         **period_fields(d.lifetime, month),
+        windows=window_decisions(d.windows, now_ms, timezone, d.requested if d.allowed else 0),
+        denied_by=(
+            WINDOW_ENUMS[d.denied_by]  # type: ignore[index]
+            if d.reason == quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED
+            else plan_pb2.WINDOW_UNSPECIFIED
+        ),
     )
     return with_present(decision, d, "contract_quota", "hard_limit", "max_admissible", "remaining")
 
 
-def metric_record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricRecordResult:
+def metric_record_result(
+    m: MetricRecord, month_id: str, completed_ms: int = 0, timezone: str = "UTC"
+) -> quota_pb2.MetricRecordResult:
     result = quota_pb2.MetricRecordResult(
         metric=m.metric,
         units=m.units,
@@ -97,6 +134,7 @@ def metric_record_result(m: MetricRecord, month_id: str) -> quota_pb2.MetricReco
         over_hard_limit=m.over_hard_limit,
         overage_not_allowed=m.overage_not_allowed,
         period_id=LIFETIME_PERIOD_ID if m.lifetime else month_id,
+        windows=window_decisions(m.windows, completed_ms, timezone, 0),
     )
     return with_present(result, m, "contract_quota", "hard_limit")
 

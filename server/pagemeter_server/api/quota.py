@@ -114,7 +114,14 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             response.duplicate = result.duplicate
             if result.held:
                 response.hold_expires_at.CopyFrom(timestamp(result.hold_expires_ms))
-            response.metrics.extend(metric_decision(d, result.month) for d in result.metrics)
+            response.metrics.extend(
+                metric_decision(d, result.month, result.now_ms, result.timezone)
+                for d in result.metrics
+            )
+            if response.reason == quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED:
+                wait_ms = rules.window_retry_after_ms(response.metrics, result.now_ms)
+                if wait_ms is not None:
+                    response.retry_after.FromMilliseconds(wait_ms)
         self._count_decisions(response, result.duplicate)
         self.metrics.count_units("expired", result.expired)
         return response
@@ -217,7 +224,10 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             over_limit=result.over_limit,
             request_id=request.request_id,
             completed_at=timestamp(result.completed_ms),
-            metrics=[metric_record_result(m, result.month_id) for m in result.metrics],
+            metrics=[
+                metric_record_result(m, result.month_id, result.completed_ms, result.timezone)
+                for m in result.metrics
+            ],
         )
         self.metrics.records.labels(result.status, str(result.duplicate).lower()).inc()
         if not result.duplicate:

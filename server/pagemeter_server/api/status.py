@@ -29,6 +29,7 @@ from pagemeter_server.domain.errors import (
     PermissionDenied,
     PlanMissing,
     PlanNotFound,
+    PlansNotMigrated,
     ReadRateLimited,
     RequestIdReused,
     TooManyMetrics,
@@ -133,6 +134,8 @@ def failure_for(exc: BaseException) -> Failure:
         )
     if isinstance(exc, LimitReached):
         return _status(code_pb2.FAILED_PRECONDITION, str(exc), _error_info(exc.reason))
+    if isinstance(exc, PlansNotMigrated):
+        return _status(code_pb2.FAILED_PRECONDITION, str(exc), _error_info("PLANS_NOT_MIGRATED"))
     if isinstance(exc, PlanMissing):
         return _status(
             code_pb2.FAILED_PRECONDITION, exc.what, _error_info("PLAN_MISSING", detail=exc.what)

@@ -15,6 +15,19 @@ from pagemeter_server.domain.plans import PlanDoc
 
 
 @dataclass(frozen=True)
+class WindowState:
+    """One window of a metric as a script found it (see decide_windows in _lib.lua)."""
+
+    window: str  # "minute" | "hour" | "day" | "week"
+    limit: int
+    soft: bool
+    # CheckQuota: committed in the window plus live holds, before the call.
+    # RecordUsage: committed in the window after the record.
+    used: int
+    exceeded: bool
+
+
+@dataclass(frozen=True)
 class MetricCheck:
     metric: str
     allowed: bool
@@ -33,6 +46,9 @@ class MetricCheck:
     overage_price: str
     prepaid_available: int
     lifetime: bool
+    # Decisions stored before windows existed (a held job's first answer) have none.
+    windows: tuple[WindowState, ...] = ()
+    denied_by: str = ""  # the hard window that denied, for WINDOW_LIMIT_EXCEEDED
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,9 @@ class CheckResult:
     metrics: list[MetricCheck]
     # Units of holds this call found expired, per metric.
     expired: dict[str, int] = field(default_factory=dict)
+    # The plan's timezone and the instant the windows were decided at.
+    timezone: str = "UTC"
+    now_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class MetricRecord:
     # In the plan when it was recorded (results stored before this column
     # existed read as planned).
     planned: bool = True
+    windows: tuple[WindowState, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ class RecordResult:
     # The job's document type counted as '_other' in the statistics (the org
     # uses the most document types allowed).
     document_type_folded: bool = False
+    # The plan's timezone, which the windows of completed_ms are in.
+    timezone: str = "UTC"
 
 
 @dataclass(frozen=True)

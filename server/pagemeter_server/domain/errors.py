@@ -112,6 +112,11 @@ class LimitReached(StoreError):
         self.reason = reason
 
 
+class PlansNotMigrated(StoreError):
+    """A plan uses what only the current plan document can hold, and the deployment's
+    plans are still written in schema 1 (store/plan_migration.py)."""
+
+
 class PlanMissing(StoreError):
     """The organization has no plan (or the plan lacks the metric)."""
 

@@ -108,3 +108,39 @@ def day_start_ms(day: date, tz: ZoneInfo) -> int:
 def day_end_ms(day: date, tz: ZoneInfo) -> int:
     """Epoch ms of the first instant of the next local day."""
     return day_start_ms(day + timedelta(days=1), tz)
+
+
+@dataclass(frozen=True)
+class WindowSpan:
+    """One fixed window of a plan's windows (minute, hour, day or week)."""
+
+    kind: str
+    window_id: str  # names the window's counters: an epoch minute or hour, or a date
+    start_ms: int
+    end_ms: int
+
+
+MINUTE_MS, HOUR_MS = 60_000, 3_600_000
+
+
+def window_at(kind: str, instant_ms: int, tz: ZoneInfo) -> WindowSpan:
+    """The window of `kind` that contains the instant.
+
+    Minutes and hours are UTC's, the same everywhere; days and weeks (Monday to
+    Monday, as ISO 8601) are the plan's local calendar, so 23 or 25 hours long
+    on the days clocks change.
+    """
+    if kind in ("minute", "hour"):
+        length = MINUTE_MS if kind == "minute" else HOUR_MS
+        start = instant_ms - instant_ms % length
+        return WindowSpan(kind, str(start // length), start, start + length)
+    day = local_date(instant_ms, tz)
+    if kind == "day":
+        return WindowSpan(kind, day.isoformat(), day_start_ms(day, tz), day_end_ms(day, tz))
+    monday = day - timedelta(days=day.weekday())
+    return WindowSpan(
+        kind,
+        monday.isoformat(),
+        day_start_ms(monday, tz),
+        day_start_ms(monday + timedelta(days=7), tz),
+    )

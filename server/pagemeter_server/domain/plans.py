@@ -6,7 +6,9 @@ and by the server through the types below:
     {"schema": 2, "name", "timezone", "rate_per_second", "burst",
      "processing_priority", "support_level", "currency", "store_failure_policy",
      "metrics": {metric: {"period": "monthly" | "none", "contract_quota"?,
-                          "hard_limit"?, "overage_allowed", "price", "overage_price"}}}
+                          "hard_limit"?, "overage_allowed", "price", "overage_price",
+                          "windows"?: [{"window": "minute" | "hour" | "day" | "week",
+                                        "limit", "soft"}, ...]}}}
 
 Absent limits are left out rather than written as null, because cjson decodes
 null to a value Lua treats as true. Prices are canonical decimal strings.
@@ -17,7 +19,8 @@ key: {"name", "tz", "rate", "burst", "prio", "support", "currency", "sfp"?,
 reader accepts both (`plan_doc`; `plan_doc` in _lib.lua), and a server writes
 schema 1 until the deployment's plans were migrated (store/plan_migration.py),
 so that a server of an earlier release running beside it during a rolling
-upgrade still reads every plan (docs/operations.md, upgrading).
+upgrade still reads every plan (docs/operations.md, upgrading). Schema 1 has no
+windows: a plan with windows needs the migrated deployment (decision 35).
 """
 
 from __future__ import annotations
@@ -43,8 +46,28 @@ Period = Literal["monthly", "none"]
 FailurePolicy = Literal["", "open", "closed"]
 
 
+WindowKind = Literal["minute", "hour", "day", "week"]
+# Shortest first: the order windows are stored, decided and answered in.
+WINDOW_KINDS: tuple[WindowKind, ...] = ("minute", "hour", "day", "week")
+WINDOW_CODES: dict[plan_pb2.Window.ValueType, WindowKind] = {
+    plan_pb2.WINDOW_MINUTE: "minute",
+    plan_pb2.WINDOW_HOUR: "hour",
+    plan_pb2.WINDOW_DAY: "day",
+    plan_pb2.WINDOW_WEEK: "week",
+}
+WINDOW_ENUMS = {kind: code for code, kind in WINDOW_CODES.items()}
+
+
+class WindowTerms(TypedDict):
+    """A cap on a metric's usage per fixed window."""
+
+    window: WindowKind
+    limit: int
+    soft: bool
+
+
 class MetricTerms(TypedDict, total=False):
-    """One metric of a plan: its period, limits and prices."""
+    """One metric of a plan: its period, limits, prices and windows."""
 
     period: Required[Period]
     contract_quota: int  # absent: unlimited
@@ -52,6 +75,7 @@ class MetricTerms(TypedDict, total=False):
     overage_allowed: Required[bool]
     price: Required[str]
     overage_price: Required[str]
+    windows: list[WindowTerms]  # absent: none; shortest first
 
 
 class PlanDoc(TypedDict):
@@ -166,11 +190,48 @@ def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations
     if limits.HasField("hard_limit"):
         problems.check_limit(limits.hard_limit, f"{path}.hard_limit")
         terms["hard_limit"] = limits.hard_limit
+    if limits.windows:
+        windows = _window_terms(limits, path, problems)
+        if windows:
+            terms["windows"] = windows
     if not problems.items:
         # Only valid prices are read (the plan is refused otherwise).
         terms["price"] = canonical_price(limits.price_per_unit)
         terms["overage_price"] = canonical_price(limits.overage_price_per_unit)
     return terms
+
+
+def _window_terms(
+    limits: plan_pb2.MetricLimits, path: str, problems: Violations
+) -> list[WindowTerms]:
+    if limits.period == plan_pb2.PERIOD_NONE:
+        problems.add(
+            f"{path}.windows",
+            "windows cap usage over time: they apply to monthly metrics, not to a "
+            "PERIOD_NONE gauge",
+        )
+        return []
+    windows: dict[WindowKind, WindowTerms] = {}
+    for index, window in enumerate(limits.windows):
+        where = f"{path}.windows[{index}]"
+        kind = WINDOW_CODES.get(window.window)
+        if kind is None:
+            problems.add(
+                f"{where}.window",
+                f"window must be WINDOW_MINUTE, WINDOW_HOUR, WINDOW_DAY or WINDOW_WEEK "
+                f"(got {window.window})",
+            )
+            continue
+        if kind in windows:
+            problems.add(f"{where}.window", f"the metric has two {kind} windows; keep one")
+            continue
+        problems.check_limit(window.limit, f"{where}.limit")
+        windows[kind] = WindowTerms(window=kind, limit=window.limit, soft=window.soft)
+    return [windows[kind] for kind in WINDOW_KINDS if kind in windows]
+
+
+def has_windows(doc: PlanDoc) -> bool:
+    return any(terms.get("windows") for terms in doc["metrics"].values())
 
 
 # -- reading and writing the stored text ----------------------------------------
@@ -302,4 +363,8 @@ def metric_limits(metric: str, terms: MetricTerms) -> plan_pb2.MetricLimits:
         message.contract_quota = terms["contract_quota"]
     if "hard_limit" in terms:
         message.hard_limit = terms["hard_limit"]
+    for window in terms.get("windows", []):
+        message.windows.add(
+            window=WINDOW_ENUMS[window["window"]], limit=window["limit"], soft=window["soft"]
+        )
     return message

@@ -7,6 +7,7 @@ Decimal, and the read-side figures of GetUsage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 
@@ -40,6 +41,27 @@ def call_reason(metrics: list[MetricCheck]) -> int:
         (decision.reason for decision in metrics),
         default=quota_pb2.DECISION_REASON_WITHIN_QUOTA,
     )
+
+
+def window_retry_after_ms(metrics: Iterable[quota_pb2.MetricDecision], now_ms: int) -> int | None:
+    """How long a call denied by windows should wait: until every denying window
+    has reset, when each metric's units (with its live holds) fit an empty window
+    then; None when waiting cannot help (a metric is denied for another reason, or
+    asks for more than its window's limit)."""
+    wait_ms = 0
+    for decision in metrics:
+        if decision.allowed:
+            continue
+        if decision.reason != quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED:
+            return None
+        for window in decision.windows:
+            if window.window != decision.denied_by:
+                continue
+            if decision.requested + decision.held > window.limit:
+                return None
+            resets_ms = window.resets_at.seconds * 1000 + window.resets_at.nanos // 1_000_000
+            wait_ms = max(wait_ms, resets_ms - now_ms)
+    return max(wait_ms, 1)
 
 
 def headroom(

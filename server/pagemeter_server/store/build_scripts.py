@@ -67,6 +67,7 @@ _LUA_WRITERS = {
     "opt_int": "opt(r.{})",
     "bool": "bool01(r.{})",
     "period": "(r.{} and 'N' or 'M')",
+    "windows": "r.{}",
 }
 
 

@@ -45,7 +45,14 @@ class OrgKeys:
         return f"{self.prefix}u:{period_id}"
 
     def day(self, day: date) -> str:
-        return f"{self.prefix}d:{day.isoformat()}"
+        return self.day_named(day.isoformat())
+
+    def day_named(self, day_id: str) -> str:
+        return f"{self.prefix}d:{day_id}"
+
+    def window(self, kind: str, window_id: str) -> str:
+        """A minute, hour or week window's counters (a day window's are the day hash)."""
+        return f"{self.prefix}w:{kind}:{window_id}"
 
     def record(self, request_id: str) -> str:
         return f"{self.prefix}r:{request_id}"

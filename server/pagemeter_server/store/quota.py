@@ -31,13 +31,25 @@ from pagemeter_server.domain.decisions import (
 from pagemeter_server.domain.errors import (
     ItemFailed,
     PlanMissing,
+    PlansNotMigrated,
     RequestIdReused,
     StoreError,
 )
-from pagemeter_server.domain.periods import Month, day_end_ms, local_date, month_at, month_of, zone
+from pagemeter_server.domain.periods import (
+    Month,
+    WindowSpan,
+    day_end_ms,
+    local_date,
+    month_at,
+    month_of,
+    window_at,
+    zone,
+)
 from pagemeter_server.domain.plans import (
     SCHEMA,
+    WINDOW_KINDS,
     PlanDoc,
+    has_windows,
     plan_doc_from_json,
     plan_doc_json,
     schema_1_json,
@@ -110,6 +122,7 @@ class Store:
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
         self._policy_cache: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self._month_cache: dict[str, Month] = {}
+        self._window_cache: dict[tuple[str, str], WindowSpan] = {}
         self._tz_cache_size = tz_cache_size
         self._plans_migrated_seen = False
         self.audit_max_events = audit_max_events
@@ -134,6 +147,30 @@ class Store:
             self._month_cache.clear()
         self._month_cache[tz] = month
         return month
+
+    def _windows_at(self, instant_ms: int, tz: str) -> tuple[WindowSpan, ...]:
+        """The minute, hour, day and week that contain the instant; a timezone's
+        day and week are remembered, as its month is."""
+        spans = []
+        for kind in WINDOW_KINDS:
+            cached = self._window_cache.get((kind, tz))
+            if cached is None or not cached.start_ms <= instant_ms < cached.end_ms:
+                cached = window_at(kind, instant_ms, zone(tz))
+                if len(self._window_cache) > 4096:
+                    self._window_cache.clear()
+                self._window_cache[kind, tz] = cached
+            spans.append(cached)
+        return tuple(spans)
+
+    def _window_keys(self, keys: OrgKeys, instant_ms: int, tz: str) -> list[str]:
+        """The counters of the windows that contain the instant (the day's is the day hash)."""
+        minute, hour, day, week = self._windows_at(instant_ms, tz)
+        return [
+            keys.window("minute", minute.window_id),
+            keys.window("hour", hour.window_id),
+            keys.day_named(day.window_id),
+            keys.window("week", week.window_id),
+        ]
 
     # -- store failure policy cache -------------------------------------------------
     # While Redis is unreachable the plan cannot be read, so CheckQuota's
@@ -285,7 +322,7 @@ class Store:
             lambda tz: self._prepare_check(org_id, call, now_ms, tz),
             changes=call.hold,
         )
-        return self._check_result(org_id, reply, prepared.month)
+        return self._check_result(org_id, reply, prepared)
 
     async def check_batch(
         self, org_id: str, calls: Sequence[CheckCall], *, now_ms: int
@@ -296,7 +333,7 @@ class Store:
             "check",
             calls,
             lambda call, tz: self._prepare_check(org_id, call, now_ms, tz),
-            lambda reply, prepared: self._check_result(org_id, reply, prepared.month),
+            lambda reply, prepared: self._check_result(org_id, reply, prepared),
             changes=any(call.hold for call in calls),
         )
 
@@ -316,6 +353,7 @@ class Store:
                 keys.rate,
                 keys.record(call.request_id),
                 keys.records_index,
+                *self._window_keys(keys, now_ms, tz),
             ],
             [
                 now_ms,
@@ -338,9 +376,11 @@ class Store:
             ],
             month,
             tz,
+            now_ms,
         )
 
-    def _check_result(self, org_id: str, reply: ScriptReply, month: Month) -> CheckResult:
+    def _check_result(self, org_id: str, reply: ScriptReply, prepared: PreparedCall) -> CheckResult:
+        month = prepared.month
         tag = reply[0]
         if tag == "ERR":
             raise ItemFailed(str(reply[1]))
@@ -365,15 +405,17 @@ class Store:
             month=month,
             metrics=metrics,
             expired=held_units(expired),
+            timezone=prepared.timezone,
+            now_ms=prepared.instant_ms,
         )
 
     # -- RecordUsage ------------------------------------------------------------
 
     async def record(self, org_id: str, call: RecordCall, *, now_ms: int) -> RecordResult:
-        reply, _ = await self.call_in_timezone(
+        reply, prepared = await self.call_in_timezone(
             org_id, "record", lambda tz: self._prepare_record(org_id, call, now_ms, tz)
         )
-        return record_result(reply)
+        return record_result(reply, prepared.timezone)
 
     async def record_batch(
         self, org_id: str, calls: Sequence[RecordCall], *, now_ms: int
@@ -384,7 +426,7 @@ class Store:
             "record",
             calls,
             lambda call, tz: self._prepare_record(org_id, call, now_ms, tz),
-            lambda reply, _prepared: record_result(reply),
+            lambda reply, prepared: record_result(reply, prepared.timezone),
         )
 
     async def _batch(
@@ -421,6 +463,7 @@ class Store:
         tzinfo = zone(tz)
         month = self._month_at(call.completed_ms, tz)
         day = local_date(call.completed_ms, tzinfo)
+        minute, hour, _, week = self._windows_at(call.completed_ms, tz)
         return PreparedCall(
             [
                 keys.plan,
@@ -435,6 +478,9 @@ class Store:
                 keys.records_index,
                 keys.unplanned,
                 keys.doctypes,
+                keys.window("minute", minute.window_id),
+                keys.window("hour", hour.window_id),
+                keys.window("week", week.window_id),
             ],
             [
                 now_ms,
@@ -457,11 +503,15 @@ class Store:
                 # A name last recorded before this has no counter left: its
                 # month ended more than the usage retention ago.
                 now_ms - self.usage_retention_ms - NAMES_GRACE_MS,
+                minute.end_ms,
+                hour.end_ms,
+                week.end_ms,
                 len(call.units),
                 *flat_units,
             ],
             month,
             tz,
+            call.completed_ms,
         )
 
     # -- ReleaseQuota -----------------------------------------------------------
@@ -532,6 +582,12 @@ class Store:
     ) -> StoredPlan:
         keys = OrgKeys(org_id)
         migrated = await self._plans_migrated()
+        if not migrated and has_windows(doc):
+            raise PlansNotMigrated(
+                "windows need the current plan document, and this deployment still writes "
+                "plans the way earlier releases read them: once every server runs this "
+                "release, run `pagemeter-server migrate-plans` (docs/operations.md, upgrading)"
+            )
         version, _previous = await self.run(
             "set_plan",
             [keys.plan, keys.planlog, keys.planver, keys.audit, keys.unplanned, keys.lifetime],

@@ -11,6 +11,7 @@ from pagemeter_server.domain.decisions import (
     MetricCheck,
     MetricRecord,
     RecordResult,
+    WindowState,
 )
 from pagemeter_server.domain.errors import (
     ItemFailed,
@@ -32,7 +33,7 @@ def split_rows(encoded: str) -> list[list[str]]:
     return [row.split(",") for row in encoded.split(";")] if encoded else []
 
 
-def record_result(reply: ScriptReply) -> RecordResult:
+def record_result(reply: ScriptReply, timezone: str = "UTC") -> RecordResult:
     tag = reply[0]
     if tag == "ERR":
         raise ItemFailed(str(reply[1]))
@@ -56,6 +57,7 @@ def record_result(reply: ScriptReply) -> RecordResult:
         metrics=[metric_record(row) for row in split_rows(rows)],
         expired=held_units(gone),
         document_type_folded=folded == "1",
+        timezone=timezone,
     )
 
 
@@ -91,7 +93,7 @@ def int_pairs(flat: Sequence[str]) -> dict[str, int]:
 # is both the field of the Lua table the script fills and the field of the
 # answer it is read into.
 
-ColumnKind = Literal["str", "int", "opt_int", "bool", "period"]
+ColumnKind = Literal["str", "int", "opt_int", "bool", "period", "windows"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ class Column:
 
     str: the Lua string as is; int: an integer; opt_int: an integer or '' for
     nil (none); bool: '1' or '0'; period: a Lua boolean "lifetime", written 'N'
-    (PERIOD_NONE) or 'M' (monthly).
+    (PERIOD_NONE) or 'M' (monthly); windows: the string decide_windows (_lib.lua)
+    writes, "kind:limit:soft:used:exceeded" per window joined by '/'.
     """
 
     name: str
@@ -128,6 +131,8 @@ CHECK_COLUMNS: tuple[Column, ...] = (
     Column("overage_price", "str"),
     Column("prepaid_available", "int"),
     Column("lifetime", "period"),
+    Column("windows", "windows", missing=""),
+    Column("denied_by", "str", missing=""),
 )
 
 # RecordUsage: one metric's result (MetricRecord). Records keep their rows for
@@ -148,6 +153,7 @@ RECORD_COLUMNS: tuple[Column, ...] = (
     Column("lifetime", "period"),
     Column("overage_price", "str"),
     Column("planned", "bool", missing="1"),
+    Column("windows", "windows", missing=""),
 )
 
 
@@ -159,12 +165,21 @@ def _lifetime(text: str) -> bool:
     return text == "N"
 
 
+def _windows(text: str) -> tuple[WindowState, ...]:
+    windows = []
+    for part in filter(None, text.split("/")):
+        window, limit, soft, used, exceeded = part.split(":")
+        windows.append(WindowState(window, int(limit), soft == "1", int(used), exceeded == "1"))
+    return tuple(windows)
+
+
 _READERS: dict[ColumnKind, Callable[[str], Any]] = {
     "str": str,
     "int": int,
     "opt_int": _opt_int,
     "bool": _bool,
     "period": _lifetime,
+    "windows": _windows,
 }
 
 

@@ -72,3 +72,5 @@ class PreparedCall:
     args: list[ScriptArg]
     month: Month
     timezone: str
+    # The instant the call decides at (a check's now, a record's completed_at).
+    instant_ms: int = 0

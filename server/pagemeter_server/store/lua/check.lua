@@ -11,6 +11,9 @@
 -- KEYS[8] rate      pm:{org}:rate       GCRA theoretical arrival time (ms)
 -- KEYS[9] record    pm:{org}:r:<request_id> hash (the job's record; touched only with a hold)
 -- KEYS[10] index    pm:{org}:recs       zset request_id -> requested-at (ms), with a hold
+-- KEYS[11..14]      the windows that contain now_ms (read only; see decide_windows):
+--   pm:{org}:w:minute:<epoch minute>, pm:{org}:w:hour:<epoch hour>,
+--   pm:{org}:d:<YYYY-MM-DD> (the day hash), pm:{org}:w:week:<Monday YYYY-MM-DD>
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -34,12 +37,12 @@
 --   CHECK_COLUMNS in store/replies.py): metric, allowed, reason, requested,
 --   committed, held, quota|'', hard_limit|'', overage_allowed, max_admissible|'',
 --   remaining|'', included, prepaid, overage, overage_price, prepaid_available,
---   period ('M' or 'N').
+--   period ('M' or 'N'), windows (see decide_windows), denied_by (a window kind|'').
 -- expired: units of other jobs' holds found expired by this call, "metric:units:0;...".
 -- failure_policy: the plan's store failure policy ('open', 'closed' or '' for the
 --   service default), which the server remembers for when Redis is unreachable.
 -- Reasons: the REASON_* codes of DecisionReason (WITHIN_QUOTA, PREPAID, OVERAGE,
---   QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, UNKNOWN_METRIC).
+--   QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, WINDOW_LIMIT_EXCEEDED, UNKNOWN_METRIC).
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local credits_key, month_key, life_key, rate_key, record_key, index_key =
@@ -53,7 +56,8 @@ local request_id = ARGV[8]
 local index_cutoff = tonumber(ARGV[9])
 local index_cap = tonumber(ARGV[10])
 local count = tonumber(ARGV[11])
-assert(#KEYS == 10 and #ARGV == 11 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 14 and #ARGV == 11 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local window_keys = {minute = KEYS[11], hour = KEYS[12], day = KEYS[13], week = KEYS[14]}
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -110,7 +114,7 @@ for i, req in ipairs(requests) do
       metric = metric, allowed = false, reason = REASON_UNKNOWN_METRIC, requested = n,
       committed = 0, held = 0, overage_allowed = false, max_admissible = 0, remaining = 0,
       included = 0, prepaid = 0, overage = 0, overage_price = '0', prepaid_available = 0,
-      lifetime = false,
+      lifetime = false, windows = '', denied_by = '',
     }
   else
     local bucket, period = bucket_for(limits, month_key, life_key)
@@ -132,6 +136,11 @@ for i, req in ipairs(requests) do
       if cap == nil or within < cap then
         cap = within
       end
+    end
+    local windows, denied_by, window_cap = decide_windows(limits.windows, window_keys, metric,
+      held, n)
+    if window_cap and (cap == nil or window_cap < cap) then
+      cap = window_cap
     end
 
     -- Split: contract quota first, then prepaid credits, then overage.
@@ -155,6 +164,10 @@ for i, req in ipairs(requests) do
     else
       reason = REASON_WITHIN_QUOTA
     end
+    -- The period's own limits speak first: waiting for a window does not help them.
+    if reason <= REASON_OVERAGE and denied_by ~= '' then
+      reason = REASON_WINDOW_LIMIT_EXCEEDED
+    end
     local allowed = reason <= REASON_OVERAGE
     all_allowed = all_allowed and allowed
 
@@ -168,7 +181,7 @@ for i, req in ipairs(requests) do
       overage_allowed = limits.overage_allowed, max_admissible = cap, remaining = remaining,
       included = included, prepaid = prepaid, overage = overage,
       overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
-      lifetime = period == 'N',
+      lifetime = period == 'N', windows = windows, denied_by = denied_by,
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
   end

@@ -225,6 +225,41 @@ local function bucket_for(limits, month_key, life_key)
   return month_key, 'M'
 end
 
+-- Windows (a metric's "windows" in the plan, shortest first): fixed minute, hour,
+-- day and week windows. `window_keys` maps each kind to the hash of the window
+-- that contains the call's instant (c:<metric> committed units; the day's is the
+-- day hash of the statistics). A window's used units are those committed in it
+-- plus the metric's live holds: a hold counts against every window it is live
+-- in, never less.
+--
+-- decide_windows: whether `n` more units fit each window. Returns the windows
+-- column of a check row ("kind:limit:soft:used:exceeded" joined by '/', '' for
+-- none), the hard window that denies ('' for none; of several, the longest,
+-- which resets last) and the most units every hard window admits now (nil
+-- without hard windows).
+local function decide_windows(windows, window_keys, metric, held, n)
+  if not windows then
+    return '', '', nil
+  end
+  local parts, denied_by, cap = {}, '', nil
+  for i, w in ipairs(windows) do
+    local used = int(redis.call('HGET', window_keys[w.window], 'c:' .. metric)) + held
+    local exceeded = used + n > w.limit
+    if not w.soft then
+      local room = math.max(0, w.limit - used)
+      if cap == nil or room < cap then
+        cap = room
+      end
+      if exceeded then
+        denied_by = w.window
+      end
+    end
+    parts[i] = w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
+      .. ':' .. bool01(exceeded)
+  end
+  return table.concat(parts, '/'), denied_by, cap
+end
+
 -- The records index: a sorted set request_id -> requested-at (ms), newest last.
 -- Entries requested before `cutoff` leave it, and it never holds more than
 -- `cap` entries (the oldest leave first), so one organization's index is bounded
@@ -264,12 +299,13 @@ local REASON_RATE_LIMITED = 6
 local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
+local REASON_WINDOW_LIMIT_EXCEEDED = 10
 
 -- check_row(r): one metric's row, the fields of r joined by ',' in the order of
 -- CHECK_COLUMNS (store/replies.py):
 --   metric, allowed, reason, requested, committed, held, contract_quota,
 --   hard_limit, overage_allowed, max_admissible, remaining, included, prepaid,
---   overage, overage_price, prepaid_available, lifetime
+--   overage, overage_price, prepaid_available, lifetime, windows, denied_by
 local function check_row(r)
   return r.metric .. ',' ..
     bool01(r.allowed) .. ',' ..
@@ -287,7 +323,9 @@ local function check_row(r)
     fmt(r.overage) .. ',' ..
     r.overage_price .. ',' ..
     fmt(r.prepaid_available) .. ',' ..
-    (r.lifetime and 'N' or 'M')
+    (r.lifetime and 'N' or 'M') .. ',' ..
+    r.windows .. ',' ..
+    r.denied_by
 end
 
 local function one(KEYS, ARGV)
@@ -304,7 +342,8 @@ local request_id = ARGV[8]
 local index_cutoff = tonumber(ARGV[9])
 local index_cap = tonumber(ARGV[10])
 local count = tonumber(ARGV[11])
-assert(#KEYS == 10 and #ARGV == 11 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 14 and #ARGV == 11 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local window_keys = {minute = KEYS[11], hour = KEYS[12], day = KEYS[13], week = KEYS[14]}
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -361,7 +400,7 @@ for i, req in ipairs(requests) do
       metric = metric, allowed = false, reason = REASON_UNKNOWN_METRIC, requested = n,
       committed = 0, held = 0, overage_allowed = false, max_admissible = 0, remaining = 0,
       included = 0, prepaid = 0, overage = 0, overage_price = '0', prepaid_available = 0,
-      lifetime = false,
+      lifetime = false, windows = '', denied_by = '',
     }
   else
     local bucket, period = bucket_for(limits, month_key, life_key)
@@ -383,6 +422,11 @@ for i, req in ipairs(requests) do
       if cap == nil or within < cap then
         cap = within
       end
+    end
+    local windows, denied_by, window_cap = decide_windows(limits.windows, window_keys, metric,
+      held, n)
+    if window_cap and (cap == nil or window_cap < cap) then
+      cap = window_cap
     end
 
     -- Split: contract quota first, then prepaid credits, then overage.
@@ -406,6 +450,10 @@ for i, req in ipairs(requests) do
     else
       reason = REASON_WITHIN_QUOTA
     end
+    -- The period's own limits speak first: waiting for a window does not help them.
+    if reason <= REASON_OVERAGE and denied_by ~= '' then
+      reason = REASON_WINDOW_LIMIT_EXCEEDED
+    end
     local allowed = reason <= REASON_OVERAGE
     all_allowed = all_allowed and allowed
 
@@ -419,7 +467,7 @@ for i, req in ipairs(requests) do
       overage_allowed = limits.overage_allowed, max_admissible = cap, remaining = remaining,
       included = included, prepaid = prepaid, overage = overage,
       overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
-      lifetime = period == 'N',
+      lifetime = period == 'N', windows = windows, denied_by = denied_by,
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
   end

@@ -226,6 +226,41 @@ local function bucket_for(limits, month_key, life_key)
   return month_key, 'M'
 end
 
+-- Windows (a metric's "windows" in the plan, shortest first): fixed minute, hour,
+-- day and week windows. `window_keys` maps each kind to the hash of the window
+-- that contains the call's instant (c:<metric> committed units; the day's is the
+-- day hash of the statistics). A window's used units are those committed in it
+-- plus the metric's live holds: a hold counts against every window it is live
+-- in, never less.
+--
+-- decide_windows: whether `n` more units fit each window. Returns the windows
+-- column of a check row ("kind:limit:soft:used:exceeded" joined by '/', '' for
+-- none), the hard window that denies ('' for none; of several, the longest,
+-- which resets last) and the most units every hard window admits now (nil
+-- without hard windows).
+local function decide_windows(windows, window_keys, metric, held, n)
+  if not windows then
+    return '', '', nil
+  end
+  local parts, denied_by, cap = {}, '', nil
+  for i, w in ipairs(windows) do
+    local used = int(redis.call('HGET', window_keys[w.window], 'c:' .. metric)) + held
+    local exceeded = used + n > w.limit
+    if not w.soft then
+      local room = math.max(0, w.limit - used)
+      if cap == nil or room < cap then
+        cap = room
+      end
+      if exceeded then
+        denied_by = w.window
+      end
+    end
+    parts[i] = w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
+      .. ':' .. bool01(exceeded)
+  end
+  return table.concat(parts, '/'), denied_by, cap
+end
+
 -- The records index: a sorted set request_id -> requested-at (ms), newest last.
 -- Entries requested before `cutoff` leave it, and it never holds more than
 -- `cap` entries (the oldest leave first), so one organization's index is bounded
@@ -265,6 +300,7 @@ local REASON_RATE_LIMITED = 6
 local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
+local REASON_WINDOW_LIMIT_EXCEEDED = 10
 
 assert(#KEYS == 2 and #ARGV == 4, 'key_revoke.lua: wrong number of KEYS or ARGV')
 local revoked = redis.call('HGET', KEYS[1], 'revoked')

@@ -13,6 +13,9 @@
 -- KEYS[10] index    pm:{org}:recs            zset request_id -> requested-at (ms)
 -- KEYS[11] unplanned pm:{org}:unplanned     zset metric not in the plan -> last recorded (ms)
 -- KEYS[12] doctypes pm:{org}:doctypes       zset document type -> last recorded (ms)
+-- KEYS[13..15]      the minute, hour and week windows that contain completed_at
+--   (pm:{org}:w:minute:<epoch minute>, w:hour:<epoch hour>, w:week:<Monday>); the
+--   day window is the day hash, KEYS[9]
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -33,7 +36,8 @@
 -- ARGV[17] most document types the org's statistics tell apart within the retention
 -- ARGV[18] name registry cutoff (ms): names last recorded before it are forgotten
 --          (the counters that named them have expired by then)
--- ARGV[19] metric count N, then ARGV[20..] N pairs: metric, units
+-- ARGV[19..21] when the windows of KEYS[13..15] end (ms on the now_ms clock)
+-- ARGV[22] metric count N, then ARGV[23..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
@@ -49,7 +53,9 @@
 --   written by record_row (the columns of RECORD_COLUMNS in store/replies.py):
 --   metric, units, included, prepaid, overage, committed_after, quota|'',
 --   hard_limit|'', over_quota, over_hard_limit, overage_not_allowed, period
---   ('M'/'N'), overage_price, planned ('1' when the metric is in the plan).
+--   ('M'/'N'), overage_price, planned ('1' when the metric is in the plan), windows
+--   ("kind:limit:soft:used:exceeded" joined by '/': used is the window's committed
+--   units after this record).
 -- A metric that is not in the plan (or an org without a plan) is still recorded,
 -- as a monthly metric with no limits: work that was done is never dropped. But
 -- the names are the caller's, so an organization may use at most ARGV[16] of
@@ -283,6 +289,41 @@ local function bucket_for(limits, month_key, life_key)
   return month_key, 'M'
 end
 
+-- Windows (a metric's "windows" in the plan, shortest first): fixed minute, hour,
+-- day and week windows. `window_keys` maps each kind to the hash of the window
+-- that contains the call's instant (c:<metric> committed units; the day's is the
+-- day hash of the statistics). A window's used units are those committed in it
+-- plus the metric's live holds: a hold counts against every window it is live
+-- in, never less.
+--
+-- decide_windows: whether `n` more units fit each window. Returns the windows
+-- column of a check row ("kind:limit:soft:used:exceeded" joined by '/', '' for
+-- none), the hard window that denies ('' for none; of several, the longest,
+-- which resets last) and the most units every hard window admits now (nil
+-- without hard windows).
+local function decide_windows(windows, window_keys, metric, held, n)
+  if not windows then
+    return '', '', nil
+  end
+  local parts, denied_by, cap = {}, '', nil
+  for i, w in ipairs(windows) do
+    local used = int(redis.call('HGET', window_keys[w.window], 'c:' .. metric)) + held
+    local exceeded = used + n > w.limit
+    if not w.soft then
+      local room = math.max(0, w.limit - used)
+      if cap == nil or room < cap then
+        cap = room
+      end
+      if exceeded then
+        denied_by = w.window
+      end
+    end
+    parts[i] = w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
+      .. ':' .. bool01(exceeded)
+  end
+  return table.concat(parts, '/'), denied_by, cap
+end
+
 -- The records index: a sorted set request_id -> requested-at (ms), newest last.
 -- Entries requested before `cutoff` leave it, and it never holds more than
 -- `cap` entries (the oldest leave first), so one organization's index is bounded
@@ -322,12 +363,13 @@ local REASON_RATE_LIMITED = 6
 local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
+local REASON_WINDOW_LIMIT_EXCEEDED = 10
 
 -- record_row(r): one metric's row, the fields of r joined by ',' in the order of
 -- RECORD_COLUMNS (store/replies.py):
 --   metric, units, included, prepaid, overage, committed, contract_quota,
 --   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
---   lifetime, overage_price, planned
+--   lifetime, overage_price, planned, windows
 local function record_row(r)
   return r.metric .. ',' ..
     fmt(r.units) .. ',' ..
@@ -342,7 +384,8 @@ local function record_row(r)
     bool01(r.overage_not_allowed) .. ',' ..
     (r.lifetime and 'N' or 'M') .. ',' ..
     r.overage_price .. ',' ..
-    bool01(r.planned)
+    bool01(r.planned) .. ',' ..
+    r.windows
 end
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -364,8 +407,11 @@ local index_cap = tonumber(ARGV[15])
 local unplanned_cap = tonumber(ARGV[16])
 local doctypes_cap = tonumber(ARGV[17])
 local names_cutoff = tonumber(ARGV[18])
-local count = tonumber(ARGV[19])
-assert(#KEYS == 12 and #ARGV == 19 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local window_keys = {minute = KEYS[13], hour = KEYS[14], day = day_key, week = KEYS[15]}
+local window_ends = {minute = tonumber(ARGV[19]), hour = tonumber(ARGV[20]),
+  week = tonumber(ARGV[21])}
+local count = tonumber(ARGV[22])
+assert(#KEYS == 15 and #ARGV == 22 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -387,7 +433,7 @@ end
 
 local requests = {}
 for i = 1, count do
-  local metric, n = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
+  local metric, n = ARGV[21 + 2 * i], tonumber(ARGV[22 + 2 * i])
   if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
@@ -547,6 +593,29 @@ if is_job then
   end
   redis.call('PEXPIRE', day_key, math.max(1, day_expire_at - now))
 end
+-- The windows that contain completed_at (the day's was counted above). A window
+-- that has already ended (a late report) is not added to: it decides nothing
+-- any more. Its hash lives a minute past its end, for servers whose clocks lag.
+for _, row in ipairs(rows) do
+  local windows = (metrics[row.metric] or {}).windows
+  local parts = {}
+  for i, w in ipairs(windows or {}) do
+    local key, ends = window_keys[w.window], window_ends[w.window]
+    local used
+    if ends and row.units > 0 and ends > now then
+      used = redis.call('HINCRBY', key, 'c:' .. row.metric, row.units)
+      redis.call('PEXPIRE', key, ends - now + 60000)
+    else
+      used = int(redis.call('HGET', key, 'c:' .. row.metric))
+    end
+    local exceeded = used > w.limit
+    over_limit = over_limit or (exceeded and not w.soft)
+    parts[i] = w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
+      .. ':' .. bool01(exceeded)
+  end
+  row.windows = table.concat(parts, '/')
+end
+
 -- Relative to the call's clock, not Redis's, so the expiry follows the same time
 -- as the rules (tests drive that clock).
 redis.call('PEXPIRE', month_key, math.max(1, month_expire_at - now))
