@@ -48,6 +48,7 @@ from pagemeter_server.ops.embedded import RedisProcess
 from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
+from pagemeter_server.store.keys import PLAN_SCHEMA_KEY
 from pagemeter_server.store.quota import Store
 from tests.client.client_flavours import FLAVOURS, Connect, connector
 from tests.system.cluster_topology import Cluster
@@ -204,6 +205,12 @@ async def redis_client(
     client = connect_redis(settings.redis_url, settings)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def plans_migrated(redis_client: aioredis.Redis) -> None:
+    """The deployment's plans are in the current plan document (windows need it)."""
+    await redis_client.set(PLAN_SCHEMA_KEY, "2")
 
 
 @pytest.fixture

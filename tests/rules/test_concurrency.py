@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, quota_pb2_grpc
 from tests.conftest import ON_EACH_BACKEND, RunningServer, metric_limits
@@ -201,3 +203,56 @@ async def test_racing_reserve_commit_and_release(pagemeter_server: RunningServer
     assert figures.committed == committed
     assert 0 < committed <= 200
     assert figures.held == 0
+
+
+RACERS = 200
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_racers_meet_a_daily_cap_and_the_monthly_quota_exactly(
+    pagemeter_server: RunningServer,
+) -> None:
+    """200 concurrent jobs (hold 1 page, then record it) against 40 pages a day and 100 a month: on a day that starts with 40 used this month exactly 40 run (the day binds), the next day exactly 20 (the month binds)."""
+    await set_plan(
+        pagemeter_server,
+        metric_limits(
+            "pages",
+            contract_quota=100,
+            overage_allowed=False,
+            windows=[plan_pb2.WindowLimit(window=plan_pb2.WINDOW_DAY, limit=40)],
+        ),
+    )
+    yesterday = Timestamp()
+    yesterday.FromMilliseconds(pagemeter_server.clock.now_ms() - 86_400_000)
+    await pagemeter_server.quota.RecordUsage(
+        Q.RecordUsageRequest(
+            org_id="acme", request_id="seed", units={"pages": 40}, completed_at=yesterday
+        )
+    )
+
+    def job(day: str) -> Callable[[quota_pb2_grpc.QuotaServiceStub, int], bool]:
+        def run(stub: quota_pb2_grpc.QuotaServiceStub, index: int) -> bool:
+            request_id = f"{day}-{index}"
+            decision = stub.CheckQuota(
+                Q.CheckQuotaRequest(
+                    org_id="acme", units={"pages": 1}, request_id=request_id, hold=True
+                ),
+                timeout=60,
+            )
+            if decision.allowed:
+                stub.RecordUsage(
+                    Q.RecordUsageRequest(org_id="acme", request_id=request_id, units={"pages": 1}),
+                    timeout=60,
+                )
+            return decision.allowed
+
+        return run
+
+    first_day = await asyncio.to_thread(race, pagemeter_server.target, RACERS, job("d1"))
+    assert sum(first_day) == 40
+    assert (await usage(pagemeter_server))["pages"].committed == 80
+    pagemeter_server.clock.advance(86_400)
+    second_day = await asyncio.to_thread(race, pagemeter_server.target, RACERS, job("d2"))
+    assert sum(second_day) == 20
+    figures = (await usage(pagemeter_server))["pages"]
+    assert (figures.committed, figures.held, figures.remaining) == (100, 0, 0)

@@ -1,7 +1,8 @@
 """Property test: random sequences of calls agree with a plain-Python model of the rules.
 
-Hypothesis draws a plan (quota, hard limit, overage for two metrics), prepaid
-grants and a sequence of checks, holds, records, releases and clock moves. Each
+Hypothesis draws a plan (quota, hard limit, overage and minute, hour and day
+windows, hard or soft, for two metrics), prepaid grants and a sequence of
+checks, holds, records, releases and clock moves. Each
 step runs on the real Lua scripts and is compared with the model; afterwards the
 counters must reconcile exactly with the model's ledger.
 """
@@ -19,8 +20,9 @@ from hypothesis import strategies as st
 
 from pagemeter.v1 import plan_pb2
 from pagemeter_server.domain.decisions import CheckCall, RecordCall
-from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.domain.plans import WINDOW_ENUMS, plan_to_doc
 from pagemeter_server.ops.embedded import RedisProcess
+from pagemeter_server.store.keys import PLAN_SCHEMA_KEY
 from pagemeter_server.store.quota import Store
 from tests.conftest import START_MS, examples, metric_limits
 
@@ -31,10 +33,21 @@ TTL_MS = 10_000
 
 
 @dataclass
+class Window:
+    kind: str  # "minute" | "hour" | "day"
+    limit: int
+    soft: bool
+
+
+WINDOW_LENGTH_MS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+@dataclass
 class Limits:
     quota: int | None
     hard: int | None
     overage: bool
+    windows: list[Window] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +66,24 @@ class Model:
     balance: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
     holds: dict[str, Hold] = field(default_factory=dict)
     recorded: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (completed_ms, units) of every successful record, per metric: what windows count.
+    events: dict[str, list[tuple[int, int]]] = field(
+        default_factory=lambda: {m: [] for m in METRICS}
+    )
+
+    def in_window(self, metric: str, kind: str) -> int:
+        """Units committed in the window of `kind` that contains now (UTC plan)."""
+        length = WINDOW_LENGTH_MS[kind]
+        start = self.now_ms - self.now_ms % length
+        return sum(n for at, n in self.events[metric] if start <= at < start + length)
+
+    def window_states(self, metric: str, n: int) -> list[tuple[str, int, bool]]:
+        """(kind, used, exceeded) of the metric's windows for a check of n units."""
+        states = []
+        for w in self.limits[metric].windows:
+            used = self.in_window(metric, w.kind) + self.held(metric)
+            states.append((w.kind, used, used + n > w.limit))
+        return states
 
     def expire(self) -> None:
         for request_id in [r for r, h in self.holds.items() if h.expires_ms <= self.now_ms]:
@@ -79,6 +110,13 @@ class Model:
         allowed = not (lim.hard is not None and used + n > lim.hard) and not (
             overage > 0 and not lim.overage
         )
+        for w, (_, window_used, exceeded) in zip(
+            lim.windows, self.window_states(metric, n), strict=True
+        ):
+            if not w.soft:
+                room = max(0, w.limit - window_used)
+                cap = room if cap is None else min(cap, room)
+                allowed = allowed and not exceeded
         return allowed, included, prepaid, overage, cap
 
     def commit(self, metric: str, n: int) -> tuple[int, int, int]:
@@ -90,15 +128,27 @@ class Model:
         self.balance[metric] -= prepaid
         self.prepaid_used[metric] += prepaid
         self.committed[metric] += n
+        self.events[metric].append((self.now_ms, n))
         return included, prepaid, n - included - prepaid
 
 
 small_limit = st.none() | st.integers(0, 6) | st.integers(0, 30)
+windows_strategy = st.lists(
+    st.builds(
+        Window,
+        kind=st.sampled_from(list(WINDOW_LENGTH_MS)),
+        limit=st.integers(0, 30),
+        soft=st.booleans(),
+    ),
+    max_size=3,
+    unique_by=lambda w: w.kind,
+).map(lambda ws: sorted(ws, key=lambda w: WINDOW_LENGTH_MS[w.kind]))
 limits_strategy = st.builds(
     Limits,
     quota=small_limit,
     hard=st.none() | st.integers(0, 40),
     overage=st.booleans(),
+    windows=windows_strategy,
 )
 units_strategy = st.dictionaries(st.sampled_from(METRICS), st.integers(0, 12), min_size=1)
 step_strategy = st.one_of(
@@ -106,7 +156,7 @@ step_strategy = st.one_of(
     st.tuples(st.just("record"), units_strategy, st.booleans(), st.booleans()),
     st.tuples(st.just("release"), st.integers(0, 30)),
     st.tuples(st.just("grant"), st.sampled_from(METRICS), st.integers(1, 10)),
-    st.tuples(st.just("advance"), st.integers(1, 6_000)),
+    st.tuples(st.just("advance"), st.integers(1, 6_000) | st.integers(30_000, 7_200_000)),
 )
 
 
@@ -153,7 +203,9 @@ def test_scripts_agree_with_the_model(
     redis_server: RedisProcess, limits: dict[str, Limits], steps: list[tuple[object, ...]]
 ) -> None:
     """Every decision and split matches the model, and counters reconcile with its ledger."""
-    redis.Redis.from_url(redis_server.url).flushall()
+    plain = redis.Redis.from_url(redis_server.url)
+    plain.flushall()
+    plain.set(PLAN_SCHEMA_KEY, "2")  # windows need the current plan document
     runner = Runner(redis_server.url)
     try:
         _play(runner, Model(limits), steps)
@@ -167,7 +219,15 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
         org_id="acme",
         name="Model",
         metrics=[
-            metric_limits(m, overage_allowed=lim.overage, **_optional(lim))
+            metric_limits(
+                m,
+                overage_allowed=lim.overage,
+                windows=[
+                    plan_pb2.WindowLimit(window=WINDOW_ENUMS[w.kind], limit=w.limit, soft=w.soft)  # type: ignore[index]
+                    for w in lim.windows
+                ],
+                **_optional(lim),
+            )
             for m, lim in model.limits.items()
         ],
     )
@@ -197,6 +257,7 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
                 )
             )
             expected = {m: model.decide(m, n) for m, n in units.items()}
+            expected_windows = {m: model.window_states(m, n) for m, n in units.items()}
             assert result.allowed == all(e[0] for e in expected.values())
             for decision in result.metrics:
                 allowed, included, prepaid, overage, cap = expected[decision.metric]
@@ -212,6 +273,9 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
                     overage,
                 )
                 assert decision.max_admissible == cap
+                assert [
+                    (w.window, w.used, w.exceeded) for w in decision.windows
+                ] == expected_windows[decision.metric]
                 assert decision.committed == model.committed[decision.metric]
                 assert decision.held == model.held(decision.metric)
             assert result.held == (hold and result.allowed)
