@@ -45,7 +45,8 @@ class QuotaDenied(Exception):
 
     @property
     def retry_after(self) -> timedelta | None:
-        """How long to wait before retrying, for a RATE_LIMITED denial."""
+        """How long to wait before retrying: for a RATE_LIMITED denial, and for a
+        WINDOW_LIMIT_EXCEEDED one when the units fit the window once it resets."""
         if self.response.HasField("retry_after"):
             return self.response.retry_after.ToTimedelta()
         return None

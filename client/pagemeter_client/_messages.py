@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import (
     admin_pb2,
+    plan_pb2,
     quota_pb2,
     reporting_pb2,
 )
@@ -239,17 +240,28 @@ def reason_name(reason: quota_pb2.DecisionReason.ValueType) -> str:
     return quota_pb2.DecisionReason.Name(reason).removeprefix("DECISION_REASON_")
 
 
+def window_name(window: plan_pb2.Window.ValueType) -> str:
+    """day for WINDOW_DAY (the enum's short name, lowercase)."""
+    return plan_pb2.Window.Name(window).removeprefix("WINDOW_").lower()
+
+
 def _metric_denial(decision: quota_pb2.MetricDecision) -> str:
     most = str(decision.max_admissible) if decision.HasField("max_admissible") else "unlimited"
     verdict = "ok" if decision.allowed else reason_name(decision.reason)
+    if decision.denied_by:
+        verdict += f" (per {window_name(decision.denied_by)})"
     return f"{decision.metric}: {verdict}, requested {decision.requested}, max admissible {most}"
 
 
 def describe_denial(response: quota_pb2.CheckQuotaResponse) -> str:
-    """One line saying why a CheckQuota was denied, with max_admissible per metric."""
+    """One line saying why a CheckQuota was denied, with max_admissible per metric and,
+    when waiting helps (rate limit, a window that resets), how long to wait."""
     text = f"quota denied: {reason_name(response.reason)}"
+    wait = ""
+    if response.HasField("retry_after"):
+        wait = f", retry after {response.retry_after.ToTimedelta().total_seconds():g}s"
     if response.reason == quota_pb2.DECISION_REASON_RATE_LIMITED:
-        return f"{text}, retry after {response.retry_after.ToTimedelta().total_seconds():g}s"
+        return text + wait
     if response.metrics:
         text += " (" + "; ".join(_metric_denial(d) for d in response.metrics) + ")"
-    return text
+    return text + wait

@@ -82,6 +82,7 @@ from pagemeter_client._messages import (
     new_request_id,
     reason_name,
     record_usage_request,
+    window_name,
 )
 from pagemeter_client._sync.client import PagemeterClient, Reservation
 
@@ -127,4 +128,5 @@ __all__ = [
     "new_request_id",
     "reason_name",
     "record_usage_request",
+    "window_name",
 ]

@@ -144,6 +144,8 @@ async def test_denied_check_exits_3_and_prints_the_decision(pagemeter: Cli) -> N
         ("pages:quota=1,quota=2", "quota is given twice"),
         ("pages:period=weekly", "period must be monthly or none (got 'weekly')"),
         ("Pages:quota=1", "metric name 'Pages' must start with a lowercase letter"),
+        ("pages:day=10/hard", "day must be N or N/soft (got '10/hard')"),
+        ("pages:minute=-1", "minute must be"),
     ],
 )
 def test_bad_metric_spec_exits_2_without_calling_the_server(
@@ -287,3 +289,21 @@ async def test_console_script_reads_target_from_environment(
     assert bad.code == 2 and "quota must be a whole number >= 0 (got '-1')" in bad.err
     denied = await run("check", "acme", "documents=501")
     assert denied.code == 3 and "QUOTA_EXCEEDED" in denied.out
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_windows_are_set_shown_and_decided_from_the_command_line(pagemeter: Cli) -> None:
+    """`--metric pages:day=5,minute=2/soft` sets a hard daily and a soft per-minute window; plan show lists them, a check past the day names the window, and a record shows each window's use."""
+    plan = await pagemeter(
+        "plan", "set", "acme", "--name", "W", "--metric", "pages:day=5,minute=2/soft"
+    )
+    assert plan.code == 0, plan.err
+    assert "2/minute (soft), 5/day" in plan.out
+    record = await pagemeter("record", "acme", "job-1", "pages=4")
+    assert record.code == 0, record.err
+    assert "4/2 per minute soft, passed" in record.out and "4/5 per day, resets" in record.out
+    check = await pagemeter("check", "acme", "pages=2")
+    assert check.code == 3, "a denied check exits 3"
+    assert row(check.out, "reason:") == ["WINDOW_LIMIT_EXCEEDED"]
+    assert row(check.out, "denied by window") == ["day"]
+    assert "retry after:" in check.out

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
-from pagemeter.v1 import quota_pb2
+from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_client import (
     AsyncPagemeterClient,
     PagemeterClient,
@@ -24,10 +24,10 @@ from pagemeter_client import (
     RetryPolicy,
     error_details,
 )
-from pagemeter_client.sdk import record_usage_request
+from pagemeter_client.sdk import record_usage_request, window_name
 from pagemeter_server.ops.embedded import free_port
 from tests.client.client_flavours import Connect
-from tests.conftest import RunningServer, eagle_plan
+from tests.conftest import START_MS, RunningServer, eagle_plan
 
 Q = quota_pb2
 HTTP2_HEADERS_FRAME = 0x1
@@ -486,3 +486,38 @@ async def test_sync_client_deadline(silent_target: str) -> None:
         raise AssertionError("the call returned")
 
     assert await asyncio.to_thread(call) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_quota_denied_by_a_window_says_which_and_when_to_retry(
+    client: AsyncPagemeterClient, pagemeter_server: RunningServer
+) -> None:
+    """Past a per-minute window, QuotaDenied names the window and retry_after is the time to its reset."""
+    pagemeter_server.clock.set(START_MS + 15_000)  # 15 s into a minute
+    await client.set_plan(
+        plan_pb2.Plan(
+            org_id="acme",
+            name="Burst",
+            metrics=[
+                plan_pb2.MetricLimits(
+                    metric="pages",
+                    windows=[plan_pb2.WindowLimit(window=plan_pb2.WINDOW_MINUTE, limit=10)],
+                )
+            ],
+        )
+    )
+    with pytest.raises(QuotaDenied) as denied:
+        async with client.reserve("acme", {"pages": 11}):
+            pass
+    assert denied.value.retry_after is None, "11 never fit a window of 10"
+    async with client.reserve("acme", {"pages": 6}):
+        pass
+    with pytest.raises(QuotaDenied) as denied:
+        async with client.reserve("acme", {"pages": 5}):
+            pass
+    assert str(denied.value) == (
+        "quota denied: WINDOW_LIMIT_EXCEEDED (pages: WINDOW_LIMIT_EXCEEDED (per minute), "
+        "requested 5, max admissible 4), retry after 45s"
+    )
+    assert denied.value.retry_after == timedelta(seconds=45)
+    assert window_name(denied.value.response.metrics[0].denied_by) == "minute"

@@ -14,8 +14,9 @@ METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
 SPEC_HELP = (
     "SPEC is NAME[:key=value,...] with keys quota, hard_limit, overage (yes/no), price, "
-    "overage_price, period (monthly/none); e.g. "
-    "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028"
+    "overage_price, period (monthly/none), and windows minute, hour, day, week (N, or "
+    "N/soft for a window that reports but never denies); e.g. "
+    "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028,day=200"
 )
 
 
@@ -60,7 +61,26 @@ SPEC_KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
 }
 
 
+WINDOW_KEYS = {
+    "minute": plan_pb2.WINDOW_MINUTE,
+    "hour": plan_pb2.WINDOW_HOUR,
+    "day": plan_pb2.WINDOW_DAY,
+    "week": plan_pb2.WINDOW_WEEK,
+}
+
+
+def _add_window(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
+    """`day=200` (a hard window) or `day=200/soft`."""
+    amount, slash, kind = value.partition("/")
+    if slash and kind != "soft":
+        raise argparse.ArgumentTypeError(f"{key} must be N or N/soft (got {value!r})")
+    limits.windows.add(window=WINDOW_KEYS[key], limit=_whole_number(key, amount), soft=bool(slash))
+
+
 def _set_spec_value(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
+    if key in WINDOW_KEYS:
+        _add_window(limits, key, value)
+        return
     if key not in SPEC_KEYS:
         raise argparse.ArgumentTypeError(f"unknown key {key!r}")
     field, read = SPEC_KEYS[key]

@@ -35,8 +35,37 @@ def render_plan(plan: plan_pb2.Plan) -> str:
         for m in plan.metrics
     ]
     headers = ["metric", "period", "contract quota", "hard limit", "overage", "price"]
-    metrics = fmt.table([*headers, "overage price"], rows)
+    headers.append("overage price")
+    if any(m.windows for m in plan.metrics):
+        headers.append("windows")
+        for row, m in zip(rows, plan.metrics, strict=True):
+            row.append(", ".join(_window_limit_text(w) for w in m.windows) or "-")
+    metrics = fmt.table(headers, rows)
     return f"{header}\n\n{metrics}"
+
+
+def _window_word(window: plan_pb2.Window.ValueType) -> str:
+    return fmt.enum_word("WINDOW_", plan_pb2.Window.Name(window)).lower()
+
+
+def _window_limit_text(window: plan_pb2.WindowLimit) -> str:
+    soft = " (soft)" if window.soft else ""
+    return f"{window.limit}/{_window_word(window.window)}{soft}"
+
+
+def _windows_text(windows: list[quota_pb2.WindowDecision]) -> str:
+    """Each window as 'used/limit per kind', marked when passed, with its reset."""
+    parts = []
+    for w in windows:
+        mark = (
+            (" soft, passed" if w.exceeded else " soft")
+            if w.soft
+            else (" passed" if w.exceeded else "")
+        )
+        parts.append(
+            f"{w.used}/{w.limit} per {_window_word(w.window)}{mark}, resets {fmt.when(w.resets_at)}"
+        )
+    return "; ".join(parts) or "-"
 
 
 def render_grant(response: admin_pb2.GrantCreditsResponse) -> str:
@@ -75,6 +104,14 @@ def render_check(response: quota_pb2.CheckQuotaResponse) -> str:
         ["overage cost", *(fmt.money(d.overage_cost) for d in columns)],
         ["period", *(d.period_id for d in columns)],
     ]
+    if any(d.windows for d in columns):
+        rows.append(["windows (used before)", *(_windows_text(list(d.windows)) for d in columns)])
+        rows.append(
+            [
+                "denied by window",
+                *(_window_word(d.denied_by) if d.denied_by else "-" for d in columns),
+            ]
+        )
     return f"{header}\n\n{fmt.table(['', *(d.metric for d in columns)], rows)}"
 
 
@@ -112,6 +149,8 @@ def render_record(response: quota_pb2.RecordUsageResponse) -> str:
         ["overage not allowed", *(fmt.yes_no(m.overage_not_allowed) for m in columns)],
         ["period", *(m.period_id for m in columns)],
     ]
+    if any(m.windows for m in columns):
+        rows.append(["windows (used after)", *(_windows_text(list(m.windows)) for m in columns)])
     return f"{header}\n\n{fmt.table(['', *(m.metric for m in columns)], rows)}"
 
 
