@@ -16,7 +16,7 @@ BENCH_TOOLS_DIR := $(TOOLS)/bench
 H2LOAD := $(BENCH_TOOLS_DIR)/usr/bin/h2load
 BENCH_DEBS := nghttp2-client libnghttp2-14 libev4 libjemalloc2 redis-tools liblzf1
 
-.PHONY: install run test test-fast lint proto proto-check scripts tools bench clean unasync
+.PHONY: install run test test-fast lint proto proto-check scripts tools bench clean unasync contract-release
 
 install: $(STAMP)
 
@@ -49,12 +49,21 @@ run: $(STAMP)
 unasync: $(STAMP)
 	$(BIN)/python tools/unasync.py
 
-## lint: buf lint on the contract, ruff and mypy --strict on the code (server, client, tests,
+# The contract as last released: `buf breaking` in lint refuses a change that would
+# break its clients (wire or generated code); `make contract-release` records a release.
+RELEASED_CONTRACT := protos/released/pagemeter-v1.json
+
+## contract-release: record the current .proto files as the released contract
+contract-release: $(STAMP)
+	$(BIN)/buf build -o $(RELEASED_CONTRACT)
+
+## lint: buf lint and buf breaking (against the released contract) on the contract, ruff and mypy --strict on the code (server, client, tests,
 ## bench, tools), the layers' import direction, and the generated code checked for drift:
 ## the built Lua scripts against `make scripts`, the blocking client against what its async
 ## source generates
 lint: $(STAMP)
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --against $(RELEASED_CONTRACT)
 	$(BIN)/python -m pagemeter_server.store.build_scripts --check
 	$(BIN)/python tools/unasync.py --check
 	$(BIN)/ruff check server client tests bench tools

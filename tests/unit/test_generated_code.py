@@ -139,3 +139,47 @@ def test_standard_lint_check_catches_violations(tmp_path: Path) -> None:
     result = buf(["lint", "--config", STANDARD_LINT_CONFIG], tmp_path, tmp_path / "cache")
     assert result.returncode != 0
     assert "_UNSPECIFIED" in result.stdout and "GetRequest" in result.stdout, result.stdout
+
+
+RELEASED_CONTRACT = Path("protos") / "released" / "pagemeter-v1.json"
+
+
+def buf_breaking(repo_root: Path, tmp_path: Path, edit: tuple[str, str] | None) -> int:
+    """`buf breaking` against the released contract, on a copy of the protos with `edit`
+    (old text, new text in quota.proto) applied."""
+    copy = tmp_path / "protos"
+    subprocess.run(["cp", "-r", str(repo_root / "protos"), str(copy)], check=True)
+    (tmp_path / "buf.yaml").write_text((repo_root / "buf.yaml").read_text())
+    if edit:
+        quota = copy / "pagemeter" / "v1" / "quota.proto"
+        text = quota.read_text()
+        assert edit[0] in text
+        quota.write_text(text.replace(edit[0], edit[1], 1))
+    against = repo_root / RELEASED_CONTRACT
+    result = subprocess.run(
+        [str(BIN_DIR / "buf"), "breaking", "--against", str(against)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result.returncode
+
+
+@pytest.mark.parametrize(
+    ("edit", "breaks"),
+    [
+        (None, False),
+        (("  bool allowed = 2;", "  int32 allowed = 2;"), True),  # a field's type
+        (("  string request_id = 8;\n}", "}"), True),  # a field removed
+        (("  DECISION_REASON_FAIL_OPEN = 9;", "  DECISION_REASON_OPEN = 9;"), True),
+    ],
+    ids=["as-is", "type-changed", "field-removed", "enum-renamed"],
+)
+def test_a_contract_change_that_breaks_clients_fails_lint(
+    tmp_path: Path, edit: tuple[str, str] | None, breaks: bool
+) -> None:
+    """make lint's `buf breaking` passes the contract as it is and refuses changes that would break clients of the released one."""
+    repo_root = Path(__file__).resolve().parents[2]
+    assert (buf_breaking(repo_root, tmp_path, edit) != 0) == breaks
