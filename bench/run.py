@@ -81,6 +81,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pagemeter.v1 import admin_pb2, admin_pb2_grpc, plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.domain.decisions import CheckCall
 from pagemeter_server.ops.embedded import RedisProcess, free_port, server_version
+from pagemeter_server.store.keys import PLAN_SCHEMA_KEY
 from pagemeter_server.store.scripts import script_text
 
 # bench/driver.py: imported here and by the driver processes this script spawns;
@@ -97,6 +98,10 @@ SERVER = BIN / "pagemeter-server"
 EMPTY_SERVER = Path(__file__).resolve().parent / "empty_server.py"
 SERVICE = "pagemeter.v1.QuotaService"
 ORG = "bench-org"
+# An organization whose two metrics carry four windows each (8 windows per call).
+WINDOWS_ORG = "bench-windows"
+WINDOWS_LABEL = "CheckQuota, 4 windows per metric"
+WINDOWS_PER_CALL = 8
 MEMORY_ORG = "bench-memory"
 CHECK_UNITS = {"pages": 3, "documents": 1}
 MIB = 1024 * 1024
@@ -437,6 +442,9 @@ class Bench:
             ]
         )
         self.set_plan(ORG)
+        # Windows need the current plan document (decision 35): a fresh store is migrated.
+        self.redis_client.set(PLAN_SCHEMA_KEY, "2")
+        self.set_plan(WINDOWS_ORG, windows=True)
 
     def stop(self) -> None:
         self.rss.stop()
@@ -450,7 +458,22 @@ class Bench:
         if self.redis is not None:
             self.redis.stop()
 
-    def set_plan(self, org: str) -> None:
+    def set_plan(self, org: str, windows: bool = False) -> None:
+        """The benchmark's plan; with `windows`, a minute, hour, day and week window on
+        each metric too (limits never reached), for the cost of deciding windows."""
+        caps = (
+            [
+                plan_pb2.WindowLimit(window=kind, limit=10**15)
+                for kind in (
+                    plan_pb2.WINDOW_MINUTE,
+                    plan_pb2.WINDOW_HOUR,
+                    plan_pb2.WINDOW_DAY,
+                    plan_pb2.WINDOW_WEEK,
+                )
+            ]
+            if windows
+            else []
+        )
         plan = plan_pb2.Plan(
             org_id=org,
             name="Benchmark",
@@ -463,8 +486,9 @@ class Bench:
                     overage_allowed=True,
                     price_per_unit="0.03",
                     overage_price_per_unit="0.028",
+                    windows=caps,
                 ),
-                plan_pb2.MetricLimits(metric="documents", contract_quota=10**15),
+                plan_pb2.MetricLimits(metric="documents", contract_quota=10**15, windows=caps),
             ],
         )
         admin_pb2_grpc.AdminServiceStub(self.channel).SetPlan(
@@ -614,6 +638,8 @@ class Bench:
 
         self.h2load("empty (before)", self.empty_port, "CheckQuota", check, clients=c, streams=m)
         self.h2load("CheckQuota", self.port, "CheckQuota", check, clients=c, streams=m)
+        windowed = grpc_frame(quota_pb2.CheckQuotaRequest(org_id=WINDOWS_ORG, units=CHECK_UNITS))
+        self.h2load(WINDOWS_LABEL, self.port, "CheckQuota", windowed, clients=c, streams=m)
         self.h2load("GetUsage", self.port, "GetUsage", usage, clients=c, streams=m)
         committed_before = self.committed()
         records_before = self.metrics.scrape()
@@ -1520,6 +1546,13 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def per_window_usec(with_windows: float | None, without: float | None) -> float | None:
+    """Microseconds each window adds to a call, from calls/s with and without windows."""
+    if not with_windows or not without:
+        return None
+    return (1e6 / with_windows - 1e6 / without) / WINDOWS_PER_CALL
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if not a or not b:
         return None
@@ -1730,10 +1763,17 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
                 ratio(figure("RecordUsage new ids (Python driver)"), empty_py)
             ),
             "check_vs_redis_ceiling": rounded(ratio(check.get("calls_per_s"), ceiling)),
+            "check_4_windows_per_metric_vs_check": rounded(
+                ratio(figure(WINDOWS_LABEL), check.get("calls_per_s"))
+            ),
             "redis_py_floor_vs_redis_ceiling": rounded(
                 ratio(figure("redis-py check.lua (client floor)"), ceiling)
             ),
         },
+        # What one more window costs a CheckQuota at saturation, from the two rates.
+        "usec_per_window": rounded(
+            per_window_usec(figure(WINDOWS_LABEL), check.get("calls_per_s"))
+        ),
         "replica_acks_1": {
             f"{key}_{figure_name}": rounded(value)
             for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
