@@ -9,7 +9,7 @@ from google.protobuf.message import Message as ProtoMessage
 from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain import usage as rules
 from pagemeter_server.domain.decisions import MetricCheck, MetricRecord, WindowState
-from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, timestamp, window_at, zone
+from pagemeter_server.domain.periods import LIFETIME_PERIOD_ID, Month, WindowSpan, timestamp
 from pagemeter_server.domain.plans import WINDOW_ENUMS
 
 
@@ -66,33 +66,29 @@ def metric_usage(f: rules.MetricUsageFigures) -> quota_pb2.MetricUsage:
 
 
 def window_decisions(
-    windows: tuple[WindowState, ...], instant_ms: int, timezone: str, taken: int
+    windows: tuple[WindowState, ...], spans: tuple[WindowSpan, ...], taken: int
 ) -> list[quota_pb2.WindowDecision]:
-    """A metric's windows with their bounds; `taken`: the units this answer adds to
-    what each window had used (a check's admitted units, 0 for a record)."""
-    if not windows:
-        return []
-    tz = zone(timezone)
-    answers = []
-    for w in windows:
-        span = window_at(w.window, instant_ms, tz)
-        answers.append(
-            quota_pb2.WindowDecision(
-                window=WINDOW_ENUMS[w.window],  # type: ignore[index]
-                limit=w.limit,
-                soft=w.soft,
-                used=w.used,
-                remaining=max(0, w.limit - w.used - taken),
-                exceeded=w.exceeded,
-                window_start=timestamp(span.start_ms),
-                resets_at=timestamp(span.end_ms),
-            )
+    """A metric's windows with their bounds (`spans`: the windows of the answer's
+    instant); `taken`: the units this answer adds to what each window had used (a
+    check's admitted units, 0 for a record)."""
+    bounds = {span.kind: span for span in spans}
+    return [
+        quota_pb2.WindowDecision(
+            window=WINDOW_ENUMS[w.window],  # type: ignore[index]
+            limit=w.limit,
+            soft=w.soft,
+            used=w.used,
+            remaining=max(0, w.limit - w.used - taken),
+            exceeded=w.exceeded,
+            window_start=timestamp(bounds[w.window].start_ms),
+            resets_at=timestamp(bounds[w.window].end_ms),
         )
-    return answers
+        for w in windows
+    ]
 
 
 def metric_decision(
-    d: MetricCheck, month: Month, now_ms: int = 0, timezone: str = "UTC"
+    d: MetricCheck, month: Month, spans: tuple[WindowSpan, ...] = ()
 ) -> quota_pb2.MetricDecision:
     decision = quota_pb2.MetricDecision(
         metric=d.metric,
@@ -109,7 +105,7 @@ def metric_decision(
         overage_price_per_unit=d.overage_price,
         prepaid_available=d.prepaid_available,
         **period_fields(d.lifetime, month),
-        windows=window_decisions(d.windows, now_ms, timezone, d.requested if d.allowed else 0),
+        windows=window_decisions(d.windows, spans, d.requested if d.allowed else 0),
         denied_by=(
             WINDOW_ENUMS[d.denied_by]  # type: ignore[index]
             if d.reason == quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED
@@ -120,7 +116,7 @@ def metric_decision(
 
 
 def metric_record_result(
-    m: MetricRecord, month_id: str, completed_ms: int = 0, timezone: str = "UTC"
+    m: MetricRecord, month_id: str, spans: tuple[WindowSpan, ...] = ()
 ) -> quota_pb2.MetricRecordResult:
     result = quota_pb2.MetricRecordResult(
         metric=m.metric,
@@ -134,7 +130,7 @@ def metric_record_result(
         over_hard_limit=m.over_hard_limit,
         overage_not_allowed=m.overage_not_allowed,
         period_id=LIFETIME_PERIOD_ID if m.lifetime else month_id,
-        windows=window_decisions(m.windows, completed_ms, timezone, 0),
+        windows=window_decisions(m.windows, spans, 0),
     )
     return with_present(result, m, "contract_quota", "hard_limit")
 

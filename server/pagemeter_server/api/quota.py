@@ -115,8 +115,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             if result.held:
                 response.hold_expires_at.CopyFrom(timestamp(result.hold_expires_ms))
             response.metrics.extend(
-                metric_decision(d, result.month, result.now_ms, result.timezone)
-                for d in result.metrics
+                metric_decision(d, result.month, result.spans) for d in result.metrics
             )
             if response.reason == quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED:
                 wait_ms = rules.window_retry_after_ms(response.metrics, result.now_ms)
@@ -225,8 +224,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             request_id=request.request_id,
             completed_at=timestamp(result.completed_ms),
             metrics=[
-                metric_record_result(m, result.month_id, result.completed_ms, result.timezone)
-                for m in result.metrics
+                metric_record_result(m, result.month_id, result.spans) for m in result.metrics
             ],
         )
         self.metrics.records.labels(result.status, str(result.duplicate).lower()).inc()

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pagemeter_server.domain.periods import Month
+from pagemeter_server.domain.periods import Month, WindowSpan
 from pagemeter_server.domain.plans import PlanDoc
 
 
@@ -63,9 +63,10 @@ class CheckResult:
     metrics: list[MetricCheck]
     # Units of holds this call found expired, per metric.
     expired: dict[str, int] = field(default_factory=dict)
-    # The plan's timezone and the instant the windows were decided at.
-    timezone: str = "UTC"
+    # The instant the windows were decided at, and the windows that contain it
+    # (minute, hour, day, week; empty when no metric of the answer has windows).
     now_ms: int = 0
+    spans: tuple[WindowSpan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ class RecordResult:
     # The job's document type counted as '_other' in the statistics (the org
     # uses the most document types allowed).
     document_type_folded: bool = False
-    # The plan's timezone, which the windows of completed_ms are in.
-    timezone: str = "UTC"
+    # The windows that contain completed_ms (empty when no metric has windows).
+    spans: tuple[WindowSpan, ...] = ()
 
 
 @dataclass(frozen=True)

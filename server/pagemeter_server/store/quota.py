@@ -8,6 +8,7 @@ and reload the script on NOSCRIPT (after a Redis restart, for example).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections import OrderedDict
@@ -22,6 +23,8 @@ from pagemeter.v1 import quota_pb2
 from pagemeter_server.domain.decisions import (
     CheckCall,
     CheckResult,
+    MetricCheck,
+    MetricRecord,
     RecordCall,
     RecordResult,
     ReleaseResult,
@@ -123,6 +126,7 @@ class Store:
         self._policy_cache: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self._month_cache: dict[str, Month] = {}
         self._window_cache: dict[tuple[str, str], WindowSpan] = {}
+        self._window_key_cache: dict[str, tuple[int, int, str, list[str]]] = {}
         self._tz_cache_size = tz_cache_size
         self._plans_migrated_seen = False
         self.audit_max_events = audit_max_events
@@ -162,15 +166,45 @@ class Store:
             spans.append(cached)
         return tuple(spans)
 
+    def _spans_for(
+        self, rows: Sequence[MetricCheck | MetricRecord], instant_ms: int, tz: str
+    ) -> tuple[WindowSpan, ...]:
+        """The windows at the instant, for an answer that has any."""
+        if not any(row.windows for row in rows):
+            return ()
+        return self._windows_at(instant_ms, tz)
+
+    def _record_result(self, reply: ScriptReply, prepared: PreparedCall) -> RecordResult:
+        result = record_result(reply)
+        spans = self._spans_for(result.metrics, result.completed_ms, prepared.timezone)
+        return dataclasses.replace(result, spans=spans) if spans else result
+
     def _window_keys(self, keys: OrgKeys, instant_ms: int, tz: str) -> list[str]:
-        """The counters of the windows that contain the instant (the day's is the day hash)."""
-        minute, hour, day, week = self._windows_at(instant_ms, tz)
-        return [
+        """The counters of the windows that contain the instant (the day's is the day
+        hash), remembered per organization while the instant stays in all four: a
+        busy organization's calls share them for up to a minute."""
+        cached = self._window_key_cache.get(keys.prefix)
+        if cached is not None:
+            start, end, cached_tz, window_keys = cached
+            if start <= instant_ms < end and cached_tz == tz:
+                return window_keys
+        spans = self._windows_at(instant_ms, tz)
+        minute, hour, day, week = spans
+        window_keys = [
             keys.window("minute", minute.window_id),
             keys.window("hour", hour.window_id),
             keys.day_named(day.window_id),
             keys.window("week", week.window_id),
         ]
+        if len(self._window_key_cache) > self._tz_cache_size:
+            self._window_key_cache.clear()
+        self._window_key_cache[keys.prefix] = (
+            max(span.start_ms for span in spans),
+            min(span.end_ms for span in spans),
+            tz,
+            window_keys,
+        )
+        return window_keys
 
     # -- store failure policy cache -------------------------------------------------
     # While Redis is unreachable the plan cannot be read, so CheckQuota's
@@ -405,8 +439,8 @@ class Store:
             month=month,
             metrics=metrics,
             expired=held_units(expired),
-            timezone=prepared.timezone,
             now_ms=prepared.instant_ms,
+            spans=self._spans_for(metrics, prepared.instant_ms, prepared.timezone),
         )
 
     # -- RecordUsage ------------------------------------------------------------
@@ -415,7 +449,7 @@ class Store:
         reply, prepared = await self.call_in_timezone(
             org_id, "record", lambda tz: self._prepare_record(org_id, call, now_ms, tz)
         )
-        return record_result(reply, prepared.timezone)
+        return self._record_result(reply, prepared)
 
     async def record_batch(
         self, org_id: str, calls: Sequence[RecordCall], *, now_ms: int
@@ -426,7 +460,7 @@ class Store:
             "record",
             calls,
             lambda call, tz: self._prepare_record(org_id, call, now_ms, tz),
-            lambda reply, prepared: record_result(reply, prepared.timezone),
+            lambda reply, prepared: self._record_result(reply, prepared),
         )
 
     async def _batch(

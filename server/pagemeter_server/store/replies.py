@@ -33,7 +33,7 @@ def split_rows(encoded: str) -> list[list[str]]:
     return [row.split(",") for row in encoded.split(";")] if encoded else []
 
 
-def record_result(reply: ScriptReply, timezone: str = "UTC") -> RecordResult:
+def record_result(reply: ScriptReply) -> RecordResult:
     tag = reply[0]
     if tag == "ERR":
         raise ItemFailed(str(reply[1]))
@@ -57,7 +57,6 @@ def record_result(reply: ScriptReply, timezone: str = "UTC") -> RecordResult:
         metrics=[metric_record(row) for row in split_rows(rows)],
         expired=held_units(gone),
         document_type_folded=folded == "1",
-        timezone=timezone,
     )
 
 
