@@ -10,6 +10,7 @@ import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
 from tests.conftest import RunningServer, metric_limits
@@ -168,8 +169,28 @@ def violations(error: grpc.aio.AioRpcError) -> list[str]:
             metric_limits("apps", period=P.PERIOD_NONE, windows=[window(P.WINDOW_DAY, 5)]),
             "plan.metrics[0].windows",
         ),
+        (
+            metric_limits(
+                "pages",
+                windows=[P.WindowLimit(window=P.WINDOW_DAY, limit=5, soft=True, shadow=True)],
+            ),
+            "plan.metrics[0].windows[0].shadow",
+        ),
+        (
+            metric_limits("pages", shadow_hard_limit=-1),
+            "plan.metrics[0].shadow_hard_limit",
+        ),
     ],
-    ids=["unspecified", "unknown", "twice", "negative", "too-large", "lifetime-metric"],
+    ids=[
+        "unspecified",
+        "unknown",
+        "twice",
+        "negative",
+        "too-large",
+        "lifetime-metric",
+        "soft-and-shadow",
+        "shadow-hard-limit-negative",
+    ],
 )
 async def test_bad_windows_are_invalid_argument_and_change_nothing(
     server: RunningServer, redis_sync: redis.Redis, limits: P.MetricLimits, field: str
@@ -223,3 +244,34 @@ async def test_late_reports_are_not_added_to_ended_windows(server: RunningServer
     assert [w.used for w in late.metrics[0].windows] == [0, 5]
     now = await check(server, 0)
     assert [w.used for w in now.metrics[0].windows] == [0, 5]
+
+
+async def test_shadow_limits_answer_would_deny_and_are_counted(
+    server: RunningServer, registry: CollectorRegistry
+) -> None:
+    """A call a shadow minute window would deny is admitted with would_deny on the call and the metric, the window named, and pagemeter_shadow_denials_total counts it; GetPlan returns the shadow terms."""
+    await set_plan(
+        server,
+        metric_limits(
+            "pages",
+            shadow_hard_limit=1000,
+            windows=[P.WindowLimit(window=P.WINDOW_MINUTE, limit=3, shadow=True)],
+        ),
+    )
+    terms = (await server.admin.GetPlan(admin_pb2.GetPlanRequest(org_id="acme"))).plan.metrics[0]
+    assert terms.shadow_hard_limit == 1000 and terms.windows[0].shadow
+    response = await check(server, 4)
+    assert response.allowed and response.would_deny
+    (decision,) = response.metrics
+    assert decision.would_deny
+    assert decision.would_deny_reason == Q.DECISION_REASON_WINDOW_LIMIT_EXCEEDED
+    assert decision.would_deny_window == P.WINDOW_MINUTE
+    assert decision.windows[0].shadow and decision.windows[0].exceeded
+    assert not response.HasField("retry_after")
+    counted = registry.get_sample_value(
+        "pagemeter_shadow_denials_total",
+        {"metric": "pages", "reason": "window_limit_exceeded", "window": "minute"},
+    )
+    assert counted == 1
+    quiet = await check(server, 3)
+    assert not quiet.would_deny and not quiet.metrics[0].would_deny

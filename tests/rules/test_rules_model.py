@@ -18,7 +18,7 @@ import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pagemeter.v1 import plan_pb2
+from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain.decisions import CheckCall, RecordCall
 from pagemeter_server.domain.plans import WINDOW_ENUMS, plan_to_doc
 from pagemeter_server.ops.embedded import RedisProcess
@@ -37,6 +37,7 @@ class Window:
     kind: str  # "minute" | "hour" | "day"
     limit: int
     soft: bool
+    shadow: bool = False
 
 
 WINDOW_LENGTH_MS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
@@ -48,6 +49,7 @@ class Limits:
     hard: int | None
     overage: bool
     windows: list[Window] = field(default_factory=list)
+    shadow_hard: int | None = None
 
 
 @dataclass
@@ -113,11 +115,22 @@ class Model:
         for w, (_, window_used, exceeded) in zip(
             lim.windows, self.window_states(metric, n), strict=True
         ):
-            if not w.soft:
+            if not w.soft and not w.shadow:
                 room = max(0, w.limit - window_used)
                 cap = room if cap is None else min(cap, room)
                 allowed = allowed and not exceeded
         return allowed, included, prepaid, overage, cap
+
+    def would_deny(self, metric: str, n: int) -> int | None:
+        """The reason the metric's shadow limits would deny n units with (None: none)."""
+        lim = self.limits[metric]
+        used = self.committed[metric] + self.held(metric)
+        if lim.shadow_hard is not None and used + n > lim.shadow_hard:
+            return quota_pb2.DECISION_REASON_HARD_LIMIT_EXCEEDED
+        for w, (_, _, exceeded) in zip(lim.windows, self.window_states(metric, n), strict=True):
+            if w.shadow and exceeded:
+                return quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED
+        return None
 
     def commit(self, metric: str, n: int) -> tuple[int, int, int]:
         lim = self.limits[metric]
@@ -135,10 +148,10 @@ class Model:
 small_limit = st.none() | st.integers(0, 6) | st.integers(0, 30)
 windows_strategy = st.lists(
     st.builds(
-        Window,
+        lambda kind, limit, mode: Window(kind, limit, mode == "soft", mode == "shadow"),
         kind=st.sampled_from(list(WINDOW_LENGTH_MS)),
         limit=st.integers(0, 30),
-        soft=st.booleans(),
+        mode=st.sampled_from(["hard", "soft", "shadow"]),
     ),
     max_size=3,
     unique_by=lambda w: w.kind,
@@ -149,6 +162,7 @@ limits_strategy = st.builds(
     hard=st.none() | st.integers(0, 40),
     overage=st.booleans(),
     windows=windows_strategy,
+    shadow_hard=st.none() | st.integers(0, 40),
 )
 units_strategy = st.dictionaries(st.sampled_from(METRICS), st.integers(0, 12), min_size=1)
 step_strategy = st.one_of(
@@ -223,7 +237,12 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
                 m,
                 overage_allowed=lim.overage,
                 windows=[
-                    plan_pb2.WindowLimit(window=WINDOW_ENUMS[w.kind], limit=w.limit, soft=w.soft)  # type: ignore[index]
+                    plan_pb2.WindowLimit(
+                        window=WINDOW_ENUMS[w.kind],  # type: ignore[index]
+                        limit=w.limit,
+                        soft=w.soft,
+                        shadow=w.shadow,
+                    )
                     for w in lim.windows
                 ],
                 **_optional(lim),
@@ -276,6 +295,9 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
                 assert [
                     (w.window, w.used, w.exceeded) for w in decision.windows
                 ] == expected_windows[decision.metric]
+                assert decision.would_deny == model.would_deny(
+                    decision.metric, units[decision.metric]
+                )
                 assert decision.committed == model.committed[decision.metric]
                 assert decision.held == model.held(decision.metric)
             assert result.held == (hold and result.allowed)
@@ -340,6 +362,8 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
 
 def _optional(lim: Limits) -> dict[str, int]:
     fields = {}
+    if lim.shadow_hard is not None:
+        fields["shadow_hard_limit"] = lim.shadow_hard
     if lim.quota is not None:
         fields["contract_quota"] = lim.quota
     if lim.hard is not None:

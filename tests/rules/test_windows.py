@@ -230,3 +230,50 @@ async def test_a_plan_with_windows_waits_for_the_migrated_plan_document(store: S
     assert await store.get_plan("acme") is None
     await set_plan(store, metric_limits("pages", contract_quota=5))
     assert await store.get_plan("acme") is not None
+
+
+async def test_a_shadow_window_never_denies_but_says_it_would(migrated: Store) -> None:
+    """A shadow daily window of 5 admits a sixth page; the decision says WINDOW_LIMIT_EXCEEDED would have denied it, by the day, and caps nothing."""
+    await set_plan(
+        migrated,
+        metric_limits("pages", windows=[P.WindowLimit(window=P.WINDOW_DAY, limit=5, shadow=True)]),
+    )
+    await record(migrated, "j1", {"pages": 5})
+    inside = await check(migrated, {"pages": 0})
+    assert inside.metrics[0].would_deny is None, "the window is full, not passed"
+    result = await check(migrated, {"pages": 1}, hold="h1")
+    (decision,) = result.metrics
+    assert result.allowed and result.held
+    assert decision.reason == Q.DECISION_REASON_WITHIN_QUOTA
+    assert (decision.would_deny, decision.would_deny_window) == (
+        Q.DECISION_REASON_WINDOW_LIMIT_EXCEEDED,
+        "day",
+    )
+    assert decision.max_admissible is None
+    (state,) = decision.windows
+    assert state.shadow and state.exceeded and not state.soft
+
+
+async def test_a_shadow_hard_limit_reports_while_the_real_one_decides(migrated: Store) -> None:
+    """With hard_limit 10 and shadow_hard_limit 6: 8 units are admitted with would_deny HARD_LIMIT_EXCEEDED; 11 are denied by the real limit and would be by the shadow one too."""
+    await set_plan(migrated, metric_limits("pages", hard_limit=10, shadow_hard_limit=6))
+    admitted = await check(migrated, {"pages": 8})
+    assert admitted.allowed
+    assert admitted.metrics[0].would_deny == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
+    assert admitted.metrics[0].would_deny_window == ""
+    assert admitted.metrics[0].max_admissible == 10, "the shadow limit caps nothing"
+    denied = await check(migrated, {"pages": 11})
+    assert denied.metrics[0].reason == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
+    assert denied.metrics[0].would_deny == Q.DECISION_REASON_HARD_LIMIT_EXCEEDED
+    assert (await check(migrated, {"pages": 6})).metrics[0].would_deny is None
+
+
+async def test_records_past_a_shadow_window_are_not_over_limit(migrated: Store) -> None:
+    """A record past a shadow window reports the window exceeded but is not over_limit."""
+    await set_plan(
+        migrated,
+        metric_limits("pages", windows=[P.WindowLimit(window=P.WINDOW_HOUR, limit=2, shadow=True)]),
+    )
+    result = await record(migrated, "j1", {"pages": 3})
+    assert not result.over_limit
+    assert result.metrics[0].windows[0].exceeded and result.metrics[0].windows[0].shadow

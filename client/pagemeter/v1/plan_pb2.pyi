@@ -132,6 +132,7 @@ class WindowLimit(_message.Message):
     WINDOW_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     SOFT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     window: Global___Window.ValueType
     """The window; one limit per window kind and metric."""
     limit: _builtins.int
@@ -144,16 +145,23 @@ class WindowLimit(_message.Message):
     A soft window never denies: the decision reports that it was passed
     (WindowDecision.exceeded).
     """
+    shadow: _builtins.bool
+    """A shadow window is decided as a hard one would be but never denies and
+    caps nothing: a decision it would have denied says so
+    (MetricDecision.would_deny) and pagemeter_shadow_denials_total counts it.
+    For rolling a new limit out safely. Not together with soft.
+    """
     def __init__(
         self,
         *,
         window: Global___Window.ValueType = ...,
         limit: _builtins.int = ...,
         soft: _builtins.bool = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "soft", b"soft", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "shadow", b"shadow", "soft", b"soft", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -173,6 +181,7 @@ class MetricLimits(_message.Message):
     OVERAGE_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
     WINDOWS_FIELD_NUMBER: _builtins.int
+    SHADOW_HARD_LIMIT_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric name: lowercase letters, digits and '_', starting with a letter,
     at most 32 characters. Examples: "pages", "documents", "credits".
@@ -197,6 +206,11 @@ class MetricLimits(_message.Message):
     """Price of one overage unit, as a decimal string ("0.028"). Empty means "0"."""
     period: Global___Period.ValueType
     """The metric's period; PERIOD_UNSPECIFIED means PERIOD_MONTHLY."""
+    shadow_hard_limit: _builtins.int
+    """A hard limit on trial: decided as hard_limit would be, but never denies;
+    a decision it would have denied says so (MetricDecision.would_deny) and
+    pagemeter_shadow_denials_total counts it. Unset means none.
+    """
     @_builtins.property
     def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowLimit]:
         """Caps per minute, hour, day or week besides the period's limits (monthly
@@ -215,19 +229,24 @@ class MetricLimits(_message.Message):
         overage_price_per_unit: _builtins.str = ...,
         period: Global___Period.ValueType = ...,
         windows: _abc.Iterable[Global___WindowLimit] | None = ...,
+        shadow_hard_limit: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "shadow_hard_limit", b"shadow_hard_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "period", b"period", "price_per_unit", b"price_per_unit", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "period", b"period", "price_per_unit", b"price_per_unit", "shadow_hard_limit", b"shadow_hard_limit", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015
     _WhichOneofReturnType__hard_limit: _TypeAlias = _typing.Literal["hard_limit"]  # noqa: Y015
     _WhichOneofArgType__hard_limit: _TypeAlias = _typing.Literal["_hard_limit", b"_hard_limit"]  # noqa: Y015
+    _WhichOneofReturnType__shadow_hard_limit: _TypeAlias = _typing.Literal["shadow_hard_limit"]  # noqa: Y015
+    _WhichOneofArgType__shadow_hard_limit: _TypeAlias = _typing.Literal["_shadow_hard_limit", b"_shadow_hard_limit"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__contract_quota) -> _WhichOneofReturnType__contract_quota | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hard_limit) -> _WhichOneofReturnType__hard_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shadow_hard_limit) -> _WhichOneofReturnType__shadow_hard_limit | None: ...
 
 Global___MetricLimits: _TypeAlias = MetricLimits  # noqa: Y015
 

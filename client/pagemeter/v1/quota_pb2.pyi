@@ -172,6 +172,7 @@ class WindowDecision(_message.Message):
     EXCEEDED_FIELD_NUMBER: _builtins.int
     WINDOW_START_FIELD_NUMBER: _builtins.int
     RESETS_AT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     window: _plan_pb2.Window.ValueType
     limit: _builtins.int
     soft: _builtins.bool
@@ -188,6 +189,8 @@ class WindowDecision(_message.Message):
     """CheckQuota: used + requested passes the limit (denied for a hard window,
     reported only for a soft one). RecordUsage: used passes the limit.
     """
+    shadow: _builtins.bool
+    """A shadow window (WindowLimit.shadow): exceeded reports what it would deny."""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -205,10 +208,11 @@ class WindowDecision(_message.Message):
         exceeded: _builtins.bool = ...,
         window_start: _timestamp_pb2.Timestamp | None = ...,
         resets_at: _timestamp_pb2.Timestamp | None = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exceeded", b"exceeded", "limit", b"limit", "remaining", b"remaining", "resets_at", b"resets_at", "soft", b"soft", "used", b"used", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exceeded", b"exceeded", "limit", b"limit", "remaining", b"remaining", "resets_at", b"resets_at", "shadow", b"shadow", "soft", b"soft", "used", b"used", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,6 +315,9 @@ class MetricDecision(_message.Message):
     PERIOD_END_FIELD_NUMBER: _builtins.int
     WINDOWS_FIELD_NUMBER: _builtins.int
     DENIED_BY_FIELD_NUMBER: _builtins.int
+    WOULD_DENY_FIELD_NUMBER: _builtins.int
+    WOULD_DENY_REASON_FIELD_NUMBER: _builtins.int
+    WOULD_DENY_WINDOW_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     allowed: _builtins.bool
     """Whether this metric alone would admit the units."""
@@ -355,6 +362,15 @@ class MetricDecision(_message.Message):
     """For DECISION_REASON_WINDOW_LIMIT_EXCEEDED: the hard window that denied (of
     several, the one that resets last).
     """
+    would_deny: _builtins.bool
+    """A shadow limit of the metric (shadow_hard_limit or a shadow window) would
+    deny these units; the decision itself ignores shadow limits.
+    """
+    would_deny_reason: Global___DecisionReason.ValueType
+    """What the shadow limit would answer: DECISION_REASON_HARD_LIMIT_EXCEEDED or
+    DECISION_REASON_WINDOW_LIMIT_EXCEEDED (then would_deny_window names it).
+    """
+    would_deny_window: _plan_pb2.Window.ValueType
     @_builtins.property
     def period_end(self) -> _timestamp_pb2.Timestamp:
         """When the period resets (start of the next month in the plan's timezone).
@@ -390,10 +406,13 @@ class MetricDecision(_message.Message):
         period_end: _timestamp_pb2.Timestamp | None = ...,
         windows: _abc.Iterable[Global___WindowDecision] | None = ...,
         denied_by: _plan_pb2.Window.ValueType = ...,
+        would_deny: _builtins.bool = ...,
+        would_deny_reason: Global___DecisionReason.ValueType = ...,
+        would_deny_window: _plan_pb2.Window.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_max_admissible", b"_max_admissible", "_remaining", b"_remaining", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "max_admissible", b"max_admissible", "period_end", b"period_end", "remaining", b"remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_max_admissible", b"_max_admissible", "_remaining", b"_remaining", "allowed", b"allowed", "committed", b"committed", "contract_quota", b"contract_quota", "denied_by", b"denied_by", "hard_limit", b"hard_limit", "held", b"held", "included_units", b"included_units", "max_admissible", b"max_admissible", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_cost", b"overage_cost", "overage_price_per_unit", b"overage_price_per_unit", "overage_units", b"overage_units", "period", b"period", "period_end", b"period_end", "period_id", b"period_id", "prepaid_available", b"prepaid_available", "prepaid_units", b"prepaid_units", "reason", b"reason", "remaining", b"remaining", "requested", b"requested", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_max_admissible", b"_max_admissible", "_remaining", b"_remaining", "allowed", b"allowed", "committed", b"committed", "contract_quota", b"contract_quota", "denied_by", b"denied_by", "hard_limit", b"hard_limit", "held", b"held", "included_units", b"included_units", "max_admissible", b"max_admissible", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_cost", b"overage_cost", "overage_price_per_unit", b"overage_price_per_unit", "overage_units", b"overage_units", "period", b"period", "period_end", b"period_end", "period_id", b"period_id", "prepaid_available", b"prepaid_available", "prepaid_units", b"prepaid_units", "reason", b"reason", "remaining", b"remaining", "requested", b"requested", "windows", b"windows", "would_deny", b"would_deny", "would_deny_reason", b"would_deny_reason", "would_deny_window", b"would_deny_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015
@@ -426,6 +445,7 @@ class CheckQuotaResponse(_message.Message):
     RETRY_AFTER_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WOULD_DENY_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """True when every metric admits its units."""
     reason: Global___DecisionReason.ValueType
@@ -439,6 +459,10 @@ class CheckQuotaResponse(_message.Message):
     the decision is the first one.
     """
     request_id: _builtins.str
+    would_deny: _builtins.bool
+    """True when a shadow limit of any metric would deny this call (see
+    MetricDecision.would_deny); allowed is not affected.
+    """
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricDecision]:
         """One entry per requested metric, sorted by metric name. Empty when the call
@@ -467,10 +491,11 @@ class CheckQuotaResponse(_message.Message):
         retry_after: _duration_pb2.Duration | None = ...,
         duplicate: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        would_deny: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hold_expires_at", b"hold_expires_at", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "duplicate", b"duplicate", "held", b"held", "hold_expires_at", b"hold_expires_at", "metrics", b"metrics", "reason", b"reason", "request_id", b"request_id", "retry_after", b"retry_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "duplicate", b"duplicate", "held", b"held", "hold_expires_at", b"hold_expires_at", "metrics", b"metrics", "reason", b"reason", "request_id", b"request_id", "retry_after", b"retry_after", "would_deny", b"would_deny"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -82,6 +82,7 @@ def window_decisions(
             exceeded=w.exceeded,
             window_start=timestamp(bounds[w.window].start_ms),
             resets_at=timestamp(bounds[w.window].end_ms),
+            shadow=w.shadow,
         )
         for w in windows
     ]
@@ -112,6 +113,11 @@ def metric_decision(
             else plan_pb2.WINDOW_UNSPECIFIED
         ),
     )
+    if d.would_deny is not None:
+        decision.would_deny = True
+        decision.would_deny_reason = d.would_deny  # type: ignore[assignment]
+        if d.would_deny_window:
+            decision.would_deny_window = WINDOW_ENUMS[d.would_deny_window]  # type: ignore[index]
     return with_present(decision, d, "contract_quota", "hard_limit", "max_admissible", "remaining")
 
 

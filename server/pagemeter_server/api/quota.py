@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import redis.exceptions
 
-from pagemeter.v1 import quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_server.api.auth import Access, Authenticator, authorized
 from pagemeter_server.api.convert import (
     job_counts,
@@ -61,6 +61,11 @@ _RELEASE_OUTCOME = {
     "expired": quota_pb2.RELEASE_OUTCOME_EXPIRED,
     "already_recorded": quota_pb2.RELEASE_OUTCOME_ALREADY_RECORDED,
     "not_found": quota_pb2.RELEASE_OUTCOME_NOT_FOUND,
+}
+_WINDOW_LABEL = {
+    value.number: value.name.removeprefix("WINDOW_").lower()
+    for value in plan_pb2.Window.DESCRIPTOR.values
+    if value.number
 }
 _REASON_LABEL = {
     value.number: value.name.removeprefix("DECISION_REASON_").lower()
@@ -117,6 +122,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             response.metrics.extend(
                 metric_decision(d, result.month, result.spans) for d in result.metrics
             )
+            response.would_deny = any(d.would_deny for d in response.metrics)
             if response.reason == quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED:
                 wait_ms = rules.window_retry_after_ms(response.metrics, result.now_ms)
                 if wait_ms is not None:
@@ -177,6 +183,12 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             self.metrics.decisions.labels(
                 label, "allowed" if d.allowed else "denied", _REASON_LABEL[d.reason]
             ).inc()
+            if d.would_deny:
+                self.metrics.shadow_denials.labels(
+                    label,
+                    _REASON_LABEL[d.would_deny_reason],
+                    _WINDOW_LABEL.get(d.would_deny_window, ""),
+                ).inc()
             if d.allowed and response.allowed:
                 self.metrics.units.labels(label, "admitted").inc(d.requested)
                 if response.held:

@@ -25,6 +25,7 @@ class WindowState:
     # RecordUsage: committed in the window after the record.
     used: int
     exceeded: bool
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class MetricCheck:
     # Decisions stored before windows existed (a held job's first answer) have none.
     windows: tuple[WindowState, ...] = ()
     denied_by: str = ""  # the hard window that denied, for WINDOW_LIMIT_EXCEEDED
+    # What a shadow limit would answer (a DecisionReason), and its window.
+    would_deny: int | None = None
+    would_deny_window: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ and by the server through the types below:
      "metrics": {metric: {"period": "monthly" | "none", "contract_quota"?,
                           "hard_limit"?, "overage_allowed", "price", "overage_price",
                           "windows"?: [{"window": "minute" | "hour" | "day" | "week",
-                                        "limit", "soft"}, ...]}}}
+                                        "limit", "soft", "shadow"?}, ...],
+                          "shadow_hard_limit"?}}}
 
 Absent limits are left out rather than written as null, because cjson decodes
 null to a value Lua treats as true. Prices are canonical decimal strings.
@@ -20,7 +21,8 @@ reader accepts both (`plan_doc`; `plan_doc` in _lib.lua), and a server writes
 schema 1 until the deployment's plans were migrated (store/plan_migration.py),
 so that a server of an earlier release running beside it during a rolling
 upgrade still reads every plan (docs/operations.md, upgrading). Schema 1 has no
-windows: a plan with windows needs the migrated deployment (decision 35).
+windows nor shadow limits: a plan with them needs the migrated deployment
+(decisions 35 and 36).
 """
 
 from __future__ import annotations
@@ -58,12 +60,13 @@ WINDOW_CODES: dict[plan_pb2.Window.ValueType, WindowKind] = {
 WINDOW_ENUMS = {kind: code for code, kind in WINDOW_CODES.items()}
 
 
-class WindowTerms(TypedDict):
+class WindowTerms(TypedDict, total=False):
     """A cap on a metric's usage per fixed window."""
 
-    window: WindowKind
-    limit: int
-    soft: bool
+    window: Required[WindowKind]
+    limit: Required[int]
+    soft: Required[bool]
+    shadow: bool  # absent: false
 
 
 class MetricTerms(TypedDict, total=False):
@@ -76,6 +79,7 @@ class MetricTerms(TypedDict, total=False):
     price: Required[str]
     overage_price: Required[str]
     windows: list[WindowTerms]  # absent: none; shortest first
+    shadow_hard_limit: int  # absent: none
 
 
 class PlanDoc(TypedDict):
@@ -190,6 +194,9 @@ def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations
     if limits.HasField("hard_limit"):
         problems.check_limit(limits.hard_limit, f"{path}.hard_limit")
         terms["hard_limit"] = limits.hard_limit
+    if limits.HasField("shadow_hard_limit"):
+        problems.check_limit(limits.shadow_hard_limit, f"{path}.shadow_hard_limit")
+        terms["shadow_hard_limit"] = limits.shadow_hard_limit
     if limits.windows:
         windows = _window_terms(limits, path, problems)
         if windows:
@@ -226,12 +233,24 @@ def _window_terms(
             problems.add(f"{where}.window", f"the metric has two {kind} windows; keep one")
             continue
         problems.check_limit(window.limit, f"{where}.limit")
-        windows[kind] = WindowTerms(window=kind, limit=window.limit, soft=window.soft)
+        if window.soft and window.shadow:
+            problems.add(
+                f"{where}.shadow",
+                "a window is soft (reports, never denies) or shadow (on trial as a hard "
+                "window), not both",
+            )
+        terms = WindowTerms(window=kind, limit=window.limit, soft=window.soft)
+        if window.shadow:
+            terms["shadow"] = True
+        windows[kind] = terms
     return [windows[kind] for kind in WINDOW_KINDS if kind in windows]
 
 
-def has_windows(doc: PlanDoc) -> bool:
-    return any(terms.get("windows") for terms in doc["metrics"].values())
+def needs_schema_2(doc: PlanDoc) -> bool:
+    """Whether the plan uses terms schema 1 cannot hold (windows, shadow limits)."""
+    return any(
+        terms.get("windows") or "shadow_hard_limit" in terms for terms in doc["metrics"].values()
+    )
 
 
 # -- reading and writing the stored text ----------------------------------------
@@ -363,8 +382,13 @@ def metric_limits(metric: str, terms: MetricTerms) -> plan_pb2.MetricLimits:
         message.contract_quota = terms["contract_quota"]
     if "hard_limit" in terms:
         message.hard_limit = terms["hard_limit"]
+    if "shadow_hard_limit" in terms:
+        message.shadow_hard_limit = terms["shadow_hard_limit"]
     for window in terms.get("windows", []):
         message.windows.add(
-            window=WINDOW_ENUMS[window["window"]], limit=window["limit"], soft=window["soft"]
+            window=WINDOW_ENUMS[window["window"]],
+            limit=window["limit"],
+            soft=window["soft"],
+            shadow=window.get("shadow", False),
         )
     return message

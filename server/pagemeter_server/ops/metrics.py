@@ -83,6 +83,14 @@ class ServiceMetrics:
             ["metric"],
             registry=registry,
         )
+        self.shadow_denials = Counter(
+            "pagemeter_shadow_denials",
+            "CheckQuota decisions per metric that a shadow limit would have denied (it did "
+            "not), by the reason it would have given and its window ('' for a shadow hard "
+            "limit).",
+            ["metric", "reason", "window"],
+            registry=registry,
+        )
         self.fail_open = Counter(
             "pagemeter_fail_open_decisions",
             "CheckQuota calls admitted without a check because Redis was unreachable and the "

@@ -52,7 +52,7 @@ from pagemeter_server.domain.plans import (
     SCHEMA,
     WINDOW_KINDS,
     PlanDoc,
-    has_windows,
+    needs_schema_2,
     plan_doc_from_json,
     plan_doc_json,
     schema_1_json,
@@ -616,9 +616,10 @@ class Store:
     ) -> StoredPlan:
         keys = OrgKeys(org_id)
         migrated = await self._plans_migrated()
-        if not migrated and has_windows(doc):
+        if not migrated and needs_schema_2(doc):
             raise PlansNotMigrated(
-                "windows need the current plan document, and this deployment still writes "
+                "windows and shadow limits need the current plan document, and this "
+                "deployment still writes "
                 "plans the way earlier releases read them: once every server runs this "
                 "release, run `pagemeter-server migrate-plans` (docs/operations.md, upgrading)"
             )

@@ -101,8 +101,8 @@ class Column:
 
     str: the Lua string as is; int: an integer; opt_int: an integer or '' for
     nil (none); bool: '1' or '0'; period: a Lua boolean "lifetime", written 'N'
-    (PERIOD_NONE) or 'M' (monthly); windows: the string decide_windows (_lib.lua)
-    writes, "kind:limit:soft:used:exceeded" per window joined by '/'.
+    (PERIOD_NONE) or 'M' (monthly); windows: window_part (_lib.lua) per window,
+    "kind:limit:soft:used:exceeded:shadow", joined by '/'.
     """
 
     name: str
@@ -132,6 +132,8 @@ CHECK_COLUMNS: tuple[Column, ...] = (
     Column("lifetime", "period"),
     Column("windows", "windows", missing=""),
     Column("denied_by", "str", missing=""),
+    Column("would_deny", "opt_int", missing=""),
+    Column("would_deny_window", "str", missing=""),
 )
 
 # RecordUsage: one metric's result (MetricRecord). Records keep their rows for
@@ -167,8 +169,10 @@ def _lifetime(text: str) -> bool:
 def _windows(text: str) -> tuple[WindowState, ...]:
     windows = []
     for part in filter(None, text.split("/")):
-        window, limit, soft, used, exceeded = part.split(":")
-        windows.append(WindowState(window, int(limit), soft == "1", int(used), exceeded == "1"))
+        window, limit, soft, used, exceeded, shadow = part.split(":")
+        windows.append(
+            WindowState(window, int(limit), soft == "1", int(used), exceeded == "1", shadow == "1")
+        )
     return tuple(windows)
 
 

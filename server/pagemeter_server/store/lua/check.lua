@@ -37,7 +37,8 @@
 --   CHECK_COLUMNS in store/replies.py): metric, allowed, reason, requested,
 --   committed, held, quota|'', hard_limit|'', overage_allowed, max_admissible|'',
 --   remaining|'', included, prepaid, overage, overage_price, prepaid_available,
---   period ('M' or 'N'), windows (see decide_windows), denied_by (a window kind|'').
+--   period ('M' or 'N'), windows (see decide_windows), denied_by (a window kind|''),
+--   would_deny (the reason a shadow limit would deny with|''), would_deny_window.
 -- expired: units of other jobs' holds found expired by this call, "metric:units:0;...".
 -- failure_policy: the plan's store failure policy ('open', 'closed' or '' for the
 --   service default), which the server remembers for when Redis is unreachable.
@@ -114,7 +115,7 @@ for i, req in ipairs(requests) do
       metric = metric, allowed = false, reason = REASON_UNKNOWN_METRIC, requested = n,
       committed = 0, held = 0, overage_allowed = false, max_admissible = 0, remaining = 0,
       included = 0, prepaid = 0, overage = 0, overage_price = '0', prepaid_available = 0,
-      lifetime = false, windows = '', denied_by = '',
+      lifetime = false, windows = '', denied_by = '', would_deny = nil, would_deny_window = '',
     }
   else
     local bucket, period = bucket_for(limits, month_key, life_key)
@@ -137,8 +138,8 @@ for i, req in ipairs(requests) do
         cap = within
       end
     end
-    local windows, denied_by, window_cap = decide_windows(limits.windows, window_keys, metric,
-      held, n)
+    local windows, denied_by, window_cap, shadow_window = decide_windows(limits.windows,
+      window_keys, metric, held, n)
     if window_cap and (cap == nil or window_cap < cap) then
       cap = window_cap
     end
@@ -169,6 +170,14 @@ for i, req in ipairs(requests) do
       reason = REASON_WINDOW_LIMIT_EXCEEDED
     end
     local allowed = reason <= REASON_OVERAGE
+    -- Shadow limits: what they would answer, in the same order as the real ones.
+    local would_deny, would_deny_window = nil, ''
+    local shadow_hard = limits.shadow_hard_limit
+    if shadow_hard and used + n > shadow_hard then
+      would_deny = REASON_HARD_LIMIT_EXCEEDED
+    elseif shadow_window ~= '' then
+      would_deny, would_deny_window = REASON_WINDOW_LIMIT_EXCEEDED, shadow_window
+    end
     all_allowed = all_allowed and allowed
 
     local remaining = cap
@@ -182,6 +191,7 @@ for i, req in ipairs(requests) do
       included = included, prepaid = prepaid, overage = overage,
       overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
       lifetime = period == 'N', windows = windows, denied_by = denied_by,
+      would_deny = would_deny, would_deny_window = would_deny_window,
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
   end

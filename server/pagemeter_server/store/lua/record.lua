@@ -54,8 +54,8 @@
 --   metric, units, included, prepaid, overage, committed_after, quota|'',
 --   hard_limit|'', over_quota, over_hard_limit, overage_not_allowed, period
 --   ('M'/'N'), overage_price, planned ('1' when the metric is in the plan), windows
---   ("kind:limit:soft:used:exceeded" joined by '/': used is the window's committed
---   units after this record).
+--   (window_part of _lib.lua per window, joined by '/': used is the window's
+--   committed units after this record).
 -- A metric that is not in the plan (or an org without a plan) is still recorded,
 -- as a monthly metric with no limits: work that was done is never dropped. But
 -- the names are the caller's, so an organization may use at most ARGV[16] of
@@ -295,9 +295,8 @@ for _, row in ipairs(rows) do
       used = int(redis.call('HGET', key, 'c:' .. row.metric))
     end
     local exceeded = used > w.limit
-    over_limit = over_limit or (exceeded and not w.soft)
-    parts[i] = w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
-      .. ':' .. bool01(exceeded)
+    over_limit = over_limit or (exceeded and not w.soft and not w.shadow)
+    parts[i] = window_part(w, used, exceeded)
   end
   row.windows = table.concat(parts, '/')
 end

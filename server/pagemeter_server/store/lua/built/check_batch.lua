@@ -232,20 +232,33 @@ end
 -- plus the metric's live holds: a hold counts against every window it is live
 -- in, never less.
 --
+-- window_part: one window in a row's windows column,
+-- "kind:limit:soft:used:exceeded:shadow" (used: see decide_windows and record.lua).
+--
 -- decide_windows: whether `n` more units fit each window. Returns the windows
--- column of a check row ("kind:limit:soft:used:exceeded" joined by '/', '' for
--- none), the hard window that denies ('' for none; of several, the longest,
--- which resets last) and the most units every hard window admits now (nil
--- without hard windows).
+-- column of a check row (window_part per window, joined by '/'; '' for none), the
+-- hard window that denies ('' for none; of several, the longest, which resets
+-- last), the most units every hard window admits now (nil without hard
+-- windows), and the shadow window that would deny ('' for none; the longest).
+-- Soft and shadow windows never deny nor cap.
+local function window_part(w, used, exceeded)
+  return w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
+    .. ':' .. bool01(exceeded) .. ':' .. bool01(w.shadow)
+end
+
 local function decide_windows(windows, window_keys, metric, held, n)
   if not windows then
-    return '', '', nil
+    return '', '', nil, ''
   end
-  local parts, denied_by, cap = {}, '', nil
+  local parts, denied_by, cap, shadow_denied_by = {}, '', nil, ''
   for i, w in ipairs(windows) do
     local used = int(redis.call('HGET', window_keys[w.window], 'c:' .. metric)) + held
     local exceeded = used + n > w.limit
-    if not w.soft then
+    if w.shadow then
+      if exceeded then
+        shadow_denied_by = w.window
+      end
+    elseif not w.soft then
       local room = math.max(0, w.limit - used)
       if cap == nil or room < cap then
         cap = room
@@ -254,10 +267,9 @@ local function decide_windows(windows, window_keys, metric, held, n)
         denied_by = w.window
       end
     end
-    parts[i] = w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
-      .. ':' .. bool01(exceeded)
+    parts[i] = window_part(w, used, exceeded)
   end
-  return table.concat(parts, '/'), denied_by, cap
+  return table.concat(parts, '/'), denied_by, cap, shadow_denied_by
 end
 
 -- The records index: a sorted set request_id -> requested-at (ms), newest last.
@@ -305,7 +317,8 @@ local REASON_WINDOW_LIMIT_EXCEEDED = 10
 -- CHECK_COLUMNS (store/replies.py):
 --   metric, allowed, reason, requested, committed, held, contract_quota,
 --   hard_limit, overage_allowed, max_admissible, remaining, included, prepaid,
---   overage, overage_price, prepaid_available, lifetime, windows, denied_by
+--   overage, overage_price, prepaid_available, lifetime, windows, denied_by,
+--   would_deny, would_deny_window
 local function check_row(r)
   return r.metric .. ',' ..
     bool01(r.allowed) .. ',' ..
@@ -325,7 +338,9 @@ local function check_row(r)
     fmt(r.prepaid_available) .. ',' ..
     (r.lifetime and 'N' or 'M') .. ',' ..
     r.windows .. ',' ..
-    r.denied_by
+    r.denied_by .. ',' ..
+    opt(r.would_deny) .. ',' ..
+    r.would_deny_window
 end
 
 local function one(KEYS, ARGV)
@@ -400,7 +415,7 @@ for i, req in ipairs(requests) do
       metric = metric, allowed = false, reason = REASON_UNKNOWN_METRIC, requested = n,
       committed = 0, held = 0, overage_allowed = false, max_admissible = 0, remaining = 0,
       included = 0, prepaid = 0, overage = 0, overage_price = '0', prepaid_available = 0,
-      lifetime = false, windows = '', denied_by = '',
+      lifetime = false, windows = '', denied_by = '', would_deny = nil, would_deny_window = '',
     }
   else
     local bucket, period = bucket_for(limits, month_key, life_key)
@@ -423,8 +438,8 @@ for i, req in ipairs(requests) do
         cap = within
       end
     end
-    local windows, denied_by, window_cap = decide_windows(limits.windows, window_keys, metric,
-      held, n)
+    local windows, denied_by, window_cap, shadow_window = decide_windows(limits.windows,
+      window_keys, metric, held, n)
     if window_cap and (cap == nil or window_cap < cap) then
       cap = window_cap
     end
@@ -455,6 +470,14 @@ for i, req in ipairs(requests) do
       reason = REASON_WINDOW_LIMIT_EXCEEDED
     end
     local allowed = reason <= REASON_OVERAGE
+    -- Shadow limits: what they would answer, in the same order as the real ones.
+    local would_deny, would_deny_window = nil, ''
+    local shadow_hard = limits.shadow_hard_limit
+    if shadow_hard and used + n > shadow_hard then
+      would_deny = REASON_HARD_LIMIT_EXCEEDED
+    elseif shadow_window ~= '' then
+      would_deny, would_deny_window = REASON_WINDOW_LIMIT_EXCEEDED, shadow_window
+    end
     all_allowed = all_allowed and allowed
 
     local remaining = cap
@@ -468,6 +491,7 @@ for i, req in ipairs(requests) do
       included = included, prepaid = prepaid, overage = overage,
       overage_price = limits.overage_price or '0', prepaid_available = prepaid_available,
       lifetime = period == 'N', windows = windows, denied_by = denied_by,
+      would_deny = would_deny, would_deny_window = would_deny_window,
     }
     hold_parts[#hold_parts + 1] = {metric, n, prepaid}
   end

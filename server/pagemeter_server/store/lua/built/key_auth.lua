@@ -237,20 +237,33 @@ end
 -- plus the metric's live holds: a hold counts against every window it is live
 -- in, never less.
 --
+-- window_part: one window in a row's windows column,
+-- "kind:limit:soft:used:exceeded:shadow" (used: see decide_windows and record.lua).
+--
 -- decide_windows: whether `n` more units fit each window. Returns the windows
--- column of a check row ("kind:limit:soft:used:exceeded" joined by '/', '' for
--- none), the hard window that denies ('' for none; of several, the longest,
--- which resets last) and the most units every hard window admits now (nil
--- without hard windows).
+-- column of a check row (window_part per window, joined by '/'; '' for none), the
+-- hard window that denies ('' for none; of several, the longest, which resets
+-- last), the most units every hard window admits now (nil without hard
+-- windows), and the shadow window that would deny ('' for none; the longest).
+-- Soft and shadow windows never deny nor cap.
+local function window_part(w, used, exceeded)
+  return w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
+    .. ':' .. bool01(exceeded) .. ':' .. bool01(w.shadow)
+end
+
 local function decide_windows(windows, window_keys, metric, held, n)
   if not windows then
-    return '', '', nil
+    return '', '', nil, ''
   end
-  local parts, denied_by, cap = {}, '', nil
+  local parts, denied_by, cap, shadow_denied_by = {}, '', nil, ''
   for i, w in ipairs(windows) do
     local used = int(redis.call('HGET', window_keys[w.window], 'c:' .. metric)) + held
     local exceeded = used + n > w.limit
-    if not w.soft then
+    if w.shadow then
+      if exceeded then
+        shadow_denied_by = w.window
+      end
+    elseif not w.soft then
       local room = math.max(0, w.limit - used)
       if cap == nil or room < cap then
         cap = room
@@ -259,10 +272,9 @@ local function decide_windows(windows, window_keys, metric, held, n)
         denied_by = w.window
       end
     end
-    parts[i] = w.window .. ':' .. fmt(w.limit) .. ':' .. bool01(w.soft) .. ':' .. fmt(used)
-      .. ':' .. bool01(exceeded)
+    parts[i] = window_part(w, used, exceeded)
   end
-  return table.concat(parts, '/'), denied_by, cap
+  return table.concat(parts, '/'), denied_by, cap, shadow_denied_by
 end
 
 -- The records index: a sorted set request_id -> requested-at (ms), newest last.
