@@ -144,7 +144,7 @@ async def test_denied_check_exits_3_and_prints_the_decision(pagemeter: Cli) -> N
         ("pages:quota=1,quota=2", "quota is given twice"),
         ("pages:period=weekly", "period must be monthly or none (got 'weekly')"),
         ("Pages:quota=1", "metric name 'Pages' must start with a lowercase letter"),
-        ("pages:day=10/hard", "day must be N or N/soft (got '10/hard')"),
+        ("pages:day=10/hard", "day must be N, N/soft or N/shadow (got '10/hard')"),
         ("pages:minute=-1", "minute must be"),
     ],
 )
@@ -307,3 +307,19 @@ async def test_windows_are_set_shown_and_decided_from_the_command_line(pagemeter
     assert row(check.out, "reason:") == ["WINDOW_LIMIT_EXCEEDED"]
     assert row(check.out, "denied by window") == ["day"]
     assert "retry after:" in check.out
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_shadow_limits_from_the_command_line(pagemeter: Cli) -> None:
+    """`hour=2/shadow` and `shadow_hard_limit=3` are shown with the plan; a check past them is admitted and says what they would deny."""
+    plan = await pagemeter(
+        "plan", "set", "acme", "--name", "S", "--metric", "pages:shadow_hard_limit=3,hour=2/shadow"
+    )
+    assert plan.code == 0, plan.err
+    assert "2/hour (shadow)" in plan.out
+    assert row(plan.out, "pages")[-3:] == ["3", "2/hour", "(shadow)"]
+    check = await pagemeter("check", "acme", "pages=4")
+    assert check.code == 0, check.err
+    assert row(check.out, "shadow limits:") == ["would", "deny"]
+    assert row(check.out, "shadow would deny") == ["HARD_LIMIT_EXCEEDED"]
+    assert "0/2 per hour shadow, passed" in check.out

@@ -14,8 +14,9 @@ METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
 SPEC_HELP = (
     "SPEC is NAME[:key=value,...] with keys quota, hard_limit, overage (yes/no), price, "
-    "overage_price, period (monthly/none), and windows minute, hour, day, week (N, or "
-    "N/soft for a window that reports but never denies); e.g. "
+    "overage_price, period (monthly/none), shadow_hard_limit (on trial: reports, never "
+    "denies), and windows minute, hour, day, week (N, N/soft for a window that reports "
+    "but never denies, or N/shadow for one on trial); e.g. "
     "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028,day=200"
 )
 
@@ -54,6 +55,7 @@ def _period(key: str, value: str) -> plan_pb2.Period.ValueType:
 SPEC_KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "quota": ("contract_quota", _whole_number),
     "hard_limit": ("hard_limit", _whole_number),
+    "shadow_hard_limit": ("shadow_hard_limit", _whole_number),
     "overage": ("overage_allowed", _yes_no),
     "price": ("price_per_unit", _price),
     "overage_price": ("overage_price_per_unit", _price),
@@ -70,11 +72,16 @@ WINDOW_KEYS = {
 
 
 def _add_window(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
-    """`day=200` (a hard window) or `day=200/soft`."""
+    """`day=200` (a hard window), `day=200/soft` or `day=200/shadow`."""
     amount, slash, kind = value.partition("/")
-    if slash and kind != "soft":
-        raise argparse.ArgumentTypeError(f"{key} must be N or N/soft (got {value!r})")
-    limits.windows.add(window=WINDOW_KEYS[key], limit=_whole_number(key, amount), soft=bool(slash))
+    if slash and kind not in ("soft", "shadow"):
+        raise argparse.ArgumentTypeError(f"{key} must be N, N/soft or N/shadow (got {value!r})")
+    limits.windows.add(
+        window=WINDOW_KEYS[key],
+        limit=_whole_number(key, amount),
+        soft=kind == "soft",
+        shadow=kind == "shadow",
+    )
 
 
 def _set_spec_value(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:

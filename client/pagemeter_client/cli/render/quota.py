@@ -36,6 +36,10 @@ def render_plan(plan: plan_pb2.Plan) -> str:
     ]
     headers = ["metric", "period", "contract quota", "hard limit", "overage", "price"]
     headers.append("overage price")
+    if any(m.HasField("shadow_hard_limit") for m in plan.metrics):
+        headers.append("shadow hard limit")
+        for row, m in zip(rows, plan.metrics, strict=True):
+            row.append(fmt.optional_int(m, "shadow_hard_limit", fmt.NONE))
     if any(m.windows for m in plan.metrics):
         headers.append("windows")
         for row, m in zip(rows, plan.metrics, strict=True):
@@ -49,19 +53,16 @@ def _window_word(window: plan_pb2.Window.ValueType) -> str:
 
 
 def _window_limit_text(window: plan_pb2.WindowLimit) -> str:
-    soft = " (soft)" if window.soft else ""
-    return f"{window.limit}/{_window_word(window.window)}{soft}"
+    mode = " (soft)" if window.soft else " (shadow)" if window.shadow else ""
+    return f"{window.limit}/{_window_word(window.window)}{mode}"
 
 
 def _windows_text(windows: list[quota_pb2.WindowDecision]) -> str:
     """Each window as 'used/limit per kind', marked when passed, with its reset."""
     parts = []
     for w in windows:
-        mark = (
-            (" soft, passed" if w.exceeded else " soft")
-            if w.soft
-            else (" passed" if w.exceeded else "")
-        )
+        mode = " soft" if w.soft else " shadow" if w.shadow else ""
+        mark = f"{mode}, passed" if w.exceeded and mode else " passed" if w.exceeded else mode
         parts.append(
             f"{w.used}/{w.limit} per {_window_word(w.window)}{mark}, resets {fmt.when(w.resets_at)}"
         )
@@ -83,6 +84,8 @@ def render_check(response: quota_pb2.CheckQuotaResponse) -> str:
     ]
     if response.HasField("retry_after"):
         pairs.append(("retry after", f"{response.retry_after.ToTimedelta().total_seconds():g}s"))
+    if response.would_deny:
+        pairs.append(("shadow limits", "would deny"))
     header = fmt.fields(pairs)
     if not response.metrics:
         return header
@@ -112,6 +115,8 @@ def render_check(response: quota_pb2.CheckQuotaResponse) -> str:
                 *(_window_word(d.denied_by) if d.denied_by else "-" for d in columns),
             ]
         )
+    if response.would_deny:
+        rows.append(["shadow would deny", *(_would_deny_text(d) for d in columns)])
     return f"{header}\n\n{fmt.table(['', *(d.metric for d in columns)], rows)}"
 
 
@@ -159,3 +164,12 @@ def render_release(response: quota_pb2.ReleaseQuotaResponse) -> str:
     pairs = [("outcome", fmt.enum_word("RELEASE_OUTCOME_", outcome))]
     pairs += [(f"released {m}", str(n)) for m, n in sorted(response.released_units.items())]
     return fmt.fields(pairs)
+
+
+def _would_deny_text(decision: quota_pb2.MetricDecision) -> str:
+    if not decision.would_deny:
+        return "-"
+    reason = reason_name(decision.would_deny_reason)
+    if decision.would_deny_window:
+        return f"{reason} (per {_window_word(decision.would_deny_window)})"
+    return reason
