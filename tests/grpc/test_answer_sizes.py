@@ -60,8 +60,22 @@ PLANNED = [planned_metric(i) for i in range(32)]
 UNPLANNED = [unplanned_metric(i) for i in range(MAX_UNPLANNED_METRICS)]
 
 
+# Every window kind on every metric, at the largest limit and on trial (shadow
+# windows answer one more field), so each decision carries four windows.
+LARGEST_WINDOWS = [
+    plan_pb2.WindowLimit(window=kind, limit=MAX_LIMIT, shadow=True)
+    for kind in (
+        plan_pb2.WINDOW_MINUTE,
+        plan_pb2.WINDOW_HOUR,
+        plan_pb2.WINDOW_DAY,
+        plan_pb2.WINDOW_WEEK,
+    )
+]
+
+
 def largest_plan(name: str = "n" * 128) -> plan_pb2.Plan:
-    """32 metrics with the longest names, the largest limits and prices."""
+    """32 metrics with the longest names, the largest limits and prices, four windows
+    each and a shadow hard limit every call passes (so every decision says would_deny)."""
     return plan_pb2.Plan(
         org_id=ORG,
         name=name,
@@ -77,6 +91,8 @@ def largest_plan(name: str = "n" * 128) -> plan_pb2.Plan:
                 overage_allowed=True,
                 price_per_unit=PRICE,
                 overage_price_per_unit=PRICE,
+                windows=LARGEST_WINDOWS,
+                shadow_hard_limit=0,
             )
             for metric in PLANNED
         ],
@@ -99,7 +115,7 @@ def fits(reply: Message) -> None:
 
 @pytest.fixture
 async def largest(
-    settings: Settings, redis_client: aioredis.Redis, clock: ManualClock
+    settings: Settings, redis_client: aioredis.Redis, clock: ManualClock, plans_migrated: None
 ) -> AsyncIterator[RunningServer]:
     """A server whose per-organization name caps are at their largest settings."""
     wide = dataclasses.replace(
@@ -133,6 +149,8 @@ async def test_check_quota_batch_at_its_maxima(largest: RunningServer) -> None:
     reply = await largest.quota.CheckQuotaBatch(Q.CheckQuotaBatchRequest(items=items))
     fits(reply)
     assert all(item.response.held for item in reply.items)
+    first = reply.items[0].response
+    assert first.would_deny and all(len(d.windows) == 4 for d in first.metrics)
     again = await largest.quota.CheckQuotaBatch(Q.CheckQuotaBatchRequest(items=items))
     assert all(item.response.duplicate for item in again.items)
     many = [
