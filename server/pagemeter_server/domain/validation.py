@@ -146,7 +146,8 @@ MAX_PAGE_TOKEN = 512
 
 MAX_BATCH_ITEMS = 1000
 # Metric entries (units map entries) over all items of a batch. The answer
-# carries a decision per entry (about 220 bytes at most), and it must fit gRPC's
+# carries a decision per entry (about 220 bytes at most, some 250 more with four
+# windows and a shadow verdict), and it must fit gRPC's
 # 4 MiB message limit with every item at its largest: 1,000 items with 8 metrics
 # each, or 256 with 32 (tests/grpc/test_answer_sizes.py builds the largest answers).
 MAX_BATCH_ENTRIES = 8192
