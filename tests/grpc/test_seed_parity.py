@@ -77,27 +77,12 @@ def record_request(
 
 
 async def record(
-    server: RunningServer,
-    completed: str | None = None,
-    *,
-    org_id: str = "acme",
-    request_id: str = "",
-    requested: str | None = None,
-    document_type: str = "",
-    success: bool = True,
-    **units: int,
+    server: RunningServer, completed: str | None = None, **fields: Any
 ) -> quota_pb2.RecordUsageResponse:
-    """RecordUsage as an upstream processor sends it after a job."""
-    request = record_request(
-        completed,
-        org_id=org_id,
-        request_id=request_id,
-        requested=requested,
-        document_type=document_type,
-        success=success,
-        **units,
+    """RecordUsage as an upstream processor sends it after a job (see record_request)."""
+    reply: quota_pb2.RecordUsageResponse = await server.quota.RecordUsage(
+        record_request(completed, **fields)
     )
-    reply: quota_pb2.RecordUsageResponse = await server.quota.RecordUsage(request)
     return reply
 
 
