@@ -172,7 +172,7 @@ def buf_breaking(repo_root: Path, tmp_path: Path, edit: tuple[str, str] | None) 
     [
         (None, False),
         (("  bool allowed = 2;", "  int32 allowed = 2;"), True),  # a field's type
-        (("  string request_id = 8;\n}", "}"), True),  # a field removed
+        (("  string overage_price_per_unit = 16;\n", ""), True),  # a field removed
         (("  DECISION_REASON_FAIL_OPEN = 9;", "  DECISION_REASON_OPEN = 9;"), True),
     ],
     ids=["as-is", "type-changed", "field-removed", "enum-renamed"],
