@@ -6,6 +6,7 @@ trail by the same script that makes it, with the caller as its actor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -37,7 +38,7 @@ from pagemeter_server.domain.validation import (
     require_org_id,
 )
 from pagemeter_server.settings import Settings
-from pagemeter_server.store.admin import AdminStore, StoredKey, audit_json
+from pagemeter_server.store.admin import AdminStore, AuditEntry, StoredKey, audit_json
 from pagemeter_server.store.quota import Store
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -215,27 +216,35 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             )
         except BadPageToken:
             raise bad_page_token() from None
-        events = [
-            admin_pb2.AuditEvent(
-                event_id=entry.event_id,
-                at=timestamp(int(entry.fields.get("at", "0"))),
-                actor=entry.fields.get("actor", ""),
-                action=entry.fields.get("action", ""),
-                org_id=request.org_id,
-                target=entry.fields.get("target", ""),
-                before=audit_json(entry.fields.get("before", "")),
-                after=audit_json(entry.fields.get("after", "")),
-                reason=entry.fields.get("reason", ""),
-            )
-            for entry in entries
-        ]
         # A plan change carries two plan documents: a full page of them could pass
         # the message limit, so the page ends early and the token continues it.
-        shown = items_that_fit(event.ByteSize() for event in events)
-        if shown < len(events):
-            events = events[:shown]
+        # Events are built one by one until the answer is full, not all of them.
+        built: list[admin_pb2.AuditEvent] = []
+
+        def sizes() -> Iterator[int]:
+            for entry in entries:
+                built.append(_audit_event(request.org_id, entry))
+                yield built[-1].ByteSize()
+
+        shown = items_that_fit(sizes())
+        events = built[:shown]
+        if shown < len(entries):
             next_token = self.admin_store.audit_token(request.org_id, events[-1].event_id)
         return admin_pb2.ListAuditEventsResponse(events=events, next_page_token=next_token)
+
+
+def _audit_event(org_id: str, entry: AuditEntry) -> admin_pb2.AuditEvent:
+    return admin_pb2.AuditEvent(
+        event_id=entry.event_id,
+        at=timestamp(int(entry.fields.get("at", "0"))),
+        actor=entry.fields.get("actor", ""),
+        action=entry.fields.get("action", ""),
+        org_id=org_id,
+        target=entry.fields.get("target", ""),
+        before=audit_json(entry.fields.get("before", "")),
+        after=audit_json(entry.fields.get("after", "")),
+        reason=entry.fields.get("reason", ""),
+    )
 
 
 def _optional_time(ms: int) -> Timestamp | None:
