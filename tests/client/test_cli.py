@@ -323,3 +323,26 @@ async def test_shadow_limits_from_the_command_line(pagemeter: Cli) -> None:
     assert row(check.out, "shadow limits:") == ["would", "deny"]
     assert row(check.out, "shadow would deny") == ["HARD_LIMIT_EXCEEDED"]
     assert "0/2 per hour shadow, passed" in check.out
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_a_spend_cap_from_the_command_line(pagemeter: Cli) -> None:
+    """`overage_spend_cap=5` is shown with the plan; past it a check is denied with SPEND_CAP_REACHED and a record says over spend cap."""
+    plan = await pagemeter(
+        "plan",
+        "set",
+        "acme",
+        "--name",
+        "C",
+        "--metric",
+        "pages:quota=0,overage=yes,overage_price=1,overage_spend_cap=5",
+    )
+    assert plan.code == 0, plan.err
+    assert row(plan.out, "pages")[-1] == "5"
+    check = await pagemeter("check", "acme", "pages=6")
+    assert check.code == 3
+    assert row(check.out, "reason:") == ["SPEND_CAP_REACHED"]
+    assert row(check.out, "max admissible") == ["5"]
+    record = await pagemeter("record", "acme", "job-1", "pages=6")
+    assert record.code == 0, record.err
+    assert row(record.out, "over spend cap") == ["yes"]

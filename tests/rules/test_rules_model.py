@@ -50,6 +50,8 @@ class Limits:
     overage: bool
     windows: list[Window] = field(default_factory=list)
     shadow_hard: int | None = None
+    # An overage spend cap, at an overage price of 1 (so in units too).
+    spend_cap: int | None = None
 
 
 @dataclass
@@ -112,6 +114,12 @@ class Model:
         allowed = not (lim.hard is not None and used + n > lim.hard) and not (
             overage > 0 and not lim.overage
         )
+        if lim.spend_cap is not None and lim.quota is not None and lim.overage:
+            taken = max(0, used - lim.quota - self.prepaid_used[metric] - self.held_prepaid(metric))
+            room = max(0, lim.spend_cap - taken)
+            within = max(0, lim.quota - used) + available + room
+            cap = within if cap is None else min(cap, within)
+            allowed = allowed and overage <= room
         for w, (_, window_used, exceeded) in zip(
             lim.windows, self.window_states(metric, n), strict=True
         ):
@@ -163,6 +171,7 @@ limits_strategy = st.builds(
     overage=st.booleans(),
     windows=windows_strategy,
     shadow_hard=st.none() | st.integers(0, 40),
+    spend_cap=st.none() | st.integers(0, 15),
 )
 units_strategy = st.dictionaries(st.sampled_from(METRICS), st.integers(0, 12), min_size=1)
 step_strategy = st.one_of(
@@ -360,8 +369,11 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
         assert snapshot.held_fields.get(f"hp:{metric}", 0) == model.held_prepaid(metric)
 
 
-def _optional(lim: Limits) -> dict[str, int]:
-    fields = {}
+def _optional(lim: Limits) -> dict[str, int | str]:
+    fields: dict[str, int | str] = {}
+    if lim.spend_cap is not None and lim.overage:
+        fields["overage_price_per_unit"] = "1"
+        fields["overage_spend_cap"] = str(lim.spend_cap)
     if lim.shadow_hard is not None:
         fields["shadow_hard_limit"] = lim.shadow_hard
     if lim.quota is not None:

@@ -182,6 +182,7 @@ class MetricLimits(_message.Message):
     PERIOD_FIELD_NUMBER: _builtins.int
     WINDOWS_FIELD_NUMBER: _builtins.int
     SHADOW_HARD_LIMIT_FIELD_NUMBER: _builtins.int
+    OVERAGE_SPEND_CAP_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric name: lowercase letters, digits and '_', starting with a letter,
     at most 32 characters. Examples: "pages", "documents", "credits".
@@ -211,6 +212,14 @@ class MetricLimits(_message.Message):
     a decision it would have denied says so (MetricDecision.would_deny) and
     pagemeter_shadow_denials_total counts it. Unset means none.
     """
+    overage_spend_cap: _builtins.str
+    """A cap on the period's overage spend for this metric, a decimal string in
+    the plan's currency ("250.00"), same format as prices. Empty means none. A
+    CheckQuota whose overage would take the period's overage cost
+    (overage units x overage_price_per_unit, held units included) past it is
+    denied with DECISION_REASON_SPEND_CAP_REACHED; max_admissible is then the
+    most units that fit. Needs overage_allowed and an overage price.
+    """
     @_builtins.property
     def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowLimit]:
         """Caps per minute, hour, day or week besides the period's limits (monthly
@@ -230,10 +239,11 @@ class MetricLimits(_message.Message):
         period: Global___Period.ValueType = ...,
         windows: _abc.Iterable[Global___WindowLimit] | None = ...,
         shadow_hard_limit: _builtins.int | None = ...,
+        overage_spend_cap: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "shadow_hard_limit", b"shadow_hard_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "period", b"period", "price_per_unit", b"price_per_unit", "shadow_hard_limit", b"shadow_hard_limit", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "overage_spend_cap", b"overage_spend_cap", "period", b"period", "price_per_unit", b"price_per_unit", "shadow_hard_limit", b"shadow_hard_limit", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015

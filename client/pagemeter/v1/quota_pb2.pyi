@@ -56,6 +56,10 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     metric (per minute, hour, day or week); MetricDecision.denied_by names the
     window, and retry_after says when it resets where waiting helps.
     """
+    DECISION_REASON_SPEND_CAP_REACHED: _DecisionReason.ValueType  # 11
+    """Denied: the overage would take the period's overage spend past the
+    metric's overage_spend_cap; max_admissible is the most units that fit.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """Why a decision came out as it did. Reasons 1-3 admit; the others deny."""
@@ -87,6 +91,10 @@ DECISION_REASON_WINDOW_LIMIT_EXCEEDED: DecisionReason.ValueType  # 10
 """Denied: committed + held + requested would pass a hard window limit of the
 metric (per minute, hour, day or week); MetricDecision.denied_by names the
 window, and retry_after says when it resets where waiting helps.
+"""
+DECISION_REASON_SPEND_CAP_REACHED: DecisionReason.ValueType  # 11
+"""Denied: the overage would take the period's overage spend past the
+metric's overage_spend_cap; max_admissible is the most units that fit.
 """
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
@@ -606,6 +614,7 @@ class MetricRecordResult(_message.Message):
     OVERAGE_NOT_ALLOWED_FIELD_NUMBER: _builtins.int
     PERIOD_ID_FIELD_NUMBER: _builtins.int
     WINDOWS_FIELD_NUMBER: _builtins.int
+    OVER_SPEND_CAP_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     units: _builtins.int
     """Units recorded (0 for a failed job)."""
@@ -628,6 +637,10 @@ class MetricRecordResult(_message.Message):
     """Overage was recorded although the plan does not allow overage."""
     period_id: _builtins.str
     """The period the units count in: "YYYY-MM" or "lifetime"."""
+    over_spend_cap: _builtins.bool
+    """The period's overage spend is now past the metric's overage_spend_cap
+    (recorded anyway: work that was done is never dropped).
+    """
     @_builtins.property
     def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowDecision]:
         """The metric's windows that contain completed_at, after this record; a
@@ -651,10 +664,11 @@ class MetricRecordResult(_message.Message):
         overage_not_allowed: _builtins.bool = ...,
         period_id: _builtins.str = ...,
         windows: _abc.Iterable[Global___WindowDecision] | None = ...,
+        over_spend_cap: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "committed", b"committed", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "included_units", b"included_units", "metric", b"metric", "over_contract_quota", b"over_contract_quota", "over_hard_limit", b"over_hard_limit", "overage_cost", b"overage_cost", "overage_not_allowed", b"overage_not_allowed", "overage_units", b"overage_units", "period_id", b"period_id", "prepaid_units", b"prepaid_units", "units", b"units", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "committed", b"committed", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "included_units", b"included_units", "metric", b"metric", "over_contract_quota", b"over_contract_quota", "over_hard_limit", b"over_hard_limit", "over_spend_cap", b"over_spend_cap", "overage_cost", b"overage_cost", "overage_not_allowed", b"overage_not_allowed", "overage_units", b"overage_units", "period_id", b"period_id", "prepaid_units", b"prepaid_units", "units", b"units", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015
@@ -688,8 +702,8 @@ class RecordUsageResponse(_message.Message):
     hold_expired: _builtins.bool
     """The job had a hold that had already expired."""
     over_limit: _builtins.bool
-    """Any metric ended over its contract quota with overage not allowed, or over
-    its hard limit.
+    """Any metric ended over its contract quota with overage not allowed, over
+    its hard limit, over a hard window or over its overage spend cap.
     """
     request_id: _builtins.str
     @_builtins.property

@@ -14,7 +14,8 @@ METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PRICE = re.compile(r"\d{1,12}(\.\d{1,9})?")
 SPEC_HELP = (
     "SPEC is NAME[:key=value,...] with keys quota, hard_limit, overage (yes/no), price, "
-    "overage_price, period (monthly/none), shadow_hard_limit (on trial: reports, never "
+    "overage_price, period (monthly/none), overage_spend_cap (money per period), "
+    "shadow_hard_limit (on trial: reports, never "
     "denies), and windows minute, hour, day, week (N, N/soft for a window that reports "
     "but never denies, or N/shadow for one on trial); e.g. "
     "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028,day=200"
@@ -56,6 +57,7 @@ SPEC_KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "quota": ("contract_quota", _whole_number),
     "hard_limit": ("hard_limit", _whole_number),
     "shadow_hard_limit": ("shadow_hard_limit", _whole_number),
+    "overage_spend_cap": ("overage_spend_cap", _price),
     "overage": ("overage_allowed", _yes_no),
     "price": ("price_per_unit", _price),
     "overage_price": ("overage_price_per_unit", _price),

@@ -137,6 +137,7 @@ def metric_record_result(
         overage_not_allowed=m.overage_not_allowed,
         period_id=LIFETIME_PERIOD_ID if m.lifetime else month_id,
         windows=window_decisions(m.windows, spans, 0),
+        over_spend_cap=m.over_spend_cap,
     )
     return with_present(result, m, "contract_quota", "hard_limit")
 

@@ -92,6 +92,7 @@ class MetricRecord:
     # existed read as planned).
     planned: bool = True
     windows: tuple[WindowState, ...] = ()
+    over_spend_cap: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ and by the server through the types below:
                           "hard_limit"?, "overage_allowed", "price", "overage_price",
                           "windows"?: [{"window": "minute" | "hour" | "day" | "week",
                                         "limit", "soft", "shadow"?}, ...],
-                          "shadow_hard_limit"?}}}
+                          "shadow_hard_limit"?, "overage_spend_cap"?,
+                          "overage_unit_cap"?}}}
 
 Absent limits are left out rather than written as null, because cjson decodes
 null to a value Lua treats as true. Prices are canonical decimal strings.
@@ -80,6 +81,10 @@ class MetricTerms(TypedDict, total=False):
     overage_price: Required[str]
     windows: list[WindowTerms]  # absent: none; shortest first
     shadow_hard_limit: int  # absent: none
+    # The overage spend cap as set (a canonical decimal) and, for the scripts,
+    # what it allows in overage units: floor(cap / overage_price). Absent: none.
+    overage_spend_cap: str
+    overage_unit_cap: int
 
 
 class PlanDoc(TypedDict):
@@ -201,11 +206,31 @@ def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations
         windows = _window_terms(limits, path, problems)
         if windows:
             terms["windows"] = windows
+    if limits.overage_spend_cap:
+        problems.check_price(limits.overage_spend_cap, f"{path}.overage_spend_cap")
+        if not limits.overage_allowed:
+            problems.add(
+                f"{path}.overage_spend_cap",
+                "a spend cap limits overage: set overage_allowed too (without it no "
+                "overage is admitted at all)",
+            )
     if not problems.items:
         # Only valid prices are read (the plan is refused otherwise).
         terms["price"] = canonical_price(limits.price_per_unit)
         terms["overage_price"] = canonical_price(limits.overage_price_per_unit)
+        if limits.overage_spend_cap:
+            _spend_cap_terms(terms, limits.overage_spend_cap)
     return terms
+
+
+def _spend_cap_terms(terms: MetricTerms, cap_text: str) -> None:
+    """The cap in money, and in overage units for the scripts (money never enters
+    Lua: decision 36). At a price of 0 overage costs nothing and the cap never binds."""
+    cap = Decimal(cap_text)
+    terms["overage_spend_cap"] = format_money(cap)
+    price = Decimal(terms["overage_price"])
+    if price > 0:
+        terms["overage_unit_cap"] = int(cap // price)
 
 
 def _window_terms(
@@ -247,9 +272,11 @@ def _window_terms(
 
 
 def needs_schema_2(doc: PlanDoc) -> bool:
-    """Whether the plan uses terms schema 1 cannot hold (windows, shadow limits)."""
+    """Whether the plan uses terms schema 1 cannot hold (windows, shadow limits,
+    spend caps)."""
     return any(
-        terms.get("windows") or "shadow_hard_limit" in terms for terms in doc["metrics"].values()
+        terms.get("windows") or "shadow_hard_limit" in terms or "overage_spend_cap" in terms
+        for terms in doc["metrics"].values()
     )
 
 
@@ -384,6 +411,8 @@ def metric_limits(metric: str, terms: MetricTerms) -> plan_pb2.MetricLimits:
         message.hard_limit = terms["hard_limit"]
     if "shadow_hard_limit" in terms:
         message.shadow_hard_limit = terms["shadow_hard_limit"]
+    if "overage_spend_cap" in terms:
+        message.overage_spend_cap = terms["overage_spend_cap"]
     for window in terms.get("windows", []):
         message.windows.add(
             window=WINDOW_ENUMS[window["window"]],

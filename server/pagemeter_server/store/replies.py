@@ -155,6 +155,7 @@ RECORD_COLUMNS: tuple[Column, ...] = (
     Column("overage_price", "str"),
     Column("planned", "bool", missing="1"),
     Column("windows", "windows", missing=""),
+    Column("over_spend_cap", "bool", missing="0"),
 )
 
 

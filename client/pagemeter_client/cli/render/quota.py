@@ -36,6 +36,10 @@ def render_plan(plan: plan_pb2.Plan) -> str:
     ]
     headers = ["metric", "period", "contract quota", "hard limit", "overage", "price"]
     headers.append("overage price")
+    if any(m.overage_spend_cap for m in plan.metrics):
+        headers.append("overage spend cap")
+        for row, m in zip(rows, plan.metrics, strict=True):
+            row.append(fmt.money(m.overage_spend_cap) if m.overage_spend_cap else fmt.NONE)
     if any(m.HasField("shadow_hard_limit") for m in plan.metrics):
         headers.append("shadow hard limit")
         for row, m in zip(rows, plan.metrics, strict=True):
@@ -154,6 +158,8 @@ def render_record(response: quota_pb2.RecordUsageResponse) -> str:
         ["overage not allowed", *(fmt.yes_no(m.overage_not_allowed) for m in columns)],
         ["period", *(m.period_id for m in columns)],
     ]
+    if any(m.over_spend_cap for m in columns):
+        rows.append(["over spend cap", *(fmt.yes_no(m.over_spend_cap) for m in columns)])
     if any(m.windows for m in columns):
         rows.append(["windows (used after)", *(_windows_text(list(m.windows)) for m in columns)])
     return f"{header}\n\n{fmt.table(['', *(m.metric for m in columns)], rows)}"

@@ -43,7 +43,8 @@
 -- failure_policy: the plan's store failure policy ('open', 'closed' or '' for the
 --   service default), which the server remembers for when Redis is unreachable.
 -- Reasons: the REASON_* codes of DecisionReason (WITHIN_QUOTA, PREPAID, OVERAGE,
---   QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, WINDOW_LIMIT_EXCEEDED, UNKNOWN_METRIC).
+--   QUOTA_EXCEEDED, HARD_LIMIT_EXCEEDED, SPEND_CAP_REACHED, WINDOW_LIMIT_EXCEEDED,
+--   UNKNOWN_METRIC).
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local credits_key, month_key, life_key, rate_key, record_key, index_key =
@@ -138,6 +139,19 @@ for i, req in ipairs(requests) do
         cap = within
       end
     end
+    -- The spend cap, in overage units (overage_unit_cap): the overage the period
+    -- has taken already, committed and held, is what lies past the quota and was
+    -- not paid from prepaid credits.
+    local overage_room = nil
+    if quota and limits.overage_unit_cap then
+      local month_prepaid = int(redis.call('HGET', bucket, 'pp:' .. metric))
+      local taken = math.max(0, used - quota - month_prepaid - held_prepaid)
+      overage_room = math.max(0, limits.overage_unit_cap - taken)
+      local within = math.max(0, quota - used) + prepaid_available + overage_room
+      if cap == nil or within < cap then
+        cap = within
+      end
+    end
     local windows, denied_by, window_cap, shadow_window = decide_windows(limits.windows,
       window_keys, metric, held, n)
     if window_cap and (cap == nil or window_cap < cap) then
@@ -158,6 +172,8 @@ for i, req in ipairs(requests) do
       reason = REASON_HARD_LIMIT_EXCEEDED
     elseif overage > 0 and not limits.overage_allowed then
       reason = REASON_QUOTA_EXCEEDED
+    elseif overage_room and overage > overage_room then
+      reason = REASON_SPEND_CAP_REACHED
     elseif overage > 0 then
       reason = REASON_OVERAGE
     elseif prepaid > 0 then

@@ -312,6 +312,7 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
+local REASON_SPEND_CAP_REACHED = 11
 
 -- check_row(r): one metric's row, the fields of r joined by ',' in the order of
 -- CHECK_COLUMNS (store/replies.py):
@@ -438,6 +439,19 @@ for i, req in ipairs(requests) do
         cap = within
       end
     end
+    -- The spend cap, in overage units (overage_unit_cap): the overage the period
+    -- has taken already, committed and held, is what lies past the quota and was
+    -- not paid from prepaid credits.
+    local overage_room = nil
+    if quota and limits.overage_unit_cap then
+      local month_prepaid = int(redis.call('HGET', bucket, 'pp:' .. metric))
+      local taken = math.max(0, used - quota - month_prepaid - held_prepaid)
+      overage_room = math.max(0, limits.overage_unit_cap - taken)
+      local within = math.max(0, quota - used) + prepaid_available + overage_room
+      if cap == nil or within < cap then
+        cap = within
+      end
+    end
     local windows, denied_by, window_cap, shadow_window = decide_windows(limits.windows,
       window_keys, metric, held, n)
     if window_cap and (cap == nil or window_cap < cap) then
@@ -458,6 +472,8 @@ for i, req in ipairs(requests) do
       reason = REASON_HARD_LIMIT_EXCEEDED
     elseif overage > 0 and not limits.overage_allowed then
       reason = REASON_QUOTA_EXCEEDED
+    elseif overage_room and overage > overage_room then
+      reason = REASON_SPEND_CAP_REACHED
     elseif overage > 0 then
       reason = REASON_OVERAGE
     elseif prepaid > 0 then

@@ -317,6 +317,7 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
+local REASON_SPEND_CAP_REACHED = 11
 
 assert(#KEYS == 2 and #ARGV == 5, 'key_auth.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[1])

@@ -319,6 +319,7 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
+local REASON_SPEND_CAP_REACHED = 11
 
 assert(#KEYS == 3 and #ARGV == 7, 'key_create.lua: wrong number of KEYS or ARGV')
 if redis.call('EXISTS', KEYS[1]) == 1 then

@@ -55,7 +55,7 @@
 --   hard_limit|'', over_quota, over_hard_limit, overage_not_allowed, period
 --   ('M'/'N'), overage_price, planned ('1' when the metric is in the plan), windows
 --   (window_part of _lib.lua per window, joined by '/': used is the window's
---   committed units after this record).
+--   committed units after this record), over_spend_cap.
 -- A metric that is not in the plan (or an org without a plan) is still recorded,
 -- as a monthly metric with no limits: work that was done is never dropped. But
 -- the names are the caller's, so an organization may use at most ARGV[16] of
@@ -376,12 +376,13 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
+local REASON_SPEND_CAP_REACHED = 11
 
 -- record_row(r): one metric's row, the fields of r joined by ',' in the order of
 -- RECORD_COLUMNS (store/replies.py):
 --   metric, units, included, prepaid, overage, committed, contract_quota,
 --   hard_limit, over_contract_quota, over_hard_limit, overage_not_allowed,
---   lifetime, overage_price, planned, windows
+--   lifetime, overage_price, planned, windows, over_spend_cap
 local function record_row(r)
   return r.metric .. ',' ..
     fmt(r.units) .. ',' ..
@@ -397,7 +398,8 @@ local function record_row(r)
     (r.lifetime and 'N' or 'M') .. ',' ..
     r.overage_price .. ',' ..
     bool01(r.planned) .. ',' ..
-    r.windows
+    r.windows .. ',' ..
+    bool01(r.over_spend_cap)
 end
 
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -552,13 +554,21 @@ for i, req in ipairs(requests) do
   local over_quota = quota ~= nil and committed > quota
   local over_hard = hard ~= nil and committed > hard
   local overage_not_allowed = overage > 0 and not limits.overage_allowed
-  over_limit = over_limit or over_hard or overage_not_allowed
+  -- Past the spend cap: the period's overage (past the quota, not paid from
+  -- prepaid credits) is more than the cap allows in units.
+  local over_spend_cap = false
+  if quota and limits.overage_unit_cap and success then
+    local month_prepaid = int(redis.call('HGET', bucket, 'pp:' .. metric))
+    over_spend_cap = committed - quota - month_prepaid > limits.overage_unit_cap
+  end
+  over_limit = over_limit or over_hard or overage_not_allowed or over_spend_cap
   rows[i] = {
     metric = metric, units = n, included = included, prepaid = prepaid, overage = overage,
     committed = committed, contract_quota = quota, hard_limit = hard,
     over_contract_quota = over_quota, over_hard_limit = over_hard,
     overage_not_allowed = overage_not_allowed, lifetime = period == 'N',
     overage_price = limits.overage_price or '0', planned = metrics[metric] ~= nil,
+    over_spend_cap = over_spend_cap,
   }
 end
 

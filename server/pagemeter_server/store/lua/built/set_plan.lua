@@ -322,6 +322,7 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
+local REASON_SPEND_CAP_REACHED = 11
 
 assert(#KEYS == 6 and #ARGV == 5, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''

@@ -331,6 +331,7 @@ local REASON_NO_PLAN = 7
 local REASON_UNKNOWN_METRIC = 8
 local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
+local REASON_SPEND_CAP_REACHED = 11
 
 assert(#KEYS == 10 and #ARGV == 4, 'usage.lua: wrong number of KEYS or ARGV')
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
