@@ -38,6 +38,8 @@ import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc, reporting_pb2_grpc
@@ -293,6 +295,18 @@ def connect(request: pytest.FixtureRequest) -> Connect:
     behind the same async methods (tests/client/client_flavours.py)."""
     flavour = request.param
     return connector(flavour)
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields a google.rpc.BadRequest in an error's status names."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "the error carries no google.rpc.Status"
+    fields = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            fields += [v.field for v in bad_request.field_violations]
+    return fields
 
 
 def metric_limits(metric: str, **fields: object) -> plan_pb2.MetricLimits:

@@ -7,8 +7,7 @@ import pytest
 import redis
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
-from tests.conftest import RunningServer, metric_limits
-from tests.grpc.test_windows import violations
+from tests.conftest import RunningServer, field_violations, metric_limits
 
 Q = quota_pb2
 
@@ -76,5 +75,5 @@ async def test_bad_spend_caps_are_invalid_argument_and_change_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await set_plan(server, limits)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in violations(caught.value)
+    assert field in field_violations(caught.value)
     assert sorted(redis_sync.keys("*")) == before

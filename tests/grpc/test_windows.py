@@ -8,12 +8,10 @@ import grpc
 import pytest
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
-from tests.conftest import RunningServer, metric_limits
+from tests.conftest import RunningServer, field_violations, metric_limits
 
 Q = quota_pb2
 P = plan_pb2
@@ -131,17 +129,6 @@ async def test_records_answer_with_their_windows(server: RunningServer) -> None:
     assert second.over_limit and second.metrics[0].windows[0].exceeded
 
 
-def violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
-
-
 @pytest.mark.parametrize(
     ("limits", "field"),
     [
@@ -200,7 +187,7 @@ async def test_bad_windows_are_invalid_argument_and_change_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await set_plan(server, limits)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in violations(caught.value)
+    assert field in field_violations(caught.value)
     assert sorted(redis_sync.keys("*")) == before
 
 
