@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
+from pagemeter_server.domain.validation import MAX_LIMIT
 from tests.conftest import RunningServer, field_violations, metric_limits
 
 Q = quota_pb2
@@ -149,7 +150,7 @@ async def test_records_answer_with_their_windows(server: RunningServer) -> None:
             "plan.metrics[0].windows[0].limit",
         ),
         (
-            metric_limits("pages", windows=[window(P.WINDOW_DAY, 10**18 + 1)]),
+            metric_limits("pages", windows=[window(P.WINDOW_DAY, MAX_LIMIT + 1)]),
             "plan.metrics[0].windows[0].limit",
         ),
         (

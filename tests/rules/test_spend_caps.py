@@ -7,6 +7,7 @@ import pytest
 from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain.decisions import CheckCall, CheckResult, RecordCall, RecordResult
 from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.domain.validation import MAX_LIMIT
 from pagemeter_server.store.quota import Store
 from tests.conftest import ON_EACH_BACKEND, START_MS, metric_limits
 
@@ -100,3 +101,20 @@ async def test_overage_that_costs_nothing_is_never_capped(migrated: Store) -> No
     """At an overage price of 0 the cap never binds."""
     await set_plan(migrated, contract_quota=0, overage_spend_cap="1")
     assert (await check(migrated, 10**6)).allowed
+
+
+async def test_the_largest_cap_at_the_smallest_price_admits_the_largest_amounts(
+    migrated: Store,
+) -> None:
+    """A cap of 999,999,999,999.999999999 at 0.000000001 a unit (10^21 units, clamped to the largest limit) admits the largest amounts and still refuses nothing it should not."""
+    await set_plan(
+        migrated,
+        contract_quota=0,
+        overage_price_per_unit="0.000000001",
+        overage_spend_cap="999999999999.999999999",
+    )
+    stored = await migrated.get_plan("acme")
+    assert stored is not None
+    assert stored.doc["metrics"]["pages"]["overage_unit_cap"] == MAX_LIMIT
+    result = await check(migrated, 10**9)
+    assert result.allowed and result.metrics[0].overage == 10**9

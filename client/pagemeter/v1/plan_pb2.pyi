@@ -136,7 +136,7 @@ class WindowLimit(_message.Message):
     window: Global___Window.ValueType
     """The window; one limit per window kind and metric."""
     limit: _builtins.int
-    """Units per window, 0 to 10^18 (as other limits). A window counts the units
+    """Units per window, 0 to 10^15 (as other limits). A window counts the units
     committed in it plus every live hold of the metric.
     """
     soft: _builtins.bool

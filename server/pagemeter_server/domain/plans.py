@@ -38,6 +38,7 @@ from pagemeter_server.domain.periods import timestamp, zone
 from pagemeter_server.domain.validation import (
     CURRENCY,
     MAX_LABEL,
+    MAX_LIMIT,
     MAX_METRICS,
     MAX_NAME,
     Violations,
@@ -230,7 +231,9 @@ def _spend_cap_terms(terms: MetricTerms, cap_text: str) -> None:
     terms["overage_spend_cap"] = format_money(cap)
     price = Decimal(terms["overage_price"])
     if price > 0:
-        terms["overage_unit_cap"] = int(cap // price)
+        # Past MAX_LIMIT the cap is beyond any usage the limits allow; clamping keeps
+        # the number exact in the scripts' doubles (a cap of 10^12 at 10^-9 is 10^21).
+        terms["overage_unit_cap"] = min(int(cap // price), MAX_LIMIT)
 
 
 def _window_terms(
