@@ -154,6 +154,7 @@ ADMIN_RPCS = [
         ),
     ),
     ("admin", "ListAuditEvents", admin_pb2.ListAuditEventsRequest(org_id="acme")),
+    ("admin", "ListPlans", admin_pb2.ListPlansRequest()),
 ]
 ALL_RPCS = WRITE_RPCS + READ_RPCS + ADMIN_RPCS
 

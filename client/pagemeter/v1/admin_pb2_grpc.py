@@ -78,6 +78,11 @@ class AdminServiceStub:
                 request_serializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/pagemeter.v1.AdminService/ListPlans',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -148,6 +153,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPlans(self, request, context):
+        """Lists every organization's plan, by organization id (for `pagemeter plan
+        export`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +203,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -412,6 +430,33 @@ class AdminService:
             '/pagemeter.v1.AdminService/ListAuditEvents',
             pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
             pagemeter_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/ListPlans',
+            pagemeter_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,10 @@ class AdminServiceStub:
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]
     """Reads an organization's audit trail, newest first."""
+    ListPlans: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]
+    """Lists every organization's plan, by organization id (for `pagemeter plan
+    export`).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -97,6 +101,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Reads an organization's audit trail, newest first."""
+    ListPlans: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]  # type: ignore[assignment]
+    """Lists every organization's plan, by organization id (for `pagemeter plan
+    export`).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is for operators (the admin credential only): organizations'
@@ -177,5 +185,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_pb2.ListAuditEventsResponse]]:
         """Reads an organization's audit trail, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListPlans(
+        self,
+        request: _admin_pb2.ListPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPlansResponse, _abc.Awaitable[_admin_pb2.ListPlansResponse]]:
+        """Lists every organization's plan, by organization id (for `pagemeter plan
+        export`).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -390,11 +390,21 @@ class PagemeterClient:
     # AdminService
 
     def set_plan(
-        self, plan: plan_pb2.Plan, *, timeout: float | None = None
+        self, plan: plan_pb2.Plan, *, validate_only: bool = False, timeout: float | None = None
     ) -> admin_pb2.SetPlanResponse:
-        """Create or replace plan.org_id's whole plan."""
+        """Create or replace plan.org_id's whole plan; with validate_only, only check
+        it and answer it as it would be stored."""
         return self._admin.SetPlan(
-            admin_pb2.SetPlanRequest(plan=plan),
+            admin_pb2.SetPlanRequest(plan=plan, validate_only=validate_only),
+            **self._config.call_options(timeout),
+        )
+
+    def list_plans(
+        self, page_size: int = 0, page_token: str = "", *, timeout: float | None = None
+    ) -> admin_pb2.ListPlansResponse:
+        """One page of every organization's plan, by organization id."""
+        return self._admin.ListPlans(
+            admin_pb2.ListPlansRequest(page_size=page_size, page_token=page_token),
             **self._config.call_options(timeout),
         )
 

@@ -31,7 +31,13 @@ from pagemeter_client.cli.commands.outbox import (
     cmd_outbox_requeue,
     cmd_outbox_status,
 )
-from pagemeter_client.cli.commands.plans import cmd_credits_grant, cmd_plan_get, cmd_plan_set
+from pagemeter_client.cli.commands.plans import (
+    cmd_credits_grant,
+    cmd_plan_apply,
+    cmd_plan_export,
+    cmd_plan_get,
+    cmd_plan_set,
+)
 from pagemeter_client.cli.commands.reports import cmd_history, cmd_records, cmd_stats, cmd_usage
 from pagemeter_client.cli.common import (
     TARGET_ENV,
@@ -161,6 +167,21 @@ def _add_plan_commands(commands: Commands, common: argparse.ArgumentParser) -> N
     get = plan_commands.add_parser("get", parents=[common], help="show a plan")
     get.add_argument("org", metavar="ORG")
     get.set_defaults(run=cmd_plan_get)
+    apply = plan_commands.add_parser(
+        "apply",
+        parents=[common],
+        help="bring organizations to the plans of a YAML catalog (docs/client.md)",
+    )
+    apply.add_argument("file", metavar="FILE", help="the catalog: templates and organizations")
+    apply.add_argument(
+        "--dry-run", action="store_true", help="show what would change and change nothing"
+    )
+    apply.set_defaults(run=cmd_plan_apply)
+    export = plan_commands.add_parser(
+        "export", parents=[common], help="every organization's plan as a catalog"
+    )
+    export.add_argument("--output", metavar="FILE", help="write there instead of stdout")
+    export.set_defaults(run=cmd_plan_export)
 
 
 def _add_credit_commands(commands: Commands, common: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ trail by the same script that makes it, with the caller as its actor.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,12 +23,14 @@ from pagemeter_server.api.auth import (
 )
 from pagemeter_server.domain.clock import Clock
 from pagemeter_server.domain.errors import BadPageToken, NotFound, PlanNotFound
-from pagemeter_server.domain.page_tokens import items_that_fit
+from pagemeter_server.domain.page_tokens import decode_page_token, encode_page_token, items_that_fit
 from pagemeter_server.domain.periods import timestamp
 from pagemeter_server.domain.plans import doc_to_plan, plan_to_doc
 from pagemeter_server.domain.validation import (
     KEY_ID,
     MAX_NAME,
+    MAX_PAGE_SIZE,
+    MAX_PAGE_TOKEN,
     MAX_REASON,
     MAX_UNITS,
     Violations,
@@ -68,6 +71,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         if not request.HasField("plan"):
             raise invalid("plan", "plan is required")
         doc = plan_to_doc(request.plan, self.settings.default_timezone)
+        if request.validate_only:
+            return admin_pb2.SetPlanResponse(plan=doc_to_plan(request.plan.org_id, doc, 0, 0))
         stored = await self.store.set_plan(
             request.plan.org_id, doc, now_ms=self.clock.now_ms(), actor=current_principal().actor
         )
@@ -86,6 +91,35 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.GetPlanResponse(
             plan=doc_to_plan(request.org_id, stored.doc, stored.version, stored.updated_ms)
         )
+
+    @authorized(Access.ADMIN)
+    async def ListPlans(
+        self, request: admin_pb2.ListPlansRequest, context: Context
+    ) -> admin_pb2.ListPlansResponse:
+        problems = Violations()
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        if len(request.page_token) > MAX_PAGE_TOKEN:
+            problems.add("page_token", "page_token is not one this service issued")
+        problems.raise_if_any()
+        after = ""
+        if request.page_token:
+            try:
+                after = decode_page_token(request.page_token, PLANS, ALL_ORGS)
+            except BadPageToken:
+                raise bad_page_token() from None
+        orgs, more = await self.store.plan_orgs(after, request.page_size or DEFAULT_PLANS_PAGE)
+        stored = await asyncio.gather(*(self.store.get_plan(org) for org in orgs))
+        response = admin_pb2.ListPlansResponse(
+            plans=[
+                doc_to_plan(org, plan.doc, plan.version, plan.updated_ms)
+                for org, plan in zip(orgs, stored, strict=True)
+                if plan is not None
+            ]
+        )
+        if more:
+            response.next_page_token = encode_page_token(PLANS, ALL_ORGS, orgs[-1])
+        return response
 
     @authorized(Access.ADMIN)
     async def GrantCredits(
@@ -231,6 +265,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         if shown < len(entries):
             next_token = self.admin_store.audit_token(request.org_id, events[-1].event_id)
         return admin_pb2.ListAuditEventsResponse(events=events, next_page_token=next_token)
+
+
+PLANS, ALL_ORGS = "plans", "*"
+DEFAULT_PLANS_PAGE = 100
 
 
 def _audit_event(org_id: str, entry: AuditEntry) -> admin_pb2.AuditEvent:

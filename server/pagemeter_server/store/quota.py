@@ -655,6 +655,15 @@ class Store:
             self._plans_migrated_seen = marker == str(SCHEMA)
         return self._plans_migrated_seen
 
+    async def plan_orgs(self, after: str, count: int) -> tuple[list[str], bool]:
+        """Up to `count` organizations with a plan, by id, after `after` ('' for the
+        first); and whether more follow."""
+        low = f"({after}" if after else "-"
+        orgs = cast(
+            list[str], await self.client.zrangebylex(ORGS_KEY, low, "+", start=0, num=count + 1)
+        )
+        return orgs[:count], len(orgs) > count
+
     async def get_plan(self, org_id: str) -> StoredPlan | None:
         raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).plan))
         if "json" not in raw:

@@ -1,18 +1,22 @@
-"""Plans and prepaid credits: `plan set`, `plan get`, `credits grant`."""
+"""Plans and prepaid credits: `plan set`, `plan get`, `plan apply`, `plan export`,
+`credits grant`."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
-from google.protobuf import json_format
+import grpc
+from google.protobuf import json_format, text_format
 
 from pagemeter.v1 import plan_pb2
+from pagemeter_client.cli.catalog import Catalog, export_document, load_catalog
 from pagemeter_client.cli.common import InputProblem
 from pagemeter_client.cli.output import show
 from pagemeter_client.cli.render.quota import render_grant, render_plan
-from pagemeter_client.sdk import PagemeterClient
+from pagemeter_client.sdk import PagemeterClient, error_details
 
 
 def _load_plan(path: str) -> plan_pb2.Plan:
@@ -60,3 +64,87 @@ def cmd_plan_get(client: PagemeterClient, args: argparse.Namespace) -> int:
 def cmd_credits_grant(client: PagemeterClient, args: argparse.Namespace) -> int:
     response = client.grant_credits(args.org, args.metric, args.units, args.grant_id, args.reason)
     return show(args, response, render_grant)
+
+
+def _comparable(plan: plan_pb2.Plan) -> str:
+    """A plan as text, without what the server sets on every change."""
+    copy = plan_pb2.Plan()
+    copy.CopyFrom(plan)
+    copy.ClearField("version")
+    copy.ClearField("updated_at")
+    return text_format.MessageToString(copy)
+
+
+def _current_plan(client: PagemeterClient, org: str) -> plan_pb2.Plan | None:
+    try:
+        return client.get_plan(org).plan
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+def _as_stored(client: PagemeterClient, catalog: Catalog, org: str) -> plan_pb2.Plan:
+    """The organization's plan from its template, as the server would store it; a
+    plan the server refuses is reported at the catalog's line of the field at fault."""
+    template = catalog.templates[catalog.organizations[org]]
+    plan = plan_pb2.Plan()
+    plan.CopyFrom(template.plan)
+    plan.org_id = org
+    try:
+        return client.set_plan(plan, validate_only=True).plan
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        problems = error_details(error).field_violations or [("plan", error.details() or "")]
+        lines = [
+            f"{catalog.where(template.name, field)}: template {template.name!r} "
+            f"(for {org!r}): {field}: {description}"
+            for field, description in problems
+        ]
+        raise InputProblem("\n".join(lines)) from None
+
+
+def cmd_plan_apply(client: PagemeterClient, args: argparse.Namespace) -> int:
+    """Bring every organization of the catalog to its template's plan: show each
+    change as a diff, then (without --dry-run) set it; unchanged ones are left alone."""
+    catalog = load_catalog(args.file)
+    desired = {org: _as_stored(client, catalog, org) for org in sorted(catalog.organizations)}
+    changes = 0
+    for org, plan in desired.items():
+        current = _current_plan(client, org)
+        before = _comparable(current) if current is not None else ""
+        if before == _comparable(plan):
+            print(f"{org}: unchanged ({catalog.organizations[org]})")
+            continue
+        changes += 1
+        verb = "would change" if args.dry_run else "changes"
+        print(f"{org}: {verb} to {catalog.organizations[org]!r}")
+        diff = difflib.unified_diff(
+            before.splitlines(), _comparable(plan).splitlines(), "stored", "catalog", lineterm=""
+        )
+        print("\n".join(f"  {line}" for line in diff))
+        if not args.dry_run:
+            stored = client.set_plan(plan).plan
+            print(f"{org}: set, plan version {stored.version}")
+    done = "to change" if args.dry_run else "changed"
+    print(f"{changes} of {len(desired)} organizations {done}")
+    return 0
+
+
+def cmd_plan_export(client: PagemeterClient, args: argparse.Namespace) -> int:
+    """Every organization's plan as a catalog `plan apply` takes."""
+    plans: list[plan_pb2.Plan] = []
+    token = ""
+    while True:
+        page = client.list_plans(page_size=1000, page_token=token)
+        plans.extend(page.plans)
+        token = page.next_page_token
+        if not token:
+            break
+    text = export_document(plans)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,173 @@
+"""Plans as code: a YAML catalog of plan templates and the organizations that use them.
+
+    templates:
+      business:                 # a Plan without org_id, in the .proto field names
+        name: Business
+        timezone: Europe/Berlin
+        metrics:
+          - metric: pages
+            contract_quota: 2000
+            overage_allowed: true
+            overage_price_per_unit: "0.028"
+            windows:
+              - {window: WINDOW_DAY, limit: 200}
+    organizations:
+      acme: business            # organization id: template name
+
+Every problem is reported as FILE:LINE: what, with the line of the value at fault,
+before anything is sent; so are the server's own checks of each plan (they run
+with SetPlan's validate_only and name a field, which is mapped back to its line).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import descriptor, json_format
+
+from pagemeter.v1 import plan_pb2
+from pagemeter_client.cli.common import InputProblem
+
+# Fields a template may not set: the organization comes from `organizations`, the
+# rest is the server's.
+NOT_IN_TEMPLATES = {"org_id", "version", "updated_at"}
+SECTIONS = ("templates", "organizations")
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    plan: plan_pb2.Plan
+    node: yaml.Node
+
+
+@dataclass(frozen=True)
+class Catalog:
+    path: str
+    templates: dict[str, Template]
+    organizations: dict[str, str]  # organization id -> template name
+
+    def where(self, template: str, field_path: str) -> str:
+        """FILE:LINE of a server-named field of a template's plan ("plan.metrics[0].limit")."""
+        node = self.templates[template].node
+        for step in re.findall(r"[A-Za-z_]+|\[\d+\]", field_path.removeprefix("plan.")):
+            child = _child(node, step)
+            if child is None:
+                break
+            node = child
+        return f"{self.path}:{node.start_mark.line + 1}"
+
+
+def load_catalog(path: str) -> Catalog:
+    """Read and check a catalog file; InputProblem names the file and line of any fault."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except OSError as problem:
+        raise InputProblem(f"cannot read {path}: {problem}") from None
+    except yaml.MarkedYAMLError as problem:
+        line = problem.problem_mark.line + 1 if problem.problem_mark else 0
+        raise InputProblem(f"{path}:{line}: not YAML: {problem.problem}") from None
+    if not isinstance(root, yaml.MappingNode):
+        raise InputProblem(f"{path}:1: a catalog is a mapping with {' and '.join(SECTIONS)}")
+    sections = _mapping(path, root)
+    for key, (key_node, _) in sections.items():
+        if key not in SECTIONS:
+            raise InputProblem(
+                f"{_at(path, key_node)}: unknown section {key!r} (sections: {', '.join(SECTIONS)})"
+            )
+    templates = {
+        name: _template(path, name, node)
+        for name, (_, node) in _mapping(path, sections.get("templates", (root, None))[1]).items()
+    }
+    organizations: dict[str, str] = {}
+    orgs_node = sections.get("organizations", (root, None))[1]
+    for org, (_key, value) in _mapping(path, orgs_node).items():
+        if not isinstance(value, yaml.ScalarNode) or value.value not in templates:
+            known = ", ".join(sorted(templates)) or "none"
+            raise InputProblem(
+                f"{_at(path, value)}: organization {org!r} names no template of this file "
+                f"(templates: {known})"
+            )
+        organizations[org] = value.value
+    return Catalog(path, templates, organizations)
+
+
+def _at(path: str, node: yaml.Node | None) -> str:
+    return f"{path}:{node.start_mark.line + 1 if node is not None else 1}"
+
+
+def _mapping(path: str, node: yaml.Node | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """A mapping node's entries by key; an absent section is empty."""
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise InputProblem(f"{_at(path, node)}: expected a mapping of names")
+    entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for key, value in node.value:
+        if key.value in entries:
+            raise InputProblem(f"{_at(path, key)}: {key.value!r} appears twice")
+        entries[str(key.value)] = (key, value)
+    return entries
+
+
+def _template(path: str, name: str, node: yaml.Node) -> Template:
+    _check_fields(path, node, plan_pb2.Plan.DESCRIPTOR, top=True)
+    value = yaml.SafeLoader("").construct_document(node)
+    plan = plan_pb2.Plan()
+    try:
+        json_format.ParseDict(value, plan)
+    except json_format.ParseError as problem:
+        raise InputProblem(f"{_at(path, node)}: template {name!r}: {problem}") from None
+    return Template(name, plan, node)
+
+
+def _check_fields(path: str, node: yaml.Node, message: Any, top: bool = False) -> None:
+    """Every key of a mapping node is a field of `message` (recursively), by its
+    .proto name; the first that is not is reported at its line."""
+    if not isinstance(node, yaml.MappingNode):
+        raise InputProblem(f"{_at(path, node)}: expected a mapping of {message.name} fields")
+    for key, value in node.value:
+        field = message.fields_by_name.get(key.value)
+        if field is None or (top and key.value in NOT_IN_TEMPLATES):
+            hint = "set by the server or by `organizations`" if field else "unknown field"
+            raise InputProblem(f"{_at(path, key)}: {message.name}.{key.value}: {hint}")
+        if field.type != descriptor.FieldDescriptor.TYPE_MESSAGE:
+            continue
+        children = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        for child in children:
+            if isinstance(child, yaml.Node):
+                _check_fields(path, child, field.message_type)
+
+
+def _child(node: yaml.Node, step: str) -> yaml.Node | None:
+    if step.startswith("["):
+        index = int(step[1:-1])
+        if isinstance(node, yaml.SequenceNode) and index < len(node.value):
+            child: yaml.Node = node.value[index]
+            return child
+        return None
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if key.value == step:
+                found: yaml.Node = value
+                return found
+    return None
+
+
+def export_document(plans: list[plan_pb2.Plan]) -> str:
+    """A catalog of the plans as they are: one template per organization, named after it."""
+    templates: dict[str, Any] = {}
+    organizations: dict[str, str] = {}
+    for plan in sorted(plans, key=lambda p: p.org_id):
+        fields = json_format.MessageToDict(plan, preserving_proto_field_name=True)
+        for name in NOT_IN_TEMPLATES:
+            fields.pop(name, None)
+        templates[plan.org_id] = fields
+        organizations[plan.org_id] = plan.org_id
+    document = {"templates": templates, "organizations": organizations}
+    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
