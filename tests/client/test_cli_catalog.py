@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -9,7 +12,7 @@ import pytest
 
 from pagemeter.v1 import admin_pb2
 from tests.client.test_cli import Cli
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, eagle_plan
 
 CATALOG = """\
 templates:
@@ -112,6 +115,7 @@ async def test_export_writes_a_catalog_that_applies_as_a_no_op(
     assert run.code == 0, run.err
     text = exported.read_text()
     assert "organizations:\n  acme: acme\n  globex: globex\n" in text
+    assert "contract_quota: 2000\n" in text, "64-bit numbers are written as numbers"
     again = await pagemeter("plan", "apply", str(exported))
     assert again.code == 0, again.err
     assert "0 of 2 organizations changed" in again.out
@@ -156,3 +160,36 @@ async def test_a_bad_catalog_is_refused_with_its_file_and_line(
     assert run.code == 2
     assert problem in run.err, run.err
     assert await versions(pagemeter_server) == {}
+
+
+async def test_a_reader_that_goes_away_ends_the_command_quietly(
+    pagemeter_server: RunningServer,
+) -> None:
+    """`pagemeter plan export | true`: when the reader has closed the pipe, the CLI
+    exits 141 (as for SIGPIPE) without a traceback."""
+    await pagemeter_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+
+    def export_into_a_closed_pipe() -> tuple[int, str]:
+        reader = subprocess.Popen(["true"], stdin=subprocess.PIPE)
+        assert reader.stdin is not None
+        reader.wait(10)  # gone before anything is written
+        writer = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "pagemeter"),
+                "--target",
+                pagemeter_server.target,
+                "plan",
+                "export",
+            ],
+            stdout=reader.stdin,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        reader.stdin.close()
+        return writer.returncode, writer.stderr
+
+    code, stderr = await asyncio.to_thread(export_into_a_closed_pipe)
+    assert "Traceback" not in stderr and "Exception" not in stderr, stderr
+    assert code == 141, stderr

@@ -23,12 +23,14 @@ text, `output` prints them and the errors, `connect` builds the client, and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import grpc
 
 from pagemeter_client.cli.common import (
+    EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_RPC_ERROR,
     EXIT_USAGE,
@@ -63,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
             return outbox_command(args)
         command: Command = args.run
         with make_client(args) as client:
-            return command(client, args)
+            code = command(client, args)
+        sys.stdout.flush()  # here, so that a reader gone away is handled below
+        return code
     except InputProblem as problem:
         print(f"pagemeter: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -72,3 +76,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_RPC_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`pagemeter usage ACME | head -1`): nothing is left
+        # to tell it. Point stdout at /dev/null so the interpreter's final flush
+        # does not fail again, and exit as the shells expect of SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

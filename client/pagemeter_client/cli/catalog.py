@@ -164,10 +164,35 @@ def export_document(plans: list[plan_pb2.Plan]) -> str:
     templates: dict[str, Any] = {}
     organizations: dict[str, str] = {}
     for plan in sorted(plans, key=lambda p: p.org_id):
-        fields = json_format.MessageToDict(plan, preserving_proto_field_name=True)
+        fields = _plain_numbers(
+            json_format.MessageToDict(plan, preserving_proto_field_name=True), plan.DESCRIPTOR
+        )
         for name in NOT_IN_TEMPLATES:
             fields.pop(name, None)
         templates[plan.org_id] = fields
         organizations[plan.org_id] = plan.org_id
     document = {"templates": templates, "organizations": organizations}
     return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+
+
+_WIDE_INTEGERS = {
+    descriptor.FieldDescriptor.CPPTYPE_INT64,
+    descriptor.FieldDescriptor.CPPTYPE_UINT64,
+}
+
+
+def _plain_numbers(fields: dict[str, Any], message: Any) -> dict[str, Any]:
+    """Protobuf's JSON writes 64-bit integers as strings ("2000"); a catalog is
+    written for people, so they become numbers again (ParseDict reads both)."""
+    plain: dict[str, Any] = {}
+    for name, value in fields.items():
+        field = message.fields_by_name[name]
+        if field.cpp_type in _WIDE_INTEGERS:
+            value = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.type == descriptor.FieldDescriptor.TYPE_MESSAGE and field.message_type.fields:
+            if isinstance(value, list):
+                value = [_plain_numbers(v, field.message_type) for v in value]
+            elif isinstance(value, dict) and field.message_type.name != "Timestamp":
+                value = _plain_numbers(value, field.message_type)
+        plain[name] = value
+    return plain

@@ -13,6 +13,7 @@ EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DENIED = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command its reader left
 
 TARGET_ENV = "PAGEMETER_TARGET"
 TOKEN_ENV = "PAGEMETER_TOKEN"  # noqa: S105 (the name of a variable, not a token)

@@ -6,7 +6,6 @@ trail by the same script that makes it, with the caller as its actor.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,7 +108,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             except BadPageToken:
                 raise bad_page_token() from None
         orgs, more = await self.store.plan_orgs(after, request.page_size or DEFAULT_PLANS_PAGE)
-        stored = await asyncio.gather(*(self.store.get_plan(org) for org in orgs))
+        stored = await self.store.get_plans(orgs)
         response = admin_pb2.ListPlansResponse(
             plans=[
                 doc_to_plan(org, plan.doc, plan.version, plan.updated_ms)

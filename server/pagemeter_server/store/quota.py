@@ -664,13 +664,18 @@ class Store:
         )
         return orgs[:count], len(orgs) > count
 
+    async def get_plans(self, org_ids: Sequence[str]) -> list[StoredPlan | None]:
+        """Several organizations' plans in one pipelined read (not one call each: a
+        page of a thousand must not take a thousand connections)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for org_id in org_ids:
+                pipe.hgetall(OrgKeys(org_id).plan)
+            replies = cast(list[dict[str, str]], await pipe.execute())
+        return [_stored_plan(raw) for raw in replies]
+
     async def get_plan(self, org_id: str) -> StoredPlan | None:
         raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).plan))
-        if "json" not in raw:
-            return None
-        return StoredPlan(
-            plan_doc_from_json(raw["json"]), int(raw["version"]), int(raw["updated_ms"])
-        )
+        return _stored_plan(raw)
 
     async def grant_credits(
         self,
@@ -705,3 +710,10 @@ class Store:
         if reply[0] == "REUSED":
             raise RequestIdReused("granted")
         return int(reply[1]), reply[2] == "1"
+
+
+def _stored_plan(raw: dict[str, str]) -> StoredPlan | None:
+    """A plan hash as read, or None when the organization has no plan."""
+    if "json" not in raw:
+        return None
+    return StoredPlan(plan_doc_from_json(raw["json"]), int(raw["version"]), int(raw["updated_ms"]))
