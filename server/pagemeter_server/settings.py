@@ -245,6 +245,13 @@ class Settings:
     redis_timeout_seconds: float = option(
         "--redis-timeout", 2.0, "timeout of each Redis call, seconds"
     )
+    # Connections to Redis this process keeps at most (per node in a cluster); a
+    # call that finds all of them busy waits up to --redis-timeout for one.
+    redis_max_connections: int = option(
+        "--redis-max-connections",
+        100,
+        "Redis connections per process (per node in a cluster); more calls wait for one",
+    )
     # Replicas that must have a change before it is acknowledged (Redis WAIT
     # after each changing script; 0: acknowledge what the primary has), and how
     # long to wait for them before answering UNAVAILABLE.
@@ -422,6 +429,8 @@ class Settings:
             raise ValueError("--redis-mode cluster needs --redis-url naming a cluster node")
         if not 1 <= self.workers <= 64:
             raise ValueError("--workers must be between 1 and 64")
+        if not 1 <= self.redis_max_connections <= 10_000:
+            raise ValueError("--redis-max-connections must be between 1 and 10000")
         if self.store_failure_policy not in ("closed", "open"):
             raise ValueError("--store-failure-policy: use closed or open")
         if self.clock not in ("redis", "system"):

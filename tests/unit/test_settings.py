@@ -120,6 +120,15 @@ OPTIONS = [
     Option(
         "--redis-timeout", "PAGEMETER_REDIS_TIMEOUT", "redis_timeout_seconds", "0.5", 0.5, "5", 5.0
     ),
+    Option(
+        "--redis-max-connections",
+        "PAGEMETER_REDIS_MAX_CONNECTIONS",
+        "redis_max_connections",
+        "50",
+        50,
+        "300",
+        300,
+    ),
     Option("--replica-acks", "PAGEMETER_REPLICA_ACKS", "replica_acks", "1", 1, "2", 2),
     Option(
         "--replica-ack-timeout",
@@ -511,6 +520,7 @@ def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str
         ),
         (["--usage-retention-days", "30"], {}, "usage retention must be at least 31 days"),
         (["--redis-timeout", "0"], {}, "Redis timeout must be positive"),
+        (["--redis-max-connections", "0"], {}, "--redis-max-connections must be between 1"),
         (["--replica-acks", "-1"], {}, "--replica-acks must be between 0"),
         (["--replica-acks", "101"], {}, "--replica-acks must be between 0"),
         (["--replica-ack-timeout", "0"], {}, "--replica-ack-timeout must be positive"),
@@ -541,6 +551,7 @@ def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str
         "age-equals-retention",
         "usage-retention-short",
         "redis-timeout-zero",
+        "redis-max-connections-zero",
         "replica-acks-negative",
         "replica-acks-over-100",
         "replica-ack-timeout-zero",

@@ -21,6 +21,7 @@ from pagemeter_server.settings import Settings, sentinel_addresses
 from pagemeter_server.store.cluster import FailFastCluster, FailFastSyncCluster
 from pagemeter_server.store.sentinel import (
     SteadySentinel,
+    WaitingSentinelPool,
     primary_options,
     sentinel_kwargs,
 )
@@ -39,7 +40,9 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
         "socket_connect_timeout": settings.redis_timeout_seconds,
     }
     if settings.redis_mode == "cluster":
-        cluster: Any = FailFastCluster.from_url(url, **timeouts)
+        cluster: Any = FailFastCluster.from_url(
+            url, max_connections=settings.redis_max_connections, **timeouts
+        )
         cluster.migration_wait_seconds = settings.redis_timeout_seconds
         return cast(aioredis.Redis, cluster)
     if settings.redis_mode == "sentinel":
@@ -52,10 +55,27 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
             sentinel_kwargs=sentinel_kwargs(settings, Retry(NoBackoff(), 0)),
         )
         primary: aioredis.Redis = sentinel.master_for(
-            settings.sentinel_master, retry=one_quick_retry(), **timeouts, **primary_options(url)
+            settings.sentinel_master,
+            connection_pool_class=WaitingSentinelPool,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_seconds,
+            retry=one_quick_retry(),
+            **timeouts,
+            **primary_options(url),
         )
         return primary
-    return aioredis.from_url(url, health_check_interval=30, retry=one_quick_retry(), **timeouts)
+    # A call that finds every connection busy waits for one (up to the Redis
+    # timeout) instead of failing: a batch across many organizations, or a
+    # burst of calls, makes more script calls at once than the pool holds.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_seconds,
+        health_check_interval=30,
+        retry=one_quick_retry(),
+        **timeouts,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def one_quick_retry() -> Retry:

@@ -19,7 +19,7 @@ import ssl
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.sentinel import MasterNotFoundError
+from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.connection import SSLConnection, parse_url
 from redis.exceptions import (
@@ -187,3 +187,9 @@ def _tls_failure(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class WaitingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The primary's connection pool, bounded like BlockingConnectionPool: a call that
+    finds every connection busy waits (`timeout` seconds) for one instead of failing
+    with MaxConnectionsError, as the pool of a plain Redis URL does (connections.py)."""
