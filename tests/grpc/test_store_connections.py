@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 
 from pagemeter.v1 import quota_pb2
-from tests.conftest import RunningServer
+from tests.conftest import ON_EACH_BACKEND, RunningServer
+
+# On the suite's Redis and, in the system tier, on a Redis Cluster.
+pytestmark = ON_EACH_BACKEND
 
 Q = quota_pb2
 
