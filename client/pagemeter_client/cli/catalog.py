@@ -82,11 +82,10 @@ def load_catalog(path: str) -> Catalog:
             )
     templates = {
         name: _template(path, name, node)
-        for name, (_, node) in _mapping(path, sections.get("templates", (root, None))[1]).items()
+        for name, (_, node) in _mapping(path, _section(sections, "templates")).items()
     }
     organizations: dict[str, str] = {}
-    orgs_node = sections.get("organizations", (root, None))[1]
-    for org, (_key, value) in _mapping(path, orgs_node).items():
+    for org, (_key, value) in _mapping(path, _section(sections, "organizations")).items():
         if not isinstance(value, yaml.ScalarNode) or value.value not in templates:
             known = ", ".join(sorted(templates)) or "none"
             raise InputProblem(
@@ -95,6 +94,11 @@ def load_catalog(path: str) -> Catalog:
             )
         organizations[org] = value.value
     return Catalog(path, templates, organizations)
+
+
+def _section(sections: dict[str, tuple[yaml.Node, yaml.Node]], name: str) -> yaml.Node | None:
+    """A section's value node; None when the catalog leaves it out."""
+    return sections[name][1] if name in sections else None
 
 
 def _at(path: str, node: yaml.Node | None) -> str:

@@ -28,8 +28,6 @@ from pagemeter_server.domain.plans import doc_to_plan, plan_to_doc
 from pagemeter_server.domain.validation import (
     KEY_ID,
     MAX_NAME,
-    MAX_PAGE_SIZE,
-    MAX_PAGE_TOKEN,
     MAX_REASON,
     MAX_UNITS,
     Violations,
@@ -95,19 +93,14 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def ListPlans(
         self, request: admin_pb2.ListPlansRequest, context: Context
     ) -> admin_pb2.ListPlansResponse:
-        problems = Violations()
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-        if len(request.page_token) > MAX_PAGE_TOKEN:
-            problems.add("page_token", "page_token is not one this service issued")
-        problems.raise_if_any()
+        page_size = page_request(None, request.page_size, request.page_token, DEFAULT_PLANS_PAGE)
         after = ""
         if request.page_token:
             try:
                 after = decode_page_token(request.page_token, PLANS, ALL_ORGS)
             except BadPageToken:
                 raise bad_page_token() from None
-        orgs, more = await self.store.plan_orgs(after, request.page_size or DEFAULT_PLANS_PAGE)
+        orgs, more = await self.store.plan_orgs(after, page_size)
         stored = await self.store.get_plans(orgs)
         response = admin_pb2.ListPlansResponse(
             plans=[

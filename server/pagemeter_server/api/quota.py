@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import redis.exceptions
 
-from pagemeter.v1 import plan_pb2, quota_pb2, quota_pb2_grpc
+from pagemeter.v1 import quota_pb2, quota_pb2_grpc
 from pagemeter_server.api.auth import Access, Authenticator, authorized
 from pagemeter_server.api.convert import (
     job_counts,
@@ -33,6 +33,7 @@ from pagemeter_server.domain.decisions import (
 )
 from pagemeter_server.domain.errors import InvalidArgument, StoreError, TooManyMetrics
 from pagemeter_server.domain.periods import timestamp, timestamp_ms, zone
+from pagemeter_server.domain.plans import WINDOW_CODES
 from pagemeter_server.domain.validation import (
     DOCUMENT_TYPE,
     MAX_LABEL,
@@ -61,11 +62,6 @@ _RELEASE_OUTCOME = {
     "expired": quota_pb2.RELEASE_OUTCOME_EXPIRED,
     "already_recorded": quota_pb2.RELEASE_OUTCOME_ALREADY_RECORDED,
     "not_found": quota_pb2.RELEASE_OUTCOME_NOT_FOUND,
-}
-_WINDOW_LABEL = {
-    value.number: value.name.removeprefix("WINDOW_").lower()
-    for value in plan_pb2.Window.DESCRIPTOR.values
-    if value.number
 }
 _REASON_LABEL = {
     value.number: value.name.removeprefix("DECISION_REASON_").lower()
@@ -187,7 +183,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                 self.metrics.shadow_denials.labels(
                     label,
                     _REASON_LABEL[d.would_deny_reason],
-                    _WINDOW_LABEL.get(d.would_deny_window, ""),
+                    WINDOW_CODES.get(d.would_deny_window, ""),
                 ).inc()
             if d.allowed and response.allowed:
                 self.metrics.units.labels(label, "admitted").inc(d.requested)

@@ -174,16 +174,20 @@ def require_org_id(org_id: str) -> None:
     problems.raise_if_any()
 
 
-def page_request(org_id: str, page_size: int, page_token: str) -> int:
-    """Check a paginated request; return the page size to use."""
+def page_request(
+    org_id: str | None, page_size: int, page_token: str, default: int = DEFAULT_PAGE_SIZE
+) -> int:
+    """Check a paginated request (of one organization's list, unless org_id is None);
+    return the page size to use."""
     problems = Violations()
-    problems.check_org_id(org_id)
+    if org_id is not None:
+        problems.check_org_id(org_id)
     if not 0 <= page_size <= MAX_PAGE_SIZE:
         problems.add("page_size", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
     if len(page_token) > MAX_PAGE_TOKEN:
         problems.add("page_token", "page_token is not one this service issued")
     problems.raise_if_any()
-    return page_size or DEFAULT_PAGE_SIZE
+    return page_size or default
 
 
 def bad_page_token() -> InvalidArgument:

@@ -41,8 +41,6 @@ from pagemeter_server.domain.errors import (
 from pagemeter_server.domain.periods import (
     Month,
     WindowSpan,
-    day_end_ms,
-    local_date,
     month_at,
     month_of,
     window_at,
@@ -494,10 +492,8 @@ class Store:
             call.completed_ms if call.completed_given else None,
         )
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
-        tzinfo = zone(tz)
         month = self._month_at(call.completed_ms, tz)
-        day = local_date(call.completed_ms, tzinfo)
-        minute, hour, _, week = self._windows_at(call.completed_ms, tz)
+        minute, hour, day, week = self._windows_at(call.completed_ms, tz)
         return PreparedCall(
             [
                 keys.plan,
@@ -508,7 +504,7 @@ class Store:
                 keys.month(month.period_id),
                 keys.lifetime,
                 keys.record(call.request_id),
-                keys.day(day),
+                keys.day_named(day.window_id),
                 keys.records_index,
                 keys.unplanned,
                 keys.doctypes,
@@ -529,7 +525,7 @@ class Store:
                 "" if call.requested_ms is None else call.requested_ms,
                 call.document_type,
                 call.request_id,
-                day_end_ms(day, tzinfo) + self.usage_retention_ms,
+                day.end_ms + self.usage_retention_ms,
                 now_ms - self.record_ttl_ms,
                 self.max_records_per_org,
                 self.max_unplanned_metrics,
@@ -618,7 +614,7 @@ class Store:
         migrated = await self._plans_migrated()
         if not migrated and needs_schema_2(doc):
             raise PlansNotMigrated(
-                "windows and shadow limits need the current plan document, and this "
+                "windows, shadow limits and spend caps need the current plan document, and this "
                 "deployment still writes "
                 "plans the way earlier releases read them: once every server runs this "
                 "release, run `pagemeter-server migrate-plans` (docs/operations.md, upgrading)"

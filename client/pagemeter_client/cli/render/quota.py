@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
 from pagemeter_client.cli.render import text as fmt
-from pagemeter_client.sdk import reason_name
+from pagemeter_client.sdk import reason_name, window_name
 
 
 def render_plan(plan: plan_pb2.Plan) -> str:
@@ -52,13 +52,9 @@ def render_plan(plan: plan_pb2.Plan) -> str:
     return f"{header}\n\n{metrics}"
 
 
-def _window_word(window: plan_pb2.Window.ValueType) -> str:
-    return fmt.enum_word("WINDOW_", plan_pb2.Window.Name(window)).lower()
-
-
 def _window_limit_text(window: plan_pb2.WindowLimit) -> str:
     mode = " (soft)" if window.soft else " (shadow)" if window.shadow else ""
-    return f"{window.limit}/{_window_word(window.window)}{mode}"
+    return f"{window.limit}/{window_name(window.window)}{mode}"
 
 
 def _windows_text(windows: list[quota_pb2.WindowDecision]) -> str:
@@ -68,7 +64,7 @@ def _windows_text(windows: list[quota_pb2.WindowDecision]) -> str:
         mode = " soft" if w.soft else " shadow" if w.shadow else ""
         mark = f"{mode}, passed" if w.exceeded and mode else " passed" if w.exceeded else mode
         parts.append(
-            f"{w.used}/{w.limit} per {_window_word(w.window)}{mark}, resets {fmt.when(w.resets_at)}"
+            f"{w.used}/{w.limit} per {window_name(w.window)}{mark}, resets {fmt.when(w.resets_at)}"
         )
     return "; ".join(parts) or "-"
 
@@ -116,7 +112,7 @@ def render_check(response: quota_pb2.CheckQuotaResponse) -> str:
         rows.append(
             [
                 "denied by window",
-                *(_window_word(d.denied_by) if d.denied_by else "-" for d in columns),
+                *(window_name(d.denied_by) if d.denied_by else "-" for d in columns),
             ]
         )
     if response.would_deny:
@@ -177,5 +173,5 @@ def _would_deny_text(decision: quota_pb2.MetricDecision) -> str:
         return "-"
     reason = reason_name(decision.would_deny_reason)
     if decision.would_deny_window:
-        return f"{reason} (per {_window_word(decision.would_deny_window)})"
+        return f"{reason} (per {window_name(decision.would_deny_window)})"
     return reason
