@@ -187,11 +187,22 @@ async def set_plans(target: str, orgs: list[str]) -> None:
             )
 
 
-async def committed(target: str, org: str) -> int:
+async def committed(target: str, org: str, seconds: float = 10.0) -> int:
+    """The org's committed pages, read as a caller would: UNAVAILABLE (a node the
+    health probe still counts as down just after a takeover) is retried, as the
+    contract says, for up to `seconds`."""
+    deadline = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(target) as channel:
-        usage = await quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
-            quota_pb2.GetUsageRequest(org_id=org), timeout=10
-        )
+        while True:
+            try:
+                usage = await quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
+                    quota_pb2.GetUsageRequest(org_id=org), timeout=10
+                )
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
     return {m.metric: m.committed for m in usage.metrics}.get("pages", 0)
 
 
