@@ -184,6 +184,57 @@ async def test_concurrent_callers_never_over_admit_on_a_cluster(cluster_server: 
         assert usage.jobs.succeeded == 40
 
 
+def moved_answers(cluster: list[RedisProcess]) -> int:
+    """How many MOVED redirections the primaries answered since their last CONFIG RESETSTAT."""
+    total = 0
+    for node in cluster:
+        with redis.Redis(host="127.0.0.1", port=node.port) as client:
+            errors = client.info("errorstats")
+        total += int(errors.get("errorstat_MOVED", {}).get("count", 0))
+    return total
+
+
+async def test_the_first_burst_of_a_fresh_server_goes_to_the_slot_owners(
+    cluster: list[RedisProcess],
+) -> None:
+    """300 calls at once, the first a new server makes: each goes straight to the
+    primary that owns its organization (no primary answers MOVED), and all are
+    answered. (redis-py sent calls made before it had read the slot map to a
+    random node; redirected, they made it close every connection, and dozens of
+    calls were refused.)"""
+    settings = Settings(
+        redis_url=cluster[2].url,
+        redis_mode="cluster",
+        listen="127.0.0.1:0",
+        metrics_listen="",
+        dev_open_access=True,
+    )
+    for node in cluster:
+        with redis.Redis(host="127.0.0.1", port=node.port) as probe:
+            probe.config_resetstat()
+    client = connect_redis(settings.redis_url, settings)
+    server, port, _ = await create_server(
+        settings, client, clock=ManualClock(START_MS), registry=CollectorRegistry()
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            quota = quota_pb2_grpc.QuotaServiceStub(channel)
+            replies = await asyncio.gather(
+                *(
+                    quota.CheckQuota(
+                        quota_pb2.CheckQuotaRequest(org_id=f"burst-{i}", units={"pages": 1})
+                    )
+                    for i in range(300)
+                )
+            )
+        assert all(r.reason == quota_pb2.DECISION_REASON_NO_PLAN for r in replies)
+        assert moved_answers(cluster) == 0
+    finally:
+        await server.stop(None)
+        await client.aclose()
+
+
 async def test_health_reads_persistence_on_every_primary(cluster: list[RedisProcess]) -> None:
     """The health probe reads INFO persistence on each primary: all persistent at first, and the one primary whose append-only file is turned off is named."""
     settings = Settings(redis_url=cluster[0].url, redis_mode="cluster", dev_open_access=True)

@@ -38,18 +38,40 @@
    promoted replica) is loaded on every primary; when one of them is dead, the
    load failed and so did the call, again for an organization on a live
    primary. The script is now loaded on every primary that answers.
+6. A call that finds all of a node's connections busy waits for one. redis-py's
+   cluster nodes keep at most max_connections connections each and refuse the
+   next call at once (MaxConnectionsError), which pagemeter would answer
+   UNAVAILABLE: a burst of a few hundred calls in one process refused some of
+   them. Every call now takes one of max_connections slots first (waiting up
+   to --redis-timeout, or the call's deadline), and holds at most one
+   connection per node while it runs, so no node is ever asked for more
+   connections than it keeps, as BlockingConnectionPool does for one Redis.
+   Each node keeps MAINTENANCE_CONNECTIONS more, outside the slots, for the
+   health probe and slot-map reads, which must not wait behind calls (a busy
+   node is not a dead one).
+7. A command issued while the client has no slot map (before its first one
+   is read, and after redis-py discards it: every CLUSTERDOWN, every fifth
+   MOVED) is sent to a random node: redis-py picks its routing policy before
+   it reads the map, and without a default node it takes the command for a
+   keyless one. Each such script call was answered MOVED; every fifth MOVED
+   made redis-py close all its connections, including those other calls were
+   using, so a burst of calls right after a start refused dozens of them
+   (UNAVAILABLE). A command now waits for the map to be read first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
 import redis.exceptions
 from redis._parsers.commands import AsyncCommandsParser
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 
 from pagemeter_server.store.faults import (
     StoreUnavailable,
@@ -62,6 +84,18 @@ from pagemeter_server.store.faults import (
 # The longest one attempt of a redirected command takes: a few round trips and
 # at most two of redis-py's 50 ms TRYAGAIN sleeps.
 ATTEMPT_SECONDS = 0.15
+
+# Connections per node beyond --redis-max-connections, for the health probe
+# (one per primary) and a re-read of the slot map (one), which use nodes directly.
+MAINTENANCE_CONNECTIONS = 2
+
+# Set while a task (and the tasks it gathers) holds a connection slot: a call
+# made inside another (a pipeline's redirected command, a script load after
+# NOSCRIPT) uses the slot already held instead of waiting for a second one,
+# which could wait forever with every slot held by such callers.
+_holding_a_slot: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pagemeter_cluster_slot", default=False
+)
 
 
 def in_migration(error: BaseException) -> bool:
@@ -87,9 +121,12 @@ class CommandTableOnce(AsyncCommandsParser):
 class FailFastCluster(RedisCluster):
     """The async cluster client pagemeter uses (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_connections: int = 100, **kwargs: Any) -> None:
+        kwargs["max_connections"] = max_connections + MAINTENANCE_CONNECTIONS
         super().__init__(*args, **kwargs)
         self.commands_parser = CommandTableOnce()
+        self.max_connections = max_connections
+        self._connection_slots = asyncio.Semaphore(max_connections)
 
     ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]  # a narrower tuple on purpose
         redis.exceptions.ConnectionError,
@@ -104,13 +141,43 @@ class FailFastCluster(RedisCluster):
     # is short and execute_command above keeps the deadline.
     RedisClusterRequestTTL = 5
 
+    @contextlib.asynccontextmanager
+    async def connection_slot(self) -> AsyncIterator[None]:
+        """Hold one of the client's max_connections call slots (see point 6)."""
+        if _holding_a_slot.get():
+            yield
+            return
+        waited = wait_budget(self.migration_wait_seconds)
+        try:
+            async with asyncio.timeout(waited):
+                await self._connection_slots.acquire()
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"all {self.max_connections} Redis connections stayed busy for "
+                f"{waited:.2f} s (--redis-max-connections)"
+            ) from None
+        held = _holding_a_slot.set(True)
+        try:
+            yield
+        finally:
+            _holding_a_slot.reset(held)
+            self._connection_slots.release()
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # redis-py's own refusal
+        # redis-py declares an attribute abstract that its own pipelines set.
+        return WaitingClusterPipeline(self, transaction)  # type: ignore[abstract]
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         budget = wait_budget(self.migration_wait_seconds)
         attempt = 0
         while True:
             try:
-                return await super().execute_command(*args, **kwargs)
+                await self._read_slot_map_if_missing()
+                async with self.connection_slot():
+                    return await super().execute_command(*args, **kwargs)
             except (redis.exceptions.RedisError, RuntimeError) as error:
                 if in_migration(error):
                     limit = budget
@@ -129,13 +196,24 @@ class FailFastCluster(RedisCluster):
             await pause(attempt)
             attempt += 1
 
+    async def _read_slot_map_if_missing(self) -> None:
+        """Read the slot map before a command that would otherwise be routed
+        without one (point 7). A failure is left to redis-py's own retries."""
+        if not self._initialize or self.get_default_node() is not None:
+            return
+        with contextlib.suppress(
+            redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError
+        ):
+            await self.initialize()
+
     async def script_load(self, script: Any) -> str:
         """Load a script on every primary that answers; fails only if none does."""
         await self.initialize()
-        answers = await asyncio.gather(
-            *(node.execute_command("SCRIPT", "LOAD", script) for node in self.get_primaries()),
-            return_exceptions=True,
-        )
+        async with self.connection_slot():
+            answers = await asyncio.gather(
+                *(node.execute_command("SCRIPT", "LOAD", script) for node in self.get_primaries()),
+                return_exceptions=True,
+            )
         loaded = [str(sha) for sha in answers if not isinstance(sha, BaseException)]
         if loaded:
             return loaded[0]
@@ -153,6 +231,17 @@ class FailFastCluster(RedisCluster):
             raise redis.exceptions.ConnectionError(
                 f"connection to {target_node.name} closed during a cluster change"
             ) from error
+
+
+class WaitingClusterPipeline(ClusterPipeline):
+    """A pipeline that runs in one of its client's connection slots (point 6)."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        cluster: FailFastCluster = self.cluster_client  # type: ignore[assignment]  # made by it
+        async with cluster.connection_slot():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 class FailFastSyncCluster(redis.RedisCluster):

@@ -141,7 +141,8 @@ class ReplicaAcks:
                 )
             ]
             try:
-                await node.execute_pipeline(commands)
+                async with cluster.connection_slot():
+                    await node.execute_pipeline(commands)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
                 cluster._initialize = True  # re-read the slot map before the next command
                 raise
@@ -155,7 +156,8 @@ class ReplicaAcks:
             reply, confirmed = commands[-3].result, commands[-1].result
             asking = None
             if isinstance(reply, redis.exceptions.NoScriptError):
-                await node.execute_command("SCRIPT", "LOAD", script.script)
+                async with cluster.connection_slot():
+                    await node.execute_command("SCRIPT", "LOAD", script.script)
                 continue
             if isinstance(reply, redis.exceptions.MovedError):
                 await cluster.nodes_manager.move_slot(reply)
