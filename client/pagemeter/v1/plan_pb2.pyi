@@ -29,8 +29,10 @@ class _PeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Period.ValueTy
     PERIOD_UNSPECIFIED: _Period.ValueType  # 0
     """Not set: treated as PERIOD_MONTHLY."""
     PERIOD_MONTHLY: _Period.ValueType  # 1
-    """A calendar month in the plan's IANA timezone; usage starts again at zero at
-    local midnight on the first day of each month.
+    """The plan's billing period: a calendar month in the plan's IANA timezone
+    (usage starts again at zero at local midnight on the first day of each
+    month), or, when the plan sets billing_anchor, a month or a year from the
+    anchor (Plan.billing_interval). The name is kept for compatibility.
     """
     PERIOD_NONE: _Period.ValueType  # 2
     """No period: a lifetime gauge (for example the number of applications or
@@ -44,8 +46,10 @@ class Period(_Period, metaclass=_PeriodEnumTypeWrapper):
 PERIOD_UNSPECIFIED: Period.ValueType  # 0
 """Not set: treated as PERIOD_MONTHLY."""
 PERIOD_MONTHLY: Period.ValueType  # 1
-"""A calendar month in the plan's IANA timezone; usage starts again at zero at
-local midnight on the first day of each month.
+"""The plan's billing period: a calendar month in the plan's IANA timezone
+(usage starts again at zero at local midnight on the first day of each
+month), or, when the plan sets billing_anchor, a month or a year from the
+anchor (Plan.billing_interval). The name is kept for compatibility.
 """
 PERIOD_NONE: Period.ValueType  # 2
 """No period: a lifetime gauge (for example the number of applications or
@@ -90,6 +94,34 @@ WINDOW_DAY: Window.ValueType  # 3
 WINDOW_WEEK: Window.ValueType  # 4
 """An ISO week in the plan's timezone: Monday 00:00 local to the next Monday."""
 Global___Window: _TypeAlias = Window  # noqa: Y015
+
+class _BillingInterval:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BillingIntervalEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BillingInterval.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BILLING_INTERVAL_UNSPECIFIED: _BillingInterval.ValueType  # 0
+    """A month (the default when billing_anchor is set)."""
+    BILLING_INTERVAL_MONTH: _BillingInterval.ValueType  # 1
+    """A month from the anchor's day and time of day, clamped to short months:
+    an anchor on Jan 31 gives periods starting Feb 28 (29), Mar 31, Apr 30, ...
+    """
+    BILLING_INTERVAL_YEAR: _BillingInterval.ValueType  # 2
+    """A year from the anchor's date and time of day (Feb 29 gives Feb 28)."""
+
+class BillingInterval(_BillingInterval, metaclass=_BillingIntervalEnumTypeWrapper):
+    """How long a billing period anchored at Plan.billing_anchor runs."""
+
+BILLING_INTERVAL_UNSPECIFIED: BillingInterval.ValueType  # 0
+"""A month (the default when billing_anchor is set)."""
+BILLING_INTERVAL_MONTH: BillingInterval.ValueType  # 1
+"""A month from the anchor's day and time of day, clamped to short months:
+an anchor on Jan 31 gives periods starting Feb 28 (29), Mar 31, Apr 30, ...
+"""
+BILLING_INTERVAL_YEAR: BillingInterval.ValueType  # 2
+"""A year from the anchor's date and time of day (Feb 29 gives Feb 28)."""
+Global___BillingInterval: _TypeAlias = BillingInterval  # noqa: Y015
 
 class _StoreFailurePolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -276,6 +308,8 @@ class Plan(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     STORE_FAILURE_POLICY_FIELD_NUMBER: _builtins.int
+    BILLING_ANCHOR_FIELD_NUMBER: _builtins.int
+    BILLING_INTERVAL_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     """The organization (tenant) this plan belongs to: 1 to 64 characters from
     letters, digits, '.', '_' and '-'.
@@ -305,6 +339,8 @@ class Plan(_message.Message):
     organization's policy from its last successful CheckQuota (or SetPlan) for
     it; organizations it has not seen yet get the service's default.
     """
+    billing_interval: Global___BillingInterval.ValueType
+    """How long an anchored period runs; needs billing_anchor."""
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricLimits]:
         """Per-metric limits and prices. At most 32 metrics, names unique."""
@@ -312,6 +348,18 @@ class Plan(_message.Message):
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """Output only: when the plan was last set."""
+
+    @_builtins.property
+    def billing_anchor(self) -> _timestamp_pb2.Timestamp:
+        """The subscription's billing anchor: billing periods start at its local day
+        of month and time of day, in the plan's timezone, every month or year
+        (billing_interval). Unset: calendar months, from local midnight on the 1st.
+        A period's id is then its first local date ("2026-01-31"). A changed
+        anchor applies from the end of the period in progress, whose quota and
+        counters stay as they are; the first period after it runs to the new
+        anchor's first boundary on another date (docs/rules.md). Seconds precision
+        is enough; milliseconds are kept.
+        """
 
     def __init__(
         self,
@@ -328,10 +376,12 @@ class Plan(_message.Message):
         version: _builtins.int = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         store_failure_policy: Global___StoreFailurePolicy.ValueType = ...,
+        billing_anchor: _timestamp_pb2.Timestamp | None = ...,
+        billing_interval: Global___BillingInterval.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["billing_anchor", b"billing_anchor", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_burst", b"api_burst", "api_rate_limit", b"api_rate_limit", "currency", b"currency", "metrics", b"metrics", "name", b"name", "org_id", b"org_id", "processing_priority", b"processing_priority", "store_failure_policy", b"store_failure_policy", "support_level", b"support_level", "timezone", b"timezone", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_burst", b"api_burst", "api_rate_limit", b"api_rate_limit", "billing_anchor", b"billing_anchor", "billing_interval", b"billing_interval", "currency", b"currency", "metrics", b"metrics", "name", b"name", "org_id", b"org_id", "processing_priority", b"processing_priority", "store_failure_policy", b"store_failure_policy", "support_level", b"support_level", "timezone", b"timezone", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,7 +32,7 @@ from pagemeter_server.domain.decisions import (
     RecordResult,
 )
 from pagemeter_server.domain.errors import InvalidArgument, StoreError, TooManyMetrics
-from pagemeter_server.domain.periods import timestamp, timestamp_ms, zone
+from pagemeter_server.domain.periods import calendar, timestamp, timestamp_ms, timezone_name
 from pagemeter_server.domain.plans import WINDOW_CODES
 from pagemeter_server.domain.validation import (
     DOCUMENT_TYPE,
@@ -417,11 +417,11 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
             period_id=month.period_id,
             period_start=timestamp(month.start_ms),
             period_end=timestamp(month.end_ms),
-            timezone=snapshot.timezone,
+            timezone=timezone_name(snapshot.timezone),
             has_plan=snapshot.plan is not None,
             jobs=job_counts(snapshot.month_fields),
             previous_month=month_summary(
-                month.previous(zone(snapshot.timezone)), snapshot.previous_month_fields
+                month.previous(calendar(snapshot.timezone)), snapshot.previous_month_fields
             ),
         )
         if snapshot.plan is not None:

@@ -21,8 +21,15 @@ from pagemeter_server.domain.clock import Clock
 from pagemeter_server.domain.decisions import PlanVersion
 from pagemeter_server.domain.errors import BadPageToken
 from pagemeter_server.domain.page_tokens import ANSWER_BUDGET, decode_page_token, encode_page_token
-from pagemeter_server.domain.periods import day_end_ms, day_start_ms, local_date, timestamp, zone
-from pagemeter_server.domain.plans import MetricTerms
+from pagemeter_server.domain.periods import (
+    Calendar,
+    calendar,
+    day_end_ms,
+    day_start_ms,
+    local_date,
+    timestamp,
+)
+from pagemeter_server.domain.plans import MetricTerms, plan_token
 from pagemeter_server.domain.validation import (
     Violations,
     bad_page_token,
@@ -53,15 +60,16 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
         self.reports = reports
         self.clock = clock
 
-    async def _timezone_and_plans(self, org_id: str) -> tuple[ZoneInfo, list[PlanVersion]]:
-        """The plan's timezone (or the service default) and the plan log."""
+    async def _calendar_and_plans(self, org_id: str) -> tuple[Calendar, list[PlanVersion]]:
+        """The plan's billing calendar (or the service default's calendar months)
+        and the plan log."""
         plan = await self.store.get_plan(org_id)
-        tz_name = (plan.doc["timezone"] if plan else "") or self.store.default_timezone
+        token = plan_token(plan.doc) if plan else self.store.default_timezone
         versions = await self.reports.plan_versions(org_id) if plan else []
         if plan and not versions:
             # A plan stored before the plan log existed: its terms are all we know.
             versions = [PlanVersion(plan.version, 0, plan.doc)]
-        return zone(tz_name), versions
+        return calendar(token), versions
 
     # -- history ----------------------------------------------------------------
 
@@ -75,10 +83,12 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
             problems.add("months", f"months must be between 1 and {history.MAX_MONTHS}")
         problems.raise_if_any()
         now_ms = self.clock.now_ms()
-        tz, versions = await self._timezone_and_plans(request.org_id)
-        months = history.last_months(now_ms, tz, request.months or history.DEFAULT_MONTHS)
+        billing, versions = await self._calendar_and_plans(request.org_id)
+        months = history.last_months(now_ms, billing, request.months or history.DEFAULT_MONTHS)
         fields = await self.reports.months(request.org_id, [m.period_id for m in months])
-        response = reporting_pb2.GetUsageHistoryResponse(org_id=request.org_id, timezone=tz.key)
+        response = reporting_pb2.GetUsageHistoryResponse(
+            org_id=request.org_id, timezone=billing.tz_name
+        )
         for month, month_fields in zip(months, fields, strict=True):
             plan = history.plan_in_effect(versions, min(month.end_ms, now_ms + 1))
             figures = history.month_figures(month, month_fields, plan)
@@ -99,7 +109,8 @@ class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
                 statistics.INVALID_PARAMETER,
             )
         now_ms = self.clock.now_ms()
-        tz, _ = await self._timezone_and_plans(request.org_id)
+        billing, _ = await self._calendar_and_plans(request.org_id)
+        tz = billing.zone
         query = statistics.parse_query(
             period=request.period,
             group_by=request.group_by,

@@ -147,7 +147,7 @@ class UsageSnapshot:
     """
 
     plan: StoredPlan | None
-    timezone: str
+    timezone: str  # the calendar token (domain/periods.py)
     month: Month
     month_fields: dict[str, int]
     lifetime_fields: dict[str, int]

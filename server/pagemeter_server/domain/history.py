@@ -8,10 +8,9 @@ plan change never rewrites the months before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo
 
 from pagemeter_server.domain.decisions import PlanVersion
-from pagemeter_server.domain.periods import Month, month_at
+from pagemeter_server.domain.periods import Calendar, Month
 from pagemeter_server.domain.plans import MetricTerms
 from pagemeter_server.domain.usage import cost
 
@@ -38,11 +37,11 @@ class MonthFigures:
     plan: PlanVersion | None
 
 
-def last_months(now_ms: int, tz: ZoneInfo, count: int) -> list[Month]:
-    """The current month and the count-1 before it, newest first."""
-    months = [month_at(now_ms, tz)]
+def last_months(now_ms: int, billing: Calendar, count: int) -> list[Month]:
+    """The current billing period and the count-1 before it, newest first."""
+    months = [billing.period_at(now_ms)]
     while len(months) < count:
-        months.append(months[-1].previous(tz))
+        months.append(months[-1].previous(billing))
     return months
 
 

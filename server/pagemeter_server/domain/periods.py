@@ -1,12 +1,20 @@
-"""Calendar months in an organization's own IANA timezone.
+"""Billing periods in an organization's own IANA timezone.
 
-Lua inside Redis has no timezone database, so the server works out which month an
-instant belongs to and passes the answer (and the month's bounds) to the scripts.
-The scripts check that the plan's timezone is still the one the server assumed.
+A period is a calendar month by default. A plan with a billing anchor has
+periods of one month or one year from the anchor's day and time of day
+(clamped to short months: Jan 31, Feb 28, Mar 31), and a plan whose anchor
+changed keeps its earlier periods as they were (`Calendar`).
+
+Lua inside Redis has no timezone database, so the server works out which period
+an instant belongs to and passes the answer (and the period's bounds) to the
+scripts. The scripts check that the plan's calendar (its timezone, and its
+anchors when it has any) is still the one the server assumed.
 """
 
 from __future__ import annotations
 
+import calendar as gregorian
+import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
@@ -21,20 +29,24 @@ MAX_TIMEZONE_NAME = 64
 
 @dataclass(frozen=True)
 class Month:
-    """One calendar month in one timezone, with its bounds as epoch milliseconds."""
+    """One billing period in one timezone, with its bounds as epoch milliseconds:
+    a calendar month (day 0, id "YYYY-MM"), or a period from a billing anchor
+    (id "YYYY-MM-DD", its first local day). year and month are those of its start."""
 
     year: int
     month: int
     start_ms: int
     end_ms: int
+    day: int = 0
 
     @property
     def period_id(self) -> str:
+        if self.day:
+            return f"{self.year:04d}-{self.month:02d}-{self.day:02d}"
         return f"{self.year:04d}-{self.month:02d}"
 
-    def previous(self, tz: ZoneInfo) -> Month:
-        year, month = (self.year, self.month - 1) if self.month > 1 else (self.year - 1, 12)
-        return month_of(year, month, tz)
+    def previous(self, calendar: Calendar) -> Month:
+        return calendar.period_at(self.start_ms - 1)
 
 
 @lru_cache(maxsize=4096)
@@ -144,3 +156,190 @@ def window_at(kind: str, instant_ms: int, tz: ZoneInfo) -> WindowSpan:
         day_start_ms(monday, tz),
         day_start_ms(monday + timedelta(days=7), tz),
     )
+
+
+# -- billing calendars ------------------------------------------------------------
+#
+# A calendar is named by a token the scripts compare with the plan's: the
+# timezone alone for calendar months (every plan before billing anchors), else
+# "<timezone>|<segments>", each segment "since_ms,kind,anchor_ms" (";" between):
+# from since_ms on, periods are calendar months (kind C) or run one month (M) or
+# one year (Y) from the anchor's local day and time. The first segment's
+# since_ms is 0 and it reaches back without bound. A later segment begins where
+# a period of the one before ends (a new anchor applies from the next period),
+# and its first period runs to its first boundary on another local date.
+
+CALENDAR_MONTHS, ANCHORED_MONTHS, ANCHORED_YEARS = "C", "M", "Y"
+_STEP_MONTHS = {CALENDAR_MONTHS: 1, ANCHORED_MONTHS: 1, ANCHORED_YEARS: 12}
+# Anchor changes a plan remembers; periods before the oldest kept follow it.
+MAX_SEGMENTS = 16
+
+
+@dataclass(frozen=True)
+class Segment:
+    since_ms: int
+    kind: str
+    anchor_ms: int = 0
+
+    def spec(self) -> str:
+        return f"{self.since_ms},{self.kind},{self.anchor_ms}"
+
+
+def parse_segments(spec: str) -> tuple[Segment, ...]:
+    """The segments of a calendar spec ("" is calendar months); ValueError if malformed."""
+    if not spec:
+        return (Segment(0, CALENDAR_MONTHS),)
+    segments = []
+    for part in spec.split(";"):
+        since, kind, anchor = part.split(",")
+        if kind not in _STEP_MONTHS:
+            raise ValueError(f"unknown billing calendar kind {kind!r}")
+        segments.append(Segment(int(since), kind, int(anchor)))
+    if segments[0].since_ms != 0 or any(
+        a.since_ms >= b.since_ms for a, b in itertools.pairwise(segments)
+    ):
+        raise ValueError("billing calendar segments out of order")
+    return tuple(segments)
+
+
+def segments_spec(segments: tuple[Segment, ...]) -> str:
+    """The spec of segments; "" for calendar months alone (the tokens of old plans)."""
+    if segments == (Segment(0, CALENDAR_MONTHS),):
+        return ""
+    return ";".join(segment.spec() for segment in segments)
+
+
+class Calendar:
+    """The billing periods of one plan: timezone and anchor segments."""
+
+    def __init__(self, tz_name: str, segments: tuple[Segment, ...]) -> None:
+        self.tz_name = tz_name
+        self.zone = zone(tz_name)
+        self.segments = segments
+        spec = segments_spec(segments)
+        self.token = f"{tz_name}|{spec}" if spec else tz_name
+
+    # -- the boundaries of one segment's kind: boundary(k) for integer k --------
+
+    def _boundary(self, segment: Segment, k: int) -> int:
+        if segment.kind == CALENDAR_MONTHS:
+            year, month0 = divmod(k, 12)
+            return _first_instant_ms(year, month0 + 1, self.zone)
+        anchor = to_datetime(segment.anchor_ms).astimezone(self.zone)
+        year, month0 = divmod(anchor.year * 12 + anchor.month - 1 + k * _step(segment), 12)
+        day = min(anchor.day, gregorian.monthrange(year, month0 + 1)[1])
+        local = datetime(
+            year,
+            month0 + 1,
+            day,
+            anchor.hour,
+            anchor.minute,
+            anchor.second,
+            anchor.microsecond,
+            tzinfo=self.zone,
+        )
+        return int(local.timestamp() * 1000)
+
+    def _index_at(self, segment: Segment, instant_ms: int) -> int:
+        """k with boundary(k) <= instant < boundary(k + 1)."""
+        local = to_datetime(instant_ms).astimezone(self.zone)
+        months = local.year * 12 + local.month - 1
+        if segment.kind == CALENDAR_MONTHS:
+            k = months
+        else:
+            anchor = to_datetime(segment.anchor_ms).astimezone(self.zone)
+            k = (months - (anchor.year * 12 + anchor.month - 1)) // _step(segment)
+        while self._boundary(segment, k) > instant_ms:
+            k -= 1
+        while self._boundary(segment, k + 1) <= instant_ms:
+            k += 1
+        return k
+
+    def _period(self, segment: Segment, start_ms: int, end_ms: int) -> Month:
+        local = to_datetime(start_ms).astimezone(self.zone)
+        day = 0 if segment.kind == CALENDAR_MONTHS else local.day
+        return Month(local.year, local.month, start_ms, end_ms, day)
+
+    # -- periods --------------------------------------------------------------
+
+    def period_at(self, instant_ms: int) -> Month:
+        """The billing period the instant falls in."""
+        index = 0
+        while index + 1 < len(self.segments) and self.segments[index + 1].since_ms <= instant_ms:
+            index += 1
+        segment = self.segments[index]
+        until = self.segments[index + 1].since_ms if index + 1 < len(self.segments) else None
+        k = self._index_at(segment, instant_ms)
+        start, end = self._boundary(segment, k), self._boundary(segment, k + 1)
+        if index > 0:
+            first_end = self._first_end(segment)
+            if instant_ms < first_end:
+                start, end = segment.since_ms, first_end
+        if until is not None and end > until:
+            end = until
+        return self._period(segment, start, end)
+
+    def _first_end(self, segment: Segment) -> int:
+        """The end of a later segment's first period: its first boundary after
+        since_ms on another local date than since_ms (so that no period is
+        shorter than the rest of a day, and ids, local dates, stay unique)."""
+        since = segment.since_ms
+        k = self._index_at(segment, since)
+        end = self._boundary(segment, k + 1)
+        if local_date(end, self.zone) == local_date(since, self.zone):
+            end = self._boundary(segment, k + 2)
+        return end
+
+    def period_starting_in(self, year: int, month: int) -> Month:
+        """The period that starts in the local calendar month (the first, if two
+        do: the month a new anchor takes effect), else the one in progress at
+        the month's first instant (a yearly plan's other months)."""
+        first = self.period_at(_first_instant_ms(year, month, self.zone))
+        if (first.year, first.month) == (year, month):
+            return first
+        following = self.period_at(first.end_ms)
+        if (following.year, following.month) == (year, month):
+            return following
+        return first
+
+    def anchored(self) -> bool:
+        return self.segments[-1].kind != CALENDAR_MONTHS
+
+    def with_anchor(self, kind: str, anchor_ms: int, now_ms: int) -> Calendar:
+        """This calendar after a plan sets (kind, anchor) at now: a change applies
+        from the end of the period in progress; a change not yet in effect is
+        replaced; an unchanged anchor changes nothing."""
+        wanted = Segment(0, kind, anchor_ms if kind != CALENDAR_MONTHS else 0)
+        in_effect = tuple(s for s in self.segments if s.since_ms <= now_ms) or self.segments[:1]
+        last = in_effect[-1]
+        if (last.kind, last.anchor_ms) == (wanted.kind, wanted.anchor_ms):
+            return Calendar(self.tz_name, in_effect)
+        settled = Calendar(self.tz_name, in_effect)
+        since = settled.period_at(now_ms).end_ms
+        segments = (*in_effect, Segment(since, wanted.kind, wanted.anchor_ms))
+        if len(segments) > MAX_SEGMENTS:
+            kept = segments[-MAX_SEGMENTS:]
+            segments = (Segment(0, kept[0].kind, kept[0].anchor_ms), *kept[1:])
+        return Calendar(self.tz_name, segments)
+
+
+def _step(segment: Segment) -> int:
+    return _STEP_MONTHS[segment.kind]
+
+
+@lru_cache(maxsize=4096)
+def calendar(token: str) -> Calendar:
+    """The calendar a token names ("Europe/Berlin", or with segments after "|");
+    ValueError if it names none."""
+    tz_name, _, spec = token.partition("|")
+    return Calendar(tz_name, parse_segments(spec))
+
+
+def timezone_name(token: str) -> str:
+    """The IANA name of a calendar token's timezone."""
+    return token.partition("|")[0]
+
+
+def tz_of(token: str) -> ZoneInfo:
+    """The timezone of a calendar token (days and weeks are the timezone's)."""
+    return zone(token.partition("|")[0])

@@ -10,7 +10,12 @@ and by the server through the types below:
                           "windows"?: [{"window": "minute" | "hour" | "day" | "week",
                                         "limit", "soft", "shadow"?}, ...],
                           "shadow_hard_limit"?, "overage_spend_cap"?,
-                          "overage_unit_cap"?}}}
+                          "overage_unit_cap"?}},
+     "calendar"?: "since_ms,kind,anchor_ms;..."}
+
+"calendar" is present when the plan has (or had) a billing anchor: the segments
+of its billing calendar (domain/periods.py, Calendar), the last one the anchor
+now set. Absent: calendar months.
 
 Absent limits are left out rather than written as null, because cjson decodes
 null to a value Lua treats as true. Prices are canonical decimal strings.
@@ -31,10 +36,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Literal, Required, TypedDict, cast
+from typing import Any, Literal, NotRequired, Required, TypedDict, cast
 
 from pagemeter.v1 import plan_pb2
-from pagemeter_server.domain.periods import timestamp, zone
+from pagemeter_server.domain.periods import (
+    ANCHORED_MONTHS,
+    ANCHORED_YEARS,
+    CALENDAR_MONTHS,
+    Segment,
+    parse_segments,
+    segments_spec,
+    timestamp,
+    timestamp_ms,
+    zone,
+)
 from pagemeter_server.domain.validation import (
     CURRENCY,
     MAX_LABEL,
@@ -102,6 +117,7 @@ class PlanDoc(TypedDict):
     # "" when the plan leaves it to the service's --store-failure-policy.
     store_failure_policy: FailurePolicy
     metrics: dict[str, MetricTerms]
+    calendar: NotRequired[str]
 
 
 # What the readers assume of a metric outside the plan (usage recorded anyway):
@@ -136,6 +152,43 @@ _FAILURE_POLICY_CODES: dict[plan_pb2.StoreFailurePolicy.ValueType, FailurePolicy
 }
 _FAILURE_POLICIES = {code: value for value, code in _FAILURE_POLICY_CODES.items()}
 
+_INTERVAL_KINDS: dict[plan_pb2.BillingInterval.ValueType, str] = {
+    plan_pb2.BILLING_INTERVAL_UNSPECIFIED: ANCHORED_MONTHS,
+    plan_pb2.BILLING_INTERVAL_MONTH: ANCHORED_MONTHS,
+    plan_pb2.BILLING_INTERVAL_YEAR: ANCHORED_YEARS,
+}
+_KIND_INTERVALS = {
+    ANCHORED_MONTHS: plan_pb2.BILLING_INTERVAL_MONTH,
+    ANCHORED_YEARS: plan_pb2.BILLING_INTERVAL_YEAR,
+}
+# Anchors from 2000-01-01 to 2100-01-01 (UTC): a subscription's start, not a typo.
+MIN_ANCHOR_MS, MAX_ANCHOR_MS = 946_684_800_000, 4_102_444_800_000
+
+
+def billing_segment(plan: plan_pb2.Plan, problems: Violations) -> Segment:
+    """The billing calendar the plan asks for, as a segment in force from its start."""
+    if not plan.HasField("billing_anchor"):
+        if plan.billing_interval != plan_pb2.BILLING_INTERVAL_UNSPECIFIED:
+            problems.add(
+                "plan.billing_interval",
+                "billing_interval needs billing_anchor (without one, periods are calendar months)",
+            )
+        return Segment(0, CALENDAR_MONTHS)
+    if plan.billing_interval not in _INTERVAL_KINDS:
+        problems.add("plan.billing_interval", f"unknown billing interval {plan.billing_interval}")
+    anchor = plan.billing_anchor
+    if not 0 <= anchor.nanos < 1_000_000_000 or not (
+        MIN_ANCHOR_MS <= timestamp_ms(anchor) < MAX_ANCHOR_MS
+    ):
+        problems.add(
+            "plan.billing_anchor",
+            "billing_anchor must be a valid time from 2000-01-01 to 2100-01-01 (UTC)",
+        )
+        return Segment(0, CALENDAR_MONTHS)
+    return Segment(
+        0, _INTERVAL_KINDS.get(plan.billing_interval, ANCHORED_MONTHS), timestamp_ms(anchor)
+    )
+
 
 def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> PlanDoc:
     """Validate a Plan message and turn it into the stored document."""
@@ -159,6 +212,7 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> PlanDoc:
         problems.add("plan.currency", "plan.currency must be an ISO 4217 code such as USD or EUR")
     if len(plan.metrics) > MAX_METRICS:
         problems.add("plan.metrics", f"a plan may have at most {MAX_METRICS} metrics")
+    billing = billing_segment(plan, problems)
     metrics: dict[str, MetricTerms] = {}
     for index, limits in enumerate(plan.metrics):
         path = f"plan.metrics[{index}]"
@@ -169,7 +223,7 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> PlanDoc:
             continue
         metrics[limits.metric] = _metric_terms(limits, path, problems)
     problems.raise_if_any()
-    return PlanDoc(
+    doc = PlanDoc(
         schema=SCHEMA,
         name=plan.name,
         timezone=timezone,
@@ -181,6 +235,19 @@ def plan_to_doc(plan: plan_pb2.Plan, default_timezone: str) -> PlanDoc:
         store_failure_policy=_FAILURE_POLICY_CODES.get(plan.store_failure_policy, ""),
         metrics=metrics,
     )
+    # The anchor asked for, as if it had always been the plan's; the store joins
+    # it to the calendar the organization had (Calendar.with_anchor).
+    spec = segments_spec((billing,))
+    if spec:
+        doc["calendar"] = spec
+    return doc
+
+
+def plan_token(doc: PlanDoc) -> str:
+    """The plan's calendar token (domain/periods.py): its timezone, and its
+    billing calendar when it has one. The scripts compare it with the server's."""
+    spec = doc.get("calendar", "")
+    return f"{doc['timezone']}|{spec}" if spec else doc["timezone"]
 
 
 def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations) -> MetricTerms:
@@ -277,7 +344,7 @@ def _window_terms(
 def needs_schema_2(doc: PlanDoc) -> bool:
     """Whether the plan uses terms schema 1 cannot hold (windows, shadow limits,
     spend caps)."""
-    return any(
+    return "calendar" in doc or any(
         terms.get("windows") or "shadow_hard_limit" in terms or "overage_spend_cap" in terms
         for terms in doc["metrics"].values()
     )
@@ -395,6 +462,10 @@ def doc_to_plan(org_id: str, doc: PlanDoc, version: int, updated_ms: int) -> pla
     )
     if updated_ms:
         plan.updated_at.CopyFrom(timestamp(updated_ms))
+    latest = parse_segments(doc.get("calendar", ""))[-1]
+    if latest.kind != CALENDAR_MONTHS:
+        plan.billing_anchor.CopyFrom(timestamp(latest.anchor_ms))
+        plan.billing_interval = _KIND_INTERVALS[latest.kind]
     for metric in sorted(doc["metrics"]):
         plan.metrics.append(metric_limits(metric, doc["metrics"][metric]))
     return plan

@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 from pagemeter_server.domain import usage as rules
 from pagemeter_server.domain.clock import Clock
 from pagemeter_server.domain.decisions import StoredPlan, UsageSnapshot
-from pagemeter_server.domain.periods import month_at, zone
-from pagemeter_server.domain.plans import plan_doc_from_json
+from pagemeter_server.domain.periods import calendar
+from pagemeter_server.domain.plans import plan_doc_from_json, plan_token
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import sync_client_like
 from pagemeter_server.store.keys import ORGS_KEY, OrgKeys
@@ -126,8 +126,8 @@ class OrgUsageCollector(Collector):
             for i, org in enumerate(orgs):
                 (plan_json, version), held, credits, lifetime, expired = first[5 * i : 5 * i + 5]
                 doc = plan_doc_from_json(plan_json) if plan_json else None
-                tz = (doc["timezone"] if doc else "") or self.default_timezone
-                month = month_at(now_ms, zone(tz))
+                tz = plan_token(doc) if doc else self.default_timezone
+                month = calendar(tz).period_at(now_ms)
                 keys = OrgKeys(org)
                 pipe.hgetall(keys.month(month.period_id))
                 # Always one reply (keyed, so that a cluster pipeline can route

@@ -12,7 +12,7 @@ from typing import Literal, cast
 
 from pagemeter_server.domain.errors import BadPageToken, LimitReached, PlanMissing, RequestIdReused
 from pagemeter_server.domain.page_tokens import decode_page_token, encode_page_token
-from pagemeter_server.domain.periods import Month, month_at, month_of, zone
+from pagemeter_server.domain.periods import Month, calendar
 from pagemeter_server.domain.validation import invalid
 from pagemeter_server.store.keys import OrgKeys, fingerprint
 from pagemeter_server.store.quota import Store
@@ -144,9 +144,11 @@ class AdminStore:
         payload_fp = fingerprint("adjust", metric, units, year_month, reason)
 
         def prepare(tz: str) -> PreparedCall:
-            tzinfo = zone(tz)
+            billing = calendar(tz)
             month: Month = (
-                month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
+                billing.period_at(now_ms)
+                if year_month is None
+                else billing.period_starting_in(*year_month)
             )
             if month.start_ms > now_ms:
                 raise invalid(

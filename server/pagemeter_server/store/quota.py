@@ -39,12 +39,14 @@ from pagemeter_server.domain.errors import (
     StoreError,
 )
 from pagemeter_server.domain.periods import (
+    Calendar,
     Month,
     WindowSpan,
-    month_at,
-    month_of,
+    calendar,
+    parse_segments,
+    segments_spec,
+    tz_of,
     window_at,
-    zone,
 )
 from pagemeter_server.domain.plans import (
     SCHEMA,
@@ -53,6 +55,7 @@ from pagemeter_server.domain.plans import (
     needs_schema_2,
     plan_doc_from_json,
     plan_doc_json,
+    plan_token,
     schema_1_json,
 )
 from pagemeter_server.store.coalesce import Coalescer
@@ -144,7 +147,7 @@ class Store:
         cached = self._month_cache.get(tz)
         if cached is not None and cached.start_ms <= instant_ms < cached.end_ms:
             return cached
-        month = month_at(instant_ms, zone(tz))
+        month = calendar(tz).period_at(instant_ms)
         if len(self._month_cache) > 1024:
             self._month_cache.clear()
         self._month_cache[tz] = month
@@ -157,7 +160,7 @@ class Store:
         for kind in WINDOW_KINDS:
             cached = self._window_cache.get((kind, tz))
             if cached is None or not cached.start_ms <= instant_ms < cached.end_ms:
-                cached = window_at(kind, instant_ms, zone(tz))
+                cached = window_at(kind, instant_ms, tz_of(tz))
                 if len(self._window_cache) > 4096:
                     self._window_cache.clear()
                 self._window_cache[kind, tz] = cached
@@ -565,9 +568,11 @@ class Store:
         keys = OrgKeys(org_id)
 
         def prepare(tz: str) -> PreparedCall:
-            tzinfo = zone(tz)
+            billing = calendar(tz)
             month = (
-                month_at(now_ms, tzinfo) if year_month is None else month_of(*year_month, tzinfo)
+                billing.period_at(now_ms)
+                if year_month is None
+                else billing.period_starting_in(*year_month)
             )
             return PreparedCall(
                 [
@@ -578,7 +583,7 @@ class Store:
                     keys.credits,
                     keys.month(month.period_id),
                     keys.lifetime,
-                    keys.month(month.previous(tzinfo).period_id),
+                    keys.month(month.previous(billing).period_id),
                     keys.planlog,
                     keys.planver,
                 ],
@@ -619,18 +624,27 @@ class Store:
                 "plans the way earlier releases read them: once every server runs this "
                 "release, run `pagemeter-server migrate-plans` (docs/operations.md, upgrading)"
             )
-        version, _previous = await self.run(
-            "set_plan",
-            [keys.plan, keys.planlog, keys.planver, keys.audit, keys.unplanned, keys.lifetime],
-            [
-                plan_doc_json(doc) if migrated else schema_1_json(doc),
-                now_ms,
-                now_ms - self.usage_retention_ms,
-                actor,
-                self.audit_max_events,
-            ],
-        )
-        self._remember_timezone(org_id, doc["timezone"])
+        for _ in range(SET_PLAN_ATTEMPTS):
+            stored = await self.get_plan(org_id)
+            joined = with_calendar(doc, stored.doc if stored else None, now_ms)
+            reply = await self.run(
+                "set_plan",
+                [keys.plan, keys.planlog, keys.planver, keys.audit, keys.unplanned, keys.lifetime],
+                [
+                    plan_doc_json(joined) if migrated else schema_1_json(joined),
+                    now_ms,
+                    now_ms - self.usage_retention_ms,
+                    actor,
+                    self.audit_max_events,
+                    stored.doc.get("calendar", "") if stored else "",
+                ],
+            )
+            if reply[0] != "STALE_CALENDAR":
+                break
+        else:
+            raise StoreUnavailable("the plan's billing calendar kept changing; retry")
+        version, doc = reply[0], joined
+        self._remember_timezone(org_id, plan_token(doc))
         self._remember_policy(org_id, doc["store_failure_policy"], doc["metrics"])
         await self.client.zadd(ORGS_KEY, {org_id: 0})
         return StoredPlan(doc, int(version), now_ms)
@@ -713,3 +727,25 @@ def _stored_plan(raw: dict[str, str]) -> StoredPlan | None:
     if "json" not in raw:
         return None
     return StoredPlan(plan_doc_from_json(raw["json"]), int(raw["version"]), int(raw["updated_ms"]))
+
+
+# SetPlan reads the stored calendar, joins the new anchor to it and stores the
+# plan only if the calendar is still the one read; tries this often.
+SET_PLAN_ATTEMPTS = 5
+
+
+def with_calendar(doc: PlanDoc, stored: PlanDoc | None, now_ms: int) -> PlanDoc:
+    """The plan `doc` (whose calendar, if any, is the anchor it asks for) joined
+    to the billing calendar the organization had: a new anchor applies from the
+    end of the period in progress (Calendar.with_anchor)."""
+    wanted = parse_segments(doc.get("calendar", ""))[-1]
+    if stored is None:
+        return doc
+    # The periods so far, in the timezone the plan now has.
+    had = Calendar(doc["timezone"], parse_segments(stored.get("calendar", "")))
+    joined = had.with_anchor(wanted.kind, wanted.anchor_ms, now_ms)
+    result = cast(PlanDoc, {k: v for k, v in doc.items() if k != "calendar"})
+    spec = segments_spec(joined.segments)
+    if spec:
+        result["calendar"] = spec
+    return result

@@ -17,11 +17,19 @@
 --         more (their months have left the usage retention) and are dropped
 -- ARGV[4] actor (who made the change, for the audit trail)
 -- ARGV[5] audit trail length (entries kept, about)
+-- ARGV[6] the billing calendar the server read from the stored plan ('' for
+--         none), which it joined the new anchor to: the plan is stored only if
+--         it still has that calendar
 --
--- Returns {version, previous_json|''}.
+-- Returns {version, previous_json|''}, or {'STALE_CALENDAR'} (nothing written:
+-- another SetPlan changed the calendar; the server reads it again).
 
-assert(#KEYS == 6 and #ARGV == 5, 'set_plan.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 6 and #ARGV == 6, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''
+local previous_calendar = previous ~= '' and plan_doc(previous).calendar or ''
+if (previous_calendar or '') ~= ARGV[6] then
+  return {'STALE_CALENDAR'}
+end
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'updated_ms', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], version)

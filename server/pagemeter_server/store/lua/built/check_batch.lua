@@ -109,10 +109,14 @@ local function load_plan(plan_key)
   return plan or nil
 end
 
--- The timezone the scripts must agree on with the server: the plan's, or the
--- service default when the organization has no plan.
+-- The calendar the scripts must agree on with the server: the plan's timezone,
+-- followed by '|' and its billing calendar when it has one (domain/periods.py,
+-- the calendar token), or the service default when the organization has no plan.
 local function plan_timezone(plan, default_tz)
   if plan and plan.timezone and plan.timezone ~= '' then
+    if plan.calendar and plan.calendar ~= '' then
+      return plan.timezone .. '|' .. plan.calendar
+    end
     return plan.timezone
   end
   return default_tz

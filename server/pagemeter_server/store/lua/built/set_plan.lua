@@ -17,8 +17,12 @@
 --         more (their months have left the usage retention) and are dropped
 -- ARGV[4] actor (who made the change, for the audit trail)
 -- ARGV[5] audit trail length (entries kept, about)
+-- ARGV[6] the billing calendar the server read from the stored plan ('' for
+--         none), which it joined the new anchor to: the plan is stored only if
+--         it still has that calendar
 --
--- Returns {version, previous_json|''}.
+-- Returns {version, previous_json|''}, or {'STALE_CALENDAR'} (nothing written:
+-- another SetPlan changed the calendar; the server reads it again).
 --
 -- Generated from server/pagemeter_server/store/lua/set_plan.lua by `make scripts`; do not edit.
 -- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
@@ -119,10 +123,14 @@ local function load_plan(plan_key)
   return plan or nil
 end
 
--- The timezone the scripts must agree on with the server: the plan's, or the
--- service default when the organization has no plan.
+-- The calendar the scripts must agree on with the server: the plan's timezone,
+-- followed by '|' and its billing calendar when it has one (domain/periods.py,
+-- the calendar token), or the service default when the organization has no plan.
 local function plan_timezone(plan, default_tz)
   if plan and plan.timezone and plan.timezone ~= '' then
+    if plan.calendar and plan.calendar ~= '' then
+      return plan.timezone .. '|' .. plan.calendar
+    end
     return plan.timezone
   end
   return default_tz
@@ -324,8 +332,12 @@ local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
 local REASON_SPEND_CAP_REACHED = 11
 
-assert(#KEYS == 6 and #ARGV == 5, 'set_plan.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 6 and #ARGV == 6, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''
+local previous_calendar = previous ~= '' and plan_doc(previous).calendar or ''
+if (previous_calendar or '') ~= ARGV[6] then
+  return {'STALE_CALENDAR'}
+end
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'updated_ms', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], version)
