@@ -374,7 +374,9 @@ class AdjustUsageRequest(_message.Message):
     """
     year: _builtins.int
     """The month to correct, 2020-2100 and 1-12, given together; unset: the
-    current month in the plan's timezone. Ignored for PERIOD_NONE metrics.
+    current month in the plan's timezone. For a plan with a billing anchor: the
+    billing period that starts in that month (unset: the current one). Ignored
+    for PERIOD_NONE metrics.
     """
     month: _builtins.int
     reason: _builtins.str
@@ -416,7 +418,9 @@ class AdjustUsageResponse(_message.Message):
     COMMITTED_AFTER_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     period_id: _builtins.str
-    """"YYYY-MM", or "lifetime" for PERIOD_NONE metrics."""
+    """"YYYY-MM" ("YYYY-MM-DD", the first local date, for a plan with a billing anchor), or "lifetime" for
+    PERIOD_NONE metrics.
+    """
     committed_before: _builtins.int
     committed_after: _builtins.int
     duplicate: _builtins.bool

@@ -365,7 +365,9 @@ class MetricDecision(_message.Message):
     """Prepaid balance not yet held by other jobs (before this call)."""
     period: _plan_pb2.Period.ValueType
     period_id: _builtins.str
-    """"YYYY-MM" for monthly metrics, "lifetime" for PERIOD_NONE."""
+    """"YYYY-MM" for monthly metrics ("YYYY-MM-DD", the period's first local
+    date, when the plan has a billing anchor), "lifetime" for PERIOD_NONE.
+    """
     denied_by: _plan_pb2.Window.ValueType
     """For DECISION_REASON_WINDOW_LIMIT_EXCEEDED: the hard window that denied (of
     several, the one that resets last).
@@ -381,8 +383,8 @@ class MetricDecision(_message.Message):
     would_deny_window: _plan_pb2.Window.ValueType
     @_builtins.property
     def period_end(self) -> _timestamp_pb2.Timestamp:
-        """When the period resets (start of the next month in the plan's timezone).
-        Unset for PERIOD_NONE.
+        """When the period resets (start of the next month in the plan's timezone,
+        or the next anniversary of the plan's billing anchor). Unset for PERIOD_NONE.
         """
 
     @_builtins.property
@@ -636,7 +638,9 @@ class MetricRecordResult(_message.Message):
     overage_not_allowed: _builtins.bool
     """Overage was recorded although the plan does not allow overage."""
     period_id: _builtins.str
-    """The period the units count in: "YYYY-MM" or "lifetime"."""
+    """The period the units count in: "YYYY-MM" ("YYYY-MM-DD", the first local date, for a plan with a billing anchor) or
+    "lifetime".
+    """
     over_spend_cap: _builtins.bool
     """The period's overage spend is now past the metric's overage_spend_cap
     (recorded anyway: work that was done is never dropped).
@@ -811,7 +815,9 @@ class GetUsageRequest(_message.Message):
     """The organization to read."""
     year: _builtins.int
     """Year 2020-2100; must be given together with month. Unset: the current
-    month in the plan's timezone.
+    month in the plan's timezone. For a plan with a billing anchor: the billing
+    period that starts in that month (a yearly plan's other months: the period
+    in progress at the month's start).
     """
     month: _builtins.int
     """Month 1-12; must be given together with year."""
@@ -980,7 +986,9 @@ Global___MetricTotal: _TypeAlias = MetricTotal  # noqa: Y015
 
 @_typing.final
 class MonthSummary(_message.Message):
-    """The totals of one month: jobs and committed units per metric."""
+    """The totals of one billing period (a month unless the plan has a billing
+    anchor): jobs and committed units per metric.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -990,7 +998,9 @@ class MonthSummary(_message.Message):
     JOBS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     period_id: _builtins.str
-    """"YYYY-MM"."""
+    """"YYYY-MM" ("YYYY-MM-DD", the first local date, for a plan with a billing anchor); year and month are those of
+    the period's start.
+    """
     year: _builtins.int
     month: _builtins.int
     @_builtins.property
@@ -1096,7 +1106,9 @@ class GetUsageResponse(_message.Message):
     year: _builtins.int
     month: _builtins.int
     period_id: _builtins.str
-    """"YYYY-MM"."""
+    """"YYYY-MM" ("YYYY-MM-DD", the first local date, for a plan with a billing anchor); year and month are those of
+    the period's start.
+    """
     timezone: _builtins.str
     has_plan: _builtins.bool
     """False when the organization had no plan in the month read; the limits
@@ -1106,7 +1118,9 @@ class GetUsageResponse(_message.Message):
     """
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
-        """Start and end of the month in the plan's timezone."""
+        """Start and end of the billing period (the month, or from one anniversary
+        of the plan's billing anchor to the next) in the plan's timezone.
+        """
 
     @_builtins.property
     def period_end(self) -> _timestamp_pb2.Timestamp: ...

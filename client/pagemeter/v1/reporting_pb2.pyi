@@ -141,7 +141,9 @@ class GetUsageHistoryRequest(_message.Message):
     MONTHS_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     months: _builtins.int
-    """How many months, counting the current one: 1 to 24. Unset or 0: 12."""
+    """How many billing periods (months, unless the plan has a billing anchor),
+    counting the current one: 1 to 24. Unset or 0: 12.
+    """
     def __init__(
         self,
         *,
@@ -255,7 +257,9 @@ class HistoryMonth(_message.Message):
     PLAN_NAME_FIELD_NUMBER: _builtins.int
     PLAN_VERSION_FIELD_NUMBER: _builtins.int
     period_id: _builtins.str
-    """"YYYY-MM"."""
+    """"YYYY-MM" ("YYYY-MM-DD", the first local date, for a plan with a billing anchor); year and month are those of
+    the period's start.
+    """
     year: _builtins.int
     month: _builtins.int
     plan_name: _builtins.str
@@ -689,7 +693,9 @@ class UsageRecord(_message.Message):
     processing_time_ms: _builtins.int
     """completed_at - requested_at; unset without completed_at."""
     period_id: _builtins.str
-    """The month the units counted in ("YYYY-MM"), once recorded."""
+    """The billing period the units counted in ("YYYY-MM", or "YYYY-MM-DD" for a
+    plan with a billing anchor), once recorded.
+    """
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordMetricUsage]:
         """Sorted by metric name."""

@@ -219,6 +219,12 @@ class Calendar:
         spec = segments_spec(segments)
         self.token = f"{tz_name}|{spec}" if spec else tz_name
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Calendar) and other.token == self.token
+
+    def __hash__(self) -> int:
+        return hash(self.token)
+
     # -- the boundaries of one segment's kind: boundary(k) for integer k --------
 
     def _boundary(self, segment: Segment, k: int) -> int:
