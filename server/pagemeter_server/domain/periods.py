@@ -189,16 +189,19 @@ def parse_segments(spec: str) -> tuple[Segment, ...]:
     """The segments of a calendar spec ("" is calendar months); ValueError if malformed."""
     if not spec:
         return (Segment(0, CALENDAR_MONTHS),)
-    segments = []
-    for part in spec.split(";"):
-        since, kind, anchor = part.split(",")
-        if kind not in _STEP_MONTHS:
-            raise ValueError(f"unknown billing calendar kind {kind!r}")
-        segments.append(Segment(int(since), kind, int(anchor)))
-    if segments[0].since_ms != 0 or any(
-        a.since_ms >= b.since_ms for a, b in itertools.pairwise(segments)
+    try:
+        segments = []
+        for part in spec.split(";"):
+            since, kind, anchor = part.split(",")
+            segments.append(Segment(int(since), kind, int(anchor)))
+    except ValueError:
+        raise ValueError(f"{spec[:200]!r} is not a billing calendar") from None
+    if (
+        any(segment.kind not in _STEP_MONTHS for segment in segments)
+        or segments[0].since_ms != 0
+        or any(a.since_ms >= b.since_ms for a, b in itertools.pairwise(segments))
     ):
-        raise ValueError("billing calendar segments out of order")
+        raise ValueError(f"{spec[:200]!r} is not a billing calendar")
     return tuple(segments)
 
 
