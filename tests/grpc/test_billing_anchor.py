@@ -69,7 +69,7 @@ async def check(server: RunningServer, pages: int) -> Q.CheckQuotaResponse:
 
 async def usage(server: RunningServer, **fields: int) -> Q.GetUsageResponse:
     reply: Q.GetUsageResponse = await server.quota.GetUsage(
-        Q.GetUsageRequest(org_id="acme", **fields)  # type: ignore[arg-type]
+        Q.GetUsageRequest(org_id="acme", **fields)
     )
     return reply
 
@@ -197,12 +197,13 @@ async def test_plans_without_an_anchor_keep_calendar_months(server: RunningServe
     ("plan", "field"),
     [
         (
-            P.Plan(
-                org_id="acme", timezone=NEW_YORK, billing_interval=P.BILLING_INTERVAL_YEAR
-            ),
+            P.Plan(org_id="acme", timezone=NEW_YORK, billing_interval=P.BILLING_INTERVAL_YEAR),
             "plan.billing_interval",
         ),
-        (P.Plan(org_id="acme", timezone=NEW_YORK, billing_anchor=Timestamp(seconds=0)), "plan.billing_anchor"),
+        (
+            P.Plan(org_id="acme", timezone=NEW_YORK, billing_anchor=Timestamp(seconds=0)),
+            "plan.billing_anchor",
+        ),
         (
             P.Plan(org_id="acme", timezone=NEW_YORK, billing_anchor=Timestamp(seconds=10**10)),
             "plan.billing_anchor",
