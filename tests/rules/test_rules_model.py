@@ -1,8 +1,9 @@
 """Property test: random sequences of calls agree with a plain-Python model of the rules.
 
 Hypothesis draws a plan (quota, hard limit, overage and minute, hour and day
-windows, hard or soft, for two metrics), prepaid grants and a sequence of
-checks, holds, records, releases and clock moves. Each
+windows, hard or soft, for two metrics, and calendar months or a billing anchor
+a few hours after the start, so that some runs cross an anniversary), prepaid
+grants and a sequence of checks, holds, records, releases and clock moves. Each
 step runs on the real Lua scripts and is compared with the model; afterwards the
 counters must reconcile exactly with the model's ledger.
 """
@@ -10,12 +11,14 @@ counters must reconcile exactly with the model's ledger.
 from __future__ import annotations
 
 import asyncio
+import calendar as gregorian
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import redis
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from pagemeter.v1 import plan_pb2, quota_pb2
@@ -61,12 +64,29 @@ class Hold:
     expires_ms: int
 
 
+def anniversary_before(instant_ms: int, anchor_ms: int) -> datetime:
+    """The last monthly anniversary of the anchor at or before the instant (UTC):
+    the anchor's day of month (or the month's last day) at its time of day."""
+    anchor = datetime.fromtimestamp(anchor_ms / 1000, UTC)
+    moment = datetime.fromtimestamp(instant_ms / 1000, UTC)
+    year, month = moment.year, moment.month
+    while True:
+        day = min(anchor.day, gregorian.monthrange(year, month)[1])
+        candidate = anchor.replace(year=year, month=month, day=day)
+        if candidate <= moment:
+            return candidate
+        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+
+
 @dataclass
 class Model:
     limits: dict[str, Limits]
+    # None: calendar months; else a monthly billing anchor (UTC plan).
+    anchor_ms: int | None = None
     now_ms: int = START_MS
-    committed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
-    prepaid_used: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
+    # Per period id: the units committed and the prepaid units used in it.
+    committed_in: dict[str, dict[str, int]] = field(default_factory=dict)
+    prepaid_used_in: dict[str, dict[str, int]] = field(default_factory=dict)
     balance: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
     holds: dict[str, Hold] = field(default_factory=dict)
     recorded: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -74,6 +94,21 @@ class Model:
     events: dict[str, list[tuple[int, int]]] = field(
         default_factory=lambda: {m: [] for m in METRICS}
     )
+
+    def period_id(self) -> str:
+        moment = datetime.fromtimestamp(self.now_ms / 1000, UTC)
+        if self.anchor_ms is None:
+            return f"{moment.year:04d}-{moment.month:02d}"
+        return anniversary_before(self.now_ms, self.anchor_ms).date().isoformat()
+
+    @property
+    def committed(self) -> dict[str, int]:
+        """The current billing period's committed units per metric."""
+        return self.committed_in.setdefault(self.period_id(), dict.fromkeys(METRICS, 0))
+
+    @property
+    def prepaid_used(self) -> dict[str, int]:
+        return self.prepaid_used_in.setdefault(self.period_id(), dict.fromkeys(METRICS, 0))
 
     def in_window(self, metric: str, kind: str) -> int:
         """Units committed in the window of `kind` that contains now (UTC plan)."""
@@ -217,13 +252,18 @@ class Runner:
         ("check", {"pages": 3}, True),
         ("record", {"pages": 3}, True, False),
     ],
+    anchor=None,
 )
 @given(
     limits=st.fixed_dictionaries({m: limits_strategy for m in METRICS}),
     steps=st.lists(step_strategy, min_size=4, max_size=40),
+    anchor=st.none() | st.integers(1, 6 * 3_600_000).map(lambda after: START_MS + after),
 )
 def test_scripts_agree_with_the_model(
-    redis_server: RedisProcess, limits: dict[str, Limits], steps: list[tuple[object, ...]]
+    redis_server: RedisProcess,
+    limits: dict[str, Limits],
+    steps: list[tuple[object, ...]],
+    anchor: int | None,
 ) -> None:
     """Every decision and split matches the model, and counters reconcile with its ledger."""
     plain = redis.Redis.from_url(redis_server.url)
@@ -231,7 +271,7 @@ def test_scripts_agree_with_the_model(
     plain.set(PLAN_SCHEMA_KEY, "2")  # windows need the current plan document
     runner = Runner(redis_server.url)
     try:
-        _play(runner, Model(limits), steps)
+        _play(runner, Model(limits, anchor), steps)
     finally:
         runner.close()
 
@@ -259,6 +299,8 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
             for m, lim in model.limits.items()
         ],
     )
+    if model.anchor_ms is not None:
+        plan.billing_anchor.FromMilliseconds(model.anchor_ms)
     runner.run(store.set_plan("acme", plan_to_doc(plan, "UTC"), now_ms=model.now_ms))
     next_id = 0
     for step in steps:
@@ -360,9 +402,14 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
 
     model.expire()
     snapshot = runner.run(store.usage("acme", now_ms=model.now_ms))
+    assert snapshot.month.period_id == model.period_id()
+    if len(model.committed_in) > 1:
+        event("crossed an anniversary")
     for metric in METRICS:
         ledger = sum(units.get(metric, 0) for units in model.recorded.values())
-        assert snapshot.month_fields.get(f"c:{metric}", 0) == model.committed[metric] == ledger
+        every_period = sum(period[metric] for period in model.committed_in.values())
+        assert every_period == ledger
+        assert snapshot.month_fields.get(f"c:{metric}", 0) == model.committed[metric]
         assert snapshot.month_fields.get(f"pp:{metric}", 0) == model.prepaid_used[metric]
         assert snapshot.credits.get(metric, 0) == model.balance[metric] >= 0
         assert snapshot.held_fields.get(f"h:{metric}", 0) == model.held(metric)
