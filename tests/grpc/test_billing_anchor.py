@@ -252,3 +252,33 @@ async def test_the_org_exporter_publishes_the_anchored_period(
     assert registry.get_sample_value("pagemeter_org_committed_units", labels) == 60
     server.clock.set(ms("2026-02-28T10:00:00-05:00"))
     assert registry.get_sample_value("pagemeter_org_committed_units", labels) == 0
+
+
+async def test_a_correction_of_a_given_month_lands_in_the_period_that_starts_in_it(
+    server: RunningServer,
+) -> None:
+    """AdjustUsage with year 2026 and month 1 corrects the period from Jan 31;
+    without them, the period in progress."""
+    await set_plan(server, anchored_plan())
+    await record(server, "feb", 10)
+    server.clock.set(ms("2026-03-05T12:00:00-05:00"))
+    past = await server.admin.AdjustUsage(
+        admin_pb2.AdjustUsageRequest(
+            org_id="acme",
+            metric="pages",
+            units=-4,
+            year=2026,
+            month=1,
+            reason="refund",
+            adjustment_id="fix-1",
+        )
+    )
+    assert (past.period_id, past.committed_before, past.committed_after) == ("2026-01-31", 10, 6)
+    current = await server.admin.AdjustUsage(
+        admin_pb2.AdjustUsageRequest(
+            org_id="acme", metric="pages", units=2, reason="manual", adjustment_id="fix-2"
+        )
+    )
+    assert current.period_id == "2026-02-28"
+    january = await usage(server, year=2026, month=1)
+    assert {m.metric: m.committed for m in january.metrics}["pages"] == 6

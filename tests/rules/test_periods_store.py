@@ -90,3 +90,62 @@ async def test_changing_the_plan_timezone_moves_the_month_key(store: Store, redi
     await _plan(store, "Asia/Tokyo")
     assert await _record(other, "b", instant, instant) == "2026-04"
     assert (await other.usage("acme", now_ms=instant)).timezone == "Asia/Tokyo"
+
+
+async def _anchored_plan(store: Store, anchor: str | None, now_ms: int) -> None:
+    plan = plan_pb2.Plan(
+        org_id="acme",
+        name="T",
+        timezone="UTC",
+        metrics=[metric_limits("pages", contract_quota=100)],
+    )
+    if anchor is not None:
+        plan.billing_anchor.FromMilliseconds(ms(anchor))
+    await store.set_plan("acme", plan_to_doc(plan, "UTC"), now_ms=now_ms)
+
+
+async def test_a_server_that_missed_an_anchor_change_is_corrected_by_the_script(
+    store: Store,
+    redis_client,
+    plans_migrated: None,  # type: ignore[no-untyped-def]
+) -> None:
+    """A server that still believes calendar months records into the anchored
+    period once the new anchor is in effect (the script answers STALE_TZ with
+    the plan's calendar, and nothing was written under the wrong key)."""
+    other = Store(
+        redis_client, default_timezone="UTC", record_retention_days=40, usage_retention_days=400
+    )
+    march = ms("2026-03-10T00:00:00+00:00")
+    await _anchored_plan(store, None, march)
+    assert await _record(other, "a", march, march) == "2026-03"
+    await _anchored_plan(store, "2026-01-20T00:00:00+00:00", march)
+    # In effect from April 1: April 1 to April 20, then from the 20th.
+    later = ms("2026-04-25T00:00:00+00:00")
+    assert await _record(other, "b", later, later) == "2026-04-20"
+    assert await redis_client.exists("pm:{acme}:u:2026-04") == 0
+
+
+async def test_set_plan_refuses_a_calendar_changed_since_it_was_read(
+    store: Store,
+    redis_client,
+    plans_migrated: None,  # type: ignore[no-untyped-def]
+) -> None:
+    """set_plan.lua stores a plan only if the stored calendar is the one the
+    server joined the new anchor to; otherwise it answers STALE_CALENDAR and
+    writes nothing."""
+    now = ms("2026-03-10T00:00:00+00:00")
+    await _anchored_plan(store, "2026-01-20T00:00:00+00:00", now)
+    before = await redis_client.hgetall("pm:{acme}:plan")
+    keys = [
+        "pm:{acme}:plan",
+        "pm:{acme}:planlog",
+        "pm:{acme}:planver",
+        "pm:{acme}:audit",
+        "pm:{acme}:unplanned",
+        "pm:{acme}:u:lifetime",
+    ]
+    reply = await store.scripts["set_plan"](
+        keys=keys, args=['{"schema":2}', now, 0, "test", 100, ""]
+    )
+    assert reply == ["STALE_CALENDAR"]
+    assert await redis_client.hgetall("pm:{acme}:plan") == before
