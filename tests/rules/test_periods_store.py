@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import redis.asyncio as aioredis
+
 from pagemeter.v1 import plan_pb2
 from pagemeter_server.domain.decisions import CheckCall, RecordCall
 from pagemeter_server.domain.plans import plan_to_doc
@@ -106,8 +108,8 @@ async def _anchored_plan(store: Store, anchor: str | None, now_ms: int) -> None:
 
 async def test_a_server_that_missed_an_anchor_change_is_corrected_by_the_script(
     store: Store,
-    redis_client,
-    plans_migrated: None,  # type: ignore[no-untyped-def]
+    redis_client: aioredis.Redis,
+    plans_migrated: None,
 ) -> None:
     """A server that still believes calendar months records into the anchored
     period once the new anchor is in effect (the script answers STALE_TZ with
@@ -127,8 +129,8 @@ async def test_a_server_that_missed_an_anchor_change_is_corrected_by_the_script(
 
 async def test_set_plan_refuses_a_calendar_changed_since_it_was_read(
     store: Store,
-    redis_client,
-    plans_migrated: None,  # type: ignore[no-untyped-def]
+    redis_client: aioredis.Redis,
+    plans_migrated: None,
 ) -> None:
     """set_plan.lua stores a plan only if the stored calendar is the one the
     server joined the new anchor to; otherwise it answers STALE_CALENDAR and
