@@ -35,7 +35,7 @@ from pagemeter_server.app import create_server
 from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.domain.errors import ConfigurationError
 from pagemeter_server.settings import Settings
-from tests.conftest import eagle_plan, serving
+from tests.conftest import START_MS, eagle_plan, serving
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 SERVICE_TOKEN = "service-token-0123456789abcdef"
@@ -548,10 +548,15 @@ async def test_admin_changes_are_audited_with_who_and_what(secured: Secured) -> 
     assert adjust.reason == "ticket 7: blank pages" and adjust.target == "pages"
     assert revoke.target == key.key.key_id == create.target
     assert key.secret not in create.after
-    assert (json.loads(grant.before), json.loads(grant.after)) == (
-        {"balance": "0"},
-        {"balance": "50"},
-    )
+    assert json.loads(grant.before) == {"balance": "0"}
+    assert json.loads(grant.after) == {
+        "balance": "50",
+        "grant_id": "g1",
+        "units": "50",
+        "effective_ms": str(START_MS),
+        "expires_ms": "0",
+        "priority": "50",
+    }
     assert grant.reason == "purchase 42"
     assert first_plan.before == "" and json.loads(second_plan.before)["name"] == "Business"
     assert json.loads(second_plan.after)["name"] == "Growth"

@@ -82,6 +82,8 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
     "GetUsageHistory": frozenset({OK, INVALID}),
     "GetUsageStatistics": frozenset({OK, INVALID}),
     "ListUsageRecords": frozenset({OK, INVALID}),
+    "VoidCreditGrant": frozenset({OK, INVALID, NOT_FOUND}),
+    "ListCreditGrants": frozenset({OK, INVALID}),
 }
 SERVICE_OF = {
     "CheckQuota": "QuotaService",
@@ -101,6 +103,8 @@ SERVICE_OF = {
     "GetUsageHistory": "ReportingService",
     "GetUsageStatistics": "ReportingService",
     "ListUsageRecords": "ReportingService",
+    "VoidCreditGrant": "AdminService",
+    "ListCreditGrants": "AdminService",
 }
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -1045,6 +1049,34 @@ GRANT_UNITS = Rule(
 )
 
 
+GRANT_PRIORITIES = Rule(
+    st.one_of(st.sampled_from([0, 50, 100]), st.integers(0, 100)),
+    st.one_of(
+        st.sampled_from([-1, 101, INT32_MAX, INT32_MIN]),
+        st.integers(INT32_MIN, -1),
+        st.integers(101, INT32_MAX),
+    ),
+)
+BROKEN_TIMESTAMPS = st.sampled_from(
+    [
+        timestamp_pb2.Timestamp(seconds=INT64_MAX, nanos=999_999_999),
+        timestamp_pb2.Timestamp(seconds=INT64_MIN),
+        timestamp_pb2.Timestamp(seconds=-1),
+        timestamp_pb2.Timestamp(seconds=1, nanos=-1),
+    ]
+)
+# Effective up to a day after the server's now; expiring two days after it or
+# later, so that every valid pair expires after it becomes effective.
+GRANT_EFFECTIVE_ATS = Rule(
+    st.one_of(st.none(), st.integers(0, START_MS + DAY_MS).map(ts)),
+    BROKEN_TIMESTAMPS,
+)
+GRANT_EXPIRES_ATS = Rule(
+    st.one_of(st.none(), st.integers(START_MS + 2 * DAY_MS, LAST_TIMESTAMP_MS).map(ts)),
+    st.one_of(BROKEN_TIMESTAMPS, st.integers(0, START_MS).map(ts)),
+)
+
+
 @hostile_settings(200)
 @given(
     case=requests(
@@ -1054,13 +1086,16 @@ GRANT_UNITS = Rule(
             "units": GRANT_UNITS,
             "grant_id": REQUEST_IDS,
             "reason": text_up_to(256),
+            "priority": GRANT_PRIORITIES,
+            "effective_at": GRANT_EFFECTIVE_ATS,
+            "expires_at": GRANT_EXPIRES_ATS,
         }
     )
 )
 async def test_grant_credits_refuses_malformed_grants(
     hostile: Hostile, case: dict[str, Tagged]
 ) -> None:
-    """GrantCredits refuses bad ids, metric names, units outside 1-10^9 and over-long reasons with INVALID_ARGUMENT, a grant outside the plan with FAILED_PRECONDITION, and reused grant ids with ALREADY_EXISTS, each changing nothing."""
+    """GrantCredits refuses bad ids, metric names, units outside 1-10^9, over-long reasons, priorities outside 0-100, broken times and expiries not after now with INVALID_ARGUMENT, a grant outside the plan with FAILED_PRECONDITION, and reused grant ids with ALREADY_EXISTS, each changing nothing."""
     request = admin_pb2.GrantCreditsRequest(**{name: value for name, (value, _) in case.items()})
     in_plan = request.org_id == ORG and request.metric in ACME_METRICS
     accepted = (OK, EXISTS) if in_plan else (PRECONDITION,)
@@ -1384,6 +1419,37 @@ async def test_adjust_usage_refuses_malformed_corrections(
     in_plan = request.org_id == ORG and request.metric in ACME_METRICS
     accepted = (OK, EXISTS) if in_plan else (PRECONDITION,)
     await hostile.send("AdjustUsage", request, expect(verdict_of(case), *accepted))
+    await hostile.assert_still_serving()
+
+
+@hostile_settings(100)
+@given(case=requests({"org_id": ORG_IDS, "grant_id": REQUEST_IDS, "reason": REASONS}))
+async def test_void_credit_grant_refuses_malformed_requests(
+    hostile: Hostile, case: dict[str, Tagged]
+) -> None:
+    """VoidCreditGrant refuses bad ids and blank or over-long reasons with INVALID_ARGUMENT and answers a grant the organization does not have with NOT_FOUND, each changing nothing."""
+    request = admin_pb2.VoidCreditGrantRequest(**{name: value for name, (value, _) in case.items()})
+    await hostile.send("VoidCreditGrant", request, expect(verdict_of(case), OK, NOT_FOUND))
+    await hostile.assert_still_serving()
+
+
+# Empty: every metric's grants.
+GRANT_METRICS = Rule(
+    st.one_of(st.just(""), METRIC_NAMES.valid),  # type: ignore[arg-type]
+    METRIC_NAMES.invalid.filter(bool),  # type: ignore[union-attr]
+)
+
+
+@hostile_settings(60)
+@given(case=requests({"org_id": ORG_IDS, "metric": GRANT_METRICS}))
+async def test_list_credit_grants_refuses_malformed_requests(
+    hostile: Hostile, case: dict[str, Tagged]
+) -> None:
+    """ListCreditGrants refuses a bad organization id or metric name with INVALID_ARGUMENT and changes nothing."""
+    request = admin_pb2.ListCreditGrantsRequest(
+        **{name: value for name, (value, _) in case.items()}
+    )
+    await hostile.send("ListCreditGrants", request, expect(verdict_of(case), OK))
     await hostile.assert_still_serving()
 
 

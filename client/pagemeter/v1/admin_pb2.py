@@ -26,13 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pagemeter.v1 import plan_pb2 as pagemeter_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagemeter/v1/admin.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17pagemeter/v1/plan.proto\"I\n\x0eSetPlanRequest\x12 \n\x04plan\x18\x01 \x01(\x0b\x32\x12.pagemeter.v1.Plan\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"3\n\x0fSetPlanResponse\x12 \n\x04plan\x18\x01 \x01(\x0b\x32\x12.pagemeter.v1.Plan\" \n\x0eGetPlanRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"3\n\x0fGetPlanResponse\x12 \n\x04plan\x18\x01 \x01(\x0b\x32\x12.pagemeter.v1.Plan\"f\n\x13GrantCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\x03\x12\x10\n\x08grant_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\":\n\x14GrantCreditsResponse\x12\x0f\n\x07\x62\x61lance\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xd9\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"I\n\x14\x43reateApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.pagemeter.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"$\n\x12ListApiKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"9\n\x13ListApiKeysResponse\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.pagemeter.v1.ApiKey\"5\n\x13RevokeApiKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"R\n\x14RevokeApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.pagemeter.v1.ApiKey\x12\x17\n\x0f\x61lready_revoked\x18\x02 \x01(\x08\"\xa4\x01\n\x12\x41\x64justUsageRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\x03\x12\x11\n\x04year\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05month\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\radjustment_id\x18\x07 \x01(\tB\x07\n\x05_yearB\x08\n\x06_month\"n\n\x13\x41\x64justUsageResponse\x12\x11\n\tperiod_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_before\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ommitted_after\x18\x03 \x01(\x03\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"O\n\x16ListAuditEventsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xb4\x01\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06org_id\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\"\\\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.pagemeter.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x10ListPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListPlansResponse\x12!\n\x05plans\x18\x01 \x03(\x0b\x32\x12.pagemeter.v1.Plan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf9\x05\n\x0c\x41\x64minService\x12\x46\n\x07SetPlan\x12\x1c.pagemeter.v1.SetPlanRequest\x1a\x1d.pagemeter.v1.SetPlanResponse\x12\x46\n\x07GetPlan\x12\x1c.pagemeter.v1.GetPlanRequest\x1a\x1d.pagemeter.v1.GetPlanResponse\x12U\n\x0cGrantCredits\x12!.pagemeter.v1.GrantCreditsRequest\x1a\".pagemeter.v1.GrantCreditsResponse\x12U\n\x0c\x43reateApiKey\x12!.pagemeter.v1.CreateApiKeyRequest\x1a\".pagemeter.v1.CreateApiKeyResponse\x12R\n\x0bListApiKeys\x12 .pagemeter.v1.ListApiKeysRequest\x1a!.pagemeter.v1.ListApiKeysResponse\x12U\n\x0cRevokeApiKey\x12!.pagemeter.v1.RevokeApiKeyRequest\x1a\".pagemeter.v1.RevokeApiKeyResponse\x12R\n\x0b\x41\x64justUsage\x12 .pagemeter.v1.AdjustUsageRequest\x1a!.pagemeter.v1.AdjustUsageResponse\x12^\n\x0fListAuditEvents\x12$.pagemeter.v1.ListAuditEventsRequest\x1a%.pagemeter.v1.ListAuditEventsResponse\x12L\n\tListPlans\x12\x1e.pagemeter.v1.ListPlansRequest\x1a\x1f.pagemeter.v1.ListPlansResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagemeter/v1/admin.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17pagemeter/v1/plan.proto\"I\n\x0eSetPlanRequest\x12 \n\x04plan\x18\x01 \x01(\x0b\x32\x12.pagemeter.v1.Plan\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"3\n\x0fSetPlanResponse\x12 \n\x04plan\x18\x01 \x01(\x0b\x32\x12.pagemeter.v1.Plan\" \n\x0eGetPlanRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"3\n\x0fGetPlanResponse\x12 \n\x04plan\x18\x01 \x01(\x0b\x32\x12.pagemeter.v1.Plan\"\xec\x01\n\x13GrantCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\x03\x12\x10\n\x08grant_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x08priority\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\":\n\x14GrantCreditsResponse\x12\x0f\n\x07\x62\x61lance\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xd9\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"I\n\x14\x43reateApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.pagemeter.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"$\n\x12ListApiKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"9\n\x13ListApiKeysResponse\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.pagemeter.v1.ApiKey\"5\n\x13RevokeApiKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"R\n\x14RevokeApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.pagemeter.v1.ApiKey\x12\x17\n\x0f\x61lready_revoked\x18\x02 \x01(\x08\"\xa4\x01\n\x12\x41\x64justUsageRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\x03\x12\x11\n\x04year\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05month\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\radjustment_id\x18\x07 \x01(\tB\x07\n\x05_yearB\x08\n\x06_month\"n\n\x13\x41\x64justUsageResponse\x12\x11\n\tperiod_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_before\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ommitted_after\x18\x03 \x01(\x03\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"O\n\x16ListAuditEventsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xb4\x01\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06org_id\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\"\\\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.pagemeter.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x10ListPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListPlansResponse\x12!\n\x05plans\x18\x01 \x03(\x0b\x32\x12.pagemeter.v1.Plan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x16VoidCreditGrantRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"G\n\x17VoidCreditGrantResponse\x12\x14\n\x0cvoided_units\x18\x01 \x01(\x03\x12\x16\n\x0e\x61lready_voided\x18\x02 \x01(\x08\"9\n\x17ListCreditGrantsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\"\xf6\x01\n\x0b\x43reditGrant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12/\n\x06status\x18\x08 \x01(\x0e\x32\x1f.pagemeter.v1.CreditGrantStatus\"E\n\x18ListCreditGrantsResponse\x12)\n\x06grants\x18\x01 \x03(\x0b\x32\x19.pagemeter.v1.CreditGrant*\xdd\x01\n\x11\x43reditGrantStatus\x12#\n\x1f\x43REDIT_GRANT_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43REDIT_GRANT_STATUS_PENDING\x10\x01\x12\x1e\n\x1a\x43REDIT_GRANT_STATUS_ACTIVE\x10\x02\x12!\n\x1d\x43REDIT_GRANT_STATUS_EXHAUSTED\x10\x03\x12\x1f\n\x1b\x43REDIT_GRANT_STATUS_EXPIRED\x10\x04\x12\x1e\n\x1a\x43REDIT_GRANT_STATUS_VOIDED\x10\x05\x32\xbc\x07\n\x0c\x41\x64minService\x12\x46\n\x07SetPlan\x12\x1c.pagemeter.v1.SetPlanRequest\x1a\x1d.pagemeter.v1.SetPlanResponse\x12\x46\n\x07GetPlan\x12\x1c.pagemeter.v1.GetPlanRequest\x1a\x1d.pagemeter.v1.GetPlanResponse\x12U\n\x0cGrantCredits\x12!.pagemeter.v1.GrantCreditsRequest\x1a\".pagemeter.v1.GrantCreditsResponse\x12U\n\x0c\x43reateApiKey\x12!.pagemeter.v1.CreateApiKeyRequest\x1a\".pagemeter.v1.CreateApiKeyResponse\x12R\n\x0bListApiKeys\x12 .pagemeter.v1.ListApiKeysRequest\x1a!.pagemeter.v1.ListApiKeysResponse\x12U\n\x0cRevokeApiKey\x12!.pagemeter.v1.RevokeApiKeyRequest\x1a\".pagemeter.v1.RevokeApiKeyResponse\x12R\n\x0b\x41\x64justUsage\x12 .pagemeter.v1.AdjustUsageRequest\x1a!.pagemeter.v1.AdjustUsageResponse\x12^\n\x0fListAuditEvents\x12$.pagemeter.v1.ListAuditEventsRequest\x1a%.pagemeter.v1.ListAuditEventsResponse\x12L\n\tListPlans\x12\x1e.pagemeter.v1.ListPlansRequest\x1a\x1f.pagemeter.v1.ListPlansResponse\x12^\n\x0fVoidCreditGrant\x12$.pagemeter.v1.VoidCreditGrantRequest\x1a%.pagemeter.v1.VoidCreditGrantResponse\x12\x61\n\x10ListCreditGrants\x12%.pagemeter.v1.ListCreditGrantsRequest\x1a&.pagemeter.v1.ListCreditGrantsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagemeter.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREDITGRANTSTATUS']._serialized_start=2504
+  _globals['_CREDITGRANTSTATUS']._serialized_end=2725
   _globals['_SETPLANREQUEST']._serialized_start=100
   _globals['_SETPLANREQUEST']._serialized_end=173
   _globals['_SETPLANRESPONSE']._serialized_start=175
@@ -41,38 +43,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPLANREQUEST']._serialized_end=260
   _globals['_GETPLANRESPONSE']._serialized_start=262
   _globals['_GETPLANRESPONSE']._serialized_end=313
-  _globals['_GRANTCREDITSREQUEST']._serialized_start=315
-  _globals['_GRANTCREDITSREQUEST']._serialized_end=417
-  _globals['_GRANTCREDITSRESPONSE']._serialized_start=419
-  _globals['_GRANTCREDITSRESPONSE']._serialized_end=477
-  _globals['_APIKEY']._serialized_start=480
-  _globals['_APIKEY']._serialized_end=697
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=699
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=750
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=752
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=825
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=827
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=863
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=865
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=922
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=924
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=977
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=979
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1061
-  _globals['_ADJUSTUSAGEREQUEST']._serialized_start=1064
-  _globals['_ADJUSTUSAGEREQUEST']._serialized_end=1228
-  _globals['_ADJUSTUSAGERESPONSE']._serialized_start=1230
-  _globals['_ADJUSTUSAGERESPONSE']._serialized_end=1340
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1342
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1421
-  _globals['_AUDITEVENT']._serialized_start=1424
-  _globals['_AUDITEVENT']._serialized_end=1604
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1606
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1698
-  _globals['_LISTPLANSREQUEST']._serialized_start=1700
-  _globals['_LISTPLANSREQUEST']._serialized_end=1757
-  _globals['_LISTPLANSRESPONSE']._serialized_start=1759
-  _globals['_LISTPLANSRESPONSE']._serialized_end=1838
-  _globals['_ADMINSERVICE']._serialized_start=1841
-  _globals['_ADMINSERVICE']._serialized_end=2602
+  _globals['_GRANTCREDITSREQUEST']._serialized_start=316
+  _globals['_GRANTCREDITSREQUEST']._serialized_end=552
+  _globals['_GRANTCREDITSRESPONSE']._serialized_start=554
+  _globals['_GRANTCREDITSRESPONSE']._serialized_end=612
+  _globals['_APIKEY']._serialized_start=615
+  _globals['_APIKEY']._serialized_end=832
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=834
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=885
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=887
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=960
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=962
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=998
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1000
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1057
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1059
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1112
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1114
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1196
+  _globals['_ADJUSTUSAGEREQUEST']._serialized_start=1199
+  _globals['_ADJUSTUSAGEREQUEST']._serialized_end=1363
+  _globals['_ADJUSTUSAGERESPONSE']._serialized_start=1365
+  _globals['_ADJUSTUSAGERESPONSE']._serialized_end=1475
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1477
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1556
+  _globals['_AUDITEVENT']._serialized_start=1559
+  _globals['_AUDITEVENT']._serialized_end=1739
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1741
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1833
+  _globals['_LISTPLANSREQUEST']._serialized_start=1835
+  _globals['_LISTPLANSREQUEST']._serialized_end=1892
+  _globals['_LISTPLANSRESPONSE']._serialized_start=1894
+  _globals['_LISTPLANSRESPONSE']._serialized_end=1973
+  _globals['_VOIDCREDITGRANTREQUEST']._serialized_start=1975
+  _globals['_VOIDCREDITGRANTREQUEST']._serialized_end=2049
+  _globals['_VOIDCREDITGRANTRESPONSE']._serialized_start=2051
+  _globals['_VOIDCREDITGRANTRESPONSE']._serialized_end=2122
+  _globals['_LISTCREDITGRANTSREQUEST']._serialized_start=2124
+  _globals['_LISTCREDITGRANTSREQUEST']._serialized_end=2181
+  _globals['_CREDITGRANT']._serialized_start=2184
+  _globals['_CREDITGRANT']._serialized_end=2430
+  _globals['_LISTCREDITGRANTSRESPONSE']._serialized_start=2432
+  _globals['_LISTCREDITGRANTSRESPONSE']._serialized_end=2501
+  _globals['_ADMINSERVICE']._serialized_start=2728
+  _globals['_ADMINSERVICE']._serialized_end=3684
 # @@protoc_insertion_point(module_scope)

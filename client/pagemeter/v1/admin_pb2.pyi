@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from pagemeter.v1 import plan_pb2 as _plan_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CreditGrantStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CreditGrantStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CreditGrantStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CREDIT_GRANT_STATUS_UNSPECIFIED: _CreditGrantStatus.ValueType  # 0
+    CREDIT_GRANT_STATUS_PENDING: _CreditGrantStatus.ValueType  # 1
+    """Not yet effective."""
+    CREDIT_GRANT_STATUS_ACTIVE: _CreditGrantStatus.ValueType  # 2
+    """Usable: effective, not expired, units left."""
+    CREDIT_GRANT_STATUS_EXHAUSTED: _CreditGrantStatus.ValueType  # 3
+    """Drawn to zero."""
+    CREDIT_GRANT_STATUS_EXPIRED: _CreditGrantStatus.ValueType  # 4
+    """Past expires_at; what was left no longer counts."""
+    CREDIT_GRANT_STATUS_VOIDED: _CreditGrantStatus.ValueType  # 5
+    """Voided (VoidCreditGrant)."""
+
+class CreditGrantStatus(_CreditGrantStatus, metaclass=_CreditGrantStatusEnumTypeWrapper):
+    """Where a credit grant stands now."""
+
+CREDIT_GRANT_STATUS_UNSPECIFIED: CreditGrantStatus.ValueType  # 0
+CREDIT_GRANT_STATUS_PENDING: CreditGrantStatus.ValueType  # 1
+"""Not yet effective."""
+CREDIT_GRANT_STATUS_ACTIVE: CreditGrantStatus.ValueType  # 2
+"""Usable: effective, not expired, units left."""
+CREDIT_GRANT_STATUS_EXHAUSTED: CreditGrantStatus.ValueType  # 3
+"""Drawn to zero."""
+CREDIT_GRANT_STATUS_EXPIRED: CreditGrantStatus.ValueType  # 4
+"""Past expires_at; what was left no longer counts."""
+CREDIT_GRANT_STATUS_VOIDED: CreditGrantStatus.ValueType  # 5
+"""Voided (VoidCreditGrant)."""
+Global___CreditGrantStatus: _TypeAlias = CreditGrantStatus  # noqa: Y015
 
 @_typing.final
 class SetPlanRequest(_message.Message):
@@ -119,6 +154,9 @@ class GrantCreditsRequest(_message.Message):
     UNITS_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     org_id: _builtins.str
     metric: _builtins.str
     """A metric of the organization's plan."""
@@ -133,6 +171,21 @@ class GrantCreditsRequest(_message.Message):
     """Why the credits are granted (purchase reference, goodwill, ...). At most
     256 characters.
     """
+    priority: _builtins.int
+    """Draw order among the metric's grants: 0 to 100, lower first; grants of one
+    priority are drawn earliest expiry first (never-expiring last). Unset: 50.
+    """
+    @_builtins.property
+    def effective_at(self) -> _timestamp_pb2.Timestamp:
+        """When the credits become usable. Unset: at once."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When what is left of them stops counting, even for holds placed before
+        (their units are then priced as if the grant had run out). Unset: never.
+        Must be after effective_at (and after now).
+        """
+
     def __init__(
         self,
         *,
@@ -141,12 +194,17 @@ class GrantCreditsRequest(_message.Message):
         units: _builtins.int = ...,
         grant_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        effective_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        priority: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "effective_at", b"effective_at", "expires_at", b"expires_at", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "metric", b"metric", "org_id", b"org_id", "reason", b"reason", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "effective_at", b"effective_at", "expires_at", b"expires_at", "grant_id", b"grant_id", "metric", b"metric", "org_id", b"org_id", "priority", b"priority", "reason", b"reason", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___GrantCreditsRequest: _TypeAlias = GrantCreditsRequest  # noqa: Y015
 
@@ -157,7 +215,7 @@ class GrantCreditsResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
-    """The metric's prepaid balance after the grant."""
+    """The metric's prepaid balance usable now, after the grant."""
     duplicate: _builtins.bool
     """True when grant_id had been applied before; nothing was added this time."""
     def __init__(
@@ -593,3 +651,145 @@ class ListPlansResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPlansResponse: _TypeAlias = ListPlansResponse  # noqa: Y015
+
+@_typing.final
+class VoidCreditGrantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    grant_id: _builtins.str
+    """The grant_id given to GrantCredits."""
+    reason: _builtins.str
+    """Why (refund, chargeback, ...): required, at most 256 characters."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "org_id", b"org_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidCreditGrantRequest: _TypeAlias = VoidCreditGrantRequest  # noqa: Y015
+
+@_typing.final
+class VoidCreditGrantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOIDED_UNITS_FIELD_NUMBER: _builtins.int
+    ALREADY_VOIDED_FIELD_NUMBER: _builtins.int
+    voided_units: _builtins.int
+    """The units the grant still had, which no longer count."""
+    already_voided: _builtins.bool
+    """True when the grant had been voided before; nothing changed this time."""
+    def __init__(
+        self,
+        *,
+        voided_units: _builtins.int = ...,
+        already_voided: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_voided", b"already_voided", "voided_units", b"voided_units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidCreditGrantResponse: _TypeAlias = VoidCreditGrantResponse  # noqa: Y015
+
+@_typing.final
+class ListCreditGrantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    metric: _builtins.str
+    """Only this metric's grants; empty: every metric's."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        metric: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metric", b"metric", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditGrantsRequest: _TypeAlias = ListCreditGrantsRequest  # noqa: Y015
+
+@_typing.final
+class CreditGrant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    metric: _builtins.str
+    units: _builtins.int
+    """Units granted."""
+    remaining: _builtins.int
+    """Units not drawn yet (0 once voided)."""
+    priority: _builtins.int
+    status: Global___CreditGrantStatus.ValueType
+    @_builtins.property
+    def effective_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: never expires."""
+
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        units: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        effective_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        priority: _builtins.int = ...,
+        status: Global___CreditGrantStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_at", b"effective_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_at", b"effective_at", "expires_at", b"expires_at", "grant_id", b"grant_id", "metric", b"metric", "priority", b"priority", "remaining", b"remaining", "status", b"status", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditGrant: _TypeAlias = CreditGrant  # noqa: Y015
+
+@_typing.final
+class ListCreditGrantsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditGrant]:
+        """Per metric, in the order they are drawn: by priority, then expiry."""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___CreditGrant] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditGrantsResponse: _TypeAlias = ListCreditGrantsResponse  # noqa: Y015

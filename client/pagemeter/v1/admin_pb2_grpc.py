@@ -83,6 +83,16 @@ class AdminServiceStub:
                 request_serializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
                 response_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
                 _registered_method=True)
+        self.VoidCreditGrant = channel.unary_unary(
+                '/pagemeter.v1.AdminService/VoidCreditGrant',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.VoidCreditGrantRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.VoidCreditGrantResponse.FromString,
+                _registered_method=True)
+        self.ListCreditGrants = channel.unary_unary(
+                '/pagemeter.v1.AdminService/ListCreditGrants',
+                request_serializer=pagemeter_dot_v1_dot_admin__pb2.ListCreditGrantsRequest.SerializeToString,
+                response_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListCreditGrantsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -108,9 +118,10 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GrantCredits(self, request, context):
-        """Adds prepaid credits for one metric of an organization. Idempotent by
-        grant_id. Prepaid credits never expire; they are drawn after the contract
-        quota is used up and before overage.
+        """Grants prepaid credits for one metric of an organization: a credit grant,
+        usable from effective_at until expires_at (never, when unset). Idempotent
+        by grant_id. Grants are drawn after the contract quota is used up and
+        before overage, lowest priority first, then the earliest expiry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +167,21 @@ class AdminServiceServicer:
     def ListPlans(self, request, context):
         """Lists every organization's plan, by organization id (for `pagemeter plan
         export`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoidCreditGrant(self, request, context):
+        """Voids a credit grant: what is left of it stops counting at once (holds
+        that reserved it included). Idempotent; written to the audit trail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCreditGrants(self, request, context):
+        """Lists an organization's credit grants, in the order they are drawn.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,6 +234,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListPlans,
                     request_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansRequest.FromString,
                     response_serializer=pagemeter_dot_v1_dot_admin__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'VoidCreditGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoidCreditGrant,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.VoidCreditGrantRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.VoidCreditGrantResponse.SerializeToString,
+            ),
+            'ListCreditGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCreditGrants,
+                    request_deserializer=pagemeter_dot_v1_dot_admin__pb2.ListCreditGrantsRequest.FromString,
+                    response_serializer=pagemeter_dot_v1_dot_admin__pb2.ListCreditGrantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -457,6 +493,60 @@ class AdminService:
             '/pagemeter.v1.AdminService/ListPlans',
             pagemeter_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
             pagemeter_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoidCreditGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/VoidCreditGrant',
+            pagemeter_dot_v1_dot_admin__pb2.VoidCreditGrantRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.VoidCreditGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCreditGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemeter.v1.AdminService/ListCreditGrants',
+            pagemeter_dot_v1_dot_admin__pb2.ListCreditGrantsRequest.SerializeToString,
+            pagemeter_dot_v1_dot_admin__pb2.ListCreditGrantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

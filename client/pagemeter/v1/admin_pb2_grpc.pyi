@@ -44,9 +44,10 @@ class AdminServiceStub:
     GetPlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.GetPlanResponse]
     """Reads an organization's plan; NOT_FOUND when it has none."""
     GrantCredits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GrantCreditsRequest, _admin_pb2.GrantCreditsResponse]
-    """Adds prepaid credits for one metric of an organization. Idempotent by
-    grant_id. Prepaid credits never expire; they are drawn after the contract
-    quota is used up and before overage.
+    """Grants prepaid credits for one metric of an organization: a credit grant,
+    usable from effective_at until expires_at (never, when unset). Idempotent
+    by grant_id. Grants are drawn after the contract quota is used up and
+    before overage, lowest priority first, then the earliest expiry.
     """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]
     """Creates a tenant API key for an organization. The secret is in this
@@ -66,6 +67,12 @@ class AdminServiceStub:
     """Lists every organization's plan, by organization id (for `pagemeter plan
     export`).
     """
+    VoidCreditGrant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VoidCreditGrantRequest, _admin_pb2.VoidCreditGrantResponse]
+    """Voids a credit grant: what is left of it stops counting at once (holds
+    that reserved it included). Idempotent; written to the audit trail.
+    """
+    ListCreditGrants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCreditGrantsRequest, _admin_pb2.ListCreditGrantsResponse]
+    """Lists an organization's credit grants, in the order they are drawn."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -83,9 +90,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     GetPlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.GetPlanResponse]  # type: ignore[assignment]
     """Reads an organization's plan; NOT_FOUND when it has none."""
     GrantCredits: _aio.UnaryUnaryMultiCallable[_admin_pb2.GrantCreditsRequest, _admin_pb2.GrantCreditsResponse]  # type: ignore[assignment]
-    """Adds prepaid credits for one metric of an organization. Idempotent by
-    grant_id. Prepaid credits never expire; they are drawn after the contract
-    quota is used up and before overage.
+    """Grants prepaid credits for one metric of an organization: a credit grant,
+    usable from effective_at until expires_at (never, when unset). Idempotent
+    by grant_id. Grants are drawn after the contract quota is used up and
+    before overage, lowest priority first, then the earliest expiry.
     """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Creates a tenant API key for an organization. The secret is in this
@@ -105,6 +113,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Lists every organization's plan, by organization id (for `pagemeter plan
     export`).
     """
+    VoidCreditGrant: _aio.UnaryUnaryMultiCallable[_admin_pb2.VoidCreditGrantRequest, _admin_pb2.VoidCreditGrantResponse]  # type: ignore[assignment]
+    """Voids a credit grant: what is left of it stops counting at once (holds
+    that reserved it included). Idempotent; written to the audit trail.
+    """
+    ListCreditGrants: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCreditGrantsRequest, _admin_pb2.ListCreditGrantsResponse]  # type: ignore[assignment]
+    """Lists an organization's credit grants, in the order they are drawn."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is for operators (the admin credential only): organizations'
@@ -137,9 +151,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GrantCreditsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GrantCreditsResponse, _abc.Awaitable[_admin_pb2.GrantCreditsResponse]]:
-        """Adds prepaid credits for one metric of an organization. Idempotent by
-        grant_id. Prepaid credits never expire; they are drawn after the contract
-        quota is used up and before overage.
+        """Grants prepaid credits for one metric of an organization: a credit grant,
+        usable from effective_at until expires_at (never, when unset). Idempotent
+        by grant_id. Grants are drawn after the contract quota is used up and
+        before overage, lowest priority first, then the earliest expiry.
         """
 
     @_abc_1.abstractmethod
@@ -195,5 +210,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists every organization's plan, by organization id (for `pagemeter plan
         export`).
         """
+
+    @_abc_1.abstractmethod
+    def VoidCreditGrant(
+        self,
+        request: _admin_pb2.VoidCreditGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VoidCreditGrantResponse, _abc.Awaitable[_admin_pb2.VoidCreditGrantResponse]]:
+        """Voids a credit grant: what is left of it stops counting at once (holds
+        that reserved it included). Idempotent; written to the audit trail.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCreditGrants(
+        self,
+        request: _admin_pb2.ListCreditGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCreditGrantsResponse, _abc.Awaitable[_admin_pb2.ListCreditGrantsResponse]]:
+        """Lists an organization's credit grants, in the order they are drawn."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

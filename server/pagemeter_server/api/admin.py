@@ -21,9 +21,19 @@ from pagemeter_server.api.auth import (
     new_api_key,
 )
 from pagemeter_server.domain.clock import Clock
+from pagemeter_server.domain.credits import (
+    ACTIVE,
+    DEFAULT_PRIORITY,
+    EXHAUSTED,
+    EXPIRED,
+    MAX_PRIORITY,
+    PENDING,
+    VOIDED,
+    Grant,
+)
 from pagemeter_server.domain.errors import BadPageToken, NotFound, PlanNotFound
 from pagemeter_server.domain.page_tokens import decode_page_token, encode_page_token, items_that_fit
-from pagemeter_server.domain.periods import timestamp
+from pagemeter_server.domain.periods import timestamp, timestamp_ms
 from pagemeter_server.domain.plans import doc_to_plan, plan_to_doc
 from pagemeter_server.domain.validation import (
     KEY_ID,
@@ -124,6 +134,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         problems.check_length(request.reason, "reason", MAX_REASON)
         if not 1 <= request.units <= MAX_UNITS:
             problems.add("units", f"units must be between 1 and {MAX_UNITS} (got {request.units})")
+        now_ms = self.clock.now_ms()
+        effective_ms, expires_ms = grant_times(request, now_ms, problems)
+        priority = DEFAULT_PRIORITY
+        if request.HasField("priority"):
+            priority = request.priority
+            if not 0 <= priority <= MAX_PRIORITY:
+                problems.add(
+                    "priority", f"priority must be between 0 and {MAX_PRIORITY} (got {priority})"
+                )
         problems.raise_if_any()
         balance, duplicate = await self.store.grant_credits(
             request.org_id,
@@ -131,10 +150,52 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             request.units,
             request.grant_id,
             request.reason,
+            now_ms=now_ms,
+            actor=current_principal().actor,
+            effective_ms=effective_ms,
+            expires_ms=expires_ms,
+            priority=priority,
+        )
+        return admin_pb2.GrantCreditsResponse(balance=balance, duplicate=duplicate)
+
+    @authorized(Access.ADMIN)
+    async def VoidCreditGrant(
+        self, request: admin_pb2.VoidCreditGrantRequest, context: Context
+    ) -> admin_pb2.VoidCreditGrantResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        problems.check_request_id(request.grant_id, "grant_id")
+        if not request.reason.strip():
+            problems.add("reason", "reason is required: say why the grant is voided")
+        problems.check_length(request.reason, "reason", MAX_REASON)
+        problems.raise_if_any()
+        voided, already = await self.store.void_grant(
+            request.org_id,
+            request.grant_id,
+            request.reason,
             now_ms=self.clock.now_ms(),
             actor=current_principal().actor,
         )
-        return admin_pb2.GrantCreditsResponse(balance=balance, duplicate=duplicate)
+        return admin_pb2.VoidCreditGrantResponse(voided_units=voided, already_voided=already)
+
+    @authorized(Access.ADMIN)
+    async def ListCreditGrants(
+        self, request: admin_pb2.ListCreditGrantsRequest, context: Context
+    ) -> admin_pb2.ListCreditGrantsResponse:
+        problems = Violations()
+        problems.check_org_id(request.org_id)
+        if request.metric:
+            problems.check_metric_name(request.metric, "metric")
+        problems.raise_if_any()
+        now_ms = self.clock.now_ms()
+        grants = await self.store.credit_grants(request.org_id)
+        return admin_pb2.ListCreditGrantsResponse(
+            grants=[
+                credit_grant(grant, now_ms)
+                for grant in grants
+                if not request.metric or grant.metric == request.metric
+            ]
+        )
 
     # -- API keys ---------------------------------------------------------------------
 
@@ -291,3 +352,49 @@ def _api_key(key: StoredKey) -> admin_pb2.ApiKey:
         revoked=key.revoked,
         revoked_at=_optional_time(key.revoked_ms),
     )
+
+
+_GRANT_STATUSES = {
+    PENDING: admin_pb2.CREDIT_GRANT_STATUS_PENDING,
+    ACTIVE: admin_pb2.CREDIT_GRANT_STATUS_ACTIVE,
+    EXHAUSTED: admin_pb2.CREDIT_GRANT_STATUS_EXHAUSTED,
+    EXPIRED: admin_pb2.CREDIT_GRANT_STATUS_EXPIRED,
+    VOIDED: admin_pb2.CREDIT_GRANT_STATUS_VOIDED,
+}
+
+
+def grant_times(
+    request: admin_pb2.GrantCreditsRequest, now_ms: int, problems: Violations
+) -> tuple[int | None, int | None]:
+    """The grant's effective and expiry instants (None: unset), checked."""
+    effective_ms = expires_ms = None
+    if request.HasField("effective_at") and problems.check_timestamp(
+        request.effective_at, "effective_at"
+    ):
+        effective_ms = timestamp_ms(request.effective_at)
+    if request.HasField("expires_at") and problems.check_timestamp(
+        request.expires_at, "expires_at"
+    ):
+        expires_ms = timestamp_ms(request.expires_at)
+        if expires_ms <= max(now_ms, effective_ms or now_ms):
+            problems.add(
+                "expires_at",
+                "expires_at must be after effective_at and after now (a grant that never "
+                "counts is a mistake)",
+            )
+    return effective_ms, expires_ms
+
+
+def credit_grant(grant: Grant, now_ms: int) -> admin_pb2.CreditGrant:
+    message = admin_pb2.CreditGrant(
+        grant_id=grant.grant_id,
+        metric=grant.metric,
+        units=grant.units,
+        remaining=grant.remaining,
+        effective_at=timestamp(grant.effective_ms),
+        priority=grant.priority,
+        status=_GRANT_STATUSES[grant.status(now_ms)],
+    )
+    if grant.expires_ms:
+        message.expires_at.CopyFrom(timestamp(grant.expires_ms))
+    return message

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from pagemeter_server.domain import usage as rules
 from pagemeter_server.domain.clock import Clock
+from pagemeter_server.domain.credits import credit_balances
 from pagemeter_server.domain.decisions import StoredPlan, UsageSnapshot
 from pagemeter_server.domain.periods import calendar
 from pagemeter_server.domain.plans import plan_doc_from_json, plan_token
@@ -150,7 +151,7 @@ class OrgUsageCollector(Collector):
                         month_fields=_ints(month_fields),
                         lifetime_fields=_ints(lifetime),
                         held_fields=held_fields,
-                        credits=_ints(credits),
+                        credits=credit_balances(credits, now_ms),
                         previous_month_fields={},
                     ),
                     org,

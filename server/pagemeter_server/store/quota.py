@@ -20,6 +20,13 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from pagemeter.v1 import quota_pb2
+from pagemeter_server.domain.credits import (
+    DEFAULT_PRIORITY,
+    MAX_LIVE_GRANTS,
+    Grant,
+    credit_balances,
+    parse_credits,
+)
 from pagemeter_server.domain.decisions import (
     CheckCall,
     CheckResult,
@@ -33,6 +40,8 @@ from pagemeter_server.domain.decisions import (
 )
 from pagemeter_server.domain.errors import (
     ItemFailed,
+    LimitReached,
+    NotFound,
     PlanMissing,
     PlansNotMigrated,
     RequestIdReused,
@@ -605,7 +614,9 @@ class Store:
             month_fields=int_pairs(month_flat),
             lifetime_fields=int_pairs(life_flat),
             held_fields=int_pairs(held_flat),
-            credits=int_pairs(credit_flat),
+            credits=credit_balances(
+                {credit_flat[i]: credit_flat[i + 1] for i in range(0, len(credit_flat), 2)}, now_ms
+            ),
             previous_month_fields=int_pairs(prev_flat),
             expired=held_units(gone),
         )
@@ -697,20 +708,31 @@ class Store:
         *,
         now_ms: int,
         actor: str = "",
+        effective_ms: int | None = None,
+        expires_ms: int | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> tuple[int, bool]:
         keys = OrgKeys(org_id)
+        # A retry that lets the server default effective_at again is the same grant.
+        terms = (effective_ms, expires_ms, priority)
+        print_ = terms if terms != (None, None, DEFAULT_PRIORITY) else ()
         reply = await self.run(
             "grant",
             [keys.plan, keys.credits, keys.grant(grant_id), keys.audit],
             [
                 metric,
                 units,
-                fingerprint("grant", metric, units, reason),
+                fingerprint("grant", metric, units, reason, *print_),
                 self.usage_retention_ms,
                 now_ms,
                 reason,
                 actor,
                 self.audit_max_events,
+                now_ms if effective_ms is None else effective_ms,
+                expires_ms or 0,
+                priority,
+                MAX_LIVE_GRANTS,
+                grant_id,
             ],
         )
         if reply[0] == "NO_PLAN":
@@ -719,7 +741,36 @@ class Store:
             raise PlanMissing(f"metric {metric!r} is not in the organization's plan")
         if reply[0] == "REUSED":
             raise RequestIdReused("granted")
+        if reply[0] == "TOO_MANY_GRANTS":
+            raise LimitReached(
+                f"the organization has {MAX_LIVE_GRANTS} credit grants that can still count; "
+                "void one, or wait until some run out or expire",
+                "TOO_MANY_CREDIT_GRANTS",
+            )
         return int(reply[1]), reply[2] == "1"
+
+    async def void_grant(
+        self, org_id: str, grant_id: str, reason: str, *, now_ms: int, actor: str = ""
+    ) -> tuple[int, bool]:
+        """(units voided, already voided); GrantNotFound when there is no such grant."""
+        keys = OrgKeys(org_id)
+        reply = await self.run(
+            "void_grant",
+            [keys.credits, keys.audit],
+            [grant_id, now_ms, reason, actor, self.audit_max_events],
+        )
+        if reply[0] == "NOT_FOUND":
+            raise NotFound(
+                f"the organization has no credit grant {grant_id!r} (or it ran out and was "
+                "dropped)",
+                "GRANT_NOT_FOUND",
+            )
+        return int(reply[1]), reply[2] == "1"
+
+    async def credit_grants(self, org_id: str) -> list[Grant]:
+        """The organization's grants, in draw order per metric."""
+        raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).credits))
+        return parse_credits(raw)
 
 
 def _stored_plan(raw: dict[str, str]) -> StoredPlan | None:

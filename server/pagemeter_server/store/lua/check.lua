@@ -5,7 +5,7 @@
 -- KEYS[2] holds     pm:{org}:holds      zset request_id -> hold expiry (ms)
 -- KEYS[3] holddata  pm:{org}:holddata   hash request_id -> "metric:units:prepaid;..."
 -- KEYS[4] held      pm:{org}:held       hash h:<metric> held units, hp:<metric> held prepaid
--- KEYS[5] credits   pm:{org}:credits    hash metric -> prepaid balance
+-- KEYS[5] credits   pm:{org}:credits    hash of credit grants (see _lib.lua)
 -- KEYS[6] month     pm:{org}:u:<YYYY-MM> hash c:<metric> committed, pp:<metric> prepaid used
 -- KEYS[7] life      pm:{org}:u:lifetime  hash c:<metric> for PERIOD_NONE metrics
 -- KEYS[8] rate      pm:{org}:rate       GCRA theoretical arrival time (ms)
@@ -123,7 +123,7 @@ for i, req in ipairs(requests) do
     local committed = int(redis.call('HGET', bucket, 'c:' .. metric))
     local held = int(redis.call('HGET', held_key, 'h:' .. metric))
     local held_prepaid = int(redis.call('HGET', held_key, 'hp:' .. metric))
-    local balance = int(redis.call('HGET', credits_key, metric))
+    local balance = credit_balance(credits_key, metric, now)
     local prepaid_available = math.max(0, balance - held_prepaid)
     local used = committed + held
     local quota, hard = limits.contract_quota, limits.hard_limit

@@ -1,7 +1,7 @@
--- grant.lua: GrantCredits. Adds prepaid credits to one metric, once per grant_id.
+-- grant.lua: GrantCredits. Adds a credit grant for one metric, once per grant_id.
 --
 -- KEYS[1] plan     pm:{org}:plan
--- KEYS[2] credits  pm:{org}:credits       hash metric -> prepaid balance
+-- KEYS[2] credits  pm:{org}:credits       hash of credit grants (see _lib.lua)
 -- KEYS[3] grant    pm:{org}:g:<grant_id>  hash {fp, metric, units, reason, ms}
 -- KEYS[4] audit    pm:{org}:audit         stream (the audit trail)
 --
@@ -13,12 +13,17 @@
 -- ARGV[6] reason
 -- ARGV[7] actor (who made the change, for the audit trail)
 -- ARGV[8] audit trail length (entries kept, about)
+-- ARGV[9] effective_ms (now when the caller set none)
+-- ARGV[10] expires_ms (0: never)
+-- ARGV[11] priority (0 to 100)
+-- ARGV[12] live grants an organization may have at most
+-- ARGV[13] grant_id
 --
--- Returns one of {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'},
---   {'OK', balance, duplicate}.
+-- Returns one of {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, {'TOO_MANY_GRANTS'},
+--   {'OK', balance_now, duplicate}.
 
-assert(#KEYS == 4 and #ARGV == 8, 'grant.lua: wrong number of KEYS or ARGV')
-local metric = ARGV[1]
+assert(#KEYS == 4 and #ARGV == 13, 'grant.lua: wrong number of KEYS or ARGV')
+local metric, now = ARGV[1], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
 if not plan then
   return {'NO_PLAN'}
@@ -31,13 +36,41 @@ if previous then
   if previous ~= ARGV[3] then
     return {'REUSED'}
   end
-  return {'OK', int(redis.call('HGET', KEYS[2], metric)), '1'}
+  return {'OK', credit_balance(KEYS[2], metric, now), '1'}
 end
-local balance = redis.call('HINCRBY', KEYS[2], metric, tonumber(ARGV[2]))
-audit(KEYS[4], ARGV[8], tonumber(ARGV[5]), ARGV[7], 'credits.grant', metric,
-  cjson.encode({balance = fmt(balance - tonumber(ARGV[2]))}),
-  cjson.encode({balance = fmt(balance)}), ARGV[6])
+-- Grants that can no longer count (drawn to zero, expired, voided) are
+-- dropped here, so that the hash stays small; ListCreditGrants shows the
+-- others, and the audit trail has every grant.
+local live = 0
+for _, grants in pairs(load_credits(KEYS[2])) do
+  for _, grant in ipairs(grants) do
+    if not grant.legacy then
+      if grant.state ~= 'A' or grant.remaining <= 0 or (grant.expires ~= 0 and grant.expires <= now) then
+        redis.call('HDEL', KEYS[2], 'g:' .. grant.id)
+      else
+        live = live + 1
+      end
+    end
+  end
+end
+if live >= tonumber(ARGV[12]) then
+  return {'TOO_MANY_GRANTS'}
+end
+local before = credit_balance(KEYS[2], metric, now)
+local grant_id = ARGV[13]
+local grant = {id = grant_id, metric = metric, remaining = tonumber(ARGV[2]),
+  effective = tonumber(ARGV[9]), expires = tonumber(ARGV[10]), priority = tonumber(ARGV[11]),
+  units = tonumber(ARGV[2]), state = 'A'}
+redis.call('HSET', KEYS[2], 'g:' .. grant_id, encode_grant(grant))
+local list = load_credits(KEYS[2])[metric] or {}
+list[#list + 1] = grant
+load_credits(KEYS[2])[metric] = list
+local after = credit_balance(KEYS[2], metric, now)
+audit(KEYS[4], ARGV[8], now, ARGV[7], 'credits.grant', metric,
+  cjson.encode({balance = fmt(before)}),
+  cjson.encode({balance = fmt(after), grant_id = grant_id, units = ARGV[2],
+    effective_ms = ARGV[9], expires_ms = ARGV[10], priority = ARGV[11]}), ARGV[6])
 redis.call('HSET', KEYS[3], 'fp', ARGV[3], 'metric', metric, 'units', ARGV[2],
   'reason', ARGV[6], 'ms', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))
-return {'OK', balance, '0'}
+return {'OK', after, '0'}

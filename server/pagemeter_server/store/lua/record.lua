@@ -5,7 +5,7 @@
 -- KEYS[2] holds     pm:{org}:holds
 -- KEYS[3] holddata  pm:{org}:holddata
 -- KEYS[4] held      pm:{org}:held
--- KEYS[5] credits   pm:{org}:credits
+-- KEYS[5] credits   pm:{org}:credits   credit grants (see _lib.lua)
 -- KEYS[6] month     pm:{org}:u:<YYYY-MM>   the month of completed_at in the plan's timezone
 -- KEYS[7] life      pm:{org}:u:lifetime
 -- KEYS[8] record    pm:{org}:r:<request_id>
@@ -212,11 +212,13 @@ for i, req in ipairs(requests) do
     local beyond = n - included
     if beyond > 0 then
       -- Prepaid credits reserved by other jobs' holds stay theirs.
-      local balance = int(redis.call('HGET', credits_key, metric))
+      -- Grants are drawn as they stand at the commit (now): one that expired
+      -- since the job's hold no longer counts, and its units are priced on.
+      local balance = credit_balance(credits_key, metric, now)
       local reserved = int(redis.call('HGET', held_key, 'hp:' .. metric))
       prepaid = math.min(beyond, math.max(0, balance - reserved))
       if prepaid > 0 then
-        redis.call('HINCRBY', credits_key, metric, -prepaid)
+        draw_credits(credits_key, metric, prepaid, now)
         redis.call('HINCRBY', bucket, 'pp:' .. metric, prepaid)
       end
     end

@@ -1,7 +1,7 @@
--- grant.lua: GrantCredits. Adds prepaid credits to one metric, once per grant_id.
+-- grant.lua: GrantCredits. Adds a credit grant for one metric, once per grant_id.
 --
 -- KEYS[1] plan     pm:{org}:plan
--- KEYS[2] credits  pm:{org}:credits       hash metric -> prepaid balance
+-- KEYS[2] credits  pm:{org}:credits       hash of credit grants (see _lib.lua)
 -- KEYS[3] grant    pm:{org}:g:<grant_id>  hash {fp, metric, units, reason, ms}
 -- KEYS[4] audit    pm:{org}:audit         stream (the audit trail)
 --
@@ -13,9 +13,14 @@
 -- ARGV[6] reason
 -- ARGV[7] actor (who made the change, for the audit trail)
 -- ARGV[8] audit trail length (entries kept, about)
+-- ARGV[9] effective_ms (now when the caller set none)
+-- ARGV[10] expires_ms (0: never)
+-- ARGV[11] priority (0 to 100)
+-- ARGV[12] live grants an organization may have at most
+-- ARGV[13] grant_id
 --
--- Returns one of {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'},
---   {'OK', balance, duplicate}.
+-- Returns one of {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, {'TOO_MANY_GRANTS'},
+--   {'OK', balance_now, duplicate}.
 --
 -- Generated from server/pagemeter_server/store/lua/grant.lua by `make scripts`; do not edit.
 -- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
@@ -137,6 +142,114 @@ local function stale_timezone(plan, assumed_tz, default_tz)
     return {'STALE_TZ', tz}
   end
   return nil
+end
+
+-- Credits: pm:{org}:credits, a hash. Field "g:<grant_id>" is a credit grant,
+-- "metric|remaining|effective_ms|expires_ms|priority|units|state" (expires_ms
+-- 0: never; state A active, V voided). A field named after a metric is a
+-- prepaid balance of an earlier release: credits that never expire, read as a
+-- grant of priority 50 (`pagemeter-server migrate-plans` turns each into the
+-- grant "prepaid-<metric>"). A grant is live at `now` when it has units left,
+-- is effective and not expired; the prepaid balance is what live grants have.
+-- Read once per script call; draw_credits keeps the table in step with what it
+-- writes, so a batch's later items see its earlier draws.
+local LEGACY_PRIORITY = 50
+local credits_read = {}
+local function load_credits(credits_key)
+  local by_metric = credits_read[credits_key]
+  if by_metric == nil then
+    by_metric = {}
+    local raw = redis.call('HGETALL', credits_key)
+    for i = 1, #raw, 2 do
+      local field, value = raw[i], raw[i + 1]
+      local grant
+      if string.sub(field, 1, 2) == 'g:' then
+        local metric, remaining, effective, expires, priority, units, state = string.match(
+          value, '^([^|]+)|(%-?%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%a)$')
+        if metric then
+          grant = {id = string.sub(field, 3), metric = metric, remaining = tonumber(remaining),
+            effective = tonumber(effective), expires = tonumber(expires),
+            priority = tonumber(priority), units = tonumber(units), state = state}
+        end
+      else
+        grant = {id = '', metric = field, legacy = true, remaining = tonumber(value) or 0,
+          effective = 0, expires = 0, priority = LEGACY_PRIORITY, state = 'A'}
+      end
+      if grant then
+        local list = by_metric[grant.metric]
+        if not list then
+          list = {}
+          by_metric[grant.metric] = list
+        end
+        list[#list + 1] = grant
+      end
+    end
+    credits_read[credits_key] = by_metric
+  end
+  return by_metric
+end
+
+local function grant_live(grant, now)
+  return grant.state == 'A' and grant.remaining > 0 and grant.effective <= now
+    and (grant.expires == 0 or now < grant.expires)
+end
+
+local function credit_balance(credits_key, metric, now)
+  local total = 0
+  for _, grant in ipairs(load_credits(credits_key)[metric] or {}) do
+    if grant_live(grant, now) then
+      total = total + grant.remaining
+    end
+  end
+  return total
+end
+
+local function encode_grant(grant)
+  return grant.metric .. '|' .. fmt(grant.remaining) .. '|' .. fmt(grant.effective) .. '|'
+    .. fmt(grant.expires) .. '|' .. fmt(grant.priority) .. '|' .. fmt(grant.units) .. '|'
+    .. grant.state
+end
+
+-- Lower priority first, then the earliest expiry (never last), then the
+-- earliest effective, then the grant id: a total order, the same everywhere.
+local function drawn_before(a, b)
+  if a.priority ~= b.priority then
+    return a.priority < b.priority
+  end
+  local a_end = a.expires == 0 and math.huge or a.expires
+  local b_end = b.expires == 0 and math.huge or b.expires
+  if a_end ~= b_end then
+    return a_end < b_end
+  end
+  if a.effective ~= b.effective then
+    return a.effective < b.effective
+  end
+  return a.id < b.id
+end
+
+-- Take `amount` units (at most the balance) from the metric's live grants, in
+-- draw order, and write what each has left.
+local function draw_credits(credits_key, metric, amount, now)
+  local live = {}
+  for _, grant in ipairs(load_credits(credits_key)[metric] or {}) do
+    if grant_live(grant, now) then
+      live[#live + 1] = grant
+    end
+  end
+  table.sort(live, drawn_before)
+  for _, grant in ipairs(live) do
+    if amount <= 0 then
+      break
+    end
+    local take = math.min(amount, grant.remaining)
+    grant.remaining = grant.remaining - take
+    amount = amount - take
+    if grant.legacy then
+      redis.call('HINCRBY', credits_key, metric, -take)
+    else
+      redis.call('HSET', credits_key, 'g:' .. grant.id, encode_grant(grant))
+    end
+  end
 end
 
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
@@ -325,8 +438,8 @@ local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
 local REASON_SPEND_CAP_REACHED = 11
 
-assert(#KEYS == 4 and #ARGV == 8, 'grant.lua: wrong number of KEYS or ARGV')
-local metric = ARGV[1]
+assert(#KEYS == 4 and #ARGV == 13, 'grant.lua: wrong number of KEYS or ARGV')
+local metric, now = ARGV[1], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
 if not plan then
   return {'NO_PLAN'}
@@ -339,13 +452,41 @@ if previous then
   if previous ~= ARGV[3] then
     return {'REUSED'}
   end
-  return {'OK', int(redis.call('HGET', KEYS[2], metric)), '1'}
+  return {'OK', credit_balance(KEYS[2], metric, now), '1'}
 end
-local balance = redis.call('HINCRBY', KEYS[2], metric, tonumber(ARGV[2]))
-audit(KEYS[4], ARGV[8], tonumber(ARGV[5]), ARGV[7], 'credits.grant', metric,
-  cjson.encode({balance = fmt(balance - tonumber(ARGV[2]))}),
-  cjson.encode({balance = fmt(balance)}), ARGV[6])
+-- Grants that can no longer count (drawn to zero, expired, voided) are
+-- dropped here, so that the hash stays small; ListCreditGrants shows the
+-- others, and the audit trail has every grant.
+local live = 0
+for _, grants in pairs(load_credits(KEYS[2])) do
+  for _, grant in ipairs(grants) do
+    if not grant.legacy then
+      if grant.state ~= 'A' or grant.remaining <= 0 or (grant.expires ~= 0 and grant.expires <= now) then
+        redis.call('HDEL', KEYS[2], 'g:' .. grant.id)
+      else
+        live = live + 1
+      end
+    end
+  end
+end
+if live >= tonumber(ARGV[12]) then
+  return {'TOO_MANY_GRANTS'}
+end
+local before = credit_balance(KEYS[2], metric, now)
+local grant_id = ARGV[13]
+local grant = {id = grant_id, metric = metric, remaining = tonumber(ARGV[2]),
+  effective = tonumber(ARGV[9]), expires = tonumber(ARGV[10]), priority = tonumber(ARGV[11]),
+  units = tonumber(ARGV[2]), state = 'A'}
+redis.call('HSET', KEYS[2], 'g:' .. grant_id, encode_grant(grant))
+local list = load_credits(KEYS[2])[metric] or {}
+list[#list + 1] = grant
+load_credits(KEYS[2])[metric] = list
+local after = credit_balance(KEYS[2], metric, now)
+audit(KEYS[4], ARGV[8], now, ARGV[7], 'credits.grant', metric,
+  cjson.encode({balance = fmt(before)}),
+  cjson.encode({balance = fmt(after), grant_id = grant_id, units = ARGV[2],
+    effective_ms = ARGV[9], expires_ms = ARGV[10], priority = ARGV[11]}), ARGV[6])
 redis.call('HSET', KEYS[3], 'fp', ARGV[3], 'metric', metric, 'units', ARGV[2],
   'reason', ARGV[6], 'ms', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))
-return {'OK', balance, '0'}
+return {'OK', after, '0'}

@@ -5,7 +5,7 @@
 -- KEYS[2] holds     pm:{org}:holds
 -- KEYS[3] holddata  pm:{org}:holddata
 -- KEYS[4] held      pm:{org}:held
--- KEYS[5] credits   pm:{org}:credits
+-- KEYS[5] credits   pm:{org}:credits   credit grants (see _lib.lua)
 -- KEYS[6] month     pm:{org}:u:<YYYY-MM>   the month of completed_at in the plan's timezone
 -- KEYS[7] life      pm:{org}:u:lifetime
 -- KEYS[8] record    pm:{org}:r:<request_id>
@@ -194,6 +194,114 @@ local function stale_timezone(plan, assumed_tz, default_tz)
     return {'STALE_TZ', tz}
   end
   return nil
+end
+
+-- Credits: pm:{org}:credits, a hash. Field "g:<grant_id>" is a credit grant,
+-- "metric|remaining|effective_ms|expires_ms|priority|units|state" (expires_ms
+-- 0: never; state A active, V voided). A field named after a metric is a
+-- prepaid balance of an earlier release: credits that never expire, read as a
+-- grant of priority 50 (`pagemeter-server migrate-plans` turns each into the
+-- grant "prepaid-<metric>"). A grant is live at `now` when it has units left,
+-- is effective and not expired; the prepaid balance is what live grants have.
+-- Read once per script call; draw_credits keeps the table in step with what it
+-- writes, so a batch's later items see its earlier draws.
+local LEGACY_PRIORITY = 50
+local credits_read = {}
+local function load_credits(credits_key)
+  local by_metric = credits_read[credits_key]
+  if by_metric == nil then
+    by_metric = {}
+    local raw = redis.call('HGETALL', credits_key)
+    for i = 1, #raw, 2 do
+      local field, value = raw[i], raw[i + 1]
+      local grant
+      if string.sub(field, 1, 2) == 'g:' then
+        local metric, remaining, effective, expires, priority, units, state = string.match(
+          value, '^([^|]+)|(%-?%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%a)$')
+        if metric then
+          grant = {id = string.sub(field, 3), metric = metric, remaining = tonumber(remaining),
+            effective = tonumber(effective), expires = tonumber(expires),
+            priority = tonumber(priority), units = tonumber(units), state = state}
+        end
+      else
+        grant = {id = '', metric = field, legacy = true, remaining = tonumber(value) or 0,
+          effective = 0, expires = 0, priority = LEGACY_PRIORITY, state = 'A'}
+      end
+      if grant then
+        local list = by_metric[grant.metric]
+        if not list then
+          list = {}
+          by_metric[grant.metric] = list
+        end
+        list[#list + 1] = grant
+      end
+    end
+    credits_read[credits_key] = by_metric
+  end
+  return by_metric
+end
+
+local function grant_live(grant, now)
+  return grant.state == 'A' and grant.remaining > 0 and grant.effective <= now
+    and (grant.expires == 0 or now < grant.expires)
+end
+
+local function credit_balance(credits_key, metric, now)
+  local total = 0
+  for _, grant in ipairs(load_credits(credits_key)[metric] or {}) do
+    if grant_live(grant, now) then
+      total = total + grant.remaining
+    end
+  end
+  return total
+end
+
+local function encode_grant(grant)
+  return grant.metric .. '|' .. fmt(grant.remaining) .. '|' .. fmt(grant.effective) .. '|'
+    .. fmt(grant.expires) .. '|' .. fmt(grant.priority) .. '|' .. fmt(grant.units) .. '|'
+    .. grant.state
+end
+
+-- Lower priority first, then the earliest expiry (never last), then the
+-- earliest effective, then the grant id: a total order, the same everywhere.
+local function drawn_before(a, b)
+  if a.priority ~= b.priority then
+    return a.priority < b.priority
+  end
+  local a_end = a.expires == 0 and math.huge or a.expires
+  local b_end = b.expires == 0 and math.huge or b.expires
+  if a_end ~= b_end then
+    return a_end < b_end
+  end
+  if a.effective ~= b.effective then
+    return a.effective < b.effective
+  end
+  return a.id < b.id
+end
+
+-- Take `amount` units (at most the balance) from the metric's live grants, in
+-- draw order, and write what each has left.
+local function draw_credits(credits_key, metric, amount, now)
+  local live = {}
+  for _, grant in ipairs(load_credits(credits_key)[metric] or {}) do
+    if grant_live(grant, now) then
+      live[#live + 1] = grant
+    end
+  end
+  table.sort(live, drawn_before)
+  for _, grant in ipairs(live) do
+    if amount <= 0 then
+      break
+    end
+    local take = math.min(amount, grant.remaining)
+    grant.remaining = grant.remaining - take
+    amount = amount - take
+    if grant.legacy then
+      redis.call('HINCRBY', credits_key, metric, -take)
+    else
+      redis.call('HSET', credits_key, 'g:' .. grant.id, encode_grant(grant))
+    end
+  end
 end
 
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
@@ -544,11 +652,13 @@ for i, req in ipairs(requests) do
     local beyond = n - included
     if beyond > 0 then
       -- Prepaid credits reserved by other jobs' holds stay theirs.
-      local balance = int(redis.call('HGET', credits_key, metric))
+      -- Grants are drawn as they stand at the commit (now): one that expired
+      -- since the job's hold no longer counts, and its units are priced on.
+      local balance = credit_balance(credits_key, metric, now)
       local reserved = int(redis.call('HGET', held_key, 'hp:' .. metric))
       prepaid = math.min(beyond, math.max(0, balance - reserved))
       if prepaid > 0 then
-        redis.call('HINCRBY', credits_key, metric, -prepaid)
+        draw_credits(credits_key, metric, prepaid, now)
         redis.call('HINCRBY', bucket, 'pp:' .. metric, prepaid)
       end
     end
