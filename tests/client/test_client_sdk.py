@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -521,3 +522,29 @@ async def test_quota_denied_by_a_window_says_which_and_when_to_retry(
     )
     assert denied.value.retry_after == timedelta(seconds=45)
     assert window_name(denied.value.response.metrics[0].denied_by) == "minute"
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_a_plan_with_a_billing_anchor_round_trips(client: AsyncPagemeterClient) -> None:
+    """billing_anchor and billing_interval go through set_plan and come back from
+    get_plan and list_plans; usage then reads the anchored period."""
+    plan = plan_pb2.Plan(
+        org_id="globex",
+        name="Annual",
+        timezone="Europe/Berlin",
+        billing_interval=plan_pb2.BILLING_INTERVAL_YEAR,
+        metrics=[plan_pb2.MetricLimits(metric="pages", contract_quota=24_000)],
+    )
+    plan.billing_anchor.FromDatetime(datetime(2025, 6, 1, 9, 30, tzinfo=ZoneInfo("Europe/Berlin")))
+    stored = (await client.set_plan(plan)).plan
+    assert stored.billing_anchor.ToJsonString() == "2025-06-01T07:30:00Z"
+    assert stored.billing_interval == plan_pb2.BILLING_INTERVAL_YEAR
+    got = (await client.get_plan("globex")).plan
+    assert (got.billing_anchor, got.billing_interval) == (
+        stored.billing_anchor,
+        stored.billing_interval,
+    )
+    listed = {p.org_id: p for p in (await client.list_plans()).plans}["globex"]
+    assert listed.billing_anchor == stored.billing_anchor
+    # On 2026-03-15 the yearly period in progress began 2025-06-01 at 09:30 Berlin time.
+    assert (await client.get_usage("globex")).period_id == "2025-06-01"

@@ -383,7 +383,9 @@ class PagemeterClient:
         month: int | None = None,
         timeout: float | None = None,
     ) -> quota_pb2.GetUsageResponse:
-        """One month's usage (default: the current month in the plan's timezone)."""
+        """One billing period's usage: a calendar month in the plan's timezone, or a
+        month or year from its billing_anchor (default: the period in progress; with
+        year and month, the period that starts in that month)."""
         request = get_usage_request(org_id, year=year, month=month)
         return self._quota.GetUsage(request, **self._config.call_options(timeout))
 
@@ -470,7 +472,8 @@ class PagemeterClient:
         month: int | None = None,
         timeout: float | None = None,
     ) -> admin_pb2.AdjustUsageResponse:
-        """Correct a month's committed units (negative: remove), once per adjustment_id."""
+        """Correct a billing period's committed units (negative: remove), once per
+        adjustment_id; year and month pick the period as for get_usage."""
         request = adjust_usage_request(
             org_id,
             metric,
@@ -514,7 +517,8 @@ class PagemeterClient:
     def get_usage_history(
         self, org_id: str = "", *, months: int = 0, timeout: float | None = None
     ) -> reporting_pb2.GetUsageHistoryResponse:
-        """The last `months` months (0: the server's 12), newest first, with each month's terms."""
+        """The last `months` billing periods (0: the server's 12), newest first, with
+        each period's terms."""
         request = get_usage_history_request(org_id, months=months)
         return self._reporting.GetUsageHistory(request, **self._config.call_options(timeout))
 

@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable
 from datetime import date, datetime
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from pagemeter.v1 import plan_pb2
 
 # The server's own rules, repeated so a typo is caught before anything is sent.
@@ -122,6 +124,40 @@ def _parse_metric_spec(text: str) -> plan_pb2.MetricLimits:
         seen.add(key)
         _set_spec_value(limits, key, value)
     return limits
+
+
+# RFC 3339's date-time: a date, a time to the second (fractions up to nanoseconds)
+# and a UTC offset; protobuf's own parser is laxer about offsets (+1:00, +24:00).
+RFC_3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)",
+    re.IGNORECASE | re.ASCII,
+)
+BILLING_INTERVALS = {
+    "month": plan_pb2.BILLING_INTERVAL_MONTH,
+    "year": plan_pb2.BILLING_INTERVAL_YEAR,
+}
+
+
+def billing_anchor(text: str) -> Timestamp:
+    """Parse an RFC 3339 time with its UTC offset into Plan.billing_anchor (argparse type)."""
+    stamp = Timestamp()
+    try:
+        if not RFC_3339.fullmatch(text):
+            raise ValueError
+        stamp.FromJsonString(text.upper())  # checks the date (no Feb 30) and the range
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "billing_anchor must be an RFC 3339 time with a UTC offset, such as "
+            f"2026-01-31T10:00:00Z or 2026-01-31T11:00:00+01:00 (got {text!r})"
+        ) from None
+    return stamp
+
+
+def billing_interval(text: str) -> plan_pb2.BillingInterval.ValueType:
+    """Parse `month` or `year` into Plan.billing_interval (argparse type)."""
+    if text.lower() not in BILLING_INTERVALS:
+        raise argparse.ArgumentTypeError(f"billing_interval must be month or year (got {text!r})")
+    return BILLING_INTERVALS[text.lower()]
 
 
 def unit_amount(text: str) -> tuple[str, int]:

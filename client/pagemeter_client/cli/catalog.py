@@ -4,6 +4,8 @@
       business:                 # a Plan without org_id, in the .proto field names
         name: Business
         timezone: Europe/Berlin
+        billing_anchor: 2026-01-31T10:00:00Z        # optional: periods from its local day
+        billing_interval: BILLING_INTERVAL_MONTH    # and time (or BILLING_INTERVAL_YEAR)
         metrics:
           - metric: pages
             contract_quota: 2000
@@ -14,9 +16,11 @@
     organizations:
       acme: business            # organization id: template name
 
-Every problem is reported as FILE:LINE: what, with the line of the value at fault,
-before anything is sent; so are the server's own checks of each plan (they run
-with SetPlan's validate_only and name a field, which is mapped back to its line).
+Values are as protobuf JSON writes them: enums by name, billing_anchor as an RFC
+3339 time with its UTC offset (what YAML would read as a timestamp is kept as that
+text). Every problem is reported as FILE:LINE: what, with the line of the value at
+fault, before anything is sent; so are the server's own checks of each plan (they
+run with SetPlan's validate_only and name a field, which is mapped back to its line).
 """
 
 from __future__ import annotations
@@ -38,6 +42,19 @@ NOT_IN_TEMPLATES = {"org_id", "version", "updated_at"}
 SECTIONS = ("templates", "organizations")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without its own timestamps: `billing_anchor: 2026-01-31T10:00:00Z` stays
+    the text protobuf JSON reads (a datetime would lose its offset's spelling and is
+    no JSON value), and a date alone is refused by the plan's parser, not guessed."""
+
+
+def _timestamp_as_text(loader: _Loader, node: yaml.ScalarNode) -> str:
+    return loader.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_as_text)
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
@@ -53,20 +70,29 @@ class Catalog:
 
     def where(self, template: str, field_path: str) -> str:
         """FILE:LINE of a server-named field of a template's plan ("plan.metrics[0].limit")."""
-        node = self.templates[template].node
-        for step in re.findall(r"[A-Za-z_]+|\[\d+\]", field_path.removeprefix("plan.")):
-            child = _child(node, step)
-            if child is None:
-                break
-            node = child
-        return f"{self.path}:{node.start_mark.line + 1}"
+        return _at(self.path, _locate(self.templates[template].node, field_path))
+
+
+def _locate(node: yaml.Node, field_path: str) -> yaml.Node:
+    """The node of a field path ("plan.metrics[0].limit"), or of its nearest ancestor
+    the template has."""
+    for step in _steps(field_path):
+        child = _child(node, step)
+        if child is None:
+            break
+        node = child
+    return node
+
+
+def _steps(field_path: str) -> list[str]:
+    return re.findall(r"[A-Za-z_]+|\[\d+\]", field_path.removeprefix("plan."))
 
 
 def load_catalog(path: str) -> Catalog:
     """Read and check a catalog file; InputProblem names the file and line of any fault."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except OSError as problem:
         raise InputProblem(f"cannot read {path}: {problem}") from None
     except yaml.MarkedYAMLError as problem:
@@ -121,13 +147,49 @@ def _mapping(path: str, node: yaml.Node | None) -> dict[str, tuple[yaml.Node, ya
 
 def _template(path: str, name: str, node: yaml.Node) -> Template:
     _check_fields(path, node, plan_pb2.Plan.DESCRIPTOR, top=True)
-    value = yaml.SafeLoader("").construct_document(node)
+    value = _Loader("").construct_document(node)
     plan = plan_pb2.Plan()
     try:
         json_format.ParseDict(value, plan)
     except json_format.ParseError as problem:
-        raise InputProblem(f"{_at(path, node)}: template {name!r}: {problem}") from None
+        raise InputProblem(_parse_problem(path, name, node, str(problem))) from None
     return Template(name, plan, node)
+
+
+def _parse_problem(path: str, name: str, node: yaml.Node, problem: str) -> str:
+    """A value protobuf JSON could not read, at its line and named by its field path
+    ("Failed to parse window field: Invalid enum value X ... at Plan.metrics[0]...")."""
+    found = re.search(r" at Plan\.(\S+?)\.*$", problem)
+    if found is None:
+        return f"{_at(path, node)}: template {name!r}: {problem}"
+    field_path = found.group(1)
+    at = _locate(node, field_path)
+    reason = re.sub(r"^(Failed to parse \w+ field: )+", "", problem[: found.start()])
+    field = _field(field_path)
+    written = f" (got {at.value!r})" if isinstance(at, yaml.ScalarNode) else ""
+    if field is not None and field.enum_type is not None:
+        names = [v.name for v in field.enum_type.values if not v.name.endswith("_UNSPECIFIED")]
+        reason = f"must be {', '.join(names[:-1])} or {names[-1]}{written}"
+    elif field is not None and _is_timestamp(field):
+        reason = (
+            "must be an RFC 3339 time with a UTC offset, such as 2026-01-31T10:00:00Z "
+            f"or 2026-01-31T11:00:00+01:00{written}"
+        )
+    return f"{_at(path, at)}: template {name!r}: plan.{field_path}: {reason}"
+
+
+def _field(field_path: str) -> descriptor.FieldDescriptor | None:
+    """The Plan field (of a Plan or a message within) a field path names."""
+    message: Any = plan_pb2.Plan.DESCRIPTOR
+    field = None
+    for step in _steps(field_path):
+        if step.startswith("["):
+            continue
+        if message is None or step not in message.fields_by_name:
+            return None
+        field = message.fields_by_name[step]
+        message = field.message_type
+    return field
 
 
 def _check_fields(path: str, node: yaml.Node, message: Any, top: bool = False) -> None:
@@ -140,12 +202,26 @@ def _check_fields(path: str, node: yaml.Node, message: Any, top: bool = False) -
         if field is None or (top and key.value in NOT_IN_TEMPLATES):
             hint = "set by the server or by `organizations`" if field else "unknown field"
             raise InputProblem(f"{_at(path, key)}: {message.name}.{key.value}: {hint}")
-        if field.type != descriptor.FieldDescriptor.TYPE_MESSAGE:
+        if field.type != descriptor.FieldDescriptor.TYPE_MESSAGE or _json_scalar(field):
             continue
         children = value.value if isinstance(value, yaml.SequenceNode) else [value]
         for child in children:
             if isinstance(child, yaml.Node):
                 _check_fields(path, child, field.message_type)
+
+
+# Messages protobuf JSON writes as a string (a Timestamp: RFC 3339 text), not a mapping.
+_JSON_STRINGS = {"google.protobuf.Timestamp", "google.protobuf.Duration"}
+
+
+def _is_timestamp(field: descriptor.FieldDescriptor) -> bool:
+    message = field.message_type
+    return message is not None and message.full_name == "google.protobuf.Timestamp"
+
+
+def _json_scalar(field: descriptor.FieldDescriptor) -> bool:
+    message = field.message_type
+    return message is not None and message.full_name in _JSON_STRINGS
 
 
 def _child(node: yaml.Node, step: str) -> yaml.Node | None:

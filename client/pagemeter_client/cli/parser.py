@@ -8,6 +8,8 @@ from typing import TypeAlias
 
 from pagemeter_client.cli.arguments import (
     SPEC_HELP,
+    billing_anchor,
+    billing_interval,
     calendar_date,
     count,
     instant,
@@ -148,7 +150,20 @@ def _add_plan_commands(commands: Commands, common: argparse.ArgumentParser) -> N
     )
     set_.add_argument("org", metavar="ORG")
     set_.add_argument("--name", help="plan name, e.g. Business")
-    set_.add_argument("--timezone", help="IANA timezone of the billing months")
+    set_.add_argument("--timezone", help="IANA timezone of the billing periods")
+    set_.add_argument(
+        "--billing-anchor",
+        type=billing_anchor,
+        metavar="TIME",
+        help="RFC 3339 time, e.g. 2026-01-31T10:00:00Z: billing periods start at its local "
+        "day of month and time of day in the plan's timezone (default: calendar months)",
+    )
+    set_.add_argument(
+        "--billing-interval",
+        type=billing_interval,
+        metavar="month|year",
+        help="how long an anchored period runs (default month; needs --billing-anchor)",
+    )
     set_.add_argument("--rate-limit", type=count, help="CheckQuota calls per second (0: none)")
     set_.add_argument("--burst", type=count, help="calls allowed at once above the rate")
     set_.add_argument("--priority", help="processing priority (display only)")
@@ -240,10 +255,16 @@ def _add_job_commands(commands: Commands, common: argparse.ArgumentParser) -> No
     release.add_argument("request_id", metavar="REQUEST_ID")
     release.set_defaults(run=cmd_release)
 
-    usage = commands.add_parser("usage", parents=[common], help="one month's usage")
+    usage = commands.add_parser(
+        "usage",
+        parents=[common],
+        help="one billing period's usage (a calendar month, or from the plan's billing anchor)",
+    )
     _add_read_org(usage)
     usage.add_argument("--year", type=int, help="2020-2100, with --month")
-    usage.add_argument("--month", type=int, help="1-12, with --year")
+    usage.add_argument(
+        "--month", type=int, help="1-12, with --year: the period that starts in that month"
+    )
     usage.set_defaults(run=cmd_usage)
 
 
@@ -289,7 +310,9 @@ def _add_admin_commands(commands: Commands, common: argparse.ArgumentParser) -> 
     revoke.set_defaults(run=cmd_keys_revoke)
 
     adjust = commands.add_parser(
-        "adjust", parents=[common], help="correct a month's committed units (once per --id)"
+        "adjust",
+        parents=[common],
+        help="correct a billing period's committed units (once per --id)",
     )
     adjust.add_argument("org", metavar="ORG")
     adjust.add_argument("metric", metavar="METRIC")
@@ -300,8 +323,12 @@ def _add_admin_commands(commands: Commands, common: argparse.ArgumentParser) -> 
     adjust.add_argument(
         "--id", dest="adjustment_id", required=True, help="idempotency key of this correction"
     )
-    adjust.add_argument("--year", type=int, help="2020-2100, with --month (default: this month)")
-    adjust.add_argument("--month", type=int, help="1-12, with --year")
+    adjust.add_argument(
+        "--year", type=int, help="2020-2100, with --month (default: the period in progress)"
+    )
+    adjust.add_argument(
+        "--month", type=int, help="1-12, with --year: the period that starts in that month"
+    )
     adjust.set_defaults(run=cmd_adjust)
 
     audit = commands.add_parser(
@@ -314,11 +341,11 @@ def _add_admin_commands(commands: Commands, common: argparse.ArgumentParser) -> 
 
 def _add_report_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
     history = commands.add_parser(
-        "history", parents=[common], help="usage and contract terms month by month"
+        "history", parents=[common], help="usage and contract terms period by period"
     )
     _add_read_org(history)
     history.add_argument(
-        "--months", type=count, default=0, help="how many months, 1-24 (default 12)"
+        "--months", type=count, default=0, help="how many billing periods, 1-24 (default 12)"
     )
     history.set_defaults(run=cmd_history)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format, text_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import plan_pb2
 from pagemeter_client.cli.catalog import Catalog, export_document, load_catalog
@@ -45,6 +47,10 @@ def plan_from_args(args: argparse.Namespace) -> plan_pb2.Plan:
     for name, value in flags.items():
         if value is not None:
             setattr(plan, name, value)
+    if args.billing_anchor is not None:
+        plan.billing_anchor.CopyFrom(args.billing_anchor)
+    if args.billing_interval is not None:
+        plan.billing_interval = args.billing_interval
     if args.metrics:
         del plan.metrics[:]
         plan.metrics.extend(args.metrics)
@@ -72,7 +78,14 @@ def _comparable(plan: plan_pb2.Plan) -> str:
     copy.CopyFrom(plan)
     copy.ClearField("version")
     copy.ClearField("updated_at")
-    return text_format.MessageToString(copy)
+    return text_format.MessageToString(copy, message_formatter=_readable_time)
+
+
+def _readable_time(message: Message, indent: int, as_one_line: bool) -> str | None:
+    """A Timestamp (billing_anchor) in the diff as RFC 3339, not seconds and nanos."""
+    if isinstance(message, Timestamp):
+        return message.ToJsonString()
+    return None
 
 
 def _current_plan(client: PagemeterClient, org: str) -> plan_pb2.Plan | None:

@@ -8,24 +8,28 @@ from pagemeter_client.sdk import reason_name, window_name
 
 
 def render_plan(plan: plan_pb2.Plan) -> str:
-    header = fmt.fields(
-        [
-            ("organization", plan.org_id),
-            ("plan", plan.name),
-            ("version", str(plan.version)),
-            ("updated at", fmt.when(plan.updated_at)),
-            ("timezone", plan.timezone),
-            ("currency", plan.currency or "USD"),
-            ("api rate limit", f"{plan.api_rate_limit} req/s" if plan.api_rate_limit else "none"),
-            ("api burst", str(plan.api_burst or plan.api_rate_limit)),
-            ("processing priority", plan.processing_priority or "-"),
-            ("support level", plan.support_level or "-"),
-        ]
-    )
+    pairs = [
+        ("organization", plan.org_id),
+        ("plan", plan.name),
+        ("version", str(plan.version)),
+        ("updated at", fmt.when(plan.updated_at)),
+        ("timezone", plan.timezone),
+    ]
+    if plan.HasField("billing_anchor"):
+        pairs.append(("billing anchor", plan.billing_anchor.ToJsonString()))
+        pairs.append(("billing interval", fmt.interval_word(plan.billing_interval)))
+    pairs += [
+        ("currency", plan.currency or "USD"),
+        ("api rate limit", f"{plan.api_rate_limit} req/s" if plan.api_rate_limit else "none"),
+        ("api burst", str(plan.api_burst or plan.api_rate_limit)),
+        ("processing priority", plan.processing_priority or "-"),
+        ("support level", plan.support_level or "-"),
+    ]
+    header = fmt.fields(pairs)
     rows = [
         [
             m.metric,
-            fmt.period_word(m.period),
+            fmt.period_word(m.period, plan.billing_interval),
             fmt.optional_int(m, "contract_quota"),
             fmt.optional_int(m, "hard_limit", fmt.NONE),
             fmt.yes_no(m.overage_allowed),

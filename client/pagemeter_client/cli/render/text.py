@@ -83,6 +83,17 @@ def enum_word(prefix: str, name: str) -> str:
     return name.removeprefix(prefix)
 
 
-def period_word(period: plan_pb2.Period.ValueType) -> str:
-    """How a metric's figures are counted: by month, or over its lifetime."""
-    return "lifetime" if period == plan_pb2.PERIOD_NONE else "monthly"
+def period_word(
+    period: plan_pb2.Period.ValueType,
+    interval: plan_pb2.BillingInterval.ValueType = plan_pb2.BILLING_INTERVAL_UNSPECIFIED,
+) -> str:
+    """How a metric's figures are counted: by billing period (a month, or a year when
+    the plan's anchored interval is one), or over its lifetime."""
+    if period == plan_pb2.PERIOD_NONE:
+        return "lifetime"
+    return "yearly" if interval == plan_pb2.BILLING_INTERVAL_YEAR else "monthly"
+
+
+def interval_word(interval: plan_pb2.BillingInterval.ValueType) -> str:
+    """How long an anchored billing period runs: a month (the default) or a year."""
+    return "year" if interval == plan_pb2.BILLING_INTERVAL_YEAR else "month"
