@@ -37,6 +37,7 @@ class Grant:
     expires_ms: int  # 0: never
     priority: int
     voided: bool = False
+    legacy: bool = False  # a balance of an earlier release, not yet migrated
 
     def status(self, now_ms: int) -> str:
         if self.voided:
@@ -55,7 +56,7 @@ class Grant:
             self.priority,
             self.expires_ms or float("inf"),
             self.effective_ms,
-            "" if self.grant_id == legacy_grant_id(self.metric) else self.grant_id,
+            "" if self.legacy else self.grant_id,
         )
 
 
@@ -92,7 +93,16 @@ def parse_credits(raw: Mapping[str, str]) -> list[Grant]:
         else:
             balance = int(value)
             grants.append(
-                Grant(legacy_grant_id(field), field, balance, balance, 0, 0, DEFAULT_PRIORITY)
+                Grant(
+                    legacy_grant_id(field),
+                    field,
+                    balance,
+                    balance,
+                    0,
+                    0,
+                    DEFAULT_PRIORITY,
+                    legacy=True,
+                )
             )
     return sorted(grants, key=lambda g: (g.metric, g.draw_key()))
 

@@ -9,6 +9,10 @@ is one script call under its hash tag (one cluster slot), compare-and-set
 against the text read, so a SetPlan in between is never undone. Running it
 again changes nothing that is already migrated.
 
+The same run turns each organization's prepaid balances of earlier releases
+into never-expiring credit grants (migrate_credits.lua), and marks that done
+(`pm:credit-grants` = "1"); the scripts read both forms meanwhile.
+
 It must run only once no server of an earlier release is left: `pagemeter-server
 migrate-plans` after a rolling upgrade, or by itself at the start of a server
 that owns its embedded store (no other server can share it). See
@@ -40,11 +44,16 @@ CHUNK = 500
 ATTEMPTS = 5
 
 
+# Set once every organization's prepaid balances are credit grants.
+CREDITS_MIGRATED_KEY = "pm:credit-grants"
+
+
 @dataclass(frozen=True)
 class PlanMigration:
     organizations: int  # organizations looked at
     documents: int  # documents rewritten in schema 2
     left: int  # organizations left in schema 1 because their plans kept changing
+    balances: int = 0  # prepaid balances turned into credit grants
 
 
 def summary(result: PlanMigration) -> str:
@@ -56,7 +65,8 @@ def summary(result: PlanMigration) -> str:
     )
     return (
         "stored plans migrated to the plan document of schema 2: "
-        f"{result.organizations} organizations, {result.documents} documents rewritten{left}"
+        f"{result.organizations} organizations, {result.documents} documents rewritten{left}; "
+        f"{result.balances} prepaid balances turned into credit grants"
     )
 
 
@@ -73,27 +83,35 @@ async def migrate_plans_at(url: str) -> PlanMigration | None:
 
 
 async def plans_migrated(client: aioredis.Redis) -> bool:
-    return bool(await client.get(PLAN_SCHEMA_KEY) == str(SCHEMA))
+    """Whether the plans and the prepaid balances were both migrated."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(PLAN_SCHEMA_KEY)
+        pipe.get(CREDITS_MIGRATED_KEY)
+        schema, credits = await pipe.execute()
+    return bool(schema == str(SCHEMA) and credits == "1")
 
 
 async def migrate_plans(client: aioredis.Redis) -> PlanMigration:
     """Mark the deployment migrated, then migrate every registered organization."""
     await client.set(PLAN_SCHEMA_KEY, str(SCHEMA))
     script = client.register_script(script_text("migrate_plan"))
-    organizations = documents = left = 0
+    credits_script = client.register_script(script_text("migrate_credits"))
+    organizations = documents = left = balances = 0
     after = "-"
     while True:
         # By name: an organization registered meanwhile does not shift the pages.
         chunk = cast(list[str], await client.zrangebylex(ORGS_KEY, after, "+", start=0, num=CHUNK))
         for org_id in chunk:
             replaced = await migrate_organization(client, script, org_id)
+            balances += int(await credits_script(keys=[OrgKeys(org_id).credits]))
             organizations += 1
             if replaced is None:
                 left += 1
             else:
                 documents += replaced
         if len(chunk) < CHUNK:
-            return PlanMigration(organizations, documents, left)
+            await client.set(CREDITS_MIGRATED_KEY, "1")
+            return PlanMigration(organizations, documents, left, balances)
         after = "(" + chunk[-1]
 
 

@@ -40,6 +40,7 @@ SCRIPTS = (
     "key_revoke",
     "key_auth",
     "migrate_plan",
+    "migrate_credits",
 )
 # Scripts that also run as batches of one organization's calls, as <name>_batch
 # (see build_scripts.py).
