@@ -56,7 +56,7 @@ async def grant(server: RunningServer, grant_id: str, units: int, **fields: obje
     return int(reply.balance)
 
 
-async def record(server: RunningServer, request_id: str, pages: int) -> Q.MetricRecord:
+async def record(server: RunningServer, request_id: str, pages: int) -> Q.MetricRecordResult:
     reply = await server.quota.RecordUsage(
         Q.RecordUsageRequest(org_id="acme", request_id=request_id, units={"pages": pages})
     )

@@ -11,8 +11,6 @@ merged into the grant.
 
 from __future__ import annotations
 
-from typing import Any
-
 import redis.asyncio as aioredis
 from google.protobuf.message import Message
 
@@ -91,7 +89,7 @@ async def test_balances_become_grants_and_every_answer_stays(
         ]
         assert late[0].metrics[1].prepaid_balance == 85  # type: ignore[attr-defined]
         assert (await migrate_plans(redis_client)).balances == 1
-        merged: dict[str, Any] = await redis_client.hgetall(OrgKeys("acme").credits)
+        merged = await redis_client.hgetall(OrgKeys("acme").credits)
         assert merged["g:prepaid-pages"] == "pages|85|0|0|50|85|A"
         assert "pages" not in merged
         assert await redis_client.get(CREDITS_MIGRATED_KEY) == "1"
