@@ -3,7 +3,9 @@
 Hypothesis draws a plan (quota, hard limit, overage and minute, hour and day
 windows, hard or soft, for two metrics, and calendar months or a billing anchor
 a few hours after the start, so that some runs cross an anniversary), prepaid
-grants and a sequence of checks, holds, records, releases and clock moves. Each
+credit grants (each with a priority and maybe an expiry, so that grants run
+out and expire under open holds) and a sequence of checks, holds, records,
+releases and clock moves. Each
 step runs on the real Lua scripts and is compared with the model; afterwards the
 counters must reconcile exactly with the model's ledger.
 """
@@ -79,6 +81,23 @@ def anniversary_before(instant_ms: int, anchor_ms: int) -> datetime:
 
 
 @dataclass
+class CreditGrant:
+    grant_id: str
+    remaining: int
+    effective_ms: int
+    expires_ms: int  # 0: never
+    priority: int
+
+    def live(self, now_ms: int) -> bool:
+        expired = self.expires_ms and now_ms >= self.expires_ms
+        return self.remaining > 0 and self.effective_ms <= now_ms and not expired
+
+    def draw_key(self) -> tuple[int, float, int, str]:
+        """Lower priority first, then the earliest expiry, then effective, then id."""
+        return (self.priority, self.expires_ms or float("inf"), self.effective_ms, self.grant_id)
+
+
+@dataclass
 class Model:
     limits: dict[str, Limits]
     # None: calendar months; else a monthly billing anchor (UTC plan).
@@ -87,7 +106,7 @@ class Model:
     # Per period id: the units committed and the prepaid units used in it.
     committed_in: dict[str, dict[str, int]] = field(default_factory=dict)
     prepaid_used_in: dict[str, dict[str, int]] = field(default_factory=dict)
-    balance: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
+    grants: dict[str, list[CreditGrant]] = field(default_factory=lambda: {m: [] for m in METRICS})
     holds: dict[str, Hold] = field(default_factory=dict)
     recorded: dict[str, dict[str, int]] = field(default_factory=dict)
     # (completed_ms, units) of every successful record, per metric: what windows count.
@@ -109,6 +128,18 @@ class Model:
     @property
     def prepaid_used(self) -> dict[str, int]:
         return self.prepaid_used_in.setdefault(self.period_id(), dict.fromkeys(METRICS, 0))
+
+    def balance(self, metric: str) -> int:
+        """What the metric's live grants have now."""
+        return sum(g.remaining for g in self.grants[metric] if g.live(self.now_ms))
+
+    def draw(self, metric: str, units: int) -> None:
+        for grant in sorted(
+            (g for g in self.grants[metric] if g.live(self.now_ms)), key=CreditGrant.draw_key
+        ):
+            take = min(units, grant.remaining)
+            grant.remaining -= take
+            units -= take
 
     def in_window(self, metric: str, kind: str) -> int:
         """Units committed in the window of `kind` that contains now (UTC plan)."""
@@ -138,7 +169,7 @@ class Model:
         """(allowed, included, prepaid, overage, max_admissible) for one metric."""
         lim = self.limits[metric]
         used = self.committed[metric] + self.held(metric)
-        available = max(0, self.balance[metric] - self.held_prepaid(metric))
+        available = max(0, self.balance(metric) - self.held_prepaid(metric))
         cap = None if lim.hard is None else max(0, lim.hard - used)
         if lim.quota is not None and not lim.overage:
             within = max(0, lim.quota - used) + available
@@ -180,8 +211,8 @@ class Model:
         before = self.committed[metric]
         included = n if lim.quota is None else min(n, max(0, lim.quota - before))
         reserved = self.held_prepaid(metric)
-        prepaid = min(n - included, max(0, self.balance[metric] - reserved))
-        self.balance[metric] -= prepaid
+        prepaid = min(n - included, max(0, self.balance(metric) - reserved))
+        self.draw(metric, prepaid)
         self.prepaid_used[metric] += prepaid
         self.committed[metric] += n
         self.events[metric].append((self.now_ms, n))
@@ -213,7 +244,13 @@ step_strategy = st.one_of(
     st.tuples(st.just("check"), units_strategy, st.booleans()),
     st.tuples(st.just("record"), units_strategy, st.booleans(), st.booleans()),
     st.tuples(st.just("release"), st.integers(0, 30)),
-    st.tuples(st.just("grant"), st.sampled_from(METRICS), st.integers(1, 10)),
+    st.tuples(
+        st.just("grant"),
+        st.sampled_from(METRICS),
+        st.integers(1, 10),
+        st.integers(0, 100),  # priority
+        st.none() | st.integers(1, 7_200_000),  # expires this long after now
+    ),
     st.tuples(st.just("advance"), st.integers(1, 6_000) | st.integers(30_000, 7_200_000)),
 )
 
@@ -248,7 +285,7 @@ class Runner:
 @example(
     limits={"documents": Limits(None, None, True), "pages": Limits(0, None, True)},
     steps=[
-        ("grant", "pages", 5),
+        ("grant", "pages", 5, 50, None),
         ("check", {"pages": 3}, True),
         ("record", {"pages": 3}, True, False),
     ],
@@ -310,11 +347,24 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
             model.now_ms += int(step[1])  # type: ignore[call-overload]
         elif kind == "grant":
             metric, units = str(step[1]), int(step[2])  # type: ignore[call-overload]
+            priority, lasts = int(step[3]), step[4]  # type: ignore[call-overload]
             next_id += 1
+            expires = 0 if lasts is None else model.now_ms + int(lasts)  # type: ignore[call-overload]
             runner.run(
-                store.grant_credits("acme", metric, units, f"g{next_id}", "", now_ms=model.now_ms)
+                store.grant_credits(
+                    "acme",
+                    metric,
+                    units,
+                    f"g{next_id}",
+                    "",
+                    now_ms=model.now_ms,
+                    expires_ms=expires or None,
+                    priority=priority,
+                )
             )
-            model.balance[metric] += units
+            model.grants[metric].append(
+                CreditGrant(f"g{next_id}", units, model.now_ms, expires, priority)
+            )
         elif kind == "check":
             units, hold = dict(step[1]), bool(step[2])  # type: ignore[call-overload]
             next_id += 1
@@ -405,13 +455,17 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
     assert snapshot.month.period_id == model.period_id()
     if len(model.committed_in) > 1:
         event("crossed an anniversary")
+    if any(
+        g.expires_ms and g.expires_ms <= model.now_ms for gs in model.grants.values() for g in gs
+    ):
+        event("a grant expired")
     for metric in METRICS:
         ledger = sum(units.get(metric, 0) for units in model.recorded.values())
         every_period = sum(period[metric] for period in model.committed_in.values())
         assert every_period == ledger
         assert snapshot.month_fields.get(f"c:{metric}", 0) == model.committed[metric]
         assert snapshot.month_fields.get(f"pp:{metric}", 0) == model.prepaid_used[metric]
-        assert snapshot.credits.get(metric, 0) == model.balance[metric] >= 0
+        assert snapshot.credits.get(metric, 0) == model.balance(metric) >= 0
         assert snapshot.held_fields.get(f"h:{metric}", 0) == model.held(metric)
         assert snapshot.held_fields.get(f"hp:{metric}", 0) == model.held_prepaid(metric)
 
