@@ -235,7 +235,8 @@ async def test_a_batch_draws_grants_item_after_item(pagemeter_server: RunningSer
         )
     )
     splits = [
-        (item.response.metrics[0].prepaid_units, item.response.metrics[0].overage_units) for item in batch.items
+        (item.response.metrics[0].prepaid_units, item.response.metrics[0].overage_units)
+        for item in batch.items
     ]
     assert splits == [(8, 0), (8, 0)]
     assert await listed(server) == [
