@@ -212,6 +212,35 @@ def adjust_usage_request(
     return request
 
 
+def grant_credits_request(
+    org_id: str,
+    metric: str,
+    units: int,
+    grant_id: str,
+    reason: str = "",
+    *,
+    effective_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    priority: int | None = None,
+) -> admin_pb2.GrantCreditsRequest:
+    """A GrantCreditsRequest: a credit grant of `units` for one metric.
+
+    effective_at and expires_at are timezone-aware datetimes (None: from now,
+    and never expiring); priority is 0 to 100, lower drawn first (None: the
+    server's 50). The values go as given: the server says what is wrong with them.
+    """
+    request = admin_pb2.GrantCreditsRequest(
+        org_id=org_id, metric=metric, units=units, grant_id=grant_id, reason=reason
+    )
+    if effective_at is not None:
+        request.effective_at.CopyFrom(_timestamp(effective_at, "effective_at"))
+    if expires_at is not None:
+        request.expires_at.CopyFrom(_timestamp(expires_at, "expires_at"))
+    if priority is not None:
+        request.priority = priority
+    return request
+
+
 class _Page(Protocol):
     @property
     def next_page_token(self) -> str: ...
@@ -238,6 +267,11 @@ def _next_token(response: _Page, seen: set[str], rpc: str = "ListUsageRecords") 
 def reason_name(reason: quota_pb2.DecisionReason.ValueType) -> str:
     """HARD_LIMIT_EXCEEDED for DECISION_REASON_HARD_LIMIT_EXCEEDED (the enum's short name)."""
     return quota_pb2.DecisionReason.Name(reason).removeprefix("DECISION_REASON_")
+
+
+def credit_grant_status_name(status: admin_pb2.CreditGrantStatus.ValueType) -> str:
+    """ACTIVE for CREDIT_GRANT_STATUS_ACTIVE (the enum's short name)."""
+    return admin_pb2.CreditGrantStatus.Name(status).removeprefix("CREDIT_GRANT_STATUS_")
 
 
 def window_name(window: plan_pb2.Window.ValueType) -> str:

@@ -71,6 +71,7 @@ from pagemeter_client._messages import (
     get_usage_history_request,
     get_usage_request,
     get_usage_statistics_request,
+    grant_credits_request,
     joined_statistics,
     list_usage_records_request,
     new_request_id,
@@ -428,13 +429,47 @@ class AsyncPagemeterClient:
         grant_id: str,
         reason: str = "",
         *,
+        effective_at: datetime | None = None,
+        expires_at: datetime | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> admin_pb2.GrantCreditsResponse:
-        """Add prepaid credits to one metric, once per grant_id."""
-        request = admin_pb2.GrantCreditsRequest(
-            org_id=org_id, metric=metric, units=units, grant_id=grant_id, reason=reason
+        """Grant prepaid credits for one metric, once per grant_id: usable from
+        effective_at (None: now) until expires_at (None: never), drawn by priority
+        (0-100, lower first; None: 50). Times must be timezone-aware. The answer's
+        balance is the metric's balance usable now."""
+        request = grant_credits_request(
+            org_id,
+            metric,
+            units,
+            grant_id,
+            reason,
+            effective_at=effective_at,
+            expires_at=expires_at,
+            priority=priority,
         )
         return await self._admin.GrantCredits(request, **self._config.call_options(timeout))
+
+    async def void_credit_grant(
+        self, org_id: str, grant_id: str, reason: str, *, timeout: float | None = None
+    ) -> admin_pb2.VoidCreditGrantResponse:
+        """Void a credit grant: what is left of it stops counting at once (holds on it
+        included). Idempotent: a repeat answers already_voided. NOT_FOUND (reason
+        GRANT_NOT_FOUND) when the organization has no such grant."""
+        return await self._admin.VoidCreditGrant(
+            admin_pb2.VoidCreditGrantRequest(org_id=org_id, grant_id=grant_id, reason=reason),
+            **self._config.call_options(timeout),
+        )
+
+    async def list_credit_grants(
+        self, org_id: str, metric: str = "", *, timeout: float | None = None
+    ) -> admin_pb2.ListCreditGrantsResponse:
+        """An organization's credit grants (only `metric`'s, if given), per metric in
+        the order they are drawn, each with its status now."""
+        return await self._admin.ListCreditGrants(
+            admin_pb2.ListCreditGrantsRequest(org_id=org_id, metric=metric),
+            **self._config.call_options(timeout),
+        )
 
     async def create_api_key(
         self, org_id: str, name: str = "", *, timeout: float | None = None

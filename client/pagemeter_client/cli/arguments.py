@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -132,14 +132,16 @@ RFC_3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)",
     re.IGNORECASE | re.ASCII,
 )
+# GrantCreditsRequest.priority: 0 to 100.
+MAX_GRANT_PRIORITY = 100
 BILLING_INTERVALS = {
     "month": plan_pb2.BILLING_INTERVAL_MONTH,
     "year": plan_pb2.BILLING_INTERVAL_YEAR,
 }
 
 
-def billing_anchor(text: str) -> Timestamp:
-    """Parse an RFC 3339 time with its UTC offset into Plan.billing_anchor (argparse type)."""
+def _rfc_3339(text: str, field: str) -> Timestamp:
+    """An RFC 3339 time with its UTC offset as a Timestamp; the message names `field`."""
     stamp = Timestamp()
     try:
         if not RFC_3339.fullmatch(text):
@@ -147,10 +149,39 @@ def billing_anchor(text: str) -> Timestamp:
         stamp.FromJsonString(text.upper())  # checks the date (no Feb 30) and the range
     except ValueError:
         raise argparse.ArgumentTypeError(
-            "billing_anchor must be an RFC 3339 time with a UTC offset, such as "
+            f"{field} must be an RFC 3339 time with a UTC offset, such as "
             f"2026-01-31T10:00:00Z or 2026-01-31T11:00:00+01:00 (got {text!r})"
         ) from None
     return stamp
+
+
+def billing_anchor(text: str) -> Timestamp:
+    """Parse an RFC 3339 time with its UTC offset into Plan.billing_anchor (argparse type)."""
+    return _rfc_3339(text, "billing_anchor")
+
+
+def _grant_time(field: str) -> Callable[[str], datetime]:
+    def parse(text: str) -> datetime:
+        # The SDK takes timezone-aware datetimes; microseconds are finer than the
+        # server keeps (milliseconds).
+        return _rfc_3339(text, field).ToDatetime(UTC)
+
+    parse.__name__ = field  # argparse names the type in some messages
+    return parse
+
+
+# GrantCreditsRequest.effective_at and expires_at (argparse types).
+effective_at = _grant_time("effective_at")
+expires_at = _grant_time("expires_at")
+
+
+def grant_priority(text: str) -> int:
+    """A credit grant's priority: a whole number 0 to 100, lower drawn first (argparse type)."""
+    if not re.fullmatch(r"[0-9]{1,3}", text) or int(text) > MAX_GRANT_PRIORITY:
+        raise argparse.ArgumentTypeError(
+            f"priority must be a whole number from 0 to {MAX_GRANT_PRIORITY} (got {text!r})"
+        )
+    return int(text)
 
 
 def billing_interval(text: str) -> plan_pb2.BillingInterval.ValueType:

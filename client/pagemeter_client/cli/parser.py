@@ -12,6 +12,9 @@ from pagemeter_client.cli.arguments import (
     billing_interval,
     calendar_date,
     count,
+    effective_at,
+    expires_at,
+    grant_priority,
     instant,
     metric_spec,
     positive_seconds,
@@ -35,6 +38,8 @@ from pagemeter_client.cli.commands.outbox import (
 )
 from pagemeter_client.cli.commands.plans import (
     cmd_credits_grant,
+    cmd_credits_list,
+    cmd_credits_void,
     cmd_plan_apply,
     cmd_plan_export,
     cmd_plan_get,
@@ -212,7 +217,47 @@ def _add_credit_commands(commands: Commands, common: argparse.ArgumentParser) ->
     grant.add_argument("units", metavar="UNITS", type=count)
     grant.add_argument("--grant-id", required=True, help="idempotency key of this grant")
     grant.add_argument("--reason", default="", help="why (purchase reference, goodwill, ...)")
+    grant.add_argument(
+        "--effective-at",
+        type=effective_at,
+        metavar="TIME",
+        help="RFC 3339 time with a UTC offset, e.g. 2026-04-01T00:00:00Z: when the credits "
+        "become usable (default: now)",
+    )
+    grant.add_argument(
+        "--expires-at",
+        type=expires_at,
+        metavar="TIME",
+        help="RFC 3339 time with a UTC offset: when what is left of them stops counting "
+        "(default: never); after --effective-at and after now",
+    )
+    grant.add_argument(
+        "--priority",
+        type=grant_priority,
+        metavar="0-100",
+        help="draw order among the metric's grants, lower first; equal priorities are "
+        "drawn earliest expiry first (default 50)",
+    )
     grant.set_defaults(run=cmd_credits_grant)
+
+    void = credit_commands.add_parser(
+        "void",
+        parents=[common],
+        help="void a credit grant: what is left of it stops counting (idempotent)",
+    )
+    void.add_argument("org", metavar="ORG")
+    void.add_argument("grant_id", metavar="GRANT_ID", help="the --grant-id it was granted with")
+    void.add_argument("--reason", required=True, help="why (refund, chargeback, ...)")
+    void.set_defaults(run=cmd_credits_void)
+
+    list_ = credit_commands.add_parser(
+        "list",
+        parents=[common],
+        help="an organization's credit grants, per metric in the order they are drawn",
+    )
+    list_.add_argument("org", metavar="ORG")
+    list_.add_argument("--metric", default="", help="only this metric's grants")
+    list_.set_defaults(run=cmd_credits_list)
 
 
 def _add_job_commands(commands: Commands, common: argparse.ArgumentParser) -> None:

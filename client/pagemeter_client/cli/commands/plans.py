@@ -1,5 +1,5 @@
 """Plans and prepaid credits: `plan set`, `plan get`, `plan apply`, `plan export`,
-`credits grant`."""
+`credits grant`, `credits void`, `credits list`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ from pagemeter.v1 import plan_pb2
 from pagemeter_client.cli.catalog import Catalog, export_document, load_catalog
 from pagemeter_client.cli.common import InputProblem
 from pagemeter_client.cli.output import show
-from pagemeter_client.cli.render.quota import render_grant, render_plan
+from pagemeter_client.cli.render.quota import (
+    render_credit_grants,
+    render_grant,
+    render_plan,
+    render_voided_grant,
+)
 from pagemeter_client.sdk import PagemeterClient, error_details
 
 
@@ -68,8 +73,26 @@ def cmd_plan_get(client: PagemeterClient, args: argparse.Namespace) -> int:
 
 
 def cmd_credits_grant(client: PagemeterClient, args: argparse.Namespace) -> int:
-    response = client.grant_credits(args.org, args.metric, args.units, args.grant_id, args.reason)
+    response = client.grant_credits(
+        args.org,
+        args.metric,
+        args.units,
+        args.grant_id,
+        args.reason,
+        effective_at=args.effective_at,
+        expires_at=args.expires_at,
+        priority=args.priority,
+    )
     return show(args, response, render_grant)
+
+
+def cmd_credits_void(client: PagemeterClient, args: argparse.Namespace) -> int:
+    response = client.void_credit_grant(args.org, args.grant_id, args.reason)
+    return show(args, response, lambda voided: render_voided_grant(args, voided))
+
+
+def cmd_credits_list(client: PagemeterClient, args: argparse.Namespace) -> int:
+    return show(args, client.list_credit_grants(args.org, args.metric), render_credit_grants)
 
 
 def _comparable(plan: plan_pb2.Plan) -> str:

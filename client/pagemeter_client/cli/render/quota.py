@@ -1,10 +1,13 @@
-"""Plans, credits and the quota calls: a plan, a grant, a check's decision, a record, a release."""
+"""Plans, credits and the quota calls: a plan, a grant, a voided grant, the list of grants,
+a check's decision, a record, a release."""
 
 from __future__ import annotations
 
+import argparse
+
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
 from pagemeter_client.cli.render import text as fmt
-from pagemeter_client.sdk import reason_name, window_name
+from pagemeter_client.sdk import credit_grant_status_name, reason_name, window_name
 
 
 def render_plan(plan: plan_pb2.Plan) -> str:
@@ -74,8 +77,42 @@ def _windows_text(windows: list[quota_pb2.WindowDecision]) -> str:
 
 
 def render_grant(response: admin_pb2.GrantCreditsResponse) -> str:
+    # balance: the metric's credits usable now (a grant not yet effective adds nothing yet).
     rows = [("balance", str(response.balance)), ("duplicate", fmt.yes_no(response.duplicate))]
     return fmt.fields(rows)
+
+
+def render_voided_grant(
+    args: argparse.Namespace, response: admin_pb2.VoidCreditGrantResponse
+) -> str:
+    return fmt.fields(
+        [
+            ("organization", args.org),
+            ("grant id", args.grant_id),
+            ("voided units", str(response.voided_units)),
+            ("already voided", fmt.yes_no(response.already_voided)),
+        ]
+    )
+
+
+def render_credit_grants(response: admin_pb2.ListCreditGrantsResponse) -> str:
+    if not response.grants:
+        return "no credit grants"
+    rows = [
+        [
+            grant.grant_id,
+            grant.metric,
+            f"{grant.remaining}/{grant.units}",
+            credit_grant_status_name(grant.status),
+            str(grant.priority),
+            fmt.when(grant.effective_at),
+            fmt.when(grant.expires_at) if grant.HasField("expires_at") else "never",
+        ]
+        for grant in response.grants
+    ]
+    headers = ["grant id", "metric", "remaining/units", "status", "priority", "effective"]
+    headers.append("expires")
+    return fmt.table(headers, rows, left=2)
 
 
 def render_check(response: quota_pb2.CheckQuotaResponse) -> str:
