@@ -93,3 +93,25 @@ async def test_balances_become_grants_and_every_answer_stays(
         assert merged["g:prepaid-pages"] == "pages|85|0|0|50|85|A"
         assert "pages" not in merged
         assert await redis_client.get(CREDITS_MIGRATED_KEY) == "1"
+
+
+async def test_a_balance_not_yet_migrated_can_be_voided_as_its_grant(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """ListCreditGrants shows a balance of an earlier release as "prepaid-pages";
+    voiding that id voids the balance, and the list then shows it voided."""
+    async with serving(settings, redis_client, ManualClock(START_MS)) as server:
+        await server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan("acme")))
+        await earlier_release_grant(redis_client, "acme", "pages", 40)
+        voided = await server.admin.VoidCreditGrant(
+            admin_pb2.VoidCreditGrantRequest(org_id="acme", grant_id="prepaid-pages", reason="r")
+        )
+        assert (voided.voided_units, voided.already_voided) == (40, False)
+        grants = await server.admin.ListCreditGrants(
+            admin_pb2.ListCreditGrantsRequest(org_id="acme")
+        )
+        assert [(g.grant_id, g.remaining, g.status) for g in grants.grants] == [
+            ("prepaid-pages", 0, admin_pb2.CREDIT_GRANT_STATUS_VOIDED)
+        ]
+        usage = await server.quota.GetUsage(Q.GetUsageRequest(org_id="acme"))
+        assert {m.metric: m.prepaid_balance for m in usage.metrics}["pages"] == 0

@@ -13,28 +13,41 @@
 --   {'OK', voided_units, already_voided}.
 
 assert(#KEYS == 2 and #ARGV == 5, 'void_grant.lua: wrong number of KEYS or ARGV')
-local field = 'g:' .. ARGV[1]
-local value = redis.call('HGET', KEYS[1], field)
-if not value then
-  return {'NOT_FOUND'}
-end
-local grant
-for _, grants in pairs(load_credits(KEYS[1])) do
+-- The grant, and a balance of an earlier release read as this grant
+-- ("prepaid-<metric>") when it has not been migrated yet.
+local grant, legacy
+for metric, grants in pairs(load_credits(KEYS[1])) do
   for _, candidate in ipairs(grants) do
-    if not candidate.legacy and candidate.id == ARGV[1] then
+    if candidate.legacy then
+      if 'prepaid-' .. metric == ARGV[1] then
+        legacy = candidate
+      end
+    elseif candidate.id == ARGV[1] then
       grant = candidate
     end
   end
 end
-if not grant then
+if not grant and not legacy then
   return {'NOT_FOUND'}
 end
-if grant.state == 'V' then
+if grant and grant.state == 'V' and not legacy then
   return {'OK', 0, '1'}
 end
-local voided = grant.remaining
+local voided = 0
+if legacy then
+  -- The balance becomes the voided grant it was read as.
+  redis.call('HDEL', KEYS[1], legacy.metric)
+  voided = voided + math.max(0, legacy.remaining)
+  if not grant then
+    grant = {id = ARGV[1], metric = legacy.metric, remaining = 0, effective = 0, expires = 0,
+      priority = LEGACY_PRIORITY, units = math.max(0, legacy.remaining), state = 'A'}
+  end
+end
+if grant.state ~= 'V' then
+  voided = voided + grant.remaining
+end
 grant.remaining, grant.state = 0, 'V'
-redis.call('HSET', KEYS[1], field, encode_grant(grant))
+redis.call('HSET', KEYS[1], 'g:' .. ARGV[1], encode_grant(grant))
 audit(KEYS[2], ARGV[5], tonumber(ARGV[2]), ARGV[4], 'credits.void', grant.metric,
   cjson.encode({grant_id = ARGV[1], remaining = fmt(voided)}),
   cjson.encode({grant_id = ARGV[1], remaining = '0'}), ARGV[3])
