@@ -86,6 +86,9 @@ async def test_plan_set_with_an_anchor_reads_back(
     usage = await pagemeter("usage", "acme", "--json")
     assert usage.code == 0, usage.err
     assert usage.json()["period_id"] == "2026-02-28"
+    text = await pagemeter("usage", "acme")
+    assert row(text.out, "billing period:") == ["2026-02-28"]
+    assert "previous period 2026-01-31: jobs" in text.out
 
 
 async def test_a_yearly_anchor_and_the_default_interval(

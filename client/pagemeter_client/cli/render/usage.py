@@ -14,7 +14,8 @@ def render_usage(response: quota_pb2.GetUsageResponse) -> str:
     header = fmt.fields(
         [
             ("organization", response.org_id),
-            ("month", response.period_id),
+            # An anchored period's id is its first date ("2026-02-28").
+            ("billing period" if _anchored(response.period_id) else "month", response.period_id),
             ("period", f"{fmt.when(response.period_start)} .. {fmt.when(response.period_end)}"),
             ("timezone", response.timezone),
             ("plan", sub.plan_name if response.has_plan else "(no plan)"),
@@ -32,13 +33,19 @@ def render_usage(response: quota_pb2.GetUsageResponse) -> str:
     return f"{header}\n\n{table}\n\n{footer}"
 
 
+def _anchored(period_id: str) -> bool:
+    """A billing period of a plan with a billing anchor ("YYYY-MM-DD"), not a month."""
+    return period_id.count("-") == 2
+
+
 def _jobs_text(jobs: quota_pb2.JobCounts) -> str:
     return f"{jobs.succeeded} succeeded, {jobs.failed} failed, {jobs.total} total"
 
 
 def _previous_month_text(summary: quota_pb2.MonthSummary) -> str:
     """`previous month 2026-02: jobs ...; committed: pages 1150 (1150 per job), ...`."""
-    text = f"previous month {summary.period_id}: jobs {_jobs_text(summary.jobs)}"
+    word = "previous period" if _anchored(summary.period_id) else "previous month"
+    text = f"{word} {summary.period_id}: jobs {_jobs_text(summary.jobs)}"
     if summary.metrics:
         text += "; committed: " + ", ".join(
             f"{m.metric} {m.committed} ({fmt.number(m.average_per_job)} per job)"
