@@ -221,6 +221,12 @@ class Calendar:
         self.segments = segments
         spec = segments_spec(segments)
         self.token = f"{tz_name}|{spec}" if spec else tz_name
+        # Each anchor's local date and time, read once (boundaries need it often).
+        self._anchors = {
+            segment.anchor_ms: to_datetime(segment.anchor_ms).astimezone(self.zone)
+            for segment in segments
+            if segment.kind != CALENDAR_MONTHS
+        }
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Calendar) and other.token == self.token
@@ -234,7 +240,7 @@ class Calendar:
         if segment.kind == CALENDAR_MONTHS:
             year, month0 = divmod(k, 12)
             return _first_instant_ms(year, month0 + 1, self.zone)
-        anchor = to_datetime(segment.anchor_ms).astimezone(self.zone)
+        anchor = self._anchors[segment.anchor_ms]
         year, month0 = divmod(anchor.year * 12 + anchor.month - 1 + k * _step(segment), 12)
         day = min(anchor.day, gregorian.monthrange(year, month0 + 1)[1])
         local = datetime(
@@ -256,7 +262,7 @@ class Calendar:
         if segment.kind == CALENDAR_MONTHS:
             k = months
         else:
-            anchor = to_datetime(segment.anchor_ms).astimezone(self.zone)
+            anchor = self._anchors[segment.anchor_ms]
             k = (months - (anchor.year * 12 + anchor.month - 1)) // _step(segment)
         while self._boundary(segment, k) > instant_ms:
             k -= 1

@@ -28,7 +28,6 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from pagemeter_server.domain.credits import DEFAULT_PRIORITY
 from pagemeter_server.domain.plans import (
     SCHEMA,
     is_current_schema,
@@ -104,9 +103,7 @@ async def migrate_plans(client: aioredis.Redis) -> PlanMigration:
         chunk = cast(list[str], await client.zrangebylex(ORGS_KEY, after, "+", start=0, num=CHUNK))
         for org_id in chunk:
             replaced = await migrate_organization(client, script, org_id)
-            balances += int(
-                await credits_script(keys=[OrgKeys(org_id).credits], args=[DEFAULT_PRIORITY])
-            )
+            balances += int(await credits_script(keys=[OrgKeys(org_id).credits]))
             organizations += 1
             if replaced is None:
                 left += 1

@@ -713,16 +713,18 @@ class Store:
         priority: int = DEFAULT_PRIORITY,
     ) -> tuple[int, bool]:
         keys = OrgKeys(org_id)
-        # A retry that lets the server default effective_at again is the same grant.
+        # A grant with none of the newer terms keeps the fingerprint earlier
+        # releases gave it, and a retry that lets the server default
+        # effective_at again is the same grant.
         terms = (effective_ms, expires_ms, priority)
-        print_ = terms if terms != (None, None, DEFAULT_PRIORITY) else ()
+        newer_terms = terms if terms != (None, None, DEFAULT_PRIORITY) else ()
         reply = await self.run(
             "grant",
             [keys.plan, keys.credits, keys.grant(grant_id), keys.audit],
             [
                 metric,
                 units,
-                fingerprint("grant", metric, units, reason, *print_),
+                fingerprint("grant", metric, units, reason, *newer_terms),
                 self.usage_retention_ms,
                 now_ms,
                 reason,

@@ -45,10 +45,10 @@ local live = 0
 for _, grants in pairs(load_credits(KEYS[2])) do
   for _, grant in ipairs(grants) do
     if not grant.legacy then
-      if grant.state ~= 'A' or grant.remaining <= 0 or (grant.expires ~= 0 and grant.expires <= now) then
-        redis.call('HDEL', KEYS[2], 'g:' .. grant.id)
-      else
+      if grant_can_count(grant, now) then
         live = live + 1
+      else
+        redis.call('HDEL', KEYS[2], 'g:' .. grant.id)
       end
     end
   end
@@ -62,9 +62,9 @@ local grant = {id = grant_id, metric = metric, remaining = tonumber(ARGV[2]),
   effective = tonumber(ARGV[9]), expires = tonumber(ARGV[10]), priority = tonumber(ARGV[11]),
   units = tonumber(ARGV[2]), state = 'A'}
 redis.call('HSET', KEYS[2], 'g:' .. grant_id, encode_grant(grant))
-local list = load_credits(KEYS[2])[metric] or {}
-list[#list + 1] = grant
-load_credits(KEYS[2])[metric] = list
+local by_metric = load_credits(KEYS[2])
+by_metric[metric] = by_metric[metric] or {}
+table.insert(by_metric[metric], grant)
 local after = credit_balance(KEYS[2], metric, now)
 audit(KEYS[4], ARGV[8], now, ARGV[7], 'credits.grant', metric,
   cjson.encode({balance = fmt(before)}),

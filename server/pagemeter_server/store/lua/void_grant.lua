@@ -39,8 +39,8 @@ if legacy then
   redis.call('HDEL', KEYS[1], legacy.metric)
   voided = voided + math.max(0, legacy.remaining)
   if not grant then
-    grant = {id = ARGV[1], metric = legacy.metric, remaining = 0, effective = 0, expires = 0,
-      priority = LEGACY_PRIORITY, units = math.max(0, legacy.remaining), state = 'A'}
+    grant = prepaid_grant(legacy.metric)
+    grant.units = math.max(0, legacy.remaining)
   end
 end
 if grant.state ~= 'V' then

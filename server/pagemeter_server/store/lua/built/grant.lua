@@ -189,9 +189,21 @@ local function load_credits(credits_key)
   return by_metric
 end
 
+-- A grant that can still count: not voided, units left, not expired (it may
+-- not be effective yet). Live: one that counts now.
+local function grant_can_count(grant, now)
+  return grant.state == 'A' and grant.remaining > 0 and (grant.expires == 0 or now < grant.expires)
+end
+
 local function grant_live(grant, now)
-  return grant.state == 'A' and grant.remaining > 0 and grant.effective <= now
-    and (grant.expires == 0 or now < grant.expires)
+  return grant_can_count(grant, now) and grant.effective <= now
+end
+
+-- The grant "prepaid-<metric>" a balance of an earlier release is read as,
+-- empty: the caller gives it the balance's units.
+local function prepaid_grant(metric)
+  return {id = 'prepaid-' .. metric, metric = metric, remaining = 0, effective = 0, expires = 0,
+    priority = LEGACY_PRIORITY, units = 0, state = 'A'}
 end
 
 local function credit_balance(credits_key, metric, now)
@@ -461,10 +473,10 @@ local live = 0
 for _, grants in pairs(load_credits(KEYS[2])) do
   for _, grant in ipairs(grants) do
     if not grant.legacy then
-      if grant.state ~= 'A' or grant.remaining <= 0 or (grant.expires ~= 0 and grant.expires <= now) then
-        redis.call('HDEL', KEYS[2], 'g:' .. grant.id)
-      else
+      if grant_can_count(grant, now) then
         live = live + 1
+      else
+        redis.call('HDEL', KEYS[2], 'g:' .. grant.id)
       end
     end
   end
@@ -478,9 +490,9 @@ local grant = {id = grant_id, metric = metric, remaining = tonumber(ARGV[2]),
   effective = tonumber(ARGV[9]), expires = tonumber(ARGV[10]), priority = tonumber(ARGV[11]),
   units = tonumber(ARGV[2]), state = 'A'}
 redis.call('HSET', KEYS[2], 'g:' .. grant_id, encode_grant(grant))
-local list = load_credits(KEYS[2])[metric] or {}
-list[#list + 1] = grant
-load_credits(KEYS[2])[metric] = list
+local by_metric = load_credits(KEYS[2])
+by_metric[metric] = by_metric[metric] or {}
+table.insert(by_metric[metric], grant)
 local after = credit_balance(KEYS[2], metric, now)
 audit(KEYS[4], ARGV[8], now, ARGV[7], 'credits.grant', metric,
   cjson.encode({balance = fmt(before)}),

@@ -179,9 +179,21 @@ local function load_credits(credits_key)
   return by_metric
 end
 
+-- A grant that can still count: not voided, units left, not expired (it may
+-- not be effective yet). Live: one that counts now.
+local function grant_can_count(grant, now)
+  return grant.state == 'A' and grant.remaining > 0 and (grant.expires == 0 or now < grant.expires)
+end
+
 local function grant_live(grant, now)
-  return grant.state == 'A' and grant.remaining > 0 and grant.effective <= now
-    and (grant.expires == 0 or now < grant.expires)
+  return grant_can_count(grant, now) and grant.effective <= now
+end
+
+-- The grant "prepaid-<metric>" a balance of an earlier release is read as,
+-- empty: the caller gives it the balance's units.
+local function prepaid_grant(metric)
+  return {id = 'prepaid-' .. metric, metric = metric, remaining = 0, effective = 0, expires = 0,
+    priority = LEGACY_PRIORITY, units = 0, state = 'A'}
 end
 
 local function credit_balance(credits_key, metric, now)
@@ -455,8 +467,8 @@ if legacy then
   redis.call('HDEL', KEYS[1], legacy.metric)
   voided = voided + math.max(0, legacy.remaining)
   if not grant then
-    grant = {id = ARGV[1], metric = legacy.metric, remaining = 0, effective = 0, expires = 0,
-      priority = LEGACY_PRIORITY, units = math.max(0, legacy.remaining), state = 'A'}
+    grant = prepaid_grant(legacy.metric)
+    grant.units = math.max(0, legacy.remaining)
   end
 end
 if grant.state ~= 'V' then
