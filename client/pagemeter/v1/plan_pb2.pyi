@@ -215,6 +215,8 @@ class MetricLimits(_message.Message):
     WINDOWS_FIELD_NUMBER: _builtins.int
     SHADOW_HARD_LIMIT_FIELD_NUMBER: _builtins.int
     OVERAGE_SPEND_CAP_FIELD_NUMBER: _builtins.int
+    ROLLOVER_PERCENT_FIELD_NUMBER: _builtins.int
+    ROLLOVER_CAP_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric name: lowercase letters, digits and '_', starting with a letter,
     at most 32 characters. Examples: "pages", "documents", "credits".
@@ -252,6 +254,19 @@ class MetricLimits(_message.Message):
     denied with DECISION_REASON_SPEND_CAP_REACHED; max_admissible is then the
     most units that fit. Needs overage_allowed and an overage price.
     """
+    rollover_percent: _builtins.int
+    """Rollover: the percentage (1 to 100) of the contract quota the previous
+    billing period left unused that this period takes in as credits, a grant
+    "rollover-<period id>-<metric>" effective for the period and expiring at its
+    end, drawn as any grant (after the contract quota, before overage).
+    Unused: the quota the previous period ended with, less its committed units;
+    only a period the organization had a plan for from its start rolls over.
+    Needs a contract quota and a monthly period. Unset means no rollover.
+    """
+    rollover_cap: _builtins.int
+    """The most units one period takes in by rollover. Unset means no cap beyond
+    the percentage. Needs rollover_percent.
+    """
     @_builtins.property
     def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowLimit]:
         """Caps per minute, hour, day or week besides the period's limits (monthly
@@ -272,21 +287,31 @@ class MetricLimits(_message.Message):
         windows: _abc.Iterable[Global___WindowLimit] | None = ...,
         shadow_hard_limit: _builtins.int | None = ...,
         overage_spend_cap: _builtins.str = ...,
+        rollover_percent: _builtins.int | None = ...,
+        rollover_cap: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "shadow_hard_limit", b"shadow_hard_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_rollover_cap", b"_rollover_cap", "_rollover_percent", b"_rollover_percent", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "rollover_cap", b"rollover_cap", "rollover_percent", b"rollover_percent", "shadow_hard_limit", b"shadow_hard_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "overage_spend_cap", b"overage_spend_cap", "period", b"period", "price_per_unit", b"price_per_unit", "shadow_hard_limit", b"shadow_hard_limit", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_rollover_cap", b"_rollover_cap", "_rollover_percent", b"_rollover_percent", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "overage_spend_cap", b"overage_spend_cap", "period", b"period", "price_per_unit", b"price_per_unit", "rollover_cap", b"rollover_cap", "rollover_percent", b"rollover_percent", "shadow_hard_limit", b"shadow_hard_limit", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015
     _WhichOneofReturnType__hard_limit: _TypeAlias = _typing.Literal["hard_limit"]  # noqa: Y015
     _WhichOneofArgType__hard_limit: _TypeAlias = _typing.Literal["_hard_limit", b"_hard_limit"]  # noqa: Y015
+    _WhichOneofReturnType__rollover_cap: _TypeAlias = _typing.Literal["rollover_cap"]  # noqa: Y015
+    _WhichOneofArgType__rollover_cap: _TypeAlias = _typing.Literal["_rollover_cap", b"_rollover_cap"]  # noqa: Y015
+    _WhichOneofReturnType__rollover_percent: _TypeAlias = _typing.Literal["rollover_percent"]  # noqa: Y015
+    _WhichOneofArgType__rollover_percent: _TypeAlias = _typing.Literal["_rollover_percent", b"_rollover_percent"]  # noqa: Y015
     _WhichOneofReturnType__shadow_hard_limit: _TypeAlias = _typing.Literal["shadow_hard_limit"]  # noqa: Y015
     _WhichOneofArgType__shadow_hard_limit: _TypeAlias = _typing.Literal["_shadow_hard_limit", b"_shadow_hard_limit"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__contract_quota) -> _WhichOneofReturnType__contract_quota | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hard_limit) -> _WhichOneofReturnType__hard_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rollover_cap) -> _WhichOneofReturnType__rollover_cap | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rollover_percent) -> _WhichOneofReturnType__rollover_percent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__shadow_hard_limit) -> _WhichOneofReturnType__shadow_hard_limit | None: ...
 

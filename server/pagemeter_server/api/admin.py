@@ -30,6 +30,7 @@ from pagemeter_server.domain.credits import (
     PENDING,
     VOIDED,
     Grant,
+    reserved_grant_prefix,
 )
 from pagemeter_server.domain.errors import BadPageToken, NotFound, PlanNotFound
 from pagemeter_server.domain.page_tokens import decode_page_token, encode_page_token, items_that_fit
@@ -131,6 +132,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         problems.check_org_id(request.org_id)
         problems.check_metric_name(request.metric, "metric")
         problems.check_request_id(request.grant_id, "grant_id")
+        reserved = reserved_grant_prefix(request.grant_id)
+        if reserved:
+            problems.add(
+                "grant_id",
+                f"grant ids starting with {reserved!r} are pagemeter's own (prepaid balances of "
+                "earlier releases, rollovers of unused quota); choose another id",
+            )
         problems.check_length(request.reason, "reason", MAX_REASON)
         if not 1 <= request.units <= MAX_UNITS:
             problems.add("units", f"units must be between 1 and {MAX_UNITS} (got {request.units})")
@@ -188,7 +196,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             problems.check_metric_name(request.metric, "metric")
         problems.raise_if_any()
         now_ms = self.clock.now_ms()
-        grants = await self.store.credit_grants(request.org_id)
+        grants = await self.store.credit_grants(request.org_id, now_ms=now_ms)
         return admin_pb2.ListCreditGrantsResponse(
             grants=[
                 credit_grant(grant, now_ms)

@@ -23,8 +23,22 @@ GRANT_PREFIX = "g:"
 PENDING, ACTIVE, EXHAUSTED, EXPIRED, VOIDED = "pending", "active", "exhausted", "expired", "voided"
 
 
+# Grant ids pagemeter gives itself: "prepaid-<metric>" (a prepaid balance of an
+# earlier release) and "rollover-<period id>-<metric>" (_lib.lua, rollover_grant).
+LEGACY_PREFIX = "prepaid-"
+ROLLOVER_PREFIX = "rollover-"
+
+
 def legacy_grant_id(metric: str) -> str:
-    return f"prepaid-{metric}"
+    return f"{LEGACY_PREFIX}{metric}"
+
+
+def reserved_grant_prefix(grant_id: str) -> str:
+    """The reserved prefix grant_id starts with ('' for none): GrantCredits refuses it."""
+    for prefix in (LEGACY_PREFIX, ROLLOVER_PREFIX):
+        if grant_id.startswith(prefix):
+            return prefix
+    return ""
 
 
 @dataclass(frozen=True)

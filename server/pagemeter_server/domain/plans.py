@@ -10,7 +10,8 @@ and by the server through the types below:
                           "windows"?: [{"window": "minute" | "hour" | "day" | "week",
                                         "limit", "soft", "shadow"?}, ...],
                           "shadow_hard_limit"?, "overage_spend_cap"?,
-                          "overage_unit_cap"?}},
+                          "overage_unit_cap"?, "rollover_percent"?,
+                          "rollover_cap"?}},
      "calendar"?: "since_ms,kind,anchor_ms;..."}
 
 "calendar" is present when the plan has (or had) a billing anchor: the segments
@@ -101,6 +102,9 @@ class MetricTerms(TypedDict, total=False):
     # what it allows in overage units: floor(cap / overage_price). Absent: none.
     overage_spend_cap: str
     overage_unit_cap: int
+    # Rollover of the previous period's unused quota (decision 42). Absent: none.
+    rollover_percent: int
+    rollover_cap: int
 
 
 class PlanDoc(TypedDict):
@@ -282,6 +286,7 @@ def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations
                 "a spend cap limits overage: set overage_allowed too (without it no "
                 "overage is admitted at all)",
             )
+    _rollover_terms(limits, terms, path, problems)
     if not problems.items:
         # Only valid prices are read (the plan is refused otherwise).
         terms["price"] = canonical_price(limits.price_per_unit)
@@ -289,6 +294,37 @@ def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations
         if limits.overage_spend_cap:
             _spend_cap_terms(terms, limits.overage_spend_cap)
     return terms
+
+
+def _rollover_terms(
+    limits: plan_pb2.MetricLimits, terms: MetricTerms, path: str, problems: Violations
+) -> None:
+    if limits.HasField("rollover_cap") and not limits.HasField("rollover_percent"):
+        problems.add(
+            f"{path}.rollover_cap",
+            "a rollover cap limits a rollover: set rollover_percent too",
+        )
+    if not limits.HasField("rollover_percent"):
+        return
+    where = f"{path}.rollover_percent"
+    if not 1 <= limits.rollover_percent <= 100:
+        problems.add(
+            where,
+            f"rollover_percent must be between 1 and 100 (got {limits.rollover_percent}); "
+            "leave it unset for no rollover",
+        )
+    if limits.period == plan_pb2.PERIOD_NONE:
+        problems.add(
+            where,
+            "a rollover carries unused quota from one period to the next: PERIOD_NONE "
+            "gauges have no periods",
+        )
+    elif not limits.HasField("contract_quota"):
+        problems.add(where, "a rollover carries unused contract quota: set contract_quota too")
+    terms["rollover_percent"] = limits.rollover_percent
+    if limits.HasField("rollover_cap"):
+        problems.check_limit(limits.rollover_cap, f"{path}.rollover_cap")
+        terms["rollover_cap"] = limits.rollover_cap
 
 
 def _spend_cap_terms(terms: MetricTerms, cap_text: str) -> None:
@@ -343,9 +379,12 @@ def _window_terms(
 
 def needs_schema_2(doc: PlanDoc) -> bool:
     """Whether the plan uses terms schema 1 cannot hold (windows, shadow limits,
-    spend caps)."""
+    spend caps, rollovers)."""
     return "calendar" in doc or any(
-        terms.get("windows") or "shadow_hard_limit" in terms or "overage_spend_cap" in terms
+        terms.get("windows")
+        or "shadow_hard_limit" in terms
+        or "overage_spend_cap" in terms
+        or "rollover_percent" in terms
         for terms in doc["metrics"].values()
     )
 
@@ -487,6 +526,10 @@ def metric_limits(metric: str, terms: MetricTerms) -> plan_pb2.MetricLimits:
         message.shadow_hard_limit = terms["shadow_hard_limit"]
     if "overage_spend_cap" in terms:
         message.overage_spend_cap = terms["overage_spend_cap"]
+    if "rollover_percent" in terms:
+        message.rollover_percent = terms["rollover_percent"]
+    if "rollover_cap" in terms:
+        message.rollover_cap = terms["rollover_cap"]
     for window in terms.get("windows", []):
         message.windows.add(
             window=WINDOW_ENUMS[window["window"]],

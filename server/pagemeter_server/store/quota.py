@@ -13,7 +13,7 @@ import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -23,6 +23,7 @@ from pagemeter.v1 import quota_pb2
 from pagemeter_server.domain.credits import (
     DEFAULT_PRIORITY,
     MAX_LIVE_GRANTS,
+    ROLLOVER_PREFIX,
     Grant,
     credit_balances,
     parse_credits,
@@ -135,6 +136,7 @@ class Store:
         self._tz_cache: OrderedDict[str, str] = OrderedDict()
         self._policy_cache: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self._month_cache: dict[str, Month] = {}
+        self._previous_cache: dict[str, tuple[Month, Month]] = {}
         self._window_cache: dict[tuple[str, str], WindowSpan] = {}
         self._window_key_cache: dict[str, tuple[int, int, str, list[str]]] = {}
         self._tz_cache_size = tz_cache_size
@@ -161,6 +163,29 @@ class Store:
             self._month_cache.clear()
         self._month_cache[tz] = month
         return month
+
+    def _previous_of(self, month: Month, tz: str) -> Month:
+        """The period before `month`, remembered as the month is."""
+        cached = self._previous_cache.get(tz)
+        if cached is not None and cached[0] == month:
+            return cached[1]
+        previous = month.previous(calendar(tz))
+        if len(self._previous_cache) > 1024:
+            self._previous_cache.clear()
+        self._previous_cache[tz] = (month, previous)
+        return previous
+
+    def _rollover_context(
+        self, keys: OrgKeys, month: Month, tz: str
+    ) -> tuple[list[str], list[str | int]]:
+        """The KEYS and ARGV a script needs to work out a period's rollover grants
+        (_lib.lua, rollover_period): the previous period's hash and the plan log;
+        the period's bounds and the previous period's start."""
+        previous = self._previous_of(month, tz)
+        return (
+            [keys.month(previous.period_id), keys.planlog, keys.planver],
+            [month.start_ms, month.end_ms, previous.start_ms],
+        )
 
     def _windows_at(self, instant_ms: int, tz: str) -> tuple[WindowSpan, ...]:
         """The minute, hour, day and week that contain the instant; a timezone's
@@ -385,6 +410,7 @@ class Store:
         keys = OrgKeys(org_id)
         month = self._month_at(now_ms, tz)
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
+        rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
         return PreparedCall(
             [
                 keys.plan,
@@ -398,6 +424,7 @@ class Store:
                 keys.record(call.request_id),
                 keys.records_index,
                 *self._window_keys(keys, now_ms, tz),
+                *rollover_keys,
             ],
             [
                 now_ms,
@@ -415,6 +442,8 @@ class Store:
                 call.request_id,
                 now_ms - self.record_ttl_ms,
                 self.max_records_per_org,
+                month.period_id,
+                *rollover_args,
                 len(call.units),
                 *flat_units,
             ],
@@ -506,6 +535,7 @@ class Store:
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
         month = self._month_at(call.completed_ms, tz)
         minute, hour, day, week = self._windows_at(call.completed_ms, tz)
+        rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
         return PreparedCall(
             [
                 keys.plan,
@@ -523,6 +553,7 @@ class Store:
                 keys.window("minute", minute.window_id),
                 keys.window("hour", hour.window_id),
                 keys.window("week", week.window_id),
+                *rollover_keys,
             ],
             [
                 now_ms,
@@ -548,6 +579,7 @@ class Store:
                 minute.end_ms,
                 hour.end_ms,
                 week.end_ms,
+                *rollover_args,
                 len(call.units),
                 *flat_units,
             ],
@@ -597,15 +629,33 @@ class Store:
                     keys.planver,
                 ],
                 # A month's terms are the plan's at its end (now for the current one).
-                [now_ms, tz, self.default_timezone, min(month.end_ms, now_ms + 1)],
+                [
+                    now_ms,
+                    tz,
+                    self.default_timezone,
+                    min(month.end_ms, now_ms + 1),
+                    month.period_id,
+                    month.start_ms,
+                    month.end_ms,
+                    month.previous(billing).start_ms,
+                ],
                 month,
                 tz,
             )
 
         reply, prepared = await self.call_in_timezone(org_id, "usage", prepare)
-        _, plan_json, version, month_flat, life_flat, held_flat, credit_flat, prev_flat, gone = (
-            reply
-        )
+        (
+            _,
+            plan_json,
+            version,
+            month_flat,
+            life_flat,
+            held_flat,
+            credit_flat,
+            prev_flat,
+            gone,
+            rollover_flat,
+        ) = reply
         plan = StoredPlan(plan_doc_from_json(plan_json), int(version), 0) if plan_json else None
         return UsageSnapshot(
             plan=plan,
@@ -614,9 +664,7 @@ class Store:
             month_fields=int_pairs(month_flat),
             lifetime_fields=int_pairs(life_flat),
             held_fields=int_pairs(held_flat),
-            credits=credit_balances(
-                {credit_flat[i]: credit_flat[i + 1] for i in range(0, len(credit_flat), 2)}, now_ms
-            ),
+            credits=credit_balances(flat_fields(credit_flat, rollover_flat), now_ms),
             previous_month_fields=int_pairs(prev_flat),
             expired=held_units(gone),
         )
@@ -756,23 +804,57 @@ class Store:
     ) -> tuple[int, bool]:
         """(units voided, already voided); GrantNotFound when there is no such grant."""
         keys = OrgKeys(org_id)
-        reply = await self.run(
-            "void_grant",
-            [keys.credits, keys.audit],
-            [grant_id, now_ms, reason, actor, self.audit_max_events],
-        )
+
+        def prepare(tz: str) -> PreparedCall:
+            month = self._month_at(now_ms, tz)
+            rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
+            return PreparedCall(
+                [keys.credits, keys.audit, keys.plan, keys.month(month.period_id), *rollover_keys],
+                [
+                    grant_id,
+                    now_ms,
+                    reason,
+                    actor,
+                    self.audit_max_events,
+                    tz,
+                    self.default_timezone,
+                    month.period_id,
+                    *rollover_args,
+                ],
+                month,
+                tz,
+            )
+
+        reply, _ = await self.call_in_timezone(org_id, "void_grant", prepare)
         if reply[0] == "NOT_FOUND":
+            why = (
+                "a rollover grant exists only for the billing period in progress, and only "
+                "when the plan rolls over the metric's unused quota"
+                if grant_id.startswith(ROLLOVER_PREFIX)
+                else "or it ran out and was dropped"
+            )
             raise NotFound(
-                f"the organization has no credit grant {grant_id!r} (or it ran out and was "
-                "dropped)",
-                "GRANT_NOT_FOUND",
+                f"the organization has no credit grant {grant_id!r} ({why})", "GRANT_NOT_FOUND"
             )
         return int(reply[1]), reply[2] == "1"
 
-    async def credit_grants(self, org_id: str) -> list[Grant]:
-        """The organization's grants, in draw order per metric."""
-        raw = cast(dict[str, str], await self.client.hgetall(OrgKeys(org_id).credits))
-        return parse_credits(raw)
+    async def credit_grants(self, org_id: str, *, now_ms: int) -> list[Grant]:
+        """The organization's grants, in draw order per metric, with the rollover
+        grants of the billing period at now_ms."""
+        keys = OrgKeys(org_id)
+
+        def prepare(tz: str) -> PreparedCall:
+            month = self._month_at(now_ms, tz)
+            rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
+            return PreparedCall(
+                [keys.plan, keys.credits, keys.month(month.period_id), *rollover_keys],
+                [now_ms, tz, self.default_timezone, month.period_id, *rollover_args],
+                month,
+                tz,
+            )
+
+        reply, _ = await self.call_in_timezone(org_id, "list_grants", prepare)
+        return parse_credits(flat_fields(reply[1], reply[2]))
 
 
 def _stored_plan(raw: dict[str, str]) -> StoredPlan | None:
@@ -802,3 +884,11 @@ def with_calendar(doc: PlanDoc, stored: PlanDoc | None, now_ms: int) -> PlanDoc:
     if spec:
         result["calendar"] = spec
     return result
+
+
+def flat_fields(*flat_lists: Any) -> dict[str, str]:
+    """Fields and values of HGETALL-like flat arrays, merged (later lists win)."""
+    fields: dict[str, str] = {}
+    for flat in flat_lists:
+        fields.update({str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)})
+    return fields

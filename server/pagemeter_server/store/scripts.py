@@ -35,6 +35,7 @@ SCRIPTS = (
     "set_plan",
     "grant",
     "void_grant",
+    "list_grants",
     "adjust",
     "key_create",
     "key_revoke",

@@ -6,7 +6,8 @@
 -- KEYS[3] holddata  pm:{org}:holddata   hash request_id -> "metric:units:prepaid;..."
 -- KEYS[4] held      pm:{org}:held       hash h:<metric> held units, hp:<metric> held prepaid
 -- KEYS[5] credits   pm:{org}:credits    hash of credit grants (see _lib.lua)
--- KEYS[6] month     pm:{org}:u:<YYYY-MM> hash c:<metric> committed, pp:<metric> prepaid used
+-- KEYS[6] month     pm:{org}:u:<YYYY-MM> hash c:<metric> committed, pp:<metric> prepaid used,
+--                   ro:<metric> drawn from the rollover, rv:<metric> rollover voided
 -- KEYS[7] life      pm:{org}:u:lifetime  hash c:<metric> for PERIOD_NONE metrics
 -- KEYS[8] rate      pm:{org}:rate       GCRA theoretical arrival time (ms)
 -- KEYS[9] record    pm:{org}:r:<request_id> hash (the job's record; touched only with a hold)
@@ -14,6 +15,9 @@
 -- KEYS[11..14]      the windows that contain now_ms (read only; see decide_windows):
 --   pm:{org}:w:minute:<epoch minute>, pm:{org}:w:hour:<epoch hour>,
 --   pm:{org}:d:<YYYY-MM-DD> (the day hash), pm:{org}:w:week:<Monday YYYY-MM-DD>
+-- KEYS[15] previous pm:{org}:u:<period id> of the period before KEYS[6] (rollover)
+-- KEYS[16] planlog  pm:{org}:planlog  zset version -> updated_ms (rollover)
+-- KEYS[17] planver  pm:{org}:planver  hash version -> plan JSON (rollover)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -25,7 +29,10 @@
 -- ARGV[8] request_id ('' without a hold)
 -- ARGV[9] records index cutoff (ms): entries requested earlier leave the index
 -- ARGV[10] records index cap (entries)
--- ARGV[11] metric count N, then ARGV[12..] N pairs: metric, units
+-- ARGV[11] period id of KEYS[6]
+-- ARGV[12], ARGV[13] when that period starts and ends (ms)
+-- ARGV[14] when the period before it starts (ms)
+-- ARGV[15] metric count N, then ARGV[16..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}         the server must recompute the month and retry
@@ -57,9 +64,11 @@ local record_ttl = tonumber(ARGV[7])
 local request_id = ARGV[8]
 local index_cutoff = tonumber(ARGV[9])
 local index_cap = tonumber(ARGV[10])
-local count = tonumber(ARGV[11])
-assert(#KEYS == 14 and #ARGV == 11 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[15])
+assert(#KEYS == 17 and #ARGV == 15 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
 local window_keys = {minute = KEYS[11], hour = KEYS[12], day = KEYS[13], week = KEYS[14]}
+local billing = rollover_period(month_key, KEYS[15], plan_key, KEYS[16], KEYS[17], ARGV[11],
+  ARGV[12], ARGV[13], ARGV[14])
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -101,7 +110,7 @@ local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
 
 local requests = {}
 for i = 1, count do
-  requests[i] = {ARGV[10 + 2 * i], tonumber(ARGV[11 + 2 * i])}
+  requests[i] = {ARGV[14 + 2 * i], tonumber(ARGV[15 + 2 * i])}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
 
@@ -123,6 +132,7 @@ for i, req in ipairs(requests) do
     local committed = int(redis.call('HGET', bucket, 'c:' .. metric))
     local held = int(redis.call('HGET', held_key, 'h:' .. metric))
     local held_prepaid = int(redis.call('HGET', held_key, 'hp:' .. metric))
+    add_rollover(credits_key, billing, metric, limits, now)
     local balance = credit_balance(credits_key, metric, now)
     local prepaid_available = math.max(0, balance - held_prepaid)
     local used = committed + held

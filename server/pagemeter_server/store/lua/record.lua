@@ -16,6 +16,9 @@
 -- KEYS[13..15]      the minute, hour and week windows that contain completed_at
 --   (pm:{org}:w:minute:<epoch minute>, w:hour:<epoch hour>, w:week:<Monday>); the
 --   day window is the day hash, KEYS[9]
+-- KEYS[16] previous pm:{org}:u:<period id> of the period before KEYS[6] (rollover)
+-- KEYS[17] planlog  pm:{org}:planlog  zset version -> updated_ms (rollover)
+-- KEYS[18] planver  pm:{org}:planver  hash version -> plan JSON (rollover)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -37,7 +40,9 @@
 -- ARGV[18] name registry cutoff (ms): names last recorded before it are forgotten
 --          (the counters that named them have expired by then)
 -- ARGV[19..21] when the windows of KEYS[13..15] end (ms on the now_ms clock)
--- ARGV[22] metric count N, then ARGV[23..] N pairs: metric, units
+-- ARGV[22], ARGV[23] when the period of KEYS[6] starts and ends (ms)
+-- ARGV[24] when the period before it starts (ms)
+-- ARGV[25] metric count N, then ARGV[26..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
@@ -96,8 +101,12 @@ local names_cutoff = tonumber(ARGV[18])
 local window_keys = {minute = KEYS[13], hour = KEYS[14], day = day_key, week = KEYS[15]}
 local window_ends = {minute = tonumber(ARGV[19]), hour = tonumber(ARGV[20]),
   week = tonumber(ARGV[21])}
-local count = tonumber(ARGV[22])
-assert(#KEYS == 15 and #ARGV == 22 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[25])
+assert(#KEYS == 18 and #ARGV == 25 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+-- A rollover pays for usage of its own period only, while it runs: a late
+-- record counted in an earlier period draws on no rollover (add_rollover).
+local billing = rollover_period(month_key, KEYS[16], plan_key, KEYS[17], KEYS[18], month_id,
+  ARGV[22], ARGV[23], ARGV[24])
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -119,7 +128,7 @@ end
 
 local requests = {}
 for i = 1, count do
-  local metric, n = ARGV[21 + 2 * i], tonumber(ARGV[22 + 2 * i])
+  local metric, n = ARGV[24 + 2 * i], tonumber(ARGV[25 + 2 * i])
   if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
@@ -214,6 +223,7 @@ for i, req in ipairs(requests) do
       -- Prepaid credits reserved by other jobs' holds stay theirs.
       -- Grants are drawn as they stand at the commit (now): one that expired
       -- since the job's hold no longer counts, and its units are priced on.
+      add_rollover(credits_key, billing, metric, metrics[metric], now)
       local balance = credit_balance(credits_key, metric, now)
       local reserved = int(redis.call('HGET', held_key, 'hp:' .. metric))
       prepaid = math.min(beyond, math.max(0, balance - reserved))

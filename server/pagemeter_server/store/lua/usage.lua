@@ -19,17 +19,22 @@
 -- ARGV[4] terms instant (ms): the month's terms are those of the newest plan
 --         version set before it (the month's end; for the current month now + 1),
 --         as GetUsageHistory takes them
+-- ARGV[5] period id of KEYS[6]
+-- ARGV[6], ARGV[7] when that period starts and ends (ms)
+-- ARGV[8] when the period before it (KEYS[8]) starts (ms)
 --
 -- Returns {'STALE_TZ', plan_timezone} or
 --   {'OK', terms_json|'', terms_version, month_fields, life_fields, held_fields,
---    credit_fields, previous_month_fields, expired}
+--    credit_fields, previous_month_fields, expired, rollover_fields}
 -- terms_json is '' when no plan version was in effect at the terms instant (the
 -- plan was set after the month). The timezone check is against the current plan:
 -- months are counted in the plan's timezone of today, as in the history.
 -- expired: units of holds found expired by this call, "metric:units:0;...".
+-- rollover_fields: the period's rollover grants (_lib.lua), as credit_fields
+--   would hold them; none unless the period runs at now_ms.
 -- where each *_fields is a flat HGETALL array.
 
-assert(#KEYS == 10 and #ARGV == 4, 'usage.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 10 and #ARGV == 8, 'usage.lua: wrong number of KEYS or ARGV')
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 
@@ -60,4 +65,6 @@ return {
   redis.call('HGETALL', KEYS[6]), redis.call('HGETALL', KEYS[7]),
   redis.call('HGETALL', held_key), redis.call('HGETALL', KEYS[5]),
   redis.call('HGETALL', KEYS[8]), expired,
+  rollover_fields(plan, rollover_period(KEYS[6], KEYS[8], plan_key, KEYS[9], KEYS[10], ARGV[5],
+    ARGV[6], ARGV[7], ARGV[8]), now),
 }

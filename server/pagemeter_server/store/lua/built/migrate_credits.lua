@@ -229,6 +229,140 @@ local function drawn_before(a, b)
   return a.id < b.id
 end
 
+-- Rollover (decision 42): a metric whose plan sets rollover_percent takes into
+-- each billing period part of the contract quota the previous period left
+-- unused, as the grant "rollover-<period id>-<metric>": floor(unused x percent
+-- / 100) units, at most rollover_cap, effective for the period, expiring at its
+-- end, of the default priority. The grant is not stored: it is worked out from
+-- the previous period's committed units each time it is read, so a correction
+-- of that period or a late record counted in it changes what the rollover is
+-- worth. The period's hash keeps what was drawn from it (ro:<metric>) and
+-- whether it was voided (rv:<metric>).
+--   unused: the previous period's contract quota, in the terms it ended with
+--     (the plan version set before this period began), less its committed
+--     units; nothing when the metric had no quota then.
+--   Only a period wholly under a plan rolls over: the organization's first plan
+--     must predate the previous period's start.
+--   percent and cap are the current plan's: whether a period takes a rollover
+--     in is up to the plan in effect.
+-- A rollover pays only for usage counted in its own period, while that period
+-- runs: `period` is the context the caller gives, or nil (no rollover):
+--   {month_key, previous_key, planlog_key, planver_key, plan_key, id, start_ms,
+--    end_ms, previous_start_ms}
+local ROLLOVER_PRIORITY = 50
+
+local function rollover_period(month_key, previous_key, plan_key, planlog_key, planver_key,
+    period_id, start_ms, end_ms, previous_start_ms)
+  return {month_key = month_key, previous_key = previous_key, plan_key = plan_key,
+    planlog_key = planlog_key, planver_key = planver_key, id = period_id,
+    start_ms = tonumber(start_ms), end_ms = tonumber(end_ms),
+    previous_start_ms = tonumber(previous_start_ms)}
+end
+
+local function plan_set_ms(period)
+  return int(redis.call('HGET', period.plan_key, 'updated_ms'))
+end
+
+-- The metric's contract quota in the terms the previous period ended with.
+local function previous_quota(period, metric, current_limits, updated_ms)
+  if updated_ms < period.start_ms then
+    return current_limits.contract_quota
+  end
+  local ids = redis.call('ZREVRANGEBYSCORE', period.planlog_key, '(' .. fmt(period.start_ms),
+    '-inf', 'LIMIT', 0, 1)
+  if #ids == 0 then
+    return nil
+  end
+  local raw = redis.call('HGET', period.planver_key, ids[1])
+  if not raw then
+    return nil
+  end
+  local terms = plan_doc(raw).metrics[metric]
+  if not terms or terms.period == 'none' then
+    return nil
+  end
+  return terms.contract_quota
+end
+
+-- Whether the organization had a plan when the previous period began.
+local function planned_since(period, updated_ms)
+  if updated_ms > 0 and updated_ms <= period.previous_start_ms then
+    return true
+  end
+  local first = redis.call('ZRANGE', period.planlog_key, 0, 0, 'WITHSCORES')
+  return #first == 2 and tonumber(first[2]) <= period.previous_start_ms
+end
+
+local function rollover_grant(period, metric, limits)
+  local percent = limits.rollover_percent
+  if not percent or limits.period == 'none' then
+    return nil
+  end
+  local updated_ms = plan_set_ms(period)
+  if not planned_since(period, updated_ms) then
+    return nil
+  end
+  local quota = previous_quota(period, metric, limits, updated_ms)
+  if not quota then
+    return nil
+  end
+  local unused = math.max(0, quota - int(redis.call('HGET', period.previous_key, 'c:' .. metric)))
+  local units = math.floor(unused * percent / 100)
+  if limits.rollover_cap and limits.rollover_cap < units then
+    units = limits.rollover_cap
+  end
+  if units <= 0 then
+    return nil
+  end
+  local state = redis.call('HMGET', period.month_key, 'ro:' .. metric, 'rv:' .. metric)
+  local remaining = math.max(0, units - int(state[1]))
+  local voided = state[2] == '1'
+  if voided then
+    remaining = 0
+  end
+  return {id = 'rollover-' .. period.id .. '-' .. metric, metric = metric, remaining = remaining,
+    effective = period.start_ms, expires = period.end_ms, priority = ROLLOVER_PRIORITY,
+    units = units, state = voided and 'V' or 'A', rollover = period.month_key}
+end
+
+-- Put the metric's rollover grant, when it has one, among the credits the
+-- script read (once per call: draw_credits keeps it in step afterwards). Only
+-- while the period runs: a rollover pays for nothing once its period is over.
+local rollovers_added = {}
+local function add_rollover(credits_key, period, metric, limits, now)
+  if not period or not limits or now < period.start_ms or now >= period.end_ms then
+    return
+  end
+  local seen = credits_key .. '|' .. period.id .. '|' .. metric
+  if rollovers_added[seen] then
+    return
+  end
+  rollovers_added[seen] = true
+  local grant = rollover_grant(period, metric, limits)
+  if grant then
+    local by_metric = load_credits(credits_key)
+    by_metric[metric] = by_metric[metric] or {}
+    table.insert(by_metric[metric], grant)
+  end
+end
+
+-- The rollover grants of a plan's metrics in the period, as the fields of a
+-- credits hash would hold them ("g:<id>", value; flat), for the readers.
+local function rollover_fields(plan, period, now)
+  local fields = {}
+  if not plan or now < period.start_ms or now >= period.end_ms then
+    return fields
+  end
+  for metric, limits in pairs(plan.metrics) do
+    local grant = limits.rollover_percent and rollover_grant(period, metric, limits)
+    if grant then
+      fields[#fields + 1] = 'g:' .. grant.id
+      fields[#fields + 1] = encode_grant(grant)
+    end
+  end
+  return fields
+end
+
 -- Take `amount` units (at most the balance) from the metric's live grants, in
 -- draw order, and write what each has left.
 local function draw_credits(credits_key, metric, amount, now)
@@ -248,6 +382,8 @@ local function draw_credits(credits_key, metric, amount, now)
     amount = amount - take
     if grant.legacy then
       redis.call('HINCRBY', credits_key, metric, -take)
+    elseif grant.rollover then
+      redis.call('HINCRBY', grant.rollover, 'ro:' .. metric, take)
     else
       redis.call('HSET', credits_key, 'g:' .. grant.id, encode_grant(grant))
     end
