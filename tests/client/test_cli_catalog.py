@@ -29,7 +29,7 @@ templates:
   trial:
     name: Trial
     metrics:
-      - {metric: pages, contract_quota: 50, hard_limit: 50}
+      - {metric: pages, contract_quota: 50, hard_limit: 50, rollover_percent: 25, rollover_cap: 10}
 organizations:
   acme: business
   globex: trial
@@ -82,6 +82,8 @@ async def test_a_catalog_applied_twice_changes_nothing_the_second_time(
     assert await versions(pagemeter_server) == {"acme": 1, "globex": 1}
     plan = (await pagemeter_server.admin.GetPlan(admin_pb2.GetPlanRequest(org_id="acme"))).plan
     assert plan.timezone == "Europe/Berlin" and plan.metrics[0].windows[0].limit == 200
+    trial = (await pagemeter_server.admin.GetPlan(admin_pb2.GetPlanRequest(org_id="globex"))).plan
+    assert (trial.metrics[0].rollover_percent, trial.metrics[0].rollover_cap) == (25, 10)
     audits = await audit_size(pagemeter_server, "acme")
     second = await pagemeter("plan", "apply", catalog)
     assert second.code == 0, second.err

@@ -270,3 +270,40 @@ async def test_a_balance_of_an_earlier_release_is_listed_as_a_grant(
     assert void.code == 0, void.err
     after = await pagemeter("credits", "list", "acme")
     assert table(after.out) == [["prepaid-pages", "pages", "0/40", "VOIDED", "50", "-", "never"]]
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_a_rollover_from_the_command_line(
+    pagemeter: Cli, pagemeter_server: RunningServer
+) -> None:
+    """`rollover=50,rollover_cap=30` is shown with the plan; once a whole period
+    under the plan has passed, `credits list` shows the next period's rollover grant,
+    expiring at that period's end, and `credits void` voids it."""
+    plan = await pagemeter(
+        "plan", "set", "acme", "--name", "R", "--metric", "pages:quota=100,rollover=50,rollover_cap=30"
+    )  # fmt: skip
+    assert plan.code == 0, plan.err
+    assert row(plan.out, "pages")[-4:] == ["50%", "up", "to", "30"]
+    # March was not wholly under the plan (set on the 15th): April takes nothing in.
+    pagemeter_server.clock.set(START_MS + 20 * DAY_MS)
+    assert (await pagemeter("credits", "list", "acme")).out.strip() == "no credit grants"
+    pagemeter_server.clock.set(START_MS + 50 * DAY_MS)
+    listed = await pagemeter("credits", "list", "acme")
+    assert listed.code == 0, listed.err
+    assert table(listed.out) == [
+        ["rollover-2026-05-pages", "pages", "30/30", "ACTIVE", "50", "2026-05-01T00:00:00Z",
+         "2026-06-01T00:00:00Z"],
+    ]  # fmt: skip
+    voided = await pagemeter(
+        "credits", "void", "acme", "rollover-2026-05-pages", "--reason", "not in contract"
+    )
+    assert voided.code == 0, voided.err
+    assert table((await pagemeter("credits", "list", "acme")).out)[0][2:4] == ["0/30", "VOIDED"]
+
+
+async def test_grant_ids_pagemeter_gives_itself_are_refused(pagemeter: Cli) -> None:
+    """A grant named like a rollover or a prepaid balance would be mistaken for one."""
+    for grant_id in ("rollover-2026-03-pages", "prepaid-pages"):
+        refused = await pagemeter("credits", "grant", "acme", "pages", "5", "--grant-id", grant_id)
+        assert refused.code == 1 and "INVALID_ARGUMENT" in refused.err
+        assert "pagemeter's own" in refused.err

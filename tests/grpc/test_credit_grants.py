@@ -243,3 +243,45 @@ async def test_a_batch_draws_grants_item_after_item(pagemeter_server: RunningSer
         ("small", 0, A.CREDIT_GRANT_STATUS_EXHAUSTED),
         ("big", 9, A.CREDIT_GRANT_STATUS_ACTIVE),
     ]
+
+
+# -- rollover of unused quota ------------------------------------------------------
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_a_rollover_end_to_end(pagemeter_server: RunningServer) -> None:
+    """SetPlan keeps rollover_percent and rollover_cap; after a whole period under
+    the plan, the next one lists the rollover grant, GetUsage counts it in the
+    prepaid balance, CheckQuota draws on it after the quota, and RecordUsage pays
+    from it; one period later it has expired."""
+    server = pagemeter_server
+    limits = metric_limits("pages", contract_quota=100, rollover_percent=100, rollover_cap=40)
+    await server.admin.SetPlan(
+        A.SetPlanRequest(plan=plan_pb2.Plan(org_id="acme", timezone="UTC", metrics=[limits]))
+    )
+    stored = await server.admin.GetPlan(A.GetPlanRequest(org_id="acme"))
+    assert (stored.plan.metrics[0].rollover_percent, stored.plan.metrics[0].rollover_cap) == (
+        100,
+        40,
+    )
+    # The plan was set on March 15th: April has none, May takes April's unused 100, capped at 40.
+    server.clock.set(START_MS + 20 * DAY_MS)
+    listed = await server.admin.ListCreditGrants(A.ListCreditGrantsRequest(org_id="acme"))
+    assert list(listed.grants) == []
+    may_2 = START_MS + 48 * DAY_MS
+    server.clock.set(may_2)
+    listed = await server.admin.ListCreditGrants(A.ListCreditGrantsRequest(org_id="acme"))
+    (rolled,) = listed.grants
+    assert (rolled.grant_id, rolled.units, rolled.remaining) == ("rollover-2026-05-pages", 40, 40)
+    assert rolled.status == A.CREDIT_GRANT_STATUS_ACTIVE
+    assert rolled.effective_at.ToJsonString() == "2026-05-01T00:00:00Z"
+    assert rolled.expires_at.ToJsonString() == "2026-06-01T00:00:00Z"
+    usage = await server.quota.GetUsage(Q.GetUsageRequest(org_id="acme"))
+    assert usage.metrics[0].prepaid_balance == 40
+    check = await server.quota.CheckQuota(Q.CheckQuotaRequest(org_id="acme", units={"pages": 141}))
+    assert not check.allowed and check.metrics[0].max_admissible == 140
+    recorded = await record(server, "may", 130)
+    assert (recorded.included_units, recorded.prepaid_units) == (100, 30)
+    server.clock.set(START_MS + 80 * DAY_MS)  # June: May used all its quota
+    listed = await server.admin.ListCreditGrants(A.ListCreditGrantsRequest(org_id="acme"))
+    assert list(listed.grants) == []

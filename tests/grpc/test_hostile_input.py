@@ -1504,6 +1504,11 @@ def _record(request_id: str, **fields: Any) -> quota_pb2.RecordUsageRequest:
     return quota_pb2.RecordUsageRequest(**base)
 
 
+def _rolling(**fields: Any) -> plan_pb2.MetricLimits:
+    """A metric with a quota, which a rollover needs, and the rollover terms given."""
+    return metric_limits("pages", contract_quota=100, **fields)
+
+
 def _grant(grant_id: str, **fields: Any) -> admin_pb2.GrantCreditsRequest:
     base: dict[str, Any] = {"org_id": ORG, "metric": "pages", "units": 1, "grant_id": grant_id}
     base.update(fields)
@@ -1580,6 +1585,14 @@ LIMIT_CASES: list[tuple[str, Message, grpc.StatusCode]] = [
     ("SetPlan", _plan(metrics=[metric_limits("pages", overage_price_per_unit="1e3")]), INVALID),
     ("SetPlan", _plan(metrics=[metric_limits("pages", overage_price_per_unit="NaN")]), INVALID),
     ("SetPlan", _plan(metrics=[metric_limits("pages", overage_price_per_unit="-1")]), INVALID),
+    ("SetPlan", _plan(metrics=[_rolling(rollover_percent=0)]), INVALID),
+    ("SetPlan", _plan(metrics=[_rolling(rollover_percent=101)]), INVALID),
+    ("SetPlan", _plan(metrics=[_rolling(rollover_percent=-1)]), INVALID),
+    ("SetPlan", _plan(metrics=[_rolling(rollover_percent=2**31 - 1)]), INVALID),
+    ("SetPlan", _plan(metrics=[_rolling(rollover_percent=5, rollover_cap=-1)]), INVALID),
+    ("SetPlan", _plan(metrics=[_rolling(rollover_percent=5, rollover_cap=MAX_LIMIT + 1)]), INVALID),
+    ("SetPlan", _plan(metrics=[_rolling(rollover_cap=5)]), INVALID),
+    ("SetPlan", _plan(metrics=[metric_limits("pages", rollover_percent=5)]), INVALID),
     ("SetPlan", _plan(timezone="Europe/Berlin"), OK),
     ("SetPlan", _plan(timezone="Mars/Olympus_Mons"), INVALID),
     ("SetPlan", admin_pb2.SetPlanRequest(), INVALID),
@@ -1596,6 +1609,9 @@ LIMIT_CASES: list[tuple[str, Message, grpc.StatusCode]] = [
     ("GrantCredits", _grant("grant-no-plan", org_id=NO_PLAN_ORG), PRECONDITION),
     ("GrantCredits", _grant("grant-other-metric", metric="credits"), PRECONDITION),
     ("GrantCredits", _grant("grant-1", units=2), EXISTS),
+    ("GrantCredits", _grant("rollover-2026-03-pages"), INVALID),
+    ("GrantCredits", _grant("prepaid-pages"), INVALID),
+    ("GrantCredits", _grant("my-rollover-prepaid-"), OK),
     ("GetUsageHistory", reporting_pb2.GetUsageHistoryRequest(org_id=ORG, months=24), OK),
     ("GetUsageHistory", reporting_pb2.GetUsageHistoryRequest(org_id=ORG, months=1), OK),
     ("GetUsageHistory", reporting_pb2.GetUsageHistoryRequest(org_id=ORG, months=25), INVALID),

@@ -4,8 +4,11 @@ Hypothesis draws a plan (quota, hard limit, overage and minute, hour and day
 windows, hard or soft, for two metrics, and calendar months or a billing anchor
 a few hours after the start, so that some runs cross an anniversary), prepaid
 credit grants (each with a priority and maybe an expiry, so that grants run
-out and expire under open holds) and a sequence of checks, holds, records,
-releases and clock moves. Each
+out and expire under open holds), a rollover of the previous period's unused
+quota (the plan is set two months before the calls start, so the previous
+period was wholly under it, and again at the start, so the scripts read the
+quota the previous period ended with from the plan log) and a sequence of
+checks, holds, records, releases and clock moves. Each
 step runs on the real Lua scripts and is compared with the model; afterwards the
 counters must reconcile exactly with the model's ledger.
 """
@@ -35,6 +38,10 @@ T = TypeVar("T")
 
 METRICS = ("documents", "pages")
 TTL_MS = 10_000
+DAY_MS = 86_400_000
+PLAN_SET_MS = START_MS - 60 * DAY_MS
+# Calendar months are the periods of an anchor on the 1st at midnight (UTC).
+FIRST_OF_A_MONTH_MS = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
 
 
 @dataclass
@@ -57,6 +64,9 @@ class Limits:
     shadow_hard: int | None = None
     # An overage spend cap, at an overage price of 1 (so in units too).
     spend_cap: int | None = None
+    # Rollover of the previous period's unused quota: percent and cap.
+    rollover_percent: int | None = None
+    rollover_cap: int | None = None
 
 
 @dataclass
@@ -87,6 +97,8 @@ class CreditGrant:
     effective_ms: int
     expires_ms: int  # 0: never
     priority: int
+    # The period whose rollover this is ('' for a granted one).
+    rollover_of: str = ""
 
     def live(self, now_ms: int) -> bool:
         expired = self.expires_ms and now_ms >= self.expires_ms
@@ -114,11 +126,40 @@ class Model:
         default_factory=lambda: {m: [] for m in METRICS}
     )
 
-    def period_id(self) -> str:
-        moment = datetime.fromtimestamp(self.now_ms / 1000, UTC)
+    # Per (period id, metric): units drawn from that period's rollover.
+    rollover_drawn: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def period_start(self, instant_ms: int) -> datetime:
+        return anniversary_before(instant_ms, self.anchor_ms or FIRST_OF_A_MONTH_MS)
+
+    def period_id(self, instant_ms: int | None = None) -> str:
+        start = self.period_start(self.now_ms if instant_ms is None else instant_ms)
         if self.anchor_ms is None:
-            return f"{moment.year:04d}-{moment.month:02d}"
-        return anniversary_before(self.now_ms, self.anchor_ms).date().isoformat()
+            return f"{start.year:04d}-{start.month:02d}"
+        return start.date().isoformat()
+
+    def rollover(self, metric: str) -> CreditGrant | None:
+        """The current period's rollover grant: the previous period's unused quota
+        times the percent, rounded down, at most the cap, less what was drawn."""
+        lim = self.limits[metric]
+        if lim.rollover_percent is None or lim.quota is None:
+            return None
+        start = int(self.period_start(self.now_ms).timestamp() * 1000)
+        end = int(self.period_start(start + 32 * DAY_MS).timestamp() * 1000)
+        before = self.committed_in.get(self.period_id(start - 1), {}).get(metric, 0)
+        units = max(0, lim.quota - before) * lim.rollover_percent // 100
+        if lim.rollover_cap is not None:
+            units = min(units, lim.rollover_cap)
+        period = self.period_id()
+        if units <= 0:
+            return None
+        left = units - self.rollover_drawn.get((period, metric), 0)
+        return CreditGrant(f"rollover-{period}-{metric}", max(0, left), start, end, 50, period)
+
+    def live_grants(self, metric: str) -> list[CreditGrant]:
+        rollover = self.rollover(metric)
+        grants = self.grants[metric] + ([rollover] if rollover else [])
+        return [g for g in grants if g.live(self.now_ms)]
 
     @property
     def committed(self) -> dict[str, int]:
@@ -131,15 +172,16 @@ class Model:
 
     def balance(self, metric: str) -> int:
         """What the metric's live grants have now."""
-        return sum(g.remaining for g in self.grants[metric] if g.live(self.now_ms))
+        return sum(g.remaining for g in self.live_grants(metric))
 
     def draw(self, metric: str, units: int) -> None:
-        for grant in sorted(
-            (g for g in self.grants[metric] if g.live(self.now_ms)), key=CreditGrant.draw_key
-        ):
+        for grant in sorted(self.live_grants(metric), key=CreditGrant.draw_key):
             take = min(units, grant.remaining)
             grant.remaining -= take
             units -= take
+            if grant.rollover_of:
+                key = (grant.rollover_of, metric)
+                self.rollover_drawn[key] = self.rollover_drawn.get(key, 0) + take
 
     def in_window(self, metric: str, kind: str) -> int:
         """Units committed in the window of `kind` that contains now (UTC plan)."""
@@ -238,6 +280,8 @@ limits_strategy = st.builds(
     windows=windows_strategy,
     shadow_hard=st.none() | st.integers(0, 40),
     spend_cap=st.none() | st.integers(0, 15),
+    rollover_percent=st.none() | st.integers(1, 100),
+    rollover_cap=st.none() | st.integers(0, 20),
 )
 units_strategy = st.dictionaries(st.sampled_from(METRICS), st.integers(0, 12), min_size=1)
 step_strategy = st.one_of(
@@ -291,6 +335,21 @@ class Runner:
     ],
     anchor=None,
 )
+# A rollover drawn on, held at an anniversary and expired under the hold.
+@example(
+    limits={
+        "documents": Limits(None, None, True),
+        "pages": Limits(5, None, True, rollover_percent=100),
+    },
+    steps=[
+        ("record", {"pages": 7}, True, False),
+        ("check", {"pages": 3}, True),
+        ("advance", 2000),
+        ("record", {"pages": 3}, True, True),
+        ("check", {"pages": 3}, False),
+    ],
+    anchor=START_MS + 1000,
+)
 @given(
     limits=st.fixed_dictionaries({m: limits_strategy for m in METRICS}),
     steps=st.lists(step_strategy, min_size=4, max_size=40),
@@ -338,7 +397,10 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
     )
     if model.anchor_ms is not None:
         plan.billing_anchor.FromMilliseconds(model.anchor_ms)
-    runner.run(store.set_plan("acme", plan_to_doc(plan, "UTC"), now_ms=model.now_ms))
+    # Set two months before, so the previous period was wholly under the plan,
+    # and set again now, so the quota it ended with comes from the plan log.
+    for set_at in (PLAN_SET_MS, model.now_ms):
+        runner.run(store.set_plan("acme", plan_to_doc(plan, "UTC"), now_ms=set_at))
     next_id = 0
     for step in steps:
         kind = step[0]
@@ -459,6 +521,8 @@ def _play(runner: Runner, model: Model, steps: list[tuple[object, ...]]) -> None
         g.expires_ms and g.expires_ms <= model.now_ms for gs in model.grants.values() for g in gs
     ):
         event("a grant expired")
+    if any(model.rollover_drawn.values()):
+        event("drew on a rollover")
     for metric in METRICS:
         ledger = sum(units.get(metric, 0) for units in model.recorded.values())
         every_period = sum(period[metric] for period in model.committed_in.values())
@@ -479,6 +543,10 @@ def _optional(lim: Limits) -> dict[str, int | str]:
         fields["shadow_hard_limit"] = lim.shadow_hard
     if lim.quota is not None:
         fields["contract_quota"] = lim.quota
+        if lim.rollover_percent is not None:
+            fields["rollover_percent"] = lim.rollover_percent
+            if lim.rollover_cap is not None:
+                fields["rollover_cap"] = lim.rollover_cap
     if lim.hard is not None:
         fields["hard_limit"] = lim.hard
     return fields

@@ -18,8 +18,9 @@ SPEC_HELP = (
     "SPEC is NAME[:key=value,...] with keys quota, hard_limit, overage (yes/no), price, "
     "overage_price, period (monthly/none), overage_spend_cap (money per period), "
     "shadow_hard_limit (on trial: reports, never "
-    "denies), and windows minute, hour, day, week (N, N/soft for a window that reports "
-    "but never denies, or N/shadow for one on trial); e.g. "
+    "denies), rollover (percent of the unused quota the next period takes in) and "
+    "rollover_cap (units), and windows minute, hour, day, week (N, N/soft for a window "
+    "that reports but never denies, or N/shadow for one on trial); e.g. "
     "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028,day=200"
 )
 
@@ -64,6 +65,8 @@ SPEC_KEYS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "price": ("price_per_unit", _price),
     "overage_price": ("overage_price_per_unit", _price),
     "period": ("period", _period),
+    "rollover": ("rollover_percent", _whole_number),
+    "rollover_cap": ("rollover_cap", _whole_number),
 }
 
 

@@ -678,8 +678,8 @@ class Store:
         migrated = await self._plans_migrated()
         if not migrated and needs_schema_2(doc):
             raise PlansNotMigrated(
-                "windows, shadow limits and spend caps need the current plan document, and this "
-                "deployment still writes "
+                "windows, shadow limits, spend caps, rollovers and billing anchors need the "
+                "current plan document, and this deployment still writes "
                 "plans the way earlier releases read them: once every server runs this "
                 "release, run `pagemeter-server migrate-plans` (docs/operations.md, upgrading)"
             )

@@ -51,12 +51,26 @@ def render_plan(plan: plan_pb2.Plan) -> str:
         headers.append("shadow hard limit")
         for row, m in zip(rows, plan.metrics, strict=True):
             row.append(fmt.optional_int(m, "shadow_hard_limit", fmt.NONE))
+    if any(m.HasField("rollover_percent") for m in plan.metrics):
+        headers.append("rollover")
+        for row, m in zip(rows, plan.metrics, strict=True):
+            row.append(_rollover_text(m))
     if any(m.windows for m in plan.metrics):
         headers.append("windows")
         for row, m in zip(rows, plan.metrics, strict=True):
             row.append(", ".join(_window_limit_text(w) for w in m.windows) or "-")
     metrics = fmt.table(headers, rows)
     return f"{header}\n\n{metrics}"
+
+
+def _rollover_text(limits: plan_pb2.MetricLimits) -> str:
+    """'50%', or '50% up to 300' with a cap; '-' for none."""
+    if not limits.HasField("rollover_percent"):
+        return fmt.NONE
+    text = f"{limits.rollover_percent}%"
+    if limits.HasField("rollover_cap"):
+        text += f" up to {limits.rollover_cap}"
+    return text
 
 
 def _window_limit_text(window: plan_pb2.WindowLimit) -> str:
