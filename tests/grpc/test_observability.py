@@ -29,7 +29,9 @@ from pagemeter_server.ops.health import watching
 from pagemeter_server.ops.logs import JsonLines, PlainText
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import connect_redis
-from tests.conftest import RunningServer, eagle_plan, metric_limits
+from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits
+
+DAY_MS = 86_400_000
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -184,6 +186,23 @@ async def test_org_exporter_publishes_the_current_month_per_org(
     assert sample(registry, "pagemeter_org_exporter_orgs") == 2
     assert sample(registry, "pagemeter_org_exporter_skipped_orgs") == 0
     assert sample(registry, "pagemeter_org_exporter_up") == 1
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_org_exporter_counts_a_rollover_in_the_prepaid_balance(
+    pagemeter_server: RunningServer, registry: CollectorRegistry
+) -> None:
+    """The rollover grant is worked out by the scripts, not stored: the exporter asks
+    them for it, so the balance it publishes is the one CheckQuota draws on."""
+    rolling = metric_limits("pages", contract_quota=100, rollover_percent=30)
+    await setup(pagemeter_server, metrics=[rolling])
+    pagemeter_server.clock.set(START_MS + 50 * DAY_MS)  # May: April was wholly under the plan
+    acme = {"org": "acme", "metric": "pages"}
+    assert sample(registry, "pagemeter_org_prepaid_balance_units", **acme) == 30
+    await pagemeter_server.quota.RecordUsage(
+        quota_pb2.RecordUsageRequest(org_id="acme", request_id="j", units={"pages": 110})
+    )
+    assert sample(registry, "pagemeter_org_prepaid_balance_units", **acme) == 20
 
 
 async def test_org_exporter_leaves_out_expired_holds(

@@ -32,11 +32,12 @@ from pagemeter_server.domain import usage as rules
 from pagemeter_server.domain.clock import Clock
 from pagemeter_server.domain.credits import credit_balances
 from pagemeter_server.domain.decisions import StoredPlan, UsageSnapshot
-from pagemeter_server.domain.periods import calendar
+from pagemeter_server.domain.periods import Month, calendar
 from pagemeter_server.domain.plans import plan_doc_from_json, plan_token
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import sync_client_like
 from pagemeter_server.store.keys import ORGS_KEY, OrgKeys
+from pagemeter_server.store.scripts import script_text
 
 log = logging.getLogger("pagemeter.exporter")
 CHUNK = 500
@@ -59,6 +60,7 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 class OrgUsageCollector(Collector):
     def __init__(self, client: redis.Redis, default_timezone: str, max_orgs: int, clock: Clock):
         self.client = client
+        self._list_grants = client.register_script(script_text("list_grants"))
         self.default_timezone = default_timezone
         self.max_orgs = max_orgs
         self.clock = clock
@@ -140,6 +142,8 @@ class OrgUsageCollector(Collector):
             doc, version, tz, month, held, credits, lifetime = plans[i]
             if doc is None:
                 continue  # the plan was removed since the org was registered
+            if any("rollover_percent" in terms for terms in doc["metrics"].values()):
+                credits = {**credits, **self._rollover_fields(org, tz, month, now_ms)}
             month_fields, expired_holds = second[2 * i], second[2 * i + 1]
             held_fields = _without_expired(held, expired_holds)
             months.append(
@@ -158,6 +162,36 @@ class OrgUsageCollector(Collector):
                 )
             )
         return months
+
+    def _rollover_fields(self, org: str, tz: str, month: Month, now_ms: int) -> dict[str, str]:
+        """The period's rollover grants, which only the scripts work out
+        (list_grants.lua), as credits hash fields; none if the plan's calendar
+        changed since it was read (the next scrape has them)."""
+        keys = OrgKeys(org)
+        previous = month.previous(calendar(tz))
+        reply = self._list_grants(
+            keys=[
+                keys.plan,
+                keys.credits,
+                keys.month(month.period_id),
+                keys.month(previous.period_id),
+                keys.planlog,
+                keys.planver,
+            ],
+            args=[
+                now_ms,
+                tz,
+                self.default_timezone,
+                month.period_id,
+                month.start_ms,
+                month.end_ms,
+                previous.start_ms,
+            ],
+        )
+        if reply[0] != "OK":
+            return {}
+        flat = reply[2]
+        return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     @staticmethod
     def _add(
