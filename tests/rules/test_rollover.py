@@ -175,6 +175,37 @@ async def test_a_late_record_of_the_previous_period_lowers_the_rollover(migrated
     assert await rollover(migrated) is None
 
 
+async def test_a_late_record_in_a_batch_shrinks_the_rollover_for_the_items_after_it(
+    migrated: Store,
+) -> None:
+    """In one RecordUsageBatch: a March job draws 5 of the 20 rolled over, a late
+    February job then uses the 40 February left (so the rollover is worth 0), and
+    a March job after it draws nothing more."""
+    await set_plan(migrated)
+    await record(migrated, "feb", 60, at_ms=FEB_10)
+
+    def job(request_id: str, pages: int, completed_ms: int = NOW) -> RecordCall:
+        return RecordCall(
+            request_id=request_id,
+            units={"pages": pages},
+            completed_ms=completed_ms,
+            completed_given=True,
+            success=True,
+            requested_ms=None,
+            document_type="",
+        )
+
+    results = await migrated.record_batch(
+        "acme",
+        [job("march-1", 105), job("february", 40, MAR_1 - 1), job("march-2", 10)],
+        now_ms=NOW,
+    )
+    splits = [(r.metrics[0].included, r.metrics[0].prepaid) for r in results]  # type: ignore[union-attr]
+    assert splits == [(100, 5), (40, 0), (0, 0)]
+    grant = await rollover(migrated)
+    assert grant is None, "worth 0 now: February used its whole quota"
+
+
 async def test_a_hold_on_rollover_credits_open_at_the_period_end(migrated: Store) -> None:
     """A hold placed on March 31st reserves rollover credits; committed in April,
     the rollover has expired, and the units are priced as April's."""

@@ -37,6 +37,7 @@ from pagemeter_server.domain.plans import plan_doc_from_json, plan_token
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import sync_client_like
 from pagemeter_server.store.keys import ORGS_KEY, OrgKeys
+from pagemeter_server.store.quota import period_bounds
 from pagemeter_server.store.scripts import script_text
 
 log = logging.getLogger("pagemeter.exporter")
@@ -178,15 +179,7 @@ class OrgUsageCollector(Collector):
                 keys.planlog,
                 keys.planver,
             ],
-            args=[
-                now_ms,
-                tz,
-                self.default_timezone,
-                month.period_id,
-                month.start_ms,
-                month.end_ms,
-                previous.start_ms,
-            ],
+            args=[now_ms, tz, self.default_timezone, period_bounds(month, previous)],
         )
         if reply[0] != "OK":
             return {}

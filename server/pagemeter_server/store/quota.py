@@ -175,16 +175,14 @@ class Store:
         self._previous_cache[tz] = (month, previous)
         return previous
 
-    def _rollover_context(
-        self, keys: OrgKeys, month: Month, tz: str
-    ) -> tuple[list[str], list[str | int]]:
-        """The KEYS and ARGV a script needs to work out a period's rollover grants
-        (_lib.lua, rollover_period): the previous period's hash and the plan log;
-        the period's bounds and the previous period's start."""
+    def _rollover_context(self, keys: OrgKeys, month: Month, tz: str) -> tuple[list[str], str]:
+        """The KEYS and the ARGV a script needs to work out a period's rollover
+        grants (_lib.lua, rollover_period): the previous period's hash and the
+        plan log; the period's bounds, with the previous period's start."""
         previous = self._previous_of(month, tz)
         return (
             [keys.month(previous.period_id), keys.planlog, keys.planver],
-            [month.start_ms, month.end_ms, previous.start_ms],
+            period_bounds(month, previous),
         )
 
     def _windows_at(self, instant_ms: int, tz: str) -> tuple[WindowSpan, ...]:
@@ -410,7 +408,7 @@ class Store:
         keys = OrgKeys(org_id)
         month = self._month_at(now_ms, tz)
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
-        rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
+        rollover_keys, rollover_bounds = self._rollover_context(keys, month, tz)
         return PreparedCall(
             [
                 keys.plan,
@@ -442,8 +440,7 @@ class Store:
                 call.request_id,
                 now_ms - self.record_ttl_ms,
                 self.max_records_per_org,
-                month.period_id,
-                *rollover_args,
+                rollover_bounds,
                 len(call.units),
                 *flat_units,
             ],
@@ -535,7 +532,7 @@ class Store:
         flat_units = [item for pair in sorted(call.units.items()) for item in pair]
         month = self._month_at(call.completed_ms, tz)
         minute, hour, day, week = self._windows_at(call.completed_ms, tz)
-        rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
+        rollover_keys, rollover_bounds = self._rollover_context(keys, month, tz)
         return PreparedCall(
             [
                 keys.plan,
@@ -579,7 +576,7 @@ class Store:
                 minute.end_ms,
                 hour.end_ms,
                 week.end_ms,
-                *rollover_args,
+                rollover_bounds,
                 len(call.units),
                 *flat_units,
             ],
@@ -634,10 +631,7 @@ class Store:
                     tz,
                     self.default_timezone,
                     min(month.end_ms, now_ms + 1),
-                    month.period_id,
-                    month.start_ms,
-                    month.end_ms,
-                    month.previous(billing).start_ms,
+                    period_bounds(month, month.previous(billing)),
                 ],
                 month,
                 tz,
@@ -807,7 +801,7 @@ class Store:
 
         def prepare(tz: str) -> PreparedCall:
             month = self._month_at(now_ms, tz)
-            rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
+            rollover_keys, rollover_bounds = self._rollover_context(keys, month, tz)
             return PreparedCall(
                 [keys.credits, keys.audit, keys.plan, keys.month(month.period_id), *rollover_keys],
                 [
@@ -818,8 +812,7 @@ class Store:
                     self.audit_max_events,
                     tz,
                     self.default_timezone,
-                    month.period_id,
-                    *rollover_args,
+                    rollover_bounds,
                 ],
                 month,
                 tz,
@@ -845,10 +838,10 @@ class Store:
 
         def prepare(tz: str) -> PreparedCall:
             month = self._month_at(now_ms, tz)
-            rollover_keys, rollover_args = self._rollover_context(keys, month, tz)
+            rollover_keys, rollover_bounds = self._rollover_context(keys, month, tz)
             return PreparedCall(
                 [keys.plan, keys.credits, keys.month(month.period_id), *rollover_keys],
-                [now_ms, tz, self.default_timezone, month.period_id, *rollover_args],
+                [now_ms, tz, self.default_timezone, rollover_bounds],
                 month,
                 tz,
             )
@@ -892,3 +885,8 @@ def flat_fields(*flat_lists: Any) -> dict[str, str]:
     for flat in flat_lists:
         fields.update({str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)})
     return fields
+
+
+def period_bounds(month: Month, previous: Month) -> str:
+    """A period's bounds as the scripts read them (_lib.lua, rollover_period)."""
+    return f"{month.period_id}|{month.start_ms}|{month.end_ms}|{previous.start_ms}"

@@ -227,17 +227,27 @@ end
 --   percent and cap are the current plan's: whether a period takes a rollover
 --     in is up to the plan in effect.
 -- A rollover pays only for usage counted in its own period, while that period
--- runs: `period` is the context the caller gives, or nil (no rollover):
---   {month_key, previous_key, planlog_key, planver_key, plan_key, id, start_ms,
---    end_ms, previous_start_ms}
+-- runs. `period` is the context the caller gives: the period's hash, the
+-- previous period's, the plan keys, and its bounds as one argument,
+-- "<period id>|<start_ms>|<end_ms>|<previous period's start_ms>", read only
+-- when a metric rolls quota over (every check and record carries it).
 local ROLLOVER_PRIORITY = 50
 
 local function rollover_period(month_key, previous_key, plan_key, planlog_key, planver_key,
-    period_id, start_ms, end_ms, previous_start_ms)
+    bounds)
   return {month_key = month_key, previous_key = previous_key, plan_key = plan_key,
-    planlog_key = planlog_key, planver_key = planver_key, id = period_id,
-    start_ms = tonumber(start_ms), end_ms = tonumber(end_ms),
-    previous_start_ms = tonumber(previous_start_ms)}
+    planlog_key = planlog_key, planver_key = planver_key, bounds = bounds}
+end
+
+-- Whether the period runs at `now` (reading its bounds the first time).
+local function period_runs(period, now)
+  if not period.start_ms then
+    local id, start_ms, end_ms, previous_start_ms = string.match(period.bounds,
+      '^([^|]+)|(%d+)|(%d+)|(%d+)$')
+    period.id, period.start_ms, period.end_ms = id, tonumber(start_ms), tonumber(end_ms)
+    period.previous_start_ms = tonumber(previous_start_ms)
+  end
+  return period.start_ms <= now and now < period.end_ms
 end
 
 local function plan_set_ms(period)
@@ -303,7 +313,8 @@ local function rollover_grant(period, metric, limits)
   end
   return {id = 'rollover-' .. period.id .. '-' .. metric, metric = metric, remaining = remaining,
     effective = period.start_ms, expires = period.end_ms, priority = ROLLOVER_PRIORITY,
-    units = units, state = voided and 'V' or 'A', rollover = period.month_key}
+    units = units, state = voided and 'V' or 'A', rollover = period.month_key,
+    measured_on = period.previous_key}
 end
 
 -- Put the metric's rollover grant, when it has one, among the credits the
@@ -311,7 +322,8 @@ end
 -- while the period runs: a rollover pays for nothing once its period is over.
 local rollovers_added = {}
 local function add_rollover(credits_key, period, metric, limits, now)
-  if not period or not limits or now < period.start_ms or now >= period.end_ms then
+  -- Checked first: the common metric has no rollover, and this is every call's path.
+  if not (limits and limits.rollover_percent) or not period_runs(period, now) then
     return
   end
   local seen = credits_key .. '|' .. period.id .. '|' .. metric
@@ -321,9 +333,27 @@ local function add_rollover(credits_key, period, metric, limits, now)
   rollovers_added[seen] = true
   local grant = rollover_grant(period, metric, limits)
   if grant then
+    grant.added_as = seen
     local by_metric = load_credits(credits_key)
     by_metric[metric] = by_metric[metric] or {}
     table.insert(by_metric[metric], grant)
+  end
+end
+
+-- Units committed in `bucket` change what a rollover measured on it is worth:
+-- a later item of the same batch works it out again (a late record counted in
+-- the previous period shrinks the current period's rollover).
+local function forget_rollover(credits_key, bucket, metric)
+  local by_metric = credits_read[credits_key]
+  local list = by_metric and by_metric[metric]
+  if not list then
+    return
+  end
+  for i = #list, 1, -1 do
+    if list[i].measured_on == bucket then
+      rollovers_added[list[i].added_as] = nil
+      table.remove(list, i)
+    end
   end
 end
 
@@ -331,7 +361,7 @@ end
 -- credits hash would hold them ("g:<id>", value; flat), for the readers.
 local function rollover_fields(plan, period, now)
   local fields = {}
-  if not plan or now < period.start_ms or now >= period.end_ms then
+  if not plan or not period_runs(period, now) then
     return fields
   end
   for metric, limits in pairs(plan.metrics) do

@@ -29,10 +29,9 @@
 -- ARGV[8] request_id ('' without a hold)
 -- ARGV[9] records index cutoff (ms): entries requested earlier leave the index
 -- ARGV[10] records index cap (entries)
--- ARGV[11] period id of KEYS[6]
--- ARGV[12], ARGV[13] when that period starts and ends (ms)
--- ARGV[14] when the period before it starts (ms)
--- ARGV[15] metric count N, then ARGV[16..] N pairs: metric, units
+-- ARGV[11] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
+--         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
+-- ARGV[12] metric count N, then ARGV[13..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}         the server must recompute the month and retry
@@ -64,11 +63,10 @@ local record_ttl = tonumber(ARGV[7])
 local request_id = ARGV[8]
 local index_cutoff = tonumber(ARGV[9])
 local index_cap = tonumber(ARGV[10])
-local count = tonumber(ARGV[15])
-assert(#KEYS == 17 and #ARGV == 15 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[12])
+assert(#KEYS == 17 and #ARGV == 12 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
 local window_keys = {minute = KEYS[11], hour = KEYS[12], day = KEYS[13], week = KEYS[14]}
-local billing = rollover_period(month_key, KEYS[15], plan_key, KEYS[16], KEYS[17], ARGV[11],
-  ARGV[12], ARGV[13], ARGV[14])
+local billing = rollover_period(month_key, KEYS[15], plan_key, KEYS[16], KEYS[17], ARGV[11])
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -110,7 +108,7 @@ local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
 
 local requests = {}
 for i = 1, count do
-  requests[i] = {ARGV[14 + 2 * i], tonumber(ARGV[15 + 2 * i])}
+  requests[i] = {ARGV[11 + 2 * i], tonumber(ARGV[12 + 2 * i])}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
 

@@ -40,9 +40,9 @@
 -- ARGV[18] name registry cutoff (ms): names last recorded before it are forgotten
 --          (the counters that named them have expired by then)
 -- ARGV[19..21] when the windows of KEYS[13..15] end (ms on the now_ms clock)
--- ARGV[22], ARGV[23] when the period of KEYS[6] starts and ends (ms)
--- ARGV[24] when the period before it starts (ms)
--- ARGV[25] metric count N, then ARGV[26..] N pairs: metric, units
+-- ARGV[22] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
+--         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
+-- ARGV[23] metric count N, then ARGV[24..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
@@ -101,12 +101,11 @@ local names_cutoff = tonumber(ARGV[18])
 local window_keys = {minute = KEYS[13], hour = KEYS[14], day = day_key, week = KEYS[15]}
 local window_ends = {minute = tonumber(ARGV[19]), hour = tonumber(ARGV[20]),
   week = tonumber(ARGV[21])}
-local count = tonumber(ARGV[25])
-assert(#KEYS == 18 and #ARGV == 25 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[23])
+assert(#KEYS == 18 and #ARGV == 23 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
 -- A rollover pays for usage of its own period only, while it runs: a late
 -- record counted in an earlier period draws on no rollover (add_rollover).
-local billing = rollover_period(month_key, KEYS[16], plan_key, KEYS[17], KEYS[18], month_id,
-  ARGV[22], ARGV[23], ARGV[24])
+local billing = rollover_period(month_key, KEYS[16], plan_key, KEYS[17], KEYS[18], ARGV[22])
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -128,7 +127,7 @@ end
 
 local requests = {}
 for i = 1, count do
-  local metric, n = ARGV[24 + 2 * i], tonumber(ARGV[25 + 2 * i])
+  local metric, n = ARGV[22 + 2 * i], tonumber(ARGV[23 + 2 * i])
   if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
@@ -234,6 +233,7 @@ for i, req in ipairs(requests) do
     end
     overage = beyond - prepaid
     committed = redis.call('HINCRBY', bucket, 'c:' .. metric, n)
+    forget_rollover(credits_key, bucket, metric)
   end
   local over_quota = quota ~= nil and committed > quota
   local over_hard = hard ~= nil and committed > hard

@@ -19,9 +19,8 @@
 -- ARGV[4] terms instant (ms): the month's terms are those of the newest plan
 --         version set before it (the month's end; for the current month now + 1),
 --         as GetUsageHistory takes them
--- ARGV[5] period id of KEYS[6]
--- ARGV[6], ARGV[7] when that period starts and ends (ms)
--- ARGV[8] when the period before it (KEYS[8]) starts (ms)
+-- ARGV[5] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
+--         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
 --
 -- Returns {'STALE_TZ', plan_timezone} or
 --   {'OK', terms_json|'', terms_version, month_fields, life_fields, held_fields,
@@ -34,7 +33,7 @@
 --   would hold them; none unless the period runs at now_ms.
 -- where each *_fields is a flat HGETALL array.
 
-assert(#KEYS == 10 and #ARGV == 8, 'usage.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 10 and #ARGV == 5, 'usage.lua: wrong number of KEYS or ARGV')
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 
@@ -65,6 +64,6 @@ return {
   redis.call('HGETALL', KEYS[6]), redis.call('HGETALL', KEYS[7]),
   redis.call('HGETALL', held_key), redis.call('HGETALL', KEYS[5]),
   redis.call('HGETALL', KEYS[8]), expired,
-  rollover_fields(plan, rollover_period(KEYS[6], KEYS[8], plan_key, KEYS[9], KEYS[10], ARGV[5],
-    ARGV[6], ARGV[7], ARGV[8]), now),
+  rollover_fields(plan, rollover_period(KEYS[6], KEYS[8], plan_key, KEYS[9], KEYS[10], ARGV[5]),
+    now),
 }

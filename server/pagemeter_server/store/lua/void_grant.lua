@@ -15,9 +15,8 @@
 -- ARGV[5] audit trail length (entries kept, about)
 -- ARGV[6] timezone the server assumed when it chose the period keys
 -- ARGV[7] service default timezone (used when the org has no plan)
--- ARGV[8] period id of KEYS[4]
--- ARGV[9], ARGV[10] when that period starts and ends (ms)
--- ARGV[11] when the period before it starts (ms)
+-- ARGV[8] the bounds of the period of KEYS[4], "<period id>|<start_ms>|<end_ms>|
+--         <start_ms of the period before>" (_lib.lua, rollover_period)
 --
 -- Returns {'STALE_TZ', plan_timezone}, {'NOT_FOUND'} (no such grant, one
 --   dropped after it ran out, or a rollover grant of a period that is over), or
@@ -25,15 +24,15 @@
 -- A rollover grant ("rollover-<period id>-<metric>") is voided by marking its
 -- period's hash (rv:<metric>): it is worked out, not stored.
 
-assert(#KEYS == 7 and #ARGV == 11, 'void_grant.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 7 and #ARGV == 8, 'void_grant.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[2])
 local plan = load_plan(KEYS[3])
 local stale = stale_timezone(plan, ARGV[6], ARGV[7])
 if stale then
   return stale
 end
-local period = rollover_period(KEYS[4], KEYS[5], KEYS[3], KEYS[6], KEYS[7], ARGV[8], ARGV[9],
-  ARGV[10], ARGV[11])
+local period = rollover_period(KEYS[4], KEYS[5], KEYS[3], KEYS[6], KEYS[7], ARGV[8])
+period_runs(period, now)
 local rollover_prefix = 'rollover-' .. period.id .. '-'
 if plan and string.sub(ARGV[1], 1, #rollover_prefix) == rollover_prefix then
   local metric = string.sub(ARGV[1], #rollover_prefix + 1)

@@ -29,10 +29,9 @@
 -- ARGV[8] request_id ('' without a hold)
 -- ARGV[9] records index cutoff (ms): entries requested earlier leave the index
 -- ARGV[10] records index cap (entries)
--- ARGV[11] period id of KEYS[6]
--- ARGV[12], ARGV[13] when that period starts and ends (ms)
--- ARGV[14] when the period before it starts (ms)
--- ARGV[15] metric count N, then ARGV[16..] N pairs: metric, units
+-- ARGV[11] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
+--         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
+-- ARGV[12] metric count N, then ARGV[13..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}         the server must recompute the month and retry
@@ -287,17 +286,27 @@ end
 --   percent and cap are the current plan's: whether a period takes a rollover
 --     in is up to the plan in effect.
 -- A rollover pays only for usage counted in its own period, while that period
--- runs: `period` is the context the caller gives, or nil (no rollover):
---   {month_key, previous_key, planlog_key, planver_key, plan_key, id, start_ms,
---    end_ms, previous_start_ms}
+-- runs. `period` is the context the caller gives: the period's hash, the
+-- previous period's, the plan keys, and its bounds as one argument,
+-- "<period id>|<start_ms>|<end_ms>|<previous period's start_ms>", read only
+-- when a metric rolls quota over (every check and record carries it).
 local ROLLOVER_PRIORITY = 50
 
 local function rollover_period(month_key, previous_key, plan_key, planlog_key, planver_key,
-    period_id, start_ms, end_ms, previous_start_ms)
+    bounds)
   return {month_key = month_key, previous_key = previous_key, plan_key = plan_key,
-    planlog_key = planlog_key, planver_key = planver_key, id = period_id,
-    start_ms = tonumber(start_ms), end_ms = tonumber(end_ms),
-    previous_start_ms = tonumber(previous_start_ms)}
+    planlog_key = planlog_key, planver_key = planver_key, bounds = bounds}
+end
+
+-- Whether the period runs at `now` (reading its bounds the first time).
+local function period_runs(period, now)
+  if not period.start_ms then
+    local id, start_ms, end_ms, previous_start_ms = string.match(period.bounds,
+      '^([^|]+)|(%d+)|(%d+)|(%d+)$')
+    period.id, period.start_ms, period.end_ms = id, tonumber(start_ms), tonumber(end_ms)
+    period.previous_start_ms = tonumber(previous_start_ms)
+  end
+  return period.start_ms <= now and now < period.end_ms
 end
 
 local function plan_set_ms(period)
@@ -363,7 +372,8 @@ local function rollover_grant(period, metric, limits)
   end
   return {id = 'rollover-' .. period.id .. '-' .. metric, metric = metric, remaining = remaining,
     effective = period.start_ms, expires = period.end_ms, priority = ROLLOVER_PRIORITY,
-    units = units, state = voided and 'V' or 'A', rollover = period.month_key}
+    units = units, state = voided and 'V' or 'A', rollover = period.month_key,
+    measured_on = period.previous_key}
 end
 
 -- Put the metric's rollover grant, when it has one, among the credits the
@@ -371,7 +381,8 @@ end
 -- while the period runs: a rollover pays for nothing once its period is over.
 local rollovers_added = {}
 local function add_rollover(credits_key, period, metric, limits, now)
-  if not period or not limits or now < period.start_ms or now >= period.end_ms then
+  -- Checked first: the common metric has no rollover, and this is every call's path.
+  if not (limits and limits.rollover_percent) or not period_runs(period, now) then
     return
   end
   local seen = credits_key .. '|' .. period.id .. '|' .. metric
@@ -381,9 +392,27 @@ local function add_rollover(credits_key, period, metric, limits, now)
   rollovers_added[seen] = true
   local grant = rollover_grant(period, metric, limits)
   if grant then
+    grant.added_as = seen
     local by_metric = load_credits(credits_key)
     by_metric[metric] = by_metric[metric] or {}
     table.insert(by_metric[metric], grant)
+  end
+end
+
+-- Units committed in `bucket` change what a rollover measured on it is worth:
+-- a later item of the same batch works it out again (a late record counted in
+-- the previous period shrinks the current period's rollover).
+local function forget_rollover(credits_key, bucket, metric)
+  local by_metric = credits_read[credits_key]
+  local list = by_metric and by_metric[metric]
+  if not list then
+    return
+  end
+  for i = #list, 1, -1 do
+    if list[i].measured_on == bucket then
+      rollovers_added[list[i].added_as] = nil
+      table.remove(list, i)
+    end
   end
 end
 
@@ -391,7 +420,7 @@ end
 -- credits hash would hold them ("g:<id>", value; flat), for the readers.
 local function rollover_fields(plan, period, now)
   local fields = {}
-  if not plan or now < period.start_ms or now >= period.end_ms then
+  if not plan or not period_runs(period, now) then
     return fields
   end
   for metric, limits in pairs(plan.metrics) do
@@ -658,11 +687,10 @@ local record_ttl = tonumber(ARGV[7])
 local request_id = ARGV[8]
 local index_cutoff = tonumber(ARGV[9])
 local index_cap = tonumber(ARGV[10])
-local count = tonumber(ARGV[15])
-assert(#KEYS == 17 and #ARGV == 15 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[12])
+assert(#KEYS == 17 and #ARGV == 12 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
 local window_keys = {minute = KEYS[11], hour = KEYS[12], day = KEYS[13], week = KEYS[14]}
-local billing = rollover_period(month_key, KEYS[15], plan_key, KEYS[16], KEYS[17], ARGV[11],
-  ARGV[12], ARGV[13], ARGV[14])
+local billing = rollover_period(month_key, KEYS[15], plan_key, KEYS[16], KEYS[17], ARGV[11])
 
 local plan = load_plan(plan_key)
 local stale = stale_timezone(plan, ARGV[2], ARGV[3])
@@ -704,7 +732,7 @@ local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
 
 local requests = {}
 for i = 1, count do
-  requests[i] = {ARGV[14 + 2 * i], tonumber(ARGV[15 + 2 * i])}
+  requests[i] = {ARGV[11 + 2 * i], tonumber(ARGV[12 + 2 * i])}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
 
