@@ -7,6 +7,7 @@ March (START_MS is March 15th) takes February's unused quota in.
 
 from __future__ import annotations
 
+import asyncio
 from typing import cast
 
 import pytest
@@ -302,3 +303,22 @@ async def test_lifetime_and_unlimited_metrics_have_no_rollover_terms() -> None:
         )
         with pytest.raises(InvalidArgument):
             plan_to_doc(plan, "UTC")
+
+
+async def test_concurrent_holds_admit_exactly_the_rollover(migrated: Store) -> None:
+    """Quota used up, 20 rolled over, no overage: of 100 concurrent one-page holds
+    exactly 20 are admitted, and of 100 concurrent records exactly those 20 draw on it."""
+    await set_plan(migrated)
+    await record(migrated, "feb", 60, at_ms=FEB_10)
+    await record(migrated, "mar", 100)
+    checks = await asyncio.gather(*(check(migrated, 1, hold=f"h{i}") for i in range(100)))
+    assert sum(result.held for result in checks) == 20
+    # The 20 held jobs and 80 jobs without a hold, recorded at once: the held
+    # ones get the units their holds reserved, the others nothing.
+    held = {f"h{i}" for i, result in enumerate(checks) if result.held}
+    jobs = [*held, *(f"r{i}" for i in range(80))]
+    records = await asyncio.gather(*(record(migrated, job, 1) for job in jobs))
+    paid = {job for job, r in zip(jobs, records, strict=True) if r.metrics[0].prepaid}
+    assert paid == held
+    grant = await rollover(migrated)
+    assert grant is not None and grant.remaining == 0
