@@ -11,6 +11,7 @@ import asyncio
 from typing import cast
 
 import pytest
+import redis.asyncio as aioredis
 
 from pagemeter.v1 import plan_pb2, quota_pb2
 from pagemeter_server.domain.credits import ACTIVE, EXPIRED, VOIDED, Grant
@@ -322,3 +323,21 @@ async def test_concurrent_holds_admit_exactly_the_rollover(migrated: Store) -> N
     assert paid == held
     grant = await rollover(migrated)
     assert grant is not None and grant.remaining == 0
+
+
+async def test_the_first_plan_counts_after_the_plan_log_is_trimmed(
+    redis_client: aioredis.Redis, plans_migrated: None
+) -> None:
+    """With 31 days of usage retention, a SetPlan on March 14th drops versions replaced
+    before February 12th from the plan log: the one set on January 10th goes, the
+    one of February 5th stays. The organization still had a plan when February
+    began, so March keeps its rollover."""
+    store = Store(
+        redis_client, default_timezone="UTC", record_retention_days=31, usage_retention_days=31
+    )
+    await set_plan(store, at_ms=JAN_10)
+    await set_plan(store, at_ms=ms("2026-02-05T00:00:00+00:00"))
+    await set_plan(store, at_ms=ms("2026-03-14T00:00:00+00:00"))
+    assert len(await redis_client.zrange("pm:{acme}:planlog", 0, -1)) == 2
+    grant = await rollover(store)
+    assert grant is not None and grant.units == 50

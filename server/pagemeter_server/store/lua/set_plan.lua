@@ -2,7 +2,7 @@
 -- keeps the version in the plan log, so that the usage history can show each
 -- month's terms as they were (changing a plan never rewrites history).
 --
--- KEYS[1] plan      pm:{org}:plan      hash {json, version, updated_ms}
+-- KEYS[1] plan      pm:{org}:plan      hash {json, version, updated_ms, created_ms}
 -- KEYS[2] planlog   pm:{org}:planlog   zset version -> updated_ms
 -- KEYS[3] planver   pm:{org}:planver   hash version -> plan JSON
 -- KEYS[4] audit     pm:{org}:audit     stream (the audit trail)
@@ -29,6 +29,19 @@ local previous = redis.call('HGET', KEYS[1], 'json') or ''
 local previous_calendar = previous ~= '' and plan_doc(previous).calendar or ''
 if (previous_calendar or '') ~= ARGV[6] then
   return {'STALE_CALENDAR'}
+end
+-- When the organization's first plan was set (rollovers need a period wholly
+-- under a plan): kept from the first SetPlan on. A plan stored before it was
+-- kept takes the oldest time its plan log (or, without one, the plan) knows.
+if redis.call('HEXISTS', KEYS[1], 'created_ms') == 0 then
+  local created = ARGV[2]
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if #first == 2 then
+    created = first[2]
+  elseif previous ~= '' then
+    created = redis.call('HGET', KEYS[1], 'updated_ms') or created
+  end
+  redis.call('HSET', KEYS[1], 'created_ms', created)
 end
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'updated_ms', ARGV[2])

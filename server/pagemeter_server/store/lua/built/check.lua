@@ -334,10 +334,15 @@ local function previous_quota(period, metric, current_limits, updated_ms)
   return terms.contract_quota
 end
 
--- Whether the organization had a plan when the previous period began.
+-- Whether the organization had a plan when the previous period began: the
+-- plan's created_ms (set_plan.lua), else the oldest version its log keeps.
 local function planned_since(period, updated_ms)
   if updated_ms > 0 and updated_ms <= period.previous_start_ms then
     return true
+  end
+  local created = redis.call('HGET', period.plan_key, 'created_ms')
+  if created then
+    return tonumber(created) <= period.previous_start_ms
   end
   local first = redis.call('ZRANGE', period.planlog_key, 0, 0, 'WITHSCORES')
   return #first == 2 and tonumber(first[2]) <= period.previous_start_ms
