@@ -93,6 +93,13 @@ import driver
 from server_process import NotServing, ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def shown_path(path: Path) -> str:
+    """A path relative to the repository when it is inside it (--out may be anywhere)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 BIN = Path(sys.executable).parent
 SERVER = BIN / "pagemeter-server"
 EMPTY_SERVER = Path(__file__).resolve().parent / "empty_server.py"
@@ -1315,7 +1322,7 @@ class Bench:
                 self.notes.append(f"py-spy failed on {name}: {spied.stderr.strip()[-300:]}")
                 continue
             summary = summarize_profile(json.loads(output.read_text()))
-            summary["file"] = str(output.relative_to(ROOT))
+            summary["file"] = shown_path(output)
             self.results.setdefault("profiles", {})[name] = summary
             log(
                 f"profile {name}: "
@@ -1888,7 +1895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             default=str,
         )
     )
-    print(f"results: {out.relative_to(ROOT)}/results.json ({info['elapsed_s']} s)")
+    print(f"results: {shown_path(out)}/results.json ({info['elapsed_s']} s)")
     print(json.dumps(summary, separators=(",", ":"), default=str))
     return 1 if bench.problems else 0
 
