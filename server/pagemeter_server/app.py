@@ -92,6 +92,8 @@ def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetr
         max_unplanned_metrics=settings.max_unplanned_metrics,
         max_document_types=settings.max_document_types,
         audit_max_events=settings.audit_max_events,
+        event_max_per_org=settings.max_events_per_org,
+        event_retention_days=settings.event_retention_days,
         coalesce=settings.redis_pipelining,
         observer=metrics.observe_script,
         replica_acks=(

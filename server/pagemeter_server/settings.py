@@ -298,6 +298,16 @@ class Settings:
     audit_max_events: int = option(
         "--audit-max-events", 10_000, "audit trail entries kept per organization"
     )
+    # The event stream of each organization (docs/events.md): entries kept
+    # (about; 0 turns events off) and days kept.
+    max_events_per_org: int = option(
+        "--max-events-per-org",
+        100_000,
+        "events kept per organization, about (0: write no events)",
+    )
+    event_retention_days: int = option(
+        "--event-retention-days", 7, "days an organization's events are kept"
+    )
     log_format: str = option("--log-format", "json", "json (one object a line) or text")
     # Seconds between health probes of Redis (grpc.health.v1 follows them).
     health_interval_seconds: float = option(
@@ -443,6 +453,13 @@ class Settings:
             raise ValueError("--org-exporter-max-orgs must be 0 (off) or more")
         if self.audit_max_events < 100:
             raise ValueError("the audit trail must keep at least 100 events")
+        if not (self.max_events_per_org == 0 or 1000 <= self.max_events_per_org <= 10_000_000):
+            raise ValueError("--max-events-per-org must be 0 (off) or between 1000 and 10000000")
+        if not 2 <= self.event_retention_days <= 400:
+            raise ValueError(
+                "--event-retention-days must be between 2 and 400 (webhook retries last "
+                "up to a day, and a replay reads what is kept)"
+            )
         if self.max_records_per_org < 1:
             raise ValueError("max records per organization must be at least 1")
         if not 0 <= self.max_unplanned_metrics <= MAX_UNPLANNED_METRICS:

@@ -145,9 +145,11 @@ async def test_set_plan_refuses_a_calendar_changed_since_it_was_read(
         "pm:{acme}:audit",
         "pm:{acme}:unplanned",
         "pm:{acme}:u:lifetime",
+        "pm:{acme}:events",
+        "pm:{acme}:evstate",
     ]
     reply = await store.scripts["set_plan"](
-        keys=keys, args=['{"schema":2}', now, 0, "test", 100, ""]
+        keys=keys, args=['{"schema":2}', now, 0, "test", 100, "", store.event_spec()]
     )
     assert reply == ["STALE_CALENDAR"]
     assert await redis_client.hgetall("pm:{acme}:plan") == before

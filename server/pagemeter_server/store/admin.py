@@ -168,6 +168,8 @@ class AdminStore:
                     keys.audit,
                     keys.planlog,
                     keys.planver,
+                    keys.events,
+                    keys.evstate,
                 ],
                 [
                     now_ms,
@@ -184,6 +186,7 @@ class AdminStore:
                     self.store.audit_max_events,
                     # The month's terms: the plan version in effect at its end.
                     min(month.end_ms, now_ms + 1),
+                    self.store.event_spec(),
                 ],
                 month,
                 tz,

@@ -21,6 +21,12 @@ ORGS_KEY = "pm:orgs"
 PLAN_SCHEMA_KEY = "pm:plan-schema"
 
 
+# Organizations with events lately (org -> last event, ms): the webhook
+# dispatchers' list of streams to read. Written by the servers after the scripts
+# (it is not under the org's hash tag); a dispatcher also finds streams by SCAN.
+EVENT_ORGS_KEY = "pm:event-orgs"
+
+
 class OrgKeys:
     """The keys of one organization, all under its `{org_id}` hash tag."""
 
@@ -40,6 +46,10 @@ class OrgKeys:
         self.api_keys = self.prefix + "keys"
         self.unplanned = self.prefix + "unplanned"
         self.doctypes = self.prefix + "doctypes"
+        # The organization's event stream and its state (the sequence, the
+        # thresholds crossed): store/lua/_lib.lua, emit; docs/events.md.
+        self.events = self.prefix + "events"
+        self.evstate = self.prefix + "evstate"
 
     def month(self, period_id: str) -> str:
         return f"{self.prefix}u:{period_id}"

@@ -70,7 +70,13 @@ from pagemeter_server.domain.plans import (
 )
 from pagemeter_server.store.coalesce import Coalescer
 from pagemeter_server.store.faults import StoreUnavailable, is_transient
-from pagemeter_server.store.keys import ORGS_KEY, PLAN_SCHEMA_KEY, OrgKeys, fingerprint
+from pagemeter_server.store.keys import (
+    EVENT_ORGS_KEY,
+    ORGS_KEY,
+    PLAN_SCHEMA_KEY,
+    OrgKeys,
+    fingerprint,
+)
 from pagemeter_server.store.replica_acks import ReplicaAcks
 from pagemeter_server.store.replies import (
     held_units,
@@ -96,6 +102,10 @@ UNKNOWN_METRIC = quota_pb2.DECISION_REASON_UNKNOWN_METRIC
 # A record counts in the month of its completion, which ends at most 31 days
 # after the record was made: its counters outlive it by the retention plus that.
 NAMES_GRACE_MS = 31 * DAY_MS
+# How often a server writes the organizations whose scripts wrote events to
+# pm:event-orgs (seconds), and the last key of such a script call.
+EVENT_ORGS_INTERVAL = 0.5
+EVSTATE_SUFFIX = "}:evstate"
 
 
 Call = TypeVar("Call")
@@ -116,6 +126,8 @@ class Store:
         max_unplanned_metrics: int = 16,
         max_document_types: int = 100,
         audit_max_events: int = 10_000,
+        event_max_per_org: int = 100_000,
+        event_retention_days: int = 7,
         coalesce: bool = False,
         tz_cache_size: int = 100_000,
         observer: Callable[[str, float, bool], None] | None = None,
@@ -142,11 +154,29 @@ class Store:
         self._tz_cache_size = tz_cache_size
         self._plans_migrated_seen = False
         self.audit_max_events = audit_max_events
+        self.event_max_per_org = event_max_per_org
+        self.event_retention_ms = event_retention_days * DAY_MS
+        # Organizations whose scripts ran since pm:event-orgs was last written:
+        # the dispatchers' list of streams to read (store/events.py). Written
+        # at most every EVENT_ORGS_INTERVAL by the call that finds it due.
+        self._event_orgs: set[str] = set()
+        self._event_orgs_written = time.monotonic()
         self._coalescer = Coalescer(client) if coalesce else None
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(script_text(name))
             for name in (*SCRIPTS, *(f"{batch}_batch" for batch in BATCH_SCRIPTS))
         }
+
+    def event_spec(self) -> str:
+        """The scripts' events argument (_lib.lua, event_sink): the most entries an
+        organization's stream keeps, the oldest entry id it keeps and the
+        retention, or '' when
+        events are off. The id is a time on this server's clock, which Redis's
+        entry ids follow (they are its clock), not the rules' clock."""
+        if self.event_max_per_org <= 0:
+            return ""
+        oldest = int(time.time() * 1000) - self.event_retention_ms
+        return f"{self.event_max_per_org}|{max(0, oldest)}|{self.event_retention_ms}"
 
     # -- timezone cache ---------------------------------------------------------
     # The month key depends on the plan's timezone, which lives in Redis. The
@@ -369,6 +399,7 @@ class Store:
             else:
                 reply = await self.scripts[name](keys=list(keys), args=list(args))
             ok = True
+            await self._note_event_org(keys)
             return reply
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             raise
@@ -379,6 +410,23 @@ class Store:
         finally:
             if self._observe is not None:
                 self._observe(name, time.perf_counter() - started, ok)
+
+    async def _note_event_org(self, keys: Sequence[str]) -> None:
+        """Note the organization of a script call that may have written events; every
+        EVENT_ORGS_INTERVAL, write the noted ones to pm:event-orgs (one ZADD). A
+        failure leaves them noted for the next time: it never fails the call, and
+        the dispatchers find any stream by SCAN as well."""
+        if not self.event_max_per_org or not keys or not keys[-1].endswith(EVSTATE_SUFFIX):
+            return
+        self._event_orgs.add(keys[-1][len("pm:{") : -len(EVSTATE_SUFFIX)])
+        if time.monotonic() - self._event_orgs_written < EVENT_ORGS_INTERVAL:
+            return
+        self._event_orgs_written = time.monotonic()
+        noted, self._event_orgs = self._event_orgs, set()
+        try:
+            await self.client.zadd(EVENT_ORGS_KEY, dict.fromkeys(noted, int(time.time() * 1000)))
+        except (redis.exceptions.RedisError, OSError):
+            self._event_orgs |= noted
 
     # -- CheckQuota -------------------------------------------------------------
 
@@ -423,6 +471,8 @@ class Store:
                 keys.records_index,
                 *self._window_keys(keys, now_ms, tz),
                 *rollover_keys,
+                keys.events,
+                keys.evstate,
             ],
             [
                 now_ms,
@@ -441,6 +491,7 @@ class Store:
                 now_ms - self.record_ttl_ms,
                 self.max_records_per_org,
                 rollover_bounds,
+                self.event_spec(),
                 len(call.units),
                 *flat_units,
             ],
@@ -551,6 +602,8 @@ class Store:
                 keys.window("hour", hour.window_id),
                 keys.window("week", week.window_id),
                 *rollover_keys,
+                keys.events,
+                keys.evstate,
             ],
             [
                 now_ms,
@@ -577,6 +630,7 @@ class Store:
                 hour.end_ms,
                 week.end_ms,
                 rollover_bounds,
+                self.event_spec(),
                 len(call.units),
                 *flat_units,
             ],
@@ -591,8 +645,15 @@ class Store:
         keys = OrgKeys(org_id)
         outcome, parts, expired = await self.run(
             "release",
-            [keys.holds, keys.holddata, keys.held, keys.record(request_id)],
-            [now_ms, request_id, self.record_ttl_ms],
+            [
+                keys.holds,
+                keys.holddata,
+                keys.held,
+                keys.record(request_id),
+                keys.events,
+                keys.evstate,
+            ],
+            [now_ms, request_id, self.record_ttl_ms, self.event_spec()],
         )
         return ReleaseResult(
             outcome=outcome, released=held_units(parts), expired=held_units(expired)
@@ -624,6 +685,8 @@ class Store:
                     keys.month(month.previous(billing).period_id),
                     keys.planlog,
                     keys.planver,
+                    keys.events,
+                    keys.evstate,
                 ],
                 # A month's terms are the plan's at its end (now for the current one).
                 [
@@ -632,6 +695,7 @@ class Store:
                     self.default_timezone,
                     min(month.end_ms, now_ms + 1),
                     period_bounds(month, month.previous(billing)),
+                    self.event_spec(),
                 ],
                 month,
                 tz,
@@ -682,7 +746,16 @@ class Store:
             joined = with_calendar(doc, stored.doc if stored else None, now_ms)
             reply = await self.run(
                 "set_plan",
-                [keys.plan, keys.planlog, keys.planver, keys.audit, keys.unplanned, keys.lifetime],
+                [
+                    keys.plan,
+                    keys.planlog,
+                    keys.planver,
+                    keys.audit,
+                    keys.unplanned,
+                    keys.lifetime,
+                    keys.events,
+                    keys.evstate,
+                ],
                 [
                     plan_doc_json(joined) if migrated else schema_1_json(joined),
                     now_ms,
@@ -690,6 +763,7 @@ class Store:
                     actor,
                     self.audit_max_events,
                     stored.doc.get("calendar", "") if stored else "",
+                    self.event_spec(),
                 ],
             )
             if reply[0] != "STALE_CALENDAR":
@@ -762,7 +836,14 @@ class Store:
         newer_terms = terms if terms != (None, None, DEFAULT_PRIORITY) else ()
         reply = await self.run(
             "grant",
-            [keys.plan, keys.credits, keys.grant(grant_id), keys.audit],
+            [
+                keys.plan,
+                keys.credits,
+                keys.grant(grant_id),
+                keys.audit,
+                keys.events,
+                keys.evstate,
+            ],
             [
                 metric,
                 units,
@@ -777,6 +858,7 @@ class Store:
                 priority,
                 MAX_LIVE_GRANTS,
                 grant_id,
+                self.event_spec(),
             ],
         )
         if reply[0] == "NO_PLAN":
@@ -803,7 +885,15 @@ class Store:
             month = self._month_at(now_ms, tz)
             rollover_keys, rollover_bounds = self._rollover_context(keys, month, tz)
             return PreparedCall(
-                [keys.credits, keys.audit, keys.plan, keys.month(month.period_id), *rollover_keys],
+                [
+                    keys.credits,
+                    keys.audit,
+                    keys.plan,
+                    keys.month(month.period_id),
+                    *rollover_keys,
+                    keys.events,
+                    keys.evstate,
+                ],
                 [
                     grant_id,
                     now_ms,
@@ -813,6 +903,7 @@ class Store:
                     tz,
                     self.default_timezone,
                     rollover_bounds,
+                    self.event_spec(),
                 ],
                 month,
                 tz,

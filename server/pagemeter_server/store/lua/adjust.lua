@@ -9,6 +9,8 @@
 -- KEYS[5] audit       pm:{org}:audit         stream (the audit trail)
 -- KEYS[6] planlog     pm:{org}:planlog       zset version -> updated_ms
 -- KEYS[7] planver     pm:{org}:planver       hash version -> plan JSON
+-- KEYS[8] events      pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[9] evstate     pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -23,6 +25,7 @@
 -- ARGV[11] reason
 -- ARGV[12] audit trail length (entries kept, about)
 -- ARGV[13] terms instant (ms): the month's end, or now + 1 for the current month
+-- ARGV[14] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Which metrics a month can be corrected for: a lifetime (PERIOD_NONE) metric of
 -- today's plan corrects its lifetime total; any other metric that the month's
@@ -32,8 +35,9 @@
 --
 -- Returns {'STALE_TZ', tz}, {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, or
 --   {'OK', period_id, before, after, duplicate}.
+-- Events: usage.corrected for a new correction.
 
-assert(#KEYS == 7 and #ARGV == 13, 'adjust.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 9 and #ARGV == 14, 'adjust.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[1])
 local metric, units = ARGV[4], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
@@ -97,4 +101,7 @@ redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]))
 audit(KEYS[5], ARGV[12], now, ARGV[10], 'usage.adjust', metric,
   cjson.encode({period = period_id, committed = fmt(before)}),
   cjson.encode({period = period_id, committed = fmt(after)}), ARGV[11])
+emit(event_sink(KEYS[8], KEYS[9], ARGV[14]), now, 'usage.corrected', {
+  adjustment_id = string.match(KEYS[4], ':adj:(.*)$'), metric = metric, period = period_id,
+  before = fmt(before), after = fmt(after), units = ARGV[5], reason = ARGV[11]})
 return {'OK', period_id, fmt(before), fmt(after), '0'}

@@ -18,6 +18,8 @@
 -- KEYS[15] previous pm:{org}:u:<period id> of the period before KEYS[6] (rollover)
 -- KEYS[16] planlog  pm:{org}:planlog  zset version -> updated_ms (rollover)
 -- KEYS[17] planver  pm:{org}:planver  hash version -> plan JSON (rollover)
+-- KEYS[18] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[19] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -31,7 +33,8 @@
 -- ARGV[10] records index cap (entries)
 -- ARGV[11] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
 --         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
--- ARGV[12] metric count N, then ARGV[13..] N pairs: metric, units
+-- ARGV[12] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
+-- ARGV[13] metric count N, then ARGV[14..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}         the server must recompute the month and retry
@@ -39,6 +42,7 @@
 --   {'RATE_LIMITED', retry_after_ms}     over the org's CheckQuota rate (nothing changed)
 --   {'REUSED', status}                   request_id belongs to another job (nothing changed)
 --   {'OK', allowed, held, hold_expiry_ms, duplicate, rows, expired, failure_policy}
+-- Events: hold.placed when it holds; hold.expired for each hold it finds expired.
 -- rows: one per metric, sorted by name, written by check_row (the columns of
 --   CHECK_COLUMNS in store/replies.py): metric, allowed, reason, requested,
 --   committed, held, quota|'', hard_limit|'', overage_allowed, max_admissible|'',
@@ -63,8 +67,9 @@ local record_ttl = tonumber(ARGV[7])
 local request_id = ARGV[8]
 local index_cutoff = tonumber(ARGV[9])
 local index_cap = tonumber(ARGV[10])
-local count = tonumber(ARGV[12])
-assert(#KEYS == 17 and #ARGV == 12 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[13])
+assert(#KEYS == 19 and #ARGV == 13 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local events = event_sink(KEYS[18], KEYS[19], ARGV[12])
 local window_keys = {minute = KEYS[11], hour = KEYS[12], day = KEYS[13], week = KEYS[14]}
 local billing = rollover_period(month_key, KEYS[15], plan_key, KEYS[16], KEYS[17], ARGV[11])
 
@@ -104,11 +109,11 @@ if rate > 0 then
   end
 end
 
-local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now, events)
 
 local requests = {}
 for i = 1, count do
-  requests[i] = {ARGV[11 + 2 * i], tonumber(ARGV[12 + 2 * i])}
+  requests[i] = {ARGV[12 + 2 * i], tonumber(ARGV[13 + 2 * i])}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
 
@@ -240,4 +245,6 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
+emit(events, now, 'hold.placed', {request_id = request_id, expires_at = fmt(hold_expiry),
+  metrics = hold_event_metrics(hold_parts)})
 return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.store_failure_policy or ''}

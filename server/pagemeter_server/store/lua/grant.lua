@@ -4,6 +4,8 @@
 -- KEYS[2] credits  pm:{org}:credits       hash of credit grants (see _lib.lua)
 -- KEYS[3] grant    pm:{org}:g:<grant_id>  hash {fp, metric, units, reason, ms}
 -- KEYS[4] audit    pm:{org}:audit         stream (the audit trail)
+-- KEYS[5] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[6] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] metric
 -- ARGV[2] units (positive)
@@ -18,11 +20,13 @@
 -- ARGV[11] priority (0 to 100)
 -- ARGV[12] live grants an organization may have at most
 -- ARGV[13] grant_id
+-- ARGV[14] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns one of {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, {'TOO_MANY_GRANTS'},
 --   {'OK', balance_now, duplicate}.
+-- Events: credits.granted for a new grant.
 
-assert(#KEYS == 4 and #ARGV == 13, 'grant.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 6 and #ARGV == 14, 'grant.lua: wrong number of KEYS or ARGV')
 local metric, now = ARGV[1], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
 if not plan then
@@ -70,6 +74,9 @@ audit(KEYS[4], ARGV[8], now, ARGV[7], 'credits.grant', metric,
   cjson.encode({balance = fmt(before)}),
   cjson.encode({balance = fmt(after), grant_id = grant_id, units = ARGV[2],
     effective_ms = ARGV[9], expires_ms = ARGV[10], priority = ARGV[11]}), ARGV[6])
+emit(event_sink(KEYS[5], KEYS[6], ARGV[14]), now, 'credits.granted', {grant_id = grant_id,
+  metric = metric, units = ARGV[2], effective_at = ARGV[9], expires_at = ARGV[10],
+  priority = ARGV[11], reason = ARGV[6], balance = fmt(after)})
 redis.call('HSET', KEYS[3], 'fp', ARGV[3], 'metric', metric, 'units', ARGV[2],
   'reason', ARGV[6], 'ms', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))

@@ -19,6 +19,8 @@
 -- KEYS[16] previous pm:{org}:u:<period id> of the period before KEYS[6] (rollover)
 -- KEYS[17] planlog  pm:{org}:planlog  zset version -> updated_ms (rollover)
 -- KEYS[18] planver  pm:{org}:planver  hash version -> plan JSON (rollover)
+-- KEYS[19] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[20] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -42,7 +44,8 @@
 -- ARGV[19..21] when the windows of KEYS[13..15] end (ms on the now_ms clock)
 -- ARGV[22] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
 --         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
--- ARGV[23] metric count N, then ARGV[24..] N pairs: metric, units
+-- ARGV[23] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
+-- ARGV[24] metric count N, then ARGV[25..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
@@ -54,6 +57,9 @@
 --    completed_ms, rows, expired, folded}
 -- expired: units of holds found expired by this call, "metric:units:0;...".
 -- folded: '1' when the job's document type counted as '_other' (a duplicate: '0').
+-- Events: usage.recorded for a new record (with its split into included, prepaid
+--   and overage units per metric, and how the job's hold ended); hold.expired for
+--   each other hold it finds expired. A duplicate writes none.
 -- status is 'completed' or 'failed'. rows: one per metric, sorted by name,
 --   written by record_row (the columns of RECORD_COLUMNS in store/replies.py):
 --   metric, units, included, prepaid, overage, committed_after, quota|'',
@@ -101,8 +107,9 @@ local names_cutoff = tonumber(ARGV[18])
 local window_keys = {minute = KEYS[13], hour = KEYS[14], day = day_key, week = KEYS[15]}
 local window_ends = {minute = tonumber(ARGV[19]), hour = tonumber(ARGV[20]),
   week = tonumber(ARGV[21])}
-local count = tonumber(ARGV[23])
-assert(#KEYS == 18 and #ARGV == 23 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[24])
+assert(#KEYS == 20 and #ARGV == 24 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local events = event_sink(KEYS[19], KEYS[20], ARGV[23])
 -- A rollover pays for usage of its own period only, while it runs: a late
 -- record counted in an earlier period draws on no rollover (add_rollover).
 local billing = rollover_period(month_key, KEYS[16], plan_key, KEYS[17], KEYS[18], ARGV[22])
@@ -127,7 +134,7 @@ end
 
 local requests = {}
 for i = 1, count do
-  local metric, n = ARGV[22 + 2 * i], tonumber(ARGV[23 + 2 * i])
+  local metric, n = ARGV[23 + 2 * i], tonumber(ARGV[24 + 2 * i])
   if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
@@ -180,7 +187,7 @@ end
 
 -- Free this job's hold before pricing the units, so its own prepaid
 -- reservation is available to it.
-local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now, events)
 local hold_released, hold_expired = false, false
 if status == 'held' then
   if drop_hold(holds_key, holddata_key, held_key, request_id) then
@@ -270,6 +277,25 @@ local final_status = 'failed'
 if success then
   final_status = 'completed'
 end
+
+-- The usage.recorded event's data: the job and, per metric, how it was paid.
+local function recorded_event(metric_rows)
+  local hold = 'none'
+  if hold_released then
+    hold = 'released'
+  elseif hold_expired then
+    hold = 'expired'
+  end
+  local parts = {}
+  for i, row in ipairs(metric_rows) do
+    parts[i] = {metric = row.metric, units = fmt(row.units), included = fmt(row.included),
+      prepaid = fmt(row.prepaid), overage = fmt(row.overage), committed = fmt(row.committed),
+      overage_price = row.overage_price, lifetime = row.lifetime}
+  end
+  return {request_id = request_id, status = final_status, period = month_id,
+    completed_at = completed_ms, requested_at = requested_ms, document_type = document_type,
+    hold = hold, over_limit = over_limit, metrics = parts}
+end
 local day_type = document_type
 if is_job then
   -- The day's counters, for statistics by date and by document type. The
@@ -336,6 +362,7 @@ index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_
 -- The name registries live as long as the counters they name. Without a plan
 -- the lifetime totals are only unplanned metrics' totals: they go too, so that
 -- an organization id nobody configured leaves nothing behind for good.
+emit(events, now, 'usage.recorded', recorded_event(rows))
 local names_ttl = now - names_cutoff
 redis.call('PEXPIRE', unplanned_key, names_ttl)
 redis.call('PEXPIRE', doctypes_key, names_ttl)

@@ -5,15 +5,20 @@
 -- KEYS[2] holddata  pm:{org}:holddata
 -- KEYS[3] held      pm:{org}:held
 -- KEYS[4] record    pm:{org}:r:<request_id>
+-- KEYS[5] events    pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[6] evstate   pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] request_id
 -- ARGV[3] record TTL (ms): how long a release of an unknown id is remembered
+-- ARGV[4] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns {outcome, released, expired} where outcome is one of 'released',
 -- 'already_released', 'expired', 'already_recorded', 'not_found', released
 -- is "metric:units:prepaid;..." of the freed hold ('' otherwise), and expired
 -- the units of holds found expired by this call.
+-- Events: hold.released when it frees a hold; hold.expired for each hold it
+-- finds expired.
 --
 -- Releasing an id nobody holds leaves a mark ('released', 'nf') for the record
 -- TTL: a CheckQuota hold with that id arriving later (a call that timed out
@@ -24,9 +29,10 @@
 local holds_key, holddata_key, held_key, record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local request_id = ARGV[2]
-assert(#KEYS == 4 and #ARGV == 3, 'release.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 6 and #ARGV == 4, 'release.lua: wrong number of KEYS or ARGV')
+local events = event_sink(KEYS[5], KEYS[6], ARGV[4])
 
-local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now, events)
 local status = redis.call('HMGET', record_key, 'st', 'nf')
 if not status[1] then
   redis.call('HSET', record_key, 'st', 'released', 'relms', ARGV[1], 'nf', '1')
@@ -47,4 +53,5 @@ if not parts then
   return {'expired', '', expired}
 end
 redis.call('HSET', record_key, 'st', 'released', 'relms', ARGV[1])
+emit(events, now, 'hold.released', {request_id = request_id, metrics = hold_event_metrics(parts)})
 return {'released', encode_hold(parts), expired}

@@ -10,6 +10,8 @@
 --         (the plan's metrics leave it: they no longer count against its cap)
 -- KEYS[6] life      pm:{org}:u:lifetime  kept for good once the org has a plan
 --         (record.lua lets it expire while there is none)
+-- KEYS[7] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[8] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] plan JSON as built by the server (never re-encoded here)
 -- ARGV[2] now_ms
@@ -20,11 +22,13 @@
 -- ARGV[6] the billing calendar the server read from the stored plan ('' for
 --         none), which it joined the new anchor to: the plan is stored only if
 --         it still has that calendar
+-- ARGV[7] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns {version, previous_json|''}, or {'STALE_CALENDAR'} (nothing written:
 -- another SetPlan changed the calendar; the server reads it again).
+-- Events: plan.changed, with the new version and document.
 
-assert(#KEYS == 6 and #ARGV == 6, 'set_plan.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 8 and #ARGV == 7, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''
 local previous_calendar = previous ~= '' and plan_doc(previous).calendar or ''
 if (previous_calendar or '') ~= ARGV[6] then
@@ -60,4 +64,6 @@ for i = 1, #old - 1 do
   redis.call('HDEL', KEYS[3], old[i])
 end
 audit(KEYS[4], ARGV[5], tonumber(ARGV[2]), ARGV[4], 'plan.set', fmt(version), previous, ARGV[1], '')
+emit(event_sink(KEYS[7], KEYS[8], ARGV[7]), tonumber(ARGV[2]), 'plan.changed',
+  {version = fmt(version), plan = ARGV[1]})
 return {version, previous}

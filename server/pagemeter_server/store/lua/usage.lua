@@ -12,6 +12,8 @@
 -- KEYS[8] previous  pm:{org}:u:<YYYY-MM> of the month before KEYS[6]
 -- KEYS[9] planlog   pm:{org}:planlog   zset version -> updated_ms
 -- KEYS[10] planver  pm:{org}:planver   hash version -> plan JSON
+-- KEYS[11] events   pm:{org}:events    stream: the org's events (_lib.lua, emit)
+-- KEYS[12] evstate  pm:{org}:evstate   hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -21,6 +23,7 @@
 --         as GetUsageHistory takes them
 -- ARGV[5] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
 --         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
+-- ARGV[6] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns {'STALE_TZ', plan_timezone} or
 --   {'OK', terms_json|'', terms_version, month_fields, life_fields, held_fields,
@@ -33,7 +36,9 @@
 --   would hold them; none unless the period runs at now_ms.
 -- where each *_fields is a flat HGETALL array.
 
-assert(#KEYS == 10 and #ARGV == 5, 'usage.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 12 and #ARGV == 6, 'usage.lua: wrong number of KEYS or ARGV')
+-- The holds it finds expired end here: hold.expired events.
+local events = event_sink(KEYS[11], KEYS[12], ARGV[6])
 local plan_key, holds_key, holddata_key, held_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 
@@ -58,7 +63,7 @@ if plan and redis.call('ZCARD', KEYS[9]) > 0 then
     terms_json, terms_version = redis.call('HGET', KEYS[10], ids[1]) or '', ids[1]
   end
 end
-local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now, events)
 return {
   'OK', terms_json, terms_version,
   redis.call('HGETALL', KEYS[6]), redis.call('HGETALL', KEYS[7]),

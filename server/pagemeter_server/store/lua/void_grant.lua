@@ -7,6 +7,8 @@
 -- KEYS[5] previous pm:{org}:u:<period id>  the period before it (rollover)
 -- KEYS[6] planlog  pm:{org}:planlog (rollover)
 -- KEYS[7] planver  pm:{org}:planver (rollover)
+-- KEYS[8] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[9] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] grant_id
 -- ARGV[2] now_ms
@@ -17,14 +19,16 @@
 -- ARGV[7] service default timezone (used when the org has no plan)
 -- ARGV[8] the bounds of the period of KEYS[4], "<period id>|<start_ms>|<end_ms>|
 --         <start_ms of the period before>" (_lib.lua, rollover_period)
+-- ARGV[9] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns {'STALE_TZ', plan_timezone}, {'NOT_FOUND'} (no such grant, one
 --   dropped after it ran out, or a rollover grant of a period that is over), or
 --   {'OK', voided_units, already_voided}.
 -- A rollover grant ("rollover-<period id>-<metric>") is voided by marking its
 -- period's hash (rv:<metric>): it is worked out, not stored.
+-- Events: credits.voided when it voids a grant (not again when already voided).
 
-assert(#KEYS == 7 and #ARGV == 8, 'void_grant.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 9 and #ARGV == 9, 'void_grant.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[2])
 local plan = load_plan(KEYS[3])
 local stale = stale_timezone(plan, ARGV[6], ARGV[7])
@@ -85,4 +89,6 @@ end
 audit(KEYS[2], ARGV[5], now, ARGV[4], 'credits.void', grant.metric,
   cjson.encode({grant_id = ARGV[1], remaining = fmt(voided)}),
   cjson.encode({grant_id = ARGV[1], remaining = '0'}), ARGV[3])
+emit(event_sink(KEYS[8], KEYS[9], ARGV[9]), now, 'credits.voided', {grant_id = ARGV[1],
+  metric = grant.metric, voided_units = fmt(voided), reason = ARGV[3]})
 return {'OK', voided, '0'}

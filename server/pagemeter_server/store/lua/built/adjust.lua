@@ -9,6 +9,8 @@
 -- KEYS[5] audit       pm:{org}:audit         stream (the audit trail)
 -- KEYS[6] planlog     pm:{org}:planlog       zset version -> updated_ms
 -- KEYS[7] planver     pm:{org}:planver       hash version -> plan JSON
+-- KEYS[8] events      pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[9] evstate     pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -23,6 +25,7 @@
 -- ARGV[11] reason
 -- ARGV[12] audit trail length (entries kept, about)
 -- ARGV[13] terms instant (ms): the month's end, or now + 1 for the current month
+-- ARGV[14] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Which metrics a month can be corrected for: a lifetime (PERIOD_NONE) metric of
 -- today's plan corrects its lifetime total; any other metric that the month's
@@ -32,6 +35,7 @@
 --
 -- Returns {'STALE_TZ', tz}, {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, or
 --   {'OK', period_id, before, after, duplicate}.
+-- Events: usage.corrected for a new correction.
 --
 -- Generated from server/pagemeter_server/store/lua/adjust.lua by `make scripts`; do not edit.
 -- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
@@ -446,6 +450,44 @@ local function draw_credits(credits_key, metric, amount, now)
   end
 end
 
+-- The organization's event stream (docs/events.md): every script that changes
+-- state appends the events of its change here, in the same atomic step, so an
+-- event exists exactly when its change does. An entry holds its per-org
+-- sequence `seq` (the `seq` field of the org's event state hash), `type`, `at`
+-- (the rules' clock) and `data` (a JSON object whose numbers are written as
+-- strings: Lua's JSON encoder keeps 14 digits; the server reads them back as
+-- integers). The entry id (Redis's clock) is the event's stable id.
+-- spec is "<max entries>|<oldest entry id kept>|<retention ms>" as the server
+-- computes it (on its clock, which the entry ids follow), or '' when events are
+-- off. The stream lives the retention past its last event; the state hash
+-- (sequence, thresholds crossed) a year longer, so the sequence goes on.
+local EVENT_STATE_GRACE_MS = 366 * 86400000
+
+local function event_sink(stream_key, state_key, spec)
+  local cap, minid, ttl = string.match(spec, '^(%d+)|(%d+)|(%d+)$')
+  if not cap then
+    return nil
+  end
+  return {stream = stream_key, state = state_key, cap = cap, minid = minid,
+    ttl = tonumber(ttl), kept = false}
+end
+
+local function emit(sink, now, kind, data)
+  if not sink then
+    return
+  end
+  local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
+  redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
+    'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
+  if not sink.kept then
+    -- Approximate trimming removes only whole nodes of old entries: cheap.
+    redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
+    redis.call('PEXPIRE', sink.stream, sink.ttl)
+    redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
+    sink.kept = true
+  end
+end
+
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
 local function decode_hold(s)
   local parts = {}
@@ -461,6 +503,15 @@ local function encode_hold(parts)
     out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
   end
   return table.concat(out, ';')
+end
+
+-- A hold's parts as an event's list of metrics.
+local function hold_event_metrics(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = {metric = p[1], units = fmt(p[2]), prepaid = fmt(p[3])}
+  end
+  return out
 end
 
 -- Take one hold's units out of the running held totals and forget it.
@@ -489,11 +540,17 @@ end
 -- lazily, at the start of every script that reads held totals. Returns the
 -- units that expired, per metric, as "metric:units:0;..." ('' for none), which
 -- the scripts hand back so that the server can count them.
-local function purge_expired_holds(holds_key, holddata_key, held_key, now)
-  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+local function purge_expired_holds(holds_key, holddata_key, held_key, now, sink)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now, 'WITHSCORES')
   local totals, order = {}, {}
-  for _, request_id in ipairs(expired) do
-    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+  for i = 1, #expired, 2 do
+    local request_id = expired[i]
+    local dropped = drop_hold(holds_key, holddata_key, held_key, request_id)
+    if dropped then
+      emit(sink, now, 'hold.expired', {request_id = request_id, expired_at = expired[i + 1],
+        metrics = hold_event_metrics(dropped)})
+    end
+    for _, p in ipairs(dropped or {}) do
       if not totals[p[1]] then
         totals[p[1]] = 0
         order[#order + 1] = p[1]
@@ -632,7 +689,7 @@ local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
 local REASON_SPEND_CAP_REACHED = 11
 
-assert(#KEYS == 7 and #ARGV == 13, 'adjust.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 9 and #ARGV == 14, 'adjust.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[1])
 local metric, units = ARGV[4], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
@@ -696,4 +753,7 @@ redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]))
 audit(KEYS[5], ARGV[12], now, ARGV[10], 'usage.adjust', metric,
   cjson.encode({period = period_id, committed = fmt(before)}),
   cjson.encode({period = period_id, committed = fmt(after)}), ARGV[11])
+emit(event_sink(KEYS[8], KEYS[9], ARGV[14]), now, 'usage.corrected', {
+  adjustment_id = string.match(KEYS[4], ':adj:(.*)$'), metric = metric, period = period_id,
+  before = fmt(before), after = fmt(after), units = ARGV[5], reason = ARGV[11]})
 return {'OK', period_id, fmt(before), fmt(after), '0'}

@@ -18,6 +18,8 @@
 -- KEYS[15] previous pm:{org}:u:<period id> of the period before KEYS[6] (rollover)
 -- KEYS[16] planlog  pm:{org}:planlog  zset version -> updated_ms (rollover)
 -- KEYS[17] planver  pm:{org}:planver  hash version -> plan JSON (rollover)
+-- KEYS[18] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[19] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -31,7 +33,8 @@
 -- ARGV[10] records index cap (entries)
 -- ARGV[11] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
 --         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
--- ARGV[12] metric count N, then ARGV[13..] N pairs: metric, units
+-- ARGV[12] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
+-- ARGV[13] metric count N, then ARGV[14..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}         the server must recompute the month and retry
@@ -39,6 +42,7 @@
 --   {'RATE_LIMITED', retry_after_ms}     over the org's CheckQuota rate (nothing changed)
 --   {'REUSED', status}                   request_id belongs to another job (nothing changed)
 --   {'OK', allowed, held, hold_expiry_ms, duplicate, rows, expired, failure_policy}
+-- Events: hold.placed when it holds; hold.expired for each hold it finds expired.
 -- rows: one per metric, sorted by name, written by check_row (the columns of
 --   CHECK_COLUMNS in store/replies.py): metric, allowed, reason, requested,
 --   committed, held, quota|'', hard_limit|'', overage_allowed, max_admissible|'',
@@ -465,6 +469,44 @@ local function draw_credits(credits_key, metric, amount, now)
   end
 end
 
+-- The organization's event stream (docs/events.md): every script that changes
+-- state appends the events of its change here, in the same atomic step, so an
+-- event exists exactly when its change does. An entry holds its per-org
+-- sequence `seq` (the `seq` field of the org's event state hash), `type`, `at`
+-- (the rules' clock) and `data` (a JSON object whose numbers are written as
+-- strings: Lua's JSON encoder keeps 14 digits; the server reads them back as
+-- integers). The entry id (Redis's clock) is the event's stable id.
+-- spec is "<max entries>|<oldest entry id kept>|<retention ms>" as the server
+-- computes it (on its clock, which the entry ids follow), or '' when events are
+-- off. The stream lives the retention past its last event; the state hash
+-- (sequence, thresholds crossed) a year longer, so the sequence goes on.
+local EVENT_STATE_GRACE_MS = 366 * 86400000
+
+local function event_sink(stream_key, state_key, spec)
+  local cap, minid, ttl = string.match(spec, '^(%d+)|(%d+)|(%d+)$')
+  if not cap then
+    return nil
+  end
+  return {stream = stream_key, state = state_key, cap = cap, minid = minid,
+    ttl = tonumber(ttl), kept = false}
+end
+
+local function emit(sink, now, kind, data)
+  if not sink then
+    return
+  end
+  local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
+  redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
+    'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
+  if not sink.kept then
+    -- Approximate trimming removes only whole nodes of old entries: cheap.
+    redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
+    redis.call('PEXPIRE', sink.stream, sink.ttl)
+    redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
+    sink.kept = true
+  end
+end
+
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
 local function decode_hold(s)
   local parts = {}
@@ -480,6 +522,15 @@ local function encode_hold(parts)
     out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
   end
   return table.concat(out, ';')
+end
+
+-- A hold's parts as an event's list of metrics.
+local function hold_event_metrics(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = {metric = p[1], units = fmt(p[2]), prepaid = fmt(p[3])}
+  end
+  return out
 end
 
 -- Take one hold's units out of the running held totals and forget it.
@@ -508,11 +559,17 @@ end
 -- lazily, at the start of every script that reads held totals. Returns the
 -- units that expired, per metric, as "metric:units:0;..." ('' for none), which
 -- the scripts hand back so that the server can count them.
-local function purge_expired_holds(holds_key, holddata_key, held_key, now)
-  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+local function purge_expired_holds(holds_key, holddata_key, held_key, now, sink)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now, 'WITHSCORES')
   local totals, order = {}, {}
-  for _, request_id in ipairs(expired) do
-    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+  for i = 1, #expired, 2 do
+    local request_id = expired[i]
+    local dropped = drop_hold(holds_key, holddata_key, held_key, request_id)
+    if dropped then
+      emit(sink, now, 'hold.expired', {request_id = request_id, expired_at = expired[i + 1],
+        metrics = hold_event_metrics(dropped)})
+    end
+    for _, p in ipairs(dropped or {}) do
       if not totals[p[1]] then
         totals[p[1]] = 0
         order[#order + 1] = p[1]
@@ -692,8 +749,9 @@ local record_ttl = tonumber(ARGV[7])
 local request_id = ARGV[8]
 local index_cutoff = tonumber(ARGV[9])
 local index_cap = tonumber(ARGV[10])
-local count = tonumber(ARGV[12])
-assert(#KEYS == 17 and #ARGV == 12 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[13])
+assert(#KEYS == 19 and #ARGV == 13 + 2 * count, 'check.lua: wrong number of KEYS or ARGV')
+local events = event_sink(KEYS[18], KEYS[19], ARGV[12])
 local window_keys = {minute = KEYS[11], hour = KEYS[12], day = KEYS[13], week = KEYS[14]}
 local billing = rollover_period(month_key, KEYS[15], plan_key, KEYS[16], KEYS[17], ARGV[11])
 
@@ -733,11 +791,11 @@ if rate > 0 then
   end
 end
 
-local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now, events)
 
 local requests = {}
 for i = 1, count do
-  requests[i] = {ARGV[11 + 2 * i], tonumber(ARGV[12 + 2 * i])}
+  requests[i] = {ARGV[12 + 2 * i], tonumber(ARGV[13 + 2 * i])}
 end
 table.sort(requests, function(a, b) return a[1] < b[1] end)
 
@@ -869,4 +927,6 @@ redis.call('HSET', record_key, 'st', 'held', 'cfp', fingerprint, 'cres', encoded
   'exp', fmt(hold_expiry), 'rms', fmt(now), 'hold', encode_hold(hold_parts))
 redis.call('PEXPIRE', record_key, hold_expiry - now + record_ttl)
 index_record(index_key, request_id, now, index_cutoff, index_cap, hold_expiry - now + record_ttl)
+emit(events, now, 'hold.placed', {request_id = request_id, expires_at = fmt(hold_expiry),
+  metrics = hold_event_metrics(hold_parts)})
 return {'OK', '1', '1', fmt(hold_expiry), '0', encoded, expired, plan.store_failure_policy or ''}

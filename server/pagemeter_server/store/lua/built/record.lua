@@ -19,6 +19,8 @@
 -- KEYS[16] previous pm:{org}:u:<period id> of the period before KEYS[6] (rollover)
 -- KEYS[17] planlog  pm:{org}:planlog  zset version -> updated_ms (rollover)
 -- KEYS[18] planver  pm:{org}:planver  hash version -> plan JSON (rollover)
+-- KEYS[19] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[20] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] timezone the server assumed when it chose the month key
@@ -42,7 +44,8 @@
 -- ARGV[19..21] when the windows of KEYS[13..15] end (ms on the now_ms clock)
 -- ARGV[22] the bounds of the period of KEYS[6], "<period id>|<start_ms>|<end_ms>|
 --         <start_ms of the period before>" (rollover; _lib.lua, rollover_period)
--- ARGV[23] metric count N, then ARGV[24..] N pairs: metric, units
+-- ARGV[23] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
+-- ARGV[24] metric count N, then ARGV[25..] N pairs: metric, units
 --
 -- Returns one of:
 --   {'STALE_TZ', plan_timezone}   the server must recompute the month and retry
@@ -54,6 +57,9 @@
 --    completed_ms, rows, expired, folded}
 -- expired: units of holds found expired by this call, "metric:units:0;...".
 -- folded: '1' when the job's document type counted as '_other' (a duplicate: '0').
+-- Events: usage.recorded for a new record (with its split into included, prepaid
+--   and overage units per metric, and how the job's hold ended); hold.expired for
+--   each other hold it finds expired. A duplicate writes none.
 -- status is 'completed' or 'failed'. rows: one per metric, sorted by name,
 --   written by record_row (the columns of RECORD_COLUMNS in store/replies.py):
 --   metric, units, included, prepaid, overage, committed_after, quota|'',
@@ -492,6 +498,44 @@ local function draw_credits(credits_key, metric, amount, now)
   end
 end
 
+-- The organization's event stream (docs/events.md): every script that changes
+-- state appends the events of its change here, in the same atomic step, so an
+-- event exists exactly when its change does. An entry holds its per-org
+-- sequence `seq` (the `seq` field of the org's event state hash), `type`, `at`
+-- (the rules' clock) and `data` (a JSON object whose numbers are written as
+-- strings: Lua's JSON encoder keeps 14 digits; the server reads them back as
+-- integers). The entry id (Redis's clock) is the event's stable id.
+-- spec is "<max entries>|<oldest entry id kept>|<retention ms>" as the server
+-- computes it (on its clock, which the entry ids follow), or '' when events are
+-- off. The stream lives the retention past its last event; the state hash
+-- (sequence, thresholds crossed) a year longer, so the sequence goes on.
+local EVENT_STATE_GRACE_MS = 366 * 86400000
+
+local function event_sink(stream_key, state_key, spec)
+  local cap, minid, ttl = string.match(spec, '^(%d+)|(%d+)|(%d+)$')
+  if not cap then
+    return nil
+  end
+  return {stream = stream_key, state = state_key, cap = cap, minid = minid,
+    ttl = tonumber(ttl), kept = false}
+end
+
+local function emit(sink, now, kind, data)
+  if not sink then
+    return
+  end
+  local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
+  redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
+    'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
+  if not sink.kept then
+    -- Approximate trimming removes only whole nodes of old entries: cheap.
+    redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
+    redis.call('PEXPIRE', sink.stream, sink.ttl)
+    redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
+    sink.kept = true
+  end
+end
+
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
 local function decode_hold(s)
   local parts = {}
@@ -507,6 +551,15 @@ local function encode_hold(parts)
     out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
   end
   return table.concat(out, ';')
+end
+
+-- A hold's parts as an event's list of metrics.
+local function hold_event_metrics(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = {metric = p[1], units = fmt(p[2]), prepaid = fmt(p[3])}
+  end
+  return out
 end
 
 -- Take one hold's units out of the running held totals and forget it.
@@ -535,11 +588,17 @@ end
 -- lazily, at the start of every script that reads held totals. Returns the
 -- units that expired, per metric, as "metric:units:0;..." ('' for none), which
 -- the scripts hand back so that the server can count them.
-local function purge_expired_holds(holds_key, holddata_key, held_key, now)
-  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+local function purge_expired_holds(holds_key, holddata_key, held_key, now, sink)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now, 'WITHSCORES')
   local totals, order = {}, {}
-  for _, request_id in ipairs(expired) do
-    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+  for i = 1, #expired, 2 do
+    local request_id = expired[i]
+    local dropped = drop_hold(holds_key, holddata_key, held_key, request_id)
+    if dropped then
+      emit(sink, now, 'hold.expired', {request_id = request_id, expired_at = expired[i + 1],
+        metrics = hold_event_metrics(dropped)})
+    end
+    for _, p in ipairs(dropped or {}) do
       if not totals[p[1]] then
         totals[p[1]] = 0
         order[#order + 1] = p[1]
@@ -724,8 +783,9 @@ local names_cutoff = tonumber(ARGV[18])
 local window_keys = {minute = KEYS[13], hour = KEYS[14], day = day_key, week = KEYS[15]}
 local window_ends = {minute = tonumber(ARGV[19]), hour = tonumber(ARGV[20]),
   week = tonumber(ARGV[21])}
-local count = tonumber(ARGV[23])
-assert(#KEYS == 18 and #ARGV == 23 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local count = tonumber(ARGV[24])
+assert(#KEYS == 20 and #ARGV == 24 + 2 * count, 'record.lua: wrong number of KEYS or ARGV')
+local events = event_sink(KEYS[19], KEYS[20], ARGV[23])
 -- A rollover pays for usage of its own period only, while it runs: a late
 -- record counted in an earlier period draws on no rollover (add_rollover).
 local billing = rollover_period(month_key, KEYS[16], plan_key, KEYS[17], KEYS[18], ARGV[22])
@@ -750,7 +810,7 @@ end
 
 local requests = {}
 for i = 1, count do
-  local metric, n = ARGV[22 + 2 * i], tonumber(ARGV[23 + 2 * i])
+  local metric, n = ARGV[23 + 2 * i], tonumber(ARGV[24 + 2 * i])
   if n < 0 and not (metrics[metric] and metrics[metric].period == 'none') then
     return {'NEGATIVE', metric}
   end
@@ -803,7 +863,7 @@ end
 
 -- Free this job's hold before pricing the units, so its own prepaid
 -- reservation is available to it.
-local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now, events)
 local hold_released, hold_expired = false, false
 if status == 'held' then
   if drop_hold(holds_key, holddata_key, held_key, request_id) then
@@ -893,6 +953,25 @@ local final_status = 'failed'
 if success then
   final_status = 'completed'
 end
+
+-- The usage.recorded event's data: the job and, per metric, how it was paid.
+local function recorded_event(metric_rows)
+  local hold = 'none'
+  if hold_released then
+    hold = 'released'
+  elseif hold_expired then
+    hold = 'expired'
+  end
+  local parts = {}
+  for i, row in ipairs(metric_rows) do
+    parts[i] = {metric = row.metric, units = fmt(row.units), included = fmt(row.included),
+      prepaid = fmt(row.prepaid), overage = fmt(row.overage), committed = fmt(row.committed),
+      overage_price = row.overage_price, lifetime = row.lifetime}
+  end
+  return {request_id = request_id, status = final_status, period = month_id,
+    completed_at = completed_ms, requested_at = requested_ms, document_type = document_type,
+    hold = hold, over_limit = over_limit, metrics = parts}
+end
 local day_type = document_type
 if is_job then
   -- The day's counters, for statistics by date and by document type. The
@@ -959,6 +1038,7 @@ index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_
 -- The name registries live as long as the counters they name. Without a plan
 -- the lifetime totals are only unplanned metrics' totals: they go too, so that
 -- an organization id nobody configured leaves nothing behind for good.
+emit(events, now, 'usage.recorded', recorded_event(rows))
 local names_ttl = now - names_cutoff
 redis.call('PEXPIRE', unplanned_key, names_ttl)
 redis.call('PEXPIRE', doctypes_key, names_ttl)

@@ -5,15 +5,20 @@
 -- KEYS[2] holddata  pm:{org}:holddata
 -- KEYS[3] held      pm:{org}:held
 -- KEYS[4] record    pm:{org}:r:<request_id>
+-- KEYS[5] events    pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[6] evstate   pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] now_ms
 -- ARGV[2] request_id
 -- ARGV[3] record TTL (ms): how long a release of an unknown id is remembered
+-- ARGV[4] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns {outcome, released, expired} where outcome is one of 'released',
 -- 'already_released', 'expired', 'already_recorded', 'not_found', released
 -- is "metric:units:prepaid;..." of the freed hold ('' otherwise), and expired
 -- the units of holds found expired by this call.
+-- Events: hold.released when it frees a hold; hold.expired for each hold it
+-- finds expired.
 --
 -- Releasing an id nobody holds leaves a mark ('released', 'nf') for the record
 -- TTL: a CheckQuota hold with that id arriving later (a call that timed out
@@ -434,6 +439,44 @@ local function draw_credits(credits_key, metric, amount, now)
   end
 end
 
+-- The organization's event stream (docs/events.md): every script that changes
+-- state appends the events of its change here, in the same atomic step, so an
+-- event exists exactly when its change does. An entry holds its per-org
+-- sequence `seq` (the `seq` field of the org's event state hash), `type`, `at`
+-- (the rules' clock) and `data` (a JSON object whose numbers are written as
+-- strings: Lua's JSON encoder keeps 14 digits; the server reads them back as
+-- integers). The entry id (Redis's clock) is the event's stable id.
+-- spec is "<max entries>|<oldest entry id kept>|<retention ms>" as the server
+-- computes it (on its clock, which the entry ids follow), or '' when events are
+-- off. The stream lives the retention past its last event; the state hash
+-- (sequence, thresholds crossed) a year longer, so the sequence goes on.
+local EVENT_STATE_GRACE_MS = 366 * 86400000
+
+local function event_sink(stream_key, state_key, spec)
+  local cap, minid, ttl = string.match(spec, '^(%d+)|(%d+)|(%d+)$')
+  if not cap then
+    return nil
+  end
+  return {stream = stream_key, state = state_key, cap = cap, minid = minid,
+    ttl = tonumber(ttl), kept = false}
+end
+
+local function emit(sink, now, kind, data)
+  if not sink then
+    return
+  end
+  local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
+  redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
+    'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
+  if not sink.kept then
+    -- Approximate trimming removes only whole nodes of old entries: cheap.
+    redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
+    redis.call('PEXPIRE', sink.stream, sink.ttl)
+    redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
+    sink.kept = true
+  end
+end
+
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
 local function decode_hold(s)
   local parts = {}
@@ -449,6 +492,15 @@ local function encode_hold(parts)
     out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
   end
   return table.concat(out, ';')
+end
+
+-- A hold's parts as an event's list of metrics.
+local function hold_event_metrics(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = {metric = p[1], units = fmt(p[2]), prepaid = fmt(p[3])}
+  end
+  return out
 end
 
 -- Take one hold's units out of the running held totals and forget it.
@@ -477,11 +529,17 @@ end
 -- lazily, at the start of every script that reads held totals. Returns the
 -- units that expired, per metric, as "metric:units:0;..." ('' for none), which
 -- the scripts hand back so that the server can count them.
-local function purge_expired_holds(holds_key, holddata_key, held_key, now)
-  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+local function purge_expired_holds(holds_key, holddata_key, held_key, now, sink)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now, 'WITHSCORES')
   local totals, order = {}, {}
-  for _, request_id in ipairs(expired) do
-    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+  for i = 1, #expired, 2 do
+    local request_id = expired[i]
+    local dropped = drop_hold(holds_key, holddata_key, held_key, request_id)
+    if dropped then
+      emit(sink, now, 'hold.expired', {request_id = request_id, expired_at = expired[i + 1],
+        metrics = hold_event_metrics(dropped)})
+    end
+    for _, p in ipairs(dropped or {}) do
       if not totals[p[1]] then
         totals[p[1]] = 0
         order[#order + 1] = p[1]
@@ -623,9 +681,10 @@ local REASON_SPEND_CAP_REACHED = 11
 local holds_key, holddata_key, held_key, record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local request_id = ARGV[2]
-assert(#KEYS == 4 and #ARGV == 3, 'release.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 6 and #ARGV == 4, 'release.lua: wrong number of KEYS or ARGV')
+local events = event_sink(KEYS[5], KEYS[6], ARGV[4])
 
-local expired = purge_expired_holds(holds_key, holddata_key, held_key, now)
+local expired = purge_expired_holds(holds_key, holddata_key, held_key, now, events)
 local status = redis.call('HMGET', record_key, 'st', 'nf')
 if not status[1] then
   redis.call('HSET', record_key, 'st', 'released', 'relms', ARGV[1], 'nf', '1')
@@ -646,4 +705,5 @@ if not parts then
   return {'expired', '', expired}
 end
 redis.call('HSET', record_key, 'st', 'released', 'relms', ARGV[1])
+emit(events, now, 'hold.released', {request_id = request_id, metrics = hold_event_metrics(parts)})
 return {'released', encode_hold(parts), expired}

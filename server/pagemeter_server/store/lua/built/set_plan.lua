@@ -10,6 +10,8 @@
 --         (the plan's metrics leave it: they no longer count against its cap)
 -- KEYS[6] life      pm:{org}:u:lifetime  kept for good once the org has a plan
 --         (record.lua lets it expire while there is none)
+-- KEYS[7] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[8] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] plan JSON as built by the server (never re-encoded here)
 -- ARGV[2] now_ms
@@ -20,9 +22,11 @@
 -- ARGV[6] the billing calendar the server read from the stored plan ('' for
 --         none), which it joined the new anchor to: the plan is stored only if
 --         it still has that calendar
+-- ARGV[7] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns {version, previous_json|''}, or {'STALE_CALENDAR'} (nothing written:
 -- another SetPlan changed the calendar; the server reads it again).
+-- Events: plan.changed, with the new version and document.
 --
 -- Generated from server/pagemeter_server/store/lua/set_plan.lua by `make scripts`; do not edit.
 -- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
@@ -437,6 +441,44 @@ local function draw_credits(credits_key, metric, amount, now)
   end
 end
 
+-- The organization's event stream (docs/events.md): every script that changes
+-- state appends the events of its change here, in the same atomic step, so an
+-- event exists exactly when its change does. An entry holds its per-org
+-- sequence `seq` (the `seq` field of the org's event state hash), `type`, `at`
+-- (the rules' clock) and `data` (a JSON object whose numbers are written as
+-- strings: Lua's JSON encoder keeps 14 digits; the server reads them back as
+-- integers). The entry id (Redis's clock) is the event's stable id.
+-- spec is "<max entries>|<oldest entry id kept>|<retention ms>" as the server
+-- computes it (on its clock, which the entry ids follow), or '' when events are
+-- off. The stream lives the retention past its last event; the state hash
+-- (sequence, thresholds crossed) a year longer, so the sequence goes on.
+local EVENT_STATE_GRACE_MS = 366 * 86400000
+
+local function event_sink(stream_key, state_key, spec)
+  local cap, minid, ttl = string.match(spec, '^(%d+)|(%d+)|(%d+)$')
+  if not cap then
+    return nil
+  end
+  return {stream = stream_key, state = state_key, cap = cap, minid = minid,
+    ttl = tonumber(ttl), kept = false}
+end
+
+local function emit(sink, now, kind, data)
+  if not sink then
+    return
+  end
+  local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
+  redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
+    'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
+  if not sink.kept then
+    -- Approximate trimming removes only whole nodes of old entries: cheap.
+    redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
+    redis.call('PEXPIRE', sink.stream, sink.ttl)
+    redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
+    sink.kept = true
+  end
+end
+
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
 local function decode_hold(s)
   local parts = {}
@@ -452,6 +494,15 @@ local function encode_hold(parts)
     out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
   end
   return table.concat(out, ';')
+end
+
+-- A hold's parts as an event's list of metrics.
+local function hold_event_metrics(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = {metric = p[1], units = fmt(p[2]), prepaid = fmt(p[3])}
+  end
+  return out
 end
 
 -- Take one hold's units out of the running held totals and forget it.
@@ -480,11 +531,17 @@ end
 -- lazily, at the start of every script that reads held totals. Returns the
 -- units that expired, per metric, as "metric:units:0;..." ('' for none), which
 -- the scripts hand back so that the server can count them.
-local function purge_expired_holds(holds_key, holddata_key, held_key, now)
-  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+local function purge_expired_holds(holds_key, holddata_key, held_key, now, sink)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now, 'WITHSCORES')
   local totals, order = {}, {}
-  for _, request_id in ipairs(expired) do
-    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+  for i = 1, #expired, 2 do
+    local request_id = expired[i]
+    local dropped = drop_hold(holds_key, holddata_key, held_key, request_id)
+    if dropped then
+      emit(sink, now, 'hold.expired', {request_id = request_id, expired_at = expired[i + 1],
+        metrics = hold_event_metrics(dropped)})
+    end
+    for _, p in ipairs(dropped or {}) do
       if not totals[p[1]] then
         totals[p[1]] = 0
         order[#order + 1] = p[1]
@@ -623,7 +680,7 @@ local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
 local REASON_SPEND_CAP_REACHED = 11
 
-assert(#KEYS == 6 and #ARGV == 6, 'set_plan.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 8 and #ARGV == 7, 'set_plan.lua: wrong number of KEYS or ARGV')
 local previous = redis.call('HGET', KEYS[1], 'json') or ''
 local previous_calendar = previous ~= '' and plan_doc(previous).calendar or ''
 if (previous_calendar or '') ~= ARGV[6] then
@@ -659,4 +716,6 @@ for i = 1, #old - 1 do
   redis.call('HDEL', KEYS[3], old[i])
 end
 audit(KEYS[4], ARGV[5], tonumber(ARGV[2]), ARGV[4], 'plan.set', fmt(version), previous, ARGV[1], '')
+emit(event_sink(KEYS[7], KEYS[8], ARGV[7]), tonumber(ARGV[2]), 'plan.changed',
+  {version = fmt(version), plan = ARGV[1]})
 return {version, previous}

@@ -7,6 +7,8 @@
 -- KEYS[5] previous pm:{org}:u:<period id>  the period before it (rollover)
 -- KEYS[6] planlog  pm:{org}:planlog (rollover)
 -- KEYS[7] planver  pm:{org}:planver (rollover)
+-- KEYS[8] events   pm:{org}:events   stream: the org's events (_lib.lua, emit)
+-- KEYS[9] evstate  pm:{org}:evstate  hash: the events' sequence (_lib.lua, emit)
 --
 -- ARGV[1] grant_id
 -- ARGV[2] now_ms
@@ -17,12 +19,14 @@
 -- ARGV[7] service default timezone (used when the org has no plan)
 -- ARGV[8] the bounds of the period of KEYS[4], "<period id>|<start_ms>|<end_ms>|
 --         <start_ms of the period before>" (_lib.lua, rollover_period)
+-- ARGV[9] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
 --
 -- Returns {'STALE_TZ', plan_timezone}, {'NOT_FOUND'} (no such grant, one
 --   dropped after it ran out, or a rollover grant of a period that is over), or
 --   {'OK', voided_units, already_voided}.
 -- A rollover grant ("rollover-<period id>-<metric>") is voided by marking its
 -- period's hash (rv:<metric>): it is worked out, not stored.
+-- Events: credits.voided when it voids a grant (not again when already voided).
 --
 -- Generated from server/pagemeter_server/store/lua/void_grant.lua by `make scripts`; do not edit.
 -- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
@@ -437,6 +441,44 @@ local function draw_credits(credits_key, metric, amount, now)
   end
 end
 
+-- The organization's event stream (docs/events.md): every script that changes
+-- state appends the events of its change here, in the same atomic step, so an
+-- event exists exactly when its change does. An entry holds its per-org
+-- sequence `seq` (the `seq` field of the org's event state hash), `type`, `at`
+-- (the rules' clock) and `data` (a JSON object whose numbers are written as
+-- strings: Lua's JSON encoder keeps 14 digits; the server reads them back as
+-- integers). The entry id (Redis's clock) is the event's stable id.
+-- spec is "<max entries>|<oldest entry id kept>|<retention ms>" as the server
+-- computes it (on its clock, which the entry ids follow), or '' when events are
+-- off. The stream lives the retention past its last event; the state hash
+-- (sequence, thresholds crossed) a year longer, so the sequence goes on.
+local EVENT_STATE_GRACE_MS = 366 * 86400000
+
+local function event_sink(stream_key, state_key, spec)
+  local cap, minid, ttl = string.match(spec, '^(%d+)|(%d+)|(%d+)$')
+  if not cap then
+    return nil
+  end
+  return {stream = stream_key, state = state_key, cap = cap, minid = minid,
+    ttl = tonumber(ttl), kept = false}
+end
+
+local function emit(sink, now, kind, data)
+  if not sink then
+    return
+  end
+  local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
+  redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
+    'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
+  if not sink.kept then
+    -- Approximate trimming removes only whole nodes of old entries: cheap.
+    redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
+    redis.call('PEXPIRE', sink.stream, sink.ttl)
+    redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
+    sink.kept = true
+  end
+end
+
 -- Hold data: "metric:units:prepaid_units;..." per request_id.
 local function decode_hold(s)
   local parts = {}
@@ -452,6 +494,15 @@ local function encode_hold(parts)
     out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
   end
   return table.concat(out, ';')
+end
+
+-- A hold's parts as an event's list of metrics.
+local function hold_event_metrics(parts)
+  local out = {}
+  for i, p in ipairs(parts) do
+    out[i] = {metric = p[1], units = fmt(p[2]), prepaid = fmt(p[3])}
+  end
+  return out
 end
 
 -- Take one hold's units out of the running held totals and forget it.
@@ -480,11 +531,17 @@ end
 -- lazily, at the start of every script that reads held totals. Returns the
 -- units that expired, per metric, as "metric:units:0;..." ('' for none), which
 -- the scripts hand back so that the server can count them.
-local function purge_expired_holds(holds_key, holddata_key, held_key, now)
-  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+local function purge_expired_holds(holds_key, holddata_key, held_key, now, sink)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now, 'WITHSCORES')
   local totals, order = {}, {}
-  for _, request_id in ipairs(expired) do
-    for _, p in ipairs(drop_hold(holds_key, holddata_key, held_key, request_id) or {}) do
+  for i = 1, #expired, 2 do
+    local request_id = expired[i]
+    local dropped = drop_hold(holds_key, holddata_key, held_key, request_id)
+    if dropped then
+      emit(sink, now, 'hold.expired', {request_id = request_id, expired_at = expired[i + 1],
+        metrics = hold_event_metrics(dropped)})
+    end
+    for _, p in ipairs(dropped or {}) do
       if not totals[p[1]] then
         totals[p[1]] = 0
         order[#order + 1] = p[1]
@@ -623,7 +680,7 @@ local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
 local REASON_SPEND_CAP_REACHED = 11
 
-assert(#KEYS == 7 and #ARGV == 8, 'void_grant.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 9 and #ARGV == 9, 'void_grant.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[2])
 local plan = load_plan(KEYS[3])
 local stale = stale_timezone(plan, ARGV[6], ARGV[7])
@@ -684,4 +741,6 @@ end
 audit(KEYS[2], ARGV[5], now, ARGV[4], 'credits.void', grant.metric,
   cjson.encode({grant_id = ARGV[1], remaining = fmt(voided)}),
   cjson.encode({grant_id = ARGV[1], remaining = '0'}), ARGV[3])
+emit(event_sink(KEYS[8], KEYS[9], ARGV[9]), now, 'credits.voided', {grant_id = ARGV[1],
+  metric = grant.metric, voided_units = fmt(voided), reason = ARGV[3]})
 return {'OK', voided, '0'}
