@@ -22,28 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pagemeter/v1/plan.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x0bWindowLimit\x12$\n\x06window\x18\x01 \x01(\x0e\x32\x14.pagemeter.v1.Window\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x0c\n\x04soft\x18\x03 \x01(\x08\x12\x0e\n\x06shadow\x18\x04 \x01(\x08\"\xca\x03\n\x0cMetricLimits\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x1b\n\x0e\x63ontract_quota\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0foverage_allowed\x18\x03 \x01(\x08\x12\x17\n\nhard_limit\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0eprice_per_unit\x18\x05 \x01(\t\x12\x1e\n\x16overage_price_per_unit\x18\x06 \x01(\t\x12$\n\x06period\x18\x07 \x01(\x0e\x32\x14.pagemeter.v1.Period\x12*\n\x07windows\x18\x08 \x03(\x0b\x32\x19.pagemeter.v1.WindowLimit\x12\x1e\n\x11shadow_hard_limit\x18\t \x01(\x03H\x02\x88\x01\x01\x12\x19\n\x11overage_spend_cap\x18\n \x01(\t\x12\x1d\n\x10rollover_percent\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x19\n\x0crollover_cap\x18\x0c \x01(\x03H\x04\x88\x01\x01\x42\x11\n\x0f_contract_quotaB\r\n\x0b_hard_limitB\x14\n\x12_shadow_hard_limitB\x13\n\x11_rollover_percentB\x0f\n\r_rollover_cap\"\xc2\x03\n\x04Plan\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12+\n\x07metrics\x18\x04 \x03(\x0b\x32\x1a.pagemeter.v1.MetricLimits\x12\x16\n\x0e\x61pi_rate_limit\x18\x05 \x01(\r\x12\x11\n\tapi_burst\x18\x06 \x01(\r\x12\x1b\n\x13processing_priority\x18\x07 \x01(\t\x12\x15\n\rsupport_level\x18\x08 \x01(\t\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\x03\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x14store_failure_policy\x18\x0c \x01(\x0e\x32 .pagemeter.v1.StoreFailurePolicy\x12\x32\n\x0e\x62illing_anchor\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x10\x62illing_interval\x18\x0e \x01(\x0e\x32\x1d.pagemeter.v1.BillingInterval*E\n\x06Period\x12\x16\n\x12PERIOD_UNSPECIFIED\x10\x00\x12\x12\n\x0ePERIOD_MONTHLY\x10\x01\x12\x0f\n\x0bPERIOD_NONE\x10\x02*e\n\x06Window\x12\x16\n\x12WINDOW_UNSPECIFIED\x10\x00\x12\x11\n\rWINDOW_MINUTE\x10\x01\x12\x0f\n\x0bWINDOW_HOUR\x10\x02\x12\x0e\n\nWINDOW_DAY\x10\x03\x12\x0f\n\x0bWINDOW_WEEK\x10\x04*j\n\x0f\x42illingInterval\x12 \n\x1c\x42ILLING_INTERVAL_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42ILLING_INTERVAL_MONTH\x10\x01\x12\x19\n\x15\x42ILLING_INTERVAL_YEAR\x10\x02*z\n\x12StoreFailurePolicy\x12$\n STORE_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSTORE_FAILURE_POLICY_CLOSED\x10\x01\x12\x1d\n\x19STORE_FAILURE_POLICY_OPEN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pagemeter/v1/plan.proto\x12\x0cpagemeter.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x0bWindowLimit\x12$\n\x06window\x18\x01 \x01(\x0e\x32\x14.pagemeter.v1.Window\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x0c\n\x04soft\x18\x03 \x01(\x08\x12\x0e\n\x06shadow\x18\x04 \x01(\x08\"\xf6\x03\n\x0cMetricLimits\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x1b\n\x0e\x63ontract_quota\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0foverage_allowed\x18\x03 \x01(\x08\x12\x17\n\nhard_limit\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0eprice_per_unit\x18\x05 \x01(\t\x12\x1e\n\x16overage_price_per_unit\x18\x06 \x01(\t\x12$\n\x06period\x18\x07 \x01(\x0e\x32\x14.pagemeter.v1.Period\x12*\n\x07windows\x18\x08 \x03(\x0b\x32\x19.pagemeter.v1.WindowLimit\x12\x1e\n\x11shadow_hard_limit\x18\t \x01(\x03H\x02\x88\x01\x01\x12\x19\n\x11overage_spend_cap\x18\n \x01(\t\x12\x1d\n\x10rollover_percent\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x19\n\x0crollover_cap\x18\x0c \x01(\x03H\x04\x88\x01\x01\x12*\n\x06\x61lerts\x18\r \x01(\x0b\x32\x1a.pagemeter.v1.MetricAlertsB\x11\n\x0f_contract_quotaB\r\n\x0b_hard_limitB\x14\n\x12_shadow_hard_limitB\x13\n\x11_rollover_percentB\x0f\n\r_rollover_cap\"\xab\x01\n\x0cMetricAlerts\x12\x16\n\x0equota_percents\x18\x01 \x03(\x05\x12\x1b\n\x13hard_limit_percents\x18\x02 \x03(\x05\x12\x1a\n\rcredits_below\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x38\n\x15grant_expiring_within\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x10\n\x0e_credits_below\"\xc2\x03\n\x04Plan\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12+\n\x07metrics\x18\x04 \x03(\x0b\x32\x1a.pagemeter.v1.MetricLimits\x12\x16\n\x0e\x61pi_rate_limit\x18\x05 \x01(\r\x12\x11\n\tapi_burst\x18\x06 \x01(\r\x12\x1b\n\x13processing_priority\x18\x07 \x01(\t\x12\x15\n\rsupport_level\x18\x08 \x01(\t\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\x03\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x14store_failure_policy\x18\x0c \x01(\x0e\x32 .pagemeter.v1.StoreFailurePolicy\x12\x32\n\x0e\x62illing_anchor\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x10\x62illing_interval\x18\x0e \x01(\x0e\x32\x1d.pagemeter.v1.BillingInterval*E\n\x06Period\x12\x16\n\x12PERIOD_UNSPECIFIED\x10\x00\x12\x12\n\x0ePERIOD_MONTHLY\x10\x01\x12\x0f\n\x0bPERIOD_NONE\x10\x02*e\n\x06Window\x12\x16\n\x12WINDOW_UNSPECIFIED\x10\x00\x12\x11\n\rWINDOW_MINUTE\x10\x01\x12\x0f\n\x0bWINDOW_HOUR\x10\x02\x12\x0e\n\nWINDOW_DAY\x10\x03\x12\x0f\n\x0bWINDOW_WEEK\x10\x04*j\n\x0f\x42illingInterval\x12 \n\x1c\x42ILLING_INTERVAL_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42ILLING_INTERVAL_MONTH\x10\x01\x12\x19\n\x15\x42ILLING_INTERVAL_YEAR\x10\x02*z\n\x12StoreFailurePolicy\x12$\n STORE_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSTORE_FAILURE_POLICY_CLOSED\x10\x01\x12\x1d\n\x19STORE_FAILURE_POLICY_OPEN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagemeter.v1.plan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PERIOD']._serialized_start=1086
-  _globals['_PERIOD']._serialized_end=1155
-  _globals['_WINDOW']._serialized_start=1157
-  _globals['_WINDOW']._serialized_end=1258
-  _globals['_BILLINGINTERVAL']._serialized_start=1260
-  _globals['_BILLINGINTERVAL']._serialized_end=1366
-  _globals['_STOREFAILUREPOLICY']._serialized_start=1368
-  _globals['_STOREFAILUREPOLICY']._serialized_end=1490
-  _globals['_WINDOWLIMIT']._serialized_start=74
-  _globals['_WINDOWLIMIT']._serialized_end=170
-  _globals['_METRICLIMITS']._serialized_start=173
-  _globals['_METRICLIMITS']._serialized_end=631
-  _globals['_PLAN']._serialized_start=634
-  _globals['_PLAN']._serialized_end=1084
+  _globals['_PERIOD']._serialized_start=1336
+  _globals['_PERIOD']._serialized_end=1405
+  _globals['_WINDOW']._serialized_start=1407
+  _globals['_WINDOW']._serialized_end=1508
+  _globals['_BILLINGINTERVAL']._serialized_start=1510
+  _globals['_BILLINGINTERVAL']._serialized_end=1616
+  _globals['_STOREFAILUREPOLICY']._serialized_start=1618
+  _globals['_STOREFAILUREPOLICY']._serialized_end=1740
+  _globals['_WINDOWLIMIT']._serialized_start=106
+  _globals['_WINDOWLIMIT']._serialized_end=202
+  _globals['_METRICLIMITS']._serialized_start=205
+  _globals['_METRICLIMITS']._serialized_end=707
+  _globals['_METRICALERTS']._serialized_start=710
+  _globals['_METRICALERTS']._serialized_end=881
+  _globals['_PLAN']._serialized_start=884
+  _globals['_PLAN']._serialized_end=1334
 # @@protoc_insertion_point(module_scope)

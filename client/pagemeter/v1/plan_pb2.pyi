@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -217,6 +218,7 @@ class MetricLimits(_message.Message):
     OVERAGE_SPEND_CAP_FIELD_NUMBER: _builtins.int
     ROLLOVER_PERCENT_FIELD_NUMBER: _builtins.int
     ROLLOVER_CAP_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric name: lowercase letters, digits and '_', starting with a letter,
     at most 32 characters. Examples: "pages", "documents", "credits".
@@ -274,6 +276,16 @@ class MetricLimits(_message.Message):
         a call is decided in the same atomic step as the quota.
         """
 
+    @_builtins.property
+    def alerts(self) -> Global___MetricAlerts:
+        """Notification thresholds: a threshold.crossed event the first time in a
+        period a threshold is crossed, and threshold.resolved when it no longer
+        holds (docs/events.md). Unset means the defaults: 80 % and 100 % of the
+        contract quota and of the hard limit (of those the metric has), and the
+        spend cap reached (when it has one). Set, it replaces the percentages and
+        adds the credit thresholds; the spend cap is always watched.
+        """
+
     def __init__(
         self,
         *,
@@ -289,10 +301,11 @@ class MetricLimits(_message.Message):
         overage_spend_cap: _builtins.str = ...,
         rollover_percent: _builtins.int | None = ...,
         rollover_cap: _builtins.int | None = ...,
+        alerts: Global___MetricAlerts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_rollover_cap", b"_rollover_cap", "_rollover_percent", b"_rollover_percent", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "rollover_cap", b"rollover_cap", "rollover_percent", b"rollover_percent", "shadow_hard_limit", b"shadow_hard_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_rollover_cap", b"_rollover_cap", "_rollover_percent", b"_rollover_percent", "_shadow_hard_limit", b"_shadow_hard_limit", "alerts", b"alerts", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "rollover_cap", b"rollover_cap", "rollover_percent", b"rollover_percent", "shadow_hard_limit", b"shadow_hard_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_rollover_cap", b"_rollover_cap", "_rollover_percent", b"_rollover_percent", "_shadow_hard_limit", b"_shadow_hard_limit", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "overage_spend_cap", b"overage_spend_cap", "period", b"period", "price_per_unit", b"price_per_unit", "rollover_cap", b"rollover_cap", "rollover_percent", b"rollover_percent", "shadow_hard_limit", b"shadow_hard_limit", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota", "_hard_limit", b"_hard_limit", "_rollover_cap", b"_rollover_cap", "_rollover_percent", b"_rollover_percent", "_shadow_hard_limit", b"_shadow_hard_limit", "alerts", b"alerts", "contract_quota", b"contract_quota", "hard_limit", b"hard_limit", "metric", b"metric", "overage_allowed", b"overage_allowed", "overage_price_per_unit", b"overage_price_per_unit", "overage_spend_cap", b"overage_spend_cap", "period", b"period", "price_per_unit", b"price_per_unit", "rollover_cap", b"rollover_cap", "rollover_percent", b"rollover_percent", "shadow_hard_limit", b"shadow_hard_limit", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__contract_quota: _TypeAlias = _typing.Literal["contract_quota"]  # noqa: Y015
     _WhichOneofArgType__contract_quota: _TypeAlias = _typing.Literal["_contract_quota", b"_contract_quota"]  # noqa: Y015
@@ -316,6 +329,52 @@ class MetricLimits(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__shadow_hard_limit) -> _WhichOneofReturnType__shadow_hard_limit | None: ...
 
 Global___MetricLimits: _TypeAlias = MetricLimits  # noqa: Y015
+
+@_typing.final
+class MetricAlerts(_message.Message):
+    """A metric's notification thresholds (MetricLimits.alerts)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_PERCENTS_FIELD_NUMBER: _builtins.int
+    HARD_LIMIT_PERCENTS_FIELD_NUMBER: _builtins.int
+    CREDITS_BELOW_FIELD_NUMBER: _builtins.int
+    GRANT_EXPIRING_WITHIN_FIELD_NUMBER: _builtins.int
+    credits_below: _builtins.int
+    """Crossed when the metric's credit balance (prepaid credits that count now,
+    less none held) falls below this many units. Unset: not watched.
+    """
+    @_builtins.property
+    def quota_percents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percentages of the contract quota (1 to 1000, at most 10). Empty: none."""
+
+    @_builtins.property
+    def hard_limit_percents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percentages of the hard limit (1 to 100, at most 10). Empty: none."""
+
+    @_builtins.property
+    def grant_expiring_within(self) -> _duration_pb2.Duration:
+        """Crossed for a credit grant with units left that expires within this long
+        (1 second to 366 days). Unset: not watched.
+        """
+
+    def __init__(
+        self,
+        *,
+        quota_percents: _abc.Iterable[_builtins.int] | None = ...,
+        hard_limit_percents: _abc.Iterable[_builtins.int] | None = ...,
+        credits_below: _builtins.int | None = ...,
+        grant_expiring_within: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_credits_below", b"_credits_below", "credits_below", b"credits_below", "grant_expiring_within", b"grant_expiring_within"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_credits_below", b"_credits_below", "credits_below", b"credits_below", "grant_expiring_within", b"grant_expiring_within", "hard_limit_percents", b"hard_limit_percents", "quota_percents", b"quota_percents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__credits_below: _TypeAlias = _typing.Literal["credits_below"]  # noqa: Y015
+    _WhichOneofArgType__credits_below: _TypeAlias = _typing.Literal["_credits_below", b"_credits_below"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__credits_below) -> _WhichOneofReturnType__credits_below | None: ...
+
+Global___MetricAlerts: _TypeAlias = MetricAlerts  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):

@@ -18,6 +18,9 @@ from typing import Any
 
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
+from google.protobuf import json_format
+
+from pagemeter_server.domain.plans import doc_to_plan, plan_doc_from_json
 
 # The types the scripts write, and what each means (docs/events.md).
 EVENT_TYPES: dict[str, str] = {
@@ -55,6 +58,8 @@ _INTEGER_FIELDS = frozenset(
         "version",
         "percent",
         "level",
+        "limit",
+        "priority",
         "amount",
         "value",
     }
@@ -82,13 +87,19 @@ class Event:
 def event_from_entry(org_id: str, entry_id: str, fields: dict[str, str]) -> Event:
     """An event from a stream entry's fields as the scripts wrote them."""
     raw = json.loads(fields.get("data", "{}"))
+    data = _typed(raw) if isinstance(raw, dict) else {}
+    if fields["type"] == "plan.changed" and isinstance(data.get("plan"), str):
+        # The stored document (of either schema) as the Plan GetPlan answers.
+        doc = plan_doc_from_json(data["plan"])
+        plan = doc_to_plan(org_id, doc, int(data.get("version", 0)), int(fields["at"]))
+        data["plan"] = json_format.MessageToDict(plan, preserving_proto_field_name=True)
     return Event(
         org_id=org_id,
         entry_id=entry_id,
         seq=int(fields["seq"]),
         type=fields["type"],
         time_ms=int(fields["at"]),
-        data=_typed(raw) if isinstance(raw, dict) else {},
+        data=data,
     )
 
 
@@ -105,8 +116,6 @@ def _typed_value(name: str, value: Any) -> Any:
         return [] if not value and name == "metrics" else _typed(value)
     if isinstance(value, list):
         return [_typed_value(name, item) for item in value]
-    if name == "plan" and isinstance(value, str):
-        return json.loads(value)
     if not isinstance(value, str) or not _INTEGER.fullmatch(value):
         return value
     if name.endswith("_at"):

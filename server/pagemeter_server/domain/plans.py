@@ -11,7 +11,9 @@ and by the server through the types below:
                                         "limit", "soft", "shadow"?}, ...],
                           "shadow_hard_limit"?, "overage_spend_cap"?,
                           "overage_unit_cap"?, "rollover_percent"?,
-                          "rollover_cap"?}},
+                          "rollover_cap"?,
+                          "alerts"?: {"quota": [percent, ...], "hard": [percent, ...],
+                                      "credits_below"?, "expiring_ms"?}}},
      "calendar"?: "since_ms,kind,anchor_ms;..."}
 
 "calendar" is present when the plan has (or had) a billing anchor: the segments
@@ -35,7 +37,7 @@ windows nor shadow limits: a plan with them needs the migrated deployment
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal, NotRequired, Required, TypedDict, cast
 
@@ -87,6 +89,22 @@ class WindowTerms(TypedDict, total=False):
     shadow: bool  # absent: false
 
 
+class AlertTerms(TypedDict, total=False):
+    """A metric's notification thresholds as set (MetricAlerts); absent from
+    the terms, the scripts watch the defaults (DEFAULT_ALERT_PERCENTS)."""
+
+    quota: Required[list[int]]  # percentages of the contract quota, ascending
+    hard: Required[list[int]]  # percentages of the hard limit, ascending
+    credits_below: int  # absent: not watched
+    expiring_ms: int  # absent: not watched
+
+
+# The thresholds of a metric whose plan sets none (store/lua/_lib.lua repeats them).
+DEFAULT_ALERT_PERCENTS = (80, 100)
+MAX_ALERT_PERCENTS = 10
+MAX_EXPIRING_SECONDS = 366 * 86_400
+
+
 class MetricTerms(TypedDict, total=False):
     """One metric of a plan: its period, limits, prices and windows."""
 
@@ -105,6 +123,7 @@ class MetricTerms(TypedDict, total=False):
     # Rollover of the previous period's unused quota (decision 42). Absent: none.
     rollover_percent: int
     rollover_cap: int
+    alerts: AlertTerms  # absent: the default thresholds
 
 
 class PlanDoc(TypedDict):
@@ -287,6 +306,8 @@ def _metric_terms(limits: plan_pb2.MetricLimits, path: str, problems: Violations
                 "overage is admitted at all)",
             )
     _rollover_terms(limits, terms, path, problems)
+    if limits.HasField("alerts"):
+        terms["alerts"] = _alert_terms(limits.alerts, f"{path}.alerts", problems)
     if not problems.items:
         # Only valid prices are read (the plan is refused otherwise).
         terms["price"] = canonical_price(limits.price_per_unit)
@@ -325,6 +346,41 @@ def _rollover_terms(
     if limits.HasField("rollover_cap"):
         problems.check_limit(limits.rollover_cap, f"{path}.rollover_cap")
         terms["rollover_cap"] = limits.rollover_cap
+
+
+def _alert_terms(alerts: plan_pb2.MetricAlerts, path: str, problems: Violations) -> AlertTerms:
+    terms = AlertTerms(
+        quota=_alert_percents(alerts.quota_percents, 1000, f"{path}.quota_percents", problems),
+        hard=_alert_percents(
+            alerts.hard_limit_percents, 100, f"{path}.hard_limit_percents", problems
+        ),
+    )
+    if alerts.HasField("credits_below"):
+        problems.check_limit(alerts.credits_below, f"{path}.credits_below")
+        terms["credits_below"] = alerts.credits_below
+    if alerts.HasField("grant_expiring_within"):
+        within = alerts.grant_expiring_within
+        where = f"{path}.grant_expiring_within"
+        if not (1 <= within.seconds <= MAX_EXPIRING_SECONDS and 0 <= within.nanos < 10**9):
+            problems.add(
+                where,
+                f"grant_expiring_within must be between 1 second and 366 days "
+                f"(got {within.seconds}s)",
+            )
+        else:
+            terms["expiring_ms"] = within.seconds * 1000 + within.nanos // 1_000_000
+    return terms
+
+
+def _alert_percents(
+    percents: Sequence[int], highest: int, where: str, problems: Violations
+) -> list[int]:
+    if len(percents) > MAX_ALERT_PERCENTS:
+        problems.add(where, f"at most {MAX_ALERT_PERCENTS} thresholds (got {len(percents)})")
+    for percent in percents:
+        if not 1 <= percent <= highest:
+            problems.add(where, f"a threshold must be between 1 and {highest} % (got {percent})")
+    return sorted(set(percents))
 
 
 def _spend_cap_terms(terms: MetricTerms, cap_text: str) -> None:
@@ -385,6 +441,7 @@ def needs_schema_2(doc: PlanDoc) -> bool:
         or "shadow_hard_limit" in terms
         or "overage_spend_cap" in terms
         or "rollover_percent" in terms
+        or "alerts" in terms
         for terms in doc["metrics"].values()
     )
 
@@ -530,6 +587,8 @@ def metric_limits(metric: str, terms: MetricTerms) -> plan_pb2.MetricLimits:
         message.rollover_percent = terms["rollover_percent"]
     if "rollover_cap" in terms:
         message.rollover_cap = terms["rollover_cap"]
+    if "alerts" in terms:
+        message.alerts.CopyFrom(metric_alerts(terms["alerts"]))
     for window in terms.get("windows", []):
         message.windows.add(
             window=WINDOW_ENUMS[window["window"]],
@@ -537,4 +596,15 @@ def metric_limits(metric: str, terms: MetricTerms) -> plan_pb2.MetricLimits:
             soft=window["soft"],
             shadow=window.get("shadow", False),
         )
+    return message
+
+
+def metric_alerts(terms: AlertTerms) -> plan_pb2.MetricAlerts:
+    message = plan_pb2.MetricAlerts(
+        quota_percents=terms["quota"], hard_limit_percents=terms["hard"]
+    )
+    if "credits_below" in terms:
+        message.credits_below = terms["credits_below"]
+    if "expiring_ms" in terms:
+        message.grant_expiring_within.FromMilliseconds(terms["expiring_ms"])
     return message

@@ -187,6 +187,7 @@ class AdminStore:
                     # The month's terms: the plan version in effect at its end.
                     min(month.end_ms, now_ms + 1),
                     self.store.event_spec(),
+                    "1" if month.start_ms <= now_ms < month.end_ms else "0",
                 ],
                 month,
                 tz,

@@ -106,6 +106,9 @@ NAMES_GRACE_MS = 31 * DAY_MS
 # pm:event-orgs (seconds), and the last key of such a script call.
 EVENT_ORGS_INTERVAL = 0.5
 EVSTATE_SUFFIX = "}:evstate"
+# Why a crossed threshold that is no longer watched resolves (alerts.lua).
+PLAN_CHANGED = "plan_changed"
+NO_LONGER_HOLDS = "no_longer_holds"
 
 
 Call = TypeVar("Call")
@@ -774,7 +777,35 @@ class Store:
         self._remember_timezone(org_id, plan_token(doc))
         self._remember_policy(org_id, doc["store_failure_policy"], doc["metrics"])
         await self.client.zadd(ORGS_KEY, {org_id: 0})
+        # The thresholds under the new terms: crossed, resolved or dropped.
+        await self.sweep_alerts(org_id, now_ms=now_ms, reason=PLAN_CHANGED)
         return StoredPlan(doc, int(version), now_ms)
+
+    async def sweep_alerts(self, org_id: str, *, now_ms: int, reason: str = NO_LONGER_HOLDS) -> int:
+        """Watch every notification threshold of the organization at now_ms
+        (alerts.lua); the number of events it wrote."""
+        if not self.event_max_per_org:
+            return 0
+        keys = OrgKeys(org_id)
+
+        def prepare(tz: str) -> PreparedCall:
+            month = self._month_at(now_ms, tz)
+            return PreparedCall(
+                [
+                    keys.plan,
+                    keys.credits,
+                    keys.month(month.period_id),
+                    keys.lifetime,
+                    keys.events,
+                    keys.evstate,
+                ],
+                [now_ms, tz, self.default_timezone, month.period_id, self.event_spec(), reason],
+                month,
+                tz,
+            )
+
+        reply, _ = await self.call_in_timezone(org_id, "alerts", prepare)
+        return int(reply[1])
 
     async def _plans_migrated(self) -> bool:
         """Whether plans are written in the current schema (else in schema 1).

@@ -36,6 +36,7 @@ SCRIPTS = (
     "grant",
     "void_grant",
     "list_grants",
+    "alerts",
     "adjust",
     "key_create",
     "key_revoke",
@@ -58,6 +59,7 @@ CHANGING_SCRIPTS = frozenset(
         "grant",
         "void_grant",
         "adjust",
+        "alerts",
         "key_create",
         "key_revoke",
     }

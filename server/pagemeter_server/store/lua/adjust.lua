@@ -26,6 +26,7 @@
 -- ARGV[12] audit trail length (entries kept, about)
 -- ARGV[13] terms instant (ms): the month's end, or now + 1 for the current month
 -- ARGV[14] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
+-- ARGV[15] '1' when the month of KEYS[2] runs at now_ms (its thresholds are watched)
 --
 -- Which metrics a month can be corrected for: a lifetime (PERIOD_NONE) metric of
 -- today's plan corrects its lifetime total; any other metric that the month's
@@ -35,9 +36,11 @@
 --
 -- Returns {'STALE_TZ', tz}, {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, or
 --   {'OK', period_id, before, after, duplicate}.
--- Events: usage.corrected for a new correction.
+-- Events: usage.corrected for a new correction; threshold.crossed / resolved
+-- for the metric's thresholds when it corrects the running period or a
+-- lifetime total (_lib.lua, watch_usage).
 
-assert(#KEYS == 9 and #ARGV == 14, 'adjust.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 9 and #ARGV == 15, 'adjust.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[1])
 local metric, units = ARGV[4], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
@@ -101,7 +104,13 @@ redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]))
 audit(KEYS[5], ARGV[12], now, ARGV[10], 'usage.adjust', metric,
   cjson.encode({period = period_id, committed = fmt(before)}),
   cjson.encode({period = period_id, committed = fmt(after)}), ARGV[11])
-emit(event_sink(KEYS[8], KEYS[9], ARGV[14]), now, 'usage.corrected', {
+local events = event_sink(KEYS[8], KEYS[9], ARGV[14])
+emit(events, now, 'usage.corrected', {
   adjustment_id = string.match(KEYS[4], ':adj:(.*)$'), metric = metric, period = period_id,
   before = fmt(before), after = fmt(after), units = ARGV[5], reason = ARGV[11]})
+local terms = plan.metrics[metric]
+if terms and (period == 'N' or ARGV[15] == '1') then
+  local prepaid_used = period == 'M' and int(redis.call('HGET', bucket, 'pp:' .. metric)) or 0
+  watch_usage(events, now, metric, terms, period_id, after, prepaid_used, 'no_longer_holds')
+end
 return {'OK', period_id, fmt(before), fmt(after), '0'}

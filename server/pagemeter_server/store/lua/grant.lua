@@ -24,7 +24,8 @@
 --
 -- Returns one of {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, {'TOO_MANY_GRANTS'},
 --   {'OK', balance_now, duplicate}.
--- Events: credits.granted for a new grant.
+-- Events: credits.granted for a new grant; threshold.crossed / resolved for the
+-- metric's credit thresholds (_lib.lua, watch_credits).
 
 assert(#KEYS == 6 and #ARGV == 14, 'grant.lua: wrong number of KEYS or ARGV')
 local metric, now = ARGV[1], tonumber(ARGV[5])
@@ -74,9 +75,11 @@ audit(KEYS[4], ARGV[8], now, ARGV[7], 'credits.grant', metric,
   cjson.encode({balance = fmt(before)}),
   cjson.encode({balance = fmt(after), grant_id = grant_id, units = ARGV[2],
     effective_ms = ARGV[9], expires_ms = ARGV[10], priority = ARGV[11]}), ARGV[6])
-emit(event_sink(KEYS[5], KEYS[6], ARGV[14]), now, 'credits.granted', {grant_id = grant_id,
+local events = event_sink(KEYS[5], KEYS[6], ARGV[14])
+emit(events, now, 'credits.granted', {grant_id = grant_id,
   metric = metric, units = ARGV[2], effective_at = ARGV[9], expires_at = ARGV[10],
   priority = ARGV[11], reason = ARGV[6], balance = fmt(after)})
+watch_credits(events, now, KEYS[2], metric, plan.metrics[metric], 'no_longer_holds')
 redis.call('HSET', KEYS[3], 'fp', ARGV[3], 'metric', metric, 'units', ARGV[2],
   'reason', ARGV[6], 'ms', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))

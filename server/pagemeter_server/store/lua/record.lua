@@ -59,7 +59,9 @@
 -- folded: '1' when the job's document type counted as '_other' (a duplicate: '0').
 -- Events: usage.recorded for a new record (with its split into included, prepaid
 --   and overage units per metric, and how the job's hold ended); hold.expired for
---   each other hold it finds expired. A duplicate writes none.
+--   each other hold it finds expired; threshold.crossed / threshold.resolved for
+--   the thresholds of the metrics it moved (_lib.lua, watch_usage and
+--   watch_credits). A duplicate writes none.
 -- status is 'completed' or 'failed'. rows: one per metric, sorted by name,
 --   written by record_row (the columns of RECORD_COLUMNS in store/replies.py):
 --   metric, units, included, prepaid, overage, committed_after, quota|'',
@@ -363,6 +365,34 @@ index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_
 -- the lifetime totals are only unplanned metrics' totals: they go too, so that
 -- an organization id nobody configured leaves nothing behind for good.
 emit(events, now, 'usage.recorded', recorded_event(rows))
+-- The thresholds of what this record moved: the period's while it runs (a late
+-- record's period is over), and the credits it drew on.
+if events and success then
+  local running = nil
+  for _, row in ipairs(rows) do
+    local limits = metrics[row.metric]
+    if limits and row.units ~= 0 then
+      local scope = 'lifetime'
+      if not row.lifetime then
+        if running == nil then
+          running = period_runs(billing, now)
+        end
+        scope = running and month_id or nil
+      end
+      if scope then
+        local prepaid_used = 0
+        if limits.overage_unit_cap then
+          prepaid_used = int(redis.call('HGET', month_key, 'pp:' .. row.metric))
+        end
+        watch_usage(events, now, row.metric, limits, scope, row.committed, prepaid_used,
+          'no_longer_holds')
+      end
+      if row.prepaid > 0 then
+        watch_credits(events, now, credits_key, row.metric, limits, 'no_longer_holds')
+      end
+    end
+  end
+end
 local names_ttl = now - names_cutoff
 redis.call('PEXPIRE', unplanned_key, names_ttl)
 redis.call('PEXPIRE', doctypes_key, names_ttl)

@@ -26,7 +26,8 @@
 --   {'OK', voided_units, already_voided}.
 -- A rollover grant ("rollover-<period id>-<metric>") is voided by marking its
 -- period's hash (rv:<metric>): it is worked out, not stored.
--- Events: credits.voided when it voids a grant (not again when already voided).
+-- Events: credits.voided when it voids a grant (not again when already voided);
+-- threshold.crossed / resolved for the metric's credit thresholds.
 
 assert(#KEYS == 9 and #ARGV == 9, 'void_grant.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[2])
@@ -67,6 +68,7 @@ if legacy then
   -- The balance becomes the voided grant it was read as.
   redis.call('HDEL', KEYS[1], legacy.metric)
   voided = voided + math.max(0, legacy.remaining)
+  legacy.state = 'V'
   if not grant then
     grant = prepaid_grant(legacy.metric)
     grant.units = math.max(0, legacy.remaining)
@@ -89,6 +91,9 @@ end
 audit(KEYS[2], ARGV[5], now, ARGV[4], 'credits.void', grant.metric,
   cjson.encode({grant_id = ARGV[1], remaining = fmt(voided)}),
   cjson.encode({grant_id = ARGV[1], remaining = '0'}), ARGV[3])
-emit(event_sink(KEYS[8], KEYS[9], ARGV[9]), now, 'credits.voided', {grant_id = ARGV[1],
+local events = event_sink(KEYS[8], KEYS[9], ARGV[9])
+emit(events, now, 'credits.voided', {grant_id = ARGV[1],
   metric = grant.metric, voided_units = fmt(voided), reason = ARGV[3]})
+watch_credits(events, now, KEYS[1], grant.metric, plan and plan.metrics[grant.metric],
+  'no_longer_holds')
 return {'OK', voided, '0'}

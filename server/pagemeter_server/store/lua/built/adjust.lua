@@ -26,6 +26,7 @@
 -- ARGV[12] audit trail length (entries kept, about)
 -- ARGV[13] terms instant (ms): the month's end, or now + 1 for the current month
 -- ARGV[14] events: "<max entries>|<oldest entry id kept>|<retention ms>", '' for none
+-- ARGV[15] '1' when the month of KEYS[2] runs at now_ms (its thresholds are watched)
 --
 -- Which metrics a month can be corrected for: a lifetime (PERIOD_NONE) metric of
 -- today's plan corrects its lifetime total; any other metric that the month's
@@ -35,7 +36,9 @@
 --
 -- Returns {'STALE_TZ', tz}, {'NO_PLAN'}, {'UNKNOWN_METRIC'}, {'REUSED'}, or
 --   {'OK', period_id, before, after, duplicate}.
--- Events: usage.corrected for a new correction.
+-- Events: usage.corrected for a new correction; threshold.crossed / resolved
+-- for the metric's thresholds when it corrects the running period or a
+-- lifetime total (_lib.lua, watch_usage).
 --
 -- Generated from server/pagemeter_server/store/lua/adjust.lua by `make scripts`; do not edit.
 -- Built with server/pagemeter_server/store/lua/_lib.lua, the DecisionReason
@@ -118,7 +121,19 @@ local function plan_doc(raw)
     schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
     burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
     currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+    schema_1_metrics = schema_1_metrics,
   }
+end
+
+-- The names of a plan's metrics, sorted (pairs over a schema 1 plan's metrics
+-- sees only those converted so far).
+local function metric_names(plan)
+  local names = {}
+  for metric, _ in pairs(plan.schema_1_metrics or plan.metrics) do
+    names[#names + 1] = metric
+  end
+  table.sort(names)
+  return names
 end
 
 -- Plan: a hash {json, version, updated_ms}; json is written only by the server.
@@ -505,6 +520,124 @@ local function encode_hold(parts)
   return table.concat(out, ';')
 end
 
+-- Notification thresholds (docs/events.md, thresholds): threshold.crossed the
+-- first time a threshold holds, threshold.resolved when it no longer does. The
+-- org's event state hash keeps, per threshold crossed, field
+-- "a:<metric>:<threshold>" -> the scope it was crossed in: the period id for the
+-- period's thresholds (one crossing per period), '-' for the credit ones. A
+-- threshold crossed in a period that is over resolves ("period_ended") the next
+-- time it is watched. Thresholds are watched where the figures change: record
+-- (its period, while it runs), correction, credit grant and void, and the
+-- sweep (alerts.lua: after SetPlan, and periodically).
+-- The plan's percentages, or these (domain/plans.py, DEFAULT_ALERT_PERCENTS).
+local DEFAULT_ALERT_PERCENTS = {80, 100}
+
+-- The period thresholds of a metric: name, kind, percent, limit, level (the
+-- units at which it holds: the smallest whole number at or past the percentage).
+local function usage_thresholds(limits)
+  local out = {}
+  local alerts = limits.alerts
+  local function add(kind, percents, limit)
+    for _, p in ipairs(percents) do
+      out[#out + 1] = {name = kind .. ':' .. fmt(p), kind = kind, percent = p, limit = limit,
+        level = math.ceil(limit * p / 100)}
+    end
+  end
+  if limits.contract_quota then
+    add('contract_quota', alerts and alerts.quota or DEFAULT_ALERT_PERCENTS, limits.contract_quota)
+  end
+  if limits.hard_limit then
+    add('hard_limit', alerts and alerts.hard or DEFAULT_ALERT_PERCENTS, limits.hard_limit)
+  end
+  if limits.contract_quota and limits.overage_unit_cap then
+    out[#out + 1] = {name = 'spend_cap', kind = 'spend_cap', limit = limits.overage_unit_cap,
+      level = limits.overage_unit_cap}
+  end
+  return out
+end
+
+-- One threshold, in `scope`: crossed when `holds` and not crossed in this
+-- scope yet; resolved (with `reason`) when crossed and it no longer holds.
+-- `seen`, when given, collects the fields watched (alerts.lua resolves the rest).
+local function watch_threshold(sink, now, metric, threshold, holds, scope, figures, reason, seen)
+  local field = 'a:' .. metric .. ':' .. threshold.name
+  if seen then
+    seen[field] = true
+  end
+  local state = redis.call('HGET', sink.state, field)
+  local data = {metric = metric, threshold = threshold.name, kind = threshold.kind,
+    percent = threshold.percent and fmt(threshold.percent),
+    level = threshold.level and fmt(threshold.level),
+    limit = threshold.limit and fmt(threshold.limit), value = fmt(figures.value),
+    period = scope ~= '-' and scope or nil, grant_id = threshold.grant_id,
+    expires_at = threshold.expires_at and fmt(threshold.expires_at)}
+  if state and state ~= scope then
+    redis.call('HDEL', sink.state, field)
+    emit(sink, now, 'threshold.resolved', {metric = metric, threshold = threshold.name,
+      kind = threshold.kind, period = state, reason = 'period_ended'})
+    state = nil
+  end
+  if holds and not state then
+    redis.call('HSET', sink.state, field, scope)
+    emit(sink, now, 'threshold.crossed', data)
+  elseif state and not holds then
+    redis.call('HDEL', sink.state, field)
+    data.reason = reason
+    emit(sink, now, 'threshold.resolved', data)
+  end
+end
+
+-- The period thresholds of one metric, for its committed units in `scope` (the
+-- running period's id, or 'lifetime') and the prepaid units the period used.
+local function watch_usage(sink, now, metric, limits, scope, committed, prepaid_used, reason, seen)
+  if not sink or not limits then
+    return
+  end
+  for _, t in ipairs(usage_thresholds(limits)) do
+    local value = committed
+    if t.kind == 'spend_cap' then
+      value = committed - limits.contract_quota - prepaid_used
+    end
+    -- A threshold at zero units holds only once there is usage.
+    watch_threshold(sink, now, metric, t, value >= t.level and value > 0, scope,
+      {value = value}, reason, seen)
+  end
+end
+
+-- The credit thresholds of one metric (set by the plan only): its balance of
+-- grants (rollover grants come and go with the periods and are left out)
+-- below an amount; each grant with units left expiring within a duration.
+local function watch_credits(sink, now, credits_key, metric, limits, reason, seen)
+  local alerts = limits and limits.alerts
+  if not sink or not alerts or not (alerts.credits_below or alerts.expiring_ms) then
+    return
+  end
+  local balance = 0
+  local dated = {}
+  for _, grant in ipairs(load_credits(credits_key)[metric] or {}) do
+    if not grant.rollover and grant_live(grant, now) then
+      balance = balance + grant.remaining
+    end
+    if alerts.expiring_ms and not grant.rollover and not grant.legacy and grant.expires > 0 then
+      dated[#dated + 1] = grant
+    end
+  end
+  if alerts.credits_below then
+    local t = {name = 'credits_below:' .. fmt(alerts.credits_below), kind = 'credits_below',
+      level = alerts.credits_below}
+    watch_threshold(sink, now, metric, t, balance < alerts.credits_below, '-',
+      {value = balance}, reason, seen)
+  end
+  -- A grant's threshold holds while it counts (or will) with units left and
+  -- expires within the duration; used up, voided or expired, it resolves.
+  for _, grant in ipairs(dated) do
+    local t = {name = 'grant_expiring:' .. grant.id, kind = 'grant_expiring',
+      grant_id = grant.id, expires_at = grant.expires}
+    local holds = grant_can_count(grant, now) and grant.expires - now <= alerts.expiring_ms
+    watch_threshold(sink, now, metric, t, holds, '-', {value = grant.remaining}, reason, seen)
+  end
+end
+
 -- A hold's parts as an event's list of metrics.
 local function hold_event_metrics(parts)
   local out = {}
@@ -689,7 +822,7 @@ local REASON_FAIL_OPEN = 9
 local REASON_WINDOW_LIMIT_EXCEEDED = 10
 local REASON_SPEND_CAP_REACHED = 11
 
-assert(#KEYS == 9 and #ARGV == 14, 'adjust.lua: wrong number of KEYS or ARGV')
+assert(#KEYS == 9 and #ARGV == 15, 'adjust.lua: wrong number of KEYS or ARGV')
 local now = tonumber(ARGV[1])
 local metric, units = ARGV[4], tonumber(ARGV[5])
 local plan = load_plan(KEYS[1])
@@ -753,7 +886,13 @@ redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]))
 audit(KEYS[5], ARGV[12], now, ARGV[10], 'usage.adjust', metric,
   cjson.encode({period = period_id, committed = fmt(before)}),
   cjson.encode({period = period_id, committed = fmt(after)}), ARGV[11])
-emit(event_sink(KEYS[8], KEYS[9], ARGV[14]), now, 'usage.corrected', {
+local events = event_sink(KEYS[8], KEYS[9], ARGV[14])
+emit(events, now, 'usage.corrected', {
   adjustment_id = string.match(KEYS[4], ':adj:(.*)$'), metric = metric, period = period_id,
   before = fmt(before), after = fmt(after), units = ARGV[5], reason = ARGV[11]})
+local terms = plan.metrics[metric]
+if terms and (period == 'N' or ARGV[15] == '1') then
+  local prepaid_used = period == 'M' and int(redis.call('HGET', bucket, 'pp:' .. metric)) or 0
+  watch_usage(events, now, metric, terms, period_id, after, prepaid_used, 'no_longer_holds')
+end
 return {'OK', period_id, fmt(before), fmt(after), '0'}

@@ -92,7 +92,19 @@ local function plan_doc(raw)
     schema = 2, name = doc.name, timezone = doc.tz, rate_per_second = doc.rate,
     burst = doc.burst, processing_priority = doc.prio, support_level = doc.support,
     currency = doc.currency, store_failure_policy = doc.sfp, metrics = metrics,
+    schema_1_metrics = schema_1_metrics,
   }
+end
+
+-- The names of a plan's metrics, sorted (pairs over a schema 1 plan's metrics
+-- sees only those converted so far).
+local function metric_names(plan)
+  local names = {}
+  for metric, _ in pairs(plan.schema_1_metrics or plan.metrics) do
+    names[#names + 1] = metric
+  end
+  table.sort(names)
+  return names
 end
 
 -- Plan: a hash {json, version, updated_ms}; json is written only by the server.
@@ -477,6 +489,124 @@ local function encode_hold(parts)
     out[i] = p[1] .. ':' .. fmt(p[2]) .. ':' .. fmt(p[3])
   end
   return table.concat(out, ';')
+end
+
+-- Notification thresholds (docs/events.md, thresholds): threshold.crossed the
+-- first time a threshold holds, threshold.resolved when it no longer does. The
+-- org's event state hash keeps, per threshold crossed, field
+-- "a:<metric>:<threshold>" -> the scope it was crossed in: the period id for the
+-- period's thresholds (one crossing per period), '-' for the credit ones. A
+-- threshold crossed in a period that is over resolves ("period_ended") the next
+-- time it is watched. Thresholds are watched where the figures change: record
+-- (its period, while it runs), correction, credit grant and void, and the
+-- sweep (alerts.lua: after SetPlan, and periodically).
+-- The plan's percentages, or these (domain/plans.py, DEFAULT_ALERT_PERCENTS).
+local DEFAULT_ALERT_PERCENTS = {80, 100}
+
+-- The period thresholds of a metric: name, kind, percent, limit, level (the
+-- units at which it holds: the smallest whole number at or past the percentage).
+local function usage_thresholds(limits)
+  local out = {}
+  local alerts = limits.alerts
+  local function add(kind, percents, limit)
+    for _, p in ipairs(percents) do
+      out[#out + 1] = {name = kind .. ':' .. fmt(p), kind = kind, percent = p, limit = limit,
+        level = math.ceil(limit * p / 100)}
+    end
+  end
+  if limits.contract_quota then
+    add('contract_quota', alerts and alerts.quota or DEFAULT_ALERT_PERCENTS, limits.contract_quota)
+  end
+  if limits.hard_limit then
+    add('hard_limit', alerts and alerts.hard or DEFAULT_ALERT_PERCENTS, limits.hard_limit)
+  end
+  if limits.contract_quota and limits.overage_unit_cap then
+    out[#out + 1] = {name = 'spend_cap', kind = 'spend_cap', limit = limits.overage_unit_cap,
+      level = limits.overage_unit_cap}
+  end
+  return out
+end
+
+-- One threshold, in `scope`: crossed when `holds` and not crossed in this
+-- scope yet; resolved (with `reason`) when crossed and it no longer holds.
+-- `seen`, when given, collects the fields watched (alerts.lua resolves the rest).
+local function watch_threshold(sink, now, metric, threshold, holds, scope, figures, reason, seen)
+  local field = 'a:' .. metric .. ':' .. threshold.name
+  if seen then
+    seen[field] = true
+  end
+  local state = redis.call('HGET', sink.state, field)
+  local data = {metric = metric, threshold = threshold.name, kind = threshold.kind,
+    percent = threshold.percent and fmt(threshold.percent),
+    level = threshold.level and fmt(threshold.level),
+    limit = threshold.limit and fmt(threshold.limit), value = fmt(figures.value),
+    period = scope ~= '-' and scope or nil, grant_id = threshold.grant_id,
+    expires_at = threshold.expires_at and fmt(threshold.expires_at)}
+  if state and state ~= scope then
+    redis.call('HDEL', sink.state, field)
+    emit(sink, now, 'threshold.resolved', {metric = metric, threshold = threshold.name,
+      kind = threshold.kind, period = state, reason = 'period_ended'})
+    state = nil
+  end
+  if holds and not state then
+    redis.call('HSET', sink.state, field, scope)
+    emit(sink, now, 'threshold.crossed', data)
+  elseif state and not holds then
+    redis.call('HDEL', sink.state, field)
+    data.reason = reason
+    emit(sink, now, 'threshold.resolved', data)
+  end
+end
+
+-- The period thresholds of one metric, for its committed units in `scope` (the
+-- running period's id, or 'lifetime') and the prepaid units the period used.
+local function watch_usage(sink, now, metric, limits, scope, committed, prepaid_used, reason, seen)
+  if not sink or not limits then
+    return
+  end
+  for _, t in ipairs(usage_thresholds(limits)) do
+    local value = committed
+    if t.kind == 'spend_cap' then
+      value = committed - limits.contract_quota - prepaid_used
+    end
+    -- A threshold at zero units holds only once there is usage.
+    watch_threshold(sink, now, metric, t, value >= t.level and value > 0, scope,
+      {value = value}, reason, seen)
+  end
+end
+
+-- The credit thresholds of one metric (set by the plan only): its balance of
+-- grants (rollover grants come and go with the periods and are left out)
+-- below an amount; each grant with units left expiring within a duration.
+local function watch_credits(sink, now, credits_key, metric, limits, reason, seen)
+  local alerts = limits and limits.alerts
+  if not sink or not alerts or not (alerts.credits_below or alerts.expiring_ms) then
+    return
+  end
+  local balance = 0
+  local dated = {}
+  for _, grant in ipairs(load_credits(credits_key)[metric] or {}) do
+    if not grant.rollover and grant_live(grant, now) then
+      balance = balance + grant.remaining
+    end
+    if alerts.expiring_ms and not grant.rollover and not grant.legacy and grant.expires > 0 then
+      dated[#dated + 1] = grant
+    end
+  end
+  if alerts.credits_below then
+    local t = {name = 'credits_below:' .. fmt(alerts.credits_below), kind = 'credits_below',
+      level = alerts.credits_below}
+    watch_threshold(sink, now, metric, t, balance < alerts.credits_below, '-',
+      {value = balance}, reason, seen)
+  end
+  -- A grant's threshold holds while it counts (or will) with units left and
+  -- expires within the duration; used up, voided or expired, it resolves.
+  for _, grant in ipairs(dated) do
+    local t = {name = 'grant_expiring:' .. grant.id, kind = 'grant_expiring',
+      grant_id = grant.id, expires_at = grant.expires}
+    local holds = grant_can_count(grant, now) and grant.expires - now <= alerts.expiring_ms
+    watch_threshold(sink, now, metric, t, holds, '-', {value = grant.remaining}, reason, seen)
+  end
 end
 
 -- A hold's parts as an event's list of metrics.
