@@ -42,6 +42,7 @@ SCRIPTS = (
     "key_auth",
     "migrate_plan",
     "migrate_credits",
+    "billing_close",
 )
 # Scripts that also run as batches of one organization's calls, as <name>_batch
 # (see build_scripts.py).
@@ -60,6 +61,7 @@ CHANGING_SCRIPTS = frozenset(
         "adjust",
         "key_create",
         "key_revoke",
+        "billing_close",
     }
 )
 
