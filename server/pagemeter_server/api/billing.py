@@ -27,7 +27,7 @@ from pagemeter_server.domain.page_tokens import (
     encode_page_token,
 )
 from pagemeter_server.domain.periods import timestamp, to_datetime
-from pagemeter_server.domain.validation import Violations, bad_page_token, page_request
+from pagemeter_server.domain.validation import bad_page_token, invalid, page_request
 from pagemeter_server.store.billing import BilledPeriod, BillingStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -51,16 +51,8 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
         self.clock = clock
         self.auth = auth
 
-    def _month(self, text: str, now_ms: int) -> BillingMonth:
-        """The billing month asked for, if it can be closed or exported now."""
-        problems = Violations()
-        month = None
-        try:
-            month = parse_billing_month(text)
-        except ValueError as problem:
-            problems.add("billing_month", str(problem))
-        problems.raise_if_any()
-        assert month is not None
+    def _ready(self, month: BillingMonth, now_ms: int) -> None:
+        """Refuse a month that cannot be closed or exported now (FAILED_PRECONDITION)."""
         ready_ms = month.ended_everywhere_ms()
         if now_ms < ready_ms:
             raise NotReady(
@@ -74,14 +66,14 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
                 f"({self.store.usage_retention_ms // 86_400_000} days): its counters are gone",
                 "BILLING_MONTH_PAST_RETENTION",
             )
-        return month
 
     @authorized(Access.ADMIN)
     async def CloseBillingPeriod(
         self, request: billing_pb2.CloseBillingPeriodRequest, context: Context
     ) -> billing_pb2.CloseBillingPeriodResponse:
+        month = _billing_month(request.billing_month)
         now_ms = self.clock.now_ms()
-        month = self._month(request.billing_month, now_ms)
+        self._ready(month, now_ms)
         actor = current_principal().actor
         response = billing_pb2.CloseBillingPeriodResponse(billing_month=month.label)
         after = ""
@@ -102,9 +94,8 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
     async def ExportBillingPeriod(
         self, request: billing_pb2.ExportBillingPeriodRequest, context: Context
     ) -> billing_pb2.ExportBillingPeriodResponse:
+        month = _billing_month(request.billing_month)
         page_size = page_request(None, request.page_size, request.page_token, DEFAULT_ORGS_PAGE)
-        now_ms = self.clock.now_ms()
-        month = self._month(request.billing_month, now_ms)
         after = ""
         if request.page_token:
             try:
@@ -114,6 +105,8 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
             after_month, _, after = position.partition("/")
             if after_month != month.label or not after:
                 raise bad_page_token()
+        now_ms = self.clock.now_ms()
+        self._ready(month, now_ms)
         orgs, more = await self.store.plan_orgs(after, page_size)
         per_org = await self.billing.each_org(
             orgs, lambda org_id: self.billing.org_rows(org_id, month, now_ms=now_ms)
@@ -134,6 +127,13 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
                 BILLING, ALL_ORGS, f"{month.label}/{orgs[shown - 1]}"
             )
         return response
+
+
+def _billing_month(text: str) -> BillingMonth:
+    try:
+        return parse_billing_month(text)
+    except ValueError as problem:
+        raise invalid("billing_month", str(problem)) from None
 
 
 def _iso(instant_ms: int) -> str:
