@@ -95,7 +95,7 @@ def job_units(i: int, k: int) -> dict[str, int]:
 
 
 def billing_stub(server: RunningServer) -> billing_pb2_grpc.BillingServiceAsyncStub:
-    return billing_pb2_grpc.BillingServiceStub(server.channel)  # type: ignore[return-value]
+    return billing_pb2_grpc.BillingServiceStub(server.channel)
 
 
 async def populate(server: RunningServer, orgs: int = ORGS) -> None:
