@@ -321,9 +321,7 @@ async def test_a_month_that_has_not_ended_everywhere_is_refused(
     before = {key: redis_sync.dump(key) for key in redis_sync.keys("*")}
     for call in (
         billing.stub.CloseBillingPeriod(B.CloseBillingPeriodRequest(billing_month=billing_month)),
-        billing.stub.ExportBillingPeriod(
-            B.ExportBillingPeriodRequest(billing_month=billing_month)
-        ),
+        billing.stub.ExportBillingPeriod(B.ExportBillingPeriodRequest(billing_month=billing_month)),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call
@@ -377,9 +375,7 @@ async def test_a_malformed_month_is_invalid_argument(
     before = {key: redis_sync.dump(key) for key in redis_sync.keys("*")}
     for call in (
         billing.stub.CloseBillingPeriod(B.CloseBillingPeriodRequest(billing_month=billing_month)),
-        billing.stub.ExportBillingPeriod(
-            B.ExportBillingPeriodRequest(billing_month=billing_month)
-        ),
+        billing.stub.ExportBillingPeriod(B.ExportBillingPeriodRequest(billing_month=billing_month)),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call
