@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import admin_pb2, billing_pb2, quota_pb2
 from pagemeter_client.cli.commands.billing import COLUMNS, parquet_schema, stripe_identifier
@@ -116,9 +118,11 @@ async def test_close_then_csv_jsonl_and_parquet_equal_the_history(
     assert [r["overage_cost"] for r in parquet_rows] == [r["overage_cost"] for r in jsonl_rows]
     assert table.schema.field("period_start").type == pa.timestamp("ms", tz="UTC")
     first = jsonl_rows[0]
-    assert parquet_rows[0]["period_start"].isoformat().replace("+00:00", "Z") == str(
-        first["period_start"]
-    ).replace(".000Z", "Z")
+    start = parquet_rows[0]["period_start"]
+    assert isinstance(start, datetime)
+    assert start.isoformat().replace("+00:00", "Z") == str(first["period_start"]).replace(
+        ".000Z", "Z"
+    )
     assert first["closed_at"] == "2026-03-05T12:00:00.000Z"
 
 
@@ -263,9 +267,7 @@ async def test_a_record_of_another_org_does_not_leak(
     assert [e["payload"] for e in ours] == [{"stripe_customer_id": "org-002", "value": "1"}]
 
 
-def populated_stamp(text: str) -> object:
-    from google.protobuf.timestamp_pb2 import Timestamp
-
+def populated_stamp(text: str) -> Timestamp:
     value = Timestamp()
     value.FromMilliseconds(ms(text))
     return value
