@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 import grpc
 import pytest
 import redis
+import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import (
@@ -27,7 +28,18 @@ from pagemeter.v1 import (
     quota_pb2,
     reporting_pb2,
 )
-from tests.conftest import BACKENDS, RunningServer, field_violations, metric_limits, ms
+from pagemeter_server.api.auth import Credentials, Role
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.settings import Settings
+from tests.conftest import (
+    BACKENDS,
+    RunningServer,
+    field_violations,
+    metric_limits,
+    ms,
+    serving,
+)
+from tests.grpc.test_access import ADMIN_TOKEN, SERVICE_TOKEN
 
 B, P, Q, R = billing_pb2, plan_pb2, quota_pb2, reporting_pb2
 ZONES = ("UTC", "Europe/Berlin", "America/Los_Angeles", "Pacific/Kiritimati", "Asia/Kolkata")
@@ -518,3 +530,39 @@ async def test_an_organization_given_a_plan_after_the_close_is_closed_by_the_nex
     rows = await export(server, "2026-02")
     # The new organization had no plan in February: no terms, no usage, no rows.
     assert {r.org_id for r in rows} == {"org-000", "org-001"}
+
+
+# -- access ---------------------------------------------------------------------------------
+
+
+async def test_only_admin_credentials_close_or_export(
+    settings: Settings, redis_client: aioredis.Redis, clock: ManualClock, redis_sync: redis.Redis
+) -> None:
+    """A service token is PERMISSION_DENIED and no credentials UNAUTHENTICATED, for
+    both RPCs, and nothing is written; the admin token is served."""
+    creds = Credentials()
+    creds.add(Role.ADMIN, "ops", ADMIN_TOKEN)
+    creds.add(Role.SERVICE, "workers", SERVICE_TOKEN)
+    closed_settings = Settings(
+        redis_url=settings.redis_url, listen="127.0.0.1:0", metrics_listen=""
+    )
+    clock.set(MAR_5)
+    async with serving(closed_settings, redis_client, clock, credentials=creds) as server:
+        stub = billing_stub(server)
+        calls = (
+            ("CloseBillingPeriod", B.CloseBillingPeriodRequest(billing_month="2026-02")),
+            ("ExportBillingPeriod", B.ExportBillingPeriodRequest(billing_month="2026-02")),
+        )
+        for rpc, request in calls:
+            for token, code in (
+                (SERVICE_TOKEN, grpc.StatusCode.PERMISSION_DENIED),
+                (None, grpc.StatusCode.UNAUTHENTICATED),
+            ):
+                metadata = (("authorization", f"Bearer {token}"),) if token else None
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await getattr(stub, rpc)(request, metadata=metadata)
+                assert refused.value.code() == code
+            await getattr(stub, rpc)(
+                request, metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),)
+            )
+    assert redis_sync.keys("*") == []
