@@ -12,6 +12,7 @@ import grpc.aio
 
 from pagemeter.v1 import (
     admin_pb2_grpc,
+    billing_pb2_grpc,
     quota_pb2_grpc,
     reporting_pb2_grpc,
 )
@@ -243,6 +244,7 @@ class _AsyncChannel:
     quota: quota_pb2_grpc.QuotaServiceAsyncStub
     admin: admin_pb2_grpc.AdminServiceAsyncStub
     reporting: reporting_pb2_grpc.ReportingServiceAsyncStub
+    billing: billing_pb2_grpc.BillingServiceAsyncStub
 
     @classmethod
     def create(cls, config: _ClientConfig, interceptors: Sequence[Any] = ()) -> _AsyncChannel:
@@ -260,6 +262,7 @@ class _AsyncChannel:
             quota_pb2_grpc.QuotaServiceStub(channel),
             admin_pb2_grpc.AdminServiceStub(channel),
             reporting_pb2_grpc.ReportingServiceStub(channel),
+            billing_pb2_grpc.BillingServiceStub(channel),
         )
 
 
@@ -293,6 +296,10 @@ class AsyncStubs:
     def reporting(self) -> reporting_pb2_grpc.ReportingServiceAsyncStub:
         return self._channel().reporting
 
+    @property
+    def billing(self) -> billing_pb2_grpc.BillingServiceAsyncStub:
+        return self._channel().billing
+
     async def close(self) -> None:
         """Close the channel if it was opened (a later call opens a new one)."""
         if self._open is not None:
@@ -324,6 +331,7 @@ class Stubs:
         self.quota = quota_pb2_grpc.QuotaServiceStub(self.watched)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.watched)
         self.reporting = reporting_pb2_grpc.ReportingServiceStub(self.watched)
+        self.billing = billing_pb2_grpc.BillingServiceStub(self.watched)
 
     def close(self) -> None:
         self.channel.close()

@@ -30,6 +30,8 @@ from prometheus_client import CollectorRegistry
 from pagemeter.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
     reporting_pb2,
@@ -42,6 +44,7 @@ from pagemeter_server.api.auth import (
     check_open_access,
     load_credentials,
 )
+from pagemeter_server.api.billing import BillingService
 from pagemeter_server.api.interceptors import ObservedRpcs
 from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.reporting import ReportingService
@@ -61,6 +64,7 @@ from pagemeter_server.ops.logs import setup_logging
 from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store.admin import AdminStore
+from pagemeter_server.store.billing import BillingStore
 from pagemeter_server.store.connections import close_redis, connect_redis
 from pagemeter_server.store.plan_migration import migrate_plans, plans_migrated, summary
 from pagemeter_server.store.quota import Store
@@ -77,6 +81,7 @@ SERVICE_NAMES = (
     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
+    billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -177,8 +182,12 @@ async def create_server(
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminService(store, admin_store, settings, clock, auth), server
     )
+    reports = ReportStore(client)
     reporting_pb2_grpc.add_ReportingServiceServicer_to_server(
-        ReportingService(store, ReportStore(client), clock, auth), server
+        ReportingService(store, reports, clock, auth), server
+    )
+    billing_pb2_grpc.add_BillingServiceServicer_to_server(
+        BillingService(BillingStore(store, reports), clock, auth), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

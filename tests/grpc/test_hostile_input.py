@@ -20,6 +20,7 @@ e.g. a garbage page token that happens to decode) and each answer is checked:
   | CreateApiKey, ListApiKeys, ListAuditEvents | OK, INVALID_ARGUMENT |
   | RevokeApiKey | OK, INVALID_ARGUMENT, NOT_FOUND |
   | GetUsageHistory, GetUsageStatistics, ListUsageRecords | OK, INVALID_ARGUMENT |
+  | CloseBillingPeriod, ExportBillingPeriod | OK, INVALID_ARGUMENT, FAILED_PRECONDITION |
 
   and the one its tag calls for (invalid: INVALID_ARGUMENT; valid: an answer);
 - INVALID_ARGUMENT has a readable message and a google.rpc.BadRequest;
@@ -36,6 +37,7 @@ who may call what is tested in tests/grpc/test_access.py.
 from __future__ import annotations
 
 import base64
+import re
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,7 +55,14 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
+from pagemeter.v1 import (
+    admin_pb2,
+    billing_pb2,
+    billing_pb2_grpc,
+    plan_pb2,
+    quota_pb2,
+    reporting_pb2,
+)
 from tests.conftest import START_MS, RunningServer, examples, metric_limits
 
 T = TypeVar("T")
@@ -84,6 +93,8 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
     "ListUsageRecords": frozenset({OK, INVALID}),
     "VoidCreditGrant": frozenset({OK, INVALID, NOT_FOUND}),
     "ListCreditGrants": frozenset({OK, INVALID}),
+    "CloseBillingPeriod": frozenset({OK, INVALID, PRECONDITION}),
+    "ExportBillingPeriod": frozenset({OK, INVALID, PRECONDITION}),
 }
 SERVICE_OF = {
     "CheckQuota": "QuotaService",
@@ -105,6 +116,8 @@ SERVICE_OF = {
     "ListUsageRecords": "ReportingService",
     "VoidCreditGrant": "AdminService",
     "ListCreditGrants": "AdminService",
+    "CloseBillingPeriod": "BillingService",
+    "ExportBillingPeriod": "BillingService",
 }
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -524,6 +537,7 @@ class Hostile:
             "QuotaService": self.server.quota,
             "AdminService": self.server.admin,
             "ReportingService": self.server.reporting,
+            "BillingService": billing_pb2_grpc.BillingServiceStub(self.server.channel),
         }[SERVICE_OF[rpc]]
         return getattr(stub, rpc)  # type: ignore[no-any-return]
 
@@ -1337,6 +1351,72 @@ async def test_list_usage_records_refuses_malformed_pages(
     if token == "REAL" and case["org_id"][0] != ORG:
         verdict = BAD  # the token pages ORG's records, and only those
     await hostile.send("ListUsageRecords", request, expect(verdict, OK))
+    await hostile.assert_still_serving()
+
+
+# -- BillingService -----------------------------------------------------------------------------
+
+_MONTH_FORM = re.compile(r"[0-9]{4}-[0-9]{2}")
+BILLING_MONTHS = Rule(
+    st.one_of(
+        st.sampled_from(["2026-02", "2026-01", "2025-03", "2026-03", "2030-12"]),
+        st.tuples(st.integers(2000, 2100), st.integers(1, 12)).map(
+            lambda ym: f"{ym[0]:04d}-{ym[1]:02d}"
+        ),
+    ),
+    st.one_of(
+        st.text(max_size=12).filter(lambda text: not _MONTH_FORM.fullmatch(text)),
+        st.tuples(st.integers(0, 9999), st.integers(0, 99))
+        .filter(lambda ym: not (2000 <= ym[0] <= 2100 and 1 <= ym[1] <= 12))
+        .map(lambda ym: f"{ym[0]:04d}-{ym[1]:02d}"),
+        st.sampled_from(
+            [
+                "",
+                "2026-2",
+                "2026-02-01",
+                "2026/02",
+                " 2026-02",
+                "2026-02\n",
+                "\uff12\uff10\uff12\uff16-02",
+                "\u0662\u0660\u0662\u0666-\u0660\u0662",
+                "9" * 100_000,
+            ]
+        ),
+    ),
+)
+
+
+@hostile_settings(80)
+@given(case=requests({"billing_month": BILLING_MONTHS}))
+async def test_close_billing_period_refuses_malformed_months(
+    hostile: Hostile, case: dict[str, Tagged]
+) -> None:
+    """CloseBillingPeriod answers a billing month other than YYYY-MM of 2000-2100 with INVALID_ARGUMENT, a month not ended yet or past the usage retention with FAILED_PRECONDITION, each changing nothing, and a closable month with its counts."""
+    request = billing_pb2.CloseBillingPeriodRequest(billing_month=case["billing_month"][0])
+    await hostile.send("CloseBillingPeriod", request, expect(verdict_of(case), OK, PRECONDITION))
+    await hostile.assert_still_serving()
+
+
+@hostile_settings(120)
+@given(
+    case=requests(
+        {"billing_month": BILLING_MONTHS, "page_size": PAGE_SIZES, "page_token": PAGE_TOKENS}
+    )
+)
+async def test_export_billing_period_refuses_malformed_requests(
+    hostile: Hostile, case: dict[str, Tagged]
+) -> None:
+    """ExportBillingPeriod answers a malformed billing month, a page size outside 0-1000 or a page token it did not issue with INVALID_ARGUMENT (before any FAILED_PRECONDITION of the month), and valid requests with a page."""
+    token = case["page_token"][0]
+    request = billing_pb2.ExportBillingPeriodRequest(
+        billing_month=case["billing_month"][0],
+        page_size=case["page_size"][0],
+        page_token=hostile.page_token if token == "REAL" else token,
+    )
+    verdict = verdict_of(case)
+    if token == "REAL" or (token and verdict == EITHER):
+        verdict = BAD  # the records list's token, or one no export issued
+    await hostile.send("ExportBillingPeriod", request, expect(verdict, OK, PRECONDITION))
     await hostile.assert_still_serving()
 
 

@@ -21,6 +21,8 @@ import grpc
 from pagemeter.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
     plan_pb2,
     quota_pb2,
     quota_pb2_grpc,
@@ -246,6 +248,10 @@ class AsyncPagemeterClient:
     @property
     def _reporting(self) -> reporting_pb2_grpc.ReportingServiceAsyncStub:
         return self._stubs.reporting
+
+    @property
+    def _billing(self) -> billing_pb2_grpc.BillingServiceAsyncStub:
+        return self._stubs.billing
 
     async def close(self) -> None:
         """Stop the outbox flusher, deliver the outbox's due records, close the channel.
@@ -615,6 +621,50 @@ class AsyncPagemeterClient:
             for record in page.records:
                 yield record
             token = _next_token(page, seen)
+            if not token:
+                return
+
+    # BillingService
+
+    async def close_billing_period(
+        self, billing_month: str, *, timeout: float | None = None
+    ) -> billing_pb2.CloseBillingPeriodResponse:
+        """Freeze every organization's figures of the billing month "YYYY-MM"
+        (its periods that ended in it); idempotent (docs/billing.md)."""
+        return await self._billing.CloseBillingPeriod(
+            billing_pb2.CloseBillingPeriodRequest(billing_month=billing_month),
+            **self._config.call_options(timeout),
+        )
+
+    async def export_billing_period(
+        self,
+        billing_month: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> billing_pb2.ExportBillingPeriodResponse:
+        """One page of the billing month's rows (organizations by id)."""
+        return await self._billing.ExportBillingPeriod(
+            billing_pb2.ExportBillingPeriodRequest(
+                billing_month=billing_month, page_size=page_size, page_token=page_token
+            ),
+            **self._config.call_options(timeout),
+        )
+
+    async def iter_billing_rows(
+        self, billing_month: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[billing_pb2.BillingRow]:
+        """Every row of the billing month, page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = await self.export_billing_period(
+                billing_month, page_size=page_size, page_token=token, timeout=timeout
+            )
+            for row in page.rows:
+                yield row
+            token = _next_token(page, seen, "ExportBillingPeriod")
             if not token:
                 return
 

@@ -26,6 +26,7 @@ from pagemeter_server.domain.errors import (
     LimitReached,
     NegativeUnits,
     NotFound,
+    NotReady,
     PermissionDenied,
     PlanMissing,
     PlanNotFound,
@@ -132,7 +133,7 @@ def failure_for(exc: BaseException) -> Failure:
             "to the plan (its usage is then accepted) or record it under a planned metric",
             _error_info("TOO_MANY_UNPLANNED_METRICS", metric=exc.metric, limit=str(exc.cap)),
         )
-    if isinstance(exc, LimitReached):
+    if isinstance(exc, LimitReached | NotReady):
         return _status(code_pb2.FAILED_PRECONDITION, str(exc), _error_info(exc.reason))
     if isinstance(exc, PlansNotMigrated):
         return _status(code_pb2.FAILED_PRECONDITION, str(exc), _error_info("PLANS_NOT_MIGRATED"))

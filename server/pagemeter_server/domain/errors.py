@@ -112,6 +112,15 @@ class LimitReached(StoreError):
         self.reason = reason
 
 
+class NotReady(StoreError):
+    """What was asked for cannot be done yet, or any more (a billing month that has
+    not ended, or whose counters are gone); `reason` names why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class PlansNotMigrated(StoreError):
     """A plan uses what only the current plan document can hold, and the deployment's
     plans are still written in schema 1 (store/plan_migration.py)."""

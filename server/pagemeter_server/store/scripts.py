@@ -43,6 +43,7 @@ SCRIPTS = (
     "key_auth",
     "migrate_plan",
     "migrate_credits",
+    "billing_close",
 )
 # Scripts that also run as batches of one organization's calls, as <name>_batch
 # (see build_scripts.py).
@@ -62,6 +63,7 @@ CHANGING_SCRIPTS = frozenset(
         "alerts",
         "key_create",
         "key_revoke",
+        "billing_close",
     }
 )
 
