@@ -32,6 +32,8 @@ from pagemeter.v1 import (
     admin_pb2_grpc,
     billing_pb2,
     billing_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
     reporting_pb2,
@@ -45,6 +47,7 @@ from pagemeter_server.api.auth import (
     load_credentials,
 )
 from pagemeter_server.api.billing import BillingService
+from pagemeter_server.api.events import EventService
 from pagemeter_server.api.interceptors import ObservedRpcs
 from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.reporting import ReportingService
@@ -66,6 +69,7 @@ from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store.admin import AdminStore
 from pagemeter_server.store.billing import BillingStore
 from pagemeter_server.store.connections import close_redis, connect_redis
+from pagemeter_server.store.events import EventStore
 from pagemeter_server.store.plan_migration import migrate_plans, plans_migrated, summary
 from pagemeter_server.store.quota import Store
 from pagemeter_server.store.replica_acks import ReplicaAcks
@@ -82,6 +86,7 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
     billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -188,6 +193,9 @@ async def create_server(
     )
     billing_pb2_grpc.add_BillingServiceServicer_to_server(
         BillingService(BillingStore(store, reports), clock, auth), server
+    )
+    events_pb2_grpc.add_EventServiceServicer_to_server(
+        EventService(EventStore(client), auth), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

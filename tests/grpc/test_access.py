@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry
 from pagemeter.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
     reporting_pb2,
@@ -48,6 +50,7 @@ class Secured:
     admin: Any
     reporting: Any
     clock: ManualClock
+    events: Any
 
     async def call(self, stub: Any, rpc: str, request: Message, token: str | None) -> Any:
         metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -84,6 +87,7 @@ async def secured(
         admin_pb2_grpc.AdminServiceStub(channel),
         reporting_pb2_grpc.ReportingServiceStub(channel),
         clock,
+        events_pb2_grpc.EventServiceStub(channel),
     )
     await channel.close(None)
     await server.stop(None)
@@ -107,6 +111,7 @@ async def refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
 
 # Every RPC, with a request that is valid for an organization named "acme".
 WRITE_RPCS = [
+    ("events", "ListEventOrganizations", events_pb2.ListEventOrganizationsRequest()),
     ("quota", "CheckQuota", quota_pb2.CheckQuotaRequest(org_id="acme", units={"pages": 1})),
     (
         "quota",
@@ -130,6 +135,7 @@ WRITE_RPCS = [
     ),
 ]
 READ_RPCS = [
+    ("events", "ListEvents", events_pb2.ListEventsRequest(org_id="acme")),
     ("quota", "GetUsage", quota_pb2.GetUsageRequest(org_id="acme")),
     ("reporting", "GetUsageHistory", reporting_pb2.GetUsageHistoryRequest(org_id="acme")),
     ("reporting", "GetUsageStatistics", reporting_pb2.GetUsageStatisticsRequest(org_id="acme")),
@@ -462,7 +468,11 @@ async def test_a_key_over_its_read_limit_is_refused_writes_for_its_role(
         redis_url=settings.redis_url, listen="127.0.0.1:0", read_rate_limit=1, read_burst=2
     )
     async with serving(limited, redis_client, clock, credentials=credentials()) as server:
-        stubs = {"quota": server.quota, "admin": server.admin}
+        stubs = {
+            "quota": server.quota,
+            "admin": server.admin,
+            "events": events_pb2_grpc.EventServiceStub(server.channel),
+        }
         key = await server.admin.CreateApiKey(
             admin_pb2.CreateApiKeyRequest(org_id="acme"),
             metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),

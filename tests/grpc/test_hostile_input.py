@@ -21,6 +21,7 @@ e.g. a garbage page token that happens to decode) and each answer is checked:
   | RevokeApiKey | OK, INVALID_ARGUMENT, NOT_FOUND |
   | GetUsageHistory, GetUsageStatistics, ListUsageRecords | OK, INVALID_ARGUMENT |
   | CloseBillingPeriod, ExportBillingPeriod | OK, INVALID_ARGUMENT, FAILED_PRECONDITION |
+  | ListEvents, ListEventOrganizations | OK, INVALID_ARGUMENT |
 
   and the one its tag calls for (invalid: INVALID_ARGUMENT; valid: an answer);
 - INVALID_ARGUMENT has a readable message and a google.rpc.BadRequest;
@@ -59,10 +60,13 @@ from pagemeter.v1 import (
     admin_pb2,
     billing_pb2,
     billing_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     plan_pb2,
     quota_pb2,
     reporting_pb2,
 )
+from pagemeter_server.domain.events import EVENT_TYPES
 from tests.conftest import START_MS, RunningServer, examples, metric_limits
 
 T = TypeVar("T")
@@ -95,6 +99,8 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
     "ListCreditGrants": frozenset({OK, INVALID}),
     "CloseBillingPeriod": frozenset({OK, INVALID, PRECONDITION}),
     "ExportBillingPeriod": frozenset({OK, INVALID, PRECONDITION}),
+    "ListEvents": frozenset({OK, INVALID}),
+    "ListEventOrganizations": frozenset({OK, INVALID}),
 }
 SERVICE_OF = {
     "CheckQuota": "QuotaService",
@@ -118,6 +124,8 @@ SERVICE_OF = {
     "ListCreditGrants": "AdminService",
     "CloseBillingPeriod": "BillingService",
     "ExportBillingPeriod": "BillingService",
+    "ListEvents": "EventService",
+    "ListEventOrganizations": "EventService",
 }
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -538,6 +546,7 @@ class Hostile:
             "AdminService": self.server.admin,
             "ReportingService": self.server.reporting,
             "BillingService": billing_pb2_grpc.BillingServiceStub(self.server.channel),
+            "EventService": events_pb2_grpc.EventServiceStub(self.server.channel),
         }[SERVICE_OF[rpc]]
         return getattr(stub, rpc)  # type: ignore[no-any-return]
 
@@ -1417,6 +1426,76 @@ async def test_export_billing_period_refuses_malformed_requests(
     if token == "REAL" or (token and verdict == EITHER):
         verdict = BAD  # the records list's token, or one no export issued
     await hostile.send("ExportBillingPeriod", request, expect(verdict, OK, PRECONDITION))
+    await hostile.assert_still_serving()
+
+
+# -- EventService -------------------------------------------------------------------------------
+
+EVENT_TYPE_LISTS = Rule(
+    st.lists(st.sampled_from(sorted(EVENT_TYPES)), max_size=4),
+    st.one_of(
+        st.lists(st.text(max_size=40), min_size=1, max_size=3).filter(
+            lambda types: any(kind not in EVENT_TYPES for kind in types)
+        ),
+        st.sampled_from([["USAGE.RECORDED"], ["usage.recorded", ""], ["x" * 100_000]]),
+        st.just(sorted(EVENT_TYPES) * 2),
+    ),
+)
+SINCES = Rule(
+    st.one_of(st.none(), st.integers(0, LAST_TIMESTAMP_MS).map(ts)),
+    BROKEN_TIMESTAMPS,
+)
+
+
+@hostile_settings(150)
+@given(
+    case=requests(
+        {
+            "org_id": ORG_IDS,
+            "types": EVENT_TYPE_LISTS,
+            "since": SINCES,
+            "page_size": PAGE_SIZES,
+            "page_token": PAGE_TOKENS,
+        }
+    )
+)
+async def test_list_events_refuses_malformed_requests(
+    hostile: Hostile, case: dict[str, Tagged]
+) -> None:
+    """ListEvents answers a malformed organization id, an unknown event type, a time out of range, a page size outside 0-1000 or a page token it did not issue with INVALID_ARGUMENT, and valid requests with a page."""
+    token = case["page_token"][0]
+    request = events_pb2.ListEventsRequest(
+        org_id=case["org_id"][0],
+        types=case["types"][0],
+        page_size=case["page_size"][0],
+        page_token=hostile.page_token if token == "REAL" else token,
+    )
+    if case["since"][0] is not None:
+        request.since.CopyFrom(case["since"][0])
+    verdict = verdict_of(case)
+    if token == "REAL" or (token and verdict == EITHER):
+        verdict = BAD  # the records list's token, or one no event list issued
+    await hostile.send("ListEvents", request, expect(verdict, OK))
+    await hostile.assert_still_serving()
+
+
+@hostile_settings(60)
+@given(case=requests({"since": SINCES, "page_size": PAGE_SIZES, "page_token": PAGE_TOKENS}))
+async def test_list_event_organizations_refuses_malformed_requests(
+    hostile: Hostile, case: dict[str, Tagged]
+) -> None:
+    """ListEventOrganizations answers a time out of range, a page size outside 0-1000 or a page token it did not issue with INVALID_ARGUMENT, and valid requests with a page."""
+    token = case["page_token"][0]
+    request = events_pb2.ListEventOrganizationsRequest(
+        page_size=case["page_size"][0],
+        page_token=hostile.page_token if token == "REAL" else token,
+    )
+    if case["since"][0] is not None:
+        request.since.CopyFrom(case["since"][0])
+    verdict = verdict_of(case)
+    if token == "REAL" or (token and verdict == EITHER):
+        verdict = BAD
+    await hostile.send("ListEventOrganizations", request, expect(verdict, OK))
     await hostile.assert_still_serving()
 
 
