@@ -75,9 +75,7 @@ async def test_types_filter_and_the_cloudevent_form(pagemeter_server: RunningSer
     server = pagemeter_server
     await server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
     await server.quota.CheckQuota(
-        quota_pb2.CheckQuotaRequest(
-            org_id="acme", request_id="held", units={"pages": 4}, hold=True
-        )
+        quota_pb2.CheckQuotaRequest(org_id="acme", request_id="held", units={"pages": 4}, hold=True)
     )
     await record(server, "held", 4)
     only = await all_events(server, types=("usage.recorded",), page_size=1)
@@ -128,9 +126,7 @@ async def test_event_organizations_list_who_had_events(pagemeter_server: Running
     await asyncio.sleep(0.6)
     await record(server, "one", 1, org="globex")
     stub = events_stub(server)
-    first = await stub.ListEventOrganizations(
-        events_pb2.ListEventOrganizationsRequest(page_size=2)
-    )
+    first = await stub.ListEventOrganizations(events_pb2.ListEventOrganizationsRequest(page_size=2))
     assert list(first.org_ids) == ["acme", "globex"]
     rest = await stub.ListEventOrganizations(
         events_pb2.ListEventOrganizationsRequest(page_token=first.next_page_token)
