@@ -17,7 +17,7 @@ from tests.conftest import START_MS, RunningServer, eagle_plan, metric_limits
 
 
 def events_stub(server: RunningServer) -> events_pb2_grpc.EventServiceAsyncStub:
-    return events_pb2_grpc.EventServiceStub(server.channel)  # type: ignore[return-value]
+    return events_pb2_grpc.EventServiceStub(server.channel)
 
 
 async def all_events(
