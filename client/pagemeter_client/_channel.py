@@ -13,6 +13,7 @@ import grpc.aio
 from pagemeter.v1 import (
     admin_pb2_grpc,
     billing_pb2_grpc,
+    events_pb2_grpc,
     quota_pb2_grpc,
     reporting_pb2_grpc,
 )
@@ -245,6 +246,7 @@ class _AsyncChannel:
     admin: admin_pb2_grpc.AdminServiceAsyncStub
     reporting: reporting_pb2_grpc.ReportingServiceAsyncStub
     billing: billing_pb2_grpc.BillingServiceAsyncStub
+    events: events_pb2_grpc.EventServiceAsyncStub
 
     @classmethod
     def create(cls, config: _ClientConfig, interceptors: Sequence[Any] = ()) -> _AsyncChannel:
@@ -263,6 +265,7 @@ class _AsyncChannel:
             admin_pb2_grpc.AdminServiceStub(channel),
             reporting_pb2_grpc.ReportingServiceStub(channel),
             billing_pb2_grpc.BillingServiceStub(channel),
+            events_pb2_grpc.EventServiceStub(channel),
         )
 
 
@@ -300,6 +303,10 @@ class AsyncStubs:
     def billing(self) -> billing_pb2_grpc.BillingServiceAsyncStub:
         return self._channel().billing
 
+    @property
+    def events(self) -> events_pb2_grpc.EventServiceAsyncStub:
+        return self._channel().events
+
     async def close(self) -> None:
         """Close the channel if it was opened (a later call opens a new one)."""
         if self._open is not None:
@@ -332,6 +339,7 @@ class Stubs:
         self.admin = admin_pb2_grpc.AdminServiceStub(self.watched)
         self.reporting = reporting_pb2_grpc.ReportingServiceStub(self.watched)
         self.billing = billing_pb2_grpc.BillingServiceStub(self.watched)
+        self.events = events_pb2_grpc.EventServiceStub(self.watched)
 
     def close(self) -> None:
         self.channel.close()

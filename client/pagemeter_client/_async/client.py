@@ -23,6 +23,8 @@ from pagemeter.v1 import (
     admin_pb2_grpc,
     billing_pb2,
     billing_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     plan_pb2,
     quota_pb2,
     quota_pb2_grpc,
@@ -252,6 +254,10 @@ class AsyncPagemeterClient:
     @property
     def _billing(self) -> billing_pb2_grpc.BillingServiceAsyncStub:
         return self._stubs.billing
+
+    @property
+    def _events(self) -> events_pb2_grpc.EventServiceAsyncStub:
+        return self._stubs.events
 
     async def close(self) -> None:
         """Stop the outbox flusher, deliver the outbox's due records, close the channel.
@@ -665,6 +671,62 @@ class AsyncPagemeterClient:
             for row in page.rows:
                 yield row
             token = _next_token(page, seen, "ExportBillingPeriod")
+            if not token:
+                return
+
+    # EventService
+
+    async def list_events(
+        self,
+        org_id: str = "",
+        *,
+        since: datetime | None = None,
+        types: Sequence[str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> events_pb2.ListEventsResponse:
+        """One page of the organization's events, oldest first (docs/events.md).
+        next_page_token reads on from there, also at the end of the stream: a
+        follower polls with it."""
+        request = events_pb2.ListEventsRequest(
+            org_id=org_id, types=types, page_size=page_size, page_token=page_token
+        )
+        if since is not None:
+            request.since.FromDatetime(since)
+        return await self._events.ListEvents(request, **self._config.call_options(timeout))
+
+    async def list_event_organizations(
+        self,
+        *,
+        since: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> events_pb2.ListEventOrganizationsResponse:
+        """One page of the organizations that had events since a time, by id."""
+        request = events_pb2.ListEventOrganizationsRequest(
+            page_size=page_size, page_token=page_token
+        )
+        if since is not None:
+            request.since.FromDatetime(since)
+        return await self._events.ListEventOrganizations(
+            request, **self._config.call_options(timeout)
+        )
+
+    async def iter_event_organizations(
+        self, *, since: datetime | None = None, timeout: float | None = None
+    ) -> AsyncIterator[str]:
+        """Every organization that had events since a time, page after page."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = await self.list_event_organizations(
+                since=since, page_size=1000, page_token=token, timeout=timeout
+            )
+            for org_id in page.org_ids:
+                yield org_id
+            token = _next_token(page, seen, "ListEventOrganizations")
             if not token:
                 return
 

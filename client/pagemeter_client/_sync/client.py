@@ -24,6 +24,8 @@ from pagemeter.v1 import (
     admin_pb2_grpc,
     billing_pb2,
     billing_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     plan_pb2,
     quota_pb2,
     quota_pb2_grpc,
@@ -251,6 +253,10 @@ class PagemeterClient:
     @property
     def _billing(self) -> billing_pb2_grpc.BillingServiceStub:
         return self._stubs.billing
+
+    @property
+    def _events(self) -> events_pb2_grpc.EventServiceStub:
+        return self._stubs.events
 
     def close(self) -> None:
         """Stop the outbox flusher, deliver the outbox's due records, close the channel.
@@ -657,6 +663,59 @@ class PagemeterClient:
             )
             yield from page.rows
             token = _next_token(page, seen, "ExportBillingPeriod")
+            if not token:
+                return
+
+    # EventService
+
+    def list_events(
+        self,
+        org_id: str = "",
+        *,
+        since: datetime | None = None,
+        types: Sequence[str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> events_pb2.ListEventsResponse:
+        """One page of the organization's events, oldest first (docs/events.md).
+        next_page_token reads on from there, also at the end of the stream: a
+        follower polls with it."""
+        request = events_pb2.ListEventsRequest(
+            org_id=org_id, types=types, page_size=page_size, page_token=page_token
+        )
+        if since is not None:
+            request.since.FromDatetime(since)
+        return self._events.ListEvents(request, **self._config.call_options(timeout))
+
+    def list_event_organizations(
+        self,
+        *,
+        since: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> events_pb2.ListEventOrganizationsResponse:
+        """One page of the organizations that had events since a time, by id."""
+        request = events_pb2.ListEventOrganizationsRequest(
+            page_size=page_size, page_token=page_token
+        )
+        if since is not None:
+            request.since.FromDatetime(since)
+        return self._events.ListEventOrganizations(request, **self._config.call_options(timeout))
+
+    def iter_event_organizations(
+        self, *, since: datetime | None = None, timeout: float | None = None
+    ) -> Iterator[str]:
+        """Every organization that had events since a time, page after page."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = self.list_event_organizations(
+                since=since, page_size=1000, page_token=token, timeout=timeout
+            )
+            yield from page.org_ids
+            token = _next_token(page, seen, "ListEventOrganizations")
             if not token:
                 return
 

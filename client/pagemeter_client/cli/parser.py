@@ -29,6 +29,7 @@ from pagemeter_client.cli.commands.admin import (
     cmd_keys_revoke,
 )
 from pagemeter_client.cli.commands.billing import add_billing_commands
+from pagemeter_client.cli.commands.events import add_events_commands
 from pagemeter_client.cli.commands.jobs import cmd_check, cmd_record, cmd_release
 from pagemeter_client.cli.commands.outbox import (
     FLUSH_WAIT_SECONDS,
@@ -488,5 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_commands(commands, common)
     _add_report_commands(commands, common)
     add_billing_commands(commands, common)
+    add_events_commands(commands, common)
     _add_outbox_commands(commands, common)
     return parser
