@@ -53,6 +53,7 @@ from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.reporting import ReportingService
 from pagemeter_server.domain.clock import Clock, RedisClock, SystemClock
 from pagemeter_server.domain.errors import ConfigurationError
+from pagemeter_server.ops.alert_sweep import sweeping
 from pagemeter_server.ops.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.ops.exporter import register_org_exporter
 from pagemeter_server.ops.health import HealthReporter, watching
@@ -126,6 +127,8 @@ class ServerParts:
     health: AsyncHealthServicer
     metrics: ServiceMetrics
     reporter: HealthReporter
+    store: Store
+    clock: Clock
 
 
 async def create_server(
@@ -215,7 +218,13 @@ async def create_server(
     await reporter.set(True)
     if settings.org_exporter_max_orgs > 0 and registry is not None:
         register_org_exporter(registry, settings, clock, client)
-    return server, port, ServerParts(health=health_servicer, metrics=metrics, reporter=reporter)
+    return (
+        server,
+        port,
+        ServerParts(
+            health=health_servicer, metrics=metrics, reporter=reporter, store=store, clock=clock
+        ),
+    )
 
 
 def tls_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -314,7 +323,10 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
             _transport(settings),
             f"http://{settings.metrics_listen}/metrics" if settings.metrics_listen else "off",
         )
-        async with watching(parts.reporter, client, settings.health_interval_seconds):
+        async with (
+            watching(parts.reporter, client, settings.health_interval_seconds),
+            sweeping(parts.store, client, parts.clock, settings.alert_sweep_seconds),
+        ):
             await stop.wait()
             phase.now = "stopping"
             log.info("shutting down: draining for up to %.1fs", settings.grace_period_seconds)

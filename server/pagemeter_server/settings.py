@@ -308,6 +308,13 @@ class Settings:
     event_retention_days: int = option(
         "--event-retention-days", 7, "days an organization's events are kept"
     )
+    # Seconds between sweeps of the notification thresholds (ops/alert_sweep.py):
+    # what changes with time alone (a period ended, a grant near its expiry).
+    alert_sweep_seconds: float = option(
+        "--alert-sweep-interval",
+        300.0,
+        "seconds between sweeps of the notification thresholds (0: none)",
+    )
     log_format: str = option("--log-format", "json", "json (one object a line) or text")
     # Seconds between health probes of Redis (grpc.health.v1 follows them).
     health_interval_seconds: float = option(
@@ -455,6 +462,8 @@ class Settings:
             raise ValueError("the audit trail must keep at least 100 events")
         if not (self.max_events_per_org == 0 or 1000 <= self.max_events_per_org <= 10_000_000):
             raise ValueError("--max-events-per-org must be 0 (off) or between 1000 and 10000000")
+        if not (self.alert_sweep_seconds == 0 or 10 <= self.alert_sweep_seconds <= 86_400):
+            raise ValueError("--alert-sweep-interval must be 0 (none) or 10 to 86400 seconds")
         if not 2 <= self.event_retention_days <= 400:
             raise ValueError(
                 "--event-retention-days must be between 2 and 400 (webhook retries last "

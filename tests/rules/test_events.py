@@ -17,10 +17,12 @@ from cloudevents.core.v1.event import CloudEvent
 from google.protobuf import duration_pb2
 
 from pagemeter.v1 import plan_pb2
+from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.domain.decisions import CheckCall, RecordCall, RecordResult
 from pagemeter_server.domain.errors import NegativeUnits, RequestIdReused
 from pagemeter_server.domain.events import Event, cloudevent_json
 from pagemeter_server.domain.plans import plan_to_doc
+from pagemeter_server.ops.alert_sweep import SWEEP_LEASE_KEY, sweep_all, sweeping
 from pagemeter_server.store.admin import AdminStore
 from pagemeter_server.store.events import EventStore
 from pagemeter_server.store.keys import OrgKeys
@@ -590,3 +592,41 @@ def test_event_data_is_plain_json() -> None:
         "metrics": [],
         "units": 12345678901234567,
     }
+
+
+async def test_the_periodic_sweep_resolves_every_organization_once(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    orgs = ["org-a", "org-b", "org-c"]
+    for org in orgs:
+        await set_plan(store, org, contract_quota=10)
+        await record(store, f"{org}-march", 9, org=org)
+    april = ManualClock(APR_2)
+    assert await sweep_all(store, april) == (3, 3)
+    assert await sweep_all(store, april) == (3, 0)
+    for org in orgs:
+        assert thresholds(await events(redis_client, org)) == [
+            ("threshold.crossed", "contract_quota:80", ""),
+            ("threshold.resolved", "contract_quota:80", "period_ended"),
+        ]
+
+
+async def test_a_server_without_the_sweep_lease_does_not_sweep(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    await set_plan(store, contract_quota=10)
+    await record(store, "march", 9)
+    await redis_client.set(SWEEP_LEASE_KEY, "another server", px=60_000)
+    try:
+        async with sweeping(store, redis_client, ManualClock(APR_2), 0.05):
+            await asyncio.sleep(0.3)
+        assert [e for e in await events(redis_client) if e.type == "threshold.resolved"] == []
+        await redis_client.delete(SWEEP_LEASE_KEY)
+        async with sweeping(store, redis_client, ManualClock(APR_2), 0.05):
+            for _ in range(100):
+                if await events(redis_client, kind="threshold.resolved"):
+                    break
+                await asyncio.sleep(0.05)
+        assert len(await events(redis_client, kind="threshold.resolved")) == 1
+    finally:
+        await redis_client.delete(SWEEP_LEASE_KEY)

@@ -224,6 +224,15 @@ OPTIONS += [
         0,
     ),
     Option(
+        "--alert-sweep-interval",
+        "PAGEMETER_ALERT_SWEEP_INTERVAL",
+        "alert_sweep_seconds",
+        "60",
+        60.0,
+        "0",
+        0.0,
+    ),
+    Option(
         "--event-retention-days",
         "PAGEMETER_EVENT_RETENTION_DAYS",
         "event_retention_days",
