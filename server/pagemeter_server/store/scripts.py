@@ -42,6 +42,10 @@ SCRIPTS = (
     "key_auth",
     "migrate_plan",
     "migrate_credits",
+    # Webhook delivery (store/webhooks.py, docs/webhooks.md).
+    "webhook_endpoint",
+    "webhook_advance",
+    "webhook_lease",
 )
 # Scripts that also run as batches of one organization's calls, as <name>_batch
 # (see build_scripts.py).
