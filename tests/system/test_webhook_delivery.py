@@ -25,11 +25,12 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from pagemeter.v1 import admin_pb2, quota_pb2, webhooks_pb2, webhooks_pb2_grpc
+from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.ops.embedded import RedisProcess, free_port
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.keys import OrgKeys
 from server_process import SERVER, ServerProcess
-from tests.conftest import ManualClock, RunningServer, eagle_plan, serving
+from tests.conftest import RunningServer, eagle_plan, serving
 
 FAST = [
     "--webhook-lease-seconds",
@@ -169,7 +170,7 @@ async def record_jobs(server: RunningServer, org: str, count: int, prefix: str =
 
 
 def webhooks_stub(server: RunningServer) -> webhooks_pb2_grpc.WebhookServiceAsyncStub:
-    return webhooks_pb2_grpc.WebhookServiceStub(server.channel)  # type: ignore[return-value]
+    return webhooks_pb2_grpc.WebhookServiceStub(server.channel)
 
 
 async def create_endpoint(
