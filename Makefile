@@ -41,9 +41,10 @@ proto: $(STAMP)
 scripts: $(STAMP)
 	$(BIN)/python -m pagemeter_server.store.build_scripts
 
-## run: serve on 127.0.0.1:50051 (metrics on 127.0.0.1:9464) with the embedded store
+## run: serve on 127.0.0.1:50051 (metrics on 127.0.0.1:9464) with the embedded store, and
+## deliver webhooks from the same process (docs/webhooks.md)
 run: $(STAMP)
-	$(BIN)/pagemeter-server --dev-open-access
+	$(BIN)/pagemeter-server --dev-open-access --webhook-dispatch
 
 ## unasync: regenerate the blocking client (client/pagemeter_client/_sync) from _async
 unasync: $(STAMP)

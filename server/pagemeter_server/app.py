@@ -38,6 +38,8 @@ from pagemeter.v1 import (
     quota_pb2_grpc,
     reporting_pb2,
     reporting_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from pagemeter_server.api.admin import AdminService
 from pagemeter_server.api.auth import (
@@ -51,6 +53,9 @@ from pagemeter_server.api.events import EventService
 from pagemeter_server.api.interceptors import ObservedRpcs
 from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.reporting import ReportingService
+from pagemeter_server.api.webhooks import WebhookService
+from pagemeter_server.dispatch.dispatcher import Dispatcher
+from pagemeter_server.dispatch.metrics import DispatchMetrics
 from pagemeter_server.domain.clock import Clock, RedisClock, SystemClock
 from pagemeter_server.domain.errors import ConfigurationError
 from pagemeter_server.ops.alert_sweep import sweeping
@@ -78,6 +83,7 @@ from pagemeter_server.store.reports import ReportStore
 from pagemeter_server.store.sentinel import (
     check_sentinel_access,
 )
+from pagemeter_server.store.webhooks import WebhookStore
 from pagemeter_server.workers import supervise
 
 log = logging.getLogger("pagemeter")
@@ -88,6 +94,7 @@ SERVICE_NAMES = (
     reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
     billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -199,6 +206,9 @@ async def create_server(
     )
     events_pb2_grpc.add_EventServiceServicer_to_server(
         EventService(EventStore(client), auth), server
+    )
+    webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
+        WebhookService(WebhookStore(client), settings, clock, auth), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -323,6 +333,14 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
             _transport(settings),
             f"http://{settings.metrics_listen}/metrics" if settings.metrics_listen else "off",
         )
+        dispatching = None
+        dispatch_stop = asyncio.Event()
+        if settings.webhook_dispatch:
+            # One webhook dispatcher in this process (make run); production runs
+            # `pagemeter-server dispatch` processes (docs/webhooks.md).
+            dispatcher = Dispatcher(client, settings, DispatchMetrics(registry))
+            dispatching = asyncio.create_task(dispatcher.run(dispatch_stop))
+            log.info("webhook dispatcher %s started in this process", dispatcher.owner)
         async with (
             watching(parts.reporter, client, settings.health_interval_seconds),
             sweeping(parts.store, client, parts.clock, settings.alert_sweep_seconds),
@@ -330,8 +348,11 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
             await stop.wait()
             phase.now = "stopping"
             log.info("shutting down: draining for up to %.1fs", settings.grace_period_seconds)
+            dispatch_stop.set()
             await parts.reporter.drain()
             await server.stop(settings.grace_period_seconds)
+            if dispatching is not None:
+                await dispatching
         if http is not None:
             http.shutdown()
     log.info("pagemeter stopped")
@@ -358,6 +379,57 @@ def migrate_plans_main(argv: Sequence[str]) -> int:
         _run(migrate_stored_plans(settings))
     except (*OPERATOR_ERRORS, redis.exceptions.RedisError) as exc:
         log.error("pagemeter could not migrate the stored plans: %s", exc)
+        return 1
+    return 0
+
+
+async def dispatch(settings: Settings, phase: Phase) -> None:
+    """Deliver webhooks until SIGTERM or SIGINT (docs/webhooks.md): one of any number
+    of dispatchers sharing a store; serves its metrics on --metrics-listen."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if not settings.redis_url and settings.redis_mode == "single":
+        raise ConfigurationError(
+            "pagemeter-server dispatch needs --redis-url (the store the servers use); with "
+            "the embedded store, run the server with --webhook-dispatch instead"
+        )
+    registry = CollectorRegistry()
+    async with redis_for(settings) as client:
+        await check_sentinel_access(client)
+        http = None
+        if settings.metrics_listen:
+            host, metrics_port = split_host_port(settings.metrics_listen)
+            try:
+                http, _thread = start_metrics_server(metrics_port, host, registry)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"
+                ) from exc
+        dispatcher = Dispatcher(client, settings, DispatchMetrics(registry))
+        phase.now = "serving"
+        log.info(
+            "pagemeter webhook dispatcher %s running, metrics on %s",
+            dispatcher.owner,
+            f"http://{settings.metrics_listen}/metrics" if settings.metrics_listen else "off",
+        )
+        await dispatcher.run(stop)
+        phase.now = "stopping"
+        if http is not None:
+            http.shutdown()
+    log.info("pagemeter webhook dispatcher stopped")
+
+
+def dispatch_main(argv: Sequence[str]) -> int:
+    """`pagemeter-server dispatch [flags]`: a webhook dispatcher process."""
+    settings = parse_settings(argv)
+    setup_logging(settings.log_level, settings.log_format)
+    phase = Phase()
+    try:
+        _run(dispatch(settings, phase))
+    except (*OPERATOR_ERRORS, redis.exceptions.RedisError) as exc:
+        log.error("%s", phase.failure(exc))
         return 1
     return 0
 
@@ -389,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["migrate-plans"]:
         sys.exit(migrate_plans_main(args[1:]))
+    if args[:1] == ["dispatch"]:
+        sys.exit(dispatch_main(args[1:]))
     settings = parse_settings(args)
     if settings.workers > 1:
         setup_logging(settings.log_level, settings.log_format)

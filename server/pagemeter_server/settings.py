@@ -315,6 +315,43 @@ class Settings:
         300.0,
         "seconds between sweeps of the notification thresholds (0: none)",
     )
+    # Webhook delivery (docs/webhooks.md): the dispatchers' settings. A server
+    # runs one dispatcher itself with --webhook-dispatch (make run); in production
+    # run `pagemeter-server dispatch` processes, as many as needed.
+    webhook_dispatch: bool = option(
+        "--webhook-dispatch", False, "also deliver webhooks from this server process"
+    )
+    webhook_retry_hours: float = option(
+        "--webhook-retry-hours", 24.0, "hours an event is retried before it is dead-lettered"
+    )
+    webhook_backoff_seconds: float = option(
+        "--webhook-backoff-seconds", 1.0, "delay before the first retry (doubling, with jitter)"
+    )
+    webhook_backoff_max_seconds: float = option(
+        "--webhook-backoff-max-seconds", 600.0, "longest delay between two attempts"
+    )
+    webhook_timeout_seconds: float = option(
+        "--webhook-timeout", 10.0, "seconds a receiver has to answer one delivery"
+    )
+    webhook_lease_seconds: float = option(
+        "--webhook-lease-seconds",
+        30.0,
+        "a dispatcher's lease of its partitions; a crashed one's work moves after this",
+    )
+    webhook_poll_interval_seconds: float = option(
+        "--webhook-poll-interval", 0.5, "seconds between a dispatcher's looks for new events"
+    )
+    webhook_scan_interval_seconds: float = option(
+        "--webhook-scan-interval", 300.0, "seconds between a dispatcher's SCANs for event streams"
+    )
+    webhook_max_in_flight: int = option(
+        "--webhook-max-in-flight", 64, "deliveries one dispatcher makes at once"
+    )
+    webhook_secret_overlap_hours: float = option(
+        "--webhook-secret-overlap-hours",
+        24.0,
+        "hours an old signing secret keeps signing after a rotation (unless the call says)",
+    )
     log_format: str = option("--log-format", "json", "json (one object a line) or text")
     # Seconds between health probes of Redis (grpc.health.v1 follows them).
     health_interval_seconds: float = option(
@@ -469,6 +506,28 @@ class Settings:
                 "--event-retention-days must be between 2 and 400 (webhook retries last "
                 "up to a day, and a replay reads what is kept)"
             )
+        if not 0 < self.webhook_retry_hours < self.event_retention_days * 24:
+            raise ValueError(
+                "--webhook-retry-hours must be above 0 and below --event-retention-days "
+                "(an event must still be kept when its last retry is made)"
+            )
+        if not 0 < self.webhook_backoff_seconds <= self.webhook_backoff_max_seconds <= 86_400:
+            raise ValueError(
+                "--webhook-backoff-seconds must be above 0 and at most "
+                "--webhook-backoff-max-seconds (at most a day)"
+            )
+        if not 0 < self.webhook_timeout_seconds <= 300:
+            raise ValueError("--webhook-timeout must be between 0 and 300 seconds")
+        if not 1 <= self.webhook_lease_seconds <= 3600:
+            raise ValueError("--webhook-lease-seconds must be between 1 and 3600")
+        if not 0 < self.webhook_poll_interval_seconds <= 60:
+            raise ValueError("--webhook-poll-interval must be between 0 and 60 seconds")
+        if not 1 <= self.webhook_scan_interval_seconds <= 86_400:
+            raise ValueError("--webhook-scan-interval must be between 1 and 86400 seconds")
+        if not 1 <= self.webhook_max_in_flight <= 10_000:
+            raise ValueError("--webhook-max-in-flight must be between 1 and 10000")
+        if not 0 < self.webhook_secret_overlap_hours <= 720:
+            raise ValueError("--webhook-secret-overlap-hours must be above 0 and at most 720")
         if self.max_records_per_org < 1:
             raise ValueError("max records per organization must be at least 1")
         if not 0 <= self.max_unplanned_metrics <= MAX_UNPLANNED_METRICS:
@@ -577,7 +636,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "pagemeter-server migrate-plans [flags] rewrites the stored plans as plan "
             "documents of schema 2, once no server of an earlier release uses the store "
-            "(docs/operations.md, upgrading)"
+            "(docs/operations.md, upgrading); pagemeter-server dispatch [flags] delivers "
+            "webhooks (docs/webhooks.md)"
         ),
     )
     for option in SETTING_OPTIONS:

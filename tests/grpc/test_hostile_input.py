@@ -65,6 +65,8 @@ from pagemeter.v1 import (
     plan_pb2,
     quota_pb2,
     reporting_pb2,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from pagemeter_server.domain.events import EVENT_TYPES
 from tests.conftest import START_MS, RunningServer, examples, metric_limits
@@ -101,6 +103,15 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
     "ExportBillingPeriod": frozenset({OK, INVALID, PRECONDITION}),
     "ListEvents": frozenset({OK, INVALID}),
     "ListEventOrganizations": frozenset({OK, INVALID}),
+    "CreateWebhookEndpoint": frozenset({OK, INVALID}),
+    "GetWebhookEndpoint": frozenset({OK, INVALID, NOT_FOUND}),
+    "ListWebhookEndpoints": frozenset({OK, INVALID}),
+    "UpdateWebhookEndpoint": frozenset({OK, INVALID, NOT_FOUND}),
+    "DeleteWebhookEndpoint": frozenset({OK, INVALID}),
+    "RotateWebhookSecret": frozenset({OK, INVALID, NOT_FOUND}),
+    "ListWebhookDeliveries": frozenset({OK, INVALID, NOT_FOUND}),
+    "ListWebhookDeadLetters": frozenset({OK, INVALID, NOT_FOUND}),
+    "ReplayWebhookEvents": frozenset({OK, INVALID, NOT_FOUND, PRECONDITION}),
 }
 SERVICE_OF = {
     "CheckQuota": "QuotaService",
@@ -126,6 +137,15 @@ SERVICE_OF = {
     "ExportBillingPeriod": "BillingService",
     "ListEvents": "EventService",
     "ListEventOrganizations": "EventService",
+    "CreateWebhookEndpoint": "WebhookService",
+    "GetWebhookEndpoint": "WebhookService",
+    "ListWebhookEndpoints": "WebhookService",
+    "UpdateWebhookEndpoint": "WebhookService",
+    "DeleteWebhookEndpoint": "WebhookService",
+    "RotateWebhookSecret": "WebhookService",
+    "ListWebhookDeliveries": "WebhookService",
+    "ListWebhookDeadLetters": "WebhookService",
+    "ReplayWebhookEvents": "WebhookService",
 }
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -547,6 +567,7 @@ class Hostile:
             "ReportingService": self.server.reporting,
             "BillingService": billing_pb2_grpc.BillingServiceStub(self.server.channel),
             "EventService": events_pb2_grpc.EventServiceStub(self.server.channel),
+            "WebhookService": webhooks_pb2_grpc.WebhookServiceStub(self.server.channel),
         }[SERVICE_OF[rpc]]
         return getattr(stub, rpc)  # type: ignore[no-any-return]
 
@@ -1897,3 +1918,169 @@ async def test_undecodable_request_bytes_are_invalid_argument(hostile: Hostile, 
     assert hostile.snapshot() == before
     await hostile.assert_still_serving()
     assert code is INVALID, f"{rpc} answered undecodable bytes with {code.name} {message!r}"
+
+
+# -- webhooks -------------------------------------------------------------------------
+
+_UNKNOWN_ENDPOINT = "we_" + "0" * 24
+_W = webhooks_pb2
+_WEBHOOK_CASES: list[tuple[str, Message, frozenset[grpc.StatusCode]]] = [
+    ("CreateWebhookEndpoint", _W.CreateWebhookEndpointRequest(url=""), frozenset({INVALID})),
+    *(
+        ("CreateWebhookEndpoint", _W.CreateWebhookEndpointRequest(url=url), frozenset({INVALID}))
+        for url in (
+            "ftp://example.com/hook",
+            "javascript:alert(1)",
+            "http://",
+            "http:///path",
+            "https://example.com/a b",
+            "https://example.com/\x00",
+            "https://exa\u0301mple.com/",
+            "https://example.com:99999/",
+            "https://example.com/#frag",
+            "https://example.com/" + "a" * 2100,
+        )
+    ),
+    (
+        "CreateWebhookEndpoint",
+        _W.CreateWebhookEndpointRequest(org_id="a b", url="https://example.com/h"),
+        frozenset({INVALID}),
+    ),
+    (
+        "CreateWebhookEndpoint",
+        _W.CreateWebhookEndpointRequest(url="https://example.com/h", event_types=["nope"]),
+        frozenset({INVALID}),
+    ),
+    (
+        "CreateWebhookEndpoint",
+        _W.CreateWebhookEndpointRequest(
+            url="https://example.com/h", event_types=["plan.changed", "plan.changed"]
+        ),
+        frozenset({INVALID}),
+    ),
+    (
+        "CreateWebhookEndpoint",
+        _W.CreateWebhookEndpointRequest(url="https://example.com/h", description="d" * 300),
+        frozenset({INVALID}),
+    ),
+    ("GetWebhookEndpoint", _W.GetWebhookEndpointRequest(endpoint_id="x"), frozenset({INVALID})),
+    (
+        "GetWebhookEndpoint",
+        _W.GetWebhookEndpointRequest(endpoint_id=_UNKNOWN_ENDPOINT),
+        frozenset({NOT_FOUND}),
+    ),
+    ("ListWebhookEndpoints", _W.ListWebhookEndpointsRequest(org_id="/"), frozenset({INVALID})),
+    ("ListWebhookEndpoints", _W.ListWebhookEndpointsRequest(page_size=-1), frozenset({INVALID})),
+    (
+        "ListWebhookEndpoints",
+        _W.ListWebhookEndpointsRequest(page_token="garbage"),
+        frozenset({INVALID}),
+    ),
+    (
+        "UpdateWebhookEndpoint",
+        _W.UpdateWebhookEndpointRequest(endpoint_id=_UNKNOWN_ENDPOINT),
+        frozenset({INVALID}),
+    ),
+    (
+        "UpdateWebhookEndpoint",
+        _W.UpdateWebhookEndpointRequest(endpoint_id=_UNKNOWN_ENDPOINT, update_mask=["org_id"]),
+        frozenset({INVALID}),
+    ),
+    (
+        "UpdateWebhookEndpoint",
+        _W.UpdateWebhookEndpointRequest(
+            endpoint_id=_UNKNOWN_ENDPOINT, url="gopher://x", update_mask=["url"]
+        ),
+        frozenset({INVALID}),
+    ),
+    (
+        "UpdateWebhookEndpoint",
+        _W.UpdateWebhookEndpointRequest(
+            endpoint_id=_UNKNOWN_ENDPOINT, enabled=True, update_mask=["enabled"]
+        ),
+        frozenset({NOT_FOUND}),
+    ),
+    (
+        "DeleteWebhookEndpoint",
+        _W.DeleteWebhookEndpointRequest(endpoint_id="we_x"),
+        frozenset({INVALID}),
+    ),
+    (
+        "RotateWebhookSecret",
+        _W.RotateWebhookSecretRequest(endpoint_id=_UNKNOWN_ENDPOINT, overlap_seconds=-1),
+        frozenset({INVALID}),
+    ),
+    (
+        "RotateWebhookSecret",
+        _W.RotateWebhookSecretRequest(endpoint_id=_UNKNOWN_ENDPOINT, overlap_seconds=INT64_MAX),
+        frozenset({INVALID}),
+    ),
+    (
+        "RotateWebhookSecret",
+        _W.RotateWebhookSecretRequest(endpoint_id=_UNKNOWN_ENDPOINT),
+        frozenset({NOT_FOUND}),
+    ),
+    (
+        "ListWebhookDeliveries",
+        _W.ListWebhookDeliveriesRequest(endpoint_id=_UNKNOWN_ENDPOINT, page_size=5000),
+        frozenset({INVALID}),
+    ),
+    (
+        "ListWebhookDeliveries",
+        _W.ListWebhookDeliveriesRequest(endpoint_id=_UNKNOWN_ENDPOINT, page_token="x"),
+        frozenset({INVALID}),
+    ),
+    (
+        "ListWebhookDeadLetters",
+        _W.ListWebhookDeadLettersRequest(endpoint_id=_UNKNOWN_ENDPOINT),
+        frozenset({NOT_FOUND}),
+    ),
+    (
+        "ReplayWebhookEvents",
+        _W.ReplayWebhookEventsRequest(endpoint_id=_UNKNOWN_ENDPOINT, event_id="acme:notanid"),
+        frozenset({INVALID}),
+    ),
+    (
+        "ReplayWebhookEvents",
+        _W.ReplayWebhookEventsRequest(endpoint_id=_UNKNOWN_ENDPOINT),
+        frozenset({INVALID}),
+    ),
+    (
+        "ReplayWebhookEvents",
+        _W.ReplayWebhookEventsRequest(
+            endpoint_id=_UNKNOWN_ENDPOINT,
+            org_id=ORG,
+            start_time=timestamp_pb2.Timestamp(seconds=2000),
+            end_time=timestamp_pb2.Timestamp(seconds=1000),
+        ),
+        frozenset({INVALID}),
+    ),
+    (
+        "ReplayWebhookEvents",
+        _W.ReplayWebhookEventsRequest(
+            endpoint_id=_UNKNOWN_ENDPOINT,
+            org_id=ORG,
+            start_time=timestamp_pb2.Timestamp(seconds=-(10**12)),
+            end_time=timestamp_pb2.Timestamp(seconds=1000),
+        ),
+        frozenset({INVALID}),
+    ),
+    (
+        "ReplayWebhookEvents",
+        _W.ReplayWebhookEventsRequest(endpoint_id=_UNKNOWN_ENDPOINT, event_id=ORG + ":1-0"),
+        frozenset({NOT_FOUND}),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_", "expected"),
+    _WEBHOOK_CASES,
+    ids=[f"{rpc}-{n}" for n, (rpc, _, _) in enumerate(_WEBHOOK_CASES)],
+)
+async def test_webhook_rpcs_refuse_hostile_input_and_write_nothing(
+    hostile: Hostile, rpc: str, request_: Message, expected: frozenset[grpc.StatusCode]
+) -> None:
+    """WebhookService refuses malformed endpoints, ids, masks, pages and replays with INVALID_ARGUMENT (unknown endpoints NOT_FOUND) and changes no key."""
+    await hostile.send(rpc, request_, expected)
+    await hostile.assert_still_serving()

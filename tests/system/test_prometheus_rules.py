@@ -27,7 +27,11 @@ BIN_DIR_ENV = "PAGEMETER_PROMETHEUS_BIN_DIR"
 TOOLS_BIN_DIR = REPO / ".tools" / "prometheus" / "usr" / "bin"
 PROMTOOL_TIMEOUT_SECONDS = 60
 
-_HISTOGRAMS = ("grpc_server_handling_seconds", "pagemeter_redis_script_seconds")
+_HISTOGRAMS = (
+    "grpc_server_handling_seconds",
+    "pagemeter_redis_script_seconds",
+    "pagemeter_webhook_delivery_seconds",
+)
 # Every metric pagemeter exports (a histogram by its three series).
 EXPORTED_METRICS = frozenset(
     {
@@ -58,6 +62,13 @@ EXPORTED_METRICS = frozenset(
         "pagemeter_org_exporter_skipped_orgs",
         "pagemeter_org_exporter_scrape_seconds",
         "pagemeter_org_exporter_up",
+        # The webhook dispatchers' (dispatch/metrics.py).
+        "pagemeter_webhook_deliveries_total",
+        "pagemeter_webhook_failures_total",
+        "pagemeter_webhook_retries_total",
+        "pagemeter_webhook_dead_letters_total",
+        "pagemeter_webhook_lag_seconds",
+        "pagemeter_webhook_partitions_owned",
     }
     | {f"{name}_{suffix}" for name in _HISTOGRAMS for suffix in ("bucket", "sum", "count")}
 )

@@ -44,6 +44,10 @@ SCRIPTS = (
     "migrate_plan",
     "migrate_credits",
     "billing_close",
+    # Webhook delivery (store/webhooks.py, docs/webhooks.md).
+    "webhook_endpoint",
+    "webhook_advance",
+    "webhook_lease",
 )
 # Scripts that also run as batches of one organization's calls, as <name>_batch
 # (see build_scripts.py).
