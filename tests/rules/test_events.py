@@ -430,15 +430,26 @@ async def test_a_new_period_resolves_what_the_last_one_crossed(
     assert periods == ["2026-03", "2026-03", "2026-04"]
 
 
-async def test_the_first_record_of_a_new_period_resolves_the_old_crossing(
+async def test_a_crossing_in_a_new_period_first_resolves_the_old_one(
     store: Store, redis_client: aioredis.Redis
 ) -> None:
+    """Before the sweep has seen the new period, the first record that crosses
+    the threshold again resolves the old period's crossing first; a record that
+    crosses nothing reads no threshold at all."""
     await set_plan(store, contract_quota=100)
     await record(store, "march", 90)
-    await record(store, "april", 1, at_ms=APR_2)
-    assert thresholds(await events(redis_client)) == [
+    await record(store, "april-1", 1, at_ms=APR_2)
+    await record(store, "april-2", 84, at_ms=APR_2 + 1)
+    read = await events(redis_client)
+    assert thresholds(read) == [
         ("threshold.crossed", "contract_quota:80", ""),
         ("threshold.resolved", "contract_quota:80", "period_ended"),
+        ("threshold.crossed", "contract_quota:80", ""),
+    ]
+    assert [e.data.get("period") for e in read if e.type.startswith("threshold.")] == [
+        "2026-03",
+        "2026-03",
+        "2026-04",
     ]
 
 

@@ -385,7 +385,7 @@ if events and success then
           prepaid_used = int(redis.call('HGET', month_key, 'pp:' .. row.metric))
         end
         watch_usage(events, now, row.metric, limits, scope, row.committed, prepaid_used,
-          'no_longer_holds')
+          'no_longer_holds', nil, row.units)
       end
       if row.prepaid > 0 then
         watch_credits(events, now, credits_key, row.metric, limits, 'no_longer_holds')

@@ -477,6 +477,9 @@ end
 -- off. The stream lives the retention past its last event; the state hash
 -- (sequence, thresholds crossed) a year longer, so the sequence goes on.
 local EVENT_STATE_GRACE_MS = 366 * 86400000
+-- Entries older than the retention leave at every this many events (a stream
+-- keeps at most this many more than its retention).
+local EVENT_TRIM_EVERY = 100
 
 local function event_sink(stream_key, state_key, spec)
   local cap, minid, ttl = string.match(spec, '^(%d+)|(%d+)|(%d+)$')
@@ -494,9 +497,11 @@ local function emit(sink, now, kind, data)
   local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
   redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
     'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
-  if not sink.kept then
-    -- Approximate trimming removes only whole nodes of old entries: cheap.
+  if seq % EVENT_TRIM_EVERY == 0 then
+    -- By age, now and then: approximate trimming removes only whole nodes.
     redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
+  end
+  if not sink.kept then
     redis.call('PEXPIRE', sink.stream, sink.ttl)
     redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
     sink.kept = true
@@ -589,8 +594,13 @@ end
 
 -- The period thresholds of one metric, for its committed units in `scope` (the
 -- running period's id, or 'lifetime') and the prepaid units the period used.
-local function watch_usage(sink, now, metric, limits, scope, committed, prepaid_used, reason, seen)
-  if not sink or not limits then
+-- `moved`, when given, is how many units the caller just added: only the
+-- thresholds whose level lies between the figures before and after can have
+-- changed, so only those are read (a record's common case reads none). The
+-- sweep and the changes of terms watch them all (moved nil).
+local function watch_usage(sink, now, metric, limits, scope, committed, prepaid_used, reason, seen,
+    moved)
+  if not sink or not limits or not (limits.contract_quota or limits.hard_limit) then
     return
   end
   for _, t in ipairs(usage_thresholds(limits)) do
@@ -598,9 +608,15 @@ local function watch_usage(sink, now, metric, limits, scope, committed, prepaid_
     if t.kind == 'spend_cap' then
       value = committed - limits.contract_quota - prepaid_used
     end
-    -- A threshold at zero units holds only once there is usage.
-    watch_threshold(sink, now, metric, t, value >= t.level and value > 0, scope,
-      {value = value}, reason, seen)
+    local low, high = value, value
+    if moved then
+      low, high = math.min(value, value - moved), math.max(value, value - moved)
+    end
+    if not moved or (low < t.level and t.level <= high) then
+      -- A threshold at zero units holds only once there is usage.
+      watch_threshold(sink, now, metric, t, value >= t.level and value > 0, scope,
+        {value = value}, reason, seen)
+    end
   end
 end
 
