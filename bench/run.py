@@ -846,25 +846,18 @@ class Bench:
         self.python_driver("reserve+commit (Python driver)", "reserve_commit", self.port)
         self.python_driver("RecordUsage new ids (Python driver)", "record", self.port)
 
-    def replica_acks(self) -> None:
-        """What --replica-acks 1 costs: jobs with and without it, on one Redis with a replica.
-
-        A replica is attached to the bench's Redis (on the load cores, as Redis
-        is) and a second pagemeter-server with --replica-acks 1 runs on the
-        server cores beside the first (only one is loaded at a time); both are
-        measured in this run, so the ratio is of like with like.
-        """
+    @contextlib.contextmanager
+    def second_server(self, extra: list[str], name: str) -> Iterator[tuple[ServerProcess, int]]:
+        """A second pagemeter-server on the same Redis with `extra` arguments, on
+        the server cores beside the first (only one is loaded at a time), so a
+        phase can be measured on both in one run."""
         assert self.redis is not None
-        replica = RedisProcess(
-            self.out / "replica", extra_args=["--replicaof", "127.0.0.1", str(self.redis.port)]
-        )
-        replica.start()
-        acks_port = free_port()
-        acks = ServerProcess(
+        port = free_port()
+        second = ServerProcess(
             [
                 str(SERVER),
                 "--listen",
-                f"127.0.0.1:{acks_port}",
+                f"127.0.0.1:{port}",
                 "--redis-url",
                 self.redis.url,
                 "--dev-open-access",
@@ -874,15 +867,36 @@ class Bench:
                 "",
                 "--org-exporter-max-orgs",
                 "0",
-                "--replica-acks",
-                "1",
                 *self.args.server_arg,
+                *extra,
             ],
-            self.out / "server-replica-acks.log",
-            target=f"127.0.0.1:{acks_port}",
-            name="pagemeter-server --replica-acks 1",
+            self.out / f"server-{name.replace(' ', '-').strip('-')}.log",
+            target=f"127.0.0.1:{port}",
+            name=f"pagemeter-server {name}",
             cwd=ROOT,
         )
+        try:
+            second.start()
+            wait_until_serving(second, health=True)
+            self.cores.pin(second.pid, self.cores.server)
+            yield second, port
+        finally:
+            code = second.stop()
+            if code not in (0, None):
+                self.problems.append(f"pagemeter-server {name} exited with {code}")
+
+    def replica_acks(self) -> None:
+        """What --replica-acks 1 costs: jobs with and without it, on one Redis with a replica.
+
+        A replica is attached to the bench's Redis (on the load cores, as Redis
+        is) and a second pagemeter-server with --replica-acks 1 runs beside the
+        first; both are measured in this run, so the ratio is of like with like.
+        """
+        assert self.redis is not None
+        replica = RedisProcess(
+            self.out / "replica", extra_args=["--replicaof", "127.0.0.1", str(self.redis.port)]
+        )
+        replica.start()
         try:
             assert replica.pid is not None
             self.cores.pin(replica.pid, self.cores.load)
@@ -892,24 +906,42 @@ class Bench:
                     self.problems.append("replica acks: the replica never connected")
                     return
                 time.sleep(0.1)
-            acks.start()
-            wait_until_serving(acks, health=True)
-            self.cores.pin(acks.pid, self.cores.server)
-            for scenario, label in (
-                ("record", "RecordUsage new ids"),
-                ("reserve_commit", "reserve+commit"),
-            ):
-                self.python_driver(
-                    f"{label}, replica attached (Python driver)", scenario, self.port
-                )
-                self.python_driver(
-                    f"{label}, --replica-acks 1 (Python driver)", scenario, acks_port, acks.pid
-                )
+            with self.second_server(["--replica-acks", "1"], "--replica-acks 1") as (acks, port):
+                for scenario, label in (
+                    ("record", "RecordUsage new ids"),
+                    ("reserve_commit", "reserve+commit"),
+                ):
+                    self.python_driver(
+                        f"{label}, replica attached (Python driver)", scenario, self.port
+                    )
+                    self.python_driver(
+                        f"{label}, --replica-acks 1 (Python driver)",
+                        scenario,
+                        port,
+                        acks.pid,
+                    )
         finally:
-            code = acks.stop()
-            if code not in (0, None):
-                self.problems.append(f"pagemeter-server --replica-acks 1 exited with {code}")
             replica.stop()
+
+    def events_cost(self) -> None:
+        """What writing the events costs (docs/events.md): records and jobs on this
+        server (events on) and on a second one with --max-events-per-org 0, one
+        after the other, in this run; the order flips between the two scenarios
+        so that a drift of the host weighs on both sides."""
+        with self.second_server(["--max-events-per-org", "0"], "--max-events-per-org 0") as (
+            off,
+            off_port,
+        ):
+            for scenario, label, on_first in (
+                ("record", "RecordUsage new ids", True),
+                ("reserve_commit", "reserve+commit", False),
+            ):
+                phases = [
+                    (f"{label}, events on (Python driver)", self.port, None),
+                    (f"{label}, events off (Python driver)", off_port, off.pid),
+                ]
+                for name, port, pid in phases if on_first else phases[::-1]:
+                    self.python_driver(name, scenario, port, pid)
 
     # -- Redis ----------------------------------------------------------------------
 
@@ -1580,6 +1612,20 @@ def replica_acks_figures(results: dict[str, Any], label: str) -> dict[str, float
     }
 
 
+def events_figures(results: dict[str, Any], label: str) -> dict[str, float | None]:
+    """Events on against off (--max-events-per-org 0), the same Redis, from one run."""
+    off = results.get(f"{label}, events off (Python driver)", {})
+    on = results.get(f"{label}, events on (Python driver)", {})
+    return {
+        "calls_per_s_ratio": ratio(on.get("calls_per_s"), off.get("calls_per_s")),
+        "p50_ms_off": off.get("p50_ms"),
+        "p50_ms_on": on.get("p50_ms"),
+        "p99_ms_off": off.get("p99_ms"),
+        "p99_ms_on": on.get("p99_ms"),
+        "server_cpu_per_call_ratio": ratio(cpu_per_call(on), cpu_per_call(off)),
+    }
+
+
 def cpu_per_call(result: dict[str, Any]) -> float | None:
     calls = result.get("calls_per_s")
     cores = result.get("server_cpu_cores")
@@ -1781,6 +1827,11 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
         "usec_per_window": rounded(
             per_window_usec(figure(WINDOWS_LABEL), check.get("calls_per_s"))
         ),
+        "events": {
+            f"{key}_{figure_name}": rounded(value)
+            for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
+            for figure_name, value in events_figures(r, label).items()
+        },
         "replica_acks_1": {
             f"{key}_{figure_name}": rounded(value)
             for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
@@ -1872,6 +1923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.latency()
         bench.drivers()
         bench.replica_acks()
+        bench.events_cost()
         bench.redis_ceiling()
         bench.command_stats()
         bench.memory()

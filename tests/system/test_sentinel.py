@@ -32,6 +32,7 @@ from pagemeter_server.app import create_server
 from pagemeter_server.ops.embedded import RedisProcess, find_redis_server, free_port
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.connections import close_redis, connect_redis
+from pagemeter_server.store.events import EventStore
 from pagemeter_server.store.sentinel import SteadySentinel
 from server_process import running_servers
 from tests.conftest import eagle_plan, exported_committed
@@ -236,6 +237,9 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
             restored = await committed_pages(quota, "acme")
             # The per-org exporter (a synchronous client of its own) follows the failover too.
             exported = await exported_committed(registry, "acme")
+            # The events failed over with the figures: one usage.recorded per
+            # record that counts, none for a record the failover lost.
+            recorded = await EventStore(client).read("acme", count=1_000_000)
     finally:
         await server.stop(None)
         await close_redis(client)
@@ -251,6 +255,9 @@ async def test_failover_mid_load_pagemeter_carries_on(topology: Topology) -> Non
     assert len(replayed_as_new) == lost, "each lost record, and only those, counted again"
     assert restored == len(ledger.acked), "after the replay every acknowledged record counts once"
     assert exported == restored
+    events = [e for e in recorded if e.type == "usage.recorded"]
+    assert sorted(e.data["request_id"] for e in events) == sorted(ledger.acked)
+    assert sum(m["units"] for e in events for m in e.data["metrics"]) == restored
 
 
 async def discovery_keeps_every_sentinel(
