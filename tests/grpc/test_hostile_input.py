@@ -1689,6 +1689,11 @@ def _rolling(**fields: Any) -> plan_pb2.MetricLimits:
     return metric_limits("pages", contract_quota=100, **fields)
 
 
+def _alerting(**alerts: Any) -> plan_pb2.MetricLimits:
+    """A metric with a quota and the notification thresholds given."""
+    return metric_limits("pages", contract_quota=100, alerts=plan_pb2.MetricAlerts(**alerts))
+
+
 def _grant(grant_id: str, **fields: Any) -> admin_pb2.GrantCreditsRequest:
     base: dict[str, Any] = {"org_id": ORG, "metric": "pages", "units": 1, "grant_id": grant_id}
     base.update(fields)
@@ -1773,6 +1778,40 @@ LIMIT_CASES: list[tuple[str, Message, grpc.StatusCode]] = [
     ("SetPlan", _plan(metrics=[_rolling(rollover_percent=5, rollover_cap=MAX_LIMIT + 1)]), INVALID),
     ("SetPlan", _plan(metrics=[_rolling(rollover_cap=5)]), INVALID),
     ("SetPlan", _plan(metrics=[metric_limits("pages", rollover_percent=5)]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(quota_percents=[0])]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(quota_percents=[1001])]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(quota_percents=[-80])]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(quota_percents=list(range(1, 12)))]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(hard_limit_percents=[101])]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(hard_limit_percents=[2**31 - 1])]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(credits_below=-1)]), INVALID),
+    ("SetPlan", _plan(metrics=[_alerting(credits_below=MAX_LIMIT + 1)]), INVALID),
+    (
+        "SetPlan",
+        _plan(metrics=[_alerting(grant_expiring_within=duration_pb2.Duration(seconds=0))]),
+        INVALID,
+    ),
+    (
+        "SetPlan",
+        _plan(
+            metrics=[
+                _alerting(grant_expiring_within=duration_pb2.Duration(seconds=366 * 86_400 + 1))
+            ]
+        ),
+        INVALID,
+    ),
+    (
+        "SetPlan",
+        _plan(metrics=[_alerting(grant_expiring_within=duration_pb2.Duration(seconds=-5))]),
+        INVALID,
+    ),
+    (
+        "SetPlan",
+        _plan(
+            metrics=[_alerting(grant_expiring_within=duration_pb2.Duration(seconds=1, nanos=-1))]
+        ),
+        INVALID,
+    ),
     ("SetPlan", _plan(timezone="Europe/Berlin"), OK),
     ("SetPlan", _plan(timezone="Mars/Olympus_Mons"), INVALID),
     ("SetPlan", admin_pb2.SetPlanRequest(), INVALID),
