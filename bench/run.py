@@ -1598,32 +1598,41 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def paired_figures(
+    results: dict[str, Any], base: str, other: str, base_tag: str, other_tag: str
+) -> dict[str, float | None]:
+    """One scenario measured on two servers in one run: `other` against `base`."""
+    first, second = results.get(base, {}), results.get(other, {})
+    return {
+        "calls_per_s_ratio": ratio(second.get("calls_per_s"), first.get("calls_per_s")),
+        f"p50_ms_{base_tag}": first.get("p50_ms"),
+        f"p50_ms_{other_tag}": second.get("p50_ms"),
+        f"p99_ms_{base_tag}": first.get("p99_ms"),
+        f"p99_ms_{other_tag}": second.get("p99_ms"),
+        "server_cpu_per_call_ratio": ratio(cpu_per_call(second), cpu_per_call(first)),
+    }
+
+
 def replica_acks_figures(results: dict[str, Any], label: str) -> dict[str, float | None]:
     """--replica-acks 1 against none, both with a replica attached, from one run."""
-    plain = results.get(f"{label}, replica attached (Python driver)", {})
-    acks = results.get(f"{label}, --replica-acks 1 (Python driver)", {})
-    return {
-        "calls_per_s_ratio": ratio(acks.get("calls_per_s"), plain.get("calls_per_s")),
-        "p50_ms_without": plain.get("p50_ms"),
-        "p50_ms_with": acks.get("p50_ms"),
-        "p99_ms_without": plain.get("p99_ms"),
-        "p99_ms_with": acks.get("p99_ms"),
-        "server_cpu_per_call_ratio": ratio(cpu_per_call(acks), cpu_per_call(plain)),
-    }
+    return paired_figures(
+        results,
+        f"{label}, replica attached (Python driver)",
+        f"{label}, --replica-acks 1 (Python driver)",
+        "without",
+        "with",
+    )
 
 
 def events_figures(results: dict[str, Any], label: str) -> dict[str, float | None]:
     """Events on against off (--max-events-per-org 0), the same Redis, from one run."""
-    off = results.get(f"{label}, events off (Python driver)", {})
-    on = results.get(f"{label}, events on (Python driver)", {})
-    return {
-        "calls_per_s_ratio": ratio(on.get("calls_per_s"), off.get("calls_per_s")),
-        "p50_ms_off": off.get("p50_ms"),
-        "p50_ms_on": on.get("p50_ms"),
-        "p99_ms_off": off.get("p99_ms"),
-        "p99_ms_on": on.get("p99_ms"),
-        "server_cpu_per_call_ratio": ratio(cpu_per_call(on), cpu_per_call(off)),
-    }
+    return paired_figures(
+        results,
+        f"{label}, events off (Python driver)",
+        f"{label}, events on (Python driver)",
+        "off",
+        "on",
+    )
 
 
 def cpu_per_call(result: dict[str, Any]) -> float | None:

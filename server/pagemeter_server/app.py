@@ -310,15 +310,7 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         server, port, parts = await create_server(
             settings, client, registry=registry, credentials=credentials
         )
-        http = None
-        if settings.metrics_listen:
-            host, metrics_port = split_host_port(settings.metrics_listen)
-            try:
-                http, _thread = start_metrics_server(metrics_port, host, registry)
-            except OSError as exc:
-                raise OSError(
-                    f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"
-                ) from exc
+        http = serve_metrics(settings, registry)
         await parts.reporter.check(client, within=settings.redis_timeout_seconds)
         refuse_volatile_store(parts.reporter, settings)
         if owns_its_store(settings) and not await plans_migrated(client):
@@ -356,6 +348,20 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         if http is not None:
             http.shutdown()
     log.info("pagemeter stopped")
+
+
+def serve_metrics(settings: Settings, registry: CollectorRegistry) -> Any:
+    """The Prometheus HTTP server on --metrics-listen (None when it is off)."""
+    if not settings.metrics_listen:
+        return None
+    host, metrics_port = split_host_port(settings.metrics_listen)
+    try:
+        http, _thread = start_metrics_server(metrics_port, host, registry)
+    except OSError as exc:
+        raise OSError(
+            f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"
+        ) from exc
+    return http
 
 
 def owns_its_store(settings: Settings) -> bool:
@@ -398,15 +404,7 @@ async def dispatch(settings: Settings, phase: Phase) -> None:
     registry = CollectorRegistry()
     async with redis_for(settings) as client:
         await check_sentinel_access(client)
-        http = None
-        if settings.metrics_listen:
-            host, metrics_port = split_host_port(settings.metrics_listen)
-            try:
-                http, _thread = start_metrics_server(metrics_port, host, registry)
-            except OSError as exc:
-                raise OSError(
-                    f"cannot serve metrics on {settings.metrics_listen}: {exc.strerror or exc}"
-                ) from exc
+        http = serve_metrics(settings, registry)
         dispatcher = Dispatcher(client, settings, DispatchMetrics(registry))
         phase.now = "serving"
         log.info(
