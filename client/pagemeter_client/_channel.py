@@ -16,6 +16,7 @@ from pagemeter.v1 import (
     events_pb2_grpc,
     quota_pb2_grpc,
     reporting_pb2_grpc,
+    webhooks_pb2_grpc,
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -247,6 +248,7 @@ class _AsyncChannel:
     reporting: reporting_pb2_grpc.ReportingServiceAsyncStub
     billing: billing_pb2_grpc.BillingServiceAsyncStub
     events: events_pb2_grpc.EventServiceAsyncStub
+    webhooks: webhooks_pb2_grpc.WebhookServiceAsyncStub
 
     @classmethod
     def create(cls, config: _ClientConfig, interceptors: Sequence[Any] = ()) -> _AsyncChannel:
@@ -266,6 +268,7 @@ class _AsyncChannel:
             reporting_pb2_grpc.ReportingServiceStub(channel),
             billing_pb2_grpc.BillingServiceStub(channel),
             events_pb2_grpc.EventServiceStub(channel),
+            webhooks_pb2_grpc.WebhookServiceStub(channel),
         )
 
 
@@ -307,6 +310,10 @@ class AsyncStubs:
     def events(self) -> events_pb2_grpc.EventServiceAsyncStub:
         return self._channel().events
 
+    @property
+    def webhooks(self) -> webhooks_pb2_grpc.WebhookServiceAsyncStub:
+        return self._channel().webhooks
+
     async def close(self) -> None:
         """Close the channel if it was opened (a later call opens a new one)."""
         if self._open is not None:
@@ -340,6 +347,7 @@ class Stubs:
         self.reporting = reporting_pb2_grpc.ReportingServiceStub(self.watched)
         self.billing = billing_pb2_grpc.BillingServiceStub(self.watched)
         self.events = events_pb2_grpc.EventServiceStub(self.watched)
+        self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(self.watched)
 
     def close(self) -> None:
         self.channel.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Literal, Protocol
 
@@ -15,6 +15,7 @@ from pagemeter.v1 import (
     plan_pb2,
     quota_pb2,
     reporting_pb2,
+    webhooks_pb2,
 )
 
 # The rows of a GetUsageStatistics answer, and the breakdowns it carries.
@@ -238,6 +239,80 @@ def grant_credits_request(
         request.expires_at.CopyFrom(_timestamp(expires_at, "expires_at"))
     if priority is not None:
         request.priority = priority
+    return request
+
+
+# UpdateWebhookEndpointRequest.update_mask: the fields an update may change.
+WEBHOOK_UPDATABLE = ("url", "event_types", "description", "enabled")
+
+
+def update_webhook_endpoint_request(
+    endpoint_id: str,
+    *,
+    url: str | None = None,
+    event_types: Sequence[str] | None = None,
+    description: str | None = None,
+    enabled: bool | None = None,
+) -> webhooks_pb2.UpdateWebhookEndpointRequest:
+    """An UpdateWebhookEndpointRequest changing the fields given (not None), and only
+    those: update_mask names each of them. `event_types=()` means every type."""
+    request = webhooks_pb2.UpdateWebhookEndpointRequest(endpoint_id=endpoint_id)
+    if url is not None:
+        request.url = url
+        request.update_mask.append("url")
+    if event_types is not None:
+        if isinstance(event_types, str):
+            raise TypeError("event_types is a sequence of event types, not one string")
+        request.event_types.extend(event_types)
+        request.update_mask.append("event_types")
+    if description is not None:
+        request.description = description
+        request.update_mask.append("description")
+    if enabled is not None:
+        request.enabled = enabled
+        request.update_mask.append("enabled")
+    if not request.update_mask:
+        raise ValueError(
+            "name at least one field to change: url, event_types, description or enabled"
+        )
+    return request
+
+
+def rotate_webhook_secret_request(
+    endpoint_id: str, *, overlap: float | timedelta | None = None
+) -> webhooks_pb2.RotateWebhookSecretRequest:
+    """A RotateWebhookSecretRequest; overlap (seconds or a timedelta, whole seconds)
+    is how long the old secret keeps signing (None: the server's default)."""
+    request = webhooks_pb2.RotateWebhookSecretRequest(endpoint_id=endpoint_id)
+    if overlap is not None:
+        seconds = overlap.total_seconds() if isinstance(overlap, timedelta) else overlap
+        if seconds < 1:
+            raise ValueError("overlap must be at least 1 second (None: the server's default)")
+        request.overlap_seconds = int(seconds)
+    return request
+
+
+def replay_webhook_events_request(
+    endpoint_id: str,
+    *,
+    event_id: str = "",
+    org_id: str = "",
+    start_time: datetime | None = None,
+    end_time: datetime | None = None,
+) -> webhooks_pb2.ReplayWebhookEventsRequest:
+    """A ReplayWebhookEventsRequest: one event (event_id), or the events between
+    start_time and end_time (timezone-aware; both); the server judges the rest."""
+    if bool(event_id) == (start_time is not None or end_time is not None):
+        raise ValueError("name either event_id or start_time and end_time")
+    if not event_id and (start_time is None or end_time is None):
+        raise ValueError("a time range needs both start_time and end_time")
+    request = webhooks_pb2.ReplayWebhookEventsRequest(
+        endpoint_id=endpoint_id, event_id=event_id, org_id=org_id
+    )
+    if start_time is not None:
+        request.start_time.CopyFrom(_timestamp(start_time, "start_time"))
+    if end_time is not None:
+        request.end_time.CopyFrom(_timestamp(end_time, "end_time"))
     return request
 
 

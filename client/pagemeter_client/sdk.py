@@ -69,6 +69,7 @@ from pagemeter_client._jobs import (
 from pagemeter_client._messages import (
     STATISTICS_GROUPINGS,
     STATISTICS_PERIODS,
+    WEBHOOK_UPDATABLE,
     StatisticsGroupingName,
     StatisticsPeriodName,
     adjust_usage_request,
@@ -84,6 +85,9 @@ from pagemeter_client._messages import (
     new_request_id,
     reason_name,
     record_usage_request,
+    replay_webhook_events_request,
+    rotate_webhook_secret_request,
+    update_webhook_endpoint_request,
     window_name,
 )
 from pagemeter_client._sync.client import PagemeterClient, Reservation
@@ -104,6 +108,7 @@ __all__ = [
     "STATISTICS_PERIODS",
     "TENANT_KEY_PREFIX",
     "UNKNOWN_OUTCOME",
+    "WEBHOOK_UPDATABLE",
     "AsyncPagemeterClient",
     "AsyncReservation",
     "ChannelOptions",
@@ -132,5 +137,8 @@ __all__ = [
     "new_request_id",
     "reason_name",
     "record_usage_request",
+    "replay_webhook_events_request",
+    "rotate_webhook_secret_request",
+    "update_webhook_endpoint_request",
     "window_name",
 ]

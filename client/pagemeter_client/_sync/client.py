@@ -31,6 +31,8 @@ from pagemeter.v1 import (
     quota_pb2_grpc,
     reporting_pb2,
     reporting_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from pagemeter_client._channel import (
     DEFAULT_TARGET,
@@ -80,6 +82,9 @@ from pagemeter_client._messages import (
     list_usage_records_request,
     new_request_id,
     record_usage_request,
+    replay_webhook_events_request,
+    rotate_webhook_secret_request,
+    update_webhook_endpoint_request,
 )
 from pagemeter_client._sync.replay import replay_sync
 from pagemeter_client.outbox import DeliveryPass, FlushResult, Outbox, OutboxError
@@ -257,6 +262,10 @@ class PagemeterClient:
     @property
     def _events(self) -> events_pb2_grpc.EventServiceStub:
         return self._stubs.events
+
+    @property
+    def _webhooks(self) -> webhooks_pb2_grpc.WebhookServiceStub:
+        return self._stubs.webhooks
 
     def close(self) -> None:
         """Stop the outbox flusher, deliver the outbox's due records, close the channel.
@@ -718,6 +727,194 @@ class PagemeterClient:
             token = _next_token(page, seen, "ListEventOrganizations")
             if not token:
                 return
+
+    # WebhookService
+
+    def create_webhook_endpoint(
+        self,
+        url: str,
+        *,
+        org_id: str = "",
+        event_types: Sequence[str] = (),
+        description: str = "",
+        disabled: bool = False,
+        timeout: float | None = None,
+    ) -> webhooks_pb2.CreateWebhookEndpointResponse:
+        """Register an endpoint for one organization's events (org_id="": every
+        organization's) of these types (empty: all). Its signing `secret` is in this
+        answer only. Never retried: a retry after a lost answer would make a second
+        endpoint (docs/webhooks.md)."""
+        request = webhooks_pb2.CreateWebhookEndpointRequest(
+            org_id=org_id,
+            url=url,
+            event_types=event_types,
+            description=description,
+            disabled=disabled,
+        )
+        return self._webhooks.CreateWebhookEndpoint(request, **self._config.call_options(timeout))
+
+    def get_webhook_endpoint(
+        self, endpoint_id: str, *, timeout: float | None = None
+    ) -> webhooks_pb2.GetWebhookEndpointResponse:
+        """One endpoint (never its secrets: their ids only); NOT_FOUND when unknown."""
+        return self._webhooks.GetWebhookEndpoint(
+            webhooks_pb2.GetWebhookEndpointRequest(endpoint_id=endpoint_id),
+            **self._config.call_options(timeout),
+        )
+
+    def list_webhook_endpoints(
+        self,
+        org_id: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> webhooks_pb2.ListWebhookEndpointsResponse:
+        """One page of endpoints by id: all, or those that receive org_id's events
+        (its own and those for every organization)."""
+        request = webhooks_pb2.ListWebhookEndpointsRequest(
+            org_id=org_id, page_size=page_size, page_token=page_token
+        )
+        return self._webhooks.ListWebhookEndpoints(request, **self._config.call_options(timeout))
+
+    def iter_webhook_endpoints(
+        self, org_id: str = "", *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[webhooks_pb2.WebhookEndpoint]:
+        """Every endpoint (of org_id, if given), page after page (timeout: per page)."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = self.list_webhook_endpoints(
+                org_id, page_size=page_size, page_token=token, timeout=timeout
+            )
+            yield from page.endpoints
+            token = _next_token(page, seen, "ListWebhookEndpoints")
+            if not token:
+                return
+
+    def update_webhook_endpoint(
+        self,
+        endpoint_id: str,
+        *,
+        url: str | None = None,
+        event_types: Sequence[str] | None = None,
+        description: str | None = None,
+        enabled: bool | None = None,
+        timeout: float | None = None,
+    ) -> webhooks_pb2.UpdateWebhookEndpointResponse:
+        """Change the fields given (not None), and only those; `event_types=()`: every
+        type. A disabled endpoint keeps its place and resumes from it when enabled."""
+        request = update_webhook_endpoint_request(
+            endpoint_id,
+            url=url,
+            event_types=event_types,
+            description=description,
+            enabled=enabled,
+        )
+        return self._webhooks.UpdateWebhookEndpoint(request, **self._config.call_options(timeout))
+
+    def delete_webhook_endpoint(
+        self, endpoint_id: str, *, timeout: float | None = None
+    ) -> webhooks_pb2.DeleteWebhookEndpointResponse:
+        """Remove an endpoint, its delivery log and dead letters; `deleted` is False
+        when there was none (idempotent)."""
+        return self._webhooks.DeleteWebhookEndpoint(
+            webhooks_pb2.DeleteWebhookEndpointRequest(endpoint_id=endpoint_id),
+            **self._config.call_options(timeout),
+        )
+
+    def rotate_webhook_secret(
+        self,
+        endpoint_id: str,
+        *,
+        overlap: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> webhooks_pb2.RotateWebhookSecretResponse:
+        """Make a new signing secret (in this answer only); the old one keeps signing
+        for `overlap` (seconds or a timedelta; None: the server's default, 24 h)."""
+        request = rotate_webhook_secret_request(endpoint_id, overlap=overlap)
+        return self._webhooks.RotateWebhookSecret(request, **self._config.call_options(timeout))
+
+    def list_webhook_deliveries(
+        self,
+        endpoint_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> webhooks_pb2.ListWebhookDeliveriesResponse:
+        """One page of the endpoint's delivery log, newest first."""
+        request = webhooks_pb2.ListWebhookDeliveriesRequest(
+            endpoint_id=endpoint_id, page_size=page_size, page_token=page_token
+        )
+        return self._webhooks.ListWebhookDeliveries(request, **self._config.call_options(timeout))
+
+    def iter_webhook_deliveries(
+        self, endpoint_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[webhooks_pb2.WebhookDelivery]:
+        """The endpoint's whole delivery log, newest first, page after page."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = self.list_webhook_deliveries(
+                endpoint_id, page_size=page_size, page_token=token, timeout=timeout
+            )
+            yield from page.deliveries
+            token = _next_token(page, seen, "ListWebhookDeliveries")
+            if not token:
+                return
+
+    def list_webhook_dead_letters(
+        self,
+        endpoint_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> webhooks_pb2.ListWebhookDeadLettersResponse:
+        """One page of the endpoint's dead letters (events given up on), newest first."""
+        request = webhooks_pb2.ListWebhookDeadLettersRequest(
+            endpoint_id=endpoint_id, page_size=page_size, page_token=page_token
+        )
+        return self._webhooks.ListWebhookDeadLetters(request, **self._config.call_options(timeout))
+
+    def iter_webhook_dead_letters(
+        self, endpoint_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[webhooks_pb2.WebhookDeadLetter]:
+        """Every dead letter of the endpoint, newest first, page after page."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            page = self.list_webhook_dead_letters(
+                endpoint_id, page_size=page_size, page_token=token, timeout=timeout
+            )
+            yield from page.dead_letters
+            token = _next_token(page, seen, "ListWebhookDeadLetters")
+            if not token:
+                return
+
+    def replay_webhook_events(
+        self,
+        endpoint_id: str,
+        *,
+        event_id: str = "",
+        org_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        timeout: float | None = None,
+    ) -> webhooks_pb2.ReplayWebhookEventsResponse:
+        """Deliver again one event (event_id, as in webhook-id) or an organization's
+        events from start_time to end_time (timezone-aware); org_id may be left out
+        for an endpoint of one organization. The dispatchers send them with the
+        webhook-id each had; the answer's replay_id names the queued replay."""
+        request = replay_webhook_events_request(
+            endpoint_id,
+            event_id=event_id,
+            org_id=org_id,
+            start_time=start_time,
+            end_time=end_time,
+        )
+        return self._webhooks.ReplayWebhookEvents(request, **self._config.call_options(timeout))
 
     # The outbox
 

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
+from pagemeter_client.cli.arguments import count
 from pagemeter_client.sdk import PagemeterClient, is_tenant_key
 
 EXIT_OK = 0
@@ -68,16 +69,29 @@ def read_org(args: argparse.Namespace) -> str:
     return org
 
 
-class ListPage(Protocol[Page_co]):
-    """A client's `list_...` method: one page of a paged list."""
+def add_paging(parser: argparse.ArgumentParser, items: str) -> None:
+    """--page-size, and --page-token or --all, for a list read page by page."""
+    parser.add_argument(
+        "--page-size", type=count, default=0, help=f"{items} per page, 1-1000 (default 50)"
+    )
+    pages = parser.add_mutually_exclusive_group()
+    pages.add_argument(
+        "--page-token", default="", help="the next page token printed by the previous page"
+    )
+    pages.add_argument("--all", action="store_true", help="follow the pages to the last one")
 
-    def __call__(self, org_id: str, *, page_size: int, page_token: str) -> Page_co: ...
+
+class ListPage(Protocol[Page_co]):
+    """A client's `list_...` method: one page of a paged list (of an organization, or
+    of an endpoint)."""
+
+    def __call__(self, owner: str, /, *, page_size: int, page_token: str) -> Page_co: ...
 
 
 class IterPages(Protocol[Item_co]):
     """A client's `iter_...` method: every item of a paged list, page after page."""
 
-    def __call__(self, org_id: str, *, page_size: int) -> Iterable[Item_co]: ...
+    def __call__(self, owner: str, /, *, page_size: int) -> Iterable[Item_co]: ...
 
 
 def page_or_all(

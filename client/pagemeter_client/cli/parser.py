@@ -48,6 +48,7 @@ from pagemeter_client.cli.commands.plans import (
     cmd_plan_set,
 )
 from pagemeter_client.cli.commands.reports import cmd_history, cmd_records, cmd_stats, cmd_usage
+from pagemeter_client.cli.commands.webhooks import add_webhooks_commands
 from pagemeter_client.cli.common import (
     TARGET_ENV,
     TLS_CA_ENV,
@@ -56,6 +57,7 @@ from pagemeter_client.cli.common import (
     TLS_KEY_ENV,
     TLS_SERVER_NAME_ENV,
     TOKEN_ENV,
+    add_paging,
 )
 from pagemeter_client.sdk import (
     DEFAULT_TARGET,
@@ -325,18 +327,6 @@ def _add_read_org(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_paging(parser: argparse.ArgumentParser, items: str) -> None:
-    """--page-size, and --page-token or --all, for a list read page by page."""
-    parser.add_argument(
-        "--page-size", type=count, default=0, help=f"{items} per page, 1-1000 (default 50)"
-    )
-    pages = parser.add_mutually_exclusive_group()
-    pages.add_argument(
-        "--page-token", default="", help="the next page token printed by the previous page"
-    )
-    pages.add_argument("--all", action="store_true", help="follow the pages to the last one")
-
-
 def _add_admin_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
     keys = commands.add_parser("keys", help="tenant API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
@@ -382,7 +372,7 @@ def _add_admin_commands(commands: Commands, common: argparse.ArgumentParser) -> 
         "audit", parents=[common], help="an organization's audit trail, newest first"
     )
     audit.add_argument("org", metavar="ORG")
-    _add_paging(audit, "events")
+    add_paging(audit, "events")
     audit.set_defaults(run=cmd_audit)
 
 
@@ -426,7 +416,7 @@ def _add_report_commands(commands: Commands, common: argparse.ArgumentParser) ->
         "records", parents=[common], help="usage records (jobs), newest first"
     )
     _add_read_org(records)
-    _add_paging(records, "records")
+    add_paging(records, "records")
     records.set_defaults(run=cmd_records)
 
 
@@ -490,5 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_commands(commands, common)
     add_billing_commands(commands, common)
     add_events_commands(commands, common)
+    add_webhooks_commands(commands, common)
     _add_outbox_commands(commands, common)
     return parser
