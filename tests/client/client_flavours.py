@@ -22,7 +22,15 @@ Flavour = Literal["async", "sync"]
 FLAVOURS: tuple[Flavour, ...] = ("async", "sync")
 # Methods of the async client that are not coroutines: called as they are.
 PLAIN_METHODS = frozenset({"start_outbox_flusher"})
-ITERATORS = frozenset({"iter_usage_records", "iter_audit_events"})
+ITERATORS = frozenset(
+    {
+        "iter_usage_records",
+        "iter_audit_events",
+        "iter_webhook_endpoints",
+        "iter_webhook_deliveries",
+        "iter_webhook_dead_letters",
+    }
+)
 
 Connect = Callable[..., AsyncPagemeterClient]
 

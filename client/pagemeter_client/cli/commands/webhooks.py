@@ -15,6 +15,7 @@ import argparse
 import re
 import sys
 from datetime import datetime
+from typing import TypeAlias
 
 from pagemeter.v1 import webhooks_pb2
 from pagemeter_client.cli.arguments import instant
@@ -31,7 +32,8 @@ URL_SCHEMES = ("http://", "https://")
 # RotateWebhookSecretRequest.overlap_seconds: at most 30 days.
 MAX_OVERLAP_HOURS = 30 * 24
 
-Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+# What add_subparsers() returns (subscriptable only in annotations).
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def endpoint_id(text: str) -> str:
