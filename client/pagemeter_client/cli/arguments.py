@@ -19,8 +19,13 @@ SPEC_HELP = (
     "overage_price, period (monthly/none), overage_spend_cap (money per period), "
     "shadow_hard_limit (on trial: reports, never "
     "denies), rollover (percent of the unused quota the next period takes in) and "
-    "rollover_cap (units), and windows minute, hour, day, week (N, N/soft for a window "
-    "that reports but never denies, or N/shadow for one on trial); e.g. "
+    "rollover_cap (units), windows minute, hour, day, week (N, N/soft for a window "
+    "that reports but never denies, or N/shadow for one on trial), and notification "
+    "thresholds: alerts (percents of the quota, e.g. 50/80/100, or none), hard_alerts "
+    "(percents of the hard limit, e.g. 90/100, or none), credits_below (units) and "
+    "grant_expiring (e.g. 7d; s, m, h or d). Without any of those four the server's "
+    "defaults apply (80/100 of quota and hard limit); with one, the percents not given "
+    "stay 80/100. E.g. "
     "pages:quota=2000,hard_limit=5000,overage=yes,price=0.03,overage_price=0.028,day=200"
 )
 
@@ -91,9 +96,71 @@ def _add_window(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
     )
 
 
+# Notification thresholds (MetricLimits.alerts). The server's defaults when a metric
+# sets none: 80 and 100 % of the contract quota and of the hard limit.
+DEFAULT_ALERT_PERCENTS = (80, 100)
+MAX_ALERT_PERCENTS = 10
+# The highest percent each list takes: a quota may be passed (overage), a hard limit not.
+ALERT_PERCENT_KEYS = {
+    "alerts": ("quota_percents", 1000),
+    "hard_alerts": ("hard_limit_percents", 100),
+}
+ALERT_KEYS = (*ALERT_PERCENT_KEYS, "credits_below", "grant_expiring")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+MAX_GRANT_EXPIRING_SECONDS = 366 * 86_400
+
+
+def _alert_percents(key: str, value: str, highest: int) -> list[int]:
+    """`50/80/100` (or `none`: no thresholds of this kind)."""
+    if value.lower() == "none":
+        return []
+    parts = value.split("/")
+    if len(parts) > MAX_ALERT_PERCENTS or not all(
+        re.fullmatch(r"[0-9]{1,4}", part) and 1 <= int(part) <= highest for part in parts
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{key} must be up to {MAX_ALERT_PERCENTS} percents from 1 to {highest} "
+            f"separated by '/', e.g. 50/80/100, or none (got {value!r})"
+        )
+    return sorted({int(part) for part in parts})
+
+
+def duration_seconds(key: str, value: str) -> int:
+    """`90s`, `30m`, `12h` or `7d` as seconds, from 1 second to 366 days."""
+    found = re.fullmatch(r"([0-9]{1,9})([smhd])", value.lower())
+    seconds = int(found.group(1)) * DURATION_UNITS[found.group(2)] if found else 0
+    if not 1 <= seconds <= MAX_GRANT_EXPIRING_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{key} must be a time from 1s to 366d: a whole number and s, m, h or d, "
+            f"e.g. 7d or 12h (got {value!r})"
+        )
+    return seconds
+
+
+def _set_alert(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
+    """One threshold key. The first one sets MetricLimits.alerts, with the default
+    percents, so that each key changes only what it names."""
+    alerts = limits.alerts
+    if not limits.HasField("alerts"):
+        alerts.quota_percents.extend(DEFAULT_ALERT_PERCENTS)
+        alerts.hard_limit_percents.extend(DEFAULT_ALERT_PERCENTS)
+    if key in ALERT_PERCENT_KEYS:
+        field, highest = ALERT_PERCENT_KEYS[key]
+        percents = _alert_percents(key, value, highest)
+        alerts.ClearField(field)  # type: ignore[arg-type]
+        getattr(alerts, field).extend(percents)
+    elif key == "credits_below":
+        alerts.credits_below = _whole_number(key, value)
+    else:
+        alerts.grant_expiring_within.FromSeconds(duration_seconds(key, value))
+
+
 def _set_spec_value(limits: plan_pb2.MetricLimits, key: str, value: str) -> None:
     if key in WINDOW_KEYS:
         _add_window(limits, key, value)
+        return
+    if key in ALERT_KEYS:
+        _set_alert(limits, key, value)
         return
     if key not in SPEC_KEYS:
         raise argparse.ArgumentTypeError(f"unknown key {key!r}")

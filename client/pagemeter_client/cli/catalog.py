@@ -175,6 +175,8 @@ def _parse_problem(path: str, name: str, node: yaml.Node, problem: str) -> str:
             "must be an RFC 3339 time with a UTC offset, such as 2026-01-31T10:00:00Z "
             f"or 2026-01-31T11:00:00+01:00{written}"
         )
+    elif field is not None and _is_duration(field):
+        reason = f"must be a number of seconds and 's', such as 604800s (7 days){written}"
     return f"{_at(path, at)}: template {name!r}: plan.{field_path}: {reason}"
 
 
@@ -210,13 +212,19 @@ def _check_fields(path: str, node: yaml.Node, message: Any, top: bool = False) -
                 _check_fields(path, child, field.message_type)
 
 
-# Messages protobuf JSON writes as a string (a Timestamp: RFC 3339 text), not a mapping.
+# Messages protobuf JSON writes as a string (a Timestamp: RFC 3339 text; a Duration:
+# seconds and "s"), not a mapping.
 _JSON_STRINGS = {"google.protobuf.Timestamp", "google.protobuf.Duration"}
 
 
 def _is_timestamp(field: descriptor.FieldDescriptor) -> bool:
     message = field.message_type
     return message is not None and message.full_name == "google.protobuf.Timestamp"
+
+
+def _is_duration(field: descriptor.FieldDescriptor) -> bool:
+    message = field.message_type
+    return message is not None and message.full_name == "google.protobuf.Duration"
 
 
 def _json_scalar(field: descriptor.FieldDescriptor) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import plan_pb2
@@ -105,8 +106,9 @@ def _comparable(plan: plan_pb2.Plan) -> str:
 
 
 def _readable_time(message: Message, indent: int, as_one_line: bool) -> str | None:
-    """A Timestamp (billing_anchor) in the diff as RFC 3339, not seconds and nanos."""
-    if isinstance(message, Timestamp):
+    """A Timestamp (billing_anchor) in the diff as RFC 3339, a Duration (an alert's
+    grant_expiring_within) as protobuf JSON writes it (604800s), not seconds and nanos."""
+    if isinstance(message, (Timestamp, Duration)):
         return message.ToJsonString()
     return None
 

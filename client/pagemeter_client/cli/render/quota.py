@@ -4,6 +4,7 @@ a check's decision, a record, a release."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
 from pagemeter_client.cli.render import text as fmt
@@ -59,8 +60,41 @@ def render_plan(plan: plan_pb2.Plan) -> str:
         headers.append("windows")
         for row, m in zip(rows, plan.metrics, strict=True):
             row.append(", ".join(_window_limit_text(w) for w in m.windows) or "-")
+    if any(m.HasField("alerts") for m in plan.metrics):
+        headers.append("alerts")
+        for row, m in zip(rows, plan.metrics, strict=True):
+            row.append(alerts_text(m))
     metrics = fmt.table(headers, rows)
     return f"{header}\n\n{metrics}"
+
+
+def alerts_text(limits: plan_pb2.MetricLimits) -> str:
+    """A metric's notification thresholds: 'quota 50/80/100%, hard limit 90/100%,
+    credits below 100, grant expiring within 7d'; 'default' when it sets none."""
+    if not limits.HasField("alerts"):
+        return "default"
+    alerts = limits.alerts
+    parts = [
+        f"quota {_percents(alerts.quota_percents)}",
+        f"hard limit {_percents(alerts.hard_limit_percents)}",
+    ]
+    if alerts.HasField("credits_below"):
+        parts.append(f"credits below {alerts.credits_below}")
+    if alerts.HasField("grant_expiring_within"):
+        parts.append(f"grant expiring within {_span(alerts.grant_expiring_within.seconds)}")
+    return ", ".join(parts)
+
+
+def _percents(percents: Sequence[int]) -> str:
+    return "/".join(str(p) for p in percents) + "%" if percents else fmt.NONE
+
+
+def _span(seconds: int) -> str:
+    """Seconds in the largest unit that divides them: 7d, 12h, 90m, 45s."""
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _rollover_text(limits: plan_pb2.MetricLimits) -> str:
