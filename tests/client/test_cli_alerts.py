@@ -144,6 +144,9 @@ async def test_alerts_in_a_catalog_round_trip(
     """`alerts:` is read by ParseDict, stored, exported and applied again as a no-op."""
     catalog = tmp_path / "plans.yaml"
     catalog.write_text(CATALOG)
+    dry = await pagemeter("plan", "apply", str(catalog), "--dry-run")
+    assert dry.code == 0, dry.err
+    assert "259200s" in dry.out, "the diff shows a duration as protobuf JSON writes it"
     first = await pagemeter("plan", "apply", str(catalog))
     assert first.code == 0, first.err
     assert await stored_alerts(pagemeter_server, "acme", "pages") == {

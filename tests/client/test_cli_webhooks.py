@@ -269,6 +269,16 @@ async def test_replay_queues_one_event_or_a_time_range(pagemeter: Cli) -> None:
     )
     assert span.code == 0, span.err
     assert span.json()["replay_id"].startswith("rp_")
+    text = await pagemeter(
+        "webhooks",
+        "replay",
+        acme_only,
+        "--from",
+        "2026-01-01T01:00:00+01:00",
+        "--to",
+        "2026-01-02T00:00:00Z",
+    )
+    assert field(text, "events") == "from 2026-01-01T00:00:00Z to 2026-01-02T00:00:00Z"
 
     everyone, _ = await create(pagemeter)
     unnamed = await pagemeter(

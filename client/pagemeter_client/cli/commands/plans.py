@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format, text_format
-from google.protobuf.message import Message
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pagemeter.v1 import plan_pb2

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeAlias
 
 from pagemeter.v1 import webhooks_pb2
@@ -321,6 +321,10 @@ def _replay_range(args: argparse.Namespace) -> tuple[datetime, datetime] | None:
     return start, end
 
 
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def cmd_webhooks_replay(client: PagemeterClient, args: argparse.Namespace) -> int:
     span = _replay_range(args)
     if span is None:
@@ -333,7 +337,7 @@ def cmd_webhooks_replay(client: PagemeterClient, args: argparse.Namespace) -> in
         response = client.replay_webhook_events(
             args.endpoint_id, org_id=args.org, start_time=start, end_time=end
         )
-        what = f"from {start.isoformat()} to {end.isoformat()}"
+        what = f"from {_utc(start)} to {_utc(end)}"
         if args.org:
             what += f" of {args.org}"
     return show(
