@@ -13,12 +13,15 @@
             overage_price_per_unit: "0.028"
             windows:
               - {window: WINDOW_DAY, limit: 200}
+            alerts:             # notification thresholds (absent: 80 and 100 %)
+              quota_percents: [50, 80, 100]
+              grant_expiring_within: 604800s
     organizations:
       acme: business            # organization id: template name
 
 Values are as protobuf JSON writes them: enums by name, billing_anchor as an RFC
 3339 time with its UTC offset (what YAML would read as a timestamp is kept as that
-text). Every problem is reported as FILE:LINE: what, with the line of the value at
+text), a Duration as seconds and "s". Every problem is reported as FILE:LINE: what, with the line of the value at
 fault, before anything is sent; so are the server's own checks of each plan (they
 run with SetPlan's validate_only and name a field, which is mapped back to its line).
 """
