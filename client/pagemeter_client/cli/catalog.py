@@ -21,9 +21,10 @@
 
 Values are as protobuf JSON writes them: enums by name, billing_anchor as an RFC
 3339 time with its UTC offset (what YAML would read as a timestamp is kept as that
-text), a Duration as seconds and "s". Every problem is reported as FILE:LINE: what, with the line of the value at
-fault, before anything is sent; so are the server's own checks of each plan (they
-run with SetPlan's validate_only and name a field, which is mapped back to its line).
+text), a Duration as seconds and "s" (604800s). Every problem is reported as
+FILE:LINE: what, with the line of the value at fault, before anything is sent; so
+are the server's own checks of each plan (they run with SetPlan's validate_only
+and name a field, which is mapped back to its line).
 """
 
 from __future__ import annotations
