@@ -60,6 +60,7 @@ import platform
 import queue
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -923,25 +924,35 @@ class Bench:
         finally:
             replica.stop()
 
-    def events_cost(self) -> None:
+    def events_cost(self, rounds: int = 3) -> None:
         """What writing the events costs (docs/events.md): records and jobs on this
-        server (events on) and on a second one with --max-events-per-org 0, one
-        after the other, in this run; the order flips between the two scenarios
-        so that a drift of the host weighs on both sides."""
+        server (events on) and on a second one with --max-events-per-org 0, on
+        the same Redis, in `rounds` alternating pairs (the order flips each
+        round, so that a drift of the host weighs on both sides); the figures
+        are the median of the rounds' ratios."""
         with self.second_server(["--max-events-per-org", "0"], "--max-events-per-org 0") as (
             off,
             off_port,
         ):
-            for scenario, label, on_first in (
-                ("record", "RecordUsage new ids", True),
-                ("reserve_commit", "reserve+commit", False),
+            for scenario, label in (
+                ("record", "RecordUsage new ids"),
+                ("reserve_commit", "reserve+commit"),
             ):
-                phases = [
-                    (f"{label}, events on (Python driver)", self.port, None),
-                    (f"{label}, events off (Python driver)", off_port, off.pid),
-                ]
-                for name, port, pid in phases if on_first else phases[::-1]:
-                    self.python_driver(name, scenario, port, pid)
+                for round_number in range(1, rounds + 1):
+                    phases = [
+                        (
+                            f"{label}, events on, round {round_number} (Python driver)",
+                            self.port,
+                            None,
+                        ),
+                        (
+                            f"{label}, events off, round {round_number} (Python driver)",
+                            off_port,
+                            off.pid,
+                        ),
+                    ]
+                    for name, port, pid in phases if round_number % 2 else phases[::-1]:
+                        self.python_driver(name, scenario, port, pid)
 
     # -- Redis ----------------------------------------------------------------------
 
@@ -1624,15 +1635,29 @@ def replica_acks_figures(results: dict[str, Any], label: str) -> dict[str, float
     )
 
 
-def events_figures(results: dict[str, Any], label: str) -> dict[str, float | None]:
-    """Events on against off (--max-events-per-org 0), the same Redis, from one run."""
-    return paired_figures(
-        results,
-        f"{label}, events off (Python driver)",
-        f"{label}, events on (Python driver)",
-        "off",
-        "on",
-    )
+def events_figures(results: dict[str, Any], label: str) -> dict[str, Any]:
+    """Events on against off (--max-events-per-org 0), the same Redis, from the
+    alternating rounds of one run: each round's ratio and their median."""
+    rounds = []
+    number = 1
+    while f"{label}, events on, round {number} (Python driver)" in results:
+        rounds.append(
+            paired_figures(
+                results,
+                f"{label}, events off, round {number} (Python driver)",
+                f"{label}, events on, round {number} (Python driver)",
+                "off",
+                "on",
+            )
+        )
+        number += 1
+    calls = [r["calls_per_s_ratio"] for r in rounds if r["calls_per_s_ratio"] is not None]
+    cpu = [r["server_cpu_per_call_ratio"] for r in rounds if r["server_cpu_per_call_ratio"]]
+    return {
+        "calls_per_s_ratio": statistics.median(calls) if calls else None,
+        "calls_per_s_ratio_rounds": [round(x, 3) for x in calls],
+        "server_cpu_per_call_ratio": statistics.median(cpu) if cpu else None,
+    }
 
 
 def cpu_per_call(result: dict[str, Any]) -> float | None:
@@ -1837,7 +1862,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             per_window_usec(figure(WINDOWS_LABEL), check.get("calls_per_s"))
         ),
         "events": {
-            f"{key}_{figure_name}": rounded(value)
+            f"{key}_{figure_name}": value if isinstance(value, list) else rounded(value)
             for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
             for figure_name, value in events_figures(r, label).items()
         },
