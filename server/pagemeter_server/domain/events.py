@@ -84,9 +84,12 @@ class Event:
         return f"{self.org_id}:{self.entry_id}"
 
 
-def event_from_entry(org_id: str, entry_id: str, fields: dict[str, str]) -> Event:
-    """An event from a stream entry's fields as the scripts wrote them."""
-    raw = json.loads(fields.get("data", "{}"))
+def event_from_entry(
+    org_id: str, entry_id: str, fields: dict[str, str], data: dict[str, Any] | None = None
+) -> Event:
+    """An event from a stream entry's fields as the scripts wrote them: its data
+    the JSON of field `data`, or `data` as the store read it from other fields."""
+    raw = json.loads(fields.get("data", "{}")) if data is None else data
     data = _typed(raw) if isinstance(raw, dict) else {}
     if fields["type"] == "plan.changed" and isinstance(data.get("plan"), str):
         # The stored document (of either schema) as the Plan GetPlan answers.

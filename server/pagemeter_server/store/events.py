@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from pagemeter_server.domain.events import Event, event_from_entry
 from pagemeter_server.store.keys import EVENT_ORGS_KEY, OrgKeys
+from pagemeter_server.store.replies import metric_record, split_rows
 
 _STREAM_KEY = re.compile(r"pm:\{([A-Za-z0-9._-]{1,64})\}:events")
 # A stream entry id: "<ms>-<n>", or "<ms>" for the first entry at or after it.
@@ -42,7 +43,10 @@ class EventStore:
             list[tuple[str, dict[str, str]]],
             await self.client.xrange(OrgKeys(org_id).events, start, "+", count=count),
         )
-        return [event_from_entry(org_id, entry_id, fields) for entry_id, fields in entries]
+        return [
+            event_from_entry(org_id, entry_id, fields, stored_data(fields))
+            for entry_id, fields in entries
+        ]
 
     async def last_entry_id(self, org_id: str) -> str:
         """The newest entry id of the organization's stream ('' when it has none)."""
@@ -71,3 +75,36 @@ class EventStore:
             if found and found.group(1) not in seen:
                 seen.add(found.group(1))
                 yield found.group(1)
+
+
+def stored_data(fields: dict[str, str]) -> dict[str, Any] | None:
+    """The data of an entry the script wrote as fields rather than JSON (None for
+    JSON): usage.recorded carries the job and its metric rows as the record keeps
+    them (record.lua, recorded_event), so the script builds no JSON."""
+    if "rows" not in fields:
+        return None
+    return {
+        "request_id": fields["rid"],
+        "status": fields["st"],
+        "period": fields["per"],
+        "completed_at": fields["cms"],
+        "requested_at": fields["rms"],
+        "document_type": fields["dt"],
+        "hold": fields["hold"],
+        "over_limit": fields["ol"] == "1",
+        "metrics": [_recorded_metric(row) for row in split_rows(fields["rows"])],
+    }
+
+
+def _recorded_metric(row: list[str]) -> dict[str, Any]:
+    record = metric_record(row)
+    return {
+        "metric": record.metric,
+        "units": record.units,
+        "included": record.included,
+        "prepaid": record.prepaid,
+        "overage": record.overage,
+        "committed": record.committed,
+        "overage_price": record.overage_price,
+        "lifetime": record.lifetime,
+    }

@@ -280,24 +280,21 @@ if success then
   final_status = 'completed'
 end
 
--- The usage.recorded event's data: the job and, per metric, how it was paid.
-local function recorded_event(metric_rows)
+-- The usage.recorded event's fields: the job, and its metric rows as the
+-- record keeps them (encoded once, for the reply, the record and the event; no
+-- JSON to build: store/events.py reads them into the event's data).
+local function recorded_event(encoded_rows)
   local hold = 'none'
   if hold_released then
     hold = 'released'
   elseif hold_expired then
     hold = 'expired'
   end
-  local parts = {}
-  for i, row in ipairs(metric_rows) do
-    parts[i] = {metric = row.metric, units = fmt(row.units), included = fmt(row.included),
-      prepaid = fmt(row.prepaid), overage = fmt(row.overage), committed = fmt(row.committed),
-      overage_price = row.overage_price, lifetime = row.lifetime}
-  end
-  return {request_id = request_id, status = final_status, period = month_id,
-    completed_at = completed_ms, requested_at = requested_ms, document_type = document_type,
-    hold = hold, over_limit = over_limit, metrics = parts}
+  return {'rid', request_id, 'st', final_status, 'per', month_id, 'cms', completed_ms,
+    'rms', requested_ms, 'dt', document_type, 'hold', hold, 'ol', bool01(over_limit),
+    'rows', encoded_rows}
 end
+
 local day_type = document_type
 if is_job then
   -- The day's counters, for statistics by date and by document type. The
@@ -364,7 +361,7 @@ index_record(index_key, request_id, tonumber(requested_ms), index_cutoff, index_
 -- The name registries live as long as the counters they name. Without a plan
 -- the lifetime totals are only unplanned metrics' totals: they go too, so that
 -- an organization id nobody configured leaves nothing behind for good.
-emit(events, now, 'usage.recorded', recorded_event(rows))
+emit_fields(events, now, 'usage.recorded', recorded_event(encoded))
 -- The thresholds of what this record moved: the period's while it runs (a late
 -- record's period is over), and the credits it drew on.
 if events and success then

@@ -490,13 +490,16 @@ local function event_sink(stream_key, state_key, spec)
     ttl = tonumber(ttl), kept = false}
 end
 
-local function emit(sink, now, kind, data)
+-- An event whose data is `fields`, a flat list of names and values written as
+-- they are (usage.recorded: the figures the script has already encoded; the
+-- server reads them as store/events.py says).
+local function emit_fields(sink, now, kind, fields)
   if not sink then
     return
   end
   local seq = redis.call('HINCRBY', sink.state, 'seq', 1)
   redis.call('XADD', sink.stream, 'MAXLEN', '~', sink.cap, '*',
-    'seq', fmt(seq), 'type', kind, 'at', fmt(now), 'data', cjson.encode(data))
+    'seq', fmt(seq), 'type', kind, 'at', fmt(now), unpack(fields))
   if seq % EVENT_TRIM_EVERY == 0 then
     -- By age, now and then: approximate trimming removes only whole nodes.
     redis.call('XTRIM', sink.stream, 'MINID', '~', sink.minid)
@@ -505,6 +508,13 @@ local function emit(sink, now, kind, data)
     redis.call('PEXPIRE', sink.stream, sink.ttl)
     redis.call('PEXPIRE', sink.state, sink.ttl + EVENT_STATE_GRACE_MS)
     sink.kept = true
+  end
+end
+
+-- An event whose data is the JSON object `data`.
+local function emit(sink, now, kind, data)
+  if sink then
+    emit_fields(sink, now, kind, {'data', cjson.encode(data)})
   end
 end
 
@@ -598,10 +608,35 @@ end
 -- thresholds whose level lies between the figures before and after can have
 -- changed, so only those are read (a record's common case reads none). The
 -- sweep and the changes of terms watch them all (moved nil).
+-- Whether a level of `limit` at one of `percents` lies in (low, high]: the
+-- record's common case answers no here, without building the thresholds.
+local function level_between(limit, percents, low, high)
+  if not limit then
+    return false
+  end
+  for _, p in ipairs(percents) do
+    local level = math.ceil(limit * p / 100)
+    if low < level and level <= high then
+      return true
+    end
+  end
+  return false
+end
+
 local function watch_usage(sink, now, metric, limits, scope, committed, prepaid_used, reason, seen,
     moved)
   if not sink or not limits or not (limits.contract_quota or limits.hard_limit) then
     return
+  end
+  if moved and not limits.overage_unit_cap then
+    local alerts = limits.alerts
+    local low, high = math.min(committed, committed - moved), math.max(committed, committed - moved)
+    if not (level_between(limits.contract_quota, alerts and alerts.quota or DEFAULT_ALERT_PERCENTS,
+          low, high)
+        or level_between(limits.hard_limit, alerts and alerts.hard or DEFAULT_ALERT_PERCENTS,
+          low, high)) then
+      return
+    end
   end
   for _, t in ipairs(usage_thresholds(limits)) do
     local value = committed
