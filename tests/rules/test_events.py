@@ -25,8 +25,8 @@ from pagemeter_server.domain.plans import plan_to_doc
 from pagemeter_server.ops.alert_sweep import SWEEP_LEASE_KEY, sweep_all, sweeping
 from pagemeter_server.store.admin import AdminStore
 from pagemeter_server.store.events import EventStore
-from pagemeter_server.store.keys import OrgKeys
-from pagemeter_server.store.quota import Store
+from pagemeter_server.store.keys import EVENT_ORGS_KEY, OrgKeys
+from pagemeter_server.store.quota import EVENT_ORGS_INTERVAL, Store
 from tests.conftest import ON_EACH_BACKEND, START_MS, metric_limits, ms
 
 pytestmark = ON_EACH_BACKEND
@@ -641,3 +641,19 @@ async def test_a_server_without_the_sweep_lease_does_not_sweep(
         assert len(await events(redis_client, kind="threshold.resolved")) == 1
     finally:
         await redis_client.delete(SWEEP_LEASE_KEY)
+
+
+async def test_a_refused_call_does_not_note_its_organization(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    """pm:event-orgs lists organizations that wrote events; a call the script
+    refuses changed nothing, and must not write it either (not even the others'
+    notes it would flush)."""
+    await set_plan(store)
+    await record(store, "job-1", 1)
+    await asyncio.sleep(EVENT_ORGS_INTERVAL + 0.1)
+    with pytest.raises(RequestIdReused):
+        await record(store, "job-1", 2)
+    assert await redis_client.exists(EVENT_ORGS_KEY) == 0
+    await record(store, "job-2", 1)
+    assert await redis_client.zrange(EVENT_ORGS_KEY, 0, -1) == ["acme"]

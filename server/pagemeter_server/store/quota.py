@@ -402,7 +402,7 @@ class Store:
             else:
                 reply = await self.scripts[name](keys=list(keys), args=list(args))
             ok = True
-            await self._note_event_org(keys)
+            await self._note_event_org(keys, reply)
             return reply
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             raise
@@ -414,12 +414,15 @@ class Store:
             if self._observe is not None:
                 self._observe(name, time.perf_counter() - started, ok)
 
-    async def _note_event_org(self, keys: Sequence[str]) -> None:
+    async def _note_event_org(self, keys: Sequence[str], reply: ScriptReply) -> None:
         """Note the organization of a script call that may have written events; every
         EVENT_ORGS_INTERVAL, write the noted ones to pm:event-orgs (one ZADD). A
+        call the script refused (it changed nothing) neither notes nor writes. A
         failure leaves them noted for the next time: it never fails the call, and
         the dispatchers find any stream by SCAN as well."""
         if not self.event_max_per_org or not keys or not keys[-1].endswith(EVSTATE_SUFFIX):
+            return
+        if not _may_have_changed(reply):
             return
         self._event_orgs.add(keys[-1][len("pm:{") : -len(EVSTATE_SUFFIX)])
         if time.monotonic() - self._event_orgs_written < EVENT_ORGS_INTERVAL:
@@ -999,6 +1002,32 @@ def with_calendar(doc: PlanDoc, stored: PlanDoc | None, now_ms: int) -> PlanDoc:
     if spec:
         result["calendar"] = spec
     return result
+
+
+# The first element of a script's answer when it refused the call and changed
+# nothing (store/lua/*.lua, "Returns").
+REFUSALS = frozenset(
+    {
+        "ERR",
+        "REUSED",
+        "NEGATIVE",
+        "TOO_MANY_METRICS",
+        "NO_PLAN",
+        "UNKNOWN_METRIC",
+        "STALE_TZ",
+        "STALE_CALENDAR",
+        "RATE_LIMITED",
+        "NOT_FOUND",
+        "TOO_MANY_GRANTS",
+    }
+)
+
+
+def _may_have_changed(reply: ScriptReply) -> bool:
+    """Whether a script's answer (or, for a batch, any item's) is not a refusal."""
+    if reply and isinstance(reply[0], list):
+        return any(_may_have_changed(item) for item in reply)
+    return not (reply and isinstance(reply[0], str) and reply[0] in REFUSALS)
 
 
 def flat_fields(*flat_lists: Any) -> dict[str, str]:
