@@ -88,7 +88,8 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                 after = decode_page_token(request.page_token, EVENT_ORGS, ALL_ORGS)
             except BadPageToken:
                 raise bad_page_token() from None
-        orgs = sorted(org for org in await self.events.noted_orgs(since_ms=since_ms) if org > after)
+        noted = await self.events.noted_orgs(since_ms=since_ms)
+        orgs = sorted(org for org, _ in noted if org > after)
         page = orgs[:size]
         response = events_pb2.ListEventOrganizationsResponse(org_ids=page)
         if len(orgs) > size:

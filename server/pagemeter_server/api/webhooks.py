@@ -6,7 +6,6 @@ this service only writes what they read: the endpoints and replay requests.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -42,7 +41,7 @@ from pagemeter_server.domain.webhooks import (
     secret_id,
 )
 from pagemeter_server.settings import Settings
-from pagemeter_server.store.keys import EVENT_ORGS_KEY
+from pagemeter_server.store.events import note_event_orgs
 from pagemeter_server.store.webhooks import (
     MAX_REPLAYS_PER_ORG,
     EndpointConflict,
@@ -412,5 +411,5 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
             )
         # The dispatchers look at organizations noted here (as the servers note a
         # change: on this machine's clock).
-        await self.store.client.zadd(EVENT_ORGS_KEY, {org_id: int(time.time() * 1000)})
+        await note_event_orgs(self.store.client, [org_id])
         return webhooks_pb2.ReplayWebhookEventsResponse(replay_id=replay.replay_id)

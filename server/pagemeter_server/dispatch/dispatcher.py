@@ -29,7 +29,6 @@ import socket
 import time
 import zlib
 from dataclasses import dataclass
-from typing import cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -40,7 +39,6 @@ from pagemeter_server.domain.events import Event
 from pagemeter_server.domain.webhooks import Endpoint, entry_le
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.events import EventStore
-from pagemeter_server.store.keys import EVENT_ORGS_KEY
 from pagemeter_server.store.webhooks import OrgDeliveryState, RetryState, WebhookStore
 
 log = logging.getLogger("pagemeter.dispatch")
@@ -222,11 +220,7 @@ class Dispatcher:
         since = self.noted_since - NOTE_SLACK_MS
         if full:
             since = now_ms() - self.settings.event_retention_days * DAY_MS
-        noted = cast(
-            list[tuple[str, float]],
-            await self.client.zrangebyscore(EVENT_ORGS_KEY, since, "+inf", withscores=True),
-        )
-        for org_id, score in noted:
+        for org_id, score in await self.events.noted_orgs(since_ms=since):
             self.noted_since = max(self.noted_since, score)
             if score > self.known.get(org_id, -1.0):
                 self.known[org_id] = score

@@ -55,16 +55,17 @@ class EventStore:
         )
         return entries[0][0] if entries else ""
 
-    async def note_orgs(self, org_ids: Iterable[str], *, now_ms: int | None = None) -> None:
+    async def note_orgs(self, org_ids: Iterable[str]) -> None:
         """Remember that these organizations have new events (pm:event-orgs)."""
-        stamp = int(time.time() * 1000) if now_ms is None else now_ms
-        mapping = {org_id: stamp for org_id in org_ids}
-        if mapping:
-            await self.client.zadd(EVENT_ORGS_KEY, mapping)
+        await note_event_orgs(self.client, org_ids)
 
-    async def noted_orgs(self, *, since_ms: int = 0) -> list[str]:
-        """Organizations noted with events at or after since_ms."""
-        return cast(list[str], await self.client.zrangebyscore(EVENT_ORGS_KEY, since_ms, "+inf"))
+    async def noted_orgs(self, *, since_ms: float = 0) -> list[tuple[str, float]]:
+        """Organizations noted with events at or after since_ms, with when (ms on
+        the noting server's clock)."""
+        return cast(
+            list[tuple[str, float]],
+            await self.client.zrangebyscore(EVENT_ORGS_KEY, since_ms, "+inf", withscores=True),
+        )
 
     async def scan_orgs(self) -> AsyncIterator[str]:
         """Every organization that has an event stream, found by SCAN (slow on a
@@ -75,6 +76,15 @@ class EventStore:
             if found and found.group(1) not in seen:
                 seen.add(found.group(1))
                 yield found.group(1)
+
+
+async def note_event_orgs(client: aioredis.Redis, org_ids: Iterable[str]) -> None:
+    """Write to pm:event-orgs that these organizations have new events, now on
+    this server's clock (the stream entry ids follow the same kind of clock)."""
+    stamp = int(time.time() * 1000)
+    mapping = dict.fromkeys(org_ids, stamp)
+    if mapping:
+        await client.zadd(EVENT_ORGS_KEY, mapping)
 
 
 def stored_data(fields: dict[str, str]) -> dict[str, Any] | None:

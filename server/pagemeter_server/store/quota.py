@@ -69,9 +69,9 @@ from pagemeter_server.domain.plans import (
     schema_1_json,
 )
 from pagemeter_server.store.coalesce import Coalescer
+from pagemeter_server.store.events import note_event_orgs
 from pagemeter_server.store.faults import StoreUnavailable, is_transient
 from pagemeter_server.store.keys import (
-    EVENT_ORGS_KEY,
     ORGS_KEY,
     PLAN_SCHEMA_KEY,
     OrgKeys,
@@ -430,7 +430,7 @@ class Store:
         self._event_orgs_written = time.monotonic()
         noted, self._event_orgs = self._event_orgs, set()
         try:
-            await self.client.zadd(EVENT_ORGS_KEY, dict.fromkeys(noted, int(time.time() * 1000)))
+            await note_event_orgs(self.client, noted)
         except (redis.exceptions.RedisError, OSError):
             self._event_orgs |= noted
 

@@ -517,15 +517,20 @@ end
 -- The plan's percentages, or these (domain/plans.py, DEFAULT_ALERT_PERCENTS).
 local DEFAULT_ALERT_PERCENTS = {80, 100}
 
--- The period thresholds of a metric: name, kind, percent, limit, level (the
--- units at which it holds: the smallest whole number at or past the percentage).
+-- The units at which a threshold of `percent` % of `limit` holds: the smallest
+-- whole number at or past the percentage.
+local function level_of(limit, percent)
+  return math.ceil(limit * percent / 100)
+end
+
+-- The period thresholds of a metric: name, kind, percent, limit, level.
 local function usage_thresholds(limits)
   local out = {}
   local alerts = limits.alerts
   local function add(kind, percents, limit)
     for _, p in ipairs(percents) do
       out[#out + 1] = {name = kind .. ':' .. fmt(p), kind = kind, percent = p, limit = limit,
-        level = math.ceil(limit * p / 100)}
+        level = level_of(limit, p)}
     end
   end
   if limits.contract_quota then
@@ -585,7 +590,7 @@ local function level_between(limit, percents, low, high)
     return false
   end
   for _, p in ipairs(percents) do
-    local level = math.ceil(limit * p / 100)
+    local level = level_of(limit, p)
     if low < level and level <= high then
       return true
     end
