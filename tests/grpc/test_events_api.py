@@ -143,3 +143,17 @@ async def test_a_token_of_another_organization_is_refused(pagemeter_server: Runn
             events_pb2.ListEventsRequest(org_id="globex", page_token=page.next_page_token)
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_filtered_page_that_fills_before_the_stream_ends_says_more(
+    pagemeter_server: RunningServer,
+) -> None:
+    """Pages of 3 records when the stream is a plan change and 4 records: the
+    first page fills at the third record of its second read, and must say that
+    the fourth is still there."""
+    server = pagemeter_server
+    await server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+    for i in range(4):
+        await record(server, f"job-{i}", 1)
+    read = await all_events(server, page_size=3, types=("usage.recorded",))
+    assert [e.data["request_id"] for e in read] == [f"job-{i}" for i in range(4)]

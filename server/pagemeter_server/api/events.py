@@ -59,12 +59,15 @@ class EventService(events_pb2_grpc.EventServiceServicer):
             read = await self.events.read(
                 request.org_id, after=position, since_ms=since_ms, count=size
             )
+            # More follow when the read was full, or when the page filled up
+            # before the end of what was read.
             response.more = len(read) == size
-            for event in read:
+            for index, event in enumerate(read):
                 position = event.entry_id
                 if not wanted or event.type in wanted:
                     response.events.append(_event(event))
                     if len(response.events) == size:
+                        response.more = response.more or index < len(read) - 1
                         break
             if len(response.events) == size or not response.more:
                 break
