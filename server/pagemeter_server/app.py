@@ -127,6 +127,13 @@ def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetr
     )
 
 
+def rpc_interceptors(metrics: ServiceMetrics, settings: Settings) -> list[Any]:
+    """The server interceptors, outermost first. gRPC calls and the HTTP gateway's
+    transcoded calls both run through these same instances."""
+    del settings  # for interceptors that are configured
+    return [ObservedRpcs(metrics)]
+
+
 @dataclass
 class ServerParts:
     """What create_server built, for callers that need more than the server."""
@@ -181,7 +188,7 @@ async def create_server(
     # flood leaves free in malloc is given back by one thread per process.
     return_freed_memory()
     server = grpc.aio.server(
-        interceptors=[ObservedRpcs(metrics)],
+        interceptors=rpc_interceptors(metrics, settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
