@@ -28,8 +28,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# Google's HTTP annotations (google/api/annotations.proto, http.proto), which the
+# contract imports: copied from the installed googleapis-common-protos package, so
+# that protoc and buf find them without a network (gitignored; buf lint skips them).
+PROTO_DEPS := protos/google/api/annotations.proto protos/google/api/http.proto
+
+$(PROTO_DEPS): $(STAMP)
+	mkdir -p protos/google/api
+	cp "$$($(BIN)/python -c 'import os, google.api.http_pb2 as m; print(os.path.dirname(m.__file__))')/$(@F)" $@
+
 ## proto: regenerate the Python code for protos/ into client/pagemeter/v1
-proto: $(STAMP)
+proto: $(STAMP) $(PROTO_DEPS)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos \
 		--python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=$(GEN_DIR) \
@@ -55,14 +64,14 @@ unasync: $(STAMP)
 RELEASED_CONTRACT := protos/released/pagemeter-v1.json
 
 ## contract-release: record the current .proto files as the released contract
-contract-release: $(STAMP)
+contract-release: $(STAMP) $(PROTO_DEPS)
 	$(BIN)/buf build -o $(RELEASED_CONTRACT)
 
 ## lint: buf lint and buf breaking (against the released contract) on the contract, ruff and mypy --strict on the code (server, client, tests,
 ## bench, tools), the layers' import direction, and the generated code checked for drift:
 ## the built Lua scripts against `make scripts`, the blocking client against what its async
 ## source generates
-lint: $(STAMP)
+lint: $(STAMP) $(PROTO_DEPS)
 	$(BIN)/buf lint
 	$(BIN)/buf breaking --against $(RELEASED_CONTRACT)
 	$(BIN)/python -m pagemeter_server.store.build_scripts --check
@@ -132,7 +141,7 @@ test: lint tools
 # worker more than this machine's two cores keeps them busy. Bytecode is cached
 # (PYTHONDONTWRITEBYTECODE cleared): a run otherwise recompiles every module in
 # each worker.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(PROTO_DEPS)
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -m "not system" --hypothesis-profile=fast \
 		-n 3 --dist worksteal
 

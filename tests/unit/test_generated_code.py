@@ -121,7 +121,12 @@ def test_buf_lint_passes_with_repository_config(repo_root: Path, tmp_path: Path)
 
 def test_buf_lint_passes_standard_rules(repo_root: Path, tmp_path: Path) -> None:
     """The protos pass buf's STANDARD lint rules with no exceptions, independent of edits to buf.yaml."""
-    result = buf(["lint", "--config", STANDARD_LINT_CONFIG], repo_root, tmp_path / "cache")
+    # Only pagemeter's own files: google/api (copied by `make proto`) is Google's.
+    result = buf(
+        ["lint", "--config", STANDARD_LINT_CONFIG, "--path", "protos/pagemeter"],
+        repo_root,
+        tmp_path / "cache",
+    )
     assert result.returncode == 0, f"buf lint (STANDARD) failed:\n{result.stdout}{result.stderr}"
 
 

@@ -22,28 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagemeter/v1/billing.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"2\n\x19\x43loseBillingPeriodRequest\x12\x15\n\rbilling_month\x18\x01 \x01(\t\"\x9d\x01\n\x1a\x43loseBillingPeriodResponse\x12\x15\n\rbilling_month\x18\x01 \x01(\t\x12\x1c\n\x14organizations_closed\x18\x02 \x01(\x05\x12$\n\x1corganizations_already_closed\x18\x03 \x01(\x05\x12$\n\x1corganizations_without_period\x18\x04 \x01(\x05\"Z\n\x1a\x45xportBillingPeriodRequest\x12\x15\n\rbilling_month\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xbd\x03\n\nBillingRow\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x15\n\rbilling_month\x18\x02 \x01(\t\x12\x11\n\tperiod_id\x18\x03 \x01(\t\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12*\n\x04kind\x18\x07 \x01(\x0e\x32\x1c.pagemeter.v1.BillingRowKind\x12\x11\n\tcommitted\x18\x08 \x01(\x03\x12\x16\n\x0eincluded_units\x18\t \x01(\x03\x12\x15\n\rprepaid_units\x18\n \x01(\x03\x12\x15\n\roverage_units\x18\x0b \x01(\x03\x12\x14\n\x0coverage_cost\x18\x0c \x01(\t\x12\x10\n\x08\x63urrency\x18\r \x01(\t\x12\x11\n\tplan_name\x18\x0e \x01(\t\x12\x14\n\x0cplan_version\x18\x0f \x01(\x03\x12-\n\tclosed_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x1b\x45xportBillingPeriodResponse\x12&\n\x04rows\x18\x01 \x03(\x0b\x32\x18.pagemeter.v1.BillingRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8b\x01\n\x0e\x42illingRowKind\x12 \n\x1c\x42ILLING_ROW_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42ILLING_ROW_KIND_OPEN\x10\x01\x12\x1b\n\x17\x42ILLING_ROW_KIND_CLOSED\x10\x02\x12\x1f\n\x1b\x42ILLING_ROW_KIND_ADJUSTMENT\x10\x03\x32\xe5\x01\n\x0e\x42illingService\x12g\n\x12\x43loseBillingPeriod\x12\'.pagemeter.v1.CloseBillingPeriodRequest\x1a(.pagemeter.v1.CloseBillingPeriodResponse\x12j\n\x13\x45xportBillingPeriod\x12(.pagemeter.v1.ExportBillingPeriodRequest\x1a).pagemeter.v1.ExportBillingPeriodResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagemeter/v1/billing.proto\x12\x0cpagemeter.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"2\n\x19\x43loseBillingPeriodRequest\x12\x15\n\rbilling_month\x18\x01 \x01(\t\"\x9d\x01\n\x1a\x43loseBillingPeriodResponse\x12\x15\n\rbilling_month\x18\x01 \x01(\t\x12\x1c\n\x14organizations_closed\x18\x02 \x01(\x05\x12$\n\x1corganizations_already_closed\x18\x03 \x01(\x05\x12$\n\x1corganizations_without_period\x18\x04 \x01(\x05\"Z\n\x1a\x45xportBillingPeriodRequest\x12\x15\n\rbilling_month\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xbd\x03\n\nBillingRow\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x15\n\rbilling_month\x18\x02 \x01(\t\x12\x11\n\tperiod_id\x18\x03 \x01(\t\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12*\n\x04kind\x18\x07 \x01(\x0e\x32\x1c.pagemeter.v1.BillingRowKind\x12\x11\n\tcommitted\x18\x08 \x01(\x03\x12\x16\n\x0eincluded_units\x18\t \x01(\x03\x12\x15\n\rprepaid_units\x18\n \x01(\x03\x12\x15\n\roverage_units\x18\x0b \x01(\x03\x12\x14\n\x0coverage_cost\x18\x0c \x01(\t\x12\x10\n\x08\x63urrency\x18\r \x01(\t\x12\x11\n\tplan_name\x18\x0e \x01(\t\x12\x14\n\x0cplan_version\x18\x0f \x01(\x03\x12-\n\tclosed_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x1b\x45xportBillingPeriodResponse\x12&\n\x04rows\x18\x01 \x03(\x0b\x32\x18.pagemeter.v1.BillingRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8b\x01\n\x0e\x42illingRowKind\x12 \n\x1c\x42ILLING_ROW_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42ILLING_ROW_KIND_OPEN\x10\x01\x12\x1b\n\x17\x42ILLING_ROW_KIND_CLOSED\x10\x02\x12\x1f\n\x1b\x42ILLING_ROW_KIND_ADJUSTMENT\x10\x03\x32\xcf\x02\n\x0e\x42illingService\x12\x9c\x01\n\x12\x43loseBillingPeriod\x12\'.pagemeter.v1.CloseBillingPeriodRequest\x1a(.pagemeter.v1.CloseBillingPeriodResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/billingPeriods/{billing_month}:close:\x01*\x12\x9d\x01\n\x13\x45xportBillingPeriod\x12(.pagemeter.v1.ExportBillingPeriodRequest\x1a).pagemeter.v1.ExportBillingPeriodResponse\"1\x82\xd3\xe4\x93\x02+\x12)/v1/billingPeriods/{billing_month}/exportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagemeter.v1.billing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BILLINGROWKIND']._serialized_start=926
-  _globals['_BILLINGROWKIND']._serialized_end=1065
-  _globals['_CLOSEBILLINGPERIODREQUEST']._serialized_start=77
-  _globals['_CLOSEBILLINGPERIODREQUEST']._serialized_end=127
-  _globals['_CLOSEBILLINGPERIODRESPONSE']._serialized_start=130
-  _globals['_CLOSEBILLINGPERIODRESPONSE']._serialized_end=287
-  _globals['_EXPORTBILLINGPERIODREQUEST']._serialized_start=289
-  _globals['_EXPORTBILLINGPERIODREQUEST']._serialized_end=379
-  _globals['_BILLINGROW']._serialized_start=382
-  _globals['_BILLINGROW']._serialized_end=827
-  _globals['_EXPORTBILLINGPERIODRESPONSE']._serialized_start=829
-  _globals['_EXPORTBILLINGPERIODRESPONSE']._serialized_end=923
-  _globals['_BILLINGSERVICE']._serialized_start=1068
-  _globals['_BILLINGSERVICE']._serialized_end=1297
+  _globals['_BILLINGSERVICE'].methods_by_name['CloseBillingPeriod']._loaded_options = None
+  _globals['_BILLINGSERVICE'].methods_by_name['CloseBillingPeriod']._serialized_options = b'\202\323\344\223\002-\"(/v1/billingPeriods/{billing_month}:close:\001*'
+  _globals['_BILLINGSERVICE'].methods_by_name['ExportBillingPeriod']._loaded_options = None
+  _globals['_BILLINGSERVICE'].methods_by_name['ExportBillingPeriod']._serialized_options = b'\202\323\344\223\002+\022)/v1/billingPeriods/{billing_month}/export'
+  _globals['_BILLINGROWKIND']._serialized_start=956
+  _globals['_BILLINGROWKIND']._serialized_end=1095
+  _globals['_CLOSEBILLINGPERIODREQUEST']._serialized_start=107
+  _globals['_CLOSEBILLINGPERIODREQUEST']._serialized_end=157
+  _globals['_CLOSEBILLINGPERIODRESPONSE']._serialized_start=160
+  _globals['_CLOSEBILLINGPERIODRESPONSE']._serialized_end=317
+  _globals['_EXPORTBILLINGPERIODREQUEST']._serialized_start=319
+  _globals['_EXPORTBILLINGPERIODREQUEST']._serialized_end=409
+  _globals['_BILLINGROW']._serialized_start=412
+  _globals['_BILLINGROW']._serialized_end=857
+  _globals['_EXPORTBILLINGPERIODRESPONSE']._serialized_start=859
+  _globals['_EXPORTBILLINGPERIODRESPONSE']._serialized_end=953
+  _globals['_BILLINGSERVICE']._serialized_start=1098
+  _globals['_BILLINGSERVICE']._serialized_end=1433
 # @@protoc_insertion_point(module_scope)

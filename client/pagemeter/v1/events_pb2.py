@@ -22,27 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pagemeter/v1/events.proto\x12\x0cpagemeter.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n\x11ListEventsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05types\x18\x03 \x03(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"`\n\x12ListEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.pagemeter.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xa8\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04type\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04\x64\x61ta\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncloudevent\x18\x07 \x01(\t\"q\n\x1dListEventOrganizationsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x1eListEventOrganizationsResponse\x12\x0f\n\x07org_ids\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xd4\x01\n\x0c\x45ventService\x12O\n\nListEvents\x12\x1f.pagemeter.v1.ListEventsRequest\x1a .pagemeter.v1.ListEventsResponse\x12s\n\x16ListEventOrganizations\x12+.pagemeter.v1.ListEventOrganizationsRequest\x1a,.pagemeter.v1.ListEventOrganizationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pagemeter/v1/events.proto\x12\x0cpagemeter.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n\x11ListEventsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05types\x18\x03 \x03(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"`\n\x12ListEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.pagemeter.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xa8\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04type\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04\x64\x61ta\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncloudevent\x18\x07 \x01(\t\"q\n\x1dListEventOrganizationsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x1eListEventOrganizationsResponse\x12\x0f\n\x07org_ids\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa5\x02\n\x0c\x45ventService\x12\x7f\n\nListEvents\x12\x1f.pagemeter.v1.ListEventsRequest\x1a .pagemeter.v1.ListEventsResponse\".\x82\xd3\xe4\x93\x02(\x12\x18/v1/orgs/{org_id}/eventsZ\x0c\x12\n/v1/events\x12\x93\x01\n\x16ListEventOrganizations\x12+.pagemeter.v1.ListEventOrganizationsRequest\x1a,.pagemeter.v1.ListEventOrganizationsResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/eventOrganizationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagemeter.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTEVENTSREQUEST']._serialized_start=107
-  _globals['_LISTEVENTSREQUEST']._serialized_end=239
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=241
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=337
-  _globals['_EVENT']._serialized_start=340
-  _globals['_EVENT']._serialized_end=508
-  _globals['_LISTEVENTORGANIZATIONSREQUEST']._serialized_start=510
-  _globals['_LISTEVENTORGANIZATIONSREQUEST']._serialized_end=623
-  _globals['_LISTEVENTORGANIZATIONSRESPONSE']._serialized_start=625
-  _globals['_LISTEVENTORGANIZATIONSRESPONSE']._serialized_end=699
-  _globals['_EVENTSERVICE']._serialized_start=702
-  _globals['_EVENTSERVICE']._serialized_end=914
+  _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\202\323\344\223\002(\022\030/v1/orgs/{org_id}/eventsZ\014\022\n/v1/events'
+  _globals['_EVENTSERVICE'].methods_by_name['ListEventOrganizations']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['ListEventOrganizations']._serialized_options = b'\202\323\344\223\002\030\022\026/v1/eventOrganizations'
+  _globals['_LISTEVENTSREQUEST']._serialized_start=137
+  _globals['_LISTEVENTSREQUEST']._serialized_end=269
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=271
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=367
+  _globals['_EVENT']._serialized_start=370
+  _globals['_EVENT']._serialized_end=538
+  _globals['_LISTEVENTORGANIZATIONSREQUEST']._serialized_start=540
+  _globals['_LISTEVENTORGANIZATIONSREQUEST']._serialized_end=653
+  _globals['_LISTEVENTORGANIZATIONSRESPONSE']._serialized_start=655
+  _globals['_LISTEVENTORGANIZATIONSRESPONSE']._serialized_end=729
+  _globals['_EVENTSERVICE']._serialized_start=732
+  _globals['_EVENTSERVICE']._serialized_end=1025
 # @@protoc_insertion_point(module_scope)

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from pagemeter.v1 import quota_pb2 as pagemeter_dot_v1_dot_quota__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagemeter/v1/reporting.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18pagemeter/v1/quota.proto\"8\n\x16GetUsageHistoryRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06months\x18\x02 \x01(\x05\"\xb5\x01\n\nMonthTerms\x12\x1b\n\x0e\x63ontract_quota\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nhard_limit\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\x0foverage_allowed\x18\x03 \x01(\x08\x12\x16\n\x0eprice_per_unit\x18\x04 \x01(\t\x12\x1e\n\x16overage_price_per_unit\x18\x05 \x01(\tB\x11\n\x0f_contract_quotaB\r\n\x0b_hard_limit\"\x9c\x01\n\x0bMetricMonth\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x01(\x03\x12\x14\n\x0cprepaid_used\x18\x03 \x01(\x03\x12\x15\n\roverage_units\x18\x04 \x01(\x03\x12\x14\n\x0coverage_cost\x18\x05 \x01(\t\x12\'\n\x05terms\x18\x06 \x01(\x0b\x32\x18.pagemeter.v1.MonthTerms\"\x9c\x02\n\x0cHistoryMonth\x12\x11\n\tperiod_id\x18\x01 \x01(\t\x12\x0c\n\x04year\x18\x02 \x01(\x05\x12\r\n\x05month\x18\x03 \x01(\x05\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04jobs\x18\x06 \x01(\x0b\x32\x17.pagemeter.v1.JobCounts\x12*\n\x07metrics\x18\x07 \x03(\x0b\x32\x19.pagemeter.v1.MetricMonth\x12\x11\n\tplan_name\x18\x08 \x01(\t\x12\x14\n\x0cplan_version\x18\t \x01(\x03\"g\n\x17GetUsageHistoryResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08timezone\x18\x02 \x01(\t\x12*\n\x06months\x18\x03 \x03(\x0b\x32\x1a.pagemeter.v1.HistoryMonth\"\xdc\x01\n\x19GetUsageStatisticsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12.\n\x06period\x18\x02 \x01(\x0e\x32\x1e.pagemeter.v1.StatisticsPeriod\x12\x12\n\nstart_date\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x04 \x01(\t\x12\x32\n\x08group_by\x18\x05 \x01(\x0e\x32 .pagemeter.v1.StatisticsGrouping\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"\xbd\x01\n\x0bUsageTotals\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x03\x12\r\n\x05pages\x18\x02 \x01(\x03\x12\x11\n\tdocuments\x18\x03 \x01(\x03\x12\x18\n\x10\x66\x61iled_documents\x18\x04 \x01(\x03\x12\x33\n\x05units\x18\x05 \x03(\x0b\x32$.pagemeter.v1.UsageTotals.UnitsEntry\x1a,\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"i\n\x11\x44ocumentTypeUsage\x12\x15\n\rdocument_type\x18\x01 \x01(\t\x12)\n\x06totals\x18\x02 \x01(\x0b\x32\x19.pagemeter.v1.UsageTotals\x12\x12\n\npercentage\x18\x03 \x01(\x01\"\xd5\x01\n\x0bPeriodUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06totals\x18\x04 \x01(\x0b\x32\x19.pagemeter.v1.UsageTotals\x12\x39\n\x10\x62y_document_type\x18\x05 \x03(\x0b\x32\x1f.pagemeter.v1.DocumentTypeUsage\"\xea\x01\n\x11StatisticsSummary\x12)\n\x06totals\x18\x01 \x01(\x0b\x32\x19.pagemeter.v1.UsageTotals\x12\"\n\x1a\x61verage_pages_per_document\x18\x02 \x01(\x01\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstart_date\x18\x05 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x06 \x01(\t\"\xf0\x02\n\x1aGetUsageStatisticsResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08timezone\x18\x02 \x01(\t\x12.\n\x06period\x18\x03 \x01(\x0e\x32\x1e.pagemeter.v1.StatisticsPeriod\x12\x32\n\x08group_by\x18\x04 \x01(\x0e\x32 .pagemeter.v1.StatisticsGrouping\x12\x30\n\x07summary\x18\x05 \x01(\x0b\x32\x1f.pagemeter.v1.StatisticsSummary\x12,\n\tby_period\x18\x06 \x03(\x0b\x32\x19.pagemeter.v1.PeriodUsage\x12\x39\n\x10\x62y_document_type\x18\x07 \x03(\x0b\x32\x1f.pagemeter.v1.DocumentTypeUsage\x12\x18\n\x10percentage_basis\x18\x08 \x01(\t\x12\x17\n\x0fnext_page_token\x18\t \x01(\t\"P\n\x17ListUsageRecordsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"x\n\x11RecordMetricUsage\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x16\n\x0eincluded_units\x18\x03 \x01(\x03\x12\x15\n\rprepaid_units\x18\x04 \x01(\x03\x12\x15\n\roverage_units\x18\x05 \x01(\x03\"\xbe\x03\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.pagemeter.v1.UsageRecordStatus\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x15\n\rdocument_type\x18\x04 \x01(\t\x12\x30\n\x07metrics\x18\x05 \x03(\x0b\x32\x1f.pagemeter.v1.RecordMetricUsage\x12,\n\tpaid_from\x18\x06 \x03(\x0e\x32\x19.pagemeter.v1.PaymentPool\x12\x30\n\x0crequested_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x12processing_time_ms\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x33\n\x0fhold_expires_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tperiod_id\x18\x0b \x01(\tB\x15\n\x13_processing_time_ms\"_\n\x18ListUsageRecordsResponse\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.pagemeter.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8f\x01\n\x10StatisticsPeriod\x12!\n\x1dSTATISTICS_PERIOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17STATISTICS_PERIOD_DAILY\x10\x01\x12\x1c\n\x18STATISTICS_PERIOD_WEEKLY\x10\x02\x12\x1d\n\x19STATISTICS_PERIOD_MONTHLY\x10\x03*\x9c\x01\n\x12StatisticsGrouping\x12#\n\x1fSTATISTICS_GROUPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18STATISTICS_GROUPING_DATE\x10\x01\x12%\n!STATISTICS_GROUPING_DOCUMENT_TYPE\x10\x02\x12\x1c\n\x18STATISTICS_GROUPING_BOTH\x10\x03*\xdf\x01\n\x11UsageRecordStatus\x12#\n\x1fUSAGE_RECORD_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUSAGE_RECORD_STATUS_PENDING\x10\x01\x12!\n\x1dUSAGE_RECORD_STATUS_COMPLETED\x10\x02\x12\x1e\n\x1aUSAGE_RECORD_STATUS_FAILED\x10\x03\x12 \n\x1cUSAGE_RECORD_STATUS_RELEASED\x10\x04\x12\x1f\n\x1bUSAGE_RECORD_STATUS_EXPIRED\x10\x05*z\n\x0bPaymentPool\x12\x1c\n\x18PAYMENT_POOL_UNSPECIFIED\x10\x00\x12\x19\n\x15PAYMENT_POOL_CONTRACT\x10\x01\x12\x18\n\x14PAYMENT_POOL_PREPAID\x10\x02\x12\x18\n\x14PAYMENT_POOL_OVERAGE\x10\x03\x32\xbe\x02\n\x10ReportingService\x12^\n\x0fGetUsageHistory\x12$.pagemeter.v1.GetUsageHistoryRequest\x1a%.pagemeter.v1.GetUsageHistoryResponse\x12g\n\x12GetUsageStatistics\x12\'.pagemeter.v1.GetUsageStatisticsRequest\x1a(.pagemeter.v1.GetUsageStatisticsResponse\x12\x61\n\x10ListUsageRecords\x12%.pagemeter.v1.ListUsageRecordsRequest\x1a&.pagemeter.v1.ListUsageRecordsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagemeter/v1/reporting.proto\x12\x0cpagemeter.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18pagemeter/v1/quota.proto\"8\n\x16GetUsageHistoryRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06months\x18\x02 \x01(\x05\"\xb5\x01\n\nMonthTerms\x12\x1b\n\x0e\x63ontract_quota\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nhard_limit\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\x0foverage_allowed\x18\x03 \x01(\x08\x12\x16\n\x0eprice_per_unit\x18\x04 \x01(\t\x12\x1e\n\x16overage_price_per_unit\x18\x05 \x01(\tB\x11\n\x0f_contract_quotaB\r\n\x0b_hard_limit\"\x9c\x01\n\x0bMetricMonth\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x01(\x03\x12\x14\n\x0cprepaid_used\x18\x03 \x01(\x03\x12\x15\n\roverage_units\x18\x04 \x01(\x03\x12\x14\n\x0coverage_cost\x18\x05 \x01(\t\x12\'\n\x05terms\x18\x06 \x01(\x0b\x32\x18.pagemeter.v1.MonthTerms\"\x9c\x02\n\x0cHistoryMonth\x12\x11\n\tperiod_id\x18\x01 \x01(\t\x12\x0c\n\x04year\x18\x02 \x01(\x05\x12\r\n\x05month\x18\x03 \x01(\x05\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04jobs\x18\x06 \x01(\x0b\x32\x17.pagemeter.v1.JobCounts\x12*\n\x07metrics\x18\x07 \x03(\x0b\x32\x19.pagemeter.v1.MetricMonth\x12\x11\n\tplan_name\x18\x08 \x01(\t\x12\x14\n\x0cplan_version\x18\t \x01(\x03\"g\n\x17GetUsageHistoryResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08timezone\x18\x02 \x01(\t\x12*\n\x06months\x18\x03 \x03(\x0b\x32\x1a.pagemeter.v1.HistoryMonth\"\xdc\x01\n\x19GetUsageStatisticsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12.\n\x06period\x18\x02 \x01(\x0e\x32\x1e.pagemeter.v1.StatisticsPeriod\x12\x12\n\nstart_date\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x04 \x01(\t\x12\x32\n\x08group_by\x18\x05 \x01(\x0e\x32 .pagemeter.v1.StatisticsGrouping\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"\xbd\x01\n\x0bUsageTotals\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x03\x12\r\n\x05pages\x18\x02 \x01(\x03\x12\x11\n\tdocuments\x18\x03 \x01(\x03\x12\x18\n\x10\x66\x61iled_documents\x18\x04 \x01(\x03\x12\x33\n\x05units\x18\x05 \x03(\x0b\x32$.pagemeter.v1.UsageTotals.UnitsEntry\x1a,\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"i\n\x11\x44ocumentTypeUsage\x12\x15\n\rdocument_type\x18\x01 \x01(\t\x12)\n\x06totals\x18\x02 \x01(\x0b\x32\x19.pagemeter.v1.UsageTotals\x12\x12\n\npercentage\x18\x03 \x01(\x01\"\xd5\x01\n\x0bPeriodUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06totals\x18\x04 \x01(\x0b\x32\x19.pagemeter.v1.UsageTotals\x12\x39\n\x10\x62y_document_type\x18\x05 \x03(\x0b\x32\x1f.pagemeter.v1.DocumentTypeUsage\"\xea\x01\n\x11StatisticsSummary\x12)\n\x06totals\x18\x01 \x01(\x0b\x32\x19.pagemeter.v1.UsageTotals\x12\"\n\x1a\x61verage_pages_per_document\x18\x02 \x01(\x01\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstart_date\x18\x05 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x06 \x01(\t\"\xf0\x02\n\x1aGetUsageStatisticsResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08timezone\x18\x02 \x01(\t\x12.\n\x06period\x18\x03 \x01(\x0e\x32\x1e.pagemeter.v1.StatisticsPeriod\x12\x32\n\x08group_by\x18\x04 \x01(\x0e\x32 .pagemeter.v1.StatisticsGrouping\x12\x30\n\x07summary\x18\x05 \x01(\x0b\x32\x1f.pagemeter.v1.StatisticsSummary\x12,\n\tby_period\x18\x06 \x03(\x0b\x32\x19.pagemeter.v1.PeriodUsage\x12\x39\n\x10\x62y_document_type\x18\x07 \x03(\x0b\x32\x1f.pagemeter.v1.DocumentTypeUsage\x12\x18\n\x10percentage_basis\x18\x08 \x01(\t\x12\x17\n\x0fnext_page_token\x18\t \x01(\t\"P\n\x17ListUsageRecordsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"x\n\x11RecordMetricUsage\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x16\n\x0eincluded_units\x18\x03 \x01(\x03\x12\x15\n\rprepaid_units\x18\x04 \x01(\x03\x12\x15\n\roverage_units\x18\x05 \x01(\x03\"\xbe\x03\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.pagemeter.v1.UsageRecordStatus\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x15\n\rdocument_type\x18\x04 \x01(\t\x12\x30\n\x07metrics\x18\x05 \x03(\x0b\x32\x1f.pagemeter.v1.RecordMetricUsage\x12,\n\tpaid_from\x18\x06 \x03(\x0e\x32\x19.pagemeter.v1.PaymentPool\x12\x30\n\x0crequested_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x12processing_time_ms\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x33\n\x0fhold_expires_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tperiod_id\x18\x0b \x01(\tB\x15\n\x13_processing_time_ms\"_\n\x18ListUsageRecordsResponse\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.pagemeter.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8f\x01\n\x10StatisticsPeriod\x12!\n\x1dSTATISTICS_PERIOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17STATISTICS_PERIOD_DAILY\x10\x01\x12\x1c\n\x18STATISTICS_PERIOD_WEEKLY\x10\x02\x12\x1d\n\x19STATISTICS_PERIOD_MONTHLY\x10\x03*\x9c\x01\n\x12StatisticsGrouping\x12#\n\x1fSTATISTICS_GROUPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18STATISTICS_GROUPING_DATE\x10\x01\x12%\n!STATISTICS_GROUPING_DOCUMENT_TYPE\x10\x02\x12\x1c\n\x18STATISTICS_GROUPING_BOTH\x10\x03*\xdf\x01\n\x11UsageRecordStatus\x12#\n\x1fUSAGE_RECORD_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUSAGE_RECORD_STATUS_PENDING\x10\x01\x12!\n\x1dUSAGE_RECORD_STATUS_COMPLETED\x10\x02\x12\x1e\n\x1aUSAGE_RECORD_STATUS_FAILED\x10\x03\x12 \n\x1cUSAGE_RECORD_STATUS_RELEASED\x10\x04\x12\x1f\n\x1bUSAGE_RECORD_STATUS_EXPIRED\x10\x05*z\n\x0bPaymentPool\x12\x1c\n\x18PAYMENT_POOL_UNSPECIFIED\x10\x00\x12\x19\n\x15PAYMENT_POOL_CONTRACT\x10\x01\x12\x18\n\x14PAYMENT_POOL_PREPAID\x10\x02\x12\x18\n\x14PAYMENT_POOL_OVERAGE\x10\x03\x32\x81\x04\n\x10ReportingService\x12\x9c\x01\n\x0fGetUsageHistory\x12$.pagemeter.v1.GetUsageHistoryRequest\x1a%.pagemeter.v1.GetUsageHistoryResponse\"<\x82\xd3\xe4\x93\x02\x36\x12\x1f/v1/orgs/{org_id}/usage/historyZ\x13\x12\x11/v1/usage/history\x12\xab\x01\n\x12GetUsageStatistics\x12\'.pagemeter.v1.GetUsageStatisticsRequest\x1a(.pagemeter.v1.GetUsageStatisticsResponse\"B\x82\xd3\xe4\x93\x02<\x12\"/v1/orgs/{org_id}/usage/statisticsZ\x16\x12\x14/v1/usage/statistics\x12\x9f\x01\n\x10ListUsageRecords\x12%.pagemeter.v1.ListUsageRecordsRequest\x1a&.pagemeter.v1.ListUsageRecordsResponse\"<\x82\xd3\xe4\x93\x02\x36\x12\x1f/v1/orgs/{org_id}/usage/recordsZ\x13\x12\x11/v1/usage/recordsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,46 +36,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGETOTALS_UNITSENTRY']._loaded_options = None
   _globals['_USAGETOTALS_UNITSENTRY']._serialized_options = b'8\001'
-  _globals['_STATISTICSPERIOD']._serialized_start=2995
-  _globals['_STATISTICSPERIOD']._serialized_end=3138
-  _globals['_STATISTICSGROUPING']._serialized_start=3141
-  _globals['_STATISTICSGROUPING']._serialized_end=3297
-  _globals['_USAGERECORDSTATUS']._serialized_start=3300
-  _globals['_USAGERECORDSTATUS']._serialized_end=3523
-  _globals['_PAYMENTPOOL']._serialized_start=3525
-  _globals['_PAYMENTPOOL']._serialized_end=3647
-  _globals['_GETUSAGEHISTORYREQUEST']._serialized_start=105
-  _globals['_GETUSAGEHISTORYREQUEST']._serialized_end=161
-  _globals['_MONTHTERMS']._serialized_start=164
-  _globals['_MONTHTERMS']._serialized_end=345
-  _globals['_METRICMONTH']._serialized_start=348
-  _globals['_METRICMONTH']._serialized_end=504
-  _globals['_HISTORYMONTH']._serialized_start=507
-  _globals['_HISTORYMONTH']._serialized_end=791
-  _globals['_GETUSAGEHISTORYRESPONSE']._serialized_start=793
-  _globals['_GETUSAGEHISTORYRESPONSE']._serialized_end=896
-  _globals['_GETUSAGESTATISTICSREQUEST']._serialized_start=899
-  _globals['_GETUSAGESTATISTICSREQUEST']._serialized_end=1119
-  _globals['_USAGETOTALS']._serialized_start=1122
-  _globals['_USAGETOTALS']._serialized_end=1311
-  _globals['_USAGETOTALS_UNITSENTRY']._serialized_start=1267
-  _globals['_USAGETOTALS_UNITSENTRY']._serialized_end=1311
-  _globals['_DOCUMENTTYPEUSAGE']._serialized_start=1313
-  _globals['_DOCUMENTTYPEUSAGE']._serialized_end=1418
-  _globals['_PERIODUSAGE']._serialized_start=1421
-  _globals['_PERIODUSAGE']._serialized_end=1634
-  _globals['_STATISTICSSUMMARY']._serialized_start=1637
-  _globals['_STATISTICSSUMMARY']._serialized_end=1871
-  _globals['_GETUSAGESTATISTICSRESPONSE']._serialized_start=1874
-  _globals['_GETUSAGESTATISTICSRESPONSE']._serialized_end=2242
-  _globals['_LISTUSAGERECORDSREQUEST']._serialized_start=2244
-  _globals['_LISTUSAGERECORDSREQUEST']._serialized_end=2324
-  _globals['_RECORDMETRICUSAGE']._serialized_start=2326
-  _globals['_RECORDMETRICUSAGE']._serialized_end=2446
-  _globals['_USAGERECORD']._serialized_start=2449
-  _globals['_USAGERECORD']._serialized_end=2895
-  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_start=2897
-  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_end=2992
-  _globals['_REPORTINGSERVICE']._serialized_start=3650
-  _globals['_REPORTINGSERVICE']._serialized_end=3968
+  _globals['_REPORTINGSERVICE'].methods_by_name['GetUsageHistory']._loaded_options = None
+  _globals['_REPORTINGSERVICE'].methods_by_name['GetUsageHistory']._serialized_options = b'\202\323\344\223\0026\022\037/v1/orgs/{org_id}/usage/historyZ\023\022\021/v1/usage/history'
+  _globals['_REPORTINGSERVICE'].methods_by_name['GetUsageStatistics']._loaded_options = None
+  _globals['_REPORTINGSERVICE'].methods_by_name['GetUsageStatistics']._serialized_options = b'\202\323\344\223\002<\022\"/v1/orgs/{org_id}/usage/statisticsZ\026\022\024/v1/usage/statistics'
+  _globals['_REPORTINGSERVICE'].methods_by_name['ListUsageRecords']._loaded_options = None
+  _globals['_REPORTINGSERVICE'].methods_by_name['ListUsageRecords']._serialized_options = b'\202\323\344\223\0026\022\037/v1/orgs/{org_id}/usage/recordsZ\023\022\021/v1/usage/records'
+  _globals['_STATISTICSPERIOD']._serialized_start=3025
+  _globals['_STATISTICSPERIOD']._serialized_end=3168
+  _globals['_STATISTICSGROUPING']._serialized_start=3171
+  _globals['_STATISTICSGROUPING']._serialized_end=3327
+  _globals['_USAGERECORDSTATUS']._serialized_start=3330
+  _globals['_USAGERECORDSTATUS']._serialized_end=3553
+  _globals['_PAYMENTPOOL']._serialized_start=3555
+  _globals['_PAYMENTPOOL']._serialized_end=3677
+  _globals['_GETUSAGEHISTORYREQUEST']._serialized_start=135
+  _globals['_GETUSAGEHISTORYREQUEST']._serialized_end=191
+  _globals['_MONTHTERMS']._serialized_start=194
+  _globals['_MONTHTERMS']._serialized_end=375
+  _globals['_METRICMONTH']._serialized_start=378
+  _globals['_METRICMONTH']._serialized_end=534
+  _globals['_HISTORYMONTH']._serialized_start=537
+  _globals['_HISTORYMONTH']._serialized_end=821
+  _globals['_GETUSAGEHISTORYRESPONSE']._serialized_start=823
+  _globals['_GETUSAGEHISTORYRESPONSE']._serialized_end=926
+  _globals['_GETUSAGESTATISTICSREQUEST']._serialized_start=929
+  _globals['_GETUSAGESTATISTICSREQUEST']._serialized_end=1149
+  _globals['_USAGETOTALS']._serialized_start=1152
+  _globals['_USAGETOTALS']._serialized_end=1341
+  _globals['_USAGETOTALS_UNITSENTRY']._serialized_start=1297
+  _globals['_USAGETOTALS_UNITSENTRY']._serialized_end=1341
+  _globals['_DOCUMENTTYPEUSAGE']._serialized_start=1343
+  _globals['_DOCUMENTTYPEUSAGE']._serialized_end=1448
+  _globals['_PERIODUSAGE']._serialized_start=1451
+  _globals['_PERIODUSAGE']._serialized_end=1664
+  _globals['_STATISTICSSUMMARY']._serialized_start=1667
+  _globals['_STATISTICSSUMMARY']._serialized_end=1901
+  _globals['_GETUSAGESTATISTICSRESPONSE']._serialized_start=1904
+  _globals['_GETUSAGESTATISTICSRESPONSE']._serialized_end=2272
+  _globals['_LISTUSAGERECORDSREQUEST']._serialized_start=2274
+  _globals['_LISTUSAGERECORDSREQUEST']._serialized_end=2354
+  _globals['_RECORDMETRICUSAGE']._serialized_start=2356
+  _globals['_RECORDMETRICUSAGE']._serialized_end=2476
+  _globals['_USAGERECORD']._serialized_start=2479
+  _globals['_USAGERECORD']._serialized_end=2925
+  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_start=2927
+  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_end=3022
+  _globals['_REPORTINGSERVICE']._serialized_start=3680
+  _globals['_REPORTINGSERVICE']._serialized_end=4193
 # @@protoc_insertion_point(module_scope)

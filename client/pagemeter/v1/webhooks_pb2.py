@@ -22,60 +22,79 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagemeter/v1/webhooks.proto\x12\x0cpagemeter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0fWebhookEndpoint\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x06 \x01(\x08\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07secrets\x18\t \x03(\x0b\x32\x1f.pagemeter.v1.WebhookSecretInfo\"\x86\x01\n\x11WebhookSecretInfo\x12\x11\n\tsecret_id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x1c\x43reateWebhookEndpointRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\"`\n\x1d\x43reateWebhookEndpointResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\"0\n\x19GetWebhookEndpointRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\"M\n\x1aGetWebhookEndpointResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\"T\n\x1bListWebhookEndpointsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x1cListWebhookEndpointsResponse\x12\x30\n\tendpoints\x18\x01 \x03(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x90\x01\n\x1cUpdateWebhookEndpointRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x13\n\x0bupdate_mask\x18\x06 \x03(\t\"P\n\x1dUpdateWebhookEndpointResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\"3\n\x1c\x44\x65leteWebhookEndpointRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\"0\n\x1d\x44\x65leteWebhookEndpointResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"J\n\x1aRotateWebhookSecretRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x17\n\x0foverlap_seconds\x18\x02 \x01(\x03\"^\n\x1bRotateWebhookSecretResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\xda\x01\n\x0fWebhookDelivery\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x03\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06replay\x18\n \x01(\x08\"Z\n\x1cListWebhookDeliveriesRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"k\n\x1dListWebhookDeliveriesResponse\x12\x31\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1d.pagemeter.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x11WebhookDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x12\n\nlast_error\x18\x06 \x01(\t\"[\n\x1dListWebhookDeadLettersRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"p\n\x1eListWebhookDeadLettersResponse\x12\x35\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1f.pagemeter.v1.WebhookDeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb1\x01\n\x1aReplayWebhookEventsRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06org_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x1bReplayWebhookEventsResponse\x12\x11\n\treplay_id\x18\x01 \x01(\t2\xfd\x07\n\x0eWebhookService\x12p\n\x15\x43reateWebhookEndpoint\x12*.pagemeter.v1.CreateWebhookEndpointRequest\x1a+.pagemeter.v1.CreateWebhookEndpointResponse\x12g\n\x12GetWebhookEndpoint\x12\'.pagemeter.v1.GetWebhookEndpointRequest\x1a(.pagemeter.v1.GetWebhookEndpointResponse\x12m\n\x14ListWebhookEndpoints\x12).pagemeter.v1.ListWebhookEndpointsRequest\x1a*.pagemeter.v1.ListWebhookEndpointsResponse\x12p\n\x15UpdateWebhookEndpoint\x12*.pagemeter.v1.UpdateWebhookEndpointRequest\x1a+.pagemeter.v1.UpdateWebhookEndpointResponse\x12p\n\x15\x44\x65leteWebhookEndpoint\x12*.pagemeter.v1.DeleteWebhookEndpointRequest\x1a+.pagemeter.v1.DeleteWebhookEndpointResponse\x12j\n\x13RotateWebhookSecret\x12(.pagemeter.v1.RotateWebhookSecretRequest\x1a).pagemeter.v1.RotateWebhookSecretResponse\x12p\n\x15ListWebhookDeliveries\x12*.pagemeter.v1.ListWebhookDeliveriesRequest\x1a+.pagemeter.v1.ListWebhookDeliveriesResponse\x12s\n\x16ListWebhookDeadLetters\x12+.pagemeter.v1.ListWebhookDeadLettersRequest\x1a,.pagemeter.v1.ListWebhookDeadLettersResponse\x12j\n\x13ReplayWebhookEvents\x12(.pagemeter.v1.ReplayWebhookEventsRequest\x1a).pagemeter.v1.ReplayWebhookEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagemeter/v1/webhooks.proto\x12\x0cpagemeter.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0fWebhookEndpoint\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x06 \x01(\x08\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07secrets\x18\t \x03(\x0b\x32\x1f.pagemeter.v1.WebhookSecretInfo\"\x86\x01\n\x11WebhookSecretInfo\x12\x11\n\tsecret_id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x1c\x43reateWebhookEndpointRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\"`\n\x1d\x43reateWebhookEndpointResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\"0\n\x19GetWebhookEndpointRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\"M\n\x1aGetWebhookEndpointResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\"T\n\x1bListWebhookEndpointsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x1cListWebhookEndpointsResponse\x12\x30\n\tendpoints\x18\x01 \x03(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x90\x01\n\x1cUpdateWebhookEndpointRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x13\n\x0bupdate_mask\x18\x06 \x03(\t\"P\n\x1dUpdateWebhookEndpointResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\"3\n\x1c\x44\x65leteWebhookEndpointRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\"0\n\x1d\x44\x65leteWebhookEndpointResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"J\n\x1aRotateWebhookSecretRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x17\n\x0foverlap_seconds\x18\x02 \x01(\x03\"^\n\x1bRotateWebhookSecretResponse\x12/\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x1d.pagemeter.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\xda\x01\n\x0fWebhookDelivery\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x03\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06replay\x18\n \x01(\x08\"Z\n\x1cListWebhookDeliveriesRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"k\n\x1dListWebhookDeliveriesResponse\x12\x31\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1d.pagemeter.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x11WebhookDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x12\n\nlast_error\x18\x06 \x01(\t\"[\n\x1dListWebhookDeadLettersRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"p\n\x1eListWebhookDeadLettersResponse\x12\x35\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1f.pagemeter.v1.WebhookDeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb1\x01\n\x1aReplayWebhookEventsRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06org_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x1bReplayWebhookEventsResponse\x12\x11\n\treplay_id\x18\x01 \x01(\t2\xe1\x0b\n\x0eWebhookService\x12\x9f\x01\n\x15\x43reateWebhookEndpoint\x12*.pagemeter.v1.CreateWebhookEndpointRequest\x1a+.pagemeter.v1.CreateWebhookEndpointResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/orgs/{org_id}/webhookEndpoints:\x01*\x12\x93\x01\n\x12GetWebhookEndpoint\x12\'.pagemeter.v1.GetWebhookEndpointRequest\x1a(.pagemeter.v1.GetWebhookEndpointResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/webhookEndpoints/{endpoint_id}\x12\xb1\x01\n\x14ListWebhookEndpoints\x12).pagemeter.v1.ListWebhookEndpointsRequest\x1a*.pagemeter.v1.ListWebhookEndpointsResponse\"B\x82\xd3\xe4\x93\x02<\x12\"/v1/orgs/{org_id}/webhookEndpointsZ\x16\x12\x14/v1/webhookEndpoints\x12\x9f\x01\n\x15UpdateWebhookEndpoint\x12*.pagemeter.v1.UpdateWebhookEndpointRequest\x1a+.pagemeter.v1.UpdateWebhookEndpointResponse\"-\x82\xd3\xe4\x93\x02\'2\"/v1/webhookEndpoints/{endpoint_id}:\x01*\x12\x9c\x01\n\x15\x44\x65leteWebhookEndpoint\x12*.pagemeter.v1.DeleteWebhookEndpointRequest\x1a+.pagemeter.v1.DeleteWebhookEndpointResponse\"*\x82\xd3\xe4\x93\x02$*\"/v1/webhookEndpoints/{endpoint_id}\x12\xa6\x01\n\x13RotateWebhookSecret\x12(.pagemeter.v1.RotateWebhookSecretRequest\x1a).pagemeter.v1.RotateWebhookSecretResponse\":\x82\xd3\xe4\x93\x02\x34\"//v1/webhookEndpoints/{endpoint_id}:rotateSecret:\x01*\x12\xa7\x01\n\x15ListWebhookDeliveries\x12*.pagemeter.v1.ListWebhookDeliveriesRequest\x1a+.pagemeter.v1.ListWebhookDeliveriesResponse\"5\x82\xd3\xe4\x93\x02/\x12-/v1/webhookEndpoints/{endpoint_id}/deliveries\x12\xab\x01\n\x16ListWebhookDeadLetters\x12+.pagemeter.v1.ListWebhookDeadLettersRequest\x1a,.pagemeter.v1.ListWebhookDeadLettersResponse\"6\x82\xd3\xe4\x93\x02\x30\x12./v1/webhookEndpoints/{endpoint_id}/deadLetters\x12\xa0\x01\n\x13ReplayWebhookEvents\x12(.pagemeter.v1.ReplayWebhookEventsRequest\x1a).pagemeter.v1.ReplayWebhookEventsResponse\"4\x82\xd3\xe4\x93\x02.\")/v1/webhookEndpoints/{endpoint_id}:replay:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagemeter.v1.webhooks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEBHOOKENDPOINT']._serialized_start=79
-  _globals['_WEBHOOKENDPOINT']._serialized_end=351
-  _globals['_WEBHOOKSECRETINFO']._serialized_start=354
-  _globals['_WEBHOOKSECRETINFO']._serialized_end=488
-  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_start=490
-  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_end=609
-  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_start=611
-  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_end=707
-  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_start=709
-  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_end=757
-  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_start=759
-  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_end=836
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=838
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=922
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=924
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=1029
-  _globals['_UPDATEWEBHOOKENDPOINTREQUEST']._serialized_start=1032
-  _globals['_UPDATEWEBHOOKENDPOINTREQUEST']._serialized_end=1176
-  _globals['_UPDATEWEBHOOKENDPOINTRESPONSE']._serialized_start=1178
-  _globals['_UPDATEWEBHOOKENDPOINTRESPONSE']._serialized_end=1258
-  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_start=1260
-  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_end=1311
-  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_start=1313
-  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_end=1361
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1363
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1437
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1439
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1533
-  _globals['_WEBHOOKDELIVERY']._serialized_start=1536
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1754
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1756
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1846
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1848
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1955
-  _globals['_WEBHOOKDEADLETTER']._serialized_start=1958
-  _globals['_WEBHOOKDEADLETTER']._serialized_end=2109
-  _globals['_LISTWEBHOOKDEADLETTERSREQUEST']._serialized_start=2111
-  _globals['_LISTWEBHOOKDEADLETTERSREQUEST']._serialized_end=2202
-  _globals['_LISTWEBHOOKDEADLETTERSRESPONSE']._serialized_start=2204
-  _globals['_LISTWEBHOOKDEADLETTERSRESPONSE']._serialized_end=2316
-  _globals['_REPLAYWEBHOOKEVENTSREQUEST']._serialized_start=2319
-  _globals['_REPLAYWEBHOOKEVENTSREQUEST']._serialized_end=2496
-  _globals['_REPLAYWEBHOOKEVENTSRESPONSE']._serialized_start=2498
-  _globals['_REPLAYWEBHOOKEVENTSRESPONSE']._serialized_end=2546
-  _globals['_WEBHOOKSERVICE']._serialized_start=2549
-  _globals['_WEBHOOKSERVICE']._serialized_end=3570
+  _globals['_WEBHOOKSERVICE'].methods_by_name['CreateWebhookEndpoint']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['CreateWebhookEndpoint']._serialized_options = b'\202\323\344\223\002\'\"\"/v1/orgs/{org_id}/webhookEndpoints:\001*'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['GetWebhookEndpoint']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['GetWebhookEndpoint']._serialized_options = b'\202\323\344\223\002$\022\"/v1/webhookEndpoints/{endpoint_id}'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookEndpoints']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookEndpoints']._serialized_options = b'\202\323\344\223\002<\022\"/v1/orgs/{org_id}/webhookEndpointsZ\026\022\024/v1/webhookEndpoints'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['UpdateWebhookEndpoint']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['UpdateWebhookEndpoint']._serialized_options = b'\202\323\344\223\002\'2\"/v1/webhookEndpoints/{endpoint_id}:\001*'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['DeleteWebhookEndpoint']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['DeleteWebhookEndpoint']._serialized_options = b'\202\323\344\223\002$*\"/v1/webhookEndpoints/{endpoint_id}'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['RotateWebhookSecret']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['RotateWebhookSecret']._serialized_options = b'\202\323\344\223\0024\"//v1/webhookEndpoints/{endpoint_id}:rotateSecret:\001*'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeliveries']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeliveries']._serialized_options = b'\202\323\344\223\002/\022-/v1/webhookEndpoints/{endpoint_id}/deliveries'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeadLetters']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeadLetters']._serialized_options = b'\202\323\344\223\0020\022./v1/webhookEndpoints/{endpoint_id}/deadLetters'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ReplayWebhookEvents']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ReplayWebhookEvents']._serialized_options = b'\202\323\344\223\002.\")/v1/webhookEndpoints/{endpoint_id}:replay:\001*'
+  _globals['_WEBHOOKENDPOINT']._serialized_start=109
+  _globals['_WEBHOOKENDPOINT']._serialized_end=381
+  _globals['_WEBHOOKSECRETINFO']._serialized_start=384
+  _globals['_WEBHOOKSECRETINFO']._serialized_end=518
+  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_start=520
+  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_end=639
+  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_start=641
+  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_end=737
+  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_start=739
+  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_end=787
+  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_start=789
+  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_end=866
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=868
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=952
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=954
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=1059
+  _globals['_UPDATEWEBHOOKENDPOINTREQUEST']._serialized_start=1062
+  _globals['_UPDATEWEBHOOKENDPOINTREQUEST']._serialized_end=1206
+  _globals['_UPDATEWEBHOOKENDPOINTRESPONSE']._serialized_start=1208
+  _globals['_UPDATEWEBHOOKENDPOINTRESPONSE']._serialized_end=1288
+  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_start=1290
+  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_end=1341
+  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_start=1343
+  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_end=1391
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1393
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1467
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1469
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1563
+  _globals['_WEBHOOKDELIVERY']._serialized_start=1566
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1784
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1786
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1876
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1878
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1985
+  _globals['_WEBHOOKDEADLETTER']._serialized_start=1988
+  _globals['_WEBHOOKDEADLETTER']._serialized_end=2139
+  _globals['_LISTWEBHOOKDEADLETTERSREQUEST']._serialized_start=2141
+  _globals['_LISTWEBHOOKDEADLETTERSREQUEST']._serialized_end=2232
+  _globals['_LISTWEBHOOKDEADLETTERSRESPONSE']._serialized_start=2234
+  _globals['_LISTWEBHOOKDEADLETTERSRESPONSE']._serialized_end=2346
+  _globals['_REPLAYWEBHOOKEVENTSREQUEST']._serialized_start=2349
+  _globals['_REPLAYWEBHOOKEVENTSREQUEST']._serialized_end=2526
+  _globals['_REPLAYWEBHOOKEVENTSRESPONSE']._serialized_start=2528
+  _globals['_REPLAYWEBHOOKEVENTSRESPONSE']._serialized_end=2576
+  _globals['_WEBHOOKSERVICE']._serialized_start=2579
+  _globals['_WEBHOOKSERVICE']._serialized_end=4084
 # @@protoc_insertion_point(module_scope)
