@@ -16,7 +16,7 @@ BENCH_TOOLS_DIR := $(TOOLS)/bench
 H2LOAD := $(BENCH_TOOLS_DIR)/usr/bin/h2load
 BENCH_DEBS := nghttp2-client libnghttp2-14 libev4 libjemalloc2 redis-tools liblzf1
 
-.PHONY: install run test test-fast lint proto proto-check scripts tools bench clean unasync contract-release
+.PHONY: install run test test-fast lint proto proto-check scripts tools bench clean unasync contract-release openapi
 
 install: $(STAMP)
 
@@ -50,10 +50,15 @@ proto: $(STAMP) $(PROTO_DEPS)
 scripts: $(STAMP)
 	$(BIN)/python -m pagemeter_server.store.build_scripts
 
-## run: serve on 127.0.0.1:50051 (metrics on 127.0.0.1:9464) with the embedded store, and
+## run: serve gRPC on 127.0.0.1:50051, HTTP/JSON on 127.0.0.1:8080 (metrics on 127.0.0.1:9464) with the embedded store, and
 ## deliver webhooks from the same process (docs/webhooks.md)
 run: $(STAMP)
-	$(BIN)/pagemeter-server --dev-open-access --webhook-dispatch
+	$(BIN)/pagemeter-server --dev-open-access --webhook-dispatch --http-listen 127.0.0.1:8080
+
+## openapi: write the HTTP/JSON API's OpenAPI 3.1 document from the .proto files
+## (server/pagemeter_server/gateway/openapi.json, served at /openapi.json)
+openapi: $(STAMP) $(PROTO_DEPS)
+	$(BIN)/python tools/openapi.py
 
 ## unasync: regenerate the blocking client (client/pagemeter_client/_sync) from _async
 unasync: $(STAMP)
@@ -76,6 +81,7 @@ lint: $(STAMP) $(PROTO_DEPS)
 	$(BIN)/buf breaking --against $(RELEASED_CONTRACT)
 	$(BIN)/python -m pagemeter_server.store.build_scripts --check
 	$(BIN)/python tools/unasync.py --check
+	$(BIN)/python tools/openapi.py --check
 	$(BIN)/ruff check server client tests bench tools
 	$(BIN)/ruff format --check server client tests bench tools
 	$(BIN)/mypy

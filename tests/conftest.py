@@ -56,7 +56,7 @@ from tests.client.client_flavours import FLAVOURS, Connect, connector
 from tests.system.cluster_topology import Cluster
 
 TESTS = Path(__file__).resolve().parent
-TIERS = ("unit", "rules", "grpc", "client", "system")
+TIERS = ("unit", "rules", "grpc", "http", "client", "system")
 # Fixtures that start or reach a Redis: no unit test may use one.
 REDIS_FIXTURES = {"redis_server", "redis_sync", "redis_client", "store", "pagemeter_server"}
 

@@ -58,6 +58,7 @@ from pagemeter_server.dispatch.dispatcher import Dispatcher
 from pagemeter_server.dispatch.metrics import DispatchMetrics
 from pagemeter_server.domain.clock import Clock, RedisClock, SystemClock
 from pagemeter_server.domain.errors import ConfigurationError
+from pagemeter_server.gateway.server import Gateway, RunningGateway, start_gateway
 from pagemeter_server.ops.alert_sweep import sweeping
 from pagemeter_server.ops.embedded import EmbeddedRedisError, RedisProcess
 from pagemeter_server.ops.exporter import register_org_exporter
@@ -143,6 +144,10 @@ class ServerParts:
     reporter: HealthReporter
     store: Store
     clock: Clock
+    # For the HTTP/JSON API (gateway/), which calls the same servicers through
+    # the same interceptors: the servicers by full service name.
+    servicers: dict[str, Any]
+    interceptors: list[Any]
 
 
 async def create_server(
@@ -187,8 +192,9 @@ async def create_server(
     # Connection and stream limits (limits.py, docs/security.md); the memory a
     # flood leaves free in malloc is given back by one thread per process.
     return_freed_memory()
+    interceptors = rpc_interceptors(metrics, settings)
     server = grpc.aio.server(
-        interceptors=rpc_interceptors(metrics, settings),
+        interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -197,25 +203,32 @@ async def create_server(
             *server_options(settings),
         ],
     )
+    reports = ReportStore(client)
+    servicers: dict[str, Any] = {
+        "pagemeter.v1.QuotaService": QuotaService(store, settings, clock, metrics, auth),
+        "pagemeter.v1.AdminService": AdminService(store, admin_store, settings, clock, auth),
+        "pagemeter.v1.ReportingService": ReportingService(store, reports, clock, auth),
+        "pagemeter.v1.BillingService": BillingService(BillingStore(store, reports), clock, auth),
+        "pagemeter.v1.EventService": EventService(EventStore(client), auth),
+        "pagemeter.v1.WebhookService": WebhookService(WebhookStore(client), settings, clock, auth),
+    }
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
-        QuotaService(store, settings, clock, metrics, auth),
-        server,
+        servicers["pagemeter.v1.QuotaService"], server
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(store, admin_store, settings, clock, auth), server
+        servicers["pagemeter.v1.AdminService"], server
     )
-    reports = ReportStore(client)
     reporting_pb2_grpc.add_ReportingServiceServicer_to_server(
-        ReportingService(store, reports, clock, auth), server
+        servicers["pagemeter.v1.ReportingService"], server
     )
     billing_pb2_grpc.add_BillingServiceServicer_to_server(
-        BillingService(BillingStore(store, reports), clock, auth), server
+        servicers["pagemeter.v1.BillingService"], server
     )
     events_pb2_grpc.add_EventServiceServicer_to_server(
-        EventService(EventStore(client), auth), server
+        servicers["pagemeter.v1.EventService"], server
     )
     webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
-        WebhookService(WebhookStore(client), settings, clock, auth), server
+        servicers["pagemeter.v1.WebhookService"], server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -239,9 +252,30 @@ async def create_server(
         server,
         port,
         ServerParts(
-            health=health_servicer, metrics=metrics, reporter=reporter, store=store, clock=clock
+            health=health_servicer,
+            metrics=metrics,
+            reporter=reporter,
+            store=store,
+            clock=clock,
+            servicers=servicers,
+            interceptors=interceptors,
         ),
     )
+
+
+async def start_http_api(
+    settings: Settings, parts: ServerParts, listen: str | None = None
+) -> RunningGateway:
+    """Serve the HTTP/JSON API (docs/http.md) for the servicers of `parts` on `listen`
+    (default --http-listen; port 0 allowed)."""
+    gateway = Gateway(
+        servicers=parts.servicers,
+        interceptors=parts.interceptors,
+        metrics=parts.metrics,
+        max_in_flight=settings.max_concurrent_rpcs,
+        max_body=MAX_MESSAGE_BYTES,
+    )
+    return await start_gateway(gateway, settings, listen or settings.http_listen)
 
 
 def tls_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -324,12 +358,14 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
             # No server of an earlier release can share this store: migrate now.
             log.info(summary(await migrate_plans(client)))
         await server.start()
+        http_api = await start_http_api(settings, parts) if settings.http_listen else None
         phase.now = "serving"
         log.info(
-            "pagemeter serving gRPC on %s (port %d, %s), metrics on %s",
+            "pagemeter serving gRPC on %s (port %d, %s), HTTP/JSON on %s, metrics on %s",
             settings.listen,
             port,
             _transport(settings),
+            f"{_scheme(settings)}://{settings.http_listen}" if http_api is not None else "off",
             f"http://{settings.metrics_listen}/metrics" if settings.metrics_listen else "off",
         )
         dispatching = None
@@ -349,7 +385,11 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
             log.info("shutting down: draining for up to %.1fs", settings.grace_period_seconds)
             dispatch_stop.set()
             await parts.reporter.drain()
-            await server.stop(settings.grace_period_seconds)
+            # Both listeners drain their calls in progress for the grace period.
+            await asyncio.gather(
+                server.stop(settings.grace_period_seconds),
+                *([http_api.stop()] if http_api is not None else []),
+            )
             if dispatching is not None:
                 await dispatching
         if http is not None:
@@ -450,6 +490,10 @@ def refuse_volatile_store(reporter: HealthReporter, settings: Settings) -> None:
             "record would be lost at its next restart. Turn on appendonly yes (with "
             "appendfsync everysec or always), or pass --allow-volatile-store to accept that"
         )
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert_file else "http"
 
 
 def _transport(settings: Settings) -> str:

@@ -159,6 +159,17 @@ class Settings:
     metrics_listen: str = option(
         "--metrics-listen", "127.0.0.1:9464", "Prometheus host:port; empty disables the exporter"
     )
+    http_listen: str = option(
+        "--http-listen",
+        "127.0.0.1:8080",
+        "HTTP/JSON API host:port (docs/http.md); empty turns it off",
+    )
+    http_cors_origins: str = option(
+        "--http-cors-origins",
+        "",
+        "origins (comma-separated, or *) whose browser pages may call the HTTP/JSON API; "
+        "empty: CORS off",
+    )
     # Empty: start the embedded Redis server in data_dir.
     # It may carry the primary's password: kept out of repr(), as sentinel_url.
     redis_url: str = option(
@@ -439,7 +450,11 @@ class Settings:
             raise ValueError(
                 f"default timezone {self.default_timezone!r} is not an IANA timezone"
             ) from exc
-        for flag, address in (("--listen", self.listen), ("--metrics-listen", self.metrics_listen)):
+        for flag, address in (
+            ("--listen", self.listen),
+            ("--metrics-listen", self.metrics_listen),
+            ("--http-listen", self.http_listen),
+        ):
             if address or flag == "--listen":
                 try:
                     split_host_port(address)

@@ -1,9 +1,12 @@
 """The server interceptor: what happens around every unary RPC, before any handler.
 
 - gRPC server metrics with go-grpc-prometheus's names (started, handled by
-  code, handling seconds, messages received and sent);
+  code, handling seconds, messages received and sent), for gRPC calls: the
+  HTTP gateway's calls (which run through these same interceptors) are counted
+  by its own HTTP metrics instead;
 - one structured access-log line per call (RPC, org, request id, decision,
-  code, latency), never with metadata, so no credential can reach the log;
+  code, latency, and the transport when it is HTTP), never with metadata, so
+  no credential can reach the log;
 - request bytes that do not decode (a corrupt message, invalid UTF-8 in a
   string) fail inside gRPC's own deserializer, before a handler or its error
   mapping runs, and grpc.aio would answer UNKNOWN with the parser's internals;
@@ -24,6 +27,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from pagemeter_server.api.transport import current_transport
 from pagemeter_server.ops.metrics import ServiceMetrics
 
 access_log = logging.getLogger("pagemeter.access")
@@ -120,8 +124,10 @@ class ObservedRpcs(_ServerInterceptor):
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            metrics.grpc_started.labels(*labels).inc()
-            metrics.grpc_received.labels(*labels).inc()
+            over_grpc = current_transport() == "grpc"
+            if over_grpc:
+                metrics.grpc_started.labels(*labels).inc()
+                metrics.grpc_received.labels(*labels).inc()
             response = None
             code = grpc.StatusCode.UNKNOWN
             try:
@@ -129,7 +135,8 @@ class ObservedRpcs(_ServerInterceptor):
                     await context.abort_with_status(_undecodable_status(full_method))  # type: ignore[attr-defined]
                 response = await behavior(request, context)
                 code = grpc.StatusCode.OK
-                metrics.grpc_sent.labels(*labels).inc()
+                if over_grpc:
+                    metrics.grpc_sent.labels(*labels).inc()
                 return response
             except grpc.aio.AbortError:
                 # None would mean grpc set no code; never seen, but a log must not fail.
@@ -143,10 +150,11 @@ class ObservedRpcs(_ServerInterceptor):
                 raise
             finally:
                 elapsed = time.perf_counter() - started
-                metrics.grpc_handled.labels(*labels, code.name).inc()
-                metrics.grpc_seconds.labels(*labels).observe(elapsed)
+                if over_grpc:
+                    metrics.grpc_handled.labels(*labels, code.name).inc()
+                    metrics.grpc_seconds.labels(*labels).observe(elapsed)
                 if access_log.isEnabledFor(logging.INFO):
-                    _log_call(method, request, response, code, elapsed)
+                    _log_call(method, request, response, code, elapsed, over_grpc)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
@@ -156,10 +164,17 @@ class ObservedRpcs(_ServerInterceptor):
 
 
 def _log_call(
-    method: str, request: Any, response: Any, code: grpc.StatusCode, elapsed: float
+    method: str,
+    request: Any,
+    response: Any,
+    code: grpc.StatusCode,
+    elapsed: float,
+    over_grpc: bool,
 ) -> None:
     fields: dict[str, Any] = {"rpc": method, "code": code.name}
-    if not isinstance(request, _Undecodable):
+    if not over_grpc:
+        fields["transport"] = "http"
+    if hasattr(request, "DESCRIPTOR"):  # not one that could not be decoded
         org = _org_of(request)
         if org:
             fields["org_id"] = org

@@ -206,6 +206,11 @@ def _show(value: str) -> str:
     return repr(shown)
 
 
+# DocuTray's wording, also for a year or month that is not a number (HTTP queries).
+YEAR_INVALID = "Invalid year. Must be an integer between 2020 and 2100."
+MONTH_INVALID = "Invalid month. Must be an integer between 1 and 12."
+
+
 def check_year_month(has_year: bool, year: int, has_month: bool, month: int) -> None:
     """Validate an optional (year, month) pair with DocuTray's wording."""
     if has_year != has_month:
@@ -214,6 +219,6 @@ def check_year_month(has_year: bool, year: int, has_month: bool, month: int) -> 
             "year and month must be sent together (or both omitted for the current month)",
         )
     if has_year and not 2020 <= year <= 2100:
-        raise invalid("year", "Invalid year. Must be an integer between 2020 and 2100.")
+        raise invalid("year", YEAR_INVALID)
     if has_month and not 1 <= month <= 12:
-        raise invalid("month", "Invalid month. Must be an integer between 1 and 12.")
+        raise invalid("month", MONTH_INVALID)

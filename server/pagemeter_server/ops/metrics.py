@@ -30,6 +30,22 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._metric_labels: set[str] = set()
+        # -- the HTTP/JSON API (gateway/): its calls are not gRPC's -------------------------
+        # The route label is the path template of the contract (a bounded set), or
+        # "unmatched"; never the path itself, which carries org ids.
+        self.http_requests = Counter(
+            "pagemeter_http_requests",
+            "HTTP/JSON API requests answered, by route template, HTTP method and status.",
+            ["route", "http_method", "status"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "pagemeter_http_request_duration_seconds",
+            "Time from an HTTP/JSON API request's arrival to its answer, by route template.",
+            ["route", "http_method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         # -- gRPC, as go-grpc-prometheus names them -------------------------------------
         self.grpc_started = Counter(
             "grpc_server_started",

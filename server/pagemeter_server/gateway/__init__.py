@@ -1,0 +1,1 @@
+"""The HTTP/JSON API: pagemeter's RPCs over HTTP, routed by the contract (docs/http.md)."""
