@@ -3,6 +3,7 @@ suite's Redis, reached by a real HTTP client (aiohttp's) over loopback."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class HttpApi:
         sent = dict(headers or {})
         if token:
             sent["Authorization"] = f"Bearer {token}"
-        data = raw
+        data: Any = io.BytesIO(raw) if raw is not None else None
         if body is not None:
             data = json.dumps(body).encode()
             sent.setdefault("Content-Type", "application/json")
