@@ -151,6 +151,20 @@ def option(flag: str, default: _T, help: str, *, secret: bool = False) -> _T:
     )
 
 
+def cors_origin_problem(origin: str) -> str:
+    """Why `origin` is not a CORS origin ('' when it is one, or empty, or *)."""
+    if origin in ("", "*"):
+        return ""
+    scheme, sep, rest = origin.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest:
+        return (
+            f"{origin!r} is not an origin: write scheme://host[:port], e.g. https://app.example.com"
+        )
+    if "/" in rest or "?" in rest or "#" in rest:
+        return f"{origin!r} has a path; an origin is only scheme://host[:port]"
+    return ""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know at start-up."""
@@ -460,6 +474,10 @@ class Settings:
                     split_host_port(address)
                 except ValueError as exc:
                     raise ValueError(f"{flag}: {exc}") from exc
+        for origin in self.http_cors_origins.split(","):
+            problem = cors_origin_problem(origin.strip())
+            if problem:
+                raise ValueError(f"--http-cors-origins: {problem}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"--log-level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         if not math.isfinite(self.max_hold_ttl_seconds):
