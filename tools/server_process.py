@@ -74,9 +74,18 @@ class ServerProcess:
         cls, args: Sequence[str], log: Path, *, bound: bool = True, cwd: Path | None = None
     ) -> ServerProcess:
         """`pagemeter-server` on 127.0.0.1:<a free port> with no metrics endpoint,
-        then `args` (a later --metrics-listen wins)."""
+        then `args` (a later --metrics-listen or --http-listen wins)."""
         target = f"127.0.0.1:{free_port()}"
-        command = [str(SERVER), "--listen", target, "--metrics-listen", "", *args]
+        command = [
+            str(SERVER),
+            "--listen",
+            target,
+            "--metrics-listen",
+            "",
+            "--http-listen",
+            "",
+            *args,
+        ]
         return cls(command, log, target=target, bound=bound, cwd=cwd)
 
     @property

@@ -563,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             target,
             "--metrics-listen",
             f"127.0.0.1:{metrics_port}",
+            "--http-listen",
+            "",
             "--redis-url",
             redis_url,
             "--dev-open-access",

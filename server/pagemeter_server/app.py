@@ -357,8 +357,9 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         if owns_its_store(settings) and not await plans_migrated(client):
             # No server of an earlier release can share this store: migrate now.
             log.info(summary(await migrate_plans(client)))
-        await server.start()
+        # HTTP first: once gRPC health answers SERVING, both listeners are up.
         http_api = await start_http_api(settings, parts) if settings.http_listen else None
+        await server.start()
         phase.now = "serving"
         log.info(
             "pagemeter serving gRPC on %s (port %d, %s), HTTP/JSON on %s, metrics on %s",

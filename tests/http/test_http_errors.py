@@ -59,7 +59,7 @@ async def test_a_bad_request_is_400_with_field_violations_and_changes_nothing(
         (b'{"units": {"pages": 1}, "colour": "red"}', "application/json", "colour"),
         (b'{"units": {"pages": "many"}}', "application/json", "units"),
         (b'{"hold": "yes please"}', "application/json", "hold"),
-        (b"units=pages", "application/x-www-form-urlencoded", "must be JSON"),
+        (b"units=pages", "application/x-www-form-urlencoded", "not JSON"),
     ],
     ids=["broken-json", "not-an-object", "unknown-field", "bad-number", "bad-bool", "form"],
 )

@@ -187,6 +187,8 @@ class Server:
                     f"127.0.0.1:{self.port}",
                     "--metrics-listen",
                     f"127.0.0.1:{self.metrics_port}",
+                    "--http-listen",
+                    "",
                     "--data-dir",
                     str(tmp_path / "data"),
                     "--dev-open-access",

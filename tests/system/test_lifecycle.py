@@ -118,6 +118,8 @@ def server_args(port: int, data_dir: Path, *extra: str) -> list[str]:
         f"127.0.0.1:{port}",
         "--metrics-listen",
         "",
+        "--http-listen",
+        "",
         "--data-dir",
         str(data_dir),
         "--dev-open-access",

@@ -163,6 +163,8 @@ def start_server(stack: Stack, grpc_port: int) -> grpc.Channel:
                 f"127.0.0.1:{grpc_port}",
                 "--metrics-listen",
                 f"127.0.0.1:{stack.metrics_port}",
+                "--http-listen",
+                "",
                 "--data-dir",
                 str(stack.base / "data"),
                 "--dev-open-access",

@@ -420,6 +420,8 @@ def test_the_server_refuses_a_store_without_an_append_only_file(tmp_path: Path) 
         f"127.0.0.1:{free_port()}",
         "--metrics-listen",
         "",
+        "--http-listen",
+        "",
         "--dev-open-access",
         "--log-format",
         "text",

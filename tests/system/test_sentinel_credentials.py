@@ -274,7 +274,16 @@ async def test_one_refusing_sentinel_is_a_warning(
 def run_server(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [str(SERVER), "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "", *args],
+            [
+                str(SERVER),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--metrics-listen",
+                "",
+                "--http-listen",
+                "",
+                *args,
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

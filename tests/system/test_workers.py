@@ -73,6 +73,8 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
                     f"127.0.0.1:{port}",
                     "--metrics-listen",
                     f"127.0.0.1:{metrics}",
+                    "--http-listen",
+                    "",
                     "--data-dir",
                     str(tmp_path / "data"),
                 ]

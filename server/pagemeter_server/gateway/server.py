@@ -175,7 +175,6 @@ async def transcoded(route: Route, request: web.Request, max_body: int) -> Messa
     message: Message = message_factory.GetMessageClass(route.method.input_type)()
     try:
         if route.body == "*":
-            _check_content_type(request)
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -199,18 +198,6 @@ async def transcoded(route: Route, request: web.Request, max_body: int) -> Messa
     except Refused as refused:
         return refused
     return message
-
-
-def _check_content_type(request: web.Request) -> None:
-    """A body sent as something other than JSON is refused, not guessed at."""
-    declared = request.content_type
-    is_json = declared == JSON or declared.endswith("+json")
-    # aiohttp reports application/octet-stream when no Content-Type was sent.
-    if request.body_exists and "Content-Type" in request.headers and not is_json:
-        raise refusal(
-            code_pb2.INVALID_ARGUMENT,
-            f"the body must be JSON (Content-Type: {JSON}), not {declared}",
-        )
 
 
 def failure_response(status: status_pb2.Status, http: int | None = None) -> web.Response:
