@@ -102,3 +102,41 @@ def test_every_example_runs_and_answers_what_the_page_shows(made_run: str) -> No
             assert contains(json.loads(output), json.loads(expected)), (command, output)
         elif kind == "text":
             assert output.strip() == (expected or "").strip(), (command, output)
+
+
+README = DOC.parents[1] / "README.md"
+
+
+def readme_curl_block() -> str:
+    """The README's block of curl commands (the quickstart against `make run`)."""
+    blocks = [text for kind, text in _BLOCK.findall(README.read_text()) if kind == "sh"]
+    curls = [text for text in blocks if text.lstrip().startswith("curl")]
+    assert len(curls) == 1, "the README should show one block of curl commands"
+    return curls[0]
+
+
+def test_the_readme_curl_quickstart_works(made_run: str) -> None:
+    """The README's curl commands, as written, set a plan, check, record 12 pages and
+    read them back."""
+    script = "set -eu\n" + readme_curl_block().replace(DOC_BASE, made_run)
+    result = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    usage = json.loads(_last_json(result.stdout))
+    pages = next(m for m in usage["metrics"] if m["metric"] == "pages")
+    assert pages["committed"] == "12"
+
+
+def _last_json(output: str) -> str:
+    """The last of several JSON documents printed back to back (curl adds no newline)."""
+    decoder = json.JSONDecoder()
+    position, last = 0, ""
+    while position < len(output):
+        while position < len(output) and output[position].isspace():
+            position += 1
+        if position >= len(output):
+            break
+        _, end = decoder.raw_decode(output, position)
+        last, position = output[position:end], end
+    return last
