@@ -112,7 +112,7 @@ def readme_curl_block() -> str:
     blocks = [text for kind, text in _BLOCK.findall(README.read_text()) if kind == "sh"]
     curls = [text for text in blocks if text.lstrip().startswith("curl")]
     assert len(curls) == 1, "the README should show one block of curl commands"
-    return curls[0]
+    return str(curls[0])
 
 
 def test_the_readme_curl_quickstart_works(made_run: str) -> None:
