@@ -90,14 +90,23 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def CheckQuota(
         self, request: quota_pb2.CheckQuotaRequest, context: Context
     ) -> quota_pb2.CheckQuotaResponse:
-        call = self._check_call(request)
         try:
-            result = await self.store.check(request.org_id, call, now_ms=self.clock.now_ms())
+            response, _ = await self.decide(request)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             if self._failure_policy(request.org_id) != "open":
                 raise  # answered UNAVAILABLE: fail closed
             return self._fail_open(request)
-        return self._check_response(request, result)
+        return response
+
+    async def decide(
+        self, request: quota_pb2.CheckQuotaRequest
+    ) -> tuple[quota_pb2.CheckQuotaResponse, CheckResult]:
+        """CheckQuota's decision, with the store's result it was made from (the
+        period's bounds), never failing open: Envoy's rate-limit protocol
+        (api/ratelimit.py) leaves an outage to Envoy's own failure mode."""
+        call = self._check_call(request)
+        result = await self.store.check(request.org_id, call, now_ms=self.clock.now_ms())
+        return self._check_response(request, result), result
 
     def _check_response(
         self, request: quota_pb2.CheckQuotaRequest, result: CheckResult
@@ -196,6 +205,10 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def RecordUsage(
         self, request: quota_pb2.RecordUsageRequest, context: Context
     ) -> quota_pb2.RecordUsageResponse:
+        return await self.record(request)
+
+    async def record(self, request: quota_pb2.RecordUsageRequest) -> quota_pb2.RecordUsageResponse:
+        """RecordUsage for a caller already authorized (also api/ratelimit.py)."""
         now_ms = self.clock.now_ms()
         call = self._record_call(request, now_ms)
         try:
