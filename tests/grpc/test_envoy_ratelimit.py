@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 
-from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2
+from pagemeter.v1 import admin_pb2, plan_pb2, quota_pb2, reporting_pb2
 from pagemeter_server.api.auth import Credentials, Role
 from pagemeter_server.app import create_server
 from pagemeter_server.domain.clock import ManualClock
@@ -455,6 +455,22 @@ async def test_a_crashed_hold_frees_its_hits_after_ten_seconds(
     assert (await should(pagemeter_server, ask(descriptor()))).overall_code == Code.OVER_LIMIT
     pagemeter_server.clock.advance(10.001)
     assert (await should(pagemeter_server, ask(descriptor()))).overall_code == Code.OK
+
+
+async def test_an_edge_job_is_listed_and_kept_for_an_hour(
+    pagemeter_server: RunningServer, redis_sync: redis.Redis
+) -> None:
+    """An admitted call is a completed job in ListUsageRecords under its request_id (or a generated edge- id), and its record expires after an hour, not the 40-day retention."""
+    await set_plan(pagemeter_server, hard_plan(limit=10))
+    await should(pagemeter_server, ask(descriptor(hits=2, request_id="x-req-7")))
+    await should(pagemeter_server, ask(descriptor()))
+    listing = await pagemeter_server.reporting.ListUsageRecords(
+        reporting_pb2.ListUsageRecordsRequest(org_id="acme")
+    )
+    ids = sorted(r.request_id for r in listing.records)
+    assert ids[1] == "x-req-7" and ids[0].startswith("edge-")
+    assert {r.status for r in listing.records} == {reporting_pb2.USAGE_RECORD_STATUS_COMPLETED}
+    assert 0 < redis_sync.pttl("pm:{acme}:r:x-req-7") <= 3_600_000
 
 
 # -- concurrency --------------------------------------------------------------------------------

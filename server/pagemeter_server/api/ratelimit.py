@@ -49,6 +49,10 @@ MAX_DESCRIPTORS = MAX_METRICS
 # The hold only has to outlive the step between check and record (a script call
 # each); longer would keep a crashed step's units reserved for longer.
 HOLD_TTL_SECONDS = 10
+# How long an edge call's job record (and so its request_id) is kept: long enough
+# for a client's retry to count once, short enough that one record per HTTP
+# request does not pile up for --record-retention-days (40 days by default).
+RECORD_TTL_MS = 3_600_000
 # A request without a request_id is still one job (its hold needs an id): an
 # id of its own, recognisable in ListUsageRecords.
 GENERATED_ID_PREFIX = "edge-"
@@ -183,14 +187,17 @@ def _one_of(values: dict[str, str], what: str, problems: Violations) -> None:
         )
 
 
-def hits_of(call: EdgeCall) -> quota_pb2.CheckQuotaRequest:
-    """The CheckQuota that decides and holds a call's hits."""
+def hits_of(call: EdgeCall, max_hold_ttl_seconds: float) -> quota_pb2.CheckQuotaRequest:
+    """The CheckQuota that decides and holds a call's hits (for HOLD_TTL_SECONDS,
+    or the longest hold the service allows when that is shorter)."""
+    hold_ttl = Duration()
+    hold_ttl.FromMilliseconds(round(min(HOLD_TTL_SECONDS, max_hold_ttl_seconds) * 1000))
     return quota_pb2.CheckQuotaRequest(
         org_id=call.org_id,
         units=call.units,
         request_id=call.request_id,
         hold=True,
-        hold_ttl=Duration(seconds=HOLD_TTL_SECONDS),
+        hold_ttl=hold_ttl,
     )
 
 
@@ -346,19 +353,22 @@ class RateLimitService:
     async def ShouldRateLimit(self, request: Any, context: Context) -> Any:
         call = read_call(request)
         try:
-            response, result = await self.quota.decide(hits_of(call))
+            response, result = await self.quota.decide(
+                hits_of(call, self.quota.settings.max_hold_ttl_seconds),
+                record_ttl_ms=RECORD_TTL_MS,
+            )
         except RequestIdReused as exc:
             if exc.status != "completed":
                 raise  # the id belongs to another job: ALREADY_EXISTS
             return await self._replay(call)
         if response.allowed:
-            await self.quota.record(self._commit(call))
+            await self.quota.record(self._commit(call), record_ttl_ms=RECORD_TTL_MS)
         return decided(call, response, result, self.quota.clock.now_ms())
 
     async def _replay(self, call: EdgeCall) -> Any:
         """A request id already recorded: the same hits are a duplicate (counted
         once, answered OK); other hits are ALREADY_EXISTS, raised by the record."""
-        await self.quota.record(self._commit(call))
+        await self.quota.record(self._commit(call), record_ttl_ms=RECORD_TTL_MS)
         return replayed(call)
 
     @staticmethod
