@@ -8,6 +8,7 @@ real (docs/envoy.md).
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -335,6 +336,38 @@ async def test_no_plan_and_unknown_metric_are_over_limit(pagemeter_server: Runni
     unknown = await should(pagemeter_server, ask(descriptor(metric="pagez")))
     assert unknown.overall_code == Code.OVER_LIMIT
     assert headers(unknown.response_headers_to_add) == {"x-pagemeter-reason": "unknown_metric"}
+
+
+@pytest.mark.usefixtures("plans_migrated")
+async def test_dynamic_metadata_carries_the_decision_and_shadow_verdicts(
+    pagemeter_server: RunningServer,
+) -> None:
+    """The answer's dynamic_metadata names the org, request id and reason, and would_deny when a shadow hard limit of the plan would refuse an admitted call."""
+    plan = hard_plan(limit=100)
+    plan.metrics[0].shadow_hard_limit = 5
+    await set_plan(pagemeter_server, plan)
+    answer = await should(pagemeter_server, ask(descriptor(hits=6, request_id="meta-1")))
+    assert answer.overall_code == Code.OK
+    assert dict(answer.dynamic_metadata) == {
+        "org_id": "acme",
+        "request_id": "meta-1",
+        "reason": "within_quota",
+        "would_deny": True,
+    }
+
+
+async def test_the_access_log_names_org_request_and_code(
+    pagemeter_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ShouldRateLimit writes one access-log line with the org and request id of its descriptors and the overall code."""
+    await set_plan(pagemeter_server, hard_plan(limit=1))
+    with caplog.at_level(logging.INFO, logger="pagemeter.access"):
+        await should(pagemeter_server, ask(descriptor(hits=2, request_id="log-1")))
+    (entry,) = [r for r in caplog.records if r.name == "pagemeter.access"]
+    fields = entry.fields  # type: ignore[attr-defined]
+    assert (fields["rpc"], fields["code"]) == ("ShouldRateLimit", "OK")
+    assert (fields["org_id"], fields["request_id"]) == ("acme", "log-1")
+    assert fields["overall_code"] == "OVER_LIMIT"
 
 
 # -- refused requests -------------------------------------------------------------------------

@@ -267,10 +267,12 @@ def decided(
         else:  # rate limited or no plan: nothing was decided per metric
             answer.statuses.append(_over_limit(response))
     _add_limit_headers(answer)
+    reason = _REASON_NAMES[response.reason]
+    _describe(answer, call, reason, response.would_deny)
     if response.allowed:
         _add(answer.request_headers_to_add, "x-pagemeter-request-id", call.request_id)
     else:
-        _add(answer.response_headers_to_add, "x-pagemeter-reason", _REASON_NAMES[response.reason])
+        _add(answer.response_headers_to_add, "x-pagemeter-reason", reason)
         wait_ms = retry_after_ms(response, result.month.end_ms, now_ms)
         if wait_ms is not None:
             _add(answer.response_headers_to_add, "retry-after", str(_seconds(wait_ms)))
@@ -315,6 +317,20 @@ def _add_limit_headers(answer: Any) -> None:
         _add(headers, "ratelimit-reset", str(_seconds(reset_ms)))
 
 
+def _describe(answer: Any, call: EdgeCall, reason: str, would_deny: bool) -> None:
+    """The decision in the answer's dynamic_metadata, which Envoy puts under the
+    filter's namespace (envoy.filters.http.ratelimit) for its access log."""
+    answer.dynamic_metadata.update(
+        {
+            "org_id": call.org_id,
+            "request_id": call.request_id,
+            "reason": reason,
+            # A shadow limit of the plan would have refused (decision 36).
+            "would_deny": would_deny,
+        }
+    )
+
+
 def _add(headers: Any, key: str, value: str) -> None:
     headers.append(base_pb2.HeaderValue(key=key, value=value))
 
@@ -332,6 +348,7 @@ def replayed(call: EdgeCall) -> Any:
         rls_pb2.RateLimitResponse.DescriptorStatus(code=Code.OK) for _ in call.metrics
     )
     _add(answer.request_headers_to_add, "x-pagemeter-request-id", call.request_id)
+    _describe(answer, call, "duplicate", False)
     return answer
 
 
