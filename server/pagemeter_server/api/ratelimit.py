@@ -11,7 +11,7 @@ else 1. All descriptors are decided together: one CheckQuota with a hold for
 every metric, and only when all are admitted a RecordUsage that commits the held
 units. Holds count against every limit, so concurrent callers are never
 over-admitted; if the process dies between the two steps the hold expires after
-HOLD_TTL and the request (which got no OK) is not counted.
+HOLD_TTL_SECONDS and the request (which got no OK) is not counted.
 
 The messages come from the `xds-protos` package, which has no type information:
 they are `Any` here, and every value read from them is checked or converted.
@@ -109,41 +109,17 @@ def read_call(request: Any) -> EdgeCall:
             f"a request needs 1 to {MAX_DESCRIPTORS} descriptors, each with the entries "
             f"'{ORG_KEY}' and '{METRIC_KEY}' (got {len(descriptors)})",
         )
-    orgs: dict[str, str] = {}  # value -> the first field that named it
-    ids: dict[str, str] = {}
-    metrics: list[str] = []
-    units: dict[str, int] = {}
     default_hits = int(request.hits_addend) or 1  # v3: 0 means 1
-    for index, descriptor in enumerate(descriptors[:MAX_DESCRIPTORS]):
-        where = f"descriptors[{index}]"
-        entries = _entries(descriptor, where, problems)
-        org_id, metric = entries.get(ORG_KEY), entries.get(METRIC_KEY)
-        if org_id is None or metric is None:
-            problems.add(
-                where,
-                f"{where} needs the entries '{ORG_KEY}' and '{METRIC_KEY}' (it has "
-                f"{sorted(entries) or 'none'}); see docs/envoy.md for the route's rate_limits",
-            )
-        if org_id is not None:
-            problems.check_org_id(org_id, f"{where}.entries[{ORG_KEY}]")
-            orgs.setdefault(org_id, f"{where}.entries[{ORG_KEY}]")
-        if REQUEST_ID_KEY in entries:
-            problems.check_request_id(entries[REQUEST_ID_KEY], f"{where}.entries[{REQUEST_ID_KEY}]")
-            ids.setdefault(entries[REQUEST_ID_KEY], f"{where}.entries[{REQUEST_ID_KEY}]")
-        if descriptor.HasField("limit"):
-            problems.add(
-                f"{where}.limit",
-                "pagemeter's limits come from the organization's plan; remove the "
-                "descriptor's limit override",
-            )
-        hits = int(descriptor.hits_addend.value) if descriptor.HasField("hits_addend") else None
-        if metric is not None and problems.check_metric_name(
-            metric, f"{where}.entries[{METRIC_KEY}]"
-        ):
-            metrics.append(metric)
-            units[metric] = units.get(metric, 0) + (default_hits if hits is None else hits)
-    _one_of(orgs, "organization", problems)
-    _one_of(ids, "request_id", problems)
+    read = [
+        _read_descriptor(f"descriptors[{index}]", descriptor, default_hits, problems)
+        for index, descriptor in enumerate(descriptors[:MAX_DESCRIPTORS])
+    ]
+    orgs = _one_of([(r.org_id, r.where, ORG_KEY) for r in read], "organization", problems)
+    ids = _one_of([(r.request_id, r.where, REQUEST_ID_KEY) for r in read], "request_id", problems)
+    units: dict[str, int] = {}
+    for r in read:
+        if r.metric:
+            units[r.metric] = units.get(r.metric, 0) + r.hits
     for metric, hits in units.items():
         if hits > MAX_UNITS:
             problems.add(
@@ -151,8 +127,49 @@ def read_call(request: Any) -> EdgeCall:
                 f"the hits of metric {metric!r} add up to {hits}, more than {MAX_UNITS}",
             )
     problems.raise_if_any()
-    request_id = next(iter(ids), "") or f"{GENERATED_ID_PREFIX}{uuid.uuid4().hex}"
-    return EdgeCall(next(iter(orgs)), request_id, tuple(metrics), units)
+    request_id = ids or f"{GENERATED_ID_PREFIX}{uuid.uuid4().hex}"
+    return EdgeCall(orgs, request_id, tuple(r.metric for r in read), units)
+
+
+@dataclass(frozen=True)
+class _Descriptor:
+    where: str  # its field path, "descriptors[<index>]"
+    org_id: str  # "" when missing
+    metric: str  # "" when missing or malformed
+    request_id: str  # "" when none
+    hits: int
+
+
+def _read_descriptor(
+    where: str, descriptor: Any, default_hits: int, problems: Violations
+) -> _Descriptor:
+    """One descriptor's entries and hits, its problems added to `problems`."""
+    entries = _entries(descriptor, where, problems)
+    org_id, metric = entries.get(ORG_KEY), entries.get(METRIC_KEY)
+    if org_id is None or metric is None:
+        problems.add(
+            where,
+            f"{where} needs the entries '{ORG_KEY}' and '{METRIC_KEY}' (it has "
+            f"{sorted(entries) or 'none'}); see docs/envoy.md for the route's rate_limits",
+        )
+    if org_id is not None:
+        problems.check_org_id(org_id, f"{where}.entries[{ORG_KEY}]")
+    if metric is not None and not problems.check_metric_name(
+        metric, f"{where}.entries[{METRIC_KEY}]"
+    ):
+        metric = None
+    request_id = entries.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        problems.check_request_id(request_id, f"{where}.entries[{REQUEST_ID_KEY}]")
+    if descriptor.HasField("limit"):
+        problems.add(
+            f"{where}.limit",
+            "pagemeter's limits come from the organization's plan; remove the "
+            "descriptor's limit override",
+        )
+    # A descriptor's own hits_addend wins, 0 included (UInt64Value: set or not).
+    hits = int(descriptor.hits_addend.value) if descriptor.HasField("hits_addend") else default_hits
+    return _Descriptor(where, org_id or "", metric or "", request_id or "", hits)
 
 
 def _entries(descriptor: Any, where: str, problems: Violations) -> dict[str, str]:
@@ -175,16 +192,21 @@ def _entries(descriptor: Any, where: str, problems: Violations) -> dict[str, str
     return found
 
 
-def _one_of(values: dict[str, str], what: str, problems: Violations) -> None:
-    """One request decides for one organization and one job: more is a problem."""
-    if len(values) > 1:
-        field_path = list(values.values())[1]
-        shown = ", ".join(repr(v[:64]) for v in values)
+def _one_of(named: list[tuple[str, str, str]], what: str, problems: Violations) -> str:
+    """The one value the descriptors give (`named`: value, descriptor, key; "" for
+    none): one request decides for one organization and one job, so a second
+    value is a problem."""
+    values = [(value, f"{where}.entries[{key}]") for value, where, key in named if value]
+    distinct = list(dict.fromkeys(value for value, _ in values))
+    if len(distinct) > 1:
+        second = next(field for value, field in values if value == distinct[1])
+        shown = ", ".join(repr(v[:64]) for v in distinct)
         problems.add(
-            field_path,
+            second,
             f"the descriptors name more than one {what} ({shown}); one request is decided "
             f"for one {what}, all of its descriptors together",
         )
+    return distinct[0] if distinct else ""
 
 
 def hits_of(call: EdgeCall, max_hold_ttl_seconds: float) -> quota_pb2.CheckQuotaRequest:
