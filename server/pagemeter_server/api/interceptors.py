@@ -86,7 +86,8 @@ def _descriptor_value(request: Any, key: str) -> str:
 
 
 def _decision_of(response: Any) -> dict[str, Any]:
-    """The outcome worth a log field: CheckQuota's decision, RecordUsage's status."""
+    """The outcome worth a log field: CheckQuota's decision, RecordUsage's status,
+    Envoy's overall code."""
     fields: dict[str, Any] = {}
     if response is None:
         return fields
