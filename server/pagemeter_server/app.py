@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -52,6 +53,7 @@ from pagemeter_server.api.billing import BillingService
 from pagemeter_server.api.events import EventService
 from pagemeter_server.api.interceptors import ObservedRpcs
 from pagemeter_server.api.quota import QuotaService
+from pagemeter_server.api.ratelimit import RateLimitService
 from pagemeter_server.api.reporting import ReportingService
 from pagemeter_server.api.webhooks import WebhookService
 from pagemeter_server.dispatch.dispatcher import Dispatcher
@@ -96,6 +98,8 @@ SERVICE_NAMES = (
     billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    # Envoy's rate-limit protocol on the same port (docs/envoy.md).
+    rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -214,6 +218,9 @@ async def create_server(
     }
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
         servicers["pagemeter.v1.QuotaService"], server
+    )
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+        RateLimitService(servicers["pagemeter.v1.QuotaService"], auth), server
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         servicers["pagemeter.v1.AdminService"], server

@@ -15,6 +15,8 @@ import grpc
 import pytest
 import redis
 import redis.asyncio as aioredis
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -51,6 +53,7 @@ class Secured:
     reporting: Any
     clock: ManualClock
     events: Any
+    ratelimit: Any
 
     async def call(self, stub: Any, rpc: str, request: Message, token: str | None) -> Any:
         metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -88,6 +91,7 @@ async def secured(
         reporting_pb2_grpc.ReportingServiceStub(channel),
         clock,
         events_pb2_grpc.EventServiceStub(channel),
+        rls_pb2_grpc.RateLimitServiceStub(channel),
     )
     await channel.close(None)
     await server.stop(None)
@@ -131,6 +135,21 @@ WRITE_RPCS = [
         "RecordUsageBatch",
         quota_pb2.RecordUsageBatchRequest(
             items=[quota_pb2.RecordUsageRequest(org_id="acme", request_id="b1", units={"pages": 1})]
+        ),
+    ),
+    (
+        "ratelimit",
+        "ShouldRateLimit",
+        rls_pb2.RateLimitRequest(
+            domain="edge",
+            descriptors=[
+                ratelimit_pb2.RateLimitDescriptor(
+                    entries=[
+                        ratelimit_pb2.RateLimitDescriptor.Entry(key="org_id", value="acme"),
+                        ratelimit_pb2.RateLimitDescriptor.Entry(key="metric", value="pages"),
+                    ]
+                )
+            ],
         ),
     ),
 ]
@@ -472,6 +491,7 @@ async def test_a_key_over_its_read_limit_is_refused_writes_for_its_role(
             "quota": server.quota,
             "admin": server.admin,
             "events": events_pb2_grpc.EventServiceStub(server.channel),
+            "ratelimit": rls_pb2_grpc.RateLimitServiceStub(server.channel),
         }
         key = await server.admin.CreateApiKey(
             admin_pb2.CreateApiKeyRequest(org_id="acme"),

@@ -22,6 +22,7 @@ e.g. a garbage page token that happens to decode) and each answer is checked:
   | GetUsageHistory, GetUsageStatistics, ListUsageRecords | OK, INVALID_ARGUMENT |
   | CloseBillingPeriod, ExportBillingPeriod | OK, INVALID_ARGUMENT, FAILED_PRECONDITION |
   | ListEvents, ListEventOrganizations | OK, INVALID_ARGUMENT |
+  | ShouldRateLimit (Envoy's protocol) | OK, INVALID_ARGUMENT, ALREADY_EXISTS |
 
   and the one its tag calls for (invalid: INVALID_ARGUMENT; valid: an answer);
 - INVALID_ARGUMENT has a readable message and a google.rpc.BadRequest;
@@ -48,8 +49,11 @@ from typing import Any, TypeVar, cast
 import grpc
 import pytest
 import redis
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2, text_format, timestamp_pb2
 from google.protobuf.message import Message
+from google.protobuf.wrappers_pb2 import UInt64Value
 from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -112,6 +116,7 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
     "ListWebhookDeliveries": frozenset({OK, INVALID, NOT_FOUND}),
     "ListWebhookDeadLetters": frozenset({OK, INVALID, NOT_FOUND}),
     "ReplayWebhookEvents": frozenset({OK, INVALID, NOT_FOUND, PRECONDITION}),
+    "ShouldRateLimit": frozenset({OK, INVALID, EXISTS}),
 }
 SERVICE_OF = {
     "CheckQuota": "QuotaService",
@@ -146,7 +151,15 @@ SERVICE_OF = {
     "ListWebhookDeliveries": "WebhookService",
     "ListWebhookDeadLetters": "WebhookService",
     "ReplayWebhookEvents": "WebhookService",
+    "ShouldRateLimit": "envoy.service.ratelimit.v3.RateLimitService",
 }
+
+
+def method_path(rpc: str) -> str:
+    """The RPC's full method name: pagemeter's services are named without their package."""
+    service = SERVICE_OF[rpc]
+    return f"/{service if '.' in service else 'pagemeter.v1.' + service}/{rpc}"
+
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -568,6 +581,7 @@ class Hostile:
             "BillingService": billing_pb2_grpc.BillingServiceStub(self.server.channel),
             "EventService": events_pb2_grpc.EventServiceStub(self.server.channel),
             "WebhookService": webhooks_pb2_grpc.WebhookServiceStub(self.server.channel),
+            SERVICE_OF["ShouldRateLimit"]: rls_pb2_grpc.RateLimitServiceStub(self.server.channel),
         }[SERVICE_OF[rpc]]
         return getattr(stub, rpc)  # type: ignore[no-any-return]
 
@@ -1520,6 +1534,67 @@ async def test_list_event_organizations_refuses_malformed_requests(
     await hostile.assert_still_serving()
 
 
+# -- Envoy's rate-limit protocol ---------------------------------------------------------------
+
+UINT64_MAX = 2**64 - 1
+# A descriptor's hits_addend (UInt64Value, None: unset) and the request's (uint32):
+# the hits of one call are at most 10^9, like any units.
+DESCRIPTOR_HITS = Rule(
+    st.one_of(st.none(), st.sampled_from([0, 1, MAX_UNITS]), st.integers(0, MAX_UNITS)),
+    st.one_of(
+        st.sampled_from([MAX_UNITS + 1, UINT32_MAX, UINT64_MAX]),
+        st.integers(MAX_UNITS + 1, UINT64_MAX),
+    ),
+)
+REQUEST_HITS = Rule(
+    st.one_of(st.sampled_from([0, 1, MAX_UNITS]), st.integers(0, MAX_UNITS)),
+    st.one_of(st.just(UINT32_MAX), st.integers(MAX_UNITS + 1, UINT32_MAX)),
+)
+# Keys pagemeter does not read: a typo must not leave a call decided wrongly.
+STRAY_KEYS = Rule(
+    st.none(),
+    st.sampled_from(["org", "ORG_ID", "generic_key", "remote_address", "", "metric ", "\x00"]),
+)
+
+
+@hostile_settings(120)
+@given(
+    case=requests(
+        {
+            "org_id": ORG_IDS,
+            "metric": METRIC_NAMES,
+            "request_id": REQUEST_IDS,
+            "hits": DESCRIPTOR_HITS,
+            "request_hits": REQUEST_HITS,
+            "stray_key": STRAY_KEYS,
+        }
+    ),
+    with_id=st.booleans(),
+)
+async def test_should_rate_limit_refuses_malformed_descriptors_and_decides_the_rest(
+    hostile: Hostile, case: dict[str, Tagged], with_id: bool
+) -> None:
+    """ShouldRateLimit answers a malformed organization, metric or request id, too many hits or an unknown key with INVALID_ARGUMENT, changing nothing, and decides every valid request (ALREADY_EXISTS only for an id of another job)."""
+    entries = [("org_id", case["org_id"][0]), ("metric", case["metric"][0])]
+    if with_id:
+        entries.append(("request_id", case["request_id"][0]))
+    else:
+        case["request_id"] = ("", VALID)  # no id: pagemeter makes one
+    if case["stray_key"][0] is not None:
+        entries.append((case["stray_key"][0], "x"))
+    descriptor = ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
+    )
+    if case["hits"][0] is not None:
+        descriptor.hits_addend.CopyFrom(UInt64Value(value=case["hits"][0]))
+        case["request_hits"] = (0, VALID)  # the descriptor's hits are the ones counted
+    request = rls_pb2.RateLimitRequest(
+        domain="edge", descriptors=[descriptor], hits_addend=case["request_hits"][0]
+    )
+    await hostile.send("ShouldRateLimit", request, expect(verdict_of(case), OK, EXISTS))
+    await hostile.assert_still_serving()
+
+
 # -- AdminService: keys, corrections, audit --------------------------------------------------
 
 
@@ -1945,7 +2020,7 @@ async def test_prices_with_non_ascii_digits_are_invalid_argument(
 @pytest.mark.parametrize("rpc", sorted(ALLOWED))
 async def test_undecodable_request_bytes_are_invalid_argument(hostile: Hostile, rpc: str) -> None:
     """Every RPC answers request bytes that do not decode (invalid UTF-8, corrupt wire format) with INVALID_ARGUMENT and changes nothing."""
-    call = hostile.server.channel.unary_unary(f"/pagemeter.v1.{SERVICE_OF[rpc]}/{rpc}", None, None)
+    call = hostile.server.channel.unary_unary(method_path(rpc), None, None)
     before = hostile.snapshot()
     SENT[rpc] += 1
     try:

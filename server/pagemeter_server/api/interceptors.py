@@ -69,11 +69,29 @@ def _org_of(request: Any) -> str:
     org = getattr(request, "org_id", None)
     if org is None and hasattr(request, "plan"):
         org = request.plan.org_id
+    if org is None and hasattr(request, "descriptors"):  # Envoy's RateLimitRequest
+        org = _descriptor_value(request, "org_id")
     return str(org or "")
 
 
+def _request_id_of(request: Any) -> str:
+    if hasattr(request, "descriptors"):
+        return _descriptor_value(request, "request_id")
+    return str(getattr(request, "request_id", ""))
+
+
+def _descriptor_value(request: Any, key: str) -> str:
+    """The first value of `key` in Envoy's descriptors (docs/envoy.md)."""
+    for descriptor in request.descriptors:
+        for entry in descriptor.entries:
+            if entry.key == key:
+                return str(entry.value)
+    return ""
+
+
 def _decision_of(response: Any) -> dict[str, Any]:
-    """The outcome worth a log field: CheckQuota's decision, RecordUsage's status."""
+    """The outcome worth a log field: CheckQuota's decision, RecordUsage's status,
+    Envoy's overall code."""
     fields: dict[str, Any] = {}
     if response is None:
         return fields
@@ -87,6 +105,9 @@ def _decision_of(response: Any) -> dict[str, Any]:
         )
     if "duplicate" in descriptor.fields_by_name:
         fields["duplicate"] = response.duplicate
+    if "overall_code" in descriptor.fields_by_name:  # Envoy's RateLimitResponse
+        codes = descriptor.fields_by_name["overall_code"].enum_type
+        fields["overall_code"] = codes.values_by_number[response.overall_code].name
     if "status" in descriptor.fields_by_name and descriptor.fields_by_name["status"].enum_type:
         fields["status"] = (
             descriptor.fields_by_name["status"].enum_type.values_by_number[response.status].name
@@ -178,7 +199,7 @@ def _log_call(
         org = _org_of(request)
         if org:
             fields["org_id"] = org
-        request_id = getattr(request, "request_id", "")
+        request_id = _request_id_of(request)
         if request_id:
             fields["request_id"] = request_id
     fields.update(_decision_of(response))

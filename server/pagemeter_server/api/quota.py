@@ -7,6 +7,7 @@ read the clock, and translate between protobuf messages and store results.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -90,14 +91,24 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def CheckQuota(
         self, request: quota_pb2.CheckQuotaRequest, context: Context
     ) -> quota_pb2.CheckQuotaResponse:
-        call = self._check_call(request)
         try:
-            result = await self.store.check(request.org_id, call, now_ms=self.clock.now_ms())
+            response, _ = await self.decide(request)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             if self._failure_policy(request.org_id) != "open":
                 raise  # answered UNAVAILABLE: fail closed
             return self._fail_open(request)
-        return self._check_response(request, result)
+        return response
+
+    async def decide(
+        self, request: quota_pb2.CheckQuotaRequest, *, record_ttl_ms: int | None = None
+    ) -> tuple[quota_pb2.CheckQuotaResponse, CheckResult]:
+        """CheckQuota's decision, with the store's result it was made from (the
+        period's bounds), never failing open: Envoy's rate-limit protocol
+        (api/ratelimit.py) leaves an outage to Envoy's own failure mode, and keeps
+        its jobs' records for `record_ttl_ms` (None: --record-retention-days)."""
+        call = dataclasses.replace(self._check_call(request), record_ttl_ms=record_ttl_ms)
+        result = await self.store.check(request.org_id, call, now_ms=self.clock.now_ms())
+        return self._check_response(request, result), result
 
     def _check_response(
         self, request: quota_pb2.CheckQuotaRequest, result: CheckResult
@@ -196,8 +207,15 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     async def RecordUsage(
         self, request: quota_pb2.RecordUsageRequest, context: Context
     ) -> quota_pb2.RecordUsageResponse:
+        return await self.record(request)
+
+    async def record(
+        self, request: quota_pb2.RecordUsageRequest, *, record_ttl_ms: int | None = None
+    ) -> quota_pb2.RecordUsageResponse:
+        """RecordUsage for a caller already authorized (also api/ratelimit.py); the
+        record is kept for `record_ttl_ms` (None: --record-retention-days)."""
         now_ms = self.clock.now_ms()
-        call = self._record_call(request, now_ms)
+        call = dataclasses.replace(self._record_call(request, now_ms), record_ttl_ms=record_ttl_ms)
         try:
             result = await self.store.record(request.org_id, call, now_ms=now_ms)
         except TooManyMetrics:

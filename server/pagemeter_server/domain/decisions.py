@@ -165,6 +165,9 @@ class CheckCall:
     request_id: str = ""
     hold: bool = False
     hold_ttl_ms: int = 0
+    # How long the job's record outlives its hold; None: the service's
+    # --record-retention-days (Envoy's calls keep theirs shorter, api/ratelimit.py).
+    record_ttl_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,3 +181,5 @@ class RecordCall:
     success: bool
     requested_ms: int | None = None
     document_type: str = ""
+    # How long the job's record is kept; None: --record-retention-days.
+    record_ttl_ms: int | None = None

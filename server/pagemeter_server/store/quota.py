@@ -492,7 +492,7 @@ class Store:
                     if call.hold
                     else ""
                 ),
-                self.record_ttl_ms,
+                self.record_ttl_ms if call.record_ttl_ms is None else call.record_ttl_ms,
                 call.request_id,
                 now_ms - self.record_ttl_ms,
                 self.max_records_per_org,
@@ -617,7 +617,7 @@ class Store:
                 self.default_timezone,
                 month.period_id,
                 month.end_ms + self.usage_retention_ms,
-                self.record_ttl_ms,
+                self.record_ttl_ms if call.record_ttl_ms is None else call.record_ttl_ms,
                 payload_fp,
                 "1" if call.success else "0",
                 call.completed_ms,
