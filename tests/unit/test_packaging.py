@@ -42,3 +42,30 @@ def test_build_backend_is_pinned_to_versions_with_spdx_licenses() -> None:
     assert backend.specifier.contains(Version("77.0.3"))
     assert any(spec.operator == "<" for spec in backend.specifier), backend
     assert project["project"]["license"] == "LicenseRef-Proprietary"
+
+
+BUILD_WHEEL = """
+import sys
+from setuptools import build_meta
+print(build_meta.build_wheel(sys.argv[1]))
+"""
+
+
+def test_the_wheel_carries_the_files_the_server_reads(tmp_path: Path) -> None:
+    """A built (not editable) install has the Lua scripts and the OpenAPI document the
+    HTTP/JSON API serves: without them an installed server could not start."""
+    import zipfile
+
+    built = subprocess.run(
+        [sys.executable, "-c", BUILD_WHEEL, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel = tmp_path / built.stdout.strip().splitlines()[-1]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "pagemeter_server/gateway/openapi.json" in names
+    assert "pagemeter_server/store/lua/built/record.lua" in names
+    assert "pagemeter/v1/quota_pb2.py" in names
