@@ -55,9 +55,19 @@ def serving(metrics_port: int) -> bool:
     return re.search(r"^pagemeter_serving 1(\.0)?$", text, re.MULTILINE) is not None
 
 
+def http_answered(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    pattern = (
+        r'^pagemeter_http_requests_total\{[^}]*route="/v1/orgs/\{org_id\}/usage"[^}]*\} (\S+)$'
+    )
+    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
+
+
 def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
-    """With --workers 2 both processes answer calls on the one port, each with its own metrics port, and SIGTERM stops both and the embedded Redis."""
-    port, metrics = free_port(), two_free_ports()
+    """With --workers 2 both processes answer calls on the one gRPC port and the one HTTP
+    port, each with its own metrics port, and SIGTERM stops both and the embedded Redis."""
+    port, metrics, http_port = free_port(), two_free_ports(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAGEMETER_")}
     log = tmp_path / "server.log"
     with log.open("wb") as out:
@@ -74,7 +84,7 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
                     "--metrics-listen",
                     f"127.0.0.1:{metrics}",
                     "--http-listen",
-                    "",
+                    f"127.0.0.1:{http_port}",
                     "--data-dir",
                     str(tmp_path / "data"),
                 ]
@@ -113,6 +123,13 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
                     quota_pb2.GetUsageRequest(org_id="acme"), timeout=5
                 )
         first, second = handled(metrics), handled(metrics + 1)
+        assert first + second == 40
+        assert first > 0 and second > 0, (first, second)
+        for _ in range(40):  # urllib opens a new connection for each request
+            url = f"http://127.0.0.1:{http_port}/v1/orgs/acme/usage"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                assert reply.status == 200
+        first, second = http_answered(metrics), http_answered(metrics + 1)
         assert first + second == 40
         assert first > 0 and second > 0, (first, second)
     finally:
