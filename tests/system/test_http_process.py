@@ -100,7 +100,7 @@ def test_sigterm_lets_an_http_call_in_progress_finish(
     counted; a new connection after SIGTERM is refused; the process exits 0."""
     server, base = served
     client = redis.Redis.from_url(redis_server.url)
-    client.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    client.client_pause(1500, all=True)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
             call,
