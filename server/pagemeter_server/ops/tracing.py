@@ -1,0 +1,135 @@
+"""Traces exported by OTLP, when the standard OTEL_* variables ask for them.
+
+Off by default: a server with none of the variables set builds no tracer
+provider, installs no tracing interceptor and gives its store no tracer, so no
+call pays for tracing (docs/performance.md). On, the process gets an SDK
+tracer provider with a batching OTLP/gRPC exporter; everything else the
+variables say (endpoint, headers, TLS, sampler, batch sizes, resource
+attributes) is read by the OpenTelemetry SDK itself, as the specification
+describes, so pagemeter adds no settings of its own (docs/operations.md,
+"Tracing").
+
+The provider is passed to create_server rather than only installed as the
+global one: OpenTelemetry's global provider can be set once per process, and
+tests build servers with providers of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from pagemeter_server import __version__
+from pagemeter_server.domain.errors import ConfigurationError
+
+log = logging.getLogger("pagemeter")
+
+DEFAULT_SERVICE_NAME = "pagemeter"
+_TRUE = frozenset({"true", "1", "yes"})
+# The only protocol the bundled exporter speaks (opentelemetry-exporter-otlp-proto-grpc).
+OTLP_PROTOCOL = "grpc"
+
+
+def _exporters(environ: Mapping[str, str]) -> set[str]:
+    """The trace exporters the variables name ("none" and empty mean none).
+
+    Unlike the specification's default of "otlp", an unset OTEL_TRACES_EXPORTER
+    means none unless an OTLP endpoint is configured: a server must not start
+    sending spans to localhost:4317 because nobody said otherwise.
+    """
+    named = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not named:
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        return {"otlp"} if endpoint else set()
+    return {name.strip() for name in named.split(",") if name.strip() not in ("", "none")}
+
+
+def tracing_wanted(environ: Mapping[str, str]) -> bool:
+    """Whether the OTEL_* variables in `environ` turn traces on.
+
+    Raises ConfigurationError for an exporter or protocol pagemeter cannot honour,
+    so that an operator who asked for traces is not silently given none.
+    """
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
+        return False
+    exporters = _exporters(environ)
+    unknown = exporters - {"otlp"}
+    if unknown:
+        raise ConfigurationError(
+            f"OTEL_TRACES_EXPORTER={environ.get('OTEL_TRACES_EXPORTER')}: pagemeter exports "
+            "traces by otlp only (or none)"
+        )
+    if not exporters:
+        return False
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or OTLP_PROTOCOL
+    )
+    if protocol.strip().lower() != OTLP_PROTOCOL:
+        raise ConfigurationError(
+            f"OTLP protocol {protocol!r}: pagemeter's exporter speaks grpc only "
+            "(OTEL_EXPORTER_OTLP_PROTOCOL=grpc, a collector's port 4317)"
+        )
+    return True
+
+
+def service_resource() -> Resource:
+    """The resource of pagemeter's spans: what OTEL_RESOURCE_ATTRIBUTES and
+    OTEL_SERVICE_NAME say, service.name "pagemeter" when neither names one."""
+    detected = Resource.create({"service.version": __version__})
+    name = str(detected.attributes.get(SERVICE_NAME, ""))
+    if not name or name.startswith("unknown_service"):
+        return detected.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    return detected
+
+
+def setup_tracing(environ: Mapping[str, str] | None = None) -> TracerProvider | None:
+    """The process's tracer provider exporting by OTLP, or None when tracing is off.
+
+    The provider is also made OpenTelemetry's global one, for any library code
+    that asks for it; call shutdown_tracing() on the way out to flush its spans.
+    """
+    if not tracing_wanted(os.environ if environ is None else environ):
+        return None
+    # Imported only when wanted: the exporter pulls in the OTLP protobuf modules.
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    # The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on);
+    # the exporter's endpoint, headers and TLS, and the batching, from theirs.
+    provider = TracerProvider(resource=service_resource())
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    # The endpoint is not logged: like the Redis URL, it may carry credentials.
+    log.info(
+        "tracing on: spans of service %s exported by OTLP",
+        provider.resource.attributes.get(SERVICE_NAME),
+    )
+    return provider
+
+
+def shutdown_tracing(provider: TracerProvider | None) -> None:
+    """Export the spans still queued and stop the exporter (blocking: call in a thread)."""
+    if provider is not None:
+        provider.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def tracing() -> AsyncIterator[TracerProvider | None]:
+    """A process's tracing for the block (None when off); its last spans flushed at
+    the end, in a thread, so the exporter's wait does not stall the event loop."""
+    provider = setup_tracing()
+    try:
+        yield provider
+    finally:
+        await asyncio.to_thread(shutdown_tracing, provider)
