@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 
+from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -93,22 +94,31 @@ def service_resource() -> Resource:
     return detected
 
 
-def setup_tracing(environ: Mapping[str, str] | None = None) -> TracerProvider | None:
-    """The process's tracer provider exporting by OTLP, or None when tracing is off.
-
-    The provider is also made OpenTelemetry's global one, for any library code
-    that asks for it; call shutdown_tracing() on the way out to flush its spans.
-    """
-    if not tracing_wanted(os.environ if environ is None else environ):
+def otlp_tracer_provider() -> TracerProvider | None:
+    """A tracer provider exporting by OTLP as the process's OTEL_* variables say, or
+    None when they leave tracing off. Not made the global one (see setup_tracing)."""
+    if not tracing_wanted(os.environ):
         return None
     # Imported only when wanted: the exporter pulls in the OTLP protobuf modules.
-    from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     # The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on);
     # the exporter's endpoint, headers and TLS, and the batching, from theirs.
     provider = TracerProvider(resource=service_resource())
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+def setup_tracing() -> TracerProvider | None:
+    """The process's tracer provider exporting by OTLP, or None when tracing is off.
+
+    The provider is also made OpenTelemetry's global one, for any library code
+    that asks for it (the global can be set once per process: a server process
+    calls this once); shutdown_tracing() on the way out flushes its spans.
+    """
+    provider = otlp_tracer_provider()
+    if provider is None:
+        return None
     trace.set_tracer_provider(provider)
     # The endpoint is not logged: like the Redis URL, it may carry credentials.
     log.info(
