@@ -38,7 +38,7 @@ from pagemeter_server.domain.clock import ManualClock
 from pagemeter_server.ops.logs import JsonLines
 from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.ops.tracing import (
-    otlp_tracer_provider,
+    environment_tracer_provider,
     service_resource,
     setup_tracing,
     tracing_wanted,
@@ -431,7 +431,7 @@ async def test_tracing_is_off_by_default(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     ):
         monkeypatch.delenv(name, raising=False)
-    assert otlp_tracer_provider() is None
+    assert environment_tracer_provider() is None
     assert setup_tracing() is None
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
     interceptors = rpc_interceptors(ServiceMetrics(CollectorRegistry()), settings)
@@ -544,7 +544,7 @@ async def otlp_server(
     """A server tracing as the OTEL_* variables say: OTLP to the receiver, service name billing-edge."""
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver[1]}")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-edge")
-    provider = otlp_tracer_provider()
+    provider = environment_tracer_provider()
     assert provider is not None
     async with serving(settings, redis_client, clock, tracer_provider=provider) as running:
         yield running, provider

@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from pagemeter_server import __version__
 from pagemeter_server.domain.errors import ConfigurationError
@@ -36,6 +36,19 @@ DEFAULT_SERVICE_NAME = "pagemeter"
 _TRUE = frozenset({"true", "1", "yes"})
 # The only protocol the bundled exporter speaks (opentelemetry-exporter-otlp-proto-grpc).
 OTLP_PROTOCOL = "grpc"
+
+
+def _otlp_exporter() -> SpanExporter:
+    # Imported only when wanted: the exporter pulls in the OTLP protobuf modules.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    # Its endpoint, headers, TLS, compression and timeout come from the variables.
+    return OTLPSpanExporter()
+
+
+# The exporters OTEL_TRACES_EXPORTER may name, by name. pagemeter ships otlp; `make
+# bench` adds one that drops every span, to measure what tracing itself costs.
+EXPORTERS: dict[str, Callable[[], SpanExporter]] = {"otlp": _otlp_exporter}
 
 
 def _exporters(environ: Mapping[str, str]) -> set[str]:
@@ -63,14 +76,14 @@ def tracing_wanted(environ: Mapping[str, str]) -> bool:
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
         return False
     exporters = _exporters(environ)
-    unknown = exporters - {"otlp"}
+    unknown = exporters - EXPORTERS.keys()
     if unknown:
         raise ConfigurationError(
             f"OTEL_TRACES_EXPORTER={environ.get('OTEL_TRACES_EXPORTER')}: pagemeter exports "
             "traces by otlp only (or none)"
         )
-    if not exporters:
-        return False
+    if "otlp" not in exporters:
+        return bool(exporters)
     protocol = (
         environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -94,18 +107,16 @@ def service_resource() -> Resource:
     return detected
 
 
-def otlp_tracer_provider() -> TracerProvider | None:
-    """A tracer provider exporting by OTLP as the process's OTEL_* variables say, or
+def environment_tracer_provider() -> TracerProvider | None:
+    """A tracer provider exporting as the process's OTEL_* variables say (by OTLP), or
     None when they leave tracing off. Not made the global one (see setup_tracing)."""
     if not tracing_wanted(os.environ):
         return None
-    # Imported only when wanted: the exporter pulls in the OTLP protobuf modules.
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-    # The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on);
-    # the exporter's endpoint, headers and TLS, and the batching, from theirs.
+    # The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on),
+    # the batching from OTEL_BSP_*.
     provider = TracerProvider(resource=service_resource())
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    for name in sorted(_exporters(os.environ)):
+        provider.add_span_processor(BatchSpanProcessor(EXPORTERS[name]()))
     return provider
 
 
@@ -116,14 +127,15 @@ def setup_tracing() -> TracerProvider | None:
     that asks for it (the global can be set once per process: a server process
     calls this once); shutdown_tracing() on the way out flushes its spans.
     """
-    provider = otlp_tracer_provider()
+    provider = environment_tracer_provider()
     if provider is None:
         return None
     trace.set_tracer_provider(provider)
     # The endpoint is not logged: like the Redis URL, it may carry credentials.
     log.info(
-        "tracing on: spans of service %s exported by OTLP",
+        "tracing on: spans of service %s exported by %s",
         provider.resource.attributes.get(SERVICE_NAME),
+        ", ".join(sorted(_exporters(os.environ))),
     )
     return provider
 
