@@ -162,6 +162,24 @@ async def test_traceparent_in_raw_grpc_metadata_parents_the_server_span(
     assert script.context is not None and script.context.trace_id == CALLER_TRACE_ID
 
 
+async def test_a_caller_that_samples_a_trace_out_gets_no_spans(
+    traced_server: RunningServer, spans: InMemorySpanExporter
+) -> None:
+    """A traceparent whose sampled flag is off is followed: neither the server span nor the script span is recorded."""
+    await plan(traced_server, spans)
+    not_sampled = TRACEPARENT[:-2] + "00"
+    await traced_server.quota.CheckQuota(
+        quota_pb2.CheckQuotaRequest(org_id="acme", units={"pages": 1}),
+        metadata=(("traceparent", not_sampled),),
+    )
+    await traced_server.quota.CheckQuota(
+        quota_pb2.CheckQuotaRequest(org_id="acme", units={"pages": 1})
+    )
+    (recorded,) = await finished(spans, CHECK_QUOTA)
+    assert recorded.parent is None  # only the second call, which named no trace
+    assert [span.name for span in spans.get_finished_spans()] == ["script check", CHECK_QUOTA]
+
+
 async def test_a_call_without_trace_context_starts_a_trace(
     traced_server: RunningServer, spans: InMemorySpanExporter
 ) -> None:

@@ -156,8 +156,10 @@ class TracedRpcs(_ServerInterceptor):
                     error = exc
                     raise
                 finally:
-                    _end_attributes(span, request, response)
-                    _record_outcome(span, _status_code(context, error), context, error)
+                    # A span the sampler left out records nothing: skip the work.
+                    if span.is_recording():
+                        _end_attributes(span, request, response)
+                        _record_outcome(span, _status_code(context, error), context, error)
 
         return grpc.unary_unary_rpc_method_handler(
             traced,
