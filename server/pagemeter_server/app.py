@@ -54,7 +54,7 @@ from pagemeter_server.api.events import EventService
 from pagemeter_server.api.interceptors import ObservedRpcs
 from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.reporting import ReportingService
-from pagemeter_server.api.tracing import TRACER_NAME, TracedRpcs
+from pagemeter_server.api.tracing import TracedRpcs
 from pagemeter_server.api.webhooks import WebhookService
 from pagemeter_server.dispatch.dispatcher import Dispatcher
 from pagemeter_server.dispatch.metrics import DispatchMetrics
@@ -73,7 +73,7 @@ from pagemeter_server.ops.limits import (
 )
 from pagemeter_server.ops.logs import setup_logging
 from pagemeter_server.ops.metrics import ServiceMetrics
-from pagemeter_server.ops.tracing import tracing
+from pagemeter_server.ops.tracing import TRACER_NAME, tracing
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store.admin import AdminStore
 from pagemeter_server.store.billing import BillingStore
@@ -360,7 +360,9 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         if settings.webhook_dispatch:
             # One webhook dispatcher in this process (make run); production runs
             # `pagemeter-server dispatch` processes (docs/webhooks.md).
-            dispatcher = Dispatcher(client, settings, DispatchMetrics(registry))
+            dispatcher = Dispatcher(
+                client, settings, DispatchMetrics(registry), tracer_provider=tracer_provider
+            )
             dispatching = asyncio.create_task(dispatcher.run(dispatch_stop))
             log.info("webhook dispatcher %s started in this process", dispatcher.owner)
         async with (
@@ -432,10 +434,12 @@ async def dispatch(settings: Settings, phase: Phase) -> None:
             "the embedded store, run the server with --webhook-dispatch instead"
         )
     registry = CollectorRegistry()
-    async with redis_for(settings) as client:
+    async with tracing() as tracer_provider, redis_for(settings) as client:
         await check_sentinel_access(client)
         http = serve_metrics(settings, registry)
-        dispatcher = Dispatcher(client, settings, DispatchMetrics(registry))
+        dispatcher = Dispatcher(
+            client, settings, DispatchMetrics(registry), tracer_provider=tracer_provider
+        )
         phase.now = "serving"
         log.info(
             "pagemeter webhook dispatcher %s running, metrics on %s",

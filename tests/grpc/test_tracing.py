@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -34,7 +35,13 @@ from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.tracing import TracedRpcs
 from pagemeter_server.api.transport import reset_transport, set_transport
 from pagemeter_server.app import rpc_interceptors
+from pagemeter_server.dispatch.dispatcher import Dispatcher
+from pagemeter_server.dispatch.metrics import DispatchMetrics
+from pagemeter_server.dispatch.sender import Sender
 from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.domain.events import Event
+from pagemeter_server.domain.webhooks import Endpoint, SigningSecret, new_secret
+from pagemeter_server.ops.embedded import free_port
 from pagemeter_server.ops.logs import JsonLines
 from pagemeter_server.ops.metrics import ServiceMetrics
 from pagemeter_server.ops.tracing import (
@@ -431,6 +438,84 @@ async def test_gateway_refusals_record_the_code_its_context_was_given(
     assert (
         server_span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     )
+
+
+# -- webhook deliveries -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def hooks() -> AsyncIterator[tuple[list[dict[str, str]], list[int], str]]:
+    """A real HTTP receiver on a loopback port: the headers of each delivery it got,
+    the statuses it answers with (in turn), and its URL (with a token in the query)."""
+    seen: list[dict[str, str]] = []
+    answers: list[int] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(status=answers.pop(0) if answers else 204)
+
+    app = web.Application()
+    app.router.add_post("/hooks", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield seen, answers, f"http://127.0.0.1:{port}/hooks?token=receiver-secret"
+    await runner.cleanup()
+
+
+async def test_a_webhook_delivery_is_a_span_whose_context_reaches_the_receiver(
+    hooks: tuple[list[dict[str, str]], list[int], str],
+    tracer_provider: TracerProvider,
+    spans: InMemorySpanExporter,
+) -> None:
+    """Each delivery attempt of a tracing dispatcher is a CLIENT span naming the event and endpoint (the host, never the URL's query), its traceparent reaches the receiver, and a refused delivery is an ERROR with its HTTP status."""
+    seen, answers, url = hooks
+    sender = Sender(5.0, 4, tracer_provider.get_tracer("test"))
+    endpoint = Endpoint(
+        endpoint_id="we_1",
+        org_id="acme",
+        url=url,
+        event_types=(),
+        description="",
+        enabled=True,
+        created_ms=0,
+        updated_ms=0,
+        start_ms=0,
+        secrets=(SigningSecret(new_secret(), 0),),
+    )
+    event = Event("acme", "1700000000000-0", 1, "threshold.crossed", 1_700_000_000_000, {})
+    answers.append(500)
+    try:
+        refused = await sender.send(endpoint, event, 1_700_000_000_000)
+        delivered = await sender.send(endpoint, event, 1_700_000_000_000)
+    finally:
+        await sender.close()
+    assert (refused.ok, delivered.ok) == (False, True)
+    first, second = spans.get_finished_spans()
+    for span, headers in ((first, seen[0]), (second, seen[1])):
+        assert span.name == "webhook delivery" and span.kind is SpanKind.CLIENT
+        assert span.context is not None
+        # version 00, this span's trace and id, then the flags (sampled, and the SDK's
+        # "random trace id" bit of W3C Trace Context level 2).
+        assert headers["traceparent"].startswith(
+            f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-"
+        )
+        attributes = dict(span.attributes or {})
+        assert "receiver-secret" not in str(attributes)
+        assert attributes["server.address"] == "127.0.0.1"
+        assert attributes["pagemeter.event_id"] == "acme:1700000000000-0"
+        assert attributes["pagemeter.endpoint_id"] == "we_1"
+    assert first.attributes is not None and first.attributes["http.response.status_code"] == 500
+    assert first.status.status_code is StatusCode.ERROR
+    assert second.status.status_code is StatusCode.UNSET
+
+
+def test_a_dispatcher_without_tracing_sends_no_trace_context() -> None:
+    """A dispatcher built without a tracer provider (tracing off) gives its sender no tracer."""
+    settings = Settings(redis_url="redis://127.0.0.1:1")
+    dispatcher = Dispatcher(aioredis.Redis(), settings, DispatchMetrics(CollectorRegistry()))
+    assert dispatcher.sender.tracer is None
 
 
 # -- off by default -------------------------------------------------------------------

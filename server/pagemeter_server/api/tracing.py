@@ -29,13 +29,13 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, Trac
 from pagemeter_server import __version__
 from pagemeter_server.api.interceptors import _decision_of, _org_of, _split_method
 from pagemeter_server.api.transport import current_transport
+from pagemeter_server.ops.tracing import TRACER_NAME
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # not subscriptable at run time
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
-TRACER_NAME = "pagemeter_server"
 # The codes of a failure on the server's side (OpenTelemetry's semantic conventions
 # for gRPC servers): the span's status is ERROR. The others (a refused argument, a
 # missing credential, a caller that went away) are the caller's, and leave it unset.

@@ -33,6 +33,8 @@ from pagemeter_server.domain.errors import ConfigurationError
 log = logging.getLogger("pagemeter")
 
 DEFAULT_SERVICE_NAME = "pagemeter"
+# The instrumentation scope of every span pagemeter makes.
+TRACER_NAME = "pagemeter_server"
 _TRUE = frozenset({"true", "1", "yes"})
 # The only protocol the bundled exporter speaks (opentelemetry-exporter-otlp-proto-grpc).
 OTLP_PROTOCOL = "grpc"
