@@ -22,6 +22,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -185,6 +186,20 @@ async def test_a_caller_that_samples_a_trace_out_gets_no_spans(
     (recorded,) = await finished(spans, CHECK_QUOTA)
     assert recorded.parent is None  # only the second call, which named no trace
     assert [span.name for span in spans.get_finished_spans()] == ["script check", CHECK_QUOTA]
+
+
+async def test_health_checks_are_not_traced(
+    traced_server: RunningServer, spans: InMemorySpanExporter
+) -> None:
+    """grpc.health.v1 Check, which load balancers call every second or so, makes no span; the next call does."""
+    health = health_pb2_grpc.HealthStub(traced_server.channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    await traced_server.admin.SetPlan(admin_pb2.SetPlanRequest(plan=eagle_plan()))
+    await finished(spans, "pagemeter.v1.AdminService/SetPlan")
+    names = [span.name for span in spans.get_finished_spans()]
+    assert "pagemeter.v1.AdminService/SetPlan" in names
+    assert not [name for name in names if "Health" in name]
 
 
 async def test_a_call_without_trace_context_starts_a_trace(

@@ -11,7 +11,8 @@ The interceptor relies on nothing of the servicer context but code() and
 details(): the HTTP gateway runs these same interceptor instances with a
 context of its own that implements only part of grpc.aio's.
 
-Streaming RPCs (health Watch, reflection) pass through untouched.
+Streaming RPCs (health Watch, reflection) and health Check pass through untouched:
+a load balancer's probe every second would otherwise fill the traces.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ SERVER_FAILURES = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
+
+
+# Services whose calls are not traced: the probes of load balancers and orchestrators.
+UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health"})
 
 
 class _MetadataGetter(Getter[Mapping[str, str]]):
@@ -125,9 +130,11 @@ class TracedRpcs(_ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        service, method = _split_method(handler_call_details.method)
+        if service in UNTRACED_SERVICES:
+            return handler
         # grpc.aio handlers are coroutine functions; the stubs type them as plain ones.
         behavior: Any = handler.unary_unary
-        service, method = _split_method(handler_call_details.method)
         parent = caller_context(handler_call_details.invocation_metadata)
         tracer = self.tracer
 
