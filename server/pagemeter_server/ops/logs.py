@@ -40,8 +40,8 @@ class JsonLines(logging.Formatter):
 
 def trace_fields() -> dict[str, str]:
     """`trace_id` and `span_id` (hex, as tracing back ends show them) of the span
-    active where the line is formatted, or nothing outside one. Handlers format
-    on the logging thread, which is the one the call runs on."""
+    active where the line is formatted, or nothing outside one. The handlers here
+    format in the logging call itself, so in the context of the call that logs."""
     span_context = trace.get_current_span().get_span_context()
     if not span_context.is_valid:
         return {}
