@@ -37,9 +37,15 @@ What it does, in order:
 7. Redis commands per call type (INFO commandstats deltas over a known number
    of calls) and Redis memory of an organization (MEMORY USAGE of its keys)
    after a known number of jobs.
-8. With --profile (the default when py-spy is installed): py-spy samples the
+8. Tracing: CheckQuota at saturation (h2load) on the server (tracing off, the
+   default) and on a second one with tracing on and its spans dropped in the
+   process (bench/traced_server.py), in alternating rounds; and the
+   nanoseconds per call of what tracing off still runs.
+9. With --profile (the default when py-spy is installed): py-spy samples the
    server during a CheckQuota saturation run and a reserve+commit run; the
    summary says where the time goes.
+
+`--only PHASE` runs one phase (repeatable), for a quick look at it.
 
 Prints a table and ends with ONE line of JSON. Results, h2load logs and profiles
 are kept in .bench/<timestamp>/.
@@ -104,6 +110,20 @@ def shown_path(path: Path) -> str:
 BIN = Path(sys.executable).parent
 SERVER = BIN / "pagemeter-server"
 EMPTY_SERVER = Path(__file__).resolve().parent / "empty_server.py"
+TRACED_SERVER = Path(__file__).resolve().parent / "traced_server.py"
+# The phases of a run, in order (--only picks some).
+PHASES = (
+    "saturation",
+    "latency",
+    "drivers",
+    "replica-acks",
+    "events",
+    "tracing",
+    "redis-ceiling",
+    "command-stats",
+    "memory",
+    "profile",
+)
 SERVICE = "pagemeter.v1.QuotaService"
 ORG = "bench-org"
 # An organization whose two metrics carry four windows each (8 windows per call).
@@ -530,7 +550,10 @@ class Bench:
         clients: int,
         streams: int,
         rps: float | None = None,
+        pid: int | None = None,
     ) -> dict[str, Any]:
+        """`pid`: the server process behind `port` when it is neither the bench's
+        pagemeter-server nor the empty handler (a second server)."""
         body_path = self.out / f"{method}.body"
         body_path.write_bytes(body)
         log_path = self.out / f"h2load-{name}.tsv"
@@ -559,7 +582,8 @@ class Bench:
         command.append(f"http://127.0.0.1:{port}/{SERVICE}/{method}")
         assert self.server is not None
         assert self.empty is not None
-        pid = self.server.pid if port == self.port else self.empty.pid
+        if pid is None:
+            pid = self.server.pid if port == self.port else self.empty.pid
         before = self.metrics.scrape() if port == self.port else None
         with cpu_use(pid) as cpu:
             done = subprocess.run(
@@ -850,15 +874,17 @@ class Bench:
         self.python_driver("RecordUsage new ids (Python driver)", "record", self.port)
 
     @contextlib.contextmanager
-    def second_server(self, extra: list[str], name: str) -> Iterator[tuple[ServerProcess, int]]:
-        """A second pagemeter-server on the same Redis with `extra` arguments, on
-        the server cores beside the first (only one is loaded at a time), so a
-        phase can be measured on both in one run."""
+    def second_server(
+        self, extra: list[str], name: str, program: Sequence[str] = (str(SERVER),)
+    ) -> Iterator[tuple[ServerProcess, int]]:
+        """A second pagemeter-server (or `program`, which takes its arguments) on the
+        same Redis with `extra` arguments, on the server cores beside the first
+        (only one is loaded at a time), so a phase can be measured on both in one run."""
         assert self.redis is not None
         port = free_port()
         second = ServerProcess(
             [
-                str(SERVER),
+                *program,
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--redis-url",
@@ -957,6 +983,28 @@ class Bench:
                     ]
                     for name, port, pid in phases if round_number % 2 else phases[::-1]:
                         self.python_driver(name, scenario, port, pid)
+
+    def tracing_cost(self, rounds: int = 3) -> None:
+        """What tracing costs a CheckQuota (docs/operations.md, "Tracing"): h2load at
+        saturation on this server (tracing off, as by default) and on a second one
+        with tracing on whose spans are dropped in the process (bench/traced_server.py),
+        in `rounds` alternating pairs, the order flipped each round; and what tracing
+        off still runs per call (tracing_off_path_ns)."""
+        c, m = self.args.clients, self.args.streams
+        check = grpc_frame(quota_pb2.CheckQuotaRequest(org_id=ORG, units=CHECK_UNITS))
+        with self.second_server([], "tracing on", program=(sys.executable, str(TRACED_SERVER))) as (
+            traced,
+            traced_port,
+        ):
+            self.sanity(traced_port, "CheckQuota", check, quota_pb2.CheckQuotaResponse)
+            for round_number in range(1, rounds + 1):
+                phases = [
+                    (f"CheckQuota, tracing off, round {round_number}", self.port, None),
+                    (f"CheckQuota, tracing on, round {round_number}", traced_port, traced.pid),
+                ]
+                for name, port, pid in phases if round_number % 2 else phases[::-1]:
+                    self.h2load(name, port, "CheckQuota", check, clients=c, streams=m, pid=pid)
+        self.results["tracing off, added per call"] = tracing_off_path_ns()
 
     # -- Redis ----------------------------------------------------------------------
 
@@ -1664,6 +1712,53 @@ def events_figures(results: dict[str, Any], label: str) -> dict[str, Any]:
     }
 
 
+def tracing_off_path_ns(calls: int = 200_000) -> dict[str, float]:
+    """Nanoseconds per call of what tracing off still runs, outside any span: the
+    SDK's look for a trace context to send with each call, and the log
+    formatter's look for a span to name in each line. (The server has no tracing
+    interceptor then, and its store one `is None` test per script call.)"""
+    from pagemeter_client._channel import with_trace_context
+    from pagemeter_server.ops.logs import trace_fields
+
+    metadata = (("authorization", "Bearer x"),)
+    figures = {}
+    for name, call in (
+        ("client_call_metadata", lambda: with_trace_context(metadata)),
+        ("log_line_trace_fields", trace_fields),
+    ):
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()
+        figures[name] = round((time.perf_counter() - started) / calls * 1e9, 1)
+    return figures
+
+
+def tracing_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """Tracing on (spans dropped in the process) against off, CheckQuota at
+    saturation, from the alternating rounds of one run: the calls/s of each side
+    and the median of the rounds' ratios; and the off path's nanoseconds per call."""
+    rounds = []
+    off, on = [], []
+    number = 1
+    while f"CheckQuota, tracing on, round {number}" in results:
+        off_name = f"CheckQuota, tracing off, round {number}"
+        on_name = f"CheckQuota, tracing on, round {number}"
+        rounds.append(paired_figures(results, off_name, on_name, "off", "on"))
+        off.append(results[off_name]["calls_per_s"])
+        on.append(results[on_name]["calls_per_s"])
+        number += 1
+    calls = [r["calls_per_s_ratio"] for r in rounds if r["calls_per_s_ratio"] is not None]
+    cpu = [r["server_cpu_per_call_ratio"] for r in rounds if r["server_cpu_per_call_ratio"]]
+    return {
+        "check_calls_per_s_off": statistics.median(off) if off else None,
+        "check_calls_per_s_on": statistics.median(on) if on else None,
+        "check_calls_per_s_ratio_on_vs_off": statistics.median(calls) if calls else None,
+        "check_calls_per_s_ratio_rounds": [round(x, 3) for x in calls],
+        "server_cpu_per_call_ratio_on_vs_off": statistics.median(cpu) if cpu else None,
+        "off_path_ns": results.get("tracing off, added per call"),
+    }
+
+
 def cpu_per_call(result: dict[str, Any]) -> float | None:
     calls = result.get("calls_per_s")
     cores = result.get("server_cpu_cores")
@@ -1870,6 +1965,10 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
             for figure_name, value in events_figures(r, label).items()
         },
+        "tracing": {
+            key: value if isinstance(value, list | dict) else rounded(value)
+            for key, value in tracing_figures(r).items()
+        },
         "replica_acks_1": {
             f"{key}_{figure_name}": rounded(value)
             for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
@@ -1927,6 +2026,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="py-spy profiles (auto: if installed)",
     )
     parser.add_argument(
+        "--only",
+        action="append",
+        choices=PHASES,
+        default=[],
+        help="run only this phase (repeatable; a quick look, not a full run)",
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -1957,16 +2063,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bench.cores.pinned
             else "not pinned"
         )
-        bench.saturation()
-        bench.latency()
-        bench.drivers()
-        bench.replica_acks()
-        bench.events_cost()
-        bench.redis_ceiling()
-        bench.command_stats()
-        bench.memory()
+        phases: dict[str, Callable[[], None]] = {
+            "saturation": bench.saturation,
+            "latency": bench.latency,
+            "drivers": bench.drivers,
+            "replica-acks": bench.replica_acks,
+            "events": bench.events_cost,
+            "tracing": bench.tracing_cost,
+            "redis-ceiling": bench.redis_ceiling,
+            "command-stats": bench.command_stats,
+            "memory": bench.memory,
+        }
         if py_spy:
-            bench.profile(py_spy)
+            phases["profile"] = lambda: bench.profile(py_spy)
+        for name, phase in phases.items():
+            if not args.only or name in args.only:
+                phase()
     finally:
         bench.stop()
     summary = report(bench, info)

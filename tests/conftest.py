@@ -40,6 +40,9 @@ import redis
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import admin_pb2_grpc, plan_pb2, quota_pb2_grpc, reporting_pb2_grpc
@@ -249,6 +252,7 @@ async def serving(
     clock: ManualClock,
     registry: CollectorRegistry | None = None,
     credentials: Credentials | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> AsyncIterator[RunningServer]:
     """A real pagemeter gRPC server on 127.0.0.1:<free port>, reached over a channel
     with gRPC's default options (4 MiB messages), for the duration of the block."""
@@ -258,6 +262,7 @@ async def serving(
         clock=clock,
         registry=registry if registry is not None else CollectorRegistry(),
         credentials=credentials,
+        tracer_provider=tracer_provider,
     )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -286,6 +291,37 @@ async def pagemeter_server(
 ) -> AsyncIterator[RunningServer]:
     """A real pagemeter gRPC server on 127.0.0.1:<free port>, on a flushed Redis."""
     async with serving(settings, redis_client, clock, registry) as running:
+        yield running
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """Where the tracer_provider fixture's spans go, each as it ends."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer_provider(spans: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """A tracer provider of the test's own (never the process's global one, which can
+    be set once per process), exporting every span to `spans` as it ends."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    yield provider
+    provider.shutdown()
+
+
+@pytest.fixture
+async def traced_server(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    clock: ManualClock,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider,
+) -> AsyncIterator[RunningServer]:
+    """A real pagemeter gRPC server, on a flushed Redis, tracing with tracer_provider."""
+    async with serving(
+        settings, redis_client, clock, registry, tracer_provider=tracer_provider
+    ) as running:
         yield running
 
 

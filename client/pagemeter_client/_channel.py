@@ -1,4 +1,10 @@
-"""Channel settings both clients share: retries, credentials, TLS, metadata and the stubs."""
+"""Channel settings both clients share: retries, credentials, TLS, metadata and the stubs.
+
+Each call's metadata also carries the caller's trace context (W3C `traceparent`
+and `tracestate`), read with OpenTelemetry's API alone: an application that
+traces gets pagemeter's server spans in its own traces, and one that does not
+sends nothing more (docs/client.md, "Tracing").
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any, TypedDict
 
 import grpc
 import grpc.aio
+from opentelemetry import propagate
 
 from pagemeter.v1 import (
     admin_pb2_grpc,
@@ -167,6 +174,18 @@ def _channel_credentials(
     )
 
 
+def with_trace_context(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """`metadata` and the current trace context, as OTEL_PROPAGATORS says (W3C
+    traceparent, tracestate and baggage by default); `metadata` alone outside a
+    span. A header the caller set in `metadata` is kept and not sent twice."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if not carrier:
+        return metadata
+    given = {name.lower() for name, _ in metadata}
+    return (*metadata, *((name, value) for name, value in carrier.items() if name not in given))
+
+
 class CallOptions(TypedDict):
     """What every call of a client passes besides its request."""
 
@@ -224,9 +243,13 @@ class _ClientConfig:
         """Seconds the call may take: the per-call value, else the client's."""
         return self.timeout if timeout is None else timeout
 
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of one call made now: the client's, and the caller's trace context."""
+        return with_trace_context(self.metadata)
+
     def call_options(self, timeout: float | None) -> CallOptions:
         """The deadline and metadata of one call (`**config.call_options(timeout)`)."""
-        return CallOptions(timeout=self.deadline(timeout), metadata=self.metadata)
+        return CallOptions(timeout=self.deadline(timeout), metadata=self.call_metadata())
 
     def describe(self, kind: str) -> str:
         """`Kind(target=..., tls=..., token=...)` with the token hidden."""

@@ -26,6 +26,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from pagemeter.v1 import (
@@ -55,6 +56,7 @@ from pagemeter_server.api.interceptors import ObservedRpcs
 from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.ratelimit import RateLimitService
 from pagemeter_server.api.reporting import ReportingService
+from pagemeter_server.api.tracing import TracedRpcs
 from pagemeter_server.api.webhooks import WebhookService
 from pagemeter_server.dispatch.dispatcher import Dispatcher
 from pagemeter_server.dispatch.metrics import DispatchMetrics
@@ -74,6 +76,7 @@ from pagemeter_server.ops.limits import (
 )
 from pagemeter_server.ops.logs import setup_logging
 from pagemeter_server.ops.metrics import ServiceMetrics
+from pagemeter_server.ops.tracing import TRACER_NAME, tracing
 from pagemeter_server.settings import Settings, parse_settings, split_host_port
 from pagemeter_server.store.admin import AdminStore
 from pagemeter_server.store.billing import BillingStore
@@ -105,7 +108,12 @@ SERVICE_NAMES = (
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
-def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetrics) -> Store:
+def build_store(
+    client: aioredis.Redis,
+    settings: Settings,
+    metrics: ServiceMetrics,
+    tracer_provider: TracerProvider | None = None,
+) -> Store:
     return Store(
         client,
         default_timezone=settings.default_timezone,
@@ -129,14 +137,22 @@ def build_store(client: aioredis.Redis, settings: Settings, metrics: ServiceMetr
             if settings.replica_acks
             else None
         ),
+        tracer=tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None,
     )
 
 
-def rpc_interceptors(metrics: ServiceMetrics, settings: Settings) -> list[Any]:
+def rpc_interceptors(
+    metrics: ServiceMetrics, settings: Settings, tracer_provider: TracerProvider | None = None
+) -> list[Any]:
     """The server interceptors, outermost first. gRPC calls and the HTTP gateway's
-    transcoded calls both run through these same instances."""
+    transcoded calls both run through these same instances.
+
+    The tracing interceptor is outermost, so its span holds the access log line,
+    and is left out when tracing is off, so that such a server pays nothing for it.
+    """
     del settings  # for interceptors that are configured
-    return [ObservedRpcs(metrics)]
+    traced = [TracedRpcs(tracer_provider)] if tracer_provider is not None else []
+    return [*traced, ObservedRpcs(metrics)]
 
 
 @dataclass
@@ -162,10 +178,12 @@ async def create_server(
     registry: CollectorRegistry | None = None,
     listen: str | None = None,
     credentials: Credentials | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> tuple[grpc.aio.Server, int, ServerParts]:
     """Build (not start) a gRPC server on `client`; bind `listen` (port 0 allowed).
 
     Returns the server, the bound port, and its health servicer and metrics.
+    With `tracer_provider`, every RPC and script call is traced (ops/tracing.py).
     Raises ConfigurationError when there are no credentials and open access is
     not allowed (see auth.check_open_access).
     """
@@ -173,7 +191,7 @@ async def create_server(
     credentials = credentials if credentials is not None else Credentials()
     check_open_access(settings, credentials, address)
     metrics = ServiceMetrics(registry if registry is not None else CollectorRegistry())
-    store = build_store(client, settings, metrics)
+    store = build_store(client, settings, metrics, tracer_provider)
     clock = clock or (RedisClock() if settings.clock == "redis" else SystemClock())
     health_servicer = BoundedHealthServicer(settings.max_health_watchers)
     reporter = HealthReporter(
@@ -196,7 +214,7 @@ async def create_server(
     # Connection and stream limits (limits.py, docs/security.md); the memory a
     # flood leaves free in malloc is given back by one thread per process.
     return_freed_memory()
-    interceptors = rpc_interceptors(metrics, settings)
+    interceptors = rpc_interceptors(metrics, settings, tracer_provider)
     server = grpc.aio.server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -353,10 +371,15 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
             "served as an admin. For development on %s only; never in production.",
             settings.listen,
         )
-    async with redis_for(settings) as client:
+    # Tracing first: a variable it cannot honour stops the start before Redis does.
+    async with tracing() as tracer_provider, redis_for(settings) as client:
         await check_sentinel_access(client)
         server, port, parts = await create_server(
-            settings, client, registry=registry, credentials=credentials
+            settings,
+            client,
+            registry=registry,
+            credentials=credentials,
+            tracer_provider=tracer_provider,
         )
         http = serve_metrics(settings, registry)
         await parts.reporter.check(client, within=settings.redis_timeout_seconds)
@@ -381,7 +404,9 @@ async def serve(settings: Settings, phase: Phase | None = None) -> None:
         if settings.webhook_dispatch:
             # One webhook dispatcher in this process (make run); production runs
             # `pagemeter-server dispatch` processes (docs/webhooks.md).
-            dispatcher = Dispatcher(client, settings, DispatchMetrics(registry))
+            dispatcher = Dispatcher(
+                client, settings, DispatchMetrics(registry), tracer_provider=tracer_provider
+            )
             dispatching = asyncio.create_task(dispatcher.run(dispatch_stop))
             log.info("webhook dispatcher %s started in this process", dispatcher.owner)
         async with (
@@ -457,10 +482,12 @@ async def dispatch(settings: Settings, phase: Phase) -> None:
             "the embedded store, run the server with --webhook-dispatch instead"
         )
     registry = CollectorRegistry()
-    async with redis_for(settings) as client:
+    async with tracing() as tracer_provider, redis_for(settings) as client:
         await check_sentinel_access(client)
         http = serve_metrics(settings, registry)
-        dispatcher = Dispatcher(client, settings, DispatchMetrics(registry))
+        dispatcher = Dispatcher(
+            client, settings, DispatchMetrics(registry), tracer_provider=tracer_provider
+        )
         phase.now = "serving"
         log.info(
             "pagemeter webhook dispatcher %s running, metrics on %s",

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from pagemeter_server.api.auth import Credentials, Role
@@ -103,11 +104,19 @@ def closed_settings(settings: Settings, **overrides: Any) -> Settings:
 
 
 async def running_api(
-    settings: Settings, client: aioredis.Redis, clock: ManualClock
+    settings: Settings,
+    client: aioredis.Redis,
+    clock: ManualClock,
+    tracer_provider: TracerProvider | None = None,
 ) -> AsyncIterator[HttpApi]:
     registry = CollectorRegistry()
     server, port, parts = await create_server(
-        settings, client, clock=clock, registry=registry, credentials=credentials()
+        settings,
+        client,
+        clock=clock,
+        registry=registry,
+        credentials=credentials(),
+        tracer_provider=tracer_provider,
     )
     await server.start()
     gateway = await start_http_api(settings, parts)

@@ -355,14 +355,14 @@ class AsyncPagemeterClient:
             log.warning("outbox %s: cannot store a record, sending it without: %s", outbox, problem)
             try:
                 return await self._quota.RecordUsage(
-                    request, timeout=deadline, metadata=self._config.metadata
+                    request, timeout=deadline, metadata=self._config.call_metadata()
                 )
             except grpc.RpcError as error:
                 _note_outbox_unusable(error, outbox, problem)
                 raise
         try:
             response = await self._quota.RecordUsage(
-                entry.request, timeout=deadline, metadata=self._config.metadata
+                entry.request, timeout=deadline, metadata=self._config.call_metadata()
             )
         except grpc.RpcError as error:
             queued = await run_blocking_async(_settle_first_attempt, outbox, entry, error)
@@ -992,7 +992,7 @@ class AsyncPagemeterClient:
                     break
                 try:
                     response = await self._quota.RecordUsage(
-                        entry.request, timeout=deadline, metadata=self._config.metadata
+                        entry.request, timeout=deadline, metadata=self._config.call_metadata()
                     )
                 except grpc.RpcError as error:
                     details = error_details(error)
@@ -1075,7 +1075,7 @@ class AsyncPagemeterClient:
                 acknowledged,
                 self._quota,
                 deadline=self._config.deadline(timeout),
-                metadata=self._config.metadata,
+                metadata=self._config.call_metadata(),
             )
 
     def _replay_soon(self) -> None:
@@ -1103,7 +1103,7 @@ class AsyncPagemeterClient:
                         acknowledged,
                         self._quota,
                         deadline=self._config.timeout,
-                        metadata=self._config.metadata,
+                        metadata=self._config.call_metadata(),
                         should_stop=self._replay_stop.is_set,
                     )
             except Exception:

@@ -354,14 +354,14 @@ class PagemeterClient:
             log.warning("outbox %s: cannot store a record, sending it without: %s", outbox, problem)
             try:
                 return self._quota.RecordUsage(
-                    request, timeout=deadline, metadata=self._config.metadata
+                    request, timeout=deadline, metadata=self._config.call_metadata()
                 )
             except grpc.RpcError as error:
                 _note_outbox_unusable(error, outbox, problem)
                 raise
         try:
             response = self._quota.RecordUsage(
-                entry.request, timeout=deadline, metadata=self._config.metadata
+                entry.request, timeout=deadline, metadata=self._config.call_metadata()
             )
         except grpc.RpcError as error:
             queued = run_blocking_sync(_settle_first_attempt, outbox, entry, error)
@@ -964,7 +964,7 @@ class PagemeterClient:
                     break
                 try:
                     response = self._quota.RecordUsage(
-                        entry.request, timeout=deadline, metadata=self._config.metadata
+                        entry.request, timeout=deadline, metadata=self._config.call_metadata()
                     )
                 except grpc.RpcError as error:
                     details = error_details(error)
@@ -1045,7 +1045,7 @@ class PagemeterClient:
                 acknowledged,
                 self._quota,
                 deadline=self._config.deadline(timeout),
-                metadata=self._config.metadata,
+                metadata=self._config.call_metadata(),
             )
 
     def _replay_soon(self) -> None:
@@ -1073,7 +1073,7 @@ class PagemeterClient:
                         acknowledged,
                         self._quota,
                         deadline=self._config.timeout,
-                        metadata=self._config.metadata,
+                        metadata=self._config.call_metadata(),
                         should_stop=self._replay_stop.is_set,
                     )
             except Exception:

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from opentelemetry.trace import TracerProvider
 
 from pagemeter_server.dispatch.metrics import DispatchMetrics
 from pagemeter_server.dispatch.sender import Sender
 from pagemeter_server.domain.events import Event
 from pagemeter_server.domain.webhooks import Endpoint, entry_le
+from pagemeter_server.ops.tracing import TRACER_NAME
 from pagemeter_server.settings import Settings
 from pagemeter_server.store.events import EventStore
 from pagemeter_server.store.webhooks import OrgDeliveryState, RetryState, WebhookStore
@@ -81,6 +83,7 @@ class Dispatcher:
         *,
         owner: str = "",
         sender: Sender | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -88,7 +91,9 @@ class Dispatcher:
         self.store = WebhookStore(client)
         self.events = EventStore(client)
         self.sender = sender or Sender(
-            settings.webhook_timeout_seconds, settings.webhook_max_in_flight
+            settings.webhook_timeout_seconds,
+            settings.webhook_max_in_flight,
+            tracer_provider.get_tracer(TRACER_NAME) if tracer_provider is not None else None,
         )
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease_ms = int(settings.webhook_lease_seconds * 1000)

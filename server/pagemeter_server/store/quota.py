@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from redis.commands.core import AsyncScript
 
 from pagemeter.v1 import quota_pb2
@@ -135,9 +136,12 @@ class Store:
         tz_cache_size: int = 100_000,
         observer: Callable[[str, float, bool], None] | None = None,
         replica_acks: ReplicaAcks | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.client = client
         self._observe = observer
+        # A span per script call when tracing is on (ops/tracing.py); None: no cost.
+        self._tracer = tracer
         # Whether a call with these keys may go to the store now; create_server
         # points it at the health probe's finding (per node in a cluster).
         self.available: Callable[[Sequence[str]], bool] = lambda keys: True
@@ -384,7 +388,37 @@ class Store:
 
         Every transient failure leaves as StoreUnavailable (a ConnectionError):
         UNAVAILABLE, or CheckQuota's fail-open answer; never INTERNAL.
+
+        Every script call of the server comes through here (single calls, batches,
+        the coalesced and replica-acknowledged paths, every Redis mode), so this is
+        where a traced call gets its script span.
         """
+        if self._tracer is None:
+            return await self._run(name, keys, args, changes)
+        with self._tracer.start_as_current_span(
+            f"script {name}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": "redis",
+                "db.operation.name": "EVALSHA",
+                "pagemeter.script": name,
+                "pagemeter.script_keys": len(keys),
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await self._run(name, keys, args, changes)
+            except Exception as error:
+                # A refusal the rules decided is a reply, not an exception: what
+                # arrives here failed (Redis unreachable, a script error).
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                span.record_exception(error)
+                raise
+
+    async def _run(
+        self, name: str, keys: Sequence[str], args: Sequence[ScriptArg], changes: bool | None
+    ) -> ScriptReply:
         if not self.available(keys):
             # The health probe found the node of these keys down: the call fails
             # at once, as UNAVAILABLE (or CheckQuota's fail-open answer), instead
