@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# xds-protos ships an old copy of opentelemetry-proto's modules, and whichever of
+	# the two pip installs last owns those files (grpc/grpc#42926): opentelemetry-proto
+	# goes last, so that the OTLP exporter can load (decision 48).
+	$(BIN)/python -m pip install --quiet -c constraints.txt --force-reinstall --no-deps opentelemetry-proto
 	touch $(STAMP)
 
 # Google's HTTP annotations (google/api/annotations.proto, http.proto), which the

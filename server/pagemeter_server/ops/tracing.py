@@ -42,7 +42,17 @@ OTLP_PROTOCOL = "grpc"
 
 def _otlp_exporter() -> SpanExporter:
     # Imported only when wanted: the exporter pulls in the OTLP protobuf modules.
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        # xds-protos (Envoy's protos, decision 46) ships an old copy of
+        # opentelemetry-proto's modules; installed after it, it breaks the exporter
+        # (grpc/grpc#42926). `make install` reinstalls opentelemetry-proto last.
+        raise ConfigurationError(
+            f"the OTLP exporter cannot be loaded ({exc}): the opentelemetry-proto "
+            "modules were overwritten by xds-protos' older copy; reinstall them with "
+            "`pip install --force-reinstall --no-deps opentelemetry-proto`"
+        ) from exc
 
     # Its endpoint, headers, TLS, compression and timeout come from the variables.
     return OTLPSpanExporter()
