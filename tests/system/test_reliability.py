@@ -75,7 +75,9 @@ async def start_rig(tmp_path: Path, **overrides: object) -> tuple[Rig, object]:
         "metrics_listen": "",
         "dev_open_access": True,
         "redis_timeout_seconds": TIMEOUT,
-        "health_interval_seconds": 0.05,
+        # Each probe may take half of this: tighter, a busy host flips health
+        # to NOT_SERVING between two calls and they are refused as UNAVAILABLE.
+        "health_interval_seconds": 0.4,
     }
     fields.update(overrides)
     settings = Settings(**fields)  # type: ignore[arg-type]
