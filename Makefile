@@ -141,7 +141,7 @@ bench: $(STAMP) $(H2LOAD)
 ## test: lint, then the whole test suite against real Redis and gRPC servers
 ## (the embedded Valkey), every tier, then the rule and store tests again on Redis 6.2
 test: lint tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=30
 	$(MAKE) --no-print-directory test-redis-6.2
 
 ## test-fast: every tier but system (unit, rules, grpc, client: no server process, no
