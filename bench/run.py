@@ -8,22 +8,24 @@ What it does, in order:
    file, appendfsync everysec, as the embedded store runs it), the real
    `pagemeter-server` command against it (--dev-open-access, --log-level
    WARNING, --org-exporter-max-orgs 0, metrics on a loopback port that is read
-   only between phases) and bench/empty_server.py (the same gRPC stack with a
-   CheckQuota that does nothing). On a machine with two or more cores both
+   only between phases), bench/empty_server.py (the same gRPC stack with a
+   CheckQuota that does nothing) and bench/naive_server.py (the same stack with
+   the shortest honest quota handler: decode, one redis-py EVALSHA of a small
+   quota script, answer; issue 18's reference). On a machine with two or more cores both
    servers are pinned to one core ("server core") and Redis and the load
    generators to another ("load core"), so a figure is calls/s of one core.
 2. Sets a plan with a large quota for one organization.
 3. Saturation (h2load, gRPC over h2c, one repeated body, -c clients x -m
-   streams): the empty handler (before and after the others, to see the drift
-   of a noisy machine), CheckQuota without hold, GetUsage, RecordUsage (one
+   streams): the empty and the naive handlers (before and after the others, to
+   see the drift of a noisy machine), CheckQuota without hold, GetUsage, RecordUsage (one
    request_id, so every call but the first is answered as a duplicate) and
    CheckQuotaBatch (when the server has it). Every body is first sent once with
    the Python gRPC client to check its status is OK; after each phase the
    server's own counters (grpc_server_handled_total) must show no call that
    ended with another code.
 4. Latency at half the saturation rate of CheckQuota (h2load --rps, one
-   connection, periodic arrivals), for CheckQuota and for the empty handler at
-   the same rate; p50/p99 from h2load's per-request log, plus the server-side
+   connection, periodic arrivals), for CheckQuota and for the empty and naive
+   handlers at the same rate; p50/p99 from h2load's per-request log, plus the server-side
    handling time from its histogram.
 5. Calls that need distinct bodies, with the Python driver (bench/driver.py,
    several processes): reserve+commit (CheckQuota hold=true, then RecordUsage
@@ -110,6 +112,7 @@ def shown_path(path: Path) -> str:
 BIN = Path(sys.executable).parent
 SERVER = BIN / "pagemeter-server"
 EMPTY_SERVER = Path(__file__).resolve().parent / "empty_server.py"
+NAIVE_SERVER = Path(__file__).resolve().parent / "naive_server.py"
 TRACED_SERVER = Path(__file__).resolve().parent / "traced_server.py"
 # The phases of a run, in order (--only picks some).
 PHASES = (
@@ -135,6 +138,7 @@ CHECK_UNITS = {"pages": 3, "documents": 1}
 MIB = 1024 * 1024
 # Targets of the performance work (docs/performance.md).
 TARGETS = {
+    "check_vs_naive": 0.85,
     "check_vs_empty": 0.85,
     "reserve_commit_vs_empty": 0.40,
     "batch_vs_redis_ceiling": 0.50,
@@ -411,6 +415,7 @@ class Bench:
         self.redis: RedisProcess | None = None
         self.server: ServerProcess | None = None
         self.empty: ServerProcess | None = None
+        self.naive: ServerProcess | None = None
 
     # -- set-up -----------------------------------------------------------------
 
@@ -421,6 +426,7 @@ class Bench:
         assert self.redis.pid is not None
         self.redis_client = redis.Redis.from_url(self.redis.url, decode_responses=True)
         self.port, self.metrics_port, self.empty_port = free_port(), free_port(), free_port()
+        self.naive_port = free_port()
         self.server = ServerProcess(
             [
                 str(SERVER),
@@ -450,16 +456,34 @@ class Bench:
             name="empty handler",
             cwd=ROOT,
         )
+        self.naive = ServerProcess(
+            [
+                sys.executable,
+                str(NAIVE_SERVER),
+                "--listen",
+                f"127.0.0.1:{self.naive_port}",
+                "--redis-url",
+                self.redis.url,
+            ],
+            self.out / "naive_server.log",
+            target=f"127.0.0.1:{self.naive_port}",
+            name="naive handler",
+            cwd=ROOT,
+        )
         self.server.start()
         self.empty.start()
+        self.naive.start()
         wait_until_serving(self.server, health=True)
         wait_until_serving(self.empty, health=False)
+        wait_until_serving(self.naive, health=False)
         # Pin after start-up: gRPC's threads exist by now.
         self.cores.pin(self.server.pid, self.cores.server)
         self.cores.pin(self.empty.pid, self.cores.server)
+        self.cores.pin(self.naive.pid, self.cores.server)
         self.cores.pin(self.redis.pid, self.cores.load)
         self.rss.watch("pagemeter", self.server.pid)
         self.rss.watch("empty", self.empty.pid)
+        self.rss.watch("naive", self.naive.pid)
         self.rss.watch("redis", self.redis.pid)
         self.rss.start()
         self.target = f"127.0.0.1:{self.port}"
@@ -480,7 +504,7 @@ class Bench:
         self.rss.stop()
         with contextlib.suppress(Exception):
             self.channel.close()
-        for process in (self.server, self.empty):
+        for process in (self.server, self.empty, self.naive):
             if process is not None:
                 code = process.stop()
                 if code not in (0, None) and process is self.server:
@@ -552,8 +576,8 @@ class Bench:
         rps: float | None = None,
         pid: int | None = None,
     ) -> dict[str, Any]:
-        """`pid`: the server process behind `port` when it is neither the bench's
-        pagemeter-server nor the empty handler (a second server)."""
+        """`pid`: the server process behind `port` when it is not one of the bench's
+        pagemeter-server, empty handler and naive handler (a second server)."""
         body_path = self.out / f"{method}.body"
         body_path.write_bytes(body)
         log_path = self.out / f"h2load-{name}.tsv"
@@ -583,7 +607,14 @@ class Bench:
         assert self.server is not None
         assert self.empty is not None
         if pid is None:
-            pid = self.server.pid if port == self.port else self.empty.pid
+            by_port = {
+                self.port: self.server,
+                self.empty_port: self.empty,
+                self.naive_port: self.naive,
+            }
+            behind = by_port[port]
+            assert behind is not None
+            pid = behind.pid
         before = self.metrics.scrape() if port == self.port else None
         with cpu_use(pid) as cpu:
             done = subprocess.run(
@@ -665,12 +696,16 @@ class Bench:
         if not answer.allowed:
             raise RuntimeError(f"the benchmark's CheckQuota is not allowed: {answer}")
         self.sanity(self.empty_port, "CheckQuota", check, quota_pb2.CheckQuotaResponse)
+        naive = self.sanity(self.naive_port, "CheckQuota", check, quota_pb2.CheckQuotaResponse)
+        if not naive.allowed:
+            raise RuntimeError(f"the naive handler's CheckQuota is not allowed: {naive}")
         self.sanity(self.port, "GetUsage", usage, quota_pb2.GetUsageResponse)
         first = self.sanity(self.port, "RecordUsage", record, quota_pb2.RecordUsageResponse)
         if first.duplicate or first.status != quota_pb2.RECORD_STATUS_COMPLETED:
             raise RuntimeError(f"the first RecordUsage was not recorded: {first}")
 
         self.h2load("empty (before)", self.empty_port, "CheckQuota", check, clients=c, streams=m)
+        self.h2load("naive (before)", self.naive_port, "CheckQuota", check, clients=c, streams=m)
         self.h2load("CheckQuota", self.port, "CheckQuota", check, clients=c, streams=m)
         windowed = grpc_frame(quota_pb2.CheckQuotaRequest(org_id=WINDOWS_ORG, units=CHECK_UNITS))
         self.h2load(WINDOWS_LABEL, self.port, "CheckQuota", windowed, clients=c, streams=m)
@@ -717,6 +752,7 @@ class Bench:
             )
         self.batch(c, m)
         self.h2load("empty (after)", self.empty_port, "CheckQuota", check, clients=c, streams=m)
+        self.h2load("naive (after)", self.naive_port, "CheckQuota", check, clients=c, streams=m)
 
     def batch(self, clients: int, streams: int) -> None:
         methods = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].methods_by_name
@@ -783,6 +819,15 @@ class Bench:
             streams=256,
             rps=rate,
         )
+        self.h2load(
+            "naive @ same rate",
+            self.naive_port,
+            "CheckQuota",
+            check,
+            clients=1,
+            streams=256,
+            rps=rate,
+        )
 
     def python_driver(
         self, name: str, scenario: str, port: int, pid: int | None = None
@@ -808,7 +853,14 @@ class Bench:
         assert self.server is not None
         assert self.empty is not None
         if pid is None:
-            pid = self.server.pid if port == self.port else self.empty.pid
+            by_port = {
+                self.port: self.server,
+                self.empty_port: self.empty,
+                self.naive_port: self.naive,
+            }
+            behind = by_port[port]
+            assert behind is not None
+            pid = behind.pid
         before = self.metrics.scrape()
         processes = [ctx.Process(target=driver.worker, args=(spec, results)) for spec in specs]
         for process in processes:
@@ -1769,6 +1821,8 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
     r = bench.results
     empty_h2 = [r[k]["calls_per_s"] for k in ("empty (before)", "empty (after)") if k in r]
     empty = sum(empty_h2) / len(empty_h2) if empty_h2 else None
+    naive_h2 = [r[k]["calls_per_s"] for k in ("naive (before)", "naive (after)") if k in r]
+    naive = sum(naive_h2) / len(naive_h2) if naive_h2 else None
     empty_py = r.get("empty (Python driver)", {}).get("calls_per_s")
     ceiling = r.get("redis check.lua -P 16", {}).get("calls_per_s")
     batch_key = next((k for k in r if k.startswith("CheckQuotaBatch")), None)
@@ -1779,7 +1833,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             continue
         tool = result["tool"]
         is_pagemeter = tool == "h2load" or "Python driver" in tool
-        saturated = not name.startswith("empty") and "rate" not in name
+        saturated = not name.startswith(("empty", "naive")) and "rate" not in name
         base = empty_py if "Python driver" in tool else empty
         versus = "-"
         if is_pagemeter and saturated and "decisions_per_s" not in result:
@@ -1872,6 +1926,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
     rc = r.get("reserve+commit (Python driver)", {})
     batch = r.get(batch_key, {}) if batch_key else {}
     targets = {
+        "check_vs_naive": ratio(check.get("calls_per_s"), naive),
         "check_vs_empty": ratio(check.get("calls_per_s"), empty),
         "reserve_commit_vs_empty": ratio(rc.get("calls_per_s"), empty_py),
         "batch_vs_redis_ceiling": ratio(batch.get("decisions_per_s"), ceiling),
@@ -1906,6 +1961,9 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             "empty": round(empty, 1) if empty else None,
             "empty_before": figure("empty (before)"),
             "empty_after": figure("empty (after)"),
+            "naive": round(naive, 1) if naive else None,
+            "naive_before": figure("naive (before)"),
+            "naive_after": figure("naive (after)"),
             "check": figure("CheckQuota"),
             "get_usage": figure("GetUsage"),
             "record_duplicate": figure("RecordUsage (duplicate)"),
@@ -1924,6 +1982,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
                 ("get_usage", "GetUsage"),
                 ("check_half_rate", "CheckQuota @ half rate"),
                 ("empty_same_rate", "empty @ same rate"),
+                ("naive_same_rate", "naive @ same rate"),
                 ("reserve_commit_job", "reserve+commit (Python driver)"),
             )
         },
@@ -1934,16 +1993,19 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
                 ("get_usage", "GetUsage"),
                 ("check_half_rate", "CheckQuota @ half rate"),
                 ("empty_same_rate", "empty @ same rate"),
+                ("naive_same_rate", "naive @ same rate"),
                 ("reserve_commit_job", "reserve+commit (Python driver)"),
             )
         },
         "ratios": {
             k: round(v, 3) if v is not None else None
             for k, v in targets.items()
-            if k.endswith(("empty", "ceiling"))
+            if k.endswith(("empty", "naive", "ceiling"))
         }
         | {
             "get_usage_vs_empty": rounded(ratio(figure("GetUsage"), empty)),
+            "naive_vs_empty": rounded(ratio(naive, empty)),
+            "check_4_windows_per_metric_vs_naive": rounded(ratio(figure(WINDOWS_LABEL), naive)),
             "record_duplicate_vs_empty": rounded(ratio(figure("RecordUsage (duplicate)"), empty)),
             "record_new_vs_empty_python": rounded(
                 ratio(figure("RecordUsage new ids (Python driver)"), empty_py)
