@@ -38,6 +38,7 @@ class TlsTerminator:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> TlsTerminator:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.context)
@@ -47,6 +48,10 @@ class TlsTerminator:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
+        # Aborted, not closed: closing a TLS connection whose peer is gone waits for
+        # its close_notify for asyncio's SSL shutdown timeout (30 s).
+        for writer in self._writers:
+            writer.transport.abort()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -55,6 +60,7 @@ class TlsTerminator:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.handshakes += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers += [writer, up_writer]
         pumps = [
             asyncio.create_task(pump(reader, up_writer)),
             asyncio.create_task(pump(up_reader, writer)),
