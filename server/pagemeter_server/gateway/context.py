@@ -15,8 +15,6 @@ from typing import Any, NoReturn
 
 import grpc
 
-from pagemeter_server.gateway.transcode import status_of
-
 
 class HttpAbort(grpc.aio.AbortError):
     def __init__(self, status: grpc.Status) -> None:
@@ -80,8 +78,3 @@ class HttpServicerContext:
 
     def trailing_metadata(self) -> tuple[Any, ...]:
         return self._trailing
-
-
-def aborted_status(abort: HttpAbort) -> Any:
-    """The google.rpc.Status of an abort (details included)."""
-    return status_of(abort.status)

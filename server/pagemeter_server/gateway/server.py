@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -83,6 +83,8 @@ class Gateway:
     max_in_flight: int
     max_body: int
     in_flight: int = 0
+    # Each route's servicer method as a gRPC method handler, built on its first call.
+    _bases: dict[str, grpc.RpcMethodHandler[Any, Any]] = field(default_factory=dict)
 
     async def answer(self, route: Route, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -140,17 +142,11 @@ class Gateway:
     async def _intercepted(
         self, route: Route, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        """The route's handler, wrapped by each interceptor as grpc.aio would wrap it."""
-        method = getattr(self.servicers[route.service], route.method.name)
-
-        async def behavior(request: Message | Refused, context: HttpServicerContext) -> Message:
-            if isinstance(request, Refused):
-                await context.abort_with_status(rpc_status.to_status(request.status))
-            return await method(request, context)  # type: ignore[no-any-return]
-
-        base = grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=_identity, response_serializer=_identity
-        )
+        """The route's handler, wrapped by each interceptor as grpc.aio would wrap it
+        (per call: an interceptor may read the call's metadata, as tracing does)."""
+        base = self._bases.get(route.full_method)
+        if base is None:
+            base = self._bases[route.full_method] = self._base_handler(route)
 
         async def through(index: int, call: grpc.HandlerCallDetails) -> Any:
             if index == len(self.interceptors):
@@ -160,6 +156,19 @@ class Gateway:
             )
 
         return await through(0, details)  # type: ignore[no-any-return]
+
+    def _base_handler(self, route: Route) -> grpc.RpcMethodHandler[Any, Any]:
+        """The servicer method of `route`, answering a refused transcoding by aborting."""
+        method = getattr(self.servicers[route.service], route.method.name)
+
+        async def behavior(request: Message | Refused, context: HttpServicerContext) -> Message:
+            if isinstance(request, Refused):
+                await context.abort_with_status(rpc_status.to_status(request.status))
+            return await method(request, context)  # type: ignore[no-any-return]
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior, request_deserializer=_identity, response_serializer=_identity
+        )
 
 
 def _identity(value: Any) -> Any:

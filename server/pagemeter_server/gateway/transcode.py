@@ -259,14 +259,12 @@ def bind_path(message: Message, variables: Mapping[str, str]) -> None:
     """Set the fields the path binds; a body naming another value is refused."""
     for name, text in variables.items():
         before = _current_text(message, name)
-        scratch = type(message)()
-        set_from_text(scratch, name, [text])
-        after = _current_text(scratch, name)
+        set_from_text(message, name, [text])
+        after = _current_text(message, name)
         if before not in ("", after):
             raise _bad_parameter(
                 name, f"{name} is {after!r} in the path but {before!r} in the body; send one"
             )
-        set_from_text(message, name, [text])
 
 
 def _current_text(message: Message, name: str) -> str:
