@@ -395,11 +395,13 @@ class Settings:
     workers: int = option(
         "--workers", 1, "server processes on the one gRPC port (SO_REUSEPORT); metrics on port + i"
     )
-    # Send the script calls of one event-loop turn to Redis as one pipeline.
+    # The script calls of one event-loop turn leave on one connection in one
+    # write (store/coalesce.py, decision 49); off: one redis-py call each.
     redis_pipelining: bool = option(
         "--redis-pipelining",
-        False,
-        "send concurrent script calls to Redis as one pipeline (each stays atomic)",
+        True,
+        "script calls share one pipelined Redis connection (single and Sentinel modes; "
+        "each call stays atomic); --no-redis-pipelining: redis-py's pool",
     )
     # Bind the gRPC port with SO_REUSEPORT (set for the workers of --workers N;
     # also for several servers on one port under another process manager).
@@ -676,9 +678,11 @@ def _parser() -> argparse.ArgumentParser:
     for option in SETTING_OPTIONS:
         help_text = f"{option.help} (env {option.env})"
         if option.value_type is bool:
-            # None, not False: a switch left off must not hide its variable.
+            # None, not False: a switch left off must not hide its variable. A
+            # switch that is on by default is turned off by --no-<flag>.
+            action = argparse.BooleanOptionalAction if option.default else "store_true"
             parser.add_argument(
-                option.flag, dest=option.field, action="store_true", default=None, help=help_text
+                option.flag, dest=option.field, action=action, default=None, help=help_text
             )
         else:
             parser.add_argument(

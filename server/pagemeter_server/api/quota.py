@@ -182,14 +182,14 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
     def _count_decisions(self, response: quota_pb2.CheckQuotaResponse, duplicate: bool) -> None:
         if duplicate:
             return
+        metrics = self.metrics
         if not response.metrics:
-            self.metrics.decisions.labels("", "denied", _REASON_LABEL[response.reason]).inc()
+            metrics.series(metrics.decisions, "", "denied", _REASON_LABEL[response.reason]).inc()
         for d in response.metrics:
             known = d.reason != quota_pb2.DECISION_REASON_UNKNOWN_METRIC
-            label = self.metrics.metric_label(d.metric) if known else ""
-            self.metrics.decisions.labels(
-                label, "allowed" if d.allowed else "denied", _REASON_LABEL[d.reason]
-            ).inc()
+            label = metrics.metric_label(d.metric) if known else ""
+            verdict = "allowed" if d.allowed else "denied"
+            metrics.series(metrics.decisions, label, verdict, _REASON_LABEL[d.reason]).inc()
             if d.would_deny:
                 self.metrics.shadow_denials.labels(
                     label,
@@ -197,9 +197,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
                     WINDOW_CODES.get(d.would_deny_window, ""),
                 ).inc()
             if d.allowed and response.allowed:
-                self.metrics.units.labels(label, "admitted").inc(d.requested)
+                metrics.series(metrics.units, label, "admitted").inc(d.requested)
                 if response.held:
-                    self.metrics.units.labels(label, "held").inc(d.requested)
+                    metrics.series(metrics.units, label, "held").inc(d.requested)
 
     # -- RecordUsage ------------------------------------------------------------
 

@@ -11,6 +11,8 @@ familiar, so existing dashboards and alerts work unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from pagemeter_server import __version__
@@ -30,6 +32,10 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._metric_labels: set[str] = set()
+        # Series already looked up, by (family, label values): labels() costs a
+        # few µs per call, several times per decision. Bounded as the label
+        # values are (metric_label, reasons, codes).
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
         # -- the HTTP/JSON API (gateway/): its calls are not gRPC's -------------------------
         # The route label is the path template of the contract (a bounded set), or
         # "unmatched"; never the path itself, which carries org ids.
@@ -190,8 +196,16 @@ class ServiceMetrics:
             return metric
         return OTHER_LABEL
 
+    def series(self, family: Any, *labels: str) -> Any:
+        """family.labels(*labels), looked up once."""
+        key = (id(family), labels)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = family.labels(*labels)
+        return found
+
     def observe_script(self, script: str, seconds: float, ok: bool) -> None:
-        self.script_seconds.labels(script).observe(seconds)
+        self.series(self.script_seconds, script).observe(seconds)
         if not ok:
             self.script_errors.labels(script).inc()
 

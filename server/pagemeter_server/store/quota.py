@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 import redis.exceptions
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from pagemeter.v1 import quota_pb2
@@ -69,7 +70,7 @@ from pagemeter_server.domain.plans import (
     plan_token,
     schema_1_json,
 )
-from pagemeter_server.store.coalesce import Coalescer
+from pagemeter_server.store.coalesce import PipelinedScripts
 from pagemeter_server.store.events import note_event_orgs
 from pagemeter_server.store.faults import StoreUnavailable, is_transient
 from pagemeter_server.store.keys import (
@@ -168,7 +169,12 @@ class Store:
         # at most every EVENT_ORGS_INTERVAL by the call that finds it due.
         self._event_orgs: set[str] = set()
         self._event_orgs_written = time.monotonic()
-        self._coalescer = Coalescer(client) if coalesce else None
+        # Cluster mode has no single connection pool: its calls go through redis-py.
+        self._coalescer = (
+            PipelinedScripts(client)
+            if coalesce and not isinstance(cast(Any, client), RedisCluster)
+            else None
+        )
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(script_text(name))
             for name in (*SCRIPTS, *(f"{batch}_batch" for batch in BATCH_SCRIPTS))
