@@ -80,6 +80,10 @@ class PipelinedConnection(asyncio.Protocol):
         reader.feed(data)
         waiting = self._waiting
         while (reply := reader.gets()) is not False:
+            if isinstance(reply, hiredis.PushNotification):
+                # RESP3 (redis-py's protocol) lets Redis push messages nobody
+                # asked for (maintenance notices): they are not a call's reply.
+                continue
             if not waiting:
                 self._break(redis.exceptions.ConnectionError("Redis sent a reply nobody asked"))
                 return
@@ -168,6 +172,7 @@ class PipelinedScripts:
         self._connection: PipelinedConnection | None = None
         self._borrowed: Any = None  # the redis-py connection whose socket it is
         self._connecting: asyncio.Future[PipelinedConnection] | None = None
+        self._loading: dict[int, asyncio.Future[str]] = {}
 
     async def call(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         connection = self._connection
@@ -181,7 +186,7 @@ class PipelinedScripts:
                     encode_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 )
             except redis.exceptions.NoScriptError:
-                script.sha = await self.client.script_load(script.script)
+                await self._load(script)
                 return await connection.send(
                     encode_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 )
@@ -194,6 +199,18 @@ class PipelinedScripts:
         # after a failover), and it is how this call would have gone without
         # the pipeline, with the same one quick retry.
         return await script(keys=list(keys), args=list(args))
+
+    async def _load(self, script: AsyncScript) -> None:
+        """Load a script Redis does not have (after a restart, or never sent): once,
+        however many calls found it missing together."""
+        # Keyed by the script object: its text, as redis-py types it, is not only str.
+        key = id(script)
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self.client.script_load(script.script))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        script.sha = await asyncio.shield(loading)
 
     async def _connect(self) -> PipelinedConnection:
         # Callers arriving while a connection is being made wait for that one.
