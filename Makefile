@@ -136,6 +136,8 @@ $(H2LOAD):
 bench: $(STAMP) $(H2LOAD)
 	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet py-spy || \
 		echo "warning: could not install py-spy; the profiles are left out"
+	@test -d .tools/bench-clients || $(BIN)/python -m pip install --quiet --target .tools/bench-clients \
+		valkey-glide coredis || echo "warning: could not install valkey-glide and coredis; they are left out"
 	$(BIN)/python bench/run.py --tools $(BENCH_TOOLS_DIR) $(BENCH_ARGS)
 
 ## test: lint, then the whole test suite against real Redis and gRPC servers

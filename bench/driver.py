@@ -12,7 +12,7 @@ Scenarios:
   empty           CheckQuota bytes to the empty handler (the driver's own floor)
   reserve_commit  CheckQuota hold=true with a new request_id, then RecordUsage of it
   record          RecordUsage with a new request_id (no hold)
-  redis_floor     no gRPC: check.lua through redis-py alone (the Redis client's cost)
+  redis_floor     no gRPC: check.lua through one Redis client alone (the client's cost)
 """
 
 from __future__ import annotations
@@ -34,23 +34,76 @@ RESERVE_UNITS = {"pages": 2, "documents": 1}
 RECORD_UNITS = {"pages": 1, "documents": 1}
 
 
-async def _redis_floor(spec: dict[str, Any]) -> dict[str, Any]:
-    """EVALSHA of one script through redis-py as pagemeter configures it, nothing else.
+async def _script_caller(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """(call, close) for one Redis client: `call()` runs the spec's script once.
 
-    The cost of the Redis client path alone (redis-py, hiredis, the event loop),
-    measured from one process: what every Redis-backed RPC pays on top of gRPC.
+    spec["client"]: "redis-py" (redis-py's pool, as pagemeter configured it before
+    decision 49), "pipelined" (pagemeter's pipelined connection on redis-py's
+    handshake: the server's default), "valkey-glide" or "coredis" (when installed:
+    `make bench` installs them into the bench's own folder, not as dependencies).
     """
-    try:
+    kind = spec.get("client", "redis-py")
+    keys, args = spec["keys"], spec["args"]
+    host, port = spec["url"].split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    if kind in ("redis-py", "pipelined"):
         from pagemeter_server.settings import parse_settings
         from pagemeter_server.store.connections import connect_redis
 
         client = connect_redis(spec["url"], parse_settings(["--redis-url", spec["url"]]))
-    except (ImportError, TypeError, SystemExit):  # the server's helpers changed
-        import redis.asyncio as aioredis
+        script = client.register_script(spec["script"])
+        if kind == "pipelined":
+            from pagemeter_server.store.coalesce import PipelinedScripts
 
-        client = aioredis.from_url(spec["url"], decode_responses=True)
-    script = client.register_script(spec["script"])
-    keys, args = spec["keys"], spec["args"]
+            piped = PipelinedScripts(client)
+
+            async def call() -> Any:
+                return await piped.call(script, keys, args)
+        else:
+
+            async def call() -> Any:
+                return await script(keys=keys, args=args)
+
+        return call, client.aclose
+    if kind == "valkey-glide":
+        from glide import (  # type: ignore[import-not-found]
+            GlideClient,
+            GlideClientConfiguration,
+            NodeAddress,
+            Script,
+        )
+
+        glide = await GlideClient.create(GlideClientConfiguration([NodeAddress(host, int(port))]))
+        glide_script = Script(spec["script"])
+        text_args = [str(a) for a in args]
+
+        async def call() -> Any:
+            return await glide.invoke_script(glide_script, keys=keys, args=text_args)
+
+        return call, glide.close
+    if kind == "coredis":
+        import coredis  # type: ignore[import-not-found]
+
+        core = coredis.Redis(host=host, port=int(port), decode_responses=True)
+        await core.__aenter__()
+        core_script = core.register_script(spec["script"])
+
+        async def call() -> Any:
+            return await core_script(keys=keys, args=args)
+
+        async def close() -> None:
+            await core.__aexit__(None, None, None)
+
+        return call, close
+    raise ValueError(f"unknown Redis client {kind!r}")
+
+
+async def _redis_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """EVALSHA of one script through one Redis client, nothing else.
+
+    The cost of the Redis client path alone (the client, hiredis, the event loop),
+    measured from one process: what every Redis-backed RPC pays on top of gRPC.
+    """
+    script, close = await _script_caller(spec)
     offset = time.monotonic() - time.time()
     start = spec["start_at"] + offset
     measure_from = start + spec["warm_up"]
@@ -59,15 +112,15 @@ async def _redis_floor(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def one() -> None:
         while (now := time.monotonic()) < measure_to:
-            await script(keys=keys, args=args)
+            await script()
             ended = time.monotonic()
             if measure_from <= ended < measure_to:
                 latencies.append(ended - now)
 
-    await script(keys=keys, args=args)  # loads the script, opens a connection
+    await script()  # loads the script, opens a connection
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     await asyncio.gather(*(one() for _ in range(spec["concurrency"])))
-    await client.aclose()
+    await close()
     return {
         "ops": len(latencies),
         "calls": len(latencies),

@@ -60,6 +60,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import math
 import multiprocessing as mp
@@ -137,6 +138,24 @@ MEMORY_ORG = "bench-memory"
 CHECK_UNITS = {"pages": 3, "documents": 1}
 MIB = 1024 * 1024
 # Targets of the performance work (docs/performance.md).
+# Redis clients for the comparison below, installed by `make bench` beside the
+# bench (pip --target), never as pagemeter's dependencies; after the venv's own
+# packages on the path, so that nothing of theirs shadows what pagemeter uses.
+BENCH_CLIENTS_DIR = Path(__file__).resolve().parent.parent / ".tools" / "bench-clients"
+if BENCH_CLIENTS_DIR.is_dir():
+    sys.path.append(str(BENCH_CLIENTS_DIR))
+
+# The Redis clients compared on check.lua alone (redis_client_floor); valkey-glide
+# and coredis only where installed (make bench installs them beside the bench).
+REDIS_CLIENTS = ("redis-py", "pipelined", "valkey-glide", "coredis")
+CLIENT_MODULES = {"valkey-glide": "glide", "coredis": "coredis"}
+
+
+def client_available(client: str) -> bool:
+    module = CLIENT_MODULES.get(client)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
 TARGETS = {
     "check_vs_naive": 0.85,
     "check_vs_empty": 0.85,
@@ -1101,12 +1120,35 @@ class Bench:
         return keys, args
 
     def redis_client_floor(self, keys: list[str], args: list[Any]) -> None:
-        """check.lua through redis-py alone, from one process on the server core."""
+        """check.lua through each Redis client alone, from one process on the server core
+        (issue 18's evaluation: redis-py's pool, pagemeter's pipelined connection, and
+        valkey-glide and coredis when they are installed)."""
+        for client in REDIS_CLIENTS:
+            if not client_available(client):
+                log(f"{client}: not installed, left out")
+                continue
+            outcome = self.one_client_floor(client, keys, args)
+            result = {
+                "tool": f"{client} ({self.args.clients * self.args.streams} concurrent, 1 process)",
+                "calls_per_s": outcome["calls"] / self.args.duration,
+                "calls": outcome["calls"],
+                **latency_summary(outcome["latencies"]),
+            }
+            name = (
+                "redis-py check.lua (client floor)"
+                if client == "redis-py"
+                else f"{client} check.lua (client floor)"
+            )
+            self.results[name] = result
+            log(f"{client} check.lua from one process: {result['calls_per_s']:.0f} calls/s")
+
+    def one_client_floor(self, client: str, keys: list[str], args: list[Any]) -> dict[str, Any]:
         assert self.redis is not None
         ctx = mp.get_context("spawn")
         results: Any = ctx.Queue()
         spec = {
             "scenario": "redis_floor",
+            "client": client,
             "url": self.redis.url,
             "script": script_text("check"),
             "keys": keys,
@@ -1122,14 +1164,7 @@ class Bench:
         self.cores.pin(process.pid or 0, self.cores.server)
         (outcome,) = collect(results, [process], self.args.warm_up + self.args.duration + 120)
         process.join(30)
-        result = {
-            "tool": f"redis-py ({spec['concurrency']} concurrent, 1 process)",
-            "calls_per_s": outcome["calls"] / self.args.duration,
-            "calls": outcome["calls"],
-            **latency_summary(outcome["latencies"]),
-        }
-        self.results["redis-py check.lua (client floor)"] = result
-        log(f"redis-py check.lua from one process: {result['calls_per_s']:.0f} calls/s")
+        return dict(outcome)
 
     def redis_ceiling(self) -> None:
         assert self.redis is not None
@@ -2040,6 +2075,9 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             "pipelined_16": figure("redis check.lua -P 16"),
             "unpipelined": figure("redis check.lua -P 1"),
             "redis_py_one_process": figure("redis-py check.lua (client floor)"),
+            "pipelined_one_process": figure("pipelined check.lua (client floor)"),
+            "valkey_glide_one_process": figure("valkey-glide check.lua (client floor)"),
+            "coredis_one_process": figure("coredis check.lua (client floor)"),
         },
         "redis_bytes_per_job": {
             memory["hash-max-ziplist-value"]: round(memory["bytes_per_job"])
