@@ -9,6 +9,7 @@ and every caller gets what its single RPC would have answered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,9 +27,13 @@ from pagemeter.v1 import plan_pb2, quota_pb2, quota_pb2_grpc
 from pagemeter_client import AsyncPagemeterClient, PagemeterClient, error_details
 from pagemeter_client.outbox import Outbox
 from pagemeter_client.sdk import record_usage_request
+from pagemeter_server.api.auth import Credentials, Role
+from pagemeter_server.domain.clock import ManualClock
+from pagemeter_server.settings import Settings
+from pagemeter_server.store.connections import connect_redis
 from tests.client.test_client_outbox import server_time
 from tests.client.test_client_sdk import CuttingProxy
-from tests.conftest import RunningServer, eagle_plan, examples, metric_limits
+from tests.conftest import RunningServer, eagle_plan, examples, metric_limits, serving
 
 QUOTA_SERVICE = "pagemeter.v1.QuotaService"
 
@@ -349,12 +354,9 @@ async def test_a_caller_cancelled_in_flight_does_not_cancel_the_others(
 
 
 async def test_a_refused_credential_gets_the_single_rpcs_message(
-    settings: Any, redis_client: Any, clock: Any
+    settings: Settings, redis_client: Any, clock: ManualClock
 ) -> None:
     """A tenant API key may not call CheckQuota: the batch RPC's refusal (which names CheckQuotaBatch) is not passed on; each call gets the single RPC's PERMISSION_DENIED."""
-    from pagemeter_server.api.auth import Credentials, Role
-    from tests.conftest import serving
-
     creds = Credentials()
     creds.add(Role.ADMIN, "ops", "coalescing-admin-token-0123456789")
     async with serving(settings, redis_client, clock, credentials=creds) as running:
@@ -591,3 +593,59 @@ async def test_every_caller_gets_what_its_single_rpc_answers(
         batched = await run_calls(coalescing, batched_org, calls)
         alone = await run_calls(single, single_org, calls)
     assert batched == alone
+
+
+# -- items refused UNAVAILABLE are retried as gRPC retries a single call ---------------
+
+
+@pytest.fixture
+async def impatient_server(
+    settings: Settings, clock: ManualClock, registry: CollectorRegistry
+) -> AsyncIterator[RunningServer]:
+    """The test server with a Redis timeout of 0.2 s: a paused Redis makes its
+    batch items UNAVAILABLE (STORE_UNAVAILABLE) quickly."""
+    impatient = dataclasses.replace(settings, redis_timeout_seconds=0.2)
+    store = connect_redis(impatient.redis_url, impatient)
+    try:
+        async with serving(impatient, store, clock, registry) as running:
+            yield running
+    finally:
+        await store.aclose()
+
+
+async def test_items_refused_unavailable_are_sent_again_with_backoff(
+    impatient_server: RunningServer, redis_sync: Any, registry: CollectorRegistry
+) -> None:
+    """While Redis is paused every item of a batch is refused UNAVAILABLE; the client sends the calls again after gRPC's backoff, in batches, and once Redis is back each caller gets its decision."""
+    await set_plans(impatient_server.target, eagle_plan())
+    async with AsyncPagemeterClient(
+        impatient_server.target, initial_backoff=0.4, max_backoff=0.8
+    ) as client:
+        await client.get_usage("acme")
+        redis_sync.client_pause(500, all=True)
+        answers = await asyncio.gather(
+            *(client.check_quota("acme", {"pages": 1}) for _ in range(10))
+        )
+    assert all(answer.allowed for answer in answers)
+    assert await counted(registry, "CheckQuotaBatch", 2) >= 2, "a first batch, then the retries"
+    assert handled(registry, "CheckQuota") == 0
+
+
+async def test_an_item_still_unavailable_after_the_attempts_fails_as_the_single_call(
+    impatient_server: RunningServer, redis_sync: Any
+) -> None:
+    """With max_attempts=1, a call whose item is refused UNAVAILABLE raises the UNAVAILABLE (message, ErrorInfo STORE_UNAVAILABLE) the single RPC raises."""
+    await set_plans(impatient_server.target, eagle_plan())
+    async with (
+        AsyncPagemeterClient(impatient_server.target, max_attempts=1) as client,
+        AsyncPagemeterClient(impatient_server.target, max_attempts=1, batching=False) as single,
+    ):
+        await client.get_usage("acme")
+        await single.get_usage("acme")
+        redis_sync.client_pause(1000, all=True)
+        with pytest.raises(grpc.aio.AioRpcError) as batched:
+            await client.check_quota("acme", {"pages": 1}, hold=True)
+        with pytest.raises(grpc.aio.AioRpcError) as alone:
+            await single.check_quota("acme", {"pages": 1}, hold=True)
+    assert batched.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(batched.value) == error_details(alone.value)
