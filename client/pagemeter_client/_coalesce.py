@@ -52,7 +52,7 @@ from pagemeter_client.outbox import status_code
 DEFAULT_LINGER = 0.001
 MAX_LINGER = 1.0
 # Items per batch RPC by default, and the most the server takes in one.
-DEFAULT_MAX_ITEMS = 100
+DEFAULT_MAX_ITEMS = 32
 MAX_ITEMS = 1000
 # The most metric amounts (units entries) the server takes over one batch's items.
 MAX_ENTRIES = 8192
