@@ -335,22 +335,29 @@ async def test_a_caller_cancelled_while_gathering_leaves_the_batch(
 async def test_a_caller_cancelled_in_flight_does_not_cancel_the_others(
     pagemeter_server: RunningServer,
 ) -> None:
-    """Once a batch is sent, cancelling one of its callers raises CancelledError in that caller only: the others get their answers."""
+    """Once a batch is sent, cancelling one of its callers raises CancelledError in that caller only: the others get their answers (the batch's first answer is lost on the way, so the RPC is surely still in flight when the caller is cancelled)."""
     await set_plans(pagemeter_server.target, eagle_plan())
-    async with AsyncPagemeterClient(pagemeter_server.target, batch_linger=0.02) as client:
+    async with (
+        CuttingProxy(pagemeter_server.port) as proxy,
+        AsyncPagemeterClient(proxy.target, batch_linger=0.02, initial_backoff=0.2) as client,
+    ):
         await client.get_usage("acme")
+        proxy.lose_next_answer()
         calls = [
-            asyncio.create_task(client.check_quota("acme", {"pages": 1}, request_id=f"h{n}"))
+            asyncio.create_task(
+                client.check_quota("acme", {"pages": 1}, request_id=f"h{n}", hold=True)
+            )
             for n in range(20)
         ]
-        for _ in range(1000):  # until the batch has left
-            if client._coalescer._in_flight:
+        for _ in range(5000):  # until the answer is lost: the batch waits for its retry
+            if proxy.cuts:
                 break
             await asyncio.sleep(0.001)
         calls[0].cancel()
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert proxy.cuts == 1
     assert isinstance(outcomes[0], asyncio.CancelledError)
-    assert all(isinstance(o, quota_pb2.CheckQuotaResponse) and o.allowed for o in outcomes[1:])
+    assert all(isinstance(o, quota_pb2.CheckQuotaResponse) and o.held for o in outcomes[1:])
 
 
 async def test_a_refused_credential_gets_the_single_rpcs_message(
