@@ -43,6 +43,8 @@ What it does, in order:
    default) and on a second one with tracing on and its spans dropped in the
    process (bench/traced_server.py), in alternating rounds; and the
    nanoseconds per call of what tracing off still runs.
+   SDK batching (bench/sdk_batching.py): decisions/s through the async SDK, 64
+   jobs in one client process, coalesced against single calls, alternating rounds.
 9. With --profile (the default when py-spy is installed): py-spy samples the
    server during a CheckQuota saturation run and a reserve+commit run; the
    summary says where the time goes.
@@ -99,6 +101,7 @@ from pagemeter_server.store.scripts import script_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import driver
+import sdk_batching
 
 from server_process import NotServing, ServerProcess
 
@@ -123,6 +126,7 @@ PHASES = (
     "replica-acks",
     "events",
     "tracing",
+    "sdk-batching",
     "redis-ceiling",
     "command-stats",
     "memory",
@@ -164,6 +168,7 @@ TARGETS = {
     "check_p99_ms_at_half_rate": 2.5,
     "record_new_cpu_per_call_vs_check": 1.3,
     "rss_mb_per_worker": 150.0,
+    "sdk_coalesced_vs_single": 4.0,
 }
 LOWER_IS_BETTER = (
     "check_p99_ms_at_half_rate",
@@ -1976,6 +1981,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             cpu_per_call(r.get("RecordUsage new ids (Python driver)", {})), cpu_per_call(check)
         ),
         "rss_mb_per_worker": rss.get("pagemeter"),
+        "sdk_coalesced_vs_single": sdk_batching.figures(r).get("coalesced_vs_single"),
     }
     verdict = {}
     for key, value in targets.items():
@@ -2075,6 +2081,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             key: value if isinstance(value, list | dict) else rounded(value)
             for key, value in tracing_figures(r).items()
         },
+        "sdk_batching": sdk_batching.figures(r),
         "replica_acks_1": {
             f"{key}_{figure_name}": rounded(value)
             for key, label in (("record", "RecordUsage new ids"), ("job", "reserve+commit"))
@@ -2179,6 +2186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "replica-acks": bench.replica_acks,
             "events": bench.events_cost,
             "tracing": bench.tracing_cost,
+            "sdk-batching": lambda: sdk_batching.measure(bench, ORG, cpu_use),
             "redis-ceiling": bench.redis_ceiling,
             "command-stats": bench.command_stats,
             "memory": bench.memory,

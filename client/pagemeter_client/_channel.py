@@ -221,6 +221,7 @@ class _ClientConfig:
         if timeout <= 0:
             raise ValueError("timeout must be positive: every call needs a deadline")
         retry = RetryPolicy(max_attempts, initial_backoff, max_backoff)
+        self.retry = retry  # the channel's; coalesced calls retry their batch items by it too
         self.target = target
         self.timeout = timeout
         self.metadata = _call_metadata(metadata, token)

@@ -666,6 +666,12 @@ def _copy(request: quota_pb2.RecordUsageRequest) -> quota_pb2.RecordUsageRequest
     return copy
 
 
+def status_code(name: str) -> grpc.StatusCode:
+    """The grpc.StatusCode a batch item's error names ("INVALID_ARGUMENT"); UNKNOWN
+    for a name this grpc lacks."""
+    return grpc.StatusCode.__members__.get(name, grpc.StatusCode.UNKNOWN)
+
+
 class DeliveryPass:
     """One pass over an outbox's due records, oldest first; the clients drive it.
 
@@ -678,9 +684,16 @@ class DeliveryPass:
     BATCH = 20
 
     def __init__(
-        self, outbox: Outbox, *, lease: float, force: bool = False, limit: int | None = None
+        self,
+        outbox: Outbox,
+        *,
+        lease: float,
+        force: bool = False,
+        limit: int | None = None,
+        claim_size: int = BATCH,
     ) -> None:
         self.outbox = outbox
+        self.claim_size = claim_size
         self.lease = lease
         self.force = force
         self.left = limit
@@ -691,7 +704,7 @@ class DeliveryPass:
     def claim(self) -> list[OutboxEntry]:
         if self.stopped is not None or self.left == 0:
             return []
-        size = self.BATCH if self.left is None else min(self.BATCH, self.left)
+        size = self.claim_size if self.left is None else min(self.claim_size, self.left)
         batch = self.outbox._claim(
             after_id=self.after_id, limit=size, lease=self.lease, force=self.force
         )
@@ -730,6 +743,36 @@ class DeliveryPass:
         )
         if code in UNREACHABLE_CODES:
             self.stopped = f"{code.name}: {message}"
+
+    def answered(
+        self,
+        entries: Sequence[OutboxEntry],
+        items: Sequence[quota_pb2.RecordUsageBatchItem],
+    ) -> None:
+        """Settle the records sent in one RecordUsageBatch, each by its own item, as
+        its single RecordUsage answer would (an item error has no RetryInfo)."""
+        for entry, item in zip(entries, items, strict=True):
+            if item.WhichOneof("result") == "response":
+                self.delivered(entry, item.response)
+            else:
+                self.failed(entry, status_code(item.error.code), item.error.message)
+
+    def batch_failed(
+        self,
+        entries: Sequence[OutboxEntry],
+        code: grpc.StatusCode,
+        message: str,
+        retry_after: float | None = None,
+    ) -> None:
+        """A RecordUsageBatch failed as a whole. As a pass of single calls stops at
+        the first record that finds pagemeter unreachable, the first record takes
+        such a failure and the others are released untouched; any other failure
+        is each record's."""
+        for index, entry in enumerate(entries):
+            if self.finished:
+                self.abandon(entries[index:])
+                return
+            self.failed(entry, code, message, retry_after)
 
     def abandon(self, entries: Sequence[OutboxEntry]) -> None:
         """Release records claimed but not sent (the pass stopped, or was interrupted)."""

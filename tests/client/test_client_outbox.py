@@ -486,8 +486,16 @@ async def test_refused_records_become_dead_letters_that_are_never_sent_again(
         assert not first.ok and (first.pending, first.dead) == (0, 2)
         assert [r.outcomes for r in later] == [(), ()]
         assert outage.registry is not None
-        started = outage.registry.get_sample_value("grpc_server_started_total", RECORD_USAGE)
-        assert started == 1, "the restarted server saw job-b once, and job-a never again"
+        started = sum(
+            outage.registry.get_sample_value(
+                "grpc_server_started_total", {**RECORD_USAGE, "grpc_method": method}
+            )
+            or 0
+            for method in ("RecordUsage", "RecordUsageBatch")
+        )
+        assert started == 1, (
+            "the restarted server saw job-b once (alone or in a batch), and job-a never again"
+        )
 
         dead = outbox.entries("dead")
         assert [(e.request_id, e.last_code, e.attempts) for e in dead] == [

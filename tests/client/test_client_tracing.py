@@ -20,14 +20,20 @@ from pagemeter_client import AsyncPagemeterClient
 from tests.client.client_flavours import Connect
 from tests.conftest import RunningServer, eagle_plan
 
-CHECK_QUOTA = "pagemeter.v1.QuotaService/CheckQuota"
+# The async client sends check_quota in a CheckQuotaBatch (coalescing), the blocking
+# client as CheckQuota: the server span is one or the other.
+CHECK_QUOTA = (
+    "pagemeter.v1.QuotaService/CheckQuota",
+    "pagemeter.v1.QuotaService/CheckQuotaBatch",
+)
 
 
-async def finished(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
-    """The one ended span named `name`, waiting up to two seconds for it."""
+async def finished(spans: InMemorySpanExporter, name: str | tuple[str, ...]) -> ReadableSpan:
+    """The one ended span named `name` (or one of the names), waiting up to two seconds for it."""
+    names = (name,) if isinstance(name, str) else name
     deadline = time.monotonic() + 2
     while True:
-        found = [span for span in spans.get_finished_spans() if span.name == name]
+        found = [span for span in spans.get_finished_spans() if span.name in names]
         if found or time.monotonic() > deadline:
             (span,) = found
             return span
@@ -54,7 +60,7 @@ async def test_sdk_calls_join_the_callers_trace(
             answer = await client.check_quota("acme", {"pages": 3})
         assert answer.allowed
     server_span = await finished(spans, CHECK_QUOTA)
-    script = await finished(spans, "script check")
+    script = await finished(spans, ("script check", "script check_batch"))
     caller_context = caller.get_span_context()
     assert server_span.context is not None and script.context is not None
     assert server_span.kind is SpanKind.SERVER
@@ -91,6 +97,33 @@ async def test_a_traceparent_the_caller_sets_is_sent_once_and_kept(
     assert server_span.context is not None and server_span.parent is not None
     assert server_span.context.trace_id == 0xABC
     assert server_span.parent.span_id == 0xDEF
+
+
+async def test_coalesced_calls_keep_each_callers_trace(
+    traced_server: RunningServer,
+    tracer_provider: TracerProvider,
+    spans: InMemorySpanExporter,
+) -> None:
+    """Concurrent calls made in two different traces never share a batch: each server span is the child of its own caller's span; calls of one trace share one."""
+    async with AsyncPagemeterClient(traced_server.target, batch_linger=0.05) as client:
+        await with_plan(client, spans)
+        tracer = tracer_provider.get_tracer("a document worker")
+
+        async def job(span_name: str, calls: int) -> int:
+            with tracer.start_as_current_span(span_name) as caller:
+                await asyncio.gather(
+                    *(client.check_quota("acme", {"pages": 1}) for _ in range(calls))
+                )
+            return caller.get_span_context().span_id
+
+        callers = await asyncio.gather(job("first", 3), job("second", 2))
+    deadline = time.monotonic() + 2
+    while len(server_spans := [s for s in spans.get_finished_spans() if s.name in CHECK_QUOTA]) < 2:
+        assert time.monotonic() < deadline, "the batches' server spans did not end"
+        await asyncio.sleep(0.005)
+    parents = sorted(s.parent.span_id for s in server_spans if s.parent is not None)
+    assert len(server_spans) == 2
+    assert parents == sorted(callers)
 
 
 def test_the_client_needs_only_the_opentelemetry_api() -> None:

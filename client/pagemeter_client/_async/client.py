@@ -42,6 +42,13 @@ from pagemeter_client._channel import (
     Metadata,
     _ClientConfig,
 )
+from pagemeter_client._coalesce import (
+    DEFAULT_LINGER,
+    DEFAULT_MAX_ITEMS,
+    RECORD,
+    AsyncCoalescer,
+    Batching,
+)
 from pagemeter_client._concurrency import (
     AsyncLock,
     AsyncStateLock,
@@ -86,7 +93,7 @@ from pagemeter_client._messages import (
     rotate_webhook_secret_request,
     update_webhook_endpoint_request,
 )
-from pagemeter_client.outbox import DeliveryPass, FlushResult, Outbox, OutboxError
+from pagemeter_client.outbox import DeliveryPass, FlushResult, Outbox, OutboxEntry, OutboxError
 from pagemeter_client.replay import (
     AcknowledgedLog,
     AsyncObserver,
@@ -179,6 +186,15 @@ class AsyncPagemeterClient:
     `outbox` (an Outbox) makes RecordUsage durable: see `record_usage`,
     `flush_outbox` and `start_outbox_flusher`; close() delivers its due records
     unless flush_outbox_on_close=False. The client does not close the outbox.
+
+    `batching` (on by default) sends concurrent check_quota and record_usage
+    calls of the async client together as CheckQuotaBatch and RecordUsageBatch
+    RPCs: the first call of a batch waits up to `batch_linger` seconds (0 to 1)
+    for others, a batch holds up to `batch_max_items` calls (1 to 1,000), and
+    each caller gets what its single RPC would have answered
+    (pagemeter_client._coalesce). The blocking client sends each call alone.
+    With batching, the outbox's delivery passes send records in batches of
+    `batch_max_items`. batching=False: one RPC per call, everywhere.
     """
 
     def __init__(
@@ -201,7 +217,11 @@ class AsyncPagemeterClient:
         outbox: Outbox | None = None,
         flush_outbox_on_close: bool = True,
         replay_after_failover: ReplayWindow | None = None,
+        batching: bool = True,
+        batch_linger: float = DEFAULT_LINGER,
+        batch_max_items: int = DEFAULT_MAX_ITEMS,
     ) -> None:
+        batch_settings = Batching(batching, batch_linger, batch_max_items)
         self._outbox = outbox
         self._flush_outbox_on_close = flush_outbox_on_close
         self._acknowledged = (
@@ -229,6 +249,7 @@ class AsyncPagemeterClient:
             else AsyncObserver(self._acknowledged, self._replay_soon)
         )
         self._stubs = AsyncStubs(self._config, observer)
+        self._coalescer = AsyncCoalescer(self._stubs, self._config, batch_settings)
         self._flusher: tuple[AsyncWorker, AsyncStopFlag] | None = None
         self._flusher_lock = AsyncStateLock()
         self._replayer: AsyncWorker | None = None
@@ -283,6 +304,7 @@ class AsyncPagemeterClient:
                 except (sqlite3.Error, OutboxError) as problem:
                     log.warning("outbox %s: delivery on close failed: %s", self._outbox, problem)
         finally:
+            await self._coalescer.close()
             await self._stubs.close()
 
     async def __aenter__(self) -> Self:
@@ -307,7 +329,7 @@ class AsyncPagemeterClient:
         request = check_quota_request(
             org_id, units, request_id=request_id, hold=hold, hold_ttl=hold_ttl
         )
-        return await self._quota.CheckQuota(request, **self._config.call_options(timeout))
+        return await self._coalescer.check_quota(request, timeout)
 
     async def record_usage(
         self,
@@ -339,7 +361,7 @@ class AsyncPagemeterClient:
         )
         if self._outbox is not None:
             return await self._record_durably(self._outbox, request, self._config.deadline(timeout))
-        return await self._quota.RecordUsage(request, **self._config.call_options(timeout))
+        return await self._coalescer.record_usage(request, timeout)
 
     async def _record_durably(
         self, outbox: Outbox, request: quota_pb2.RecordUsageRequest, deadline: float
@@ -361,9 +383,7 @@ class AsyncPagemeterClient:
                 _note_outbox_unusable(error, outbox, problem)
                 raise
         try:
-            response = await self._quota.RecordUsage(
-                entry.request, timeout=deadline, metadata=self._config.call_metadata()
-            )
+            response = await self._coalescer.record_usage(entry.request, deadline)
         except grpc.RpcError as error:
             queued = await run_blocking_async(_settle_first_attempt, outbox, entry, error)
             if queued is None:
@@ -981,30 +1001,74 @@ class AsyncPagemeterClient:
         should_stop: Callable[[], bool] = lambda: False,
     ) -> FlushResult:
         deadline = self._config.deadline(timeout)
-        run = DeliveryPass(outbox, lease=deadline + outbox.lease_margin, force=force, limit=limit)
+        run = DeliveryPass(
+            outbox,
+            lease=deadline + outbox.lease_margin,
+            force=force,
+            limit=limit,
+            claim_size=self._coalescer.flush_chunk,
+        )
         while not run.finished and not should_stop():
             batch = await run_blocking_async(run.claim)
             if not batch:
                 break
-            for index, entry in enumerate(batch):
-                if run.finished or should_stop():
-                    await run_blocking_async(run.abandon, batch[index:])
-                    break
-                try:
-                    response = await self._quota.RecordUsage(
-                        entry.request, timeout=deadline, metadata=self._config.call_metadata()
-                    )
-                except grpc.RpcError as error:
-                    details = error_details(error)
-                    await run_blocking_async(
-                        run.failed, entry, details.code, details.message, _retry_seconds(details)
-                    )
-                except BaseException:
-                    run.abandon(batch[index:])
-                    raise
-                else:
-                    await run_blocking_async(run.delivered, entry, response)
+            if self._coalescer.batches_for(RECORD) and await self._deliver_batch(
+                run, batch, deadline
+            ):
+                continue
+            await self._deliver_one_by_one(run, batch, deadline, should_stop)
         return await run_blocking_async(run.result)
+
+    async def _deliver_batch(
+        self, run: DeliveryPass, entries: list[OutboxEntry], deadline: float
+    ) -> bool:
+        """Send claimed records as one RecordUsageBatch; each item settles its record
+        as its single RecordUsage answer would. False (nothing settled): the server
+        refused the batch as a whole, so the records go one by one."""
+        request = quota_pb2.RecordUsageBatchRequest(items=[entry.request for entry in entries])
+        try:
+            answer = await self._quota.RecordUsageBatch(
+                request, timeout=deadline, metadata=self._config.call_metadata()
+            )
+        except grpc.RpcError as error:
+            details = error_details(error)
+            if self._coalescer.batch_refused(RECORD, details.code):
+                return False
+            await run_blocking_async(
+                run.batch_failed, entries, details.code, details.message, _retry_seconds(details)
+            )
+            return True
+        except BaseException:
+            run.abandon(entries)
+            raise
+        await run_blocking_async(run.answered, entries, list(answer.items))
+        return True
+
+    async def _deliver_one_by_one(
+        self,
+        run: DeliveryPass,
+        entries: list[OutboxEntry],
+        deadline: float,
+        should_stop: Callable[[], bool],
+    ) -> None:
+        for index, entry in enumerate(entries):
+            if run.finished or should_stop():
+                await run_blocking_async(run.abandon, entries[index:])
+                return
+            try:
+                response = await self._quota.RecordUsage(
+                    entry.request, timeout=deadline, metadata=self._config.call_metadata()
+                )
+            except grpc.RpcError as error:
+                details = error_details(error)
+                await run_blocking_async(
+                    run.failed, entry, details.code, details.message, _retry_seconds(details)
+                )
+            except BaseException:
+                run.abandon(entries[index:])
+                raise
+            else:
+                await run_blocking_async(run.delivered, entry, response)
 
     def start_outbox_flusher(self, interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
         """Run a delivery pass now and every `interval` seconds, in the background.

@@ -42,6 +42,13 @@ from pagemeter_client._channel import (
     Stubs,
     _ClientConfig,
 )
+from pagemeter_client._coalesce import (
+    DEFAULT_LINGER,
+    DEFAULT_MAX_ITEMS,
+    RECORD,
+    Batching,
+    Coalescer,
+)
 from pagemeter_client._concurrency import (
     Lock,
     StateLock,
@@ -87,7 +94,7 @@ from pagemeter_client._messages import (
     update_webhook_endpoint_request,
 )
 from pagemeter_client._sync.replay import replay_sync
-from pagemeter_client.outbox import DeliveryPass, FlushResult, Outbox, OutboxError
+from pagemeter_client.outbox import DeliveryPass, FlushResult, Outbox, OutboxEntry, OutboxError
 from pagemeter_client.replay import (
     AcknowledgedLog,
     Observer,
@@ -180,6 +187,15 @@ class PagemeterClient:
     `outbox` (an Outbox) makes RecordUsage durable: see `record_usage`,
     `flush_outbox` and `start_outbox_flusher`; close() delivers its due records
     unless flush_outbox_on_close=False. The client does not close the outbox.
+
+    `batching` (on by default) sends concurrent check_quota and record_usage
+    calls of the async client together as CheckQuotaBatch and RecordUsageBatch
+    RPCs: the first call of a batch waits up to `batch_linger` seconds (0 to 1)
+    for others, a batch holds up to `batch_max_items` calls (1 to 1,000), and
+    each caller gets what its single RPC would have answered
+    (pagemeter_client._coalesce). The blocking client sends each call alone.
+    With batching, the outbox's delivery passes send records in batches of
+    `batch_max_items`. batching=False: one RPC per call, everywhere.
     """
 
     def __init__(
@@ -202,7 +218,11 @@ class PagemeterClient:
         outbox: Outbox | None = None,
         flush_outbox_on_close: bool = True,
         replay_after_failover: ReplayWindow | None = None,
+        batching: bool = True,
+        batch_linger: float = DEFAULT_LINGER,
+        batch_max_items: int = DEFAULT_MAX_ITEMS,
     ) -> None:
+        batch_settings = Batching(batching, batch_linger, batch_max_items)
         self._outbox = outbox
         self._flush_outbox_on_close = flush_outbox_on_close
         self._acknowledged = (
@@ -228,6 +248,7 @@ class PagemeterClient:
             None if self._acknowledged is None else Observer(self._acknowledged, self._replay_soon)
         )
         self._stubs = Stubs(self._config, observer)
+        self._coalescer = Coalescer(self._stubs, self._config, batch_settings)
         self._flusher: tuple[Worker, StopFlag] | None = None
         self._flusher_lock = StateLock()
         self._replayer: Worker | None = None
@@ -282,6 +303,7 @@ class PagemeterClient:
                 except (sqlite3.Error, OutboxError) as problem:
                     log.warning("outbox %s: delivery on close failed: %s", self._outbox, problem)
         finally:
+            self._coalescer.close()
             self._stubs.close()
 
     def __enter__(self) -> Self:
@@ -306,7 +328,7 @@ class PagemeterClient:
         request = check_quota_request(
             org_id, units, request_id=request_id, hold=hold, hold_ttl=hold_ttl
         )
-        return self._quota.CheckQuota(request, **self._config.call_options(timeout))
+        return self._coalescer.check_quota(request, timeout)
 
     def record_usage(
         self,
@@ -338,7 +360,7 @@ class PagemeterClient:
         )
         if self._outbox is not None:
             return self._record_durably(self._outbox, request, self._config.deadline(timeout))
-        return self._quota.RecordUsage(request, **self._config.call_options(timeout))
+        return self._coalescer.record_usage(request, timeout)
 
     def _record_durably(
         self, outbox: Outbox, request: quota_pb2.RecordUsageRequest, deadline: float
@@ -360,9 +382,7 @@ class PagemeterClient:
                 _note_outbox_unusable(error, outbox, problem)
                 raise
         try:
-            response = self._quota.RecordUsage(
-                entry.request, timeout=deadline, metadata=self._config.call_metadata()
-            )
+            response = self._coalescer.record_usage(entry.request, deadline)
         except grpc.RpcError as error:
             queued = run_blocking_sync(_settle_first_attempt, outbox, entry, error)
             if queued is None:
@@ -953,30 +973,72 @@ class PagemeterClient:
         should_stop: Callable[[], bool] = lambda: False,
     ) -> FlushResult:
         deadline = self._config.deadline(timeout)
-        run = DeliveryPass(outbox, lease=deadline + outbox.lease_margin, force=force, limit=limit)
+        run = DeliveryPass(
+            outbox,
+            lease=deadline + outbox.lease_margin,
+            force=force,
+            limit=limit,
+            claim_size=self._coalescer.flush_chunk,
+        )
         while not run.finished and not should_stop():
             batch = run_blocking_sync(run.claim)
             if not batch:
                 break
-            for index, entry in enumerate(batch):
-                if run.finished or should_stop():
-                    run_blocking_sync(run.abandon, batch[index:])
-                    break
-                try:
-                    response = self._quota.RecordUsage(
-                        entry.request, timeout=deadline, metadata=self._config.call_metadata()
-                    )
-                except grpc.RpcError as error:
-                    details = error_details(error)
-                    run_blocking_sync(
-                        run.failed, entry, details.code, details.message, _retry_seconds(details)
-                    )
-                except BaseException:
-                    run.abandon(batch[index:])
-                    raise
-                else:
-                    run_blocking_sync(run.delivered, entry, response)
+            if self._coalescer.batches_for(RECORD) and self._deliver_batch(run, batch, deadline):
+                continue
+            self._deliver_one_by_one(run, batch, deadline, should_stop)
         return run_blocking_sync(run.result)
+
+    def _deliver_batch(
+        self, run: DeliveryPass, entries: list[OutboxEntry], deadline: float
+    ) -> bool:
+        """Send claimed records as one RecordUsageBatch; each item settles its record
+        as its single RecordUsage answer would. False (nothing settled): the server
+        refused the batch as a whole, so the records go one by one."""
+        request = quota_pb2.RecordUsageBatchRequest(items=[entry.request for entry in entries])
+        try:
+            answer = self._quota.RecordUsageBatch(
+                request, timeout=deadline, metadata=self._config.call_metadata()
+            )
+        except grpc.RpcError as error:
+            details = error_details(error)
+            if self._coalescer.batch_refused(RECORD, details.code):
+                return False
+            run_blocking_sync(
+                run.batch_failed, entries, details.code, details.message, _retry_seconds(details)
+            )
+            return True
+        except BaseException:
+            run.abandon(entries)
+            raise
+        run_blocking_sync(run.answered, entries, list(answer.items))
+        return True
+
+    def _deliver_one_by_one(
+        self,
+        run: DeliveryPass,
+        entries: list[OutboxEntry],
+        deadline: float,
+        should_stop: Callable[[], bool],
+    ) -> None:
+        for index, entry in enumerate(entries):
+            if run.finished or should_stop():
+                run_blocking_sync(run.abandon, entries[index:])
+                return
+            try:
+                response = self._quota.RecordUsage(
+                    entry.request, timeout=deadline, metadata=self._config.call_metadata()
+                )
+            except grpc.RpcError as error:
+                details = error_details(error)
+                run_blocking_sync(
+                    run.failed, entry, details.code, details.message, _retry_seconds(details)
+                )
+            except BaseException:
+                run.abandon(entries[index:])
+                raise
+            else:
+                run_blocking_sync(run.delivered, entry, response)
 
     def start_outbox_flusher(self, interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
         """Run a delivery pass now and every `interval` seconds, in the background.
