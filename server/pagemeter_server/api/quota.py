@@ -106,7 +106,9 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         period's bounds), never failing open: Envoy's rate-limit protocol
         (api/ratelimit.py) leaves an outage to Envoy's own failure mode, and keeps
         its jobs' records for `record_ttl_ms` (None: --record-retention-days)."""
-        call = dataclasses.replace(self._check_call(request), record_ttl_ms=record_ttl_ms)
+        call = self._check_call(request)
+        if record_ttl_ms is not None:
+            call = dataclasses.replace(call, record_ttl_ms=record_ttl_ms)
         result = await self.store.check(request.org_id, call, now_ms=self.clock.now_ms())
         return self._check_response(request, result), result
 

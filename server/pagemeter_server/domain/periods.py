@@ -17,7 +17,7 @@ import calendar as gregorian
 import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -39,7 +39,7 @@ class Month:
     end_ms: int
     day: int = 0
 
-    @property
+    @cached_property  # asked several times per call; a frozen dataclass's own dict
     def period_id(self) -> str:
         if self.day:
             return f"{self.year:04d}-{self.month:02d}-{self.day:02d}"

@@ -24,6 +24,8 @@ _EXACT = Context(prec=60, traps=[Inexact, InvalidOperation, Overflow])
 
 def cost(units: int, price: str) -> str:
     """units x price as a decimal string, exact to the last digit (never a float)."""
+    if not units:  # most decisions have no overage: no decimal arithmetic for them
+        return "0"
     return format_money(_EXACT.multiply(Decimal(units), Decimal(price or "0")))
 
 

@@ -321,11 +321,19 @@ class Store:
         *,
         changes: bool | None = None,
     ) -> tuple[ScriptReply, PreparedCall]:
-        """One script call whose keys depend on the organization's timezone."""
-        [answer] = await self._calls_in_timezone(
-            org_id, name, [None], lambda _none, tz: prepare(tz), changes=changes, batch=False
-        )
-        return answer
+        """One script call whose keys depend on the organization's timezone: prepared
+        for the timezone the server guesses, run again (at most twice) when the
+        script answers STALE_TZ (a stale call changed nothing). The one-call form of
+        _calls_in_timezone, without its lists: it is on every single RPC's path."""
+        tz = self._cached_timezone(org_id)
+        for _ in range(3):
+            prepared = prepare(tz)
+            reply = await self.run(name, prepared.keys, prepared.args, changes=changes)
+            if reply[0] != "STALE_TZ":
+                return reply, prepared
+            tz = str(reply[1])
+            self._remember_timezone(org_id, tz)
+        raise StoreError(f"timezone of organization {org_id} keeps changing")
 
     async def _calls_in_timezone(
         self,
