@@ -38,7 +38,7 @@ async def _script_caller(spec: dict[str, Any]) -> tuple[Any, Any]:
     """(call, close) for one Redis client: `call()` runs the spec's script once.
 
     spec["client"]: "redis-py" (redis-py's pool, as pagemeter configured it before
-    decision 49), "pipelined" (pagemeter's pipelined connection on redis-py's
+    decision 50), "pipelined" (pagemeter's pipelined connection on redis-py's
     handshake: the server's default), "valkey-glide" or "coredis" (when installed:
     `make bench` installs them into the bench's own folder, not as dependencies).
     """
@@ -119,9 +119,17 @@ async def _redis_floor(spec: dict[str, Any]) -> dict[str, Any]:
 
     await script()  # loads the script, opens a connection
     await asyncio.sleep(max(0.0, start - time.monotonic()))
-    await asyncio.gather(*(one() for _ in range(spec["concurrency"])))
+    workers = asyncio.gather(*(one() for _ in range(spec["concurrency"])))
+    # The process's CPU over the measured window (every thread: valkey-glide's
+    # work is in its own), per call: the client's cost, whatever caps the rate.
+    await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+    cpu_from = time.process_time()
+    await asyncio.sleep(max(0.0, measure_to - time.monotonic()))
+    cpu_used = time.process_time() - cpu_from
+    await workers
     await close()
     return {
+        "cpu_seconds": cpu_used,
         "ops": len(latencies),
         "calls": len(latencies),
         "latencies": latencies,

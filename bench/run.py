@@ -117,6 +117,7 @@ BIN = Path(sys.executable).parent
 SERVER = BIN / "pagemeter-server"
 EMPTY_SERVER = Path(__file__).resolve().parent / "empty_server.py"
 NAIVE_SERVER = Path(__file__).resolve().parent / "naive_server.py"
+OPEN_LOOP = Path(__file__).resolve().parent / "open_loop.py"
 TRACED_SERVER = Path(__file__).resolve().parent / "traced_server.py"
 # The phases of a run, in order (--only picks some).
 PHASES = (
@@ -826,37 +827,69 @@ class Bench:
         result["decisions_per_s"] = result["calls_per_s"] * size
 
     def latency(self) -> None:
+        """Latency at half CheckQuota's saturation rate, for CheckQuota and for the
+        empty and naive handlers at the same rate: with evenly spaced arrivals
+        (bench/open_loop.py; the figures the targets read), and with h2load's
+        `--rps`, which sends its calls in bursts of about 10 every ~10 ms (kept
+        to compare with earlier runs)."""
         saturated = self.results["CheckQuota"]["calls_per_s"]
         rate = saturated / 2
         check = grpc_frame(quota_pb2.CheckQuotaRequest(org_id=ORG, units=CHECK_UNITS))
-        # One connection, periodic arrivals: h2load's clients all start together,
-        # so with several clients their requests would arrive in bursts.
-        self.h2load(
-            "CheckQuota @ half rate",
-            self.port,
-            "CheckQuota",
-            check,
-            clients=1,
-            streams=256,
-            rps=rate,
+        servers = (
+            ("CheckQuota @ half rate", self.port),
+            ("empty @ same rate", self.empty_port),
+            ("naive @ same rate", self.naive_port),
         )
-        self.h2load(
-            "empty @ same rate",
-            self.empty_port,
-            "CheckQuota",
-            check,
-            clients=1,
-            streams=256,
-            rps=rate,
+        for name, port in servers:
+            self.open_loop(name, port, "CheckQuota", check[5:], rate)
+        # One connection: h2load's clients all start together, so with several
+        # clients the bursts would only be larger.
+        for name, port in servers:
+            self.h2load(
+                f"{name} (h2load bursts)",
+                port,
+                "CheckQuota",
+                check,
+                clients=1,
+                streams=256,
+                rps=rate,
+            )
+
+    def open_loop(self, name: str, port: int, method: str, message: bytes, rate: float) -> None:
+        body_path = self.out / f"{method}.message"
+        body_path.write_bytes(message)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(OPEN_LOOP),
+                "--target",
+                f"127.0.0.1:{port}",
+                "--method",
+                method,
+                "--body-file",
+                str(body_path),
+                "--rate",
+                f"{rate:.3f}",
+                "--duration",
+                str(self.args.duration),
+                "--warm-up",
+                str(self.args.warm_up),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            preexec_fn=lambda: os.sched_setaffinity(0, self.cores.load),
         )
-        self.h2load(
-            "naive @ same rate",
-            self.naive_port,
-            "CheckQuota",
-            check,
-            clients=1,
-            streams=256,
-            rps=rate,
+        if done.returncode != 0:
+            raise RuntimeError(f"open-loop load failed:\n{done.stderr}")
+        result = json.loads(done.stdout)
+        failed = {code: n for code, n in result["codes"].items() if code != "OK"}
+        if failed:
+            self.problems.append(f"{name}: calls that did not end OK: {failed}")
+        self.results[name] = result
+        log(
+            f"{name}: {result['calls_per_s']:.0f} calls/s, p50 {result['p50_ms']:.2f} ms, "
+            f"p99 {result['p99_ms']:.2f} ms (evenly spaced arrivals)"
         )
 
     def python_driver(
@@ -1143,6 +1176,9 @@ class Bench:
                 "tool": f"{client} ({self.args.clients * self.args.streams} concurrent, 1 process)",
                 "calls_per_s": outcome["calls"] / self.args.duration,
                 "calls": outcome["calls"],
+                "client_us_per_call": (
+                    outcome["cpu_seconds"] / outcome["calls"] * 1e6 if outcome["calls"] else None
+                ),
                 **latency_summary(outcome["latencies"]),
             }
             name = (
@@ -1151,7 +1187,10 @@ class Bench:
                 else f"{client} check.lua (client floor)"
             )
             self.results[name] = result
-            log(f"{client} check.lua from one process: {result['calls_per_s']:.0f} calls/s")
+            log(
+                f"{client} check.lua from one process: {result['calls_per_s']:.0f} calls/s, "
+                f"{fmt(result['client_us_per_call'])} µs of client CPU per call"
+            )
 
     def one_client_floor(self, client: str, keys: list[str], args: list[Any]) -> dict[str, Any]:
         assert self.redis is not None
@@ -2033,6 +2072,9 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
                 ("check_half_rate", "CheckQuota @ half rate"),
                 ("empty_same_rate", "empty @ same rate"),
                 ("naive_same_rate", "naive @ same rate"),
+                ("check_half_rate_h2load_bursts", "CheckQuota @ half rate (h2load bursts)"),
+                ("empty_same_rate_h2load_bursts", "empty @ same rate (h2load bursts)"),
+                ("naive_same_rate_h2load_bursts", "naive @ same rate (h2load bursts)"),
                 ("reserve_commit_job", "reserve+commit (Python driver)"),
             )
         },
@@ -2044,6 +2086,9 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
                 ("check_half_rate", "CheckQuota @ half rate"),
                 ("empty_same_rate", "empty @ same rate"),
                 ("naive_same_rate", "naive @ same rate"),
+                ("check_half_rate_h2load_bursts", "CheckQuota @ half rate (h2load bursts)"),
+                ("empty_same_rate_h2load_bursts", "empty @ same rate (h2load bursts)"),
+                ("naive_same_rate_h2load_bursts", "naive @ same rate (h2load bursts)"),
                 ("reserve_commit_job", "reserve+commit (Python driver)"),
             )
         },
@@ -2094,6 +2139,15 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             "pipelined_one_process": figure("pipelined check.lua (client floor)"),
             "valkey_glide_one_process": figure("valkey-glide check.lua (client floor)"),
             "coredis_one_process": figure("coredis check.lua (client floor)"),
+        },
+        "redis_client_us_per_call": {
+            client: figure(
+                "redis-py check.lua (client floor)"
+                if client == "redis-py"
+                else f"{client} check.lua (client floor)",
+                "client_us_per_call",
+            )
+            for client in REDIS_CLIENTS
         },
         "redis_bytes_per_job": {
             memory["hash-max-ziplist-value"]: round(memory["bytes_per_job"])

@@ -396,7 +396,7 @@ class Settings:
         "--workers", 1, "server processes on the one gRPC port (SO_REUSEPORT); metrics on port + i"
     )
     # The script calls of one event-loop turn leave on one connection in one
-    # write (store/coalesce.py, decision 49); off: one redis-py call each.
+    # write (store/coalesce.py, decision 50); off: one redis-py call each.
     redis_pipelining: bool = option(
         "--redis-pipelining",
         True,

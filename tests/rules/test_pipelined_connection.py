@@ -1,4 +1,4 @@
-"""The pipelined Redis connection (store/coalesce.py, decision 49), from outside.
+"""The pipelined Redis connection (store/coalesce.py, decision 50), from outside.
 
 Between the store and a real Redis sits a TCP proxy that can hold Redis's
 replies back and cut connections, so that what happens to calls in flight when

@@ -320,6 +320,10 @@ def authorized(
     Also maps every failure to a deliberate status (it includes `grpc_errors`).
     """
 
+    # Read once: an enum member's .value is a property lookup, and this is every call.
+    roles = access.value
+    counts_as_read = Role.TENANT in roles
+
     def decorate(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         @grpc_errors
         @functools.wraps(handler)
@@ -327,9 +331,9 @@ def authorized(
             self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Response:
             principal = await self.auth.authenticate(
-                context.invocation_metadata(), counts_as_read=Role.TENANT in access.value
+                context.invocation_metadata(), counts_as_read=counts_as_read
             )
-            if principal.role not in access.value:
+            if principal.role not in roles:
                 raise PermissionDenied(
                     f"{principal.role.value} credentials may not call {handler.__name__}",
                     "PERMISSION_DENIED",

@@ -91,34 +91,49 @@ def window_decisions(
 def metric_decision(
     d: MetricCheck, month: Month, spans: tuple[WindowSpan, ...] = ()
 ) -> quota_pb2.MetricDecision:
-    decision = quota_pb2.MetricDecision(
-        metric=d.metric,
-        allowed=d.allowed,
-        reason=d.reason,  # type: ignore[arg-type]
-        requested=d.requested,
-        committed=d.committed,
-        held=d.held,
-        overage_allowed=d.overage_allowed,
-        included_units=d.included,
-        prepaid_units=d.prepaid,
-        overage_units=d.overage,
-        overage_cost=rules.cost(d.overage, d.overage_price),
-        overage_price_per_unit=d.overage_price,
-        prepaid_available=d.prepaid_available,
-        **period_fields(d.lifetime, month),
-        windows=window_decisions(d.windows, spans, d.requested if d.allowed else 0),
-        denied_by=(
-            WINDOW_ENUMS[d.denied_by]  # type: ignore[index]
-            if d.reason == quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED
-            else plan_pb2.WINDOW_UNSPECIFIED
-        ),
-    )
+    # Built as one keyword set: the message constructor is the cheapest way to
+    # fill a message, and this runs for every metric of every decision.
+    fields: dict[str, Any] = {
+        "metric": d.metric,
+        "allowed": d.allowed,
+        "reason": d.reason,
+        "requested": d.requested,
+        "committed": d.committed,
+        "held": d.held,
+        "overage_allowed": d.overage_allowed,
+        "included_units": d.included,
+        "prepaid_units": d.prepaid,
+        "overage_units": d.overage,
+        "overage_cost": rules.cost(d.overage, d.overage_price),
+        "overage_price_per_unit": d.overage_price,
+        "prepaid_available": d.prepaid_available,
+    }
+    if d.lifetime:
+        fields["period"] = plan_pb2.PERIOD_NONE
+        fields["period_id"] = LIFETIME_PERIOD_ID
+    else:
+        fields["period"] = plan_pb2.PERIOD_MONTHLY
+        fields["period_id"] = month.period_id
+        fields["period_end"] = timestamp(month.end_ms)
+    if d.windows:
+        fields["windows"] = window_decisions(d.windows, spans, d.requested if d.allowed else 0)
+    if d.reason == quota_pb2.DECISION_REASON_WINDOW_LIMIT_EXCEEDED:
+        fields["denied_by"] = WINDOW_ENUMS[d.denied_by]  # type: ignore[index]
     if d.would_deny is not None:
-        decision.would_deny = True
-        decision.would_deny_reason = d.would_deny  # type: ignore[assignment]
+        fields["would_deny"] = True
+        fields["would_deny_reason"] = d.would_deny
         if d.would_deny_window:
-            decision.would_deny_window = WINDOW_ENUMS[d.would_deny_window]  # type: ignore[index]
-    return with_present(decision, d, "contract_quota", "hard_limit", "max_admissible", "remaining")
+            fields["would_deny_window"] = WINDOW_ENUMS[d.would_deny_window]  # type: ignore[index]
+    # Optional fields: None leaves them absent (not zero).
+    if d.contract_quota is not None:
+        fields["contract_quota"] = d.contract_quota
+    if d.hard_limit is not None:
+        fields["hard_limit"] = d.hard_limit
+    if d.max_admissible is not None:
+        fields["max_admissible"] = d.max_admissible
+    if d.remaining is not None:
+        fields["remaining"] = d.remaining
+    return quota_pb2.MetricDecision(**fields)
 
 
 def metric_record_result(

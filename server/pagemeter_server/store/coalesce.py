@@ -1,4 +1,4 @@
-"""Script calls over one pipelined connection (`--redis-pipelining`, decision 49).
+"""Script calls over one pipelined connection (`--redis-pipelining`, decision 50).
 
 A script call through redis-py's pool costs its own pool checkout, command
 packing, socket write, read wakeup and `StreamReader` work. Under load that is
