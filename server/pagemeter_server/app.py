@@ -52,7 +52,7 @@ from pagemeter_server.api.auth import (
 )
 from pagemeter_server.api.billing import BillingService
 from pagemeter_server.api.events import EventService
-from pagemeter_server.api.interceptors import ObservedRpcs
+from pagemeter_server.api.interceptors import ObservedRegistration, ObservedRpcs
 from pagemeter_server.api.quota import QuotaService
 from pagemeter_server.api.ratelimit import RateLimitService
 from pagemeter_server.api.reporting import ReportingService
@@ -215,8 +215,13 @@ async def create_server(
     # flood leaves free in malloc is given back by one thread per process.
     return_freed_memory()
     interceptors = rpc_interceptors(metrics, settings, tracer_provider)
+    # ObservedRpcs (last) is applied to each handler as it is registered, not by
+    # grpc.aio on every call (api/interceptors.py, ObservedRegistration); the
+    # tracing interceptor, when there is one, still wraps it per call.
+    observed = interceptors[-1]
+    assert isinstance(observed, ObservedRpcs)
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=interceptors[:-1] or None,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -234,28 +239,29 @@ async def create_server(
         "pagemeter.v1.EventService": EventService(EventStore(client), auth),
         "pagemeter.v1.WebhookService": WebhookService(WebhookStore(client), settings, clock, auth),
     }
+    registration: Any = ObservedRegistration(server, observed)
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
-        servicers["pagemeter.v1.QuotaService"], server
+        servicers["pagemeter.v1.QuotaService"], registration
     )
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-        RateLimitService(servicers["pagemeter.v1.QuotaService"], auth), server
+        RateLimitService(servicers["pagemeter.v1.QuotaService"], auth), registration
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        servicers["pagemeter.v1.AdminService"], server
+        servicers["pagemeter.v1.AdminService"], registration
     )
     reporting_pb2_grpc.add_ReportingServiceServicer_to_server(
-        servicers["pagemeter.v1.ReportingService"], server
+        servicers["pagemeter.v1.ReportingService"], registration
     )
     billing_pb2_grpc.add_BillingServiceServicer_to_server(
-        servicers["pagemeter.v1.BillingService"], server
+        servicers["pagemeter.v1.BillingService"], registration
     )
     events_pb2_grpc.add_EventServiceServicer_to_server(
-        servicers["pagemeter.v1.EventService"], server
+        servicers["pagemeter.v1.EventService"], registration
     )
     webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
-        servicers["pagemeter.v1.WebhookService"], server
+        servicers["pagemeter.v1.WebhookService"], registration
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registration)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
