@@ -1,5 +1,8 @@
 """The server interceptor: what happens around every unary RPC, before any handler.
 
+gRPC's services are registered with their handlers already wrapped by it
+(ObservedRegistration, decision 51); the HTTP gateway runs it as an interceptor.
+
 - gRPC server metrics with go-grpc-prometheus's names (started, handled by
   code, handling seconds, messages received and sent), for gRPC calls: the
   HTTP gateway's calls (which run through these same interceptors) are counted
