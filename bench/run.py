@@ -219,6 +219,14 @@ class Cores:
         self.server = {available[0]} if self.pinned else set(available)
         self.load = set(available[1:]) if self.pinned else set(available)
 
+    @staticmethod
+    def on(cpus: set[int], command: Sequence[str]) -> list[str]:
+        """`command` run on `cpus` through taskset. Not a preexec_fn: that makes
+        subprocess fork the bench, whose gRPC threads then run their fork handlers
+        in the child, which sometimes aborts it (seen: h2load killed by SIGABRT
+        before it ran, "epoll_wait error: Bad file descriptor")."""
+        return ["taskset", "-c", ",".join(str(cpu) for cpu in sorted(cpus)), *command]
+
     def pin(self, pid: int, cpus: set[int]) -> None:
         """Pin a process and all its threads."""
         if not self.pinned:
@@ -649,12 +657,11 @@ class Bench:
         before = self.metrics.scrape() if port == self.port else None
         with cpu_use(pid) as cpu:
             done = subprocess.run(
-                command,
+                self.cores.on(self.cores.load, command),
                 env=self.tools.env,
                 capture_output=True,
                 text=True,
                 check=False,
-                preexec_fn=lambda: os.sched_setaffinity(0, self.cores.load),
             )
         if done.returncode != 0:
             raise RuntimeError(f"h2load failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -870,26 +877,28 @@ class Bench:
         body_path = self.out / f"{method}.message"
         body_path.write_bytes(message)
         done = subprocess.run(
-            [
-                sys.executable,
-                str(OPEN_LOOP),
-                "--target",
-                f"127.0.0.1:{port}",
-                "--method",
-                method,
-                "--body-file",
-                str(body_path),
-                "--rate",
-                f"{rate:.3f}",
-                "--duration",
-                str(self.args.duration),
-                "--warm-up",
-                str(self.args.warm_up),
-            ],
+            self.cores.on(
+                self.cores.load,
+                [
+                    sys.executable,
+                    str(OPEN_LOOP),
+                    "--target",
+                    f"127.0.0.1:{port}",
+                    "--method",
+                    method,
+                    "--body-file",
+                    str(body_path),
+                    "--rate",
+                    f"{rate:.3f}",
+                    "--duration",
+                    str(self.args.duration),
+                    "--warm-up",
+                    str(self.args.warm_up),
+                ],
+            ),
             capture_output=True,
             text=True,
             check=False,
-            preexec_fn=lambda: os.sched_setaffinity(0, self.cores.load),
         )
         if done.returncode != 0:
             raise RuntimeError(f"open-loop load failed:\n{done.stderr}")
@@ -1240,27 +1249,29 @@ class Bench:
         for pipeline in (16, 1):
             requests = self.args.redis_requests * (2 if pipeline > 1 else 1)
             done = subprocess.run(
-                [
-                    str(self.tools.redis_benchmark),
-                    "-h",
-                    self.redis.host,
-                    "-p",
-                    str(self.redis.port),
-                    "-c",
-                    "16",
-                    "-n",
-                    str(requests),
-                    "-P",
-                    str(pipeline),
-                    "--csv",
-                    *command,
-                ],
+                self.cores.on(
+                    self.cores.server,
+                    [
+                        str(self.tools.redis_benchmark),
+                        "-h",
+                        self.redis.host,
+                        "-p",
+                        str(self.redis.port),
+                        "-c",
+                        "16",
+                        "-n",
+                        str(requests),
+                        "-P",
+                        str(pipeline),
+                        "--csv",
+                        *command,
+                    ],
+                ),
                 env=self.tools.env,
                 capture_output=True,
                 text=True,
                 check=False,
                 # The servers are idle now: redis-benchmark takes their core.
-                preexec_fn=lambda: os.sched_setaffinity(0, self.cores.server),
             )
             rows = [line for line in done.stdout.splitlines() if line.startswith('"EVALSHA')]
             if done.returncode != 0 or not rows:
@@ -1576,26 +1587,28 @@ class Bench:
         body_path = self.out / "profile.body"
         body_path.write_bytes(body)
         process = subprocess.Popen(
-            [
-                str(self.tools.h2load),
-                "-c",
-                str(self.args.clients),
-                "-m",
-                str(self.args.streams),
-                "-D",
-                str(self.args.duration + self.args.warm_up + 1),
-                "-d",
-                str(body_path),
-                "-H",
-                "content-type: application/grpc",
-                "-H",
-                "te: trailers",
-                f"http://127.0.0.1:{self.port}/{SERVICE}/CheckQuota",
-            ],
+            self.cores.on(
+                self.cores.load,
+                [
+                    str(self.tools.h2load),
+                    "-c",
+                    str(self.args.clients),
+                    "-m",
+                    str(self.args.streams),
+                    "-D",
+                    str(self.args.duration + self.args.warm_up + 1),
+                    "-d",
+                    str(body_path),
+                    "-H",
+                    "content-type: application/grpc",
+                    "-H",
+                    "te: trailers",
+                    f"http://127.0.0.1:{self.port}/{SERVICE}/CheckQuota",
+                ],
+            ),
             env=self.tools.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: os.sched_setaffinity(0, self.cores.load),
         )
 
         def finish() -> None:
