@@ -27,7 +27,7 @@ call went before:
 
 Cluster mode does not use it: there the calls go to the primary of each
 organization's slot, and MOVED/ASK and failovers are redis-py's cluster
-client's work (docs/performance.md, "A cheaper Redis path").
+client's work (decision 50).
 """
 
 from __future__ import annotations
