@@ -43,6 +43,8 @@ import redis.exceptions
 from redis._parsers import BaseParser
 from redis.commands.core import AsyncScript
 
+from pagemeter_server.store.faults import demoted_primary
+
 
 def encode_command(*parts: str | int | float) -> bytes:
     """One command in RESP, packed by hiredis (in C) as redis-py packs it."""
@@ -190,11 +192,13 @@ class PipelinedScripts:
                 return await connection.send(
                     encode_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 )
-        except redis.exceptions.ReadOnlyError:
-            # A demoted primary: the next calls connect again (to the new one).
-            connection.close()
         except redis.exceptions.ConnectionError:
             pass
+        except redis.exceptions.ResponseError as error:
+            if not demoted_primary(error):
+                raise
+            # A demoted primary: the next calls connect again (to the new one).
+            connection.close()
         # Once more through redis-py's path: it reconnects (to the new primary
         # after a failover), and it is how this call would have gone without
         # the pipeline, with the same one quick retry.

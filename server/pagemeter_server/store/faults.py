@@ -78,8 +78,29 @@ def is_transient(error: BaseException, *, inside_client: bool = False) -> bool:
     if isinstance(error, TRANSIENT_ERRORS):
         return True
     if isinstance(error, redis.exceptions.ResponseError):
-        return str(error).startswith(TRANSIENT_REPLIES)
+        return reply_code(error).startswith(TRANSIENT_REPLIES)
     return closed_under_call(error, inside_client=inside_client)
+
+
+def reply_code(error: redis.exceptions.ResponseError) -> str:
+    """The error reply as Redis 7 gives it ("READONLY You can't write ...").
+
+    Redis 6 wraps an error a script met in its own: "Error running script (call
+    to f_...): @user_script:1: @user_script: 1: -READONLY You can't write...";
+    the reply that says what happened follows the last " -"."""
+    text = str(error)
+    if text.startswith("Error running script") and " -" in text:
+        return text.rsplit(" -", 1)[1]
+    return text
+
+
+def demoted_primary(error: BaseException) -> bool:
+    """Whether Redis refused a write because it is a replica now (READONLY, as
+    Redis 7 and Redis 6 inside a script say it)."""
+    return isinstance(error, redis.exceptions.ReadOnlyError) or (
+        isinstance(error, redis.exceptions.ResponseError)
+        and reply_code(error).startswith("READONLY")
+    )
 
 
 # The monotonic time (time.monotonic()) by which the current RPC must be
